@@ -1,0 +1,1 @@
+"""Coordinator: federation loop, scheduler, aggregation, database, REST API."""

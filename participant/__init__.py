@@ -1,0 +1,1 @@
+"""Participant: the volunteer daemon and its Flower worker."""

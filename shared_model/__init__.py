@@ -1,0 +1,1 @@
+"""Perspective model, training, codec and data code shared by coordinator and participants."""

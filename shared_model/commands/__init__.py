@@ -1,0 +1,12 @@
+"""CLI command groups. Each module has ``register(app: typer.Typer) -> None``.
+
+Add a new group by writing its module and appending its ``register`` here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import typer
+
+REGISTRARS: list[Callable[[typer.Typer], None]] = []
