@@ -1,0 +1,64 @@
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetRequest(_message.Message):
+    __slots__ = ("content_id", "offset")
+    CONTENT_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    content_id: str
+    offset: int
+    def __init__(self, content_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("data", "offset", "total_size")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    offset: int
+    total_size: int
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class PutHeader(_message.Message):
+    __slots__ = ("content_id", "size")
+    CONTENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    content_id: str
+    size: int
+    def __init__(self, content_id: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class PutChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: PutHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[PutHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PutReply(_message.Message):
+    __slots__ = ("content_id", "size", "already_present")
+    CONTENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    content_id: str
+    size: int
+    already_present: bool
+    def __init__(self, content_id: _Optional[str] = ..., size: _Optional[int] = ..., already_present: _Optional[bool] = ...) -> None: ...
+
+class StatRequest(_message.Message):
+    __slots__ = ("content_id",)
+    CONTENT_ID_FIELD_NUMBER: _ClassVar[int]
+    content_id: str
+    def __init__(self, content_id: _Optional[str] = ...) -> None: ...
+
+class StatReply(_message.Message):
+    __slots__ = ("exists", "size")
+    EXISTS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    exists: bool
+    size: int
+    def __init__(self, exists: _Optional[bool] = ..., size: _Optional[int] = ...) -> None: ...
