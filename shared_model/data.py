@@ -1,0 +1,370 @@
+"""Training data: corpora, the prepared (tokenised, sharded) corpus cache and batching.
+
+* A **corpus** is an ordered list of named text documents: the ``.py`` files of the
+  running interpreter's standard library (offline demo corpus; ``site-packages`` and
+  test directories skipped) or any directory of ``.txt`` / ``.jsonl`` files (JSONL: one
+  document per line, its ``text`` field).
+* Each document goes to ``train`` or ``val`` by a hash of its name (default 5 % val), so
+  the split is stable when documents are added or removed.
+* :func:`prepare_corpus` trains the tokenizer, tokenises the documents into
+  content-addressed shards (:mod:`shared_model.shards`) and writes ``manifest.json``;
+  the result is cached under ``data_dir/<source>-<fingerprint>-v<vocab>`` and reused.
+* :class:`DocumentDataset` holds one split's tokens (documents joined by ``<|endoftext|>``)
+  and gives ``(B, T + 1)`` batches that depend only on ``(seed, position)``, so a
+  checkpoint that records the position resumes bit-identically. Federated participants
+  build datasets from a subset of document ids (:meth:`DocumentDataset.subset`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared_model import tokenizer as tk
+from shared_model.shards import DataError, encode_shard, read_shard, token_dtype, write_shard
+
+FORMAT_VERSION = 1
+VAL_FRACTION = 0.05
+SHARD_TOKENS = 1 << 18
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+__all__ = [
+    "DataError",
+    "Document",
+    "DocumentDataset",
+    "PreparedCorpus",
+    "default_data_dir",
+    "load_corpus",
+    "prepare_corpus",
+    "split_of",
+]
+
+
+@dataclass(frozen=True)
+class Document:
+    """One named text document."""
+
+    name: str
+    text: str
+
+
+def default_data_dir() -> Path:
+    """``$PERSPECTIVE_DATA_DIR`` or ``~/.cache/perspective``."""
+    return Path(os.environ.get("PERSPECTIVE_DATA_DIR", Path.home() / ".cache" / "perspective"))
+
+
+def _stdlib_documents() -> list[Document]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])
+    )
+    return [
+        Document(str(p.relative_to(root)), p.read_text("utf-8", errors="replace")) for p in files
+    ]
+
+
+def _directory_documents(root: Path) -> list[Document]:
+    docs: list[Document] = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".txt", ".jsonl")):
+        rel = str(path.relative_to(root))
+        if path.suffix == ".txt":
+            docs.append(Document(rel, path.read_text("utf-8", errors="replace")))
+            continue
+        for lineno, line in enumerate(path.read_text("utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DataError(
+                    f"{path}:{lineno}: each JSONL line must be an object with a 'text' string"
+                ) from exc
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: 'text' must be a string")
+            docs.append(Document(f"{rel}:{lineno}", text))
+    return docs
+
+
+def load_corpus(source: str | Path = "stdlib", max_bytes: int | None = None) -> list[Document]:
+    """Load a corpus in its canonical (sorted) order.
+
+    Args:
+        source: ``"stdlib"`` or a directory of ``.txt`` / ``.jsonl`` files.
+        max_bytes: keep only the first documents up to about this many characters
+            (used by the ``tiny`` preset and tests to stay fast).
+
+    Raises:
+        DataError: the directory does not exist or holds no non-empty document.
+    """
+    if str(source) == "stdlib":
+        docs = _stdlib_documents()
+    else:
+        root = Path(source)
+        if not root.is_dir():
+            raise DataError(f"corpus {root} is not a directory: give 'stdlib' or a directory")
+        docs = _directory_documents(root)
+    docs = [d for d in docs if d.text.strip()]
+    if max_bytes is not None:
+        kept, total = [], 0
+        for d in docs:
+            if total >= max_bytes:
+                break
+            kept.append(d)
+            total += len(d.text)
+        docs = kept
+    if not docs:
+        raise DataError(f"corpus {source} has no non-empty .txt/.jsonl/.py documents")
+    return docs
+
+
+def split_of(name: str, val_fraction: float = VAL_FRACTION) -> str:
+    """``"val"`` or ``"train"`` for a document, from a hash of its name (stable)."""
+    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+    return "val" if h < val_fraction * 2**64 else "train"
+
+
+def _fingerprint(docs: Sequence[Document], settings: dict[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for d in docs:
+        h.update(d.name.encode() + b"\0" + hashlib.sha256(d.text.encode()).digest())
+    return h.hexdigest()
+
+
+def _tokenizer_sample(docs: Sequence[Document], split: list[str], max_bytes: int) -> list[str]:
+    """First train documents up to ``max_bytes`` characters: the tokenizer's training set."""
+    out, total = [], 0
+    for d, s in zip(docs, split, strict=True):
+        if s == "train" and total < max_bytes:
+            out.append(d.text)
+            total += len(d.text)
+    return out
+
+
+@dataclass(frozen=True)
+class PreparedCorpus:
+    """A tokenised, sharded corpus on disk (``root/manifest.json`` + shards + tokenizer)."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def eot_id(self) -> int:
+        return int(self.manifest["eot_id"])
+
+    def tokenizer(self):
+        """The trained ``tokenizers.Tokenizer``."""
+        return tk.load_tokenizer(self.root / "tokenizer.json", self.vocab_size)
+
+    def shard_ids(self, split: str) -> list[str]:
+        """Content ids of the shards of ``split`` (``train`` or ``val``)."""
+        return [s["id"] for s in self.manifest["splits"][split]]
+
+    def documents(self, split: str | None = None) -> list[dict[str, Any]]:
+        """Document records ``{id, name, split, shard, n_tokens}``, optionally of one split."""
+        docs = self.manifest["documents"]
+        return [d for d in docs if split is None or d["split"] == split]
+
+    def dataset(self, split: str, doc_ids: Sequence[int] | None = None) -> DocumentDataset:
+        """Load one split (optionally only ``doc_ids``) as a :class:`DocumentDataset`."""
+        if split not in self.manifest["splits"]:
+            raise DataError(f"unknown split {split!r}: allowed train, val")
+        ds = DocumentDataset.from_shards(self.root / "shards", self.shard_ids(split), self.eot_id)
+        return ds if doc_ids is None else ds.subset(doc_ids)
+
+
+def prepare_corpus(
+    source: str | Path = "stdlib",
+    vocab_size: int = 512,
+    data_dir: str | Path | None = None,
+    max_bytes: int | None = None,
+    tokenizer_max_bytes: int | None = None,
+    val_fraction: float = VAL_FRACTION,
+    shard_tokens: int = SHARD_TOKENS,
+) -> PreparedCorpus:
+    """Tokenise and shard a corpus, or reuse the cached result.
+
+    Args:
+        source: ``"stdlib"`` or a directory of ``.txt`` / ``.jsonl`` files.
+        vocab_size: tokenizer vocabulary (``cfg.model.vocab_size``).
+        data_dir: cache root (default :func:`default_data_dir`).
+        max_bytes: use only the first documents up to this many characters.
+        tokenizer_max_bytes: train the tokenizer on the first train documents up to this
+            many characters (default 2 MB for vocab <= 1024, else 32 MB); the full corpus
+            is always tokenised.
+        val_fraction: fraction of documents (by name hash) held out for validation.
+        shard_tokens: approximate tokens per shard.
+
+    Raises:
+        DataError / TokenizerError: unusable corpus or settings.
+    """
+    docs = load_corpus(source, max_bytes)
+    if tokenizer_max_bytes is None:
+        tokenizer_max_bytes = 2_000_000 if vocab_size <= 1024 else 32_000_000
+    settings = {
+        "format": FORMAT_VERSION,
+        "vocab_size": vocab_size,
+        "tokenizer_max_bytes": tokenizer_max_bytes,
+        "val_fraction": val_fraction,
+        "shard_tokens": shard_tokens,
+    }
+    fingerprint = _fingerprint(docs, settings)
+    tag = "stdlib" if str(source) == "stdlib" else Path(source).name
+    root = Path(data_dir or default_data_dir()) / f"{tag}-{fingerprint[:16]}-v{vocab_size}"
+    if (root / "manifest.json").exists():
+        return PreparedCorpus(root, json.loads((root / "manifest.json").read_text()))
+    split = _assign_splits(docs, val_fraction)
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "shards").mkdir(parents=True)
+    tok = tk.train_tokenizer(_tokenizer_sample(docs, split, tokenizer_max_bytes), vocab_size)
+    tok.save(str(tmp / "tokenizer.json"))
+    manifest = _write_shards(tmp / "shards", docs, split, tok, vocab_size, shard_tokens)
+    manifest.update(
+        source=str(source),
+        fingerprint=fingerprint,
+        settings=settings,
+        tokenizer_sha256=hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest(),
+    )
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    try:
+        tmp.rename(root)
+    except OSError:  # another process prepared the same corpus first: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PreparedCorpus(root, json.loads((root / "manifest.json").read_text()))
+
+
+def _assign_splits(docs: Sequence[Document], val_fraction: float) -> list[str]:
+    split = [split_of(d.name, val_fraction) for d in docs]
+    # Tiny corpora: guarantee both splits are non-empty, deterministically.
+    if len(docs) >= 2 and "val" not in split:
+        split[
+            min(range(len(docs)), key=lambda i: hashlib.sha256(docs[i].name.encode()).digest())
+        ] = "val"
+    if "train" not in split:
+        raise DataError("corpus needs at least 2 documents (one for train, one for val)")
+    return split
+
+
+def _write_shards(out, docs, split, tok, vocab_size, shard_tokens) -> dict[str, Any]:
+    encoded = tk.encode_documents(tok, [d.text for d in docs])
+    dtype = token_dtype(vocab_size)
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
+    records: list[dict[str, Any]] = []
+    for name in ("train", "val"):
+        ids = [i for i, s in enumerate(split) if s == name]
+        start = 0
+        while start < len(ids):
+            end, n = start, 0
+            while end < len(ids) and (n == 0 or n + len(encoded[ids[end]]) <= shard_tokens):
+                n += len(encoded[ids[end]])
+                end += 1
+            chunk = ids[start:end]
+            cid = write_shard(out, encode_shard(chunk, [encoded[i] for i in chunk], dtype))
+            splits[name].append({"id": cid, "n_docs": len(chunk), "n_tokens": n})
+            records += [
+                {
+                    "id": i,
+                    "name": docs[i].name,
+                    "split": name,
+                    "shard": cid,
+                    "n_tokens": len(encoded[i]),
+                }
+                for i in chunk
+            ]
+            start = end
+    records.sort(key=lambda r: r["id"])
+    return {
+        "format": FORMAT_VERSION,
+        "vocab_size": vocab_size,
+        "dtype": dtype.name,
+        "eot_id": tk.eot_id(tok),
+        "splits": splits,
+        "documents": records,
+    }
+
+
+class DocumentDataset:
+    """Documents of one split as a token stream with deterministic batch sampling.
+
+    The stream is every document followed by ``<|endoftext|>``, in document-id order.
+    Batch ``position`` under ``seed`` draws ``B`` start offsets from
+    ``numpy.random.Generator(PCG64([seed, position]))``: no hidden state, so resuming at
+    a saved position reproduces the same batches.
+    """
+
+    def __init__(self, doc_ids: np.ndarray, docs: list[np.ndarray], eot_id: int):
+        order = np.argsort(doc_ids, kind="stable")
+        self.doc_ids = np.asarray(doc_ids, dtype=np.int64)[order]
+        self._docs = [docs[i] for i in order]
+        self.eot_id = int(eot_id)
+        parts = [p for d in self._docs for p in (d, np.array([eot_id], dtype=d.dtype))]
+        self.tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+    @classmethod
+    def from_shards(
+        cls, shard_dir: str | Path, shard_ids: Sequence[str], eot_id: int
+    ) -> DocumentDataset:
+        """Load and verify shards (by content id) from ``shard_dir``."""
+        ids: list[int] = []
+        docs: list[np.ndarray] = []
+        for cid in shard_ids:
+            shard = read_shard(shard_dir, cid)
+            ids += [int(x) for x in shard.doc_ids]
+            docs += [shard.document(i) for i in range(len(shard.doc_ids))]
+        return cls(np.array(ids, dtype=np.int64), docs, eot_id)
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.size)
+
+    def iter_documents(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(doc_id, tokens)`` for every document, in id order."""
+        yield from zip((int(i) for i in self.doc_ids), self._docs, strict=True)
+
+    def subset(self, doc_ids: Sequence[int]) -> DocumentDataset:
+        """A dataset of only ``doc_ids`` (e.g. the documents assigned to an expert column).
+
+        Raises:
+            DataError: an id is not in this dataset.
+        """
+        index = {int(d): i for i, d in enumerate(self.doc_ids)}
+        missing = [d for d in doc_ids if int(d) not in index]
+        if missing:
+            raise DataError(f"document ids not in this dataset: {missing[:10]}")
+        keep = sorted({index[int(d)] for d in doc_ids})
+        return DocumentDataset(self.doc_ids[keep], [self._docs[i] for i in keep], self.eot_id)
+
+    def batch(self, position: int, batch_size: int, seq_len: int, seed: int = 0):
+        """Batch number ``position``: int64 tensor ``(batch_size, seq_len + 1)``.
+
+        Raises:
+            DataError: the dataset has fewer than ``seq_len + 1`` tokens.
+        """
+        import torch
+
+        span = seq_len + 1
+        if self.n_tokens < span:
+            raise DataError(
+                f"dataset has {self.n_tokens} tokens, fewer than seq_len + 1 = {span}: "
+                "use more documents or a shorter train.seq_len"
+            )
+        rng = np.random.Generator(np.random.PCG64([int(seed), int(position)]))
+        starts = rng.integers(0, self.n_tokens - span + 1, size=batch_size)
+        rows = np.stack([self.tokens[s : s + span] for s in starts]).astype(np.int64)
+        return torch.from_numpy(rows)
