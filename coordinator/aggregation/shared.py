@@ -1,0 +1,85 @@
+"""Shared layers: DiLoCo outer optimisation on buffered, staleness-weighted pseudo-gradients.
+
+Each participant starts a unit from the published shared weights of its base version,
+trains H inner AdamW steps and uploads the pseudo-gradient ``published_b - local``
+(compressed with error feedback on its side). The coordinator buffers results and,
+every ``buffer_size`` accepted results, takes one outer Nesterov step (DiLoCo: lr 0.7,
+momentum 0.9) on their robust, staleness-weighted mean.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from coordinator.aggregation.robust import trimmed_mean
+from coordinator.aggregation.staleness import staleness_weight
+
+State = dict[str, torch.Tensor]
+
+
+class OuterOptimizer:
+    """Nesterov SGD on pseudo-gradients (DiLoCo's outer optimiser)."""
+
+    def __init__(self, lr: float = 0.7, momentum: float = 0.9):
+        self.lr = lr
+        self.momentum = momentum
+        self.buffers: State = {}
+
+    def step(self, params: State, grads: State) -> None:
+        """In-place Nesterov update of ``params`` with ``grads``."""
+        for name, g in grads.items():
+            buf = self.buffers.get(name)
+            buf = g.clone() if buf is None else buf.mul_(self.momentum).add_(g)
+            self.buffers[name] = buf
+            params[name].sub_(g + self.momentum * buf, alpha=self.lr)
+
+
+class SharedAggregator:
+    """Buffers shared pseudo-gradients and steps the shared master every ``buffer_size``."""
+
+    def __init__(
+        self,
+        master: State,
+        *,
+        buffer_size: int = 3,
+        outer: OuterOptimizer | None = None,
+        trim: int = 0,
+    ):
+        self.master = {k: v.clone().float() for k, v in master.items()}
+        self.buffer_size = buffer_size
+        self.outer = outer or OuterOptimizer()
+        self.trim = trim
+        self._buffer: list[tuple[State, float]] = []
+        self.published: State = {k: v.clone() for k, v in self.master.items()}
+        self.steps = 0
+
+    def add(self, pseudo_grad: State, base_version: int, current_version: int) -> bool:
+        """Buffer one result; returns True when an outer step was taken."""
+        weight = staleness_weight(current_version - base_version)
+        self._buffer.append((pseudo_grad, weight))
+        if len(self._buffer) < self.buffer_size:
+            return False
+        self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Take an outer step on everything buffered (no-op when empty)."""
+        if not self._buffer:
+            return
+        weights = torch.tensor([w for _, w in self._buffer])
+        mean: State = {}
+        for name in self.master:
+            stack = torch.stack([g[name].float() for g, _ in self._buffer])
+            mean[name] = trimmed_mean(stack, weights, self.trim)
+        self.outer.step(self.master, mean)
+        self._buffer.clear()
+        self.steps += 1
+
+    def publish(self, quantize) -> dict[str, bytes]:
+        """Compress ``master - published`` per tensor and advance ``published`` by it."""
+        out: dict[str, bytes] = {}
+        for name, master in self.master.items():
+            blob, decoded = quantize(name, master - self.published[name])
+            out[name] = blob
+            self.published[name] = self.published[name] + decoded
+        return out
