@@ -1,0 +1,165 @@
+"""Ternary quantisation of expert weights: {-1, 0, +1} x one scale per tensor.
+
+Quantiser (TWN-style): with ``tau = threshold_factor * mean|W|`` a weight becomes
+``sign(w)`` where ``|w| > tau`` and 0 elsewhere. The scale is the least-squares optimal
+one for those trits, ``argmin_s ||W - s*T||^2 = <W, T> / <T, T> = mean |w| over nonzero
+trits``. For a Gaussian tensor and factor 0.7 about 42 % of the trits are zero.
+
+Progressive ternarisation (stage 4, DESIGN §2): a fraction ``f`` of the weights, those with
+the largest ``|w|``, take their quantised value and the rest stay full precision. The
+threshold and scale are always those of the whole tensor, so ``f = 1`` is exactly the full
+quantiser. Training uses a straight-through estimator: the forward pass sees the quantised
+weight, the backward pass is the identity.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+
+class TernaryError(ValueError):
+    """Invalid input to a ternary quantisation function."""
+
+
+def _check_weight(w: Tensor) -> None:
+    if not isinstance(w, Tensor) or not w.is_floating_point():
+        raise TernaryError("ternary quantisation needs a floating-point tensor")
+    if w.numel() == 0:
+        raise TernaryError("cannot quantise an empty tensor")
+
+
+def _check_fraction(fraction: float) -> None:
+    if not (0.0 <= float(fraction) <= 1.0):
+        raise TernaryError(f"fraction = {fraction!r} is invalid: allowed 0 .. 1")
+
+
+def _check_factor(threshold_factor: float) -> None:
+    if not (0.0 < float(threshold_factor) < 2.0):
+        raise TernaryError(f"threshold_factor = {threshold_factor!r} is invalid: allowed 0 < f < 2")
+
+
+def _quantize(w: Tensor, threshold_factor: float) -> Tensor:
+    """Quantised value ``scale * trits`` as a float tensor (no host sync, no sorting)."""
+    a = w.abs()
+    nonzero = a > threshold_factor * a.mean()
+    count = nonzero.sum().clamp_min(1)
+    scale = (a * nonzero).sum() / count
+    return torch.sign(w) * nonzero * scale
+
+
+def ternary_round(w: Tensor, threshold_factor: float = 0.7) -> tuple[Tensor, float]:
+    """Quantise a tensor to trits and a least-squares scale.
+
+    Args:
+        w: floating-point weight tensor (any shape).
+        threshold_factor: ``tau = threshold_factor * mean|w|``.
+
+    Returns:
+        ``(trits, scale)``: an int8 tensor of ``w``'s shape with values in {-1, 0, 1}, and
+        the float scale (mean ``|w|`` over the nonzero trits; 0.0 if all trits are zero).
+
+    Raises:
+        TernaryError: ``w`` is empty, not floating point or not finite.
+    """
+    _check_weight(w)
+    _check_factor(threshold_factor)
+    w = w.detach()
+    if not torch.isfinite(w).all():
+        raise TernaryError("cannot quantise a tensor with NaN or infinite values")
+    a = w.abs().float()
+    nonzero = a > threshold_factor * a.mean()
+    trits = (torch.sign(w) * nonzero).to(torch.int8)
+    count = int(nonzero.sum())
+    scale = float((a * nonzero).sum() / count) if count else 0.0
+    return trits, scale
+
+
+def dequantize(trits: Tensor, scale: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Turn ``(trits, scale)`` back into a weight tensor ``scale * trits``.
+
+    Raises:
+        TernaryError: ``trits`` holds values outside {-1, 0, 1}.
+    """
+    if trits.is_floating_point() or trits.dtype == torch.bool:
+        raise TernaryError(f"trits must be an integer tensor, got {trits.dtype}")
+    if trits.numel() and (trits.min() < -1 or trits.max() > 1):
+        raise TernaryError("trits must only contain -1, 0 and 1")
+    return trits.to(dtype) * float(scale)
+
+
+def progressive_mask(w: Tensor, fraction: float) -> Tensor:
+    """Boolean mask selecting exactly ``round(fraction * numel)`` entries with largest ``|w|``.
+
+    Raises:
+        TernaryError: ``fraction`` outside [0, 1] or ``w`` not a float tensor.
+    """
+    _check_weight(w)
+    _check_fraction(fraction)
+    n = w.numel()
+    k = round(float(fraction) * n)
+    if k >= n:
+        return torch.ones_like(w, dtype=torch.bool)
+    mask = torch.zeros(n, dtype=torch.bool, device=w.device)
+    if k > 0:
+        mask[torch.topk(w.detach().abs().flatten(), k, sorted=False).indices] = True
+    return mask.view_as(w)
+
+
+class _TernarySTE(torch.autograd.Function):
+    """Forward: (progressively) quantised weight. Backward: identity."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, fraction: float, threshold_factor: float) -> Tensor:  # noqa: D102
+        q = _quantize(w, threshold_factor)
+        if fraction < 1.0:
+            q = torch.where(progressive_mask(w, fraction), q, w)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+        return grad, None, None
+
+
+def ternary_ste(w: Tensor, fraction: float = 1.0, threshold_factor: float = 0.7) -> Tensor:
+    """Straight-through progressive ternarisation of ``w``.
+
+    Args:
+        w: the full-precision latent weight.
+        fraction: share of entries (largest ``|w|`` first) replaced by their quantised
+            value; 1.0 quantises everything (one abs-mean and a compare, no sorting).
+        threshold_factor: see :func:`ternary_round`.
+
+    Returns:
+        A tensor equal to the quantised weight whose gradient w.r.t. ``w`` is the identity.
+    """
+    _check_fraction(fraction)
+    _check_factor(threshold_factor)
+    if fraction <= 0.0:
+        return w
+    return _TernarySTE.apply(w, float(fraction), float(threshold_factor))
+
+
+_EXPERT_RE = re.compile(r"^layers\.\d+\.ffn\.experts\.\d+\.w[123]\.weight$")
+
+
+def export_ternary(
+    model: nn.Module, threshold_factor: float = 0.7
+) -> dict[str, tuple[Tensor, float]]:
+    """Quantise every expert weight of a model.
+
+    Args:
+        model: a :class:`~shared_model.model.PerspectiveModel` (MoE mode) or any module whose
+            expert parameters follow ``layers.{i}.ffn.experts.{e}.{w1,w2,w3}.weight``.
+        threshold_factor: see :func:`ternary_round`.
+
+    Returns:
+        ``{parameter name: (int8 trits, scale)}`` for every expert weight, in name order.
+    """
+    out: dict[str, tuple[Tensor, float]] = {}
+    for name, param in model.named_parameters():
+        if _EXPERT_RE.match(name):
+            out[name] = ternary_round(param, threshold_factor)
+    return out
