@@ -1,0 +1,1 @@
+"""Flower glue on the coordinator: SuperLink process, run creation, push/pull driver."""

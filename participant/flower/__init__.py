@@ -1,0 +1,1 @@
+"""Flower glue on a participant: SuperNode process and the long-lived worker."""
