@@ -14,6 +14,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def rms_normalise(x: Tensor, eps: float) -> Tensor:
+    """Divide the last dimension of ``x`` by its root mean square (no learned gain)."""
+    dtype = x.dtype
+    x = x.to(compute_dtype(dtype))
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm with a learned per-channel gain (no bias)."""
 
@@ -24,10 +31,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise the last dimension of ``x``."""
-        dtype = x.dtype
-        x = x.to(compute_dtype(dtype))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * self.weight.to(x.dtype)).to(dtype)
+        return rms_normalise(x, self.eps) * self.weight.to(x.dtype)
 
 
 class SwiGLU(nn.Module):

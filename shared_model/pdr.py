@@ -9,11 +9,13 @@ Definition used by this project (DESIGN §8). For input ``x_t ∈ R^d`` of one l
   ``φ(z) = elu(z) + 1`` keeps features positive so that ``q·k > 0`` (a stable, softmax-free
   attention kernel); dividing ``k`` by ``r`` keeps ``q·k`` of order one.
 * learned value ``v_t = x_t W_v``, gate ``g_t = silu(x_t W_g)``, output ``W_o``: exactly
-  ``3·d²`` learned weights, plus a ``d``-sized decay vector and a ``d``-sized output norm.
+  ``3·d²`` learned weights, plus a ``d``-sized decay vector. The read-out is RMS-normalised
+  without a learned gain (a per-channel gain would commute with the gate and be absorbed by
+  ``W_o``), so a PDR layer has exactly ``3·d² + d`` parameters.
 * per value channel decay ``λ = sigmoid(decay_logit)``, clamped to ``λ ≥ e^{-2}`` (0.135,
   a memory of under one token; the clamp bounds the exponents in the chunked form).
 * state ``S_t ∈ R^{r×d}``: ``S_t = S_{t-1} diag(λ) + k_tᵀ v_t``; read-out ``y_t = q_t S_t``;
-  output ``W_o(RMSNorm(y_t) ⊙ g_t)``.
+  output ``W_o(rms_normalise(y_t) ⊙ g_t)``.
 
 Two equivalent evaluation orders:
 
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared_model.config import ModelConfig
-from shared_model.layers import RMSNorm
+from shared_model.layers import rms_normalise
 
 MIN_LOG_DECAY = -2.0
 """Lower bound of ``log λ`` (λ ≥ 0.135)."""
@@ -116,7 +118,7 @@ class PDR(nn.Module):
         self.w_g = nn.Linear(d, d, bias=False)
         self.w_o = nn.Linear(d, d, bias=False)
         self.decay_logit = nn.Parameter(_decay_init(d))
-        self.out_norm = RMSNorm(d, cfg.norm_eps)
+        self.eps = cfg.norm_eps
         self.register_buffer("proj_q", torch.empty(d, r), persistent=False)
         self.register_buffer("proj_k", torch.empty(d, r), persistent=False)
         self.reset_projections()
@@ -155,4 +157,4 @@ class PDR(nn.Module):
             y, state = pdr_recurrent(q, k, v, self.log_decay(), state)
         else:
             y, state = pdr_chunked(q, k, v, self.log_decay(), self.chunk, state)
-        return self.w_o(self.out_norm(y) * g), state
+        return self.w_o(rms_normalise(y, self.eps) * g), state

@@ -1,0 +1,227 @@
+"""Tests of the Perspective model: shapes, counts, PDR forms, caches, MoE modes, stage 2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared_model.config import load_config
+from shared_model.generate import generate
+from shared_model.model import (
+    InferenceCache,
+    ModelError,
+    PerspectiveModel,
+    expert_param_names,
+    init_experts_from_dense,
+    is_expert_param,
+)
+from shared_model.pdr import PDR, pdr_chunked, pdr_recurrent
+from shared_model.plan.params import count_params
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("tiny")
+
+
+def _idx(cfg, b=2, t=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.model.vocab_size, (b, t), generator=g)
+
+
+def test_shapes_dense_moe_column(cfg):
+    idx = _idx(cfg)
+    for moe in (False, True):
+        torch.manual_seed(0)
+        model = PerspectiveModel(cfg, moe=moe)
+        out = model(idx, targets=idx)
+        assert out.logits.shape == (2, 40, cfg.model.vocab_size)
+        assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+        if moe:
+            n_moe, e = cfg.model.n_pdr_layers, cfg.moe.n_experts
+            assert out.aux["prob_mean"].shape == (n_moe, e)
+            assert out.aux["token_fraction"].shape == (n_moe, e)
+            assert torch.allclose(out.aux["token_fraction"].sum(1), torch.ones(n_moe))
+            assert out.aux["balance_loss"] >= 1.0 - 1e-5
+            col = model(idx, columns=torch.tensor([3, 5]))
+            assert col.logits.shape == out.logits.shape and col.aux == {}
+        else:
+            assert out.aux == {}
+            with pytest.raises(ModelError, match="MoE"):
+                model(idx, columns=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_param_count_matches_plan(preset):
+    cfg = load_config(preset)
+    counts = count_params(cfg)
+    dense = PerspectiveModel(cfg, moe=False)
+    assert dense.num_parameters() == counts.dense_total == counts.shared
+    if preset == "tiny":  # the small MoE model is 50M params; the formula is the same code
+        moe = PerspectiveModel(cfg, moe=True)
+        assert moe.num_parameters() == counts.moe_total
+        assert moe.num_parameters("experts") == counts.experts_total
+        assert moe.num_parameters("shared") == counts.shared + counts.routers
+    # the fixed PDR projections are buffers, never parameters or state
+    assert not any("proj_" in k for k in dense.state_dict())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_pdr_chunked_equals_recurrent(cfg, dtype, tol):
+    torch.manual_seed(0)
+    layer = PDR(cfg.model, 0).to(dtype)
+    with torch.no_grad():  # include fast decays, down to the clamp
+        layer.decay_logit.uniform_(-4.0, 7.0)
+    x = torch.randn(2, 77, cfg.model.d_model, dtype=dtype)
+    q, k, v, _ = layer.features(x)
+    a = layer.log_decay()
+    y_par, s_par = pdr_chunked(q, k, v, a, chunk=16)
+    y_rec, s_rec = pdr_recurrent(q, k, v, a)
+    scale = y_rec.abs().max()
+    assert (y_par - y_rec).abs().max() / scale < tol
+    assert (s_par - s_rec).abs().max() / s_rec.abs().max() < tol
+    # whole layer: chunked prefill then one-token steps == one chunked pass
+    full, _ = layer(x)
+    part, state = layer(x[:, :50])
+    steps = [part]
+    for t in range(50, 77):
+        y, state = layer(x[:, t : t + 1], state)
+        steps.append(y)
+    assert (torch.cat(steps, 1) - full).abs().max() / full.abs().max() < tol
+
+
+def test_pdr_projections_seeded_per_layer(cfg):
+    a, b, c = PDR(cfg.model, 0), PDR(cfg.model, 0), PDR(cfg.model, 1)
+    assert torch.equal(a.proj_q, b.proj_q) and not torch.equal(a.proj_q, c.proj_q)
+
+
+def _cached_logits(model, idx, prompt_len, columns=None):
+    cache = InferenceCache()
+    outs = [model(idx[:, :prompt_len], columns=columns, cache=cache).logits]
+    for t in range(prompt_len, idx.shape[1]):
+        outs.append(model(idx[:, t : t + 1], columns=columns, cache=cache).logits)
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_generation_cache_equals_full_forward(moe):
+    # window 16 < sequence 90 so the KV cache must drop old entries correctly
+    cfg = load_config("tiny", overrides=["model.window=16"])
+    torch.manual_seed(1)
+    model = PerspectiveModel(cfg, moe=moe).eval()
+    idx = _idx(cfg, t=90)
+    full = model(idx).logits
+    assert (_cached_logits(model, idx, 37) - full).abs().max() < 1e-4
+    prompt = idx[:, :5]
+    with_cache = generate(model, prompt, 30, temperature=0.0, cache=True)
+    without = generate(model, prompt, 30, temperature=0.0, cache=False)
+    assert torch.equal(with_cache, without)
+    cache = InferenceCache()
+    model(idx, cache=cache)
+    kv = cache.layers[cfg.model.gqa_layers()[0]]
+    assert kv.k.shape[2] == 16  # at most `window` entries kept
+
+
+def test_stage2_init_identical_experts(cfg):
+    torch.manual_seed(2)
+    dense = PerspectiveModel(cfg)
+    moe = PerspectiveModel(cfg, moe=True)
+    init_experts_from_dense(dense, moe)
+    for i in cfg.model.pdr_layers():
+        bank = dense.ffn_for(i)
+        for expert in moe.layers[i].ffn.experts.values():
+            for w in ("w1", "w2", "w3"):
+                assert torch.equal(getattr(expert, w).weight, getattr(bank, w).weight)
+    idx = _idx(cfg)
+    ref = dense(idx).logits
+    for column in (0, 5):
+        out = moe(idx, columns=torch.full((2,), column))
+        assert torch.allclose(out.logits, ref, atol=1e-6)
+    noisy = dense.to_moe(noise_std=0.01)
+    w_noisy = noisy.layers[0].ffn.experts["0"].w1.weight
+    assert not torch.equal(w_noisy, dense.ffn_for(0).w1.weight)
+    assert (w_noisy - dense.ffn_for(0).w1.weight).std().item() == pytest.approx(0.01, rel=0.1)
+
+
+def test_column_mode_ignores_other_experts(cfg):
+    torch.manual_seed(3)
+    full = PerspectiveModel(cfg, moe=True)
+    idx = _idx(cfg)
+    columns = torch.tensor([2, 6])
+    ref = full(idx, columns=columns).logits
+    # a participant's model holding only columns 2 and 6, loaded from the full one
+    part = PerspectiveModel(cfg, moe=True, columns=[2, 6])
+    part.load_state_dict(full.shared_state(), strict=False)
+    for c in (2, 6):
+        part.load_expert_state(c, full.expert_state(c))
+    assert torch.allclose(part(idx, columns=columns).logits, ref, atol=1e-6)
+    # equal to running each sequence alone through its expert (router forced to c, gate 1)
+    single = torch.cat([full(idx[b : b + 1], columns=columns[b : b + 1]).logits for b in (0, 1)])
+    assert torch.allclose(single, ref, atol=1e-5)
+    with pytest.raises(ModelError, match="not held"):
+        part(idx, columns=torch.tensor([2, 3]))
+    with pytest.raises(ModelError, match="not held"):
+        part(idx)  # token-level routing needs every expert
+    with pytest.raises(ModelError, match="columns values"):
+        full(idx, columns=torch.tensor([0, 8]))
+
+
+def test_expert_names_and_state(cfg):
+    model = PerspectiveModel(cfg, moe=True)
+    names = expert_param_names(cfg, 4)
+    assert names[0] == "layers.0.ffn.experts.4.w1.weight" and len(names) == 3 * 3
+    assert is_expert_param("layers.2.ffn.experts.7.w2.weight") == (True, 7)
+    assert is_expert_param("layers.2.ffn.router.weight") == (False, None)
+    shared = model.shared_state()
+    assert "layers.0.ffn.router.weight" in shared
+    assert not any(is_expert_param(k)[0] for k in shared)
+    expert_total = sum(len(model.expert_state(c)) for c in range(cfg.moe.n_experts))
+    assert len(shared) + expert_total == len(model.state_dict())
+    state = {k: torch.zeros_like(v) for k, v in model.expert_state(1).items()}
+    model.load_expert_state(1, state)
+    assert all((v == 0).all() for v in model.expert_state(1).values())
+    bad = dict(state)
+    bad.pop(names[0].replace(".4.", ".1."))
+    with pytest.raises(ModelError, match="missing"):
+        model.load_expert_state(1, bad)
+
+
+def test_ternary_fraction_affects_experts_only(cfg):
+    torch.manual_seed(4)
+    model = PerspectiveModel(cfg, moe=True)
+    idx = _idx(cfg)
+    fp = model(idx).logits
+    model.set_ternary_fraction(1.0)
+    tern = model(idx, targets=idx)
+    assert not torch.allclose(tern.logits, fp)
+    tern.loss.backward()
+    assert model.layers[0].ffn.experts["0"].w1.weight.grad is not None
+    model.set_ternary_fraction(None)
+    assert torch.allclose(model(idx).logits, fp)
+    with pytest.raises(ModelError):
+        model.set_ternary_fraction(1.5)
+
+
+def test_bad_inputs(cfg):
+    model = PerspectiveModel(cfg)
+    with pytest.raises(ModelError, match="token ids"):
+        model(torch.tensor([[0, cfg.model.vocab_size]]))
+    with pytest.raises(ModelError, match="integer"):
+        model(torch.zeros(2, 3))
+
+
+def test_tiny_model_overfits_one_batch(cfg):
+    torch.manual_seed(5)
+    model = PerspectiveModel(cfg, moe=True)
+    idx = _idx(cfg, b=4, t=33, seed=5)
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        out = model(x, targets=y)
+        loss = out.loss + 0.01 * out.aux["balance_loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert out.loss.item() < 0.5
