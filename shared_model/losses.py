@@ -51,7 +51,7 @@ def balance_loss(router_probs: Tensor, expert_index: Tensor, n_experts: int) -> 
 
 
 def diversity_loss(expert_weights: list[Tensor] | Tensor) -> Tensor:
-    """Mean pairwise cosine similarity penalty ``-1/N² Σ_{i≠j} cos(W_i, W_j)``... negated.
+    """Expert diversity term: minus the mean pairwise cosine similarity of expert weights.
 
     Returns ``-1/N² Σ_{i≠j} cos(W_i, W_j)`` exactly as the seed defines it, computed in
     O(N·P) from the unit vectors: ``Σ_{i≠j} ŵ_i·ŵ_j = ||Σ_i ŵ_i||² − N``.
