@@ -1,0 +1,182 @@
+"""The versioned container that frames every encoded object (docs/wire-format.md §2).
+
+Layout (little-endian)::
+
+    0   4  magic b"PTRN"
+    4   1  format version (1)
+    5   1  codec id
+    6   2  flags (must be 0)
+    8   4  header length H
+    12  8  payload length P
+    20 32  sha256(header || payload)
+    52  H  codec header
+    52+H P payload
+
+Parsing checks every length against the real buffer before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+from shared_model.codec.errors import (
+    BadMagicError,
+    ChecksumError,
+    LimitError,
+    MalformedError,
+    TruncatedError,
+    VersionError,
+)
+
+MAGIC = b"PTRN"
+FORMAT_VERSION = 1
+PREFIX = struct.Struct("<4sBBHIQ32s")
+PREFIX_SIZE = PREFIX.size  # 52
+
+CODEC_TRITS_ZSTD = 1
+CODEC_TRITS_ANS = 2
+CODEC_DELTA = 3
+CODEC_SPARSE_2BIT = 4
+KNOWN_CODECS = {
+    CODEC_TRITS_ZSTD: "trits-zstd",
+    CODEC_TRITS_ANS: "trits-ans",
+    CODEC_DELTA: "delta-golomb-ans",
+    CODEC_SPARSE_2BIT: "sparse-2bit",
+}
+
+# Largest tensor any decoder will materialise (elements). Full-size expert matrices are
+# 45M elements; 2^31 leaves room while refusing absurd headers before allocating.
+MAX_ELEMENTS = 1 << 31
+MAX_NDIM = 8
+MAX_HEADER = 1 << 20
+
+
+@dataclass(frozen=True)
+class Container:
+    """A parsed container: codec id, codec header bytes and payload (views, no copies)."""
+
+    codec: int
+    header: memoryview
+    payload: memoryview
+    size: int  # total bytes this container occupies
+
+
+def pack_container(codec: int, header: bytes, payload: bytes) -> bytes:
+    """Frame ``header`` and ``payload`` for ``codec``; returns the container bytes."""
+    if codec not in KNOWN_CODECS:
+        raise VersionError(f"unknown codec id {codec}")
+    digest = hashlib.sha256(header)
+    digest.update(payload)
+    prefix = PREFIX.pack(
+        MAGIC, FORMAT_VERSION, codec, 0, len(header), len(payload), digest.digest()
+    )
+    return b"".join((prefix, header, payload))
+
+
+def parse_container(data: bytes | bytearray | memoryview, *, exact: bool = True) -> Container:
+    """Validate framing and checksum; with ``exact`` the buffer must hold one container only.
+
+    Raises:
+        TruncatedError, BadMagicError, VersionError, ChecksumError, MalformedError.
+    """
+    view = memoryview(data).cast("B")
+    if len(view) < PREFIX_SIZE:
+        if bytes(view[:4]) != MAGIC[: len(view[:4])]:
+            raise BadMagicError(f"not a codec container: starts with {bytes(view[:4])!r}")
+        raise TruncatedError(f"container prefix needs {PREFIX_SIZE} bytes, got {len(view)}")
+    magic, version, codec, flags, hlen, plen, digest = PREFIX.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise BadMagicError(f"not a codec container: magic {magic!r}, expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise VersionError(
+            f"container format version {version}; this decoder reads version {FORMAT_VERSION}"
+        )
+    if codec not in KNOWN_CODECS:
+        raise VersionError(f"unknown codec id {codec} (known: {sorted(KNOWN_CODECS)})")
+    if flags != 0:
+        raise MalformedError(f"reserved flags must be 0, got {flags:#x}")
+    if hlen > MAX_HEADER:
+        raise LimitError(f"codec header claims {hlen} bytes (limit {MAX_HEADER})")
+    total = PREFIX_SIZE + hlen + plen
+    if len(view) < total:
+        raise TruncatedError(
+            f"container needs {total} bytes (header {hlen}, payload {plen}), got {len(view)}"
+        )
+    if exact and len(view) != total:
+        raise MalformedError(f"{len(view) - total} trailing bytes after the container")
+    header = view[PREFIX_SIZE : PREFIX_SIZE + hlen]
+    payload = view[PREFIX_SIZE + hlen : total]
+    check = hashlib.sha256(header)
+    check.update(payload)
+    if check.digest() != digest:
+        raise ChecksumError("sha256 of container contents does not match its header")
+    return Container(codec=codec, header=header, payload=payload, size=total)
+
+
+def split_containers(data: bytes | bytearray | memoryview) -> list[Container]:
+    """Parse a file made of one or more concatenated containers."""
+    view = memoryview(data).cast("B")
+    out: list[Container] = []
+    offset = 0
+    while offset < len(view) or not out:
+        item = parse_container(view[offset:], exact=False)
+        out.append(item)
+        offset += item.size
+    return out
+
+
+class Reader:
+    """Bounds-checked sequential reader over a codec header."""
+
+    def __init__(self, buf: memoryview, what: str) -> None:
+        self.buf = buf
+        self.pos = 0
+        self.what = what
+
+    def take(self, n: int) -> memoryview:
+        """Return the next ``n`` bytes or raise :class:`TruncatedError`."""
+        if n < 0 or self.pos + n > len(self.buf):
+            raise TruncatedError(
+                f"{self.what}: needs {n} more bytes at offset {self.pos}, "
+                f"only {len(self.buf) - self.pos} left"
+            )
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str) -> tuple:
+        """Unpack a little-endian struct format (without the ``<``)."""
+        st = struct.Struct("<" + fmt)
+        return st.unpack(self.take(st.size))
+
+    def done(self) -> None:
+        """Require that the whole buffer was consumed."""
+        if self.pos != len(self.buf):
+            raise MalformedError(f"{self.what}: {len(self.buf) - self.pos} unexpected bytes")
+
+
+def write_shape(shape: tuple[int, ...]) -> bytes:
+    """Encode a shape as ``u8 ndim`` then ``u64`` per dimension."""
+    if len(shape) > MAX_NDIM:
+        raise MalformedError(f"tensor has {len(shape)} dims; at most {MAX_NDIM} supported")
+    return struct.pack(f"<B{len(shape)}Q", len(shape), *shape)
+
+
+def read_shape(reader: Reader) -> tuple[tuple[int, ...], int]:
+    """Read a shape, reject it if its element count exceeds :data:`MAX_ELEMENTS`."""
+    (ndim,) = reader.unpack("B")
+    if ndim > MAX_NDIM:
+        raise MalformedError(f"{reader.what}: {ndim} dims (at most {MAX_NDIM})")
+    shape = reader.unpack(f"{ndim}Q")
+    n = 1
+    for d in shape:
+        if d > MAX_ELEMENTS:
+            raise LimitError(f"{reader.what}: dimension {d} exceeds {MAX_ELEMENTS}")
+        n *= d
+        if n > MAX_ELEMENTS:
+            raise LimitError(
+                f"{reader.what}: shape {shape} has more than {MAX_ELEMENTS} elements; refusing"
+            )
+    return tuple(shape), n

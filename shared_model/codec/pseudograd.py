@@ -1,0 +1,174 @@
+"""Sparse 2-bit pseudo-gradient compressor with error feedback (SparseLoCo-style).
+
+Per chunk of ``chunk`` consecutive elements the ``k`` largest magnitudes are kept. Each
+kept value becomes sign x (``lo`` or ``hi``): the larger half of the kept magnitudes
+maps to ``hi`` = their mean, the rest to ``lo`` = their mean (two float32 per chunk), so
+every value costs 2 bits plus its index. The decoder returns exactly the array the
+encoder subtracted from its error-feedback buffer. Format: docs/wire-format.md §5.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from shared_model.codec.container import (
+    CODEC_SPARSE_2BIT,
+    Reader,
+    pack_container,
+    parse_container,
+    read_shape,
+    write_shape,
+)
+from shared_model.codec.entropy import zstd_compress, zstd_decompress
+from shared_model.codec.errors import CodecError, MalformedError
+
+DEFAULT_CHUNK = 4096
+DEFAULT_TOPK = 64
+MAX_CHUNK = 1 << 16
+
+
+def _chunk_ks(n: int, chunk: int, k: int) -> np.ndarray:
+    nc = -(-n // chunk)
+    ks = np.full(nc, min(k, chunk), np.int64)
+    if nc:
+        ks[-1] = min(k, n - (nc - 1) * chunk)
+    return ks
+
+
+def _select(flat: np.ndarray, chunk: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted in-chunk indices (nc, k) of the top-k magnitudes; padding has magnitude -1."""
+    nc = -(-flat.size // chunk)
+    mag = np.full(nc * chunk, -1.0, np.float32)
+    np.abs(flat, out=mag[: flat.size])
+    mag = mag.reshape(nc, chunk)
+    kk = min(k, chunk)
+    idx = np.argpartition(mag, chunk - kk, axis=1)[:, chunk - kk :] if kk < chunk else None
+    if idx is None:
+        idx = np.broadcast_to(np.arange(chunk), (nc, chunk)).copy()
+    idx.sort(axis=1)
+    return idx, mag
+
+
+def _levels(mags: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: hi flag per value and (lo, hi) means; ``valid`` masks real entries."""
+    m = np.where(valid, mags, -1.0)
+    order = np.argsort(-m, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(m.shape[1])[None, :], axis=1)
+    n_valid = valid.sum(axis=1, keepdims=True)
+    is_hi = (rank < (n_valid + 1) // 2) & valid
+    is_lo = valid & ~is_hi
+    hi = np.where(is_hi, mags, 0).sum(1) / np.maximum(is_hi.sum(1), 1)
+    lo = np.where(is_lo, mags, 0).sum(1) / np.maximum(is_lo.sum(1), 1)
+    return is_hi, lo.astype(np.float32), hi.astype(np.float32)
+
+
+def encode_sparse(
+    values: np.ndarray, name: str = "", *, chunk: int = DEFAULT_CHUNK, k: int = DEFAULT_TOPK
+) -> tuple[bytes, np.ndarray]:
+    """Compress ``values``; returns ``(container bytes, the float32 array it decodes to)``."""
+    arr = np.asarray(values, np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise CodecError(f"pseudo-gradient {name!r} contains NaN or Inf")
+    if not (1 <= chunk <= MAX_CHUNK and 1 <= k <= chunk):
+        raise CodecError(f"need 1 <= k <= chunk <= {MAX_CHUNK}, got k={k}, chunk={chunk}")
+    flat = arr.reshape(-1)
+    ks = _chunk_ks(flat.size, chunk, k)
+    recon = np.zeros(flat.size, np.float32)
+    parts = [b"", b"", b""]
+    if flat.size:
+        idx, mag = _select(flat, chunk, k)
+        limit = np.minimum(chunk, flat.size - np.arange(idx.shape[0]) * chunk)
+        valid = idx < limit[:, None]  # padding sorts last; exactly ks[i] valid per row
+        mags = np.take_along_axis(mag, idx, axis=1)
+        is_hi, lo, hi = _levels(mags, valid)
+        gidx = (idx + (np.arange(idx.shape[0]) * chunk)[:, None])[valid]
+        neg = flat[gidx] < 0
+        level = np.where(is_hi, hi[:, None], lo[:, None])[valid]
+        recon[gidx] = level * np.where(neg, np.float32(-1), np.float32(1))
+        gaps = np.diff(idx, axis=1, prepend=-1)[valid].astype("<u2")  # in-chunk gaps
+        bits = np.stack([neg, is_hi[valid]], axis=1).reshape(-1)
+        parts = [
+            zstd_compress(gaps.tobytes()),
+            np.stack([lo, hi], 1).astype("<f4").tobytes(),
+            np.packbits(bits).tobytes(),
+        ]
+    raw = name.encode("utf-8")
+    header = (
+        struct.pack("<H", len(raw)) + raw + write_shape(arr.shape) + struct.pack("<II", chunk, k)
+    )
+    payload = struct.pack("<Q", len(parts[0])) + b"".join(parts)
+    return pack_container(CODEC_SPARSE_2BIT, header, payload), recon.reshape(arr.shape)
+
+
+def decode_sparse(data: bytes | memoryview) -> tuple[np.ndarray, str]:
+    """Decode :func:`encode_sparse` output to ``(float32 array, name)``."""
+    box = parse_container(data)
+    if box.codec != CODEC_SPARSE_2BIT:
+        raise MalformedError(f"container holds codec {box.codec}, not a sparse pseudo-gradient")
+    rd = Reader(box.header, "sparse header")
+    (name_len,) = rd.unpack("H")
+    try:
+        name = bytes(rd.take(name_len)).decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedError("sparse header: name is not valid UTF-8") from None
+    shape, n = read_shape(rd)
+    chunk, k = rd.unpack("II")
+    rd.done()
+    if not (1 <= chunk <= MAX_CHUNK and 1 <= k <= chunk):
+        raise MalformedError(f"sparse header: bad k={k} / chunk={chunk}")
+    ks = _chunk_ks(n, chunk, k)
+    total = int(ks.sum())
+    pr = Reader(box.payload, "sparse payload")
+    (zlen,) = pr.unpack("Q")
+    zbytes = pr.take(zlen)
+    scales = np.frombuffer(pr.take(8 * ks.size), "<f4").reshape(-1, 2)
+    bits = np.unpackbits(np.frombuffer(pr.take(-(-2 * total // 8)), np.uint8))
+    pr.done()
+    out = np.zeros(n, np.float32)
+    if n == 0:
+        return out.reshape(shape), name
+    gaps = np.frombuffer(zstd_decompress(zbytes, 2 * total, "sparse indices"), "<u2")
+    chunk_of = np.repeat(np.arange(ks.size), ks)
+    starts = np.cumsum(ks) - ks
+    within = np.cumsum(gaps.astype(np.int64))
+    within -= np.repeat(within[starts] - gaps[starts], ks)  # restart the sum per chunk
+    within -= 1
+    limit = np.minimum(chunk, n - np.arange(ks.size) * chunk)
+    if np.any(gaps[starts] == 0) or np.any(gaps == 0) or np.any(within >= limit[chunk_of]):
+        raise MalformedError("sparse payload: indices are not strictly increasing within a chunk")
+    if not np.all(np.isfinite(scales)):
+        raise MalformedError("sparse payload: non-finite chunk scale")
+    neg, is_hi = bits[0 : 2 * total : 2].astype(bool), bits[1 : 2 * total : 2].astype(bool)
+    level = np.where(is_hi, scales[chunk_of, 1], scales[chunk_of, 0])
+    val = level * np.where(neg, np.float32(-1), np.float32(1))
+    out[chunk_of * chunk + within] = val
+    return out.reshape(shape), name
+
+
+class PseudoGradientCompressor:
+    """Error-feedback wrapper: ``e = decay*e + g``; send C(e); ``e -= decode(C(e))``."""
+
+    def __init__(self, chunk: int = DEFAULT_CHUNK, k: int = DEFAULT_TOPK, decay: float = 1.0):
+        if not 0.0 <= decay <= 1.0:
+            raise CodecError(f"decay must be in [0, 1], got {decay}")
+        self.chunk, self.k, self.decay = chunk, k, decay
+        self.residuals: dict[str, np.ndarray] = {}
+
+    def encode(self, name: str, grad: np.ndarray) -> bytes:
+        """Compress ``grad`` plus the carried error; returns container bytes."""
+        g = np.asarray(grad, np.float32)
+        prev = self.residuals.get(name)
+        if prev is not None and prev.shape != g.shape:
+            raise CodecError(f"pseudo-gradient {name!r} has shape {g.shape}, residual {prev.shape}")
+        e = g + self.decay * prev if prev is not None else g.copy()
+        blob, recon = encode_sparse(e, name, chunk=self.chunk, k=self.k)
+        self.residuals[name] = e - recon
+        return blob
+
+    @staticmethod
+    def decode(data: bytes) -> np.ndarray:
+        """Receiver side: the float32 array that was sent."""
+        return decode_sparse(data)[0]
