@@ -196,6 +196,9 @@ class BlobClient:
                 if fresh or not resumed:  # bad bytes from the server itself
                     raise
                 # else the kept partial prefix was bad: try once more from scratch
+            except BlobCorrupt:
+                writer.abort()  # what we received is unusable: keep nothing
+                raise
             except BaseException:
                 writer.abort(keep_partial=True)
                 raise
