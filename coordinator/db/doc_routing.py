@@ -1,0 +1,101 @@
+"""Storage of document routing: per-document losses and document -> column epochs.
+
+The assignment itself is computed by :mod:`coordinator.routing`; this module stores
+its inputs (losses reported by participants in scoring units) and its outputs (one
+assignment per routing epoch), so routing survives a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from coordinator.db.errors import Conflict, InvalidArgument
+from coordinator.db.models import DocLoss, DocumentAssignment
+
+
+def record_doc_losses(
+    session: Session,
+    *,
+    losses: Iterable[tuple[str, int, float]],
+    version: int,
+    unit_id: str | None = None,
+    participant_id: int | None = None,
+) -> int:
+    """Store ``(doc_id, column, loss)`` triples measured on model ``version``."""
+    count = 0
+    for doc_id, column, loss in losses:
+        if not loss == loss or loss in (float("inf"), float("-inf")):
+            raise InvalidArgument(f"loss of document {doc_id} column {column} is {loss}")
+        session.add(
+            DocLoss(
+                doc_id=doc_id,
+                column=int(column),
+                loss=float(loss),
+                version=version,
+                unit_id=unit_id,
+                participant_id=participant_id,
+            )
+        )
+        count += 1
+    session.flush()
+    return count
+
+
+def latest_doc_losses(
+    session: Session, *, doc_ids: Iterable[str] | None = None
+) -> dict[tuple[str, int], float]:
+    """Most recent loss per (document, column), measured on the newest version."""
+    query = select(DocLoss.doc_id, DocLoss.column, DocLoss.loss).order_by(
+        DocLoss.version, DocLoss.id
+    )
+    if doc_ids is not None:
+        query = query.where(DocLoss.doc_id.in_(list(doc_ids)))
+    # Later rows overwrite earlier ones: the dict keeps the newest measurement.
+    return {(doc, col): loss for doc, col, loss in session.execute(query)}
+
+
+def latest_epoch(session: Session) -> int | None:
+    """The newest routing epoch, or ``None`` if documents were never assigned."""
+    return session.scalar(select(func.max(DocumentAssignment.epoch)))
+
+
+def save_assignment(
+    session: Session,
+    *,
+    epoch: int,
+    assignment: Mapping[str, int],
+    scores: Mapping[str, float] | None = None,
+) -> int:
+    """Store a complete document -> column assignment as routing ``epoch``.
+
+    Raises:
+        Conflict: the epoch already exists (epochs are immutable; use a new one).
+    """
+    exists = session.scalar(
+        select(func.count())
+        .select_from(DocumentAssignment)
+        .where(DocumentAssignment.epoch == epoch)
+    )
+    if exists:
+        raise Conflict(f"routing epoch {epoch} already stored; save under epoch {epoch + 1}")
+    scores = scores or {}
+    session.add_all(
+        DocumentAssignment(epoch=epoch, doc_id=doc, column=int(col), score=scores.get(doc))
+        for doc, col in assignment.items()
+    )
+    session.flush()
+    return len(assignment)
+
+
+def documents_for_column(session: Session, *, column: int, epoch: int | None = None) -> list[str]:
+    """Document ids routed to ``column`` in ``epoch`` (default: the latest)."""
+    epoch = latest_epoch(session) if epoch is None else epoch
+    if epoch is None:
+        return []
+    query = select(DocumentAssignment.doc_id).where(
+        DocumentAssignment.epoch == epoch, DocumentAssignment.column == column
+    )
+    return list(session.scalars(query.order_by(DocumentAssignment.doc_id)).all())

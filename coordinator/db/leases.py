@@ -1,0 +1,261 @@
+"""Work-unit (lease) rows: create, hand out queued ones, expire, fail, re-issue.
+
+A re-issued unit is a *copy* with a new ``unit_id`` (``attempt + 1``,
+``reissued_from`` = the original), never the original re-opened: a late answer to
+the original can then only ever be refused, never confused with the new lease.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from coordinator.db.errors import IllegalTransition, InvalidArgument, NotFound
+from coordinator.db.events import log_event
+from coordinator.db.models import WorkUnit
+from coordinator.db.types import UnitState, utcnow
+
+FINAL_STATES = frozenset({UnitState.DONE, UnitState.REJECTED, UnitState.EXPIRED, UnitState.FAILED})
+
+
+def _check_unit_fields(columns: Sequence[int], steps: int, base_version: int) -> None:
+    if not columns or any(int(c) < 0 for c in columns):
+        raise InvalidArgument(f"columns must be a non-empty list of indices >= 0, got {columns}")
+    if len(set(columns)) != len(columns):
+        raise InvalidArgument(f"columns contain duplicates: {columns}")
+    if steps < 1:
+        raise InvalidArgument(f"steps must be >= 1, got {steps}")
+    if base_version < 0:
+        raise InvalidArgument(f"base_version must be >= 0, got {base_version}")
+
+
+def get_unit(session: Session, *, unit_id: str) -> WorkUnit:
+    """The unit with this id (row-locked on PostgreSQL); raises :class:`NotFound`."""
+    unit = session.get(WorkUnit, unit_id, with_for_update=True)
+    if unit is None:
+        raise NotFound(f"no work unit {unit_id!r}")
+    return unit
+
+
+def create_lease(
+    session: Session,
+    *,
+    participant_id: int,
+    stage: str,
+    base_version: int,
+    columns: Sequence[int],
+    docs: Sequence[str],
+    steps: int,
+    params: dict[str, Any],
+    lease_seconds: float,
+    now: dt.datetime | None = None,
+) -> WorkUnit:
+    """Insert a new unit already leased to ``participant_id`` until now + lease_seconds."""
+    _check_unit_fields(columns, steps, base_version)
+    now = now or utcnow()
+    unit = WorkUnit(
+        unit_id=str(uuid.uuid4()),
+        participant_id=participant_id,
+        stage=stage,
+        base_version=base_version,
+        columns=[int(c) for c in columns],
+        docs=list(docs),
+        steps=steps,
+        params=dict(params),
+        state=UnitState.LEASED,
+        created_at=now,
+        leased_at=now,
+        deadline=now + dt.timedelta(seconds=lease_seconds),
+        attempt=1,
+        excluded_participants=[],
+    )
+    session.add(unit)
+    session.flush()
+    log_event(
+        session,
+        kind="lease.created",
+        message=f"{stage} unit, columns {unit.columns}",
+        participant_id=participant_id,
+        unit_id=unit.unit_id,
+        data={"base_version": base_version, "steps": steps},
+    )
+    return unit
+
+
+def set_message_id(session: Session, *, unit_id: str, message_id: str) -> WorkUnit:
+    """Remember the Flower message that carried the lease (to pull its reply)."""
+    unit = get_unit(session, unit_id=unit_id)
+    unit.message_id = message_id
+    session.flush()
+    return unit
+
+
+def count_in_flight(session: Session, *, participant_id: int, now: dt.datetime) -> int:
+    """Units leased to the participant whose deadline has not passed."""
+    query = (
+        select(func.count())
+        .select_from(WorkUnit)
+        .where(
+            WorkUnit.participant_id == participant_id,
+            WorkUnit.state == UnitState.LEASED,
+            WorkUnit.deadline >= now,
+        )
+    )
+    return session.scalar(query) or 0
+
+
+def requeue_copy(
+    session: Session, *, unit: WorkUnit, reason: str, max_attempts: int
+) -> WorkUnit | None:
+    """Queue a copy of ``unit`` for another participant, or ``None`` past max_attempts."""
+    if unit.attempt >= max_attempts:
+        log_event(
+            session,
+            kind="unit.abandoned",
+            message=f"unit gave up after {unit.attempt} attempts: {reason}",
+            participant_id=unit.participant_id,
+            unit_id=unit.unit_id,
+        )
+        return None
+    excluded = list(unit.excluded_participants or [])
+    if unit.participant_id is not None and unit.participant_id not in excluded:
+        excluded.append(unit.participant_id)
+    copy = WorkUnit(
+        unit_id=str(uuid.uuid4()),
+        participant_id=None,
+        stage=unit.stage,
+        base_version=unit.base_version,
+        columns=list(unit.columns),
+        docs=list(unit.docs),
+        steps=unit.steps,
+        params=dict(unit.params),
+        state=UnitState.QUEUED,
+        attempt=unit.attempt + 1,
+        reissued_from=unit.unit_id,
+        excluded_participants=excluded,
+    )
+    session.add(copy)
+    session.flush()
+    log_event(
+        session,
+        kind="unit.requeued",
+        message=f"re-queued as {copy.unit_id}: {reason}",
+        participant_id=unit.participant_id,
+        unit_id=unit.unit_id,
+        data={"new_unit_id": copy.unit_id, "attempt": copy.attempt},
+    )
+    return copy
+
+
+def expire_leases(session: Session, *, now: dt.datetime, max_attempts: int) -> list[WorkUnit]:
+    """Mark leases past their deadline ``expired`` and queue a copy of each.
+
+    Returns:
+        The expired units (their copies are linked by ``reissued_from``).
+    """
+    units = session.scalars(
+        select(WorkUnit)
+        .where(WorkUnit.state == UnitState.LEASED, WorkUnit.deadline < now)
+        .order_by(WorkUnit.deadline)
+        .with_for_update()
+    ).all()
+    for unit in units:
+        unit.state, unit.finished_at, unit.state_reason = UnitState.EXPIRED, now, "deadline"
+        log_event(
+            session,
+            kind="lease.expired",
+            message="lease expired",
+            participant_id=unit.participant_id,
+            unit_id=unit.unit_id,
+        )
+        requeue_copy(session, unit=unit, reason="lease expired", max_attempts=max_attempts)
+    session.flush()
+    return list(units)
+
+
+def fail_unit(
+    session: Session, *, unit_id: str, reason: str, requeue: bool, max_attempts: int
+) -> WorkUnit | None:
+    """Mark a queued or leased unit ``failed``; optionally queue a copy (returned)."""
+    unit = get_unit(session, unit_id=unit_id)
+    if unit.state in FINAL_STATES:
+        raise IllegalTransition(f"unit {unit_id} is already {unit.state}; cannot fail it")
+    unit.state, unit.finished_at, unit.state_reason = UnitState.FAILED, utcnow(), reason
+    log_event(
+        session,
+        kind="unit.failed",
+        message=reason,
+        participant_id=unit.participant_id,
+        unit_id=unit_id,
+    )
+    session.flush()
+    if not requeue:
+        return None
+    return requeue_copy(session, unit=unit, reason=reason, max_attempts=max_attempts)
+
+
+def reissue(session: Session, *, unit_id: str, reason: str, max_attempts: int) -> WorkUnit | None:
+    """Queue the unit again for a *different* participant (replication or redo).
+
+    A still-leased unit is failed first (its holder's answer will be refused). A
+    finished unit stays as it is; the copy is an extra replica.
+    """
+    unit = get_unit(session, unit_id=unit_id)
+    if unit.state == UnitState.QUEUED:
+        raise IllegalTransition(f"unit {unit_id} is still queued; nothing to reissue")
+    if unit.state == UnitState.LEASED:
+        return fail_unit(
+            session, unit_id=unit_id, reason=reason, requeue=True, max_attempts=max_attempts
+        )
+    return requeue_copy(session, unit=unit, reason=reason, max_attempts=max_attempts)
+
+
+def lease_queued(
+    session: Session,
+    *,
+    participant_id: int,
+    held_columns: Sequence[int],
+    lease_seconds: float,
+    now: dt.datetime,
+    allow_foreign: bool = False,
+) -> WorkUnit | None:
+    """Lease the oldest queued unit this participant may take, or ``None``.
+
+    Skips units the participant already failed. Prefers units whose columns the
+    participant holds (affinity: no download); units touching other columns are
+    taken only with ``allow_foreign``.
+    """
+    held = set(held_columns)
+    queued = session.scalars(
+        select(WorkUnit).where(WorkUnit.state == UnitState.QUEUED).order_by(WorkUnit.created_at)
+    ).all()
+    eligible = [u for u in queued if participant_id not in (u.excluded_participants or [])]
+    own = [u for u in eligible if set(u.columns) <= held]
+    pool = own or (eligible if allow_foreign else [])
+    unit = None
+    for candidate in pool:
+        # Re-read under the row lock: on PostgreSQL another session may have taken it.
+        unit = session.get(
+            WorkUnit, candidate.unit_id, with_for_update=True, populate_existing=True
+        )
+        if unit is not None and unit.state == UnitState.QUEUED:
+            break
+        unit = None
+    if unit is None:
+        return None
+    unit.participant_id, unit.state = participant_id, UnitState.LEASED
+    unit.leased_at, unit.deadline = now, now + dt.timedelta(seconds=lease_seconds)
+    session.flush()
+    log_event(
+        session,
+        kind="lease.created",
+        message=f"re-issued unit, attempt {unit.attempt}",
+        participant_id=participant_id,
+        unit_id=unit.unit_id,
+    )
+    return unit
