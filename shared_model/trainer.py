@@ -259,7 +259,7 @@ def _loop(run: _Run, train_ds, val_ds, last: int, minutes, progress, on_eval) ->
                 break
             loss = run.train_step(train_ds)
             tps = (run.step - start_step) * t.batch_size * t.seq_len / (time.perf_counter() - start)
-            if run.step % t.eval_every == 0 or run.step == last:
+            if run.step % t.eval_every == 0 or run.step == run.total_steps:
                 val = evaluate(run.model, val_ds, t.eval_batches, t.batch_size, t.seq_len)
                 record = {
                     "step": run.step,

@@ -1,0 +1,142 @@
+"""Trainer: every stage runs on real stdlib text, stage-2 cloning, bit-identical resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from shared_model.checkpoint import load_checkpoint
+from shared_model.config import load_config
+from shared_model.data import prepare_corpus
+from shared_model.schedule import lr_at, ternary_fraction_at
+from shared_model.stages import StageError
+from shared_model.trainer import evaluate, train_stage
+
+torch.set_num_threads(1)
+
+OVERRIDES = [
+    "train.steps=6",
+    "train.batch_size=4",
+    "train.seq_len=32",
+    "train.eval_every=3",
+    "train.eval_batches=2",
+    "train.checkpoint_every=3",
+    "optim.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_corpus("stdlib", 512, tmp_path_factory.mktemp("data"), max_bytes=600_000)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("tiny", overrides=OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, cfg, data):
+    out = tmp_path_factory.mktemp("run")
+    results = {1: train_stage(cfg, 1, out, data=data)}
+    for stage in (2, 3, 4):
+        results[stage] = train_stage(cfg, stage, out, init=results[stage - 1].checkpoint, data=data)
+    return out, results
+
+
+def test_all_stages_run(pipeline):
+    out, results = pipeline
+    for stage, r in results.items():
+        assert math.isfinite(r.val_loss), stage
+        assert load_checkpoint(r.checkpoint).stage == stage
+        assert json.loads((out / f"stage{stage}.json").read_text())["stage"] == stage
+        if stage != 2:
+            assert r.steps == 6 and r.tokens == 6 * 4 * 32 and r.tokens_per_s > 0
+            assert math.isfinite(r.train_loss)
+            assert [h["step"] for h in r.history] == [3, 6]
+    assert results[1].history[-1]["train_loss"] < math.log(512)  # learnt something
+
+
+def test_stage2_experts_equal_source_ffn(pipeline, cfg):
+    _, results = pipeline
+    dense = load_checkpoint(results[1].checkpoint).model_state
+    moe = load_checkpoint(results[2].checkpoint).model_state
+    gqa = cfg.model.gqa_layers()
+    for i in cfg.model.pdr_layers():
+        owner = gqa[cfg.model.ffn_bank(i)]
+        for e in range(cfg.moe.n_experts):
+            for w in ("w1", "w2", "w3"):
+                src = dense[f"layers.{owner}.ffn.{w}.weight"]
+                assert torch.equal(moe[f"layers.{i}.ffn.experts.{e}.{w}.weight"], src)
+    for name, value in dense.items():  # shared weights copied unchanged
+        assert torch.equal(moe[name], value), name
+
+
+def test_stage4_ends_fully_ternary(pipeline, cfg):
+    _, results = pipeline
+    assert load_checkpoint(results[4].checkpoint).meta["extra"]["teacher"] == results[3].checkpoint
+    assert ternary_fraction_at(5, 6, cfg.ternary.schedule) == 1.0
+
+
+def _losses(history):
+    return [(h["step"], h["train_loss"], h["val_loss"]) for h in history]
+
+
+def _final_state(path):
+    return load_checkpoint(path).model_state
+
+
+@pytest.mark.parametrize("stage", [1, 4])
+def test_resume_is_bit_identical(tmp_path, cfg, data, pipeline, stage):
+    _, results = pipeline
+    init = None if stage == 1 else results[3].checkpoint
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(0)
+        full = train_stage(cfg, stage, tmp_path / "full", init=init, data=data)
+        torch.manual_seed(0)
+        part = train_stage(cfg, stage, tmp_path / "part", init=init, data=data, until_step=4)
+        assert part.steps == 4
+        rest = train_stage(cfg, stage, tmp_path / "part", init=part.checkpoint, data=data)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert rest.steps == 6 and rest.tokens == full.tokens
+    assert _losses(rest.history) == _losses(full.history)
+    a, b = _final_state(full.checkpoint), _final_state(rest.checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_budget_stops_cleanly(tmp_path, cfg, data):
+    r = train_stage(cfg, 1, tmp_path, data=data, minutes=0.0)
+    assert r.stopped_early and r.steps == 0
+    assert load_checkpoint(r.checkpoint).step == 0
+
+
+def test_bad_stage_init(tmp_path, cfg, data, pipeline):
+    _, results = pipeline
+    with pytest.raises(StageError, match="needs --init"):
+        train_stage(cfg, 3, tmp_path, data=data)
+    with pytest.raises(StageError, match="cannot start from a stage-1"):
+        train_stage(cfg, 3, tmp_path, init=results[1].checkpoint, data=data)
+    with pytest.raises(StageError, match="stage 5 is invalid"):
+        train_stage(cfg, 5, tmp_path, data=data)
+
+
+def test_evaluate_is_deterministic(pipeline, cfg, data):
+    from shared_model.model import PerspectiveModel
+
+    model = PerspectiveModel(cfg)
+    val = data.dataset("val")
+    assert evaluate(model, val, 2, 2, 16) == evaluate(model, val, 2, 2, 16)
+
+
+def test_schedules(cfg):
+    o = cfg.optim
+    assert lr_at(0, o, 100) == pytest.approx(o.lr / o.warmup_steps)
+    assert lr_at(o.warmup_steps, o, 100) == pytest.approx(o.lr)
+    assert lr_at(100, o, 100) == pytest.approx(o.min_lr)
+    fracs = [ternary_fraction_at(s, 8, (0.25, 0.5, 0.75, 1.0)) for s in range(8)]
+    assert fracs == [0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0, 1.0]
