@@ -75,7 +75,6 @@ def encode_sparse(
     if not (1 <= chunk <= MAX_CHUNK and 1 <= k <= chunk):
         raise CodecError(f"need 1 <= k <= chunk <= {MAX_CHUNK}, got k={k}, chunk={chunk}")
     flat = arr.reshape(-1)
-    ks = _chunk_ks(flat.size, chunk, k)
     recon = np.zeros(flat.size, np.float32)
     parts = [b"", b"", b""]
     if flat.size:

@@ -26,22 +26,19 @@ def as_trits(trits: np.ndarray) -> np.ndarray:
     arr = np.asarray(trits)
     if arr.dtype.kind not in "iub":
         raise CodecError(f"trits must be an integer array, got dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr, dtype=np.int8) if arr.dtype != np.int8 else arr
-    flat = arr.reshape(-1)
-    if flat.size and (flat.min() < -1 or flat.max() > 1):
+    if arr.size and (arr.min() < -1 or arr.max() > 1):
         raise CodecError("trits must only contain -1, 0 and +1 (found values outside)")
-    return np.ascontiguousarray(arr)
+    # astype(order="C") keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d).
+    return arr.astype(np.int8, order="C", copy=not arr.flags.c_contiguous)
 
 
 def pack5(trits: np.ndarray) -> np.ndarray:
     """Pack a flat int8 trit array into uint8 symbols 0..242 (ceil(n/5) of them)."""
     flat = trits.reshape(-1)
     n = flat.size
-    full = n - n % 5
     n_sym = -(-n // 5)
     digits = np.full(n_sym * 5, PAD_DIGIT, np.uint8)
     np.add(flat.view(np.uint8), np.uint8(1), out=digits[:n])  # -1 wraps to 255, +1 -> 0
-    del full
     cols = digits.reshape(n_sym, 5).T.copy()  # contiguous columns vectorise better
     out = cols[0] * np.uint8(81)
     out += cols[1] * np.uint8(27)

@@ -1,0 +1,204 @@
+"""Round trips, malformed input and golden bytes for shared_model.codec."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared_model.codec import (
+    BadMagicError,
+    ChecksumError,
+    CodecError,
+    ErrorFeedbackCompressor,
+    LimitError,
+    MalformedError,
+    PseudoGradientCompressor,
+    ShapeMismatchError,
+    TruncatedError,
+    VersionError,
+    apply_delta,
+    decode_ternary,
+    encode_delta,
+    encode_sparse,
+    encode_ternary,
+)
+from shared_model.codec.container import CODEC_TRITS_ANS, CODEC_TRITS_ZSTD, pack_container
+
+GOLDEN = Path(__file__).parent / "golden"
+shapes = st.lists(st.integers(0, 13), min_size=0, max_size=3).map(tuple)
+
+
+def _trits(rng: np.random.Generator, shape: tuple[int, ...], p0: float) -> np.ndarray:
+    p = [(1 - p0) / 2, p0, (1 - p0) / 2]
+    return rng.choice(np.array([-1, 0, 1], np.int8), size=shape, p=p)
+
+
+@settings(max_examples=80, deadline=None)
+@given(shapes, st.floats(0, 1), st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 2]))
+def test_ternary_round_trip(shape, p0, seed, codec) -> None:
+    trits = _trits(np.random.default_rng(seed), shape, p0)
+    blob = encode_ternary(trits, 0.25, "layer.0.w1", codec=codec)
+    out, scale, name = decode_ternary(blob)
+    assert out.shape == trits.shape and out.dtype == np.int8
+    assert np.array_equal(out, trits) and scale == 0.25 and name == "layer.0.w1"
+
+
+@settings(max_examples=80, deadline=None)
+@given(shapes, st.floats(0, 1), st.floats(0, 1), st.integers(0, 2**32 - 1))
+def test_delta_round_trip(shape, p0, flip, seed) -> None:
+    rng = np.random.default_rng(seed)
+    old = _trits(rng, shape, p0)
+    mask = rng.random(shape) < flip
+    new = old.copy()
+    new[mask] = (old[mask] + 1 + rng.integers(1, 3, size=int(mask.sum()))) % 3 - 1
+    out, scale = apply_delta(old, encode_delta(old, new, 0.5, 0.75))
+    assert np.array_equal(out, new) and scale == 0.75
+
+
+def test_large_gaps_use_escapes() -> None:
+    old = np.zeros(3_000_000, np.int8)
+    new = old.copy()
+    new[[5, 6, 2_999_999]] = [1, -1, 1]  # huge gap -> q beyond the escape symbol
+    out, _ = apply_delta(old, encode_delta(old, new, 1.0, 1.0))
+    assert np.array_equal(out, new)
+
+
+def test_compression_near_entropy_bound() -> None:
+    rng = np.random.default_rng(0)
+    trits = _trits(rng, (400_000,), 0.42)
+    c = np.bincount(trits + 1, minlength=3) / trits.size
+    bound = -sum(p * np.log2(p) for p in c if p)
+    assert len(encode_ternary(trits, 1.0)) * 8 / trits.size < bound * 1.01
+    new = trits.copy()
+    flips = rng.random(trits.size) < 0.02
+    new[flips] = (trits[flips] + 2) % 3 - 1
+    f = flips.mean()
+    hf = -(f * np.log2(f) + (1 - f) * np.log2(1 - f)) + f
+    assert len(encode_delta(trits, new, 1.0, 1.0)) * 8 / trits.size < hf * 1.05
+
+
+def test_error_feedback_accumulates_and_persists(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    ef = ErrorFeedbackCompressor()
+    total = np.zeros((64, 32), np.float32)
+    received = np.zeros_like(total)
+    for _ in range(20):
+        upd = rng.normal(size=total.shape).astype(np.float32)
+        total += upd
+        received += ErrorFeedbackCompressor.decode(ef.encode("w", upd))
+    # Nothing is lost: what was not sent yet sits in the residual.
+    np.testing.assert_allclose(total, received + ef.residuals["w"], atol=1e-4)
+    ef.save(tmp_path / "ef.safetensors")
+    again = ErrorFeedbackCompressor.load(tmp_path / "ef.safetensors")
+    assert np.array_equal(again.residuals["w"], ef.residuals["w"])
+    with pytest.raises(CodecError, match="NaN"):
+        ef.encode("w", np.full(total.shape, np.nan, np.float32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 9000), st.integers(1, 300), st.integers(0, 2**32 - 1))
+def test_pseudograd_decoder_is_exact(n, chunk, seed) -> None:
+    x = np.random.default_rng(seed).normal(size=n).astype(np.float32)
+    k = max(1, chunk // 8)
+    blob, recon = encode_sparse(x, "g", chunk=chunk, k=k)
+    assert np.array_equal(PseudoGradientCompressor.decode(blob), recon)
+    assert np.count_nonzero(recon) <= -(-n // chunk) * k
+
+
+def test_pseudograd_error_feedback() -> None:
+    rng = np.random.default_rng(2)
+    comp = PseudoGradientCompressor(chunk=256, k=16)
+    total = np.zeros(4096, np.float32)
+    received = np.zeros_like(total)
+    for _ in range(10):
+        g = rng.normal(size=total.shape).astype(np.float32)
+        total += g
+        received += comp.decode(comp.encode("g", g))
+    np.testing.assert_allclose(total, received + comp.residuals["g"], atol=1e-4)
+
+
+def _sample() -> bytes:
+    return encode_ternary(np.array([1, 0, -1, 0, 1, 1, 0], np.int8), 0.5, "t")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "message"),
+    [
+        (lambda b: b[:30], TruncatedError, "prefix"),
+        (lambda b: b[:-1], TruncatedError, "needs"),
+        (lambda b: b"XXXX" + b[4:], BadMagicError, "magic"),
+        (lambda b: b[:4] + b"\x09" + b[5:], VersionError, "version"),
+        (lambda b: b[:5] + b"\x63" + b[6:], VersionError, "codec"),
+        (lambda b: b[:-1] + bytes([b[-1] ^ 1]), ChecksumError, "sha256"),
+        (lambda b: b + b"\x00", MalformedError, "trailing"),
+    ],
+)
+def test_malformed_containers(mutate, error, message) -> None:
+    with pytest.raises(error, match=message):
+        decode_ternary(mutate(_sample()))
+
+
+def _ternary_header(shape, counts, scale=1.0) -> bytes:
+    dims = struct.pack(f"<B{len(shape)}Q", len(shape), *shape)
+    return struct.pack("<H", 0) + b"\x00" + dims + struct.pack("<f3Q", scale, *counts)
+
+
+def test_bad_payloads_rejected_with_clear_errors() -> None:
+    import zstandard
+
+    bad_byte = zstandard.ZstdCompressor().compress(bytes([243]))
+    blob = pack_container(CODEC_TRITS_ZSTD, _ternary_header((5,), (0, 5, 0)), bad_byte)
+    with pytest.raises(MalformedError, match="exceeds 242"):
+        decode_ternary(blob)
+    huge = pack_container(CODEC_TRITS_ANS, _ternary_header((10**6, 10**6), (0, 10**12, 0)), b"")
+    with pytest.raises(LimitError, match="more than"):
+        decode_ternary(huge)
+    lying = pack_container(CODEC_TRITS_ZSTD, _ternary_header((7,), (0, 7, 0)), bad_byte)
+    with pytest.raises(MalformedError, match="declares"):
+        decode_ternary(lying)
+    counts = pack_container(CODEC_TRITS_ZSTD, _ternary_header((7,), (1, 7, 0)), bad_byte)
+    with pytest.raises(MalformedError, match="sum"):
+        decode_ternary(counts)
+    with pytest.raises(CodecError, match="-1, 0 and \\+1"):
+        encode_ternary(np.array([2], np.int8), 1.0)
+
+
+def test_delta_shape_and_base_mismatch() -> None:
+    old = np.array([[1, 0], [0, -1]], np.int8)
+    new = np.array([[1, 1], [0, -1]], np.int8)
+    blob = encode_delta(old, new, 1.0, 1.0)
+    with pytest.raises(ShapeMismatchError, match="shape"):
+        apply_delta(old.reshape(-1), blob)
+    with pytest.raises(ShapeMismatchError, match="another base"):
+        apply_delta(np.zeros((2, 2), np.int8), blob)
+    with pytest.raises(MalformedError, match="not a ternary delta"):
+        apply_delta(old, _sample())
+    with pytest.raises(ShapeMismatchError):
+        encode_delta(old, new.reshape(-1), 1.0, 1.0)
+
+
+GOLDEN_CASES = {
+    "ternary_zstd.ptrn": lambda: encode_ternary(
+        np.array([[1, 0, -1], [0, 0, 1]], np.int8), 0.125, "w1", codec=CODEC_TRITS_ZSTD
+    ),
+    "ternary_ans.ptrn": lambda: encode_ternary(
+        np.array([1, 0, -1, 0, 0, 1, 1, -1, 0, 0, 0], np.int8), 2.0, "w2", codec=CODEC_TRITS_ANS
+    ),
+    "delta.ptrn": lambda: encode_delta(
+        np.array([1, 0, -1, 0, 0, 1, 1, -1, 0, 0, 0, 1], np.int8),
+        np.array([1, 1, -1, 0, 0, 1, -1, -1, 0, 0, 0, 0], np.int8),
+        1.0,
+        1.5,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_golden_bytes(name) -> None:
+    """The byte format is pinned: an intentional change needs a new format version."""
+    assert GOLDEN_CASES[name]() == (GOLDEN / name).read_bytes()
