@@ -9,4 +9,9 @@ from collections.abc import Callable
 
 import typer
 
-REGISTRARS: list[Callable[[typer.Typer], None]] = []
+from shared_model.commands import plan, train
+
+REGISTRARS: list[Callable[[typer.Typer], None]] = [
+    plan.register,
+    train.register,
+]

@@ -27,6 +27,8 @@ from shared_model.plan.params import ParamCounts, count_params
 from shared_model.plan.traffic import CodecBits, TrafficEstimate, estimate_traffic
 
 FLOPS_BASES = ("params", "per-use")
+PDR_MAX_CHUNK = 64
+"""= ``shared_model.pdr.MAX_STABLE_CHUNK`` (copied so that planning needs no torch import)."""
 
 
 @dataclass(frozen=True)
@@ -190,14 +192,18 @@ def mixing_flops_per_token(cfg: PerspectiveConfig) -> float:
     """Forward FLOPs per token of the token mixers beyond their weight matmuls.
 
     GQA: ``4·d·c`` per layer (scores and weighted sum), ``c`` the mean attended context
-    under the causal window over a ``train.seq_len`` sequence. PDR: ``8·d·r`` per layer
-    (the fixed rank-r key and query projections, the state update and the read-out).
+    under the causal window over a ``train.seq_len`` sequence. PDR in its chunked
+    training form (:func:`shared_model.pdr.pdr_chunked`): ``8·d·r + 2·L·(r + d)`` per layer
+    (fixed rank-r key and query projections, state read-out and update, and the
+    intra-chunk ``L×L`` scores and their product with the values).
     """
     m = cfg.model
     t, w = cfg.train.seq_len, m.window
     # Mean over positions p = 0..t-1 of min(p + 1, w).
     ctx = (sum(range(1, min(t, w) + 1)) + max(0, t - w) * w) / t
-    return m.n_gqa_layers * 4 * m.d_model * ctx + m.n_pdr_layers * 8 * m.d_model * m.pdr_rank
+    d, r, chunk = m.d_model, m.pdr_rank, min(m.pdr_chunk, PDR_MAX_CHUNK)
+    pdr = 8 * d * r + 2 * chunk * (r + d)
+    return m.n_gqa_layers * 4 * d * ctx + m.n_pdr_layers * pdr
 
 
 def stage_flops_per_token(
