@@ -147,12 +147,12 @@ class BlobWriter:
         return actual
 
     def abort(self, keep_partial: bool = False) -> None:
-        """Discard the write; with ``keep_partial`` a resumable writer keeps its partial file."""
+        """Discard the write; with ``keep_partial`` a resumable writer keeps a non-empty partial."""
         if self._closed:
             return
         self._closed = True
         with contextlib.suppress(OSError):
             self._fh.flush()
         self._fh.close()
-        if not (keep_partial and self.resumable):
+        if not (keep_partial and self.resumable and self.size > 0):
             self.tmp_path.unlink(missing_ok=True)

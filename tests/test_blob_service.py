@@ -1,0 +1,359 @@
+"""gRPC blob service on 127.0.0.1: resume after real cuts, refusals, concurrency, TLS, cache."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shared_model.blobs import (
+    BlobClient,
+    BlobCorrupt,
+    BlobNotFound,
+    BlobServer,
+    BlobStore,
+    BlobUnavailable,
+    HashMismatch,
+    InvalidRequest,
+    QuotaExceeded,
+    ScopeDenied,
+    TlsConfig,
+    TokenError,
+    issue_token,
+    sha256_hex,
+)
+from shared_model.wire.perspective.v1 import blobs_pb2, blobs_pb2_grpc
+
+pytestmark = pytest.mark.integration
+KEY = b"coordinator-test-key-0123456789"
+CHUNK = 64 << 10
+
+
+def _token(ids=(), **kw) -> str:
+    return issue_token(KEY, "node-1", ids, **kw)
+
+
+class CutGet(grpc.ServerInterceptor):
+    """Aborts the first ``cuts`` Get streams with UNAVAILABLE after ``after`` chunks."""
+
+    def __init__(self, after: int, cuts: int = 1) -> None:
+        self.after, self.cuts, self.offsets = after, cuts, []
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if not details.method.endswith("/Get"):
+            return handler
+        inner = handler.unary_stream
+
+        def cut_stream(request, context):
+            self.offsets.append(request.offset)
+            cut, self.cuts = self.cuts > 0, self.cuts - 1
+            for i, chunk in enumerate(inner(request, context)):
+                if cut and i == self.after:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "connection cut by test")
+                yield chunk
+
+        return grpc.unary_stream_rpc_method_handler(
+            cut_stream, handler.request_deserializer, handler.response_serializer
+        )
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[BlobServer, BlobStore]]:
+    store = BlobStore(tmp_path / "server")
+    with BlobServer(store, KEY, chunk_size=CHUNK) as server:
+        yield server, store
+
+
+def _client(server: BlobServer, tmp_path: Path, token: str, name: str = "cache") -> BlobClient:
+    return BlobClient(server.address, token, cache=BlobStore(tmp_path / name), backoff_s=0.01)
+
+
+def test_put_get_stat_and_cache_hit_makes_no_rpc(served, tmp_path: Path) -> None:
+    server, store = served
+    data = os.urandom(300_000)
+    cid = sha256_hex(data)
+    with _client(server, tmp_path, _token([cid], upload_quota=1 << 20)) as client:
+        assert client.stat(cid).exists is False
+        assert client.put(data) == cid and store.get(cid, verify=True) == data
+        assert client.stat(cid).size == len(data)
+        assert client.get(cid).read_bytes() == data
+        before = server.stats()
+        assert client.get(cid).read_bytes() == data and client.get_bytes(cid) == data
+        assert server.stats() == before  # served from the cache: no RPC at all
+    no_cache = BlobClient(server.address, _token([cid]))
+    assert no_cache.get_bytes(cid) == data and server.stats()["Get"] == before["Get"] + 1
+
+
+def test_cut_stream_resumes_from_received_bytes(tmp_path: Path) -> None:
+    cutter = CutGet(after=5, cuts=2)
+    data = os.urandom(20 * CHUNK + 123)
+    store = BlobStore(tmp_path / "server")
+    cid = store.put_bytes(data)
+    with BlobServer(store, KEY, chunk_size=CHUNK, interceptors=[cutter]) as server:
+        client = _client(server, tmp_path, _token([cid]))
+        assert client.get(cid).read_bytes() == data
+    assert cutter.offsets == [0, 5 * CHUNK, 10 * CHUNK]  # each retry resumed, none restarted
+    assert client.cache.temp_files() == []
+
+
+def test_broken_download_resumes_in_a_later_call(tmp_path: Path) -> None:
+    cutter = CutGet(after=3, cuts=2)
+    data = os.urandom(8 * CHUNK)
+    store = BlobStore(tmp_path / "server")
+    cid = store.put_bytes(data)
+    with BlobServer(store, KEY, chunk_size=CHUNK, interceptors=[cutter]) as server:
+        client = BlobClient(server.address, _token([cid]), BlobStore(tmp_path / "c"), max_retries=0)
+        with pytest.raises(BlobUnavailable, match="cut by test"):
+            client.get(cid)
+        assert [p.name for p in client.cache.temp_files()] == [f"{cid}.partial"]
+        assert not client.cache.has(cid)
+        with pytest.raises(BlobUnavailable):  # a second process-like attempt, cut again
+            client.get(cid)
+        assert client.get(cid).read_bytes() == data
+    assert cutter.offsets == [0, 3 * CHUNK, 6 * CHUNK]
+
+
+class CuttingProxy:
+    """TCP proxy that closes its first connection after relaying ``cut_after`` bytes down."""
+
+    def __init__(self, target_port: int, cut_after: int) -> None:
+        self.target_port, self.cut_after, self.connections = target_port, cut_after, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.target_port))
+            limit = self.cut_after if self.connections == 0 else None
+            self.connections += 1
+            threading.Thread(target=self._pump, args=(down, up, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, down, limit), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                sent += len(data)
+                if limit is not None and sent >= limit:
+                    break  # the cut: drop both directions of the TCP connection
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_real_tcp_cut_resumes(served, tmp_path: Path) -> None:
+    server, store = served
+    data = os.urandom(4 << 20)
+    cid = store.put_bytes(data)
+    proxy = CuttingProxy(server.port, cut_after=1 << 20)
+    try:
+        client = BlobClient(f"127.0.0.1:{proxy.port}", _token([cid]), BlobStore(tmp_path / "c"))
+        assert client.get(cid).read_bytes() == data
+    finally:
+        proxy.close()
+    assert proxy.connections >= 2 and server.stats()["Get"] >= 2
+    assert server.stats()["bytes_sent"] < 2 * len(data)  # resumed, not restarted from zero
+
+
+def _raw_put(server: BlobServer, token: str | None, messages) -> grpc.RpcError:
+    stub = blobs_pb2_grpc.BlobServiceStub(grpc.insecure_channel(server.address))
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Put(iter(messages), metadata=metadata)
+    return info.value
+
+
+def _put_messages(cid: str, size: int, data: bytes) -> list[blobs_pb2.PutChunk]:
+    header = blobs_pb2.PutChunk(header=blobs_pb2.PutHeader(content_id=cid, size=size))
+    return [
+        header,
+        *(blobs_pb2.PutChunk(data=data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)),
+    ]
+
+
+def test_refused_puts_leave_nothing_behind(served) -> None:
+    server, store = served
+    data = os.urandom(200_000)
+    cid, good = sha256_hex(data), _token(upload_quota=1 << 20)
+    expired = _token(upload_quota=1 << 20, ttl_s=1, now=time.time() - 10)
+    forged = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
+    cases = [
+        (good, _put_messages(sha256_hex(b"x"), len(data), data), grpc.StatusCode.DATA_LOSS),
+        (good, _put_messages(cid, len(data) - 1, data), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (good, _put_messages(cid, len(data) + 1, data), grpc.StatusCode.DATA_LOSS),
+        (_token(upload_quota=1000), _put_messages(cid, len(data), data), "RESOURCE_EXHAUSTED"),
+        (expired, _put_messages(cid, len(data), data), grpc.StatusCode.UNAUTHENTICATED),
+        (forged, _put_messages(cid, len(data), data), grpc.StatusCode.UNAUTHENTICATED),
+        (None, _put_messages(cid, len(data), data), grpc.StatusCode.UNAUTHENTICATED),
+        (_token([cid]), _put_messages(cid, len(data), data), grpc.StatusCode.PERMISSION_DENIED),
+        (good, _put_messages(cid, len(data), data)[1:], grpc.StatusCode.INVALID_ARGUMENT),
+        (good, _put_messages("nothex", 1, b"a"), grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for token, messages, code in cases:
+        error = _raw_put(server, token, messages)
+        assert error.code().name == getattr(code, "name", code), error.details()
+        assert error.details()  # a message saying what is wrong
+        assert list(store.iter_ids()) == [] and store.temp_files() == []
+    assert "expired" in _raw_put(server, expired, cases[0][1]).details()
+
+
+def test_quota_is_a_total_per_token_and_refunded_on_failure(served, tmp_path: Path) -> None:
+    server, store = served
+    token = _token(upload_quota=250_000)
+    client = _client(server, tmp_path, token)
+    client.put(os.urandom(100_000))
+    bad = _put_messages(sha256_hex(b"other"), 100_000, os.urandom(100_000))
+    assert _raw_put(server, token, bad).code() == grpc.StatusCode.DATA_LOSS  # refunded
+    client.put(os.urandom(100_000))
+    with pytest.raises(QuotaExceeded, match="remaining quota"):
+        client.put(os.urandom(100_000))
+    assert len(list(store.iter_ids())) == 2 and store.temp_files() == []
+
+
+def test_get_errors_map_to_domain_exceptions(served, tmp_path: Path) -> None:
+    server, store = served
+    cid, other = store.put_bytes(b"in scope"), store.put_bytes(b"out of scope")
+    missing = sha256_hex(b"missing")
+    client = _client(server, tmp_path, _token([cid, missing]))
+    with pytest.raises(ScopeDenied, match="PERMISSION_DENIED"):
+        client.get(other)
+    with pytest.raises(ScopeDenied):
+        client.stat(other)
+    with pytest.raises(BlobNotFound, match="NOT_FOUND"):
+        client.get(missing)
+    with pytest.raises(TokenError, match="UNAUTHENTICATED.*missing"):
+        BlobClient(server.address, None).get_bytes(cid)
+    stub = blobs_pb2_grpc.BlobServiceStub(grpc.insecure_channel(server.address))
+    request = blobs_pb2.GetRequest(content_id=cid, offset=10**6)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Get(request, metadata=(("authorization", f"Bearer {_token([cid])}"),)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.cache.temp_files() == []
+    with pytest.raises(InvalidRequest):
+        raise client._error(info.value, BlobCorrupt)
+
+
+def test_corrupt_blob_on_server_is_data_loss(served, tmp_path: Path) -> None:
+    server, store = served
+    data = os.urandom(5 * CHUNK)
+    cid = store.put_bytes(data)
+    store.blob_path(cid).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    client = _client(server, tmp_path, _token([cid]))
+    with pytest.raises(BlobCorrupt, match="DATA_LOSS"):
+        client.get(cid)
+    assert not client.cache.has(cid) and client.cache.temp_files() == []
+    assert not store.has(cid)  # the server dropped its corrupt copy
+
+
+def test_data_loss_on_put_is_hash_mismatch_for_the_client(served, tmp_path: Path) -> None:
+    server, store = served
+    client = _client(server, tmp_path, _token(upload_quota=1 << 20))
+    error = _raw_put(server, client._token, _put_messages(sha256_hex(b"a"), 1, b"b"))
+    with pytest.raises(HashMismatch, match="DATA_LOSS.*hash to"):
+        raise client._error(error, HashMismatch)
+    assert list(store.iter_ids()) == [] and store.temp_files() == []
+
+
+def test_twenty_concurrent_clients(served, tmp_path: Path) -> None:
+    server, store = served
+    shared = os.urandom(400_000)
+    shared_id = store.put_bytes(shared)
+    errors: list[BaseException] = []
+
+    def participant(i: int) -> None:
+        try:
+            own = os.urandom(50_000 + i)
+            client = _client(server, tmp_path, _token([shared_id], upload_quota=1 << 20), f"c{i}")
+            assert client.get(shared_id).read_bytes() == shared
+            assert store.get(client.put(own)) == own
+            client.close()
+        except BaseException as exc:  # collected for the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=participant, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(list(store.iter_ids())) == 21
+    assert server.stats()["Get"] == 20 and server.stats()["Put"] == 20
+
+
+def _make_certs(tmp_path: Path) -> tuple[bytes, bytes, bytes]:
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    san = x509.SubjectAlternativeName(
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(san, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return ca.public_bytes(pem), cert.public_bytes(pem), key_pem
+
+
+def test_tls_roundtrip_and_plaintext_client_refused(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    ca_pem, cert_pem, key_pem = _make_certs(tmp_path)
+    (tmp_path / "ca.pem").write_bytes(ca_pem)
+    store = BlobStore(tmp_path / "server")
+    tls = TlsConfig(cert_chain=cert_pem, private_key=key_pem)
+    with BlobServer(store, KEY, tls=tls) as server:
+        token = _token(read_all=True, upload_quota=1 << 20)
+        client = BlobClient(
+            server.address, token, BlobStore(tmp_path / "c"), tls_root_cert=tmp_path / "ca.pem"
+        )
+        data = os.urandom(100_000)
+        cid = client.put(data)
+        assert client.get(cid).read_bytes() == data and store.get(cid) == data
+        plain = BlobClient(server.address, token, max_retries=1, backoff_s=0.01)
+        with pytest.raises(BlobUnavailable):
+            plain.stat(cid)
