@@ -202,3 +202,25 @@ GOLDEN_CASES = {
 def test_golden_bytes(name) -> None:
     """The byte format is pinned: an intentional change needs a new format version."""
     assert GOLDEN_CASES[name]() == (GOLDEN / name).read_bytes()
+
+
+def test_cli_encode_stats_decode(tmp_path) -> None:
+    from safetensors.numpy import load_file, save_file
+    from typer.testing import CliRunner
+
+    from shared_model.cli import _register, app
+
+    _register()
+    rng = np.random.default_rng(4)
+    weights = {"w": rng.integers(-1, 2, size=(20, 7)).astype(np.float32) * 0.5}
+    save_file(weights, str(tmp_path / "in.safetensors"))
+    run = CliRunner().invoke
+    res = run(app, ["codec", "encode", str(tmp_path / "in.safetensors"), str(tmp_path / "x.ptrn")])
+    assert res.exit_code == 0, res.output
+    res = run(app, ["codec", "stats", str(tmp_path / "x.ptrn")])
+    assert res.exit_code == 0 and "bits/param" in res.output and "zeros=" in res.output
+    out = tmp_path / "out.safetensors"
+    assert run(app, ["codec", "decode", str(tmp_path / "x.ptrn"), str(out)]).exit_code == 0
+    assert np.array_equal(load_file(str(out))["w"], weights["w"])
+    bad = run(app, ["codec", "stats", str(tmp_path / "in.safetensors")])
+    assert bad.exit_code == 2 and "not a codec container" in bad.output

@@ -9,9 +9,10 @@ from collections.abc import Callable
 
 import typer
 
-from shared_model.commands import plan, train
+from shared_model.commands import codec, plan, train
 
 REGISTRARS: list[Callable[[typer.Typer], None]] = [
+    codec.register,
     plan.register,
     train.register,
 ]
