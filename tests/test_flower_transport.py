@@ -1,0 +1,239 @@
+"""Flower transport end to end: real SuperLink, two SuperNodes, two long-lived workers.
+
+Everything runs on 127.0.0.1. The workers run as threads of the test process (the
+same code runs as ``run_forever()`` in the participant daemon). Round-trip latency
+and the hand-over gap between queued messages are printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from coordinator.flower.driver import FlowerDriver, Reply, RunLostError
+from coordinator.flower.run import open_driver, run_status, stop_run
+from coordinator.flower.superlink import SuperLinkProcess
+from participant.flower.supernode import SuperNodeProcess
+from participant.flower.worker import FlowerWorker
+from shared_model.flower_runtime import FlowerTransportError
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+TAGS = ("node-a", "node-b")
+
+
+def make_handler(tag: str, calls: list[tuple[str, bytes]]):
+    """sha256(payload) + tag; b"boom" raises; b"sleep:<s>" sleeps first."""
+
+    def handler(kind: str, payload: bytes) -> bytes:
+        calls.append((kind, payload))
+        if payload == b"boom":
+            raise ValueError("handler refused payload 'boom'")
+        if payload.startswith(b"sleep:"):
+            time.sleep(float(payload[6:]))
+        return hashlib.sha256(payload).digest() + tag.encode()
+
+    return handler
+
+
+class Federation:
+    """SuperLink + SuperNodes + workers + driver, torn down in reverse order."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.superlink = SuperLinkProcess(work / "superlink")
+        self.nodes: list[SuperNodeProcess] = []
+        self.workers: list[FlowerWorker] = []
+        self.calls: dict[str, list[tuple[str, bytes]]] = {t: [] for t in TAGS}
+        self.driver: FlowerDriver | None = None
+        self.node_of_tag: dict[str, int] = {}
+
+    def start(self) -> None:
+        self.superlink.start()
+        self.superlink.wait_until_ready(60)
+        for tag in TAGS:
+            node = SuperNodeProcess(
+                self.work / tag, self.superlink.address, node_config={"tag": tag}
+            )
+            node.start()
+            self.nodes.append(node)
+        for tag, node in zip(TAGS, self.nodes, strict=True):
+            node.wait_until_ready(60)
+            worker = FlowerWorker(
+                node.runtime_address,
+                make_handler(tag, self.calls[tag]),
+                poll_interval=0.05,
+                superexec_secret=node.superexec_secret,
+            )
+            worker.start()
+            worker.wait_until_ready(30)
+            self.workers.append(worker)
+        self.driver = open_driver(
+            self.superlink.address, superexec_secret=self.superlink.superexec_secret
+        )
+        deadline = time.monotonic() + 30
+        while len(self.driver.node_ids()) < len(TAGS):
+            assert time.monotonic() < deadline, "SuperNodes did not register within 30 s"
+            time.sleep(0.2)
+        self._map_tags()
+
+    def _map_tags(self) -> None:
+        """Learn which Flower node id belongs to which worker by asking each node."""
+        assert self.driver is not None
+        for node_id in self.driver.node_ids():
+            self.driver.push(node_id, b"who", "query.whoami", ttl=60)
+        for reply in collect(self.driver, len(TAGS), 30):
+            assert reply.ok, reply
+            self.node_of_tag[reply.payload[32:].decode()] = reply.node_id
+        assert sorted(self.node_of_tag) == sorted(TAGS)
+
+    def all_pids(self) -> set[int]:
+        pids = set()
+        for proc in [self.superlink, *self.nodes]:
+            if proc.pid is not None:
+                pids.add(proc.pid)
+                with contextlib.suppress(psutil.Error):
+                    pids.update(c.pid for c in psutil.Process(proc.pid).children(recursive=True))
+        return pids
+
+    def stop(self) -> None:
+        if self.driver is not None:
+            self.driver.close()
+        for worker in self.workers:
+            worker.shutdown(5)
+        for node in self.nodes:
+            node.shutdown(10)
+        self.superlink.shutdown(10)
+
+
+def collect(driver: FlowerDriver, n: int, timeout: float) -> list[Reply]:
+    """Wait for ``n`` replies."""
+    out: list[Reply] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        out += driver.wait_any(deadline - time.monotonic())
+    assert len(out) == n, f"got {len(out)} of {n} replies within {timeout} s"
+    return out
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    federation = Federation(tmp_path_factory.mktemp("flower"))
+    try:
+        federation.start()
+        yield federation
+    finally:
+        federation.stop()
+
+
+def test_fan_out_to_both_nodes(fed: Federation) -> None:
+    driver = fed.driver
+    payloads = {tag: f"unit for {tag}".encode() * 10 for tag in TAGS}
+    ids = {driver.push(fed.node_of_tag[t], payloads[t], "train.unit", 60): t for t in TAGS}
+    replies = collect(driver, 2, 30)
+    for reply in replies:
+        tag = ids[reply.message_id]
+        assert reply.ok and reply.kind == "train.unit"
+        assert reply.node_id == fed.node_of_tag[tag]
+        assert reply.payload == hashlib.sha256(payloads[tag]).digest() + tag.encode()
+        print(f"\nround trip {tag}: {reply.latency_s:.2f} s")
+    assert driver.poll() == []  # each reply is delivered exactly once
+    assert driver.pending == {}
+
+
+def test_small_message_round_trip_latency(fed: Federation) -> None:
+    driver, node = fed.driver, fed.node_of_tag["node-a"]
+    latencies = []
+    for i in range(3):
+        driver.push(node, b"ping%d" % i, "query.ping", 60)
+        (reply,) = collect(driver, 1, 30)
+        assert reply.payload == hashlib.sha256(b"ping%d" % i).digest() + b"node-a"
+        latencies.append(reply.latency_s)
+    print(f"\nsmall-message round trips: {[round(x, 2) for x in latencies]} s")
+    assert max(latencies) < 15
+
+
+def test_queued_messages_same_node_in_order(fed: Federation) -> None:
+    driver, node = fed.driver, fed.node_of_tag["node-b"]
+    worker = fed.workers[TAGS.index("node-b")]
+    n_before = len(worker.timings)
+    first = driver.push(node, b"sleep:1.0", "train.unit", 60)
+    second = driver.push(node, b"sleep:0.2", "train.unit", 60)
+    replies = collect(driver, 2, 40)
+    by_id = {r.message_id: r for r in replies}
+    assert by_id[first].payload == hashlib.sha256(b"sleep:1.0").digest() + b"node-b"
+    assert by_id[second].payload == hashlib.sha256(b"sleep:0.2").digest() + b"node-b"
+    t1, t2 = worker.timings[n_before : n_before + 2]
+    assert t1.handler_finished_at <= t2.handler_started_at  # one at a time, in order
+    gap = t2.acquired_at - t1.replied_at
+    print(f"\nhand-over gap (reply k pushed -> task k+1 acquired): {gap:.2f} s")
+    assert gap < 10
+
+
+def test_handler_exception_becomes_error_reply(fed: Federation) -> None:
+    driver, node = fed.driver, fed.node_of_tag["node-a"]
+    driver.push(node, b"boom", "train.unit", 60)
+    (reply,) = collect(driver, 1, 30)
+    assert not reply.ok and reply.payload is None
+    assert reply.error_code == 2  # ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert "ValueError" in reply.error_reason and "boom" in reply.error_reason
+    # The worker survives its handler's failure.
+    driver.push(node, b"after", "train.unit", 60)
+    (reply,) = collect(driver, 1, 30)
+    assert reply.payload == hashlib.sha256(b"after").digest() + b"node-a"
+
+
+def test_bad_arguments_raise_clear_errors(fed: Federation) -> None:
+    driver = fed.driver
+    with pytest.raises(FlowerTransportError, match="not a Flower message type"):
+        driver.push(fed.node_of_tag["node-a"], b"x", "unit", 60)
+    with pytest.raises(FlowerTransportError, match="ttl"):
+        driver.push(fed.node_of_tag["node-a"], b"x", "train.unit", 0)
+    with pytest.raises(FlowerTransportError, match="refused"):
+        driver.push(12345, b"x", "train.unit", 60)
+    with pytest.raises(FlowerTransportError, match="bytes"):
+        driver.push(fed.node_of_tag["node-a"], "text", "train.unit", 60)  # type: ignore[arg-type]
+
+
+def test_run_lifecycle_new_run_keeps_node_ids(fed: Federation) -> None:
+    old = fed.driver
+    nodes = old.node_ids()
+    # An operator (or a SuperLink restart) ends the run under us: the driver says so.
+    stop_run(fed.superlink.address, old.run_id)
+    with pytest.raises(RunLostError):
+        old.push(nodes[0], b"x", "train.unit", 60)
+    assert run_status(fed.superlink.address, old.run_id).finished
+    old.close()
+    fed.driver = new = open_driver(
+        fed.superlink.address, superexec_secret=fed.superlink.superexec_secret
+    )
+    assert new.run_id != old.run_id
+    assert run_status(fed.superlink.address, new.run_id).status == "running"
+    assert new.node_ids() == nodes
+    new.push(fed.node_of_tag["node-a"], b"again", "train.unit", 60)
+    (reply,) = collect(new, 1, 30)
+    assert reply.payload == hashlib.sha256(b"again").digest() + b"node-a"
+
+
+def test_zz_shutdown_leaves_no_processes(fed: Federation) -> None:
+    pids = fed.all_pids()
+    assert len(pids) >= 3
+    fed.stop()
+    fed.driver = None
+    time.sleep(0.5)
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert alive == [], f"Flower processes left behind: {alive}"
+    port = str(fed.superlink.port)
+    stray = [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if any(port in arg for arg in (p.info["cmdline"] or []))
+    ]
+    assert stray == [], f"processes still referring to the SuperLink port: {stray}"
+    assert not any(t.name == "perspective-worker" for t in threading.enumerate())
