@@ -357,3 +357,24 @@ def test_tls_roundtrip_and_plaintext_client_refused(tmp_path: Path) -> None:
         plain = BlobClient(server.address, token, max_retries=1, backoff_s=0.01)
         with pytest.raises(BlobUnavailable):
             plain.stat(cid)
+
+
+def test_client_dying_mid_put_leaves_nothing(served) -> None:
+    server, store = served
+    data = os.urandom(10 * CHUNK)
+    messages = _put_messages(sha256_hex(data), len(data), data)
+
+    def dies_halfway():
+        yield from messages[:5]
+        time.sleep(0.2)  # let the server write the first chunks into its temp file
+        raise ConnectionError("participant killed")
+
+    stub = blobs_pb2_grpc.BlobServiceStub(grpc.insecure_channel(server.address))
+    token = _token(upload_quota=1 << 20)
+    with pytest.raises(grpc.RpcError):
+        stub.Put(dies_halfway(), metadata=(("authorization", f"Bearer {token}"),))
+    deadline = time.monotonic() + 5
+    while store.temp_files() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the server notices the cancellation asynchronously
+    assert store.temp_files() == [] and list(store.iter_ids()) == []
+    assert BlobClient(server.address, token).put(data) == sha256_hex(data)  # quota refunded
