@@ -53,8 +53,9 @@ def assign_columns(session: Session, *, participant: Participant, n_columns: int
 
     Sticky: held columns are kept (trimmed only if ``max_columns`` shrank). The
     target count is ``ceil(n_columns * throughput share)`` clamped to
-    ``1..max_columns``; a participant below target takes columns nobody online
-    holds, then (if it holds none yet) the least-replicated ones.
+    ``1..max_columns``; a newcomer takes that many of the least-held columns. A
+    participant that holds columns only grows, into columns no online participant
+    holds, as far as ``max_columns`` allows (so orphaned columns get re-covered).
     """
     if n_columns < 1:
         raise InvalidArgument(f"n_columns must be >= 1, got {n_columns}")
@@ -79,10 +80,15 @@ def assign_columns(session: Session, *, participant: Participant, n_columns: int
         if column < n_columns:
             holders[column] += 1
     keep = mine[: participant.max_columns]
+    uncovered = [c for c in range(n_columns) if holders[c] == 0 and c not in keep]
     free = sorted((c for c in range(n_columns) if c not in keep), key=lambda c: (holders[c], c))
     if keep:
-        # Affinity: only grow into columns nobody else covers; never move.
-        free = [c for c in free if holders[c] == 0]
+        # Affinity: never move. A column nobody holds is not trained at all, so a
+        # participant that already holds columns grows into uncovered ones (left by
+        # a departed node) as far as its capacity allows, beyond its fair share.
+        # A newcomer takes only its share, so the first to join cannot grab all.
+        free = uncovered
+        target = max(target, min(participant.max_columns, len(keep) + len(uncovered)))
     chosen = sorted(keep + free[: max(0, target - len(keep))])
     _store_columns(session, participant=participant, old=mine, new=chosen)
     return chosen

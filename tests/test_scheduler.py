@@ -1,0 +1,191 @@
+"""Lease scheduler: in-flight target, expiry and re-queue, re-issue, column affinity."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from sqlalchemy import select
+
+from coordinator.db import (
+    IllegalTransition,
+    ParticipantRevoked,
+    ParticipantState,
+    UnitState,
+    WorkUnit,
+    init_db,
+    make_session_factory,
+    sqlite_url,
+    utcnow,
+)
+from coordinator.db.events import list_events
+from coordinator.db.participants import (
+    Capability,
+    revoke_participant,
+    set_participant_state,
+    touch_participant,
+)
+from coordinator.db.results import ResultPayload, record_result
+from coordinator.scheduler import Scheduler, held_columns
+
+
+@pytest.fixture
+def factory(tmp_path):
+    engine = init_db(sqlite_url(tmp_path / "sched.db"))
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def _join(factory, node_id, max_columns=4, tps=None):
+    with factory.begin() as s:
+        return touch_participant(
+            s, node_id=node_id, capability=Capability(max_columns=max_columns, tokens_per_s=tps)
+        )
+
+
+def _lease(sched, factory, node_id, columns=(0,), now=None):
+    with factory.begin() as s:
+        part = touch_participant(s, node_id=node_id)
+        return sched.create_lease(
+            s,
+            participant=part,
+            stage="expert_diff",
+            base_version=0,
+            columns=list(columns),
+            docs=["d"],
+            steps=5,
+            params={},
+            now=now,
+        ).unit_id
+
+
+def test_leases_needed_keeps_two_in_flight(factory):
+    sched = Scheduler(factory, lease_seconds=60)
+    assert sched.leases_needed(5) == 0  # never seen
+    _join(factory, 5)
+    assert sched.leases_needed(5) == 2
+    first = _lease(sched, factory, 5)
+    assert sched.leases_needed(5) == 1
+    _lease(sched, factory, 5)
+    assert sched.leases_needed(5) == 0
+    with factory.begin() as s:
+        assert record_result(s, unit_id=first, node_id=5, payload=ResultPayload()).accepted
+    assert sched.leases_needed(5) == 1
+    # A lease past its deadline no longer counts as in flight.
+    assert sched.leases_needed(5, now=utcnow() + dt.timedelta(seconds=120)) == 2
+    with factory.begin() as s:
+        set_participant_state(
+            s,
+            participant_id=s.scalar(select(WorkUnit.participant_id)),
+            state=ParticipantState.OFFLINE,
+        )
+    assert sched.leases_needed(5) == 0
+
+
+def test_expiry_requeues_copy_with_next_attempt(factory):
+    sched = Scheduler(factory, lease_seconds=10, max_attempts=2)
+    _join(factory, 1)
+    _join(factory, 2)
+    t0 = utcnow()
+    unit_id = _lease(sched, factory, 1, now=t0)
+    assert sched.expire_leases(now=t0 + dt.timedelta(seconds=5)) == []
+    expired = sched.expire_leases(now=t0 + dt.timedelta(seconds=11))
+    assert [u.unit_id for u in expired] == [unit_id]
+    with factory() as s:
+        assert s.get(WorkUnit, unit_id).state == UnitState.EXPIRED
+        copy = s.scalar(select(WorkUnit).where(WorkUnit.reissued_from == unit_id))
+        assert (copy.state, copy.attempt, copy.participant_id) == (UnitState.QUEUED, 2, None)
+        assert [e.kind for e in list_events(s, kind="lease.expired").items] == ["lease.expired"]
+    # The node that let it expire does not get it back; another one does.
+    with factory.begin() as s:
+        p1 = touch_participant(s, node_id=1)
+        sched.assign_columns(s, participant=p1, n_columns=1)
+        assert sched.next_queued(s, participant=p1) is None
+        p2 = touch_participant(s, node_id=2)
+        sched.assign_columns(s, participant=p2, n_columns=1)
+        got = sched.next_queued(s, participant=p2, now=t0 + dt.timedelta(seconds=12))
+        assert got.unit_id == copy.unit_id and got.state == UnitState.LEASED
+    # Second expiry reaches max_attempts: abandoned, not re-queued again.
+    sched.expire_leases(now=t0 + dt.timedelta(seconds=30))
+    with factory() as s:
+        assert s.scalar(select(WorkUnit).where(WorkUnit.reissued_from == copy.unit_id)) is None
+        assert list_events(s, kind="unit.abandoned").total == 1
+
+
+def test_fail_and_reissue(factory):
+    sched = Scheduler(factory, lease_seconds=60)
+    _join(factory, 1)
+    unit_id = _lease(sched, factory, 1)
+    with factory.begin() as s:
+        copy = sched.reissue(s, unit_id=unit_id, reason="node went offline")
+        assert s.get(WorkUnit, unit_id).state == UnitState.FAILED
+        assert copy.excluded_participants == [s.get(WorkUnit, unit_id).participant_id]
+        with pytest.raises(IllegalTransition):
+            sched.fail_unit(s, unit_id=unit_id, reason="again")
+        with pytest.raises(IllegalTransition, match="still queued"):
+            sched.reissue(s, unit_id=copy.unit_id, reason="x")
+    with factory.begin() as s:  # the old holder's late answer is refused
+        out = record_result(s, unit_id=unit_id, node_id=1, payload=ResultPayload())
+        assert not out.accepted and out.reason == "EXPIRED_LEASE"
+
+
+def test_columns_balanced_and_sticky(factory):
+    sched = Scheduler(factory, lease_seconds=60)
+    assigned = {}
+    for node in (1, 2):
+        part = _join(factory, node, max_columns=4)
+        with factory.begin() as s:
+            assigned[node] = sched.assign_columns(s, participant=part, n_columns=8)
+    assert assigned[1] == [0, 1, 2, 3] and assigned[2] == [4, 5, 6, 7]
+    with factory.begin() as s:  # affinity: asking again changes nothing
+        for node in (1, 2):
+            part = touch_participant(s, node_id=node)
+            assert sched.assign_columns(s, participant=part, n_columns=8) == assigned[node]
+    # A weak machine is capped by max_columns; it replicates the least-held column.
+    weak = _join(factory, 3, max_columns=1)
+    with factory.begin() as s:
+        assert sched.assign_columns(s, participant=weak, n_columns=8) == [0]
+    # Node 2 leaves: node 1 keeps its columns (no move) ...
+    with factory.begin() as s:
+        revoke_participant(s, participant_id=touch_participant(s, node_id=2).id)
+        assert held_columns(s, participant_id=touch_participant(s, node_id=1).id) == [0, 1, 2, 3]
+    # ... a newcomer takes its share (1/3 of 8) of the uncovered ones, then grows to
+    # cover the last orphaned column on its next request.
+    new = _join(factory, 4, max_columns=4)
+    with factory.begin() as s:
+        assert sched.assign_columns(s, participant=new, n_columns=8) == [4, 5, 6]
+    with factory.begin() as s:
+        assert sched.assign_columns(s, participant=new, n_columns=8) == [4, 5, 6, 7]
+
+
+def test_more_participants_than_columns_replicates(factory):
+    sched = Scheduler(factory, lease_seconds=60)
+    got = []
+    for node in range(1, 6):
+        part = _join(factory, node, max_columns=4)
+        with factory.begin() as s:
+            got.append(sched.assign_columns(s, participant=part, n_columns=2))
+    assert got[0] == [0, 1]  # alone: covers everything it may hold
+    assert all(len(cols) == 1 for cols in got[1:])
+    holders = [c for cols in got for c in cols]
+    assert holders.count(0) >= 2 and holders.count(1) >= 2
+
+
+def test_throughput_weights_column_share(factory):
+    sched = Scheduler(factory, lease_seconds=60)
+    fast = _join(factory, 1, max_columns=8, tps=300.0)
+    slow = _join(factory, 2, max_columns=8, tps=100.0)
+    with factory.begin() as s:
+        set_participant_state(s, participant_id=slow.id, state=ParticipantState.ONLINE)
+        assert len(sched.assign_columns(s, participant=fast, n_columns=8)) == 6
+        assert sched.assign_columns(s, participant=slow, n_columns=8) == [6, 7]
+
+
+def test_revoked_participant_gets_nothing(factory):
+    sched = Scheduler(factory, lease_seconds=60)
+    part = _join(factory, 9)
+    with factory.begin() as s:
+        revoke_participant(s, participant_id=part.id)
+    assert sched.leases_needed(9) == 0
+    with factory.begin() as s, pytest.raises(ParticipantRevoked):
+        touch_participant(s, node_id=9)
