@@ -16,6 +16,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Perspective: federated training of a ternary mixture-of-experts language model."""
+
+
 def _register() -> None:
     # Each module exposes ``register(app)`` which adds its commands or sub-typers.
     from shared_model.commands import REGISTRARS
