@@ -135,7 +135,8 @@ def stats(src: Path = typer.Argument(..., help=".ptrn file")) -> None:
             bits = box.size * 8 / n
             bound = entropy_bits(counts) / n
             typer.echo(
-                f"{name or '<unnamed>'}: shape={tuple(trits.shape)} codec={KNOWN_CODECS[box.codec]} "
+                f"{name or '<unnamed>'}: shape={tuple(trits.shape)} "
+                f"codec={KNOWN_CODECS[box.codec]} "
                 f"zeros={counts[1] / n:.4f} bound={bound:.4f} bits/param achieved={bits:.4f} "
                 f"({bits / bound if bound else math.inf:.4f}x bound) fp16 ratio={16 / bits:.2f}x"
             )
