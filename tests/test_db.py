@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -46,7 +53,12 @@ from coordinator.db.tokens import (
     revoke_api_token,
     verify_api_token,
 )
-from coordinator.db.versions import latest_version, list_versions, publish_version
+from coordinator.db.versions import (
+    latest_version,
+    list_versions,
+    lock_latest_version,
+    publish_version,
+)
 from coordinator.scheduler import Scheduler
 
 
@@ -221,7 +233,7 @@ def test_versions_monotonic_under_concurrent_publishers(factory):
         try:
             for i in range(15):
                 with factory.begin() as s:
-                    latest = latest_version(s)
+                    latest = lock_latest_version(s)
                     publish_version(
                         s,
                         parent=None if latest is None else latest.version,
@@ -302,3 +314,84 @@ def test_events_paginate(factory):
         nxt = list_events(s, kind="test.tick", after_id=first.items[-1].id, limit=3)
         assert [e.data["i"] for e in nxt.items] == [3, 4, 5]
         assert s.scalar(select(func.count()).select_from(Event)) >= 7
+
+
+# --- PostgreSQL: a throw-away server on 127.0.0.1 when the binaries are installed ---
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed")
+    pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver) not installed")
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and no 'postgres' user to run the server as")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    root = Path(tempfile.mkdtemp(prefix="perspective-pg-"))
+    data, port = root / "data", _free_port()
+    if prefix:
+        os.chown(root, pw.pw_uid, pw.pw_gid)
+    try:
+        subprocess.run(
+            [
+                *prefix,
+                initdb,
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run(
+            [*prefix, pg_ctl, "-D", str(data), "-o", opts, "-w", "-l", str(root / "log"), "start"],
+            check=True,
+            capture_output=True,
+        )
+    except (subprocess.CalledProcessError, OSError) as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"could not start a PostgreSQL server: {exc}")
+    yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    subprocess.run(
+        [*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+    )
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_postgres_schema_results_and_concurrent_versions(pg_url):
+    engine = init_db(pg_url)
+    try:
+        assert current_revision(engine) == "0001"
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert compare_metadata(ctx, Base.metadata) == []
+        factory = make_session_factory(engine)
+        pid, unit_id = _lease(factory)
+        with factory.begin() as s:
+            assert record_result(
+                s, unit_id=unit_id, node_id=11, payload=ResultPayload(tokens=3)
+            ).accepted
+        with factory.begin() as s:
+            again = record_result(s, unit_id=unit_id, node_id=11, payload=ResultPayload())
+            assert again.duplicate
+            assert s.get(WorkUnit, unit_id).deadline.tzinfo is not None
+        test_versions_monotonic_under_concurrent_publishers(factory)
+    finally:
+        engine.dispose()

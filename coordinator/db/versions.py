@@ -30,6 +30,16 @@ def latest_version(session: Session) -> ModelVersion | None:
     return session.scalar(select(ModelVersion).order_by(ModelVersion.version.desc()).limit(1))
 
 
+def lock_latest_version(session: Session) -> ModelVersion | None:
+    """Take the publishing lock for this transaction and return the latest version.
+
+    Call this at the start of a transaction that reads the latest version and then
+    publishes the next one: no other publisher can interleave until it commits.
+    """
+    _lock_publishing(session)
+    return latest_version(session)
+
+
 def get_version(session: Session, *, version: int) -> ModelVersion:
     """The given version; raises :class:`NotFound`."""
     row = session.get(ModelVersion, version)
