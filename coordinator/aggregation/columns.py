@@ -107,6 +107,20 @@ class ColumnAggregator:
         while len(history) > 1 and history[1][0] <= oldest_needed:
             history.pop(0)
 
+    def mark_dirty(self, columns) -> None:
+        """Publish these columns with the next version even without new results."""
+        self._dirty.update(columns)
+
+    def history(self, column: int) -> list[tuple[int, State]]:
+        """``[(version, published state)]`` kept for ``column``, oldest first."""
+        return list(self._published[column])
+
+    def restore_history(self, column: int, history: list[tuple[int, State]]) -> None:
+        """Replace the kept published history of ``column`` (restart from a saved state)."""
+        if not history:
+            raise ValueError(f"column {column}: empty published history")
+        self._published[column] = sorted(history, key=lambda item: item[0])
+
     def published(self, column: int) -> State:
         """The newest published state of ``column``."""
         return self._published[column][-1][1]

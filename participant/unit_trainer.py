@@ -1,0 +1,259 @@
+"""Training one work unit on a participant: sync, train columns (+ shared), compress, upload.
+
+The participant holds only the shared layers and its own expert columns (column mode:
+every token of a document goes through the document's column). Per unit it
+
+1. syncs its :class:`~shared_model.federated.replica.Replica` to the unit's base version
+   (checkpoint + version chain over the blob service, checksums verified);
+2. resets the shared layers to the published ones (DiLoCo: inner steps start from the
+   global weights) and keeps its own exact copy of each column ("keep-local");
+3. trains ``unit.steps`` inner AdamW steps on the unit's documents (stage 4: progressive
+   ternary STE on the experts and KD from the frozen FP teacher);
+4. uploads, over the blob service, ``compress(local - published)`` per column and the
+   shared pseudo-gradient ``compress(published - local + residual)`` whose compression
+   error stays in an error-feedback residual kept on disk across units.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from shared_model.config import PerspectiveConfig
+from shared_model.data import DocumentDataset
+from shared_model.federated.replica import Replica
+from shared_model.federated.updates import encode_update, make_bundle
+from shared_model.losses import kd_loss
+from shared_model.model import PerspectiveModel
+from shared_model.schedule import build_optimizer, set_lr
+from shared_model.wire.perspective.v1 import control_pb2, federation_pb2, tensor_pb2
+
+State = dict[str, torch.Tensor]
+
+
+class UnitError(RuntimeError):
+    """A work unit cannot be run as specified (bad documents, columns, stage)."""
+
+
+@dataclass
+class BlobIO:
+    """How the trainer reaches the blob service: fetch by ref, upload bytes -> ref."""
+
+    fetch: Callable[[tensor_pb2.BlobRef], bytes]
+    upload: Callable[[bytes], tensor_pb2.BlobRef]
+
+
+@dataclass
+class _Local:
+    """What survives between units: the local columns and the shared EF residual."""
+
+    columns: dict[int, State] = field(default_factory=dict)
+    residual: State = field(default_factory=dict)
+
+
+class UnitTrainer:
+    """Runs work units for one participant; state persists under ``state_dir``."""
+
+    def __init__(
+        self, cfg: PerspectiveConfig, train_data: DocumentDataset, state_dir: str | Path
+    ) -> None:
+        self.cfg = cfg
+        self.data = train_data
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.replica = Replica()
+        self.teacher_replica = Replica()
+        self.local = self._load_local()
+        self.model: PerspectiveModel | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.tokens_per_s = 0.0
+
+    # --- persistence -----------------------------------------------------------------------
+
+    def _local_path(self) -> Path:
+        return self.state_dir / "local.safetensors"
+
+    def _load_local(self) -> _Local:
+        path = self._local_path()
+        if not path.exists():
+            return _Local()
+        flat = load_file(str(path))
+        local = _Local()
+        for key, value in flat.items():
+            kind, _, rest = key.partition("/")
+            if kind == "residual":
+                local.residual[rest] = value
+            else:
+                col, _, name = rest.partition("/")
+                local.columns.setdefault(int(col), {})[name] = value
+        return local
+
+    def _save_local(self) -> None:
+        flat = {f"residual/{k}": v.contiguous() for k, v in self.local.residual.items()}
+        for col, state in self.local.columns.items():
+            flat.update({f"column/{col}/{k}": v.contiguous() for k, v in state.items()})
+        tmp = self._local_path().with_suffix(".tmp")
+        save_file(flat, str(tmp))
+        tmp.replace(self._local_path())
+
+    # --- one unit ---------------------------------------------------------------------------
+
+    def run(self, req: control_pb2.ControlRequest, io: BlobIO) -> federation_pb2.WorkResult:
+        """Run the unit in ``req`` and return its result (blobs already uploaded)."""
+        unit = req.unit
+        columns = sorted(int(c) for c in unit.columns)
+        if not columns:
+            raise UnitError(f"unit {unit.unit_id} names no columns")
+        t0 = time.perf_counter()
+        self._sync(req, columns, io)
+        model, teacher = self._prepare_models(req, columns, io)
+        t_sync = time.perf_counter() - t0
+        batches = self._batches(unit, columns, req.batch_size, req.seq_len)
+        train_loss, tokens = self._train(model, teacher, unit, batches)
+        t_train = time.perf_counter() - t0 - t_sync
+        result = self._upload(model, unit, columns, req, io)
+        self._save_local()
+        t_total = time.perf_counter() - t0
+        self.tokens_per_s = tokens / max(t_train, 1e-9)
+        result.tokens, result.train_loss = tokens, train_loss
+        result.timings.sync_s, result.timings.train_s = t_sync, t_train
+        result.timings.encode_s = t_total - t_sync - t_train
+        result.timings.total_s = t_total
+        return result
+
+    def _sync(self, req: control_pb2.ControlRequest, columns: list[int], io: BlobIO) -> None:
+        ckpt = control_pb2.CheckpointManifest.FromString(io.fetch(req.checkpoint))
+        chain = [control_pb2.VersionManifest.FromString(io.fetch(r)) for r in req.versions]
+        self.replica.sync(ckpt, chain, columns, io.fetch)
+        if self.replica.version != req.unit.base_version:
+            raise UnitError(
+                f"synced to version {self.replica.version}, unit needs {req.unit.base_version}"
+            )
+        for c in columns:
+            if c not in self.local.columns:  # first time we hold it: start from published
+                self.local.columns[c] = {k: v.clone() for k, v in self.replica.columns[c].items()}
+
+    def _prepare_models(self, req, columns: list[int], io: BlobIO):
+        model = self.model
+        if model is None or sorted(model_columns(model)) != columns:
+            model = PerspectiveModel(self.cfg, moe=True, columns=columns)
+            self.model, self.optimizer = model, build_optimizer(model, self.cfg.optim)
+        with torch.no_grad():
+            model.load_state_dict(self.replica.shared, strict=False)
+            for c in columns:
+                model.load_expert_state(c, self.local.columns[c])
+        teacher = None
+        if req.unit.stage == federation_pb2.STAGE_TERNARY_DISTILLATION:
+            if not req.HasField("teacher"):
+                raise UnitError("a stage-4 unit needs a teacher checkpoint")
+            manifest = control_pb2.CheckpointManifest.FromString(io.fetch(req.teacher))
+            if self.teacher_replica.version != manifest.version or any(
+                c not in self.teacher_replica.columns for c in columns
+            ):
+                self.teacher_replica.load_checkpoint(manifest, columns, io.fetch)
+            teacher = PerspectiveModel(self.cfg, moe=True, columns=columns).eval()
+            teacher.load_state_dict(self.teacher_replica.shared, strict=False)
+            for c in columns:
+                teacher.load_expert_state(c, self.teacher_replica.columns[c])
+            teacher.requires_grad_(False)
+        fraction = req.unit.ternary_fraction if teacher is not None else None
+        model.set_ternary_fraction(fraction if fraction and fraction > 0 else None)
+        return model, teacher
+
+    def _batches(self, unit, columns: list[int], batch_size: int, seq_len: int):
+        """Deterministic batches: each sequence is drawn from one column's documents."""
+        by_column = _documents_by_column(unit, columns)
+        datasets = {c: self.data.subset(ids) for c, ids in by_column.items() if ids}
+        if not datasets:
+            raise UnitError(f"unit {unit.unit_id} has no documents for columns {columns}")
+        order = sorted(datasets)
+        for step in range(unit.steps):
+            rows, cols = [], []
+            for b in range(batch_size):
+                col = order[(step * batch_size + b) % len(order)]
+                rows.append(datasets[col].batch(step * batch_size + b, 1, seq_len, unit.seed))
+                cols.append(col)
+            yield torch.cat(rows), torch.tensor(cols, dtype=torch.long)
+
+    def _train(self, model, teacher, unit, batches) -> tuple[float, int]:
+        model.train()
+        assert self.optimizer is not None
+        set_lr(self.optimizer, unit.lr)
+        losses, tokens = [], 0
+        for batch, cols in batches:
+            x, y = batch[:, :-1], batch[:, 1:]
+            out = model(x, targets=y, columns=cols)
+            loss = out.loss
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(x, columns=cols).logits
+                loss = kd_loss(out.logits, t_logits, y, unit.kd_weight)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            losses.append(float(loss))
+            tokens += x.numel()
+        return float(np.mean(losses)) if losses else float("nan"), tokens
+
+    def _upload(self, model, unit, columns, req, io: BlobIO) -> federation_pb2.WorkResult:
+        result = federation_pb2.WorkResult(unit_id=unit.unit_id, base_version=unit.base_version)
+        for c in columns:
+            local = {k: v.detach().clone() for k, v in model.expert_state(c).items()}
+            self.local.columns[c] = local
+            delta = {k: local[k] - self.replica.columns[c][k] for k in local}
+            blob, _ = _encode("column", c, unit.base_version, delta, req.column_codec)
+            result.column_deltas.add(column=c, delta=io.upload(blob))
+        shared_now = {
+            k: v.detach() for k, v in model.state_dict().items() if k in self.replica.shared
+        }
+        pseudo = {}
+        for k, pub in self.replica.shared.items():
+            pseudo[k] = pub - shared_now[k] + self.local.residual.get(k, torch.zeros_like(pub))
+        blob, decoded = _encode("shared", -1, unit.base_version, pseudo, req.shared_codec)
+        self.local.residual = {k: pseudo[k] - decoded[k] for k in pseudo}
+        norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in pseudo.values())))
+        result.shared_update.blob.CopyFrom(io.upload(blob))
+        result.shared_update.norm = norm
+        result.shared_update.base_version = unit.base_version
+        return result
+
+
+def model_columns(model: PerspectiveModel) -> list[int]:
+    """Expert columns a (possibly partial) MoE model holds."""
+    for layer in model.layers:
+        experts = getattr(getattr(layer, "ffn", None), "experts", None)
+        if experts is not None:
+            return [int(k) for k in experts]
+    return []
+
+
+def _documents_by_column(unit, columns: list[int]) -> dict[int, list[int]]:
+    """Unit document ids are ``"<column>:<doc id>"`` strings."""
+    out: dict[int, list[int]] = {c: [] for c in columns}
+    for item in unit.document_ids:
+        try:
+            col_s, doc_s = item.split(":", 1)
+            col, doc = int(col_s), int(doc_s)
+        except ValueError as exc:
+            raise UnitError(f"document id {item!r} is not '<column>:<doc>'") from exc
+        if col not in out:
+            raise UnitError(f"document {item!r} names column {col}, not one of {columns}")
+        out[col].append(doc)
+    return out
+
+
+def _encode(kind: str, column: int, base: int, update: State, codec: str) -> tuple[bytes, State]:
+    """Encode every tensor of ``update``; returns the bundle and what the receiver decodes."""
+    payloads, decoded = {}, {}
+    for k, v in update.items():
+        payloads[k], decoded[k] = encode_update(v, codec or "ternary", k)
+    shapes = {k: tuple(v.shape) for k, v in update.items()}
+    return make_bundle(kind, column, base, payloads, shapes), decoded

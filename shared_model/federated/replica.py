@@ -1,0 +1,122 @@
+"""A participant's copy of a published version, advanced bit-identically.
+
+The coordinator publishes version ``v`` as a :class:`VersionManifest`: one bundle for the
+shared weights and one per changed column, each holding ``decode(encode(master - pub))``
+updates. Both sides compute ``pub_v = pub_{v-1} + decoded`` in float32, so a replica that
+applies the same chain holds exactly the coordinator's published tensors; every bundle
+carries the sha256 of each resulting tensor and the replica checks it before committing.
+
+A replica holds only the shared weights and its own columns: what makes a volunteer
+machine enough at full size (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from safetensors.torch import load as st_load
+
+from shared_model.federated.updates import UpdateError, read_bundle, tensor_digest
+from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
+
+State = dict[str, torch.Tensor]
+Fetch = Callable[[tensor_pb2.BlobRef], bytes]
+
+
+class SyncError(RuntimeError):
+    """A version chain does not fit this replica or does not reproduce the published state."""
+
+
+class Replica:
+    """Published shared weights and some expert columns at one version."""
+
+    def __init__(self) -> None:
+        self.version: int | None = None
+        self.shared: State = {}
+        self.columns: dict[int, State] = {}
+
+    def load_checkpoint(
+        self, manifest: control_pb2.CheckpointManifest, columns: list[int], fetch: Fetch
+    ) -> None:
+        """Replace the replica by the checkpoint's shared part and ``columns``."""
+        missing = [c for c in columns if c not in manifest.columns]
+        if missing:
+            raise SyncError(f"checkpoint {manifest.version} has no column(s) {missing}")
+        shared = st_load(fetch(manifest.shared))
+        cols = {c: st_load(fetch(manifest.columns[c])) for c in columns}
+        self.shared, self.columns, self.version = shared, cols, int(manifest.version)
+
+    def add_columns(
+        self, manifest: control_pb2.CheckpointManifest, columns: list[int], fetch: Fetch
+    ):
+        """Load columns this replica did not hold (the checkpoint must be at our version)."""
+        if int(manifest.version) != self.version:
+            raise SyncError("can only add columns from a checkpoint at the replica's version")
+        for c in columns:
+            self.columns[c] = st_load(fetch(manifest.columns[c]))
+
+    def apply(self, manifest: control_pb2.VersionManifest, fetch: Fetch) -> None:
+        """Advance by one published version; all-or-nothing, digests verified."""
+        if self.version is None or int(manifest.parent) != self.version:
+            raise SyncError(
+                f"version {manifest.version} follows {manifest.parent}, "
+                f"replica is at {self.version}"
+            )
+        new_shared = _advance(self.shared, fetch(manifest.shared), "shared")
+        new_cols = {
+            c: _advance(self.columns[c], fetch(manifest.columns[c]), f"column {c}")
+            for c in self.columns
+            if c in manifest.columns
+        }
+        self.shared.update(new_shared)
+        for c, state in new_cols.items():
+            self.columns[c].update(state)
+        self.version = int(manifest.version)
+
+    def sync(
+        self,
+        checkpoint: control_pb2.CheckpointManifest,
+        chain: list[control_pb2.VersionManifest],
+        columns: list[int],
+        fetch: Fetch,
+    ) -> int:
+        """Bring the replica to the end of ``chain`` holding at least ``columns``.
+
+        Uses the local copy when the chain continues from it, else the checkpoint.
+
+        Returns:
+            The number of versions applied.
+        """
+        start = int(checkpoint.version)
+        target = int(chain[-1].version) if chain else start
+        usable = self.version is not None and start <= self.version <= target
+        if usable and any(c not in self.columns for c in columns):
+            usable = self.version == start
+            if usable:
+                self.add_columns(checkpoint, [c for c in columns if c not in self.columns], fetch)
+        if not usable:
+            self.load_checkpoint(checkpoint, columns, fetch)
+        todo = [m for m in chain if int(m.version) > self.version]
+        for m in todo:
+            self.apply(m, fetch)
+        if self.version != target:
+            raise SyncError(f"chain ended at {self.version}, expected {target}")
+        return len(todo)
+
+
+def _advance(state: State, data: bytes, what: str) -> State:
+    try:
+        bundle, deltas = read_bundle(
+            data, kind="version", expected={k: tuple(v.shape) for k, v in state.items()}
+        )
+    except UpdateError as exc:
+        raise SyncError(f"{what}: {exc}") from exc
+    digests = {t.name: t.sha256 for t in bundle.tensors}
+    out: State = {}
+    for name, delta in deltas.items():
+        new = state[name] + delta
+        if digests[name] and tensor_digest(new) != digests[name]:
+            raise SyncError(f"{what}: {name} does not match the published checksum")
+        out[name] = new
+    return out
