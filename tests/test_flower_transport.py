@@ -172,7 +172,11 @@ def test_queued_messages_same_node_in_order(fed: Federation) -> None:
     t1, t2 = worker.timings[n_before : n_before + 2]
     assert t1.handler_finished_at <= t2.handler_started_at  # one at a time, in order
     gap = t2.acquired_at - t1.replied_at
-    print(f"\nhand-over gap (reply k pushed -> task k+1 acquired): {gap:.2f} s")
+    idle = t2.handler_started_at - t1.handler_finished_at
+    print(
+        f"\nhand-over gap: reply k pushed -> task k+1 acquired {gap:.2f} s; "
+        f"handler idle between units {idle:.2f} s"
+    )
     assert gap < 10
 
 
@@ -237,3 +241,6 @@ def test_zz_shutdown_leaves_no_processes(fed: Federation) -> None:
     ]
     assert stray == [], f"processes still referring to the SuperLink port: {stray}"
     assert not any(t.name == "perspective-worker" for t in threading.enumerate())
+    # The FAB was never installed on a node (no code from the server ran there).
+    for tag in TAGS:
+        assert not (fed.work / tag / "flwr-home-supernode" / "apps").exists()
