@@ -189,9 +189,7 @@ PRESETS: dict[str, PerspectiveConfig] = {
             max_seq_len=4096,
         ),
         moe=MoEConfig(n_experts=128, top_k=1, balance_alpha=0.01, diversity_beta=0.001),
-        optim=OptimConfig(
-            lr=3e-4, min_lr=3e-5, warmup_steps=2000, weight_decay=0.1, grad_clip=1.0
-        ),
+        optim=OptimConfig(lr=3e-4, min_lr=3e-5, warmup_steps=2000, weight_decay=0.1, grad_clip=1.0),
         train=TrainConfig(batch_size=512, seq_len=4096, steps=100_000, eval_every=1000),
     ),
 }
