@@ -225,3 +225,25 @@ def test_tiny_model_overfits_one_batch(cfg):
         loss.backward()
         opt.step()
     assert out.loss.item() < 0.5
+
+
+def test_generate_cli(tmp_path, cfg):
+    from typer.testing import CliRunner
+
+    from shared_model.checkpoint import save_checkpoint
+    from shared_model.cli import _register, app
+    from shared_model.tokenizer import train_tokenizer
+
+    texts = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(400)]
+    tok = train_tokenizer(texts, cfg.model.vocab_size)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    model = PerspectiveModel(cfg, moe=True)
+    save_checkpoint(tmp_path / "m.safetensors", model, cfg, stage=3, step=0)
+    _register()
+    args = ["generate", "--checkpoint", str(tmp_path / "m.safetensors"), "--prompt", "def f("]
+    args += ["--tokenizer", str(tmp_path / "tokenizer.json"), "--max-new-tokens", "5"]
+    result = CliRunner().invoke(app, [*args, "--column", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("def f(")
+    bad = CliRunner().invoke(app, [*args, "--column", "99"])
+    assert bad.exit_code == 2 and "columns" in bad.output

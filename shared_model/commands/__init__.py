@@ -9,10 +9,11 @@ from collections.abc import Callable
 
 import typer
 
-from shared_model.commands import codec, plan, train
+from shared_model.commands import codec, generate, plan, train
 
 REGISTRARS: list[Callable[[typer.Typer], None]] = [
     codec.register,
+    generate.register,
     plan.register,
     train.register,
 ]
