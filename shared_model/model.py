@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from shared_model.attention import WindowedGQA
+from shared_model.attention import KVCache, WindowedGQA
 from shared_model.config import PerspectiveConfig
 from shared_model.layers import RMSNorm, SwiGLU
 from shared_model.losses import balance_loss, lm_loss
@@ -85,8 +85,20 @@ class Block(nn.Module):
         if ffn is not None:  # dense PDR layers borrow their bank from a GQA block instead
             self.ffn = ffn
 
-    def forward(self, x, ffn, positions, state, use_cache, columns):
-        """Returns ``(x, new layer state, router stats or None)``."""
+    def forward(
+        self,
+        x: Tensor,
+        ffn: nn.Module,
+        positions: Tensor,
+        state: Tensor | KVCache | None,
+        use_cache: bool,
+        columns: Tensor | None,
+    ) -> tuple[Tensor, Tensor | KVCache | None, dict | None]:
+        """Apply the block; ``ffn`` is this layer's FFN (a shared bank for dense PDR layers).
+
+        Returns:
+            ``(x, new layer state (PDR state or KV cache), router stats or None)``.
+        """
         h = self.mixer_norm(x)
         if self.is_gqa:
             h, state = self.mixer(h, positions, state, use_cache)

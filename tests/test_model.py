@@ -92,6 +92,24 @@ def test_pdr_chunked_equals_recurrent(cfg, dtype, tol):
     assert (torch.cat(steps, 1) - full).abs().max() / full.abs().max() < tol
 
 
+def test_attention_window_is_exact(cfg):
+    from shared_model.attention import WindowedGQA
+
+    torch.manual_seed(6)
+    attn = WindowedGQA(cfg.model)
+    w, t = cfg.model.window, 100
+    x = torch.randn(1, t, cfg.model.d_model)
+    pos = torch.arange(t)
+    base, _ = attn(x, pos)
+    far, near = x.clone(), x.clone()
+    far[0, t - 1 - w] += 1.0  # just outside the last query's window
+    near[0, t - w] += 1.0  # the oldest key the last query still sees
+    assert torch.allclose(attn(far, pos)[0][0, -1], base[0, -1], atol=1e-6)
+    assert not torch.allclose(attn(near, pos)[0][0, -1], base[0, -1], atol=1e-4)
+    # causal: earlier outputs do not see the change at t - w
+    assert torch.allclose(attn(near, pos)[0][0, : t - w], base[0, : t - w], atol=1e-6)
+
+
 def test_pdr_projections_seeded_per_layer(cfg):
     a, b, c = PDR(cfg.model, 0), PDR(cfg.model, 0), PDR(cfg.model, 1)
     assert torch.equal(a.proj_q, b.proj_q) and not torch.equal(a.proj_q, c.proj_q)
