@@ -86,16 +86,18 @@ class MoEFFN(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         probs = torch.softmax(self.router(flat).float(), dim=-1)
         gate, index = probs.max(dim=-1)
-        out = self._dispatch(flat, index) * gate.to(x.dtype)[:, None]
-        return out.view_as(x), {"probs": probs, "index": index}
+        out = self._dispatch(flat, index)
+        out = out * gate.to(out.dtype)[:, None]
+        return out.view(*x.shape[:-1], -1), {"probs": probs, "index": index}
 
     def _dispatch(self, flat: Tensor, index: Tensor) -> Tensor:
         # Sort tokens by expert so each expert runs one dense matmul on its own tokens.
         order = torch.argsort(index, stable=True)
         counts = torch.bincount(index, minlength=self.n_experts).tolist()
         pieces = flat.index_select(0, order).split(counts)
-        outs = [self.expert(e)(p) for e, p in enumerate(pieces) if p.shape[0]]
-        return torch.zeros_like(flat).index_copy(0, order, torch.cat(outs))
+        outs = torch.cat([self.expert(e)(p) for e, p in enumerate(pieces) if p.shape[0]])
+        # outs may be bf16 under autocast: build the result in its dtype
+        return outs.new_zeros(outs.shape).index_copy(0, order, outs)
 
     def _by_column(self, x: Tensor, columns: Tensor) -> Tensor:
         outs, rows = [], []
@@ -103,7 +105,8 @@ class MoEFFN(nn.Module):
             sel = (columns == c).nonzero().squeeze(1)
             rows.append(sel)
             outs.append(self.expert(c)(x.index_select(0, sel)))
-        return torch.zeros_like(x).index_copy(0, torch.cat(rows), torch.cat(outs))
+        outs = torch.cat(outs)
+        return outs.new_zeros(outs.shape).index_copy(0, torch.cat(rows), outs)
 
 
 def check_columns(columns: Tensor, batch: int, n_experts: int) -> None:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared_model.config import ModelConfig
-from shared_model.layers import rms_normalise
+from shared_model.layers import compute_dtype, rms_normalise
 
 MIN_LOG_DECAY = -2.0
 """Lower bound of ``log λ`` (λ ≥ 0.135)."""
@@ -153,8 +153,16 @@ class PDR(nn.Module):
             ``(output [B, T, d], state after the last token)``.
         """
         q, k, v, g = self.features(x)
-        if x.shape[1] == 1 and state is not None:
-            y, state = pdr_recurrent(q, k, v, self.log_decay(), state)
-        else:
-            y, state = pdr_chunked(q, k, v, self.log_decay(), self.chunk, state)
-        return self.w_o(rms_normalise(y, self.eps) * g), state
+        # The scan runs in float32 (or float64) even under bf16 autocast: the two halves of
+        # the split decay factor must cancel exactly, which bf16 exponents would not do.
+        dtype = compute_dtype(v.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            if state is not None:
+                state = state.to(dtype)
+            if x.shape[1] == 1 and state is not None:
+                y, state = pdr_recurrent(q, k, v, self.log_decay(), state)
+            else:
+                y, state = pdr_chunked(q, k, v, self.log_decay(), self.chunk, state)
+            y = rms_normalise(y, self.eps)
+        return self.w_o(y.to(g.dtype) * g), state
