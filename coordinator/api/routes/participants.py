@@ -1,0 +1,70 @@
+"""Participants: listing, detail, credit leaderboard, revocation."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from coordinator.api.deps import DbSession, Operator, Reader
+from coordinator.api.routes import IdPath, Limit, Offset, page_out
+from coordinator.api.schemas import (
+    PageOut,
+    ParticipantActionOut,
+    ParticipantDetailOut,
+    ParticipantOut,
+    ReasonIn,
+)
+from coordinator.db import ParticipantState, UnitState
+from coordinator.db.participants import get_participant, list_participants, revoke_participant
+from coordinator.db.stats import credit_leaderboard, list_units, reject_counts
+from coordinator.scheduler import held_columns
+
+router = APIRouter(prefix="/participants", tags=["participants"])
+
+
+@router.get("", response_model=PageOut[ParticipantOut], dependencies=[Reader])
+def list_(
+    session: DbSession,
+    state: ParticipantState | None = None,
+    offset: Offset = 0,
+    limit: Limit = 100,
+) -> PageOut[ParticipantOut]:
+    """Participants ordered by id, optionally only those in ``state``."""
+    page = list_participants(session, state=state, offset=offset, limit=limit)
+    return page_out(page, ParticipantOut)
+
+
+@router.get("/leaderboard", response_model=list[ParticipantOut], dependencies=[Reader])
+def leaderboard(
+    session: DbSession, limit: Annotated[int, Query(ge=1, le=1000)] = 20
+) -> list[ParticipantOut]:
+    """Participants with the most credit (tokens in accepted results), best first."""
+    return [ParticipantOut.model_validate(p) for p in credit_leaderboard(session, limit=limit)]
+
+
+@router.get("/{participant_id}", response_model=ParticipantDetailOut, dependencies=[Reader])
+def detail(session: DbSession, participant_id: IdPath) -> ParticipantDetailOut:
+    """One participant with its columns, rejections by reason and units in flight."""
+    row = get_participant(session, participant_id=participant_id)
+    leased = list_units(session, participant_id=row.id, state=UnitState.LEASED, limit=1)
+    base = ParticipantOut.model_validate(row).model_dump()
+    return ParticipantDetailOut(
+        **base,
+        max_params=row.max_params,
+        columns=held_columns(session, participant_id=row.id),
+        rejected_by_reason=reject_counts(session, participant_id=row.id),
+        units_in_flight=leased.total,
+    )
+
+
+@router.post(
+    "/{participant_id}/revoke", response_model=ParticipantActionOut, dependencies=[Operator]
+)
+def revoke(
+    session: DbSession, participant_id: IdPath, body: ReasonIn | None = None
+) -> ParticipantActionOut:
+    """Revoke a participant: it gets no more work and its results are refused."""
+    reason = (body.reason if body else None) or "revoked by operator"
+    row = revoke_participant(session, participant_id=participant_id, reason=reason)
+    return ParticipantActionOut(participant=ParticipantOut.model_validate(row))

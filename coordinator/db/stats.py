@@ -1,0 +1,265 @@
+"""Read-only queries for the REST API and dashboard: listings and aggregated statistics.
+
+Nothing here writes. Every function takes a session and returns plain rows or frozen
+dataclasses, so the API layer only has to serialise them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from coordinator.db.models import (
+    ModelVersion,
+    Participant,
+    Result,
+    StageJob,
+    WorkUnit,
+)
+from coordinator.db.pagination import Page, check_page
+from coordinator.db.types import ParticipantState, ResultState, StageJobState, UnitState
+from coordinator.db.versions import latest_version
+
+
+def list_units(
+    session: Session,
+    *,
+    state: UnitState | None = None,
+    participant_id: int | None = None,
+    stage: str | None = None,
+    offset: int = 0,
+    limit: int = 100,
+) -> Page[WorkUnit]:
+    """Work units, newest first, optionally filtered by state, participant and stage."""
+    check_page(offset, limit)
+    query = select(WorkUnit)
+    if state is not None:
+        query = query.where(WorkUnit.state == UnitState(state))
+    if participant_id is not None:
+        query = query.where(WorkUnit.participant_id == participant_id)
+    if stage is not None:
+        query = query.where(WorkUnit.stage == stage)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    order = (WorkUnit.created_at.desc(), WorkUnit.unit_id)
+    rows = session.scalars(query.order_by(*order).offset(offset).limit(limit)).all()
+    return Page(items=list(rows), total=total, offset=offset, limit=limit)
+
+
+def find_unit(session: Session, *, unit_id: str) -> WorkUnit | None:
+    """The unit with this id without taking a row lock (for read endpoints)."""
+    return session.get(WorkUnit, unit_id)
+
+
+def list_results(
+    session: Session,
+    *,
+    state: ResultState | None = None,
+    participant_id: int | None = None,
+    reject_reason: str | None = None,
+    offset: int = 0,
+    limit: int = 100,
+) -> Page[Result]:
+    """Stored results, newest first, optionally filtered."""
+    check_page(offset, limit)
+    query = select(Result)
+    if state is not None:
+        query = query.where(Result.state == ResultState(state))
+    if participant_id is not None:
+        query = query.where(Result.participant_id == participant_id)
+    if reject_reason is not None:
+        query = query.where(Result.reject_reason == reject_reason)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    order = (Result.received_at.desc(), Result.id.desc())
+    rows = session.scalars(query.order_by(*order).offset(offset).limit(limit)).all()
+    return Page(items=list(rows), total=total, offset=offset, limit=limit)
+
+
+def reject_counts(session: Session, *, participant_id: int | None = None) -> dict[str, int]:
+    """Number of rejected results per reason code (all participants, or one)."""
+    query = select(Result.reject_reason, func.count()).where(Result.state == ResultState.REJECTED)
+    if participant_id is not None:
+        query = query.where(Result.participant_id == participant_id)
+    rows = session.execute(query.group_by(Result.reject_reason)).all()
+    return {str(reason): int(count) for reason, count in rows}
+
+
+@dataclass(frozen=True)
+class NetworkSummary:
+    """The network at a glance (the dashboard header and ``GET /api/v1/status``)."""
+
+    stage: str | None
+    stage_job_id: int | None
+    stage_job_state: str | None
+    global_version: int | None
+    version_created_at: dt.datetime | None
+    tokens_trained: int
+    latest_val_loss: float | None
+    latest_train_loss: float | None
+    participants: dict[str, int] = field(default_factory=dict)
+    units: dict[str, int] = field(default_factory=dict)
+    results: dict[str, int] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    busy_participants: int = 0
+
+
+def _counts(session: Session, column: Any) -> dict[str, int]:
+    rows = session.execute(select(column, func.count()).group_by(column)).all()
+    return {str(key): int(count) for key, count in rows}
+
+
+def _current_job(session: Session) -> StageJob | None:
+    # The job an operator cares about: a live one if any, else the most recent one.
+    live = (StageJobState.RUNNING, StageJobState.PAUSED, StageJobState.QUEUED)
+    job = session.scalar(
+        select(StageJob).where(StageJob.state.in_(live)).order_by(StageJob.id.desc()).limit(1)
+    )
+    return job or session.scalar(select(StageJob).order_by(StageJob.id.desc()).limit(1))
+
+
+def _latest_losses(session: Session, version: ModelVersion | None) -> tuple[float | None, ...]:
+    metrics = version.metrics if version is not None else {}
+    val, train = metrics.get("val_loss"), metrics.get("train_loss")
+    if val is None or train is None:
+        row = session.execute(
+            select(Result.val_loss, Result.train_loss)
+            .where(Result.state == ResultState.ACCEPTED)
+            .order_by(Result.received_at.desc(), Result.id.desc())
+            .limit(1)
+        ).first()
+        if row is not None:
+            val = val if val is not None else row[0]
+            train = train if train is not None else row[1]
+    return (None if val is None else float(val), None if train is None else float(train))
+
+
+def network_summary(session: Session) -> NetworkSummary:
+    """Aggregate the current state of the network from the database."""
+    job = _current_job(session)
+    version = latest_version(session)
+    tokens = session.scalar(
+        select(func.coalesce(func.sum(Result.tokens), 0)).where(
+            Result.state == ResultState.ACCEPTED
+        )
+    )
+    up, down = session.execute(
+        select(
+            func.coalesce(func.sum(Participant.bytes_up), 0),
+            func.coalesce(func.sum(Participant.bytes_down), 0),
+        )
+    ).one()
+    busy = session.scalar(
+        select(func.count(func.distinct(WorkUnit.participant_id))).where(
+            WorkUnit.state == UnitState.LEASED
+        )
+    )
+    val, train = _latest_losses(session, version)
+    participants = {s.value: 0 for s in ParticipantState} | _counts(session, Participant.state)
+    return NetworkSummary(
+        stage=job.stage if job is not None else (version.stage if version else None),
+        stage_job_id=None if job is None else job.id,
+        stage_job_state=None if job is None else job.state,
+        global_version=None if version is None else version.version,
+        version_created_at=None if version is None else version.created_at,
+        tokens_trained=int(tokens or 0),
+        latest_val_loss=val,
+        latest_train_loss=train,
+        participants=participants,
+        units={s.value: 0 for s in UnitState} | _counts(session, WorkUnit.state),
+        results={s.value: 0 for s in ResultState} | _counts(session, Result.state),
+        bytes_up=int(up or 0),
+        bytes_down=int(down or 0),
+        busy_participants=int(busy or 0),
+    )
+
+
+@dataclass(frozen=True)
+class VersionPoint:
+    """One published version on the charts' time axis."""
+
+    version: int
+    created_at: dt.datetime
+    stage: str | None
+    metrics: dict[str, Any]
+    tokens_applied: int
+    tokens_cumulative: int
+
+
+@dataclass(frozen=True)
+class ResultPoint:
+    """One stored result on the charts' time axis."""
+
+    received_at: dt.datetime
+    participant_id: int | None
+    state: str
+    reject_reason: str | None
+    tokens: int
+    train_loss: float | None
+    val_loss: float | None
+
+
+def version_history(session: Session, *, limit: int = 500) -> list[VersionPoint]:
+    """The newest ``limit`` versions, oldest first, with tokens applied per version."""
+    check_page(0, limit)
+    applied = dict(
+        session.execute(
+            select(Result.applied_in_version, func.sum(Result.tokens))
+            .where(Result.applied_in_version.is_not(None))
+            .group_by(Result.applied_in_version)
+        ).all()
+    )
+    rows = session.scalars(
+        select(ModelVersion).order_by(ModelVersion.version.desc()).limit(limit)
+    ).all()
+    rows = list(reversed(rows))
+    if rows:
+        first = rows[0].version
+        before = sum(int(t or 0) for v, t in applied.items() if v is not None and v < first)
+    else:
+        before = 0
+    points, cumulative = [], before
+    for row in rows:
+        tokens = int(applied.get(row.version) or 0)
+        cumulative += tokens
+        points.append(
+            VersionPoint(
+                version=row.version,
+                created_at=row.created_at,
+                stage=row.stage,
+                metrics=dict(row.metrics or {}),
+                tokens_applied=tokens,
+                tokens_cumulative=cumulative,
+            )
+        )
+    return points
+
+
+def result_history(session: Session, *, limit: int = 500) -> list[ResultPoint]:
+    """The newest ``limit`` results, oldest first."""
+    check_page(0, limit)
+    rows = session.scalars(
+        select(Result).order_by(Result.received_at.desc(), Result.id.desc()).limit(limit)
+    ).all()
+    return [
+        ResultPoint(
+            received_at=r.received_at,
+            participant_id=r.participant_id,
+            state=r.state,
+            reject_reason=r.reject_reason,
+            tokens=int(r.tokens or 0),
+            train_loss=r.train_loss,
+            val_loss=r.val_loss,
+        )
+        for r in reversed(rows)
+    ]
+
+
+def credit_leaderboard(session: Session, *, limit: int = 20) -> list[Participant]:
+    """Participants with the most credit (accepted tokens), best first."""
+    check_page(0, limit)
+    query = select(Participant).order_by(Participant.credit.desc(), Participant.id).limit(limit)
+    return list(session.scalars(query).all())
