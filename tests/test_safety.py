@@ -1,0 +1,116 @@
+"""Stage 6: safety polytope construction, calibration, runtime check, guarded generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from shared_model.checkpoint import save_checkpoint
+from shared_model.config import load_config
+from shared_model.data import prepare_corpus
+from shared_model.model import PerspectiveModel
+from shared_model.safety import (
+    SafetyError,
+    SafetyPolytope,
+    calibrate_eps,
+    kmeans,
+    read_prompts,
+    read_words,
+)
+from shared_model.safety_stage import guarded_generate, run_spp
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return prepare_corpus("stdlib", 512, tmp_path_factory.mktemp("data"), max_bytes=600_000)
+
+
+@pytest.fixture(scope="module")
+def spp_run(cfg, corpus, tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("spp")
+    path = out / "stage4.safetensors"
+    save_checkpoint(path, PerspectiveModel(cfg, moe=True), cfg, stage=4, step=0)
+    return out, run_spp(cfg, path, out, data=corpus, vocab_size=2000, anchors=200, halfspaces=300)
+
+
+def test_shipped_sets_are_nonempty_and_well_formed():
+    assert len(read_words()) >= 4000
+    assert (
+        len(read_prompts(__import__("shared_model.safety").safety.asset_path("redteam.jsonl")))
+        >= 50
+    )
+
+
+def test_spp_blocks_the_target_on_redteam_and_reports_benign_rate(spp_run):
+    out, result = spp_run
+    assert result["redteam_block_rate"] >= result["target_block_rate"] == 0.98
+    assert 0.0 <= result["benign_false_block_rate"] <= 1.0
+    assert result["anchors"] == 200 and result["halfspaces"] == 300
+    saved = json.loads((out / "spp.json").read_text())
+    assert saved["benign_false_block_rate"] == result["benign_false_block_rate"]
+
+
+def test_polytope_round_trip_and_check(spp_run, cfg):
+    out, result = spp_run
+    spp = SafetyPolytope.load(out / "spp.safetensors")
+    assert spp.eps == result["eps"]
+    # every anchor is inside the (uninflated) outer polytope: b_j = max_a u_j·a
+    assert (spp.score(spp.anchors) <= 1e-5).all()
+    blocked, score = spp.check(spp.anchors.mean(0, keepdim=True) + 1e3 * spp.directions[:1])
+    assert bool(blocked[0]) and float(score[0]) > 0
+    with pytest.raises(SafetyError):
+        spp.check(torch.zeros(3, cfg.model.d_model + 1))
+
+
+def test_load_rejects_other_files(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(SafetyError):
+        SafetyPolytope.load(bad)
+
+
+def test_calibrate_eps_is_the_largest_reaching_target():
+    scores = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0])
+    eps = calibrate_eps(scores, 0.8)
+    assert float((scores > eps).float().mean()) == pytest.approx(0.8)
+    assert float((scores > eps + 1e-3).float().mean()) < 0.8
+    with pytest.raises(SafetyError):
+        calibrate_eps(scores, 0.0)
+
+
+def test_kmeans_finds_separated_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = torch.cat([c + 0.1 * torch.randn(50, 2, generator=gen) for c in centres])
+    got = kmeans(x, 3)
+    assert torch.cdist(centres, got).min(1).values.max() < 0.5
+
+
+def test_bad_prompt_file_is_reported(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"text": "no prompt key"}\n')
+    with pytest.raises(SafetyError, match="prompt"):
+        read_prompts(path)
+
+
+def test_guarded_generation_stops_when_leaving_the_polytope(spp_run, cfg):
+    out, _ = spp_run
+    torch.manual_seed(0)
+    model = PerspectiveModel(cfg, moe=True).eval()
+    spp = SafetyPolytope.load(out / "spp.safetensors")
+    spp.eps = float("inf")  # nothing blocked: full length
+    free = guarded_generate(model, spp, [1, 2, 3], 5)
+    assert not free.blocked and len(free.ids) == 8 and len(free.scores) == 6
+    spp.eps = float("-inf")  # everything blocked: the prompt is refused
+    refused = guarded_generate(model, spp, [1, 2, 3], 5)
+    assert refused.blocked and refused.blocked_at == 0 and refused.ids == [1, 2, 3]
