@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -100,7 +101,9 @@ def create_app(
 
     settings = settings or ApiSettings()
     metrics = metrics or METRICS
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc with Swagger UI and ReDoc served from the package,
+    # not from a CDN (coordinators often run without internet access).
+    app = FastAPIOffline(
         title="Perspective coordinator API",
         version="1",
         description="Status, participants, work units, versions, stage jobs, events and "

@@ -1,0 +1,286 @@
+"""REST API of the coordinator on a real SQLite database (and PostgreSQL when installed)."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from coordinator.api import ApiSettings, ApiSettingsError, create_app
+from coordinator.db import TokenRole, init_db, make_session_factory, sqlite_url
+from coordinator.db.tokens import create_api_token
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.serve_api import ApiServer, ApiServerError
+from shared_model.blobs import BlobStore
+from tests.coordinator_feed import FeedConfig, NetworkFeed
+from tests.test_db import pg_url  # noqa: F401 - fixture: throw-away PostgreSQL server
+
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n"
+
+
+def _setup(url: str, tmp_path, **settings):
+    engine = init_db(url)
+    factory = make_session_factory(engine)
+    with factory.begin() as s:
+        op, _ = create_api_token(s, name="op", role=TokenRole.OPERATOR)
+        ro, _ = create_api_token(s, name="dash", role=TokenRole.READ)
+    metrics = CoordinatorMetrics()
+    cfg = ApiSettings(blob_root=tmp_path / "blobs", ca_cert_pem=CA_PEM, **settings)
+    client = TestClient(create_app(factory, cfg, metrics=metrics))
+    return (
+        engine,
+        factory,
+        client,
+        {"Authorization": f"Bearer {op}"},
+        {"Authorization": f"Bearer {ro}"},
+    )
+
+
+@pytest.fixture
+def env(tmp_path):
+    engine, factory, client, op, ro = _setup(sqlite_url(tmp_path / "c.db"), tmp_path)
+    feed = NetworkFeed(factory, FeedConfig(participants=3, reject_every=4))
+    feed.run(4)
+    yield factory, client, op, ro, feed
+    client.close()
+    engine.dispose()
+
+
+def test_status_matches_the_database(env):
+    _factory, client, _op, _ro, feed = env
+    st = client.get("/api/v1/status").json()
+    # 4 ticks x 3 participants = 12 results; every 4th rejected -> 9 accepted.
+    assert st["results"] == {"accepted": 9, "rejected": 3}
+    assert st["tokens_trained"] == 9 * 4096
+    assert st["global_version"] == 4 and st["participants_online"] == 3
+    latest = client.get("/api/v1/versions/4").json()
+    assert st["latest_val_loss"] == pytest.approx(latest["metrics"]["val_loss"])
+    assert st["bytes_up"] > 0 and st["bytes_down"] == 12 * 50_000
+
+
+def test_participants_list_detail_and_leaderboard(env):
+    _f, client, _op, _ro, _feed = env
+    page = client.get("/api/v1/participants", params={"limit": 2}).json()
+    assert page["total"] == 3 and len(page["items"]) == 2
+    rest = client.get("/api/v1/participants", params={"limit": 2, "offset": 2}).json()
+    assert [p["id"] for p in page["items"] + rest["items"]] == [1, 2, 3]
+    details = [client.get(f"/api/v1/participants/{i}").json() for i in (1, 2, 3)]
+    assert sum(d["units_rejected"] for d in details) == 3
+    assert all(d["columns"] for d in details)
+    reasons = [d["rejected_by_reason"] for d in details if d["units_rejected"]]
+    assert all(set(r) == {"NORM_OUT_OF_BOUNDS"} for r in reasons)
+    board = client.get("/api/v1/participants/leaderboard").json()
+    assert [p["credit"] for p in board] == sorted((d["credit"] for d in details), reverse=True)
+    assert client.get("/api/v1/participants/99").status_code == 404
+    bad = client.get("/api/v1/participants", params={"state": "sleeping"})
+    assert bad.status_code == 422
+
+
+def test_units_and_results_filters(env):
+    _f, client, _op, _ro, _feed = env
+    done = client.get("/api/v1/units", params={"state": "done"}).json()
+    assert done["total"] == 9
+    mine = client.get("/api/v1/units", params={"participant_id": 1}).json()
+    assert mine["total"] == 4 and all(u["participant_id"] == 1 for u in mine["items"])
+    unit = client.get(f"/api/v1/units/{mine['items'][0]['unit_id']}").json()
+    assert unit["docs"] and unit["steps"] == 20
+    assert client.get("/api/v1/units/no-such-unit").status_code == 404
+    rejected = client.get("/api/v1/results", params={"state": "rejected"}).json()
+    assert rejected["total"] == 3
+    assert {r["reject_reason"] for r in rejected["items"]} == {"NORM_OUT_OF_BOUNDS"}
+    assert all("norm" in r["reject_detail"] for r in rejected["items"])
+    by_reason = client.get("/api/v1/results", params={"reason": "BAD_SHAPE"}).json()
+    assert by_reason["total"] == 0
+
+
+def test_versions_and_history(env):
+    _f, client, _op, _ro, _feed = env
+    page = client.get("/api/v1/versions", params={"limit": 2}).json()
+    assert page["total"] == 5 and [v["version"] for v in page["items"]] == [4, 3]
+    assert client.get("/api/v1/versions/77").json()["error"] == "not_found"
+    hist = client.get("/api/v1/metrics/history").json()
+    assert [v["version"] for v in hist["versions"]] == [0, 1, 2, 3, 4]
+    cumulative = [v["tokens_cumulative"] for v in hist["versions"]]
+    assert cumulative == sorted(cumulative) and cumulative[-1] == 9 * 4096
+    losses = [v["val_loss"] for v in hist["versions"][1:]]
+    assert losses[-1] < losses[0]
+    assert len(hist["results"]) == 12
+
+
+def test_blob_download_range_and_etag(env, tmp_path):
+    _f, client, _op, _ro, _feed = env
+    data = bytes(range(256)) * 40
+    cid = BlobStore(tmp_path / "blobs").put_bytes(data)
+    url = f"/api/v1/blobs/{cid}"
+    full = client.get(url)
+    assert full.status_code == 200 and full.content == data
+    assert full.headers["etag"] == f'"{cid}"'
+    part = client.get(url, headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == data[100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{len(data)}"
+    assert client.get(url, headers={"If-None-Match": f'"{cid}"'}).status_code == 304
+    assert client.get(url, headers={"Range": f"bytes={len(data) + 5}-"}).status_code == 416
+    assert client.get("/api/v1/blobs/" + "0" * 64).status_code == 404
+    assert client.get("/api/v1/blobs/not-a-content-id").status_code == 422
+
+
+def test_blobs_disabled_without_blob_root(tmp_path):
+    factory = make_session_factory(init_db(sqlite_url(tmp_path / "c.db")))
+    client = TestClient(create_app(factory, ApiSettings(), metrics=CoordinatorMetrics()))
+    r = client.get("/api/v1/blobs/" + "a" * 64)
+    assert r.status_code == 404 and "blob_root" in r.json()["detail"]
+
+
+def test_stage_job_lifecycle_and_illegal_transitions(env):
+    _f, client, op, _ro, _feed = env
+    job = client.post("/api/v1/stage-jobs", json={"stage": "expert_diff"}, headers=op)
+    assert job.status_code == 201 and job.json()["state"] == "queued"
+    jid = job.json()["id"]
+    for action, state in [("start", "running"), ("pause", "paused"), ("resume", "running")]:
+        r = client.post(f"/api/v1/stage-jobs/{jid}/{action}", json={"reason": "t"}, headers=op)
+        assert r.status_code == 200 and r.json()["state"] == state
+    again = client.post(f"/api/v1/stage-jobs/{jid}/start", headers=op)
+    assert again.status_code == 409
+    assert again.json() == {
+        "error": "illegal_transition",
+        "detail": f"cannot start stage job {jid}: it is running (start needs queued)",
+    }
+    assert client.post(f"/api/v1/stage-jobs/{jid}/cancel", headers=op).json()["state"] == (
+        "cancelled"
+    )
+    assert client.post(f"/api/v1/stage-jobs/{jid}/resume", headers=op).status_code == 409
+    assert client.post("/api/v1/stage-jobs/999/pause", headers=op).status_code == 404
+    listed = client.get("/api/v1/stage-jobs", params={"state": "cancelled"}).json()
+    assert [j["id"] for j in listed["items"]] == [jid]
+    bad = client.post("/api/v1/stage-jobs", json={"stage": "", "x": 1}, headers=op)
+    assert bad.status_code == 422
+
+
+def test_events_cursor(env):
+    _f, client, _op, _ro, _feed = env
+    first = client.get("/api/v1/events", params={"limit": 5}).json()
+    assert len(first["items"]) == 5
+    nxt = client.get(
+        "/api/v1/events", params={"limit": 5, "after_id": first["next_after_id"]}
+    ).json()
+    assert nxt["items"][0]["id"] > first["items"][-1]["id"]
+    kinds = client.get("/api/v1/events", params={"kind": "result.rejected"}).json()
+    assert kinds["total"] == 3
+
+
+def test_enrolment_flow(env):
+    _f, client, op, _ro, _feed = env
+    tok = client.post("/api/v1/enrolment-tokens", json={"note": "alice"}, headers=op)
+    assert tok.status_code == 201 and tok.json()["expires_at"] is not None
+    body = {"token": tok.json()["token"], "name": "alice", "public_key": "ssh-ed25519 AAAA alice"}
+    enrolled = client.post("/api/v1/enrol", json=body)
+    assert enrolled.status_code == 201
+    assert enrolled.json()["ca_cert_pem"] == CA_PEM
+    assert enrolled.json()["participant"]["state"] == "enrolled"
+    replay = client.post("/api/v1/enrol", json=body)
+    assert replay.status_code == 401 and "already used" in replay.json()["detail"]
+    tok2 = client.post("/api/v1/enrolment-tokens", headers=op).json()["token"]
+    dup = client.post("/api/v1/enrol", json=body | {"token": tok2, "name": "mallory"})
+    assert dup.status_code == 409 and "alice" not in dup.json()["detail"]
+
+
+def test_token_management(env):
+    _f, client, op, _ro, _feed = env
+    created = client.post("/api/v1/tokens", json={"name": "grafana", "role": "read"}, headers=op)
+    assert created.status_code == 201
+    secret, tid = created.json()["token"], created.json()["id"]
+    listed = client.get("/api/v1/tokens", headers=op).json()
+    assert tid in [t["id"] for t in listed] and all("token" not in t for t in listed)
+    assert client.delete(f"/api/v1/tokens/{tid}", headers=op).json()["revoked_at"] is not None
+    r = client.post("/api/v1/stage-jobs", json={"stage": "x"}, headers={"Authorization": secret})
+    assert r.status_code == 401
+
+
+def test_read_requires_token(tmp_path):
+    engine, _factory, client, op, ro = _setup(
+        sqlite_url(tmp_path / "c.db"), tmp_path, read_requires_token=True
+    )
+    r = client.get("/api/v1/status")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert client.get("/api/v1/status", headers=ro).status_code == 200
+    assert client.get("/api/v1/participants", headers=op).status_code == 200
+    bad = {"Authorization": "Bearer pspk_wrong"}
+    assert client.get("/api/v1/status", headers=bad).status_code == 401
+    # Pages are shells without data; the script asks for a token.
+    assert client.get("/").status_code == 200
+    engine.dispose()
+
+
+def test_prometheus_metrics(env):
+    factory, _client, _op, _ro, _feed = env
+    metrics = CoordinatorMetrics()
+    client = TestClient(create_app(factory, ApiSettings(), metrics=metrics))
+    metrics.unit_leased(stage="expert_diff", count=3)
+    metrics.unit_completed(stage="expert_diff", tokens=100, staleness=2)
+    metrics.unit_rejected(reason="NORM_OUT_OF_BOUNDS")
+    metrics.add_bytes(direction="in", count=1234)
+    metrics.observe_aggregation(0.25)
+    with pytest.raises(ValueError, match="direction"):
+        metrics.add_bytes(direction="sideways", count=1)
+    text = client.get("/metrics").text
+    assert 'perspective_units_leased_total{stage="expert_diff"} 3.0' in text
+    assert 'perspective_units_rejected_total{reason="NORM_OUT_OF_BOUNDS"} 1.0' in text
+    assert 'perspective_bytes_total{direction="in"} 1234.0' in text
+    assert "perspective_result_staleness_versions_count 1.0" in text
+    assert 'perspective_participants{state="online"} 3.0' in text
+    assert "perspective_global_version 4.0" in text
+    assert "perspective_db_query_seconds_count" in text
+
+
+def test_dashboard_pages_and_assets_are_local(env):
+    _f, client, _op, _ro, _feed = env
+    for path in ("/", "/participants", "/participants/1", "/stages", "/rejected", "/events"):
+        html = client.get(path).text
+        assert "app.js" in html and "https://" not in html and "http://" not in html
+    for asset in ("app.js", "charts.js", "style.css"):
+        r = client.get(f"/static/{asset}")
+        assert r.status_code == 200 and "https://" not in r.text
+    docs = client.get("/docs").text
+    assert "cdn" not in docs.lower() and "/static-offline-docs/swagger-ui-bundle.js" in docs
+
+
+def test_settings_validation(tmp_path):
+    with pytest.raises(ApiSettingsError, match="PEM"):
+        ApiSettings(ca_cert_pem="not a cert")
+    with pytest.raises(ApiSettingsError, match="not a readable file"):
+        ApiSettings(ca_cert_path=tmp_path / "missing.pem")
+    with pytest.raises(ApiSettingsError, match="poll_interval_s"):
+        ApiSettings(poll_interval_s=0)
+
+
+def test_api_server_thread(tmp_path):
+    factory = make_session_factory(init_db(sqlite_url(tmp_path / "c.db")))
+    app = create_app(factory, ApiSettings(), metrics=CoordinatorMetrics())
+    with ApiServer(app, port=0) as server:
+        assert httpx.get(server.url + "/api/v1/status").json()["global_version"] is None
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            clash = ApiServer(app, port=sock.getsockname()[1]).start()
+            with pytest.raises(ApiServerError, match="failed to start"):
+                clash.wait_until_ready(timeout=10)
+            clash.shutdown()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/api/v1/status", timeout=2)
+
+
+def test_postgres_api(pg_url, tmp_path):  # noqa: F811 - fixture imported from test_db
+    engine, factory, client, op, _ro = _setup(pg_url, tmp_path)
+    try:
+        NetworkFeed(factory, FeedConfig(participants=2, reject_every=3)).run(3)
+        st = client.get("/api/v1/status").json()
+        assert st["global_version"] == 3 and st["results"] == {"accepted": 4, "rejected": 2}
+        assert client.get("/api/v1/participants/1").json()["rejected_by_reason"]
+        jid = client.post("/api/v1/stage-jobs", json={"stage": "s", "start": True}, headers=op)
+        assert client.post(f"/api/v1/stage-jobs/{jid.json()['id']}/pause", headers=op).is_success
+        assert client.get("/api/v1/metrics/history").json()["versions"][-1]["version"] == 3
+    finally:
+        client.close()
+        engine.dispose()
