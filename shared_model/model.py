@@ -214,7 +214,7 @@ class PerspectiveModel(nn.Module):
             raise ModelError(
                 f"idx must be an integer tensor [B, T], got {idx.dtype} {tuple(idx.shape)}"
             )
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.model.vocab_size):
+        if bool(((idx < 0) | (idx >= self.cfg.model.vocab_size)).any()):  # one host sync
             raise ModelError(f"token ids must be in 0 .. {self.cfg.model.vocab_size - 1}")
         if targets is not None and targets.shape != idx.shape:
             raise ModelError(f"targets {tuple(targets.shape)} must match idx {tuple(idx.shape)}")
