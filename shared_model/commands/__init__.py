@@ -9,11 +9,14 @@ from collections.abc import Callable
 
 import typer
 
-from shared_model.commands import codec, generate, plan, train
+from shared_model.commands import codec, generate, manifold, plan, train
+from shared_model.commands import eval as eval_cmd
 
 REGISTRARS: list[Callable[[typer.Typer], None]] = [
     codec.register,
     generate.register,
     plan.register,
     train.register,
+    manifold.register,
+    eval_cmd.register,
 ]

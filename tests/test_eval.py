@@ -1,0 +1,127 @@
+"""Stage 7: evaluation report, task scoring, lm-eval adapter core."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from shared_model.checkpoint import save_checkpoint
+from shared_model.config import load_config
+from shared_model.data import prepare_corpus
+from shared_model.evaluation import lm as lm_mod
+from shared_model.evaluation.lm import EvalError, PerspectiveLM
+from shared_model.evaluation.report import run_eval
+from shared_model.evaluation.tasks import extract_number, read_jsonl, run_multiple_choice
+from shared_model.model import PerspectiveModel
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("tiny", overrides=["train.eval_batches=2", "train.seq_len=32"])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return prepare_corpus("stdlib", 512, tmp_path_factory.mktemp("data"), max_bytes=600_000)
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    torch.manual_seed(0)
+    return PerspectiveModel(cfg, moe=True).eval()
+
+
+@pytest.fixture(scope="module")
+def report(cfg, corpus, model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    path = out / "stage4.safetensors"
+    save_checkpoint(path, model, cfg, stage=4, step=0)
+    params = {"vocab_size": 1000, "anchors": 100, "halfspaces": 100}
+    return out, run_eval(
+        path, out / "r", data=corpus, device="cpu", gen_tokens=16, spp_params=params
+    )
+
+
+def test_report_has_every_section(report):
+    out, rep = report
+    for key in ("perplexity", "tasks", "system", "safety", "not_defined", "targets"):
+        assert key in rep
+    assert rep["perplexity"]["val_ppl"] > 1
+    assert set(rep["tasks"]) == {"arc_mini", "gsm_mini"}
+    assert 0 <= rep["tasks"]["arc_mini"]["acc"] <= 1
+    assert 0 <= rep["tasks"]["gsm_mini"]["exact_match"] <= 1
+    assert rep["system"]["generation_tokens_per_s"] > 0 and rep["system"]["peak_rss_mb"] > 0
+    assert "not measured" in rep["system"]["peak_vram_mb"]
+    assert rep["safety"]["redteam_block_rate"] >= 0.98
+    assert "benign_false_block_rate" in rep["safety"]
+    assert rep["not_defined"]["mpd_ece"].startswith("not defined")
+    statuses = {r["metric"]: r["status"] for r in rep["targets"]}
+    assert statuses["safety.redteam_block_rate"] == "pass"
+    assert statuses["perplexity.val_ppl"] == "no target"
+    md = (out / "r" / "report.md").read_text()
+    for title in (
+        "## Perplexity",
+        "## Tasks",
+        "## System",
+        "## Safety",
+        "## Not defined",
+        "## Targets",
+    ):
+        assert title in md
+    assert json.loads((out / "r" / "report.json").read_text())["stage"] == 4
+
+
+def test_loglikelihood_matches_the_model(model, corpus):
+    lm = PerspectiveLM(model, corpus.tokenizer(), eot_id=corpus.eot_id)
+    ctx, cont = "def f(x):", " return x"
+    ((ll, _),) = lm.loglikelihood([(ctx, cont)])
+    a, b = lm.encode(ctx), lm.encode(cont)
+    with torch.no_grad():
+        logits = model(torch.tensor([a + b[:-1]])).logits[0].log_softmax(-1)
+    want = sum(float(logits[len(a) - 1 + i, t]) for i, t in enumerate(b))
+    assert ll == pytest.approx(want, rel=1e-5)
+    # rolling log-likelihood of a short text equals the loglikelihood after the EOT token
+    (roll,) = lm.loglikelihood_rolling([("import os",)])
+    eot = corpus.tokenizer().id_to_token(corpus.eot_id)
+    ((ll2, _),) = lm.loglikelihood([(eot, "import os")])
+    assert roll == pytest.approx(ll2, rel=1e-5)
+
+
+def test_generate_until_stops_at_the_stop_string(model, corpus):
+    lm = PerspectiveLM(model, corpus.tokenizer(), eot_id=corpus.eot_id)
+    (free,) = lm.generate_until([("x = ", {"max_gen_toks": 12})])
+    assert free
+    stop = free[len(free) // 2]
+    (cut,) = lm.generate_until([("x = ", {"until": [stop], "max_gen_toks": 12})])
+    assert stop not in cut and free.startswith(cut)
+
+
+def test_mc_task_prefers_the_right_answer_when_scores_say_so(model, corpus, tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n")
+    res = run_multiple_choice(PerspectiveLM(model, corpus.tokenizer()), path)
+    assert res["n"] == 1 and res["acc"] in (0.0, 1.0) and res["chance"] == 0.5
+
+
+def test_task_files_are_validated(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    with pytest.raises(EvalError, match="missing keys"):
+        read_jsonl(bad, ("question", "answer"))
+    assert extract_number("so 1,234 apples and then 42.") == "42"
+    assert extract_number("none") is None
+
+
+def test_lm_eval_adapter_is_guarded(model, corpus):
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        with pytest.raises(EvalError, match="pip install lm-eval"):
+            lm_mod.lm_eval_adapter(model, corpus.tokenizer())
+    else:
+        adapter = lm_mod.lm_eval_adapter(model, corpus.tokenizer())
+        assert adapter.loglikelihood([("a", " b")])[0][0] < 0
