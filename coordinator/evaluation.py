@@ -37,6 +37,11 @@ class ColumnAssignment:
     doc_ids: np.ndarray  # [D] training document ids
     labels: np.ndarray  # [D] column per training document
     router: CentroidRouter
+    embedding: np.ndarray  # [V, d] frozen feature embedding
+
+    def route(self, dataset: DocumentDataset) -> np.ndarray:
+        """Column of every document of ``dataset`` (e.g. validation documents)."""
+        return self.router.route(document_features(self.embedding, dataset))
 
     def documents(self, column: int) -> list[int]:
         """Training document ids assigned to ``column``."""
@@ -47,16 +52,16 @@ def initial_assignment(
     model: PerspectiveModel, train: DocumentDataset, n_columns: int, seed: int = 0
 ) -> ColumnAssignment:
     """Cluster training documents into ``n_columns`` balanced groups."""
-    feats = document_features(model, train)
-    labels, router = balanced_kmeans(feats, n_columns, seed=seed)
-    return ColumnAssignment(train.doc_ids.copy(), labels, router)
+    emb = model.tok_emb.weight.detach().double().numpy().copy()
+    labels, router = balanced_kmeans(document_features(emb, train), n_columns, seed=seed)
+    return ColumnAssignment(train.doc_ids.copy(), labels, router, emb)
 
 
 @torch.no_grad()
 def column_val_loss(
     model: PerspectiveModel,
     val: DocumentDataset,
-    router: CentroidRouter,
+    assignment: ColumnAssignment,
     *,
     batch_size: int,
     seq_len: int,
@@ -67,7 +72,7 @@ def column_val_loss(
     Sequences are drawn per column in proportion to that column's validation tokens, with
     a fixed seed, so successive evaluations of different versions compare like for like.
     """
-    cols = router.route(document_features(model, val))
+    cols = assignment.route(val)
     by_col = {}
     for c in np.unique(cols):
         ids = [int(d) for d, col in zip(val.doc_ids, cols, strict=True) if col == c]

@@ -130,6 +130,10 @@ class CoordinatorState:
             manifest.columns[column].CopyFrom(self._put(part))
         return self._put(manifest.SerializeToString())
 
+    def teacher_checkpoint(self) -> tensor_pb2.BlobRef:
+        """A full checkpoint of the published weights now (stage 4's frozen FP teacher)."""
+        return self._write_checkpoint()
+
     def chain_for(self, base_version: int) -> tuple[tensor_pb2.BlobRef, list[tensor_pb2.BlobRef]]:
         """The newest checkpoint at or before ``base_version`` and the manifests after it."""
         start = max(v for v in self.checkpoints if v <= base_version)

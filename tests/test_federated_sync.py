@@ -32,7 +32,7 @@ def test_encode_update_decoded_matches_receiver(codec):
 
 
 def _perturb(state, scale=0.01):
-    for col, master in state.columns.masters.items():
+    for master in state.columns.masters.values():
         for v in master.values():
             v.add_(scale * torch.randn_like(v))
     for v in state.shared.master.values():

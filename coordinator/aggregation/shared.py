@@ -53,14 +53,24 @@ class SharedAggregator:
         self.published: State = {k: v.clone() for k, v in self.master.items()}
         self.steps = 0
 
-    def add(self, pseudo_grad: State, base_version: int, current_version: int) -> bool:
-        """Buffer one result; returns True when an outer step was taken."""
+    def add(
+        self, pseudo_grad: State, base_version: int, current_version: int, step: bool = True
+    ) -> bool:
+        """Buffer one result; returns True when an outer step was taken.
+
+        With ``step=False`` the result is only buffered (log replay decides the step
+        boundaries itself).
+        """
         weight = staleness_weight(current_version - base_version)
         self._buffer.append((pseudo_grad, weight))
-        if len(self._buffer) < self.buffer_size:
+        if not step or len(self._buffer) < self.buffer_size:
             return False
         self.flush()
         return True
+
+    def has_buffered(self) -> bool:
+        """Whether results are waiting for the next outer step."""
+        return bool(self._buffer)
 
     def flush(self) -> None:
         """Take an outer step on everything buffered (no-op when empty)."""

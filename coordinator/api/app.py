@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -25,6 +28,7 @@ from coordinator.api.routes import (
     units,
     versions,
 )
+from coordinator.api.schemas import ErrorOut
 from coordinator.api.settings import ApiSettings
 from coordinator.db import (
     Conflict,
@@ -72,8 +76,28 @@ def _handler(status: int, code: str) -> Callable[[Request, Exception], Response]
     return handle
 
 
+# Documented on every API route, so clients (and the schema tests) know each error's shape.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status_code: {"model": ErrorOut, "description": description}
+    for status_code, description in [
+        (401, "missing, unknown or revoked token"),
+        (403, "the token's role does not allow this"),
+        (404, "no such row"),
+        (409, "conflicts with the stored state (e.g. an illegal stage transition)"),
+        (422, "invalid request"),
+        (503, "database unavailable"),
+    ]
+}
+
+
+def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    detail = jsonable_encoder(exc.errors(), exclude={"input", "ctx", "url"})
+    return JSONResponse({"error": "validation_error", "detail": detail}, status_code=422)
+
+
 def _api_router() -> APIRouter:
-    api = APIRouter(prefix=API_PREFIX)
+    api = APIRouter(prefix=API_PREFIX, responses=ERROR_RESPONSES)
     for module in (status, participants, units, versions, stage_jobs, events, enrolment, tokens):
         api.include_router(module.router)
     return api
@@ -117,6 +141,7 @@ def create_app(
     engine = session_factory.kw.get("bind")
     if engine is not None:
         metrics.instrument_engine(engine)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     for exc_type, code_status, code in ERROR_MAP:
         app.add_exception_handler(exc_type, _handler(code_status, code))
     app.include_router(_api_router())

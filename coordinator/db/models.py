@@ -31,6 +31,7 @@ from coordinator.db.types import (
     ResultState,
     StageJobState,
     TokenRole,
+    UInt64,
     UnitState,
     UTCDateTime,
     check_in,
@@ -67,7 +68,7 @@ class Participant(Base):
     __table_args__ = (CheckConstraint(check_in("state", ParticipantState), name="state"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    node_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    node_id: Mapped[int | None] = mapped_column(UInt64, unique=True)
     name: Mapped[str] = mapped_column(String(128))
     public_key: Mapped[str | None] = mapped_column(Text, unique=True)
     state: Mapped[str] = mapped_column(String(16), default=ParticipantState.ENROLLED, index=True)

@@ -243,3 +243,17 @@ def mark_applied(session: Session, *, unit_ids: Sequence[str], version: int) -> 
         row.applied_in_version = version
     session.flush()
     return len(rows)
+
+
+def applied_results_after(session: Session, *, version: int) -> list[Result]:
+    """Accepted results applied in versions after ``version``, in application order.
+
+    A coordinator restarting from a state checkpoint at ``version`` replays these to
+    rebuild, bit-identically, the versions it had published before it stopped.
+    """
+    query = (
+        select(Result)
+        .where(Result.state == ResultState.ACCEPTED, Result.applied_in_version > version)
+        .order_by(Result.applied_in_version, Result.received_at, Result.id)
+    )
+    return list(session.scalars(query).all())

@@ -6,7 +6,7 @@ import datetime as dt
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import DateTime
+from sqlalchemy import BigInteger, DateTime
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
@@ -14,6 +14,29 @@ from sqlalchemy.types import TypeDecorator
 def utcnow() -> dt.datetime:
     """Return the current time as a timezone-aware UTC datetime."""
     return dt.datetime.now(dt.UTC)
+
+
+class UInt64(TypeDecorator[int]):
+    """An unsigned 64-bit integer (Flower node ids) in a signed BIGINT column.
+
+    SQLite and PostgreSQL integers are signed 64-bit; Flower node ids use the full
+    unsigned range, so values >= 2**63 are stored as their two's-complement negative.
+    """
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> int | None:
+        if value is None:
+            return None
+        if not 0 <= value < 1 << 64:
+            raise ValueError(f"node id {value} is outside the unsigned 64-bit range")
+        return value - (1 << 64) if value >= 1 << 63 else value
+
+    def process_result_value(self, value: int | None, dialect: Dialect) -> int | None:
+        if value is None:
+            return None
+        return value + (1 << 64) if value < 0 else value
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):

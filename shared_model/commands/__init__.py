@@ -9,10 +9,14 @@ from collections.abc import Callable
 
 import typer
 
+from coordinator import demo
+from participant import cli as participant_cli
 from shared_model.commands import codec, generate, manifold, plan, train
 from shared_model.commands import eval as eval_cmd
 
 REGISTRARS: list[Callable[[typer.Typer], None]] = [
+    demo.register,  # before train: train adds a central-only demo when none exists
+    participant_cli.register,
     codec.register,
     generate.register,
     plan.register,

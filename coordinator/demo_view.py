@@ -1,0 +1,138 @@
+"""The demo's live terminal view (rich) and its final summary."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from coordinator.db import participants as db_participants
+from shared_model.config import PerspectiveConfig
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+class DemoView:
+    """Live table of participants, versions, losses and traffic."""
+
+    def __init__(self, cfg: PerspectiveConfig, n_participants: int) -> None:
+        self.cfg, self.n = cfg, n_participants
+        self.console = Console()
+        self.live: Live | None = None
+        self.loop = None
+        self.stage = 0
+        self.stages: dict[int, dict] = {}
+        self._last = 0.0
+        self._t0 = time.monotonic()
+
+    def say(self, text: str) -> None:
+        """Print a progress line."""
+        self.console.print(f"[bold cyan]demo[/] {text}")
+
+    def start_stage(self, stage: int, loop) -> None:
+        """Begin showing a federated stage."""
+        self.stage, self.loop = stage, loop
+        self._t0 = time.monotonic()
+        self.say(f"federated stage {stage} started (version {loop.state.version})")
+        self.live = Live(self._table(), console=self.console, refresh_per_second=2)
+        self.live.start()
+
+    def refresh(self) -> None:
+        """Redraw at most once a second (called every loop iteration)."""
+        now = time.monotonic()
+        if self.live is not None and now - self._last >= 1.0:
+            self._last = now
+            self.live.update(self._table())
+
+    def _table(self) -> Table:
+        loop = self.loop
+        st = loop.stats
+        val = f"{st.val_loss[-1][1]:.4f}" if st.val_loss else "-"
+        util = st.train_s / st.unit_s if st.unit_s else 0.0
+        title = (
+            f"stage {self.stage} | version {loop.state.version} | val loss {val} | "
+            f"tokens {st.tokens:,} | up {_mb(st.bytes_up)} | down {_mb(st.bytes_down)} | "
+            f"accepted {st.accepted} rejected {st.rejected} | train/unit time {util:.0%}"
+        )
+        table = Table(title=title)
+        for col in (
+            "participant",
+            "node",
+            "state",
+            "columns≤",
+            "units",
+            "rejected",
+            "credit",
+            "tok/s",
+        ):
+            table.add_column(col)
+        with loop.factory() as s:
+            page = db_participants.list_participants(s, limit=100)
+            for p in page.items:
+                table.add_row(
+                    p.name, str(p.node_id), p.state, str(p.max_columns), str(p.units_done),
+                    str(p.units_rejected), f"{p.credit:,}", f"{p.tokens_per_s or 0:.0f}",
+                )  # fmt: skip
+        return table
+
+    def end_stage(self, stage: int, loop) -> None:
+        """Stop the live view and remember the stage's figures."""
+        if self.live is not None:
+            self.live.update(self._table())
+            self.live.stop()
+            self.live = None
+        st = loop.stats
+        final_val = loop.evaluate()
+        self.stages[stage] = {
+            "versions_end": loop.state.version,
+            "tokens": st.tokens,
+            "accepted": st.accepted,
+            "rejected": st.rejected,
+            "val_loss": st.val_loss,
+            "final_val_loss": final_val,
+            "bytes_up": st.bytes_up,
+            "bytes_down": st.bytes_down,
+            "utilisation": st.train_s / st.unit_s if st.unit_s else None,
+            "seconds": time.monotonic() - self._t0,
+        }
+
+    def summary(self, stage1, work: Path) -> dict:
+        """Machine-readable summary (also written to ``summary.json``)."""
+        return {
+            "preset": self.cfg.name,
+            "participants": self.n,
+            "stage1_val_loss": stage1.val_loss,
+            "stages": self.stages,
+            "work_dir": str(work),
+        }
+
+    def close(self) -> None:
+        """Stop the live display if it is still running."""
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    def print_summary(self, summary: dict | None, work: Path) -> None:
+        """Print the final summary table."""
+        if summary is None:
+            self.say(f"stopped early; logs and database under {work}")
+            return
+        table = Table(title="Perspective demo summary")
+        for col in ("stage", "val loss (first → last)", "tokens", "versions", "up", "down", "util"):
+            table.add_column(col)
+        table.add_row("1 (central)", f"{summary['stage1_val_loss']:.4f}", "", "", "", "", "")
+        for stage, s in summary["stages"].items():
+            first = s["val_loss"][0][1] if s["val_loss"] else float("nan")
+            util = f"{s['utilisation']:.0%}" if s["utilisation"] is not None else "-"
+            table.add_row(
+                str(stage), f"{first:.4f} → {s['final_val_loss']:.4f}", f"{s['tokens']:,}",
+                str(s["versions_end"]), _mb(s["bytes_up"]), _mb(s["bytes_down"]), util,
+            )  # fmt: skip
+        self.console.print(table)
+        self.say(f"database: {work / 'coordinator' / 'coordinator.db'}")
+        self.say(f"blobs and checkpoints: {work / 'coordinator'}; summary: {work / 'summary.json'}")

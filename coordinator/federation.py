@@ -1,0 +1,325 @@
+"""The coordinator's asynchronous federation loop (stages 3 and 4), FedBuff-style.
+
+Each iteration: expire overdue leases; lease work so that every online participant
+has ``max_in_flight`` units queued (it never waits for us); pull Flower replies (our own
+fast loop, no rounds, no barrier); take each result through :mod:`coordinator.intake`
+(validate → store → apply); every ``buffer_size`` accepted results take an outer step on
+the shared layers and publish a new version; evaluate now and then.
+
+Durability. The database is the log: a result row is committed before it is applied,
+and ``publish_version`` + ``mark_applied`` commit together. The in-memory state is
+checkpointed every ``checkpoint_every`` versions; on restart :meth:`FederationLoop.recover`
+loads the checkpoint and replays, in order and with the same publishing boundaries,
+every accepted result applied after it — which recreates the same versions bit for bit
+(same content ids) — and then the accepted results never applied. Nothing accepted is
+lost or applied twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from coordinator import intake
+from coordinator.db import events as db_events
+from coordinator.db import participants as db_participants
+from coordinator.db import results as db_results
+from coordinator.db import versions as db_versions
+from coordinator.evaluation import ColumnAssignment, column_val_loss
+from coordinator.leasing import UnitFactory
+from coordinator.scheduler import Scheduler
+from coordinator.state import CoordinatorState
+from shared_model.data import DocumentDataset
+from shared_model.wire.perspective.v1 import control_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FederationSettings:
+    """Knobs of one federated stage (defaults from ``docs/federated-training.md``)."""
+
+    stage: int = 3
+    steps_per_unit: int = 20
+    lease_seconds: float = 300.0
+    max_in_flight: int = 2
+    docs_per_unit: int = 32
+    column_codec: str = "ternary"
+    shared_codec: str = "ternary"
+    eval_every: int = 5
+    eval_batches: int = 4
+    max_update_norm: float = 1e4
+    state_path: Path | None = None
+
+
+@dataclass
+class LoopStats:
+    """Running totals shown by the demo and the dashboard."""
+
+    tokens: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    val_loss: list[tuple[int, float]] = field(default_factory=list)
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    train_s: float = 0.0
+    unit_s: float = 0.0
+
+
+class FederationLoop:
+    """Drives one federated stage over a :class:`~coordinator.flower.driver.FlowerDriver`."""
+
+    def __init__(
+        self,
+        state: CoordinatorState,
+        settings: FederationSettings,
+        session_factory,
+        driver,
+        units: UnitFactory,
+        val: DocumentDataset,
+        assignment: ColumnAssignment,
+        progress: Callable[[LoopStats], float],
+    ) -> None:
+        self.state, self.settings, self.factory = state, settings, session_factory
+        self.driver, self.units, self.val = driver, units, val
+        self.assignment, self.progress = assignment, progress
+        self.scheduler = Scheduler(
+            session_factory,
+            lease_seconds=settings.lease_seconds,
+            max_in_flight=settings.max_in_flight,
+        )
+        self.stats = LoopStats()
+        self._applied: list[str] = []
+        self._message_units: dict[str, str] = {}
+
+    # --- main loop ------------------------------------------------------------------------
+
+    def run(self, should_stop: Callable[[], bool], on_tick: Callable[[], None] | None = None):
+        """Iterate until ``progress`` reaches 1 or ``should_stop()``; then collect results."""
+        while not should_stop() and self.progress(self.stats) < 1.0:
+            self.step()
+            if on_tick is not None:
+                on_tick()
+        self.collect(timeout=self.settings.lease_seconds)
+
+    def step(self, wait: float = 0.2) -> None:
+        """One iteration: expire, lease, pull replies and handle them."""
+        self.scheduler.expire_leases()
+        for node_id in self.driver.node_ids():
+            self._lease_for(node_id)
+        for reply in self.driver.wait_any(wait):
+            self._handle_reply(reply)
+
+    def _lease_for(self, node_id: int) -> None:
+        with self.factory.begin() as s:
+            db_participants.touch_participant(s, node_id=node_id)
+        for _ in range(self.scheduler.leases_needed(node_id)):
+            with self.factory.begin() as s:
+                participant = db_participants.find_participant(s, node_id=node_id)
+                unit = self.units.lease(
+                    s, self.scheduler, participant, self.state, self._fraction()
+                )
+                request = self.units.request(unit, self.state, node_id)
+                unit_id = unit.unit_id
+            payload = request.SerializeToString()
+            message_id = self.driver.push(
+                node_id, payload, "train.unit", self.settings.lease_seconds
+            )
+            self._message_units[message_id] = unit_id
+            self.stats.bytes_down += len(payload)
+
+    def _fraction(self) -> float:
+        return min(max(self.progress(self.stats), 0.0), 1.0)
+
+    # --- replies --------------------------------------------------------------------------
+
+    def _handle_reply(self, reply) -> None:
+        unit_id = self._message_units.pop(reply.message_id, None)
+        if not reply.ok:
+            self._log("unit.failed", f"node {reply.node_id}: {reply.error_reason}", unit_id)
+            if unit_id is not None:
+                with self.factory.begin() as s:
+                    self.scheduler.fail_unit(s, unit_id=unit_id, reason=str(reply.error_reason))
+            return
+        try:
+            body = control_pb2.ControlReply.FromString(reply.payload)
+        except Exception as exc:  # protobuf DecodeError: the node sent garbage
+            self._log("reply.malformed", f"node {reply.node_id}: {exc}", unit_id)
+            return
+        for failed, why in zip(body.failed_units, body.failure_reasons, strict=False):
+            with self.factory.begin() as s:
+                self.scheduler.fail_unit(s, unit_id=failed, reason=why)
+        for result in body.results:
+            self.receive(reply.node_id, result)
+
+    def receive(self, node_id: int, result) -> db_results.RecordOutcome:
+        """Validate, store and apply one result (idempotent on replays of the same unit)."""
+        ids = intake.blob_ids(result)
+        bytes_up = sum(self._blob_size(c) for c in (*ids["columns"].values(), ids["shared"]))
+        reason, detail, decoded = None, "", None
+        with self.factory.begin() as s:
+            unit = _unit(s, result.unit_id)
+            if unit is not None and result.base_version == unit.base_version:
+                try:
+                    decoded = self._validate(ids, unit)
+                except intake.Rejected as exc:
+                    reason, detail = exc.reason, exc.detail
+            outcome = db_results.record_result(
+                s,
+                unit_id=result.unit_id,
+                node_id=node_id,
+                payload=intake.payload_of(result, bytes_up),
+                reject_reason=reason,
+                reject_detail=detail,
+            )
+        if outcome.duplicate or not outcome.accepted or decoded is None:
+            if not outcome.accepted and not outcome.duplicate:
+                self.stats.rejected += 1
+            return outcome
+        self._apply(result.unit_id, decoded)
+        self.stats.tokens += int(result.tokens)
+        self.stats.accepted += 1
+        self.stats.bytes_up += bytes_up
+        self.stats.train_s += result.timings.train_s
+        self.stats.unit_s += result.timings.total_s
+        self.stats.train_loss.append((self.state.version, float(result.train_loss)))
+        return outcome
+
+    def _validate(self, ids: dict, unit) -> intake.DecodedResult:
+        stale = self.state.version - unit.base_version
+        if stale > self.state.columns.max_staleness:
+            raise intake.Rejected(
+                intake.RejectReason.STALE_BASE,
+                f"base version {unit.base_version} is {stale} versions old",
+            )
+        return intake.decode_result(
+            self.state, ids, unit.base_version, list(unit.columns), self.settings.max_update_norm
+        )
+
+    def _blob_size(self, cid: str) -> int:
+        try:
+            return self.state.store.stat(cid).size
+        except Exception:  # a missing blob is reported by validation, not here
+            return 0
+
+    def _apply(self, unit_id: str, decoded: intake.DecodedResult) -> None:
+        stepped = intake.apply_result(self.state, decoded)
+        self._applied.append(unit_id)
+        if stepped:
+            self.publish()
+
+    # --- versions -------------------------------------------------------------------------
+
+    def publish(self) -> int:
+        """Publish the masters as a new version and record it with the results it applies."""
+        version = self.state.publish()
+        metrics = {"tokens": self.stats.tokens, "accepted": self.stats.accepted}
+        if version % self.settings.eval_every == 0:
+            metrics["val_loss"] = self.evaluate()
+        with self.factory.begin() as s:
+            db_versions.lock_latest_version(s)
+            db_versions.publish_version(
+                s,
+                parent=version - 1,
+                checksum=self.state.manifests[version].content_id,
+                delta_blobs=[self.state.manifests[version].content_id],
+                checkpoint_id=_cid(self.state.checkpoints.get(version)),
+                metrics=metrics,
+                stage=f"stage{self.settings.stage}",
+            )
+            if self._applied:
+                db_results.mark_applied(s, unit_ids=self._applied, version=version)
+        self._applied = []
+        if self.settings.state_path and version in self.state.checkpoints:
+            self.state.save(self.settings.state_path)
+        return version
+
+    def evaluate(self) -> float:
+        """Validation loss of the published model in column mode."""
+        cfg = self.state.cfg
+        loss = column_val_loss(
+            self.state.published_model(),
+            self.val,
+            self.assignment,
+            batch_size=cfg.train.batch_size,
+            seq_len=cfg.train.seq_len,
+            batches=self.settings.eval_batches,
+        )
+        self.stats.val_loss.append((self.state.version, loss))
+        self._log("eval", f"version {self.state.version}: val loss {loss:.4f}")
+        return loss
+
+    # --- end of stage and recovery ---------------------------------------------------------
+
+    def collect(self, timeout: float) -> None:
+        """Ask every node with units in flight for its finished results; bounded wait."""
+        collect = control_pb2.ControlRequest(collect=True).SerializeToString()
+        for node_id in set(self.driver.pending.values()):
+            self.driver.push(node_id, collect, "query.collect", timeout)
+        deadline = time.monotonic() + timeout
+        while self.driver.pending and time.monotonic() < deadline:
+            for reply in self.driver.wait_any(0.2):
+                self._handle_reply(reply)
+        if self._applied or self.state.shared.has_buffered():
+            self.state.shared.flush()
+            self.publish()
+
+    def recover(self) -> int:
+        """Replay the result log after the loaded state checkpoint; returns results replayed."""
+        with self.factory.begin() as s:
+            done = db_results.applied_results_after(s, version=self.state.version)
+            pending = db_results.pending_results(s)
+            rows = [
+                (r.applied_in_version, r.unit_id, r.blob_ids, _unit(s, r.unit_id))
+                for r in done + pending
+            ]
+        replayed = 0
+        for target, unit_id, ids, unit in rows:
+            decoded = intake.decode_result(
+                self.state, ids, unit.base_version, list(unit.columns), float("inf")
+            )
+            if target is not None:
+                intake.apply_result(self.state, decoded, step=False)
+                self._applied.append(unit_id)
+                if _last_of_version(rows, replayed, target):
+                    self.state.shared.flush()
+                    self.state.publish()
+                    self._applied = []
+            else:
+                self._apply(unit_id, decoded)
+            replayed += 1
+        return replayed
+
+    def _log(self, kind: str, message: str, unit_id: str | None = None) -> None:
+        log.info("%s: %s", kind, message)
+        with self.factory.begin() as s:
+            db_events.log_event(s, kind=kind, message=message, unit_id=unit_id)
+
+
+def _last_of_version(rows, index: int, target: int) -> bool:
+    nxt = rows[index + 1][0] if index + 1 < len(rows) else None
+    return nxt != target
+
+
+def _unit(session, unit_id: str):
+    from coordinator.db.errors import NotFound
+    from coordinator.db.leases import get_unit
+
+    try:
+        return get_unit(session, unit_id=unit_id)
+    except NotFound:
+        return None
+
+
+def _cid(ref) -> str | None:
+    return ref.content_id if ref is not None else None
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")

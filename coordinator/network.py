@@ -1,0 +1,195 @@
+"""The coordinator process: database, blob store and service, stage set-up, federation.
+
+:class:`Coordinator` owns what one coordinator host runs (DESIGN §5): the SQLAlchemy
+database, the content-addressed blob store served by the gRPC blob service, and the
+federated stages, which it drives through a Flower driver. It is used by
+``perspective coordinator serve`` and by ``perspective demo``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from coordinator.db import init_db, make_session_factory
+from coordinator.db import versions as db_versions
+from coordinator.evaluation import ColumnAssignment, initial_assignment
+from coordinator.federation import FederationLoop, FederationSettings, LoopStats
+from coordinator.leasing import UnitFactory
+from coordinator.state import CoordinatorState
+from shared_model.blobs import BlobServer, BlobStore
+from shared_model.checkpoint import load_checkpoint
+from shared_model.config import PerspectiveConfig
+from shared_model.data import PreparedCorpus
+from shared_model.model import PerspectiveModel
+from shared_model.wire.perspective.v1 import tensor_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageBudget:
+    """When a federated stage ends: whichever of tokens or minutes comes first."""
+
+    tokens: int | None = None
+    minutes: float | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def progress(self, stats: LoopStats) -> float:
+        """Fraction of the budget used, in [0, 1+]."""
+        parts = []
+        if self.tokens:
+            parts.append(stats.tokens / self.tokens)
+        if self.minutes:
+            parts.append((time.monotonic() - self.started) / (60 * self.minutes))
+        return max(parts) if parts else 0.0
+
+
+class Coordinator:
+    """Database + blob service + federated stages of one coordinator."""
+
+    def __init__(
+        self,
+        cfg: PerspectiveConfig,
+        work_dir: str | Path,
+        corpus: PreparedCorpus,
+        *,
+        db_url: str | None = None,
+        blob_host: str = "127.0.0.1",
+        blob_port: int = 0,
+    ) -> None:
+        self.cfg, self.corpus = cfg, corpus
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.db_url = db_url or f"sqlite:///{self.work_dir / 'coordinator.db'}"
+        self.engine = init_db(self.db_url)
+        self.session_factory = make_session_factory(self.engine)
+        self.store = BlobStore(self.work_dir / "blobs")
+        self.token_key = self._token_key()
+        self.blob_server = BlobServer(self.store, self.token_key, host=blob_host, port=blob_port)
+        self.state: CoordinatorState | None = None
+        self.assignment: ColumnAssignment | None = None
+        self.loop: FederationLoop | None = None
+
+    def _token_key(self) -> bytes:
+        path = self.work_dir / "token.key"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(secrets.token_bytes(32))
+            tmp.chmod(0o600)
+            tmp.replace(path)
+        return path.read_bytes()
+
+    def start(self) -> None:
+        """Start the blob service."""
+        self.blob_server.start()
+        self.blob_server.wait_until_ready()
+
+    def shutdown(self) -> None:
+        """Stop the blob service and release the database."""
+        self.blob_server.shutdown()
+        self.engine.dispose()
+
+    # --- stages ------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        moe_checkpoint: str | Path,
+        *,
+        buffer_size: int,
+        codec: str,
+        outer_lr: float = 1.0,
+        outer_momentum: float = 0.0,
+    ) -> None:
+        """Load the stage-2 (or later) MoE checkpoint, shards and the initial routing."""
+        ckpt = load_checkpoint(moe_checkpoint)
+        model = PerspectiveModel(self.cfg, moe=True)
+        model.load_state_dict(ckpt.model_state, strict=True)
+        train = self.corpus.dataset("train")
+        self.val = self.corpus.dataset("val")
+        n = self.cfg.moe.n_experts
+        self.assignment = initial_assignment(model, train, n, seed=self.cfg.train.seed)
+        self.shards = [self._put_file(p) for p in self._shard_files("train")]
+        state_path = self.work_dir / "state.safetensors"
+        self.state = CoordinatorState(
+            self.cfg,
+            model,
+            self.store,
+            codec=codec,
+            buffer_size=buffer_size,
+            outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
+        )
+        if state_path.exists():
+            self.state.load(state_path)
+        self._record_initial_version()
+
+    def _record_initial_version(self) -> None:
+        """Version 0 (the stage-2 weights) exists in the database before any unit is leased."""
+        with self.session_factory.begin() as s:
+            if db_versions.lock_latest_version(s) is not None:
+                return
+            ckpt = self.state.checkpoints[0].content_id
+            db_versions.publish_version(
+                s, parent=None, checksum=ckpt, checkpoint_id=ckpt, stage="stage2", metrics={}
+            )
+
+    def _shard_files(self, split: str) -> list[Path]:
+        return [
+            self.corpus.root / "shards" / f"{cid}.shard" for cid in self.corpus.shard_ids(split)
+        ]
+
+    def _put_file(self, path: Path) -> tensor_pb2.BlobRef:
+        cid = self.store.put_file(path)
+        return tensor_pb2.BlobRef(content_id=cid, size=path.stat().st_size)
+
+    def federated_stage(
+        self, stage: int, driver, budget: StageBudget, settings: FederationSettings, units_hint: int
+    ) -> FederationLoop:
+        """Build the loop for a federated stage (3 or 4) on the prepared state."""
+        assert self.state is not None and self.assignment is not None, "call prepare() first"
+        teacher = self.state.teacher_checkpoint() if stage == 4 else None
+        units = UnitFactory(
+            cfg=self.cfg,
+            stage=stage,
+            steps_per_unit=settings.steps_per_unit,
+            docs_per_unit=settings.docs_per_unit,
+            assignment=self.assignment,
+            shards=self.shards,
+            eot_id=self.corpus.eot_id,
+            blob_address=self.blob_server.address,
+            token_key=self.token_key,
+            lease_seconds=settings.lease_seconds,
+            column_codec=settings.column_codec,
+            shared_codec=settings.shared_codec,
+            teacher=teacher,
+            total_units_hint=max(units_hint, 1),
+        )
+        settings.state_path = settings.state_path or self.work_dir / "state.safetensors"
+        self.loop = FederationLoop(
+            self.state,
+            settings,
+            self.session_factory,
+            driver,
+            units,
+            self.val,
+            self.assignment,
+            budget.progress,
+        )
+        return self.loop
+
+
+def default_columns_per_participant(n_experts: int, n_participants: int) -> int:
+    """Columns each participant should hold so every column is trained."""
+    return max(1, math.ceil(n_experts / max(n_participants, 1)))
+
+
+def set_threads(n: int) -> None:
+    """Torch intra-op threads for this process."""
+    torch.set_num_threads(max(1, n))
