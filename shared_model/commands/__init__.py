@@ -11,7 +11,7 @@ import typer
 
 from coordinator import demo
 from participant import cli as participant_cli
-from shared_model.commands import codec, generate, manifold, plan, train
+from shared_model.commands import codec, convert, generate, manifold, plan, train
 from shared_model.commands import eval as eval_cmd
 
 REGISTRARS: list[Callable[[typer.Typer], None]] = [
@@ -23,4 +23,5 @@ REGISTRARS: list[Callable[[typer.Typer], None]] = [
     train.register,
     manifold.register,
     eval_cmd.register,
+    convert.register,
 ]
