@@ -12,7 +12,7 @@ import typer
 from coordinator import cli as coordinator_cli
 from coordinator import demo
 from participant import cli as participant_cli
-from shared_model.commands import codec, convert, generate, manifold, plan, train
+from shared_model.commands import codec, convert, generate, manifold, plan, stage, train
 from shared_model.commands import eval as eval_cmd
 
 REGISTRARS: list[Callable[[typer.Typer], None]] = [
@@ -26,4 +26,5 @@ REGISTRARS: list[Callable[[typer.Typer], None]] = [
     manifold.register,
     eval_cmd.register,
     convert.register,
+    stage.register,
 ]
