@@ -271,7 +271,7 @@ def _train_routers(model, dataset, geometry, p: ManifoldParams, dev) -> list[dic
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % max(1, p.steps // 10) == 0 or step == p.steps - 1:
-            history.append({"step": step + 1, "loss": float(loss), **parts})
+            history.append({"step": step + 1, "loss": float(loss.detach()), **parts})
     return history
 
 
