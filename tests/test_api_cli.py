@@ -1,0 +1,42 @@
+"""``perspective coordinator`` commands against a live API server on 127.0.0.1."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from coordinator.api import ApiSettings, create_app
+from coordinator.cli import app
+from coordinator.db import init_db, make_session_factory, sqlite_url
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.serve_api import ApiServer
+from tests.coordinator_feed import NetworkFeed
+
+
+def test_cli_tokens_and_api_commands(tmp_path):
+    db = str(tmp_path / "c.db")
+    runner = CliRunner()
+    made = runner.invoke(app, ["token", "create", "--db", db, "--name", "ops"])
+    assert made.exit_code == 0, made.output
+    token = made.stdout.strip().splitlines()[-1]
+    assert token.startswith("pspk_")
+    factory = make_session_factory(init_db(sqlite_url(db)))
+    NetworkFeed(factory).run(2)
+    server_app = create_app(factory, ApiSettings(), metrics=CoordinatorMetrics())
+    with ApiServer(server_app, port=0) as server:
+        env = {"PERSPECTIVE_COORDINATOR_URL": server.url, "PERSPECTIVE_TOKEN": token}
+        out = runner.invoke(app, ["status"], env=env)
+        assert out.exit_code == 0 and "version      2" in out.stdout
+        out = runner.invoke(app, ["participants"], env=env)
+        assert out.exit_code == 0 and "volunteer-2" in out.stdout
+        out = runner.invoke(app, ["stage", "start", "expert_diff"], env=env)
+        assert out.exit_code == 0 and "job 1 (expert_diff): running" in out.stdout
+        assert "paused" in runner.invoke(app, ["stage", "pause", "1"], env=env).stdout
+        again = runner.invoke(app, ["stage", "pause", "1"], env=env)
+        assert again.exit_code == 1 and "HTTP 409" in again.output
+        assert "running" in runner.invoke(app, ["stage", "resume", "1"], env=env).stdout
+        revoked = runner.invoke(app, ["token", "revoke", "--db", db, "1"])
+        assert revoked.exit_code == 0
+        denied = runner.invoke(app, ["stage", "cancel", "1"], env=env)
+        assert denied.exit_code == 1 and "HTTP 401" in denied.output
+    listed = runner.invoke(app, ["token", "list", "--db", db])
+    assert "revoked" in listed.stdout and token not in listed.stdout
