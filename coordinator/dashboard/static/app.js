@@ -107,7 +107,7 @@
   // ------------------------------------------------------------------ pages
   const t0 = Date.now() / 1000;
   const rel = s => s - t0;
-  const secs = x => x.toFixed(0) + "s";
+  const secs = x => (Math.abs(x) < 10 ? x.toFixed(1) : x.toFixed(0)) + "s";
 
   function rates(key) {
     const out = [];
