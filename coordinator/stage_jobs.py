@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -32,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.db.engine import transaction
@@ -142,12 +140,7 @@ def _train_runner(stage: int) -> Callable[[StageContext], Path]:
 
         from shared_model.trainer import train_stage
 
-        # Seed every generator the checkpoint records, so a job is a pure function of
-        # its inputs (same weights as the CLI, and the same RNG state whether it ran
-        # uninterrupted or was killed and resumed).
-        torch.manual_seed(ctx.cfg.train.seed)
-        np.random.seed(ctx.cfg.train.seed)
-        random.seed(ctx.cfg.train.seed)
+        torch.manual_seed(ctx.cfg.train.seed)  # same initial weights as the CLI
         result = train_stage(
             ctx.cfg,
             stage,
@@ -285,7 +278,7 @@ def run_stage_job(
         StageJobError: unknown stage, missing input, job busy or its output lost.
         Exception: whatever the stage raised (the job is then ``failed`` with the reason).
     """
-    spec, out_dir = get_stage(stage), Path(out_dir).resolve()
+    spec, out_dir = get_stage(stage), Path(out_dir)
     if spec.needs_init and init is None:
         raise StageJobError(f"stage {stage} needs an input checkpoint (--init)")
     if init is not None and not Path(init).is_file():

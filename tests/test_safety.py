@@ -114,3 +114,20 @@ def test_guarded_generation_stops_when_leaving_the_polytope(spp_run, cfg):
     spp.eps = float("-inf")  # everything blocked: the prompt is refused
     refused = guarded_generate(model, spp, [1, 2, 3], 5)
     assert refused.blocked and refused.blocked_at == 0 and refused.ids == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_spp_runs_as_a_stage_job_and_is_reused(cfg, corpus, tmp_path):
+    from coordinator.db.engine import init_db, make_session_factory, sqlite_url
+    from coordinator.stage_jobs import run_stage_job
+
+    factory = make_session_factory(init_db(sqlite_url(tmp_path / "jobs.db")))
+    init = tmp_path / "stage4.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(init, PerspectiveModel(cfg, moe=True), cfg, stage=4, step=0)
+    first = run_stage_job(factory, "6", cfg, tmp_path / "out", data=corpus, init=init)
+    assert first.state == "done" and not first.reused
+    assert first.progress["redteam_block_rate"] >= 0.98
+    assert SafetyPolytope.load(first.output_path).eps == first.progress["eps"]
+    again = run_stage_job(factory, "6", cfg, tmp_path / "out", data=corpus, init=init)
+    assert again.reused and again.output_id == first.output_id
