@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.db.engine import transaction
@@ -140,7 +142,12 @@ def _train_runner(stage: int) -> Callable[[StageContext], Path]:
 
         from shared_model.trainer import train_stage
 
-        torch.manual_seed(ctx.cfg.train.seed)  # same initial weights as the CLI
+        # Seed every generator the checkpoint records, so a job is a pure function of
+        # its inputs (same weights as the CLI, and the same RNG state whether it ran
+        # uninterrupted or was killed and resumed).
+        torch.manual_seed(ctx.cfg.train.seed)
+        np.random.seed(ctx.cfg.train.seed)
+        random.seed(ctx.cfg.train.seed)
         result = train_stage(
             ctx.cfg,
             stage,
@@ -278,7 +285,7 @@ def run_stage_job(
         StageJobError: unknown stage, missing input, job busy or its output lost.
         Exception: whatever the stage raised (the job is then ``failed`` with the reason).
     """
-    spec, out_dir = get_stage(stage), Path(out_dir)
+    spec, out_dir = get_stage(stage), Path(out_dir).resolve()
     if spec.needs_init and init is None:
         raise StageJobError(f"stage {stage} needs an input checkpoint (--init)")
     if init is not None and not Path(init).is_file():
@@ -339,6 +346,12 @@ def _stopped_early(path: Path) -> bool:
     if not summary.is_file():
         return False
     return bool(json.loads(summary.read_text()).get("stopped_early", False))
+
+
+# Stages 5 and 6 live in shared_model.stage_registry; registered last (they import this module).
+from shared_model.stage_registry import register_extra_stages  # noqa: E402
+
+register_extra_stages()
 
 
 # Stages 5 and 6 live in shared_model.stage_registry; registered last (they import this module).
