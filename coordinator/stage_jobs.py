@@ -352,9 +352,3 @@ def _stopped_early(path: Path) -> bool:
 from shared_model.stage_registry import register_extra_stages  # noqa: E402
 
 register_extra_stages()
-
-
-# Stages 5 and 6 live in shared_model.stage_registry; registered last (they import this module).
-from shared_model.stage_registry import register_extra_stages  # noqa: E402
-
-register_extra_stages()
