@@ -38,7 +38,12 @@ def demo(
     """Run the local federated network (central seed, federated stages 3 and 4)."""
     from coordinator.federation import FederationSettings
     from coordinator.local_network import LocalNetwork
-    from coordinator.network import Coordinator, StageBudget, default_columns_per_participant
+    from coordinator.network import (
+        Coordinator,
+        StageBudget,
+        default_columns_per_participant,
+        demo_corpus_bytes,
+    )
     from shared_model.config import load_config
     from shared_model.data import prepare_corpus
     from shared_model.trainer import train_stage
@@ -53,7 +58,7 @@ def demo(
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    corpus = prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=_corpus_bytes(preset))
+    corpus = prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=demo_corpus_bytes(preset))
     seed_minutes = 0.2 * minutes
     view.say(f"stage 1 (dense seed, central) for {seed_minutes:.1f} min ...")
     r1 = train_stage(cfg, 1, work / "central", minutes=seed_minutes, data=corpus)
@@ -98,11 +103,6 @@ def demo(
         coord.shutdown()
         network.shutdown()
     view.print_summary(summary if "summary" in locals() else None, work)
-
-
-def _corpus_bytes(preset: str) -> int | None:
-    # tiny trains for a couple of minutes: a few MB of the stdlib is plenty.
-    return 3_000_000 if preset == "tiny" else None
 
 
 def register(app: typer.Typer) -> None:

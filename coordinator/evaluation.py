@@ -22,9 +22,13 @@ from shared_model.model import PerspectiveModel
 EVAL_SEED = 1_000_003
 
 
-def document_features(model: PerspectiveModel, dataset: DocumentDataset) -> np.ndarray:
-    """Mean input embedding of each document's tokens, ``[D, d_model]`` (float64)."""
-    emb = model.tok_emb.weight.detach().double().numpy()
+def document_features(emb: np.ndarray, dataset: DocumentDataset) -> np.ndarray:
+    """Mean of ``emb`` rows over each document's tokens, ``[D, d_model]`` (float64).
+
+    ``emb`` is the stage-2 input embedding, frozen in the :class:`ColumnAssignment` so
+    that features of new documents stay comparable with the centroids while training
+    moves the model's own embedding.
+    """
     return np.stack(
         [emb[tokens.astype(np.int64)].mean(0) for _, tokens in dataset.iter_documents()]
     )

@@ -17,6 +17,7 @@ lost or applied twice.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from coordinator.db import events as db_events
 from coordinator.db import participants as db_participants
 from coordinator.db import results as db_results
 from coordinator.db import versions as db_versions
+from coordinator.db.types import utcnow
 from coordinator.evaluation import ColumnAssignment, column_val_loss
 from coordinator.leasing import UnitFactory
 from coordinator.scheduler import Scheduler
@@ -152,11 +154,25 @@ class FederationLoop:
         except Exception as exc:  # protobuf DecodeError: the node sent garbage
             self._log("reply.malformed", f"node {reply.node_id}: {exc}", unit_id)
             return
+        self._update_capability(reply.node_id, body.capability)
+        self.stats.bytes_down += body.bytes_down
         for failed, why in zip(body.failed_units, body.failure_reasons, strict=False):
             with self.factory.begin() as s:
                 self.scheduler.fail_unit(s, unit_id=failed, reason=why)
         for result in body.results:
             self.receive(reply.node_id, result)
+
+    def _update_capability(self, node_id: int, cap) -> None:
+        if cap.max_columns < 1:
+            return  # an old or partial reply: keep what we know
+        capability = db_participants.Capability(
+            max_columns=int(cap.max_columns),
+            threads=int(cap.threads) or None,
+            device=cap.device or None,
+            tokens_per_s=float(cap.tokens_per_s) or None,
+        )
+        with self.factory.begin() as s:
+            db_participants.touch_participant(s, node_id=node_id, capability=capability)
 
     def receive(self, node_id: int, result) -> db_results.RecordOutcome:
         """Validate, store and apply one result (idempotent on replays of the same unit)."""
@@ -271,7 +287,12 @@ class FederationLoop:
             self.publish()
 
     def recover(self) -> int:
-        """Replay the result log after the loaded state checkpoint; returns results replayed."""
+        """Replay the result log after the loaded state checkpoint; returns results replayed.
+
+        Leases still open belong to the Flower run that died with the previous process
+        (their replies cannot reach this run): they are expired now and re-queued.
+        """
+        self.scheduler.expire_leases(now=utcnow() + dt.timedelta(days=365))
         with self.factory.begin() as s:
             done = db_results.applied_results_after(s, version=self.state.version)
             pending = db_results.pending_results(s)

@@ -22,9 +22,9 @@ from coordinator.aggregation.columns import StaleResultError
 from coordinator.db import results as db_results
 from coordinator.db.types import RejectReason
 from coordinator.state import CoordinatorState
-from shared_model.blobs import BlobError
+from shared_model.blobs import BlobCorrupt, BlobError, HashMismatch
 from shared_model.codec import CodecError
-from shared_model.federated.updates import UpdateError, read_bundle
+from shared_model.federated.updates import BundleShapeError, UpdateError, read_bundle
 from shared_model.wire.perspective.v1 import federation_pb2
 
 State = dict[str, torch.Tensor]
@@ -79,11 +79,15 @@ def decode_result(
 
 def _decode(state: CoordinatorState, cid: str, kind: str, expected: dict, max_norm: float) -> State:
     try:
-        data = state.store.get(cid)
+        data = state.store.get(cid, verify=True)
+    except (BlobCorrupt, HashMismatch) as exc:
+        raise Rejected(RejectReason.BAD_CHECKSUM, f"{kind} blob {cid[:12]}: {exc}") from exc
     except BlobError as exc:
         raise Rejected(RejectReason.MISSING_BLOB, f"{kind} blob {cid[:12]}: {exc}") from exc
     try:
         _, tensors = read_bundle(data, kind=kind, expected=expected)
+    except BundleShapeError as exc:
+        raise Rejected(RejectReason.BAD_SHAPE, f"{kind} bundle: {exc}") from exc
     except (UpdateError, CodecError) as exc:
         raise Rejected(RejectReason.MALFORMED, f"{kind} bundle: {exc}") from exc
     missing = sorted(set(expected) - set(tensors))

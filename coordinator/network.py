@@ -185,6 +185,11 @@ class Coordinator:
         return self.loop
 
 
+def demo_corpus_bytes(preset: str) -> int | None:
+    """How much of the stdlib corpus a preset uses (tiny: a few MB are plenty)."""
+    return 3_000_000 if preset == "tiny" else None
+
+
 def default_columns_per_participant(n_experts: int, n_participants: int) -> int:
     """Columns each participant should hold so every column is trained."""
     return max(1, math.ceil(n_experts / max(n_participants, 1)))

@@ -15,7 +15,6 @@ re-applies the accepted results recorded after it (DB: ``applied_in_version`` is
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -90,9 +89,9 @@ class CoordinatorState:
             {k: tuple(v.shape) for k, v in self.shared.published.items()},
             self.shared.published,
         )
-        manifest = control_pb2.VersionManifest(
-            version=version, parent=parent, created_unix=int(time.time())
-        )
+        # No timestamp in the manifest: replaying the result log after a restart must
+        # recreate the same bytes, hence the same content ids (the DB row has the time).
+        manifest = control_pb2.VersionManifest(version=version, parent=parent)
         manifest.shared.CopyFrom(self._put(shared_blob))
         for column, payloads in self.columns.publish(version, self._quantize).items():
             pub = self.columns.published(column)

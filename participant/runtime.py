@@ -58,6 +58,7 @@ class ParticipantRuntime:
         self._results: list[federation_pb2.WorkResult] = []
         self._failures: list[tuple[str, str]] = []
         self._busy = False
+        self._bytes_down = 0
         self._thread = threading.Thread(target=self._work, name="unit-trainer", daemon=True)
         self._thread.start()
 
@@ -84,7 +85,10 @@ class ParticipantRuntime:
         with self._cond:
             results, self._results = self._results, []
             failures, self._failures = self._failures, []
-        reply = control_pb2.ControlReply(results=results, queued_units=self._queue.qsize())
+            bytes_down, self._bytes_down = self._bytes_down, 0
+        reply = control_pb2.ControlReply(
+            results=results, queued_units=self._queue.qsize(), bytes_down=bytes_down
+        )
         reply.failed_units.extend(uid for uid, _ in failures)
         reply.failure_reasons.extend(why for _, why in failures)
         reply.capability.max_columns = self.max_columns
@@ -130,7 +134,7 @@ class ParticipantRuntime:
         client = BlobClient(req.blob_address, token=req.unit.capability_token, cache=self.cache)
         try:
             io = BlobIO(
-                fetch=lambda ref: client.get_bytes(ref.content_id),
+                fetch=lambda ref: self._fetch(client, ref.content_id),
                 upload=lambda data: tensor_pb2.BlobRef(content_id=client.put(data), size=len(data)),
             )
             trainer = self._trainer_for(req, io)
@@ -141,6 +145,14 @@ class ParticipantRuntime:
             keep = {s for s in req.unit.shard_ids}
             self.cache.evict_to(self.cache_cap_bytes, keep=keep)
         return result
+
+    def _fetch(self, client: BlobClient, content_id: str) -> bytes:
+        cached = self.cache.has(content_id)
+        data = client.get_bytes(content_id)
+        if not cached:
+            with self._cond:
+                self._bytes_down += len(data)
+        return data
 
     def _trainer_for(self, req: control_pb2.ControlRequest, io: BlobIO) -> UnitTrainer:
         key = tuple(req.unit.shard_ids)

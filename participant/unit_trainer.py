@@ -199,7 +199,7 @@ class UnitTrainer:
             if self.cfg.optim.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
             self.optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             tokens += x.numel()
         return float(np.mean(losses)) if losses else float("nan"), tokens
 

@@ -31,6 +31,10 @@ class UpdateError(ValueError):
     """An update bundle is malformed or does not fit the receiver's tensors."""
 
 
+class BundleShapeError(UpdateError):
+    """A bundle names unexpected tensors or has the wrong shapes for the receiver."""
+
+
 def tensor_digest(t: torch.Tensor) -> str:
     """Hex sha256 of a tensor's float32 little-endian bytes (row-major)."""
     arr = t.detach().to(torch.float32).contiguous().numpy()
@@ -116,11 +120,11 @@ def read_bundle(
         raise UpdateError("bundle names a tensor twice")
     unknown = sorted(set(names) - set(expected))
     if unknown:
-        raise UpdateError(f"bundle has unexpected tensors {unknown[:5]}")
+        raise BundleShapeError(f"bundle has unexpected tensors {unknown[:5]}")
     out: dict[str, torch.Tensor] = {}
     for t in bundle.tensors:
         shape = tuple(int(s) for s in t.shape)
         if shape != tuple(expected[t.name]):
-            raise UpdateError(f"{t.name}: shape {shape} != expected {tuple(expected[t.name])}")
+            raise BundleShapeError(f"{t.name}: shape {shape} != expected {tuple(expected[t.name])}")
         out[t.name] = decode_update(t.payload, shape)
     return bundle, out

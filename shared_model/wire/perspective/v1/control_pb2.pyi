@@ -115,17 +115,19 @@ class ControlRequest(_message.Message):
     def __init__(self, unit: _Optional[_Union[_federation_pb2.WorkUnit, _Mapping]] = ..., collect: _Optional[bool] = ..., checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ..., teacher: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., blob_address: _Optional[str] = ..., budget_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., column_codec: _Optional[str] = ..., shared_codec: _Optional[str] = ..., eot_id: _Optional[int] = ...) -> None: ...
 
 class ControlReply(_message.Message):
-    __slots__ = ("results", "capability", "queued_units", "synced_version", "failed_units", "failure_reasons")
+    __slots__ = ("results", "capability", "queued_units", "synced_version", "failed_units", "failure_reasons", "bytes_down")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     QUEUED_UNITS_FIELD_NUMBER: _ClassVar[int]
     SYNCED_VERSION_FIELD_NUMBER: _ClassVar[int]
     FAILED_UNITS_FIELD_NUMBER: _ClassVar[int]
     FAILURE_REASONS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[_federation_pb2.WorkResult]
     capability: NodeCapability
     queued_units: int
     synced_version: int
     failed_units: _containers.RepeatedScalarFieldContainer[str]
     failure_reasons: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, results: _Optional[_Iterable[_Union[_federation_pb2.WorkResult, _Mapping]]] = ..., capability: _Optional[_Union[NodeCapability, _Mapping]] = ..., queued_units: _Optional[int] = ..., synced_version: _Optional[int] = ..., failed_units: _Optional[_Iterable[str]] = ..., failure_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
+    bytes_down: int
+    def __init__(self, results: _Optional[_Iterable[_Union[_federation_pb2.WorkResult, _Mapping]]] = ..., capability: _Optional[_Union[NodeCapability, _Mapping]] = ..., queued_units: _Optional[int] = ..., synced_version: _Optional[int] = ..., failed_units: _Optional[_Iterable[str]] = ..., failure_reasons: _Optional[_Iterable[str]] = ..., bytes_down: _Optional[int] = ...) -> None: ...

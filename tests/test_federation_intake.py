@@ -1,0 +1,145 @@
+"""Federation loop without the transport: leases, real unit training, intake, replay.
+
+The participant side is the real :class:`UnitTrainer`; only the two network hops (Flower
+for control messages, gRPC for blobs) are replaced by direct calls on the coordinator's
+own blob store — so everything that decides what is accepted, applied and published is
+exercised here, quickly. The real transports are covered by test_federation_flower.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coordinator.db import init_db, make_session_factory
+from coordinator.db import participants as db_participants
+from coordinator.db.models import Result
+from coordinator.evaluation import initial_assignment
+from coordinator.federation import FederationLoop, FederationSettings
+from coordinator.leasing import UnitFactory
+from coordinator.state import CoordinatorState
+from participant.unit_trainer import BlobIO, UnitTrainer
+from shared_model.blobs import BlobStore
+from shared_model.config import load_config
+from shared_model.data import prepare_corpus
+from shared_model.federated.updates import make_bundle
+from shared_model.model import PerspectiveModel
+from shared_model.wire.perspective.v1 import tensor_pb2
+
+NODE = 1 << 63 | 12345  # Flower node ids use the full unsigned 64-bit range
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    cfg = load_config("tiny")
+    return prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=3_000_000)
+
+
+def make_loop(tmp_path, corpus, state_seed=0):
+    torch.manual_seed(state_seed)
+    cfg = load_config("tiny", overrides=["train.batch_size=4", "train.seq_len=32"])
+    factory = make_session_factory(init_db(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    store = BlobStore(tmp_path / "blobs")
+    model = PerspectiveModel(cfg, moe=True)
+    train, val = corpus.dataset("train"), corpus.dataset("val")
+    state = CoordinatorState(cfg, model, store, buffer_size=2)
+    assignment = initial_assignment(model, train, cfg.moe.n_experts)
+    units = UnitFactory(
+        cfg=cfg, stage=3, steps_per_unit=3, docs_per_unit=8, assignment=assignment,
+        shards=[tensor_pb2.BlobRef(content_id=store.put_file(corpus.root / "shards" / f"{c}.shard"))
+                for c in corpus.shard_ids("train")],
+        eot_id=corpus.eot_id, blob_address="in-process", token_key=b"k" * 32, lease_seconds=60,
+    )  # fmt: skip
+    settings = FederationSettings(stage=3, eval_batches=1)
+    loop = FederationLoop(state, settings, factory, None, units, val, assignment, lambda s: 0.0)
+    with factory.begin() as s:
+        from coordinator.db import versions
+
+        versions.publish_version(s, parent=None, checksum="v0", metrics={})
+    return loop, train
+
+
+def lease_and_train(loop, train, tmp_path):
+    with loop.factory.begin() as s:
+        p = db_participants.touch_participant(
+            s, node_id=NODE, capability=db_participants.Capability(max_columns=2)
+        )
+        unit = loop.units.lease(s, loop.scheduler, p, loop.state, 0.0)
+        req = loop.units.request(unit, loop.state, NODE)
+    store = loop.state.store
+    io = BlobIO(
+        fetch=lambda ref: store.get(ref.content_id),
+        upload=lambda data: tensor_pb2.BlobRef(content_id=store.put_bytes(data), size=len(data)),
+    )
+    trainer = UnitTrainer(loop.state.cfg, train, tmp_path / "participant")
+    return req, trainer.run(req, io)
+
+
+def masters_snapshot(state):
+    return {k: v.clone() for k, v in state.shared.master.items()}
+
+
+def test_accept_apply_publish_and_duplicate(tmp_path, corpus):
+    loop, train = make_loop(tmp_path, corpus)
+    _, r1 = lease_and_train(loop, train, tmp_path)
+    assert loop.receive(NODE, r1).accepted
+    _, r2 = lease_and_train(loop, train, tmp_path)
+    assert loop.receive(NODE, r2).accepted
+    assert loop.state.version == 1  # buffer_size=2 results -> one outer step -> version 1
+    before = masters_snapshot(loop.state)
+    again = loop.receive(NODE, r2)
+    assert again.duplicate and again.accepted
+    assert all(torch.equal(before[k], v) for k, v in loop.state.shared.master.items())
+    with loop.factory() as s:
+        rows = s.query(Result).all()
+    assert len(rows) == 2 and {r.applied_in_version for r in rows} == {1}
+
+
+def test_rejections_store_reason_and_change_nothing(tmp_path, corpus):
+    loop, train = make_loop(tmp_path, corpus)
+    req, good = lease_and_train(loop, train, tmp_path)
+    before = masters_snapshot(loop.state)
+    cases = {}
+    unknown = type(good)()
+    unknown.CopyFrom(good)
+    unknown.unit_id = "no-such-unit"
+    cases["UNKNOWN_LEASE"] = unknown
+    # Wrong shapes: a shared bundle whose first tensor has the wrong shape.
+    name = sorted(loop.state.shared.master)[0]
+    bad_bundle = make_bundle("shared", -1, 0, {name: b"\x00"}, {name: (1, 2, 3)})
+    wrong = type(good)()
+    wrong.CopyFrom(good)
+    wrong.shared_update.blob.content_id = loop.state.store.put_bytes(bad_bundle)
+    outcome = loop.receive(NODE, wrong)
+    assert not outcome.accepted and outcome.reason == "BAD_SHAPE", outcome
+    assert loop.receive(NODE, cases["UNKNOWN_LEASE"]).reason == "UNKNOWN_LEASE"
+    assert all(torch.equal(before[k], v) for k, v in loop.state.shared.master.items())
+    with loop.factory() as s:
+        row = s.query(Result).filter_by(unit_id=good.unit_id).one()
+    assert row.state == "rejected" and row.reject_reason == "BAD_SHAPE"
+
+
+def test_corrupt_blob_is_rejected_as_bad_checksum(tmp_path, corpus):
+    loop, train = make_loop(tmp_path, corpus)
+    _, result = lease_and_train(loop, train, tmp_path)
+    path = loop.state.store.path(result.shared_update.blob.content_id)
+    path.write_bytes(b"corrupted" + path.read_bytes()[9:])
+    outcome = loop.receive(NODE, result)
+    assert outcome.reason == "BAD_CHECKSUM"
+
+
+def test_replay_rebuilds_identical_versions(tmp_path, corpus):
+    loop, train = make_loop(tmp_path, corpus)
+    for _ in range(4):
+        _, r = lease_and_train(loop, train, tmp_path)
+        assert loop.receive(NODE, r).accepted
+    assert loop.state.version == 2
+    manifests = {v: ref.content_id for v, ref in loop.state.manifests.items()}
+    # A "restarted" coordinator: fresh state at version 0, same DB and store.
+    restarted, _ = make_loop(tmp_path / "restart", corpus)
+    restarted.factory, restarted.state.store = loop.factory, loop.state.store
+    restarted.scheduler.session_factory = loop.factory
+    assert restarted.recover() == 4
+    assert {v: r.content_id for v, r in restarted.state.manifests.items()} == manifests
+    for k, v in loop.state.shared.master.items():
+        assert torch.equal(restarted.state.shared.master[k], v)
