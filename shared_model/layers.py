@@ -57,8 +57,12 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the FFN to ``x`` of shape ``[..., dim]``."""
-        h = F.silu(F.linear(x, self._weight(self.w1))) * F.linear(x, self._weight(self.w3))
-        return F.linear(h, self._weight(self.w2))
+        return swiglu(x, self._weight(self.w1), self._weight(self.w2), self._weight(self.w3))
+
+
+def swiglu(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
+    """SwiGLU with explicit weights (used by MoE layers with batch-quantised experts)."""
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
 
 def rope_angles(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from shared_model.config import PerspectiveConfig
-from shared_model.layers import SwiGLU
+from shared_model.layers import SwiGLU, swiglu
+from shared_model.ternary import ternary_ste_stacked
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight$")
@@ -90,21 +91,41 @@ class MoEFFN(nn.Module):
         out = out * gate.to(out.dtype)[:, None]
         return out.view(*x.shape[:-1], -1), {"probs": probs, "index": index}
 
+    def _weights(self, used: list[int]) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
+        """(w1, w2, w3) of the used experts; ternary-STE'd together when training ternary."""
+        experts = [self.expert(e) for e in used]
+        fraction = experts[0].ternary_fraction if experts else None
+        if fraction is None:
+            return {
+                e: (x.w1.weight, x.w2.weight, x.w3.weight)
+                for e, x in zip(used, experts, strict=True)
+            }
+        factor = experts[0].threshold_factor
+        quantised = [
+            ternary_ste_stacked([getattr(x, w).weight for x in experts], fraction, factor)
+            for w in EXPERT_WEIGHTS
+        ]
+        return {e: (quantised[0][j], quantised[1][j], quantised[2][j]) for j, e in enumerate(used)}
+
     def _dispatch(self, flat: Tensor, index: Tensor) -> Tensor:
         # Sort tokens by expert so each expert runs one dense matmul on its own tokens.
         order = torch.argsort(index, stable=True)
         counts = torch.bincount(index, minlength=self.n_experts).tolist()
         pieces = flat.index_select(0, order).split(counts)
-        outs = torch.cat([self.expert(e)(p) for e, p in enumerate(pieces) if p.shape[0]])
+        used = [e for e, n in enumerate(counts) if n]
+        weights = self._weights(used)
+        outs = torch.cat([swiglu(pieces[e], *weights[e]) for e in used])
         # outs may be bf16 under autocast: build the result in its dtype
         return outs.new_zeros(outs.shape).index_copy(0, order, outs)
 
     def _by_column(self, x: Tensor, columns: Tensor) -> Tensor:
         outs, rows = [], []
-        for c in torch.unique(columns).tolist():
+        used = torch.unique(columns).tolist()
+        weights = self._weights(used)
+        for c in used:
             sel = (columns == c).nonzero().squeeze(1)
             rows.append(sel)
-            outs.append(self.expert(c)(x.index_select(0, sel)))
+            outs.append(swiglu(x.index_select(0, sel), *weights[c]))
         outs = torch.cat(outs)
         return outs.new_zeros(outs.shape).index_copy(0, torch.cat(rows), outs)
 

@@ -88,3 +88,14 @@ def test_export_ternary_covers_expert_weights():
     trits, scale = exported[name]
     assert trits.shape == (m.d_model, m.ffn_hidden) and scale > 0
     assert not any("router" in k or "experts" not in k for k in exported)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_stacked_ste_equals_per_tensor(fraction):
+    from shared_model.ternary import ternary_ste_stacked
+
+    ws = [torch.randn(30, 20, requires_grad=True) * s for s in (0.5, 1.0, 2.0)]
+    stacked = ternary_ste_stacked(ws, fraction)
+    for w, q in zip(ws, stacked, strict=True):
+        assert torch.allclose(q, ternary_ste(w, fraction), atol=1e-6)
+    sum(q.sum() for q in stacked).backward()
