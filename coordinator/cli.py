@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
+from coordinator.serve import serve
+
 app = typer.Typer(
     name="coordinator",
     help="Run and operate the coordinator: tokens, status, participants, stage jobs.",
@@ -25,6 +27,7 @@ token_app = typer.Typer(help="Operator API tokens (direct database access).", no
 stage_app = typer.Typer(help="Stage jobs (through the REST API).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(stage_app, name="stage")
+app.command("serve")(serve)
 
 DbOpt = Annotated[
     str,

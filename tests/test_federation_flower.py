@@ -1,0 +1,175 @@
+"""The federated loop over a real local Flower network (SuperLink + SuperNodes + workers).
+
+Everything is real and on 127.0.0.1: the SuperLink and SuperNodes are Flower's own
+processes, the participants are ``perspective participant worker`` processes, blobs move
+over the gRPC blob service, and the coordinator is either in-process (first test) or a
+``perspective coordinator serve`` process that is SIGKILLed and restarted (second test).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from coordinator.federation import FederationSettings
+from coordinator.local_network import LocalNetwork
+from coordinator.network import Coordinator, StageBudget
+from shared_model.config import load_config
+from shared_model.data import prepare_corpus
+from shared_model.trainer import train_stage
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+OVERRIDES = ["train.batch_size=4", "train.seq_len=32"]
+
+
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory):
+    """A short stage-1 dense seed cloned into experts (stage 2), and the corpus."""
+    cfg = load_config("tiny", overrides=OVERRIDES)
+    corpus = prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=3_000_000)
+    out = tmp_path_factory.mktemp("seed")
+    r1 = train_stage(cfg, 1, out, data=corpus, until_step=40)
+    r2 = train_stage(cfg, 2, out, init=r1.checkpoint, data=corpus)
+    return cfg, corpus, r2.checkpoint
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory):
+    net = LocalNetwork(
+        tmp_path_factory.mktemp("net"), n_participants=2, preset="tiny", max_columns=4
+    )
+    with net:
+        yield net
+
+
+def step_until(loop, condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        loop.step()
+
+
+def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
+    cfg, corpus, ckpt = seed
+    coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
+    coord.start()
+    try:
+        coord.prepare(ckpt, buffer_size=2, codec="ternary")
+        driver = network.open_driver()
+        settings = FederationSettings(
+            stage=3, steps_per_unit=8, lease_seconds=30, eval_every=1000, eval_batches=4
+        )
+        loop = coord.federated_stage(3, driver, StageBudget(minutes=30), settings, units_hint=60)
+        loss0 = loop.evaluate()
+        step_until(loop, lambda: loop.state.version >= 5, 300, "5 versions")
+        loss5 = loop.evaluate()
+        assert loss5 < loss0, (loss0, loss5)
+        nodes = sorted(driver.node_ids())
+        assert len(nodes) == 2
+        # Kill participant 1 while both hold leases: the victim's leases must expire and
+        # be redone by the survivor (whose own leases are never re-issued).
+        held = {node: _leased_units(coord, node) for node in nodes}
+        assert all(held.values()), "both participants should hold leases"
+        network.kill_participant(1)
+        step_until(
+            loop,
+            lambda: any(_redone_by_other(coord, held[n], n) for n in nodes),
+            240,
+            "a re-issued unit done by the other participant",
+        )
+        driver.close()
+    finally:
+        coord.shutdown()
+
+
+def _db(coord):
+    return sqlite3.connect(coord.work_dir / "coordinator.db")
+
+
+def _leased_units(coord, node_id):
+    signed = node_id - (1 << 64) if node_id >= 1 << 63 else node_id
+    with _db(coord) as db:
+        rows = db.execute(
+            "select u.unit_id from work_units u join participants p on p.id = u.participant_id "
+            "where p.node_id = ? and u.state = 'leased'",
+            (signed,),
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def _redone_by_other(coord, units, victim) -> bool:
+    signed = victim - (1 << 64) if victim >= 1 << 63 else victim
+    marks = ",".join("?" * len(units))
+    with _db(coord) as db:
+        rows = db.execute(
+            "select u.unit_id from work_units u join participants p on p.id = u.participant_id "
+            f"where u.reissued_from in ({marks}) and u.state = 'done' and p.node_id != ?",
+            (*units, signed),
+        ).fetchall()
+    return bool(rows)
+
+
+def _accepted(db_path) -> list[tuple[str, int | None]]:
+    with sqlite3.connect(db_path) as db:
+        return db.execute(
+            "select unit_id, applied_in_version from results where state = 'accepted'"
+        ).fetchall()
+
+
+def _serve(seed, network, work):
+    _, _, ckpt = seed
+    argv = [
+        sys.executable, "-m", "shared_model.cli", "coordinator", "serve",
+        "--superlink", network.superlink.address,
+        "--superexec-secret-file", str(network.superlink.superexec_secret_file),
+        "--init", str(ckpt), "--work-dir", str(work), "--preset", "tiny",
+        "--minutes", "30", "--buffer-size", "1", "--steps-per-unit", "6",
+        "--lease-seconds", "30",
+    ]  # fmt: skip
+    config = work.parent / "serve.yaml"
+    config.write_text("train:\n  batch_size: 4\n  seq_len: 32\n")
+    argv += ["--config", str(config)]
+    with open(work.parent / f"{work.name}.log", "ab") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1.0)
+
+
+def test_coordinator_sigkill_and_restart_loses_nothing(seed, network, tmp_path):
+    work = tmp_path / "coord"
+    work.mkdir()
+    db_path = work / "coordinator.db"
+    proc = _serve(seed, network, work)
+    try:
+        _wait(lambda: db_path.exists() and len(_accepted(db_path)) >= 3, 300, "3 accepted results")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        acknowledged = {u for u, _ in _accepted(db_path)}
+        proc = _serve(seed, network, work)
+        _wait(lambda: len(_accepted(db_path)) >= len(acknowledged) + 2, 300, "training to continue")
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    rows = _accepted(db_path)
+    units = [u for u, _ in rows]
+    assert len(units) == len(set(units))
+    assert acknowledged <= set(units)
+    with sqlite3.connect(db_path) as db:
+        versions = [v for (v,) in db.execute("select version from model_versions order by version")]
+    assert versions == list(range(len(versions))) and len(versions) >= 3
+    # Every result acknowledged before the kill went into exactly one published version.
+    applied = dict(rows)
+    assert all(applied[u] is not None for u in acknowledged)
