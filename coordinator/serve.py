@@ -43,6 +43,7 @@ def serve(
     from shared_model.data import prepare_corpus
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     if minutes is None and tokens is None:
         raise typer.BadParameter("give --minutes or --tokens (the stage's budget)")
     if codec not in ("ternary", "sparse"):

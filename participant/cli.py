@@ -32,6 +32,7 @@ def worker(
     from shared_model.config import ConfigError, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     try:
         cfg = load_config(preset, config)
     except ConfigError as exc:

@@ -1,0 +1,190 @@
+"""Federated (N participants over real Flower) vs centralised training on the same tokens.
+
+Both runs start from the same stage-2 checkpoint (a short central stage-1 seed cloned
+into experts) and see the same token budget from the same corpus. Reported
+(``benchmarks/results/federation_bench.json`` + ``.png``):
+
+* validation loss of each, and the ratio federated / central (the central run routes
+  token-level; the federated model is evaluated in column mode with document routing);
+* upload bytes per participant per sync (unit) and bits per parameter vs fp16 (16);
+* participant utilisation = training time / wall time of the stage, per participant;
+* coordinator process CPU time and peak RSS.
+
+Usage: ``python benchmarks/federation_bench.py --preset small --tokens 400000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from coordinator.federation import FederationSettings
+from coordinator.local_network import LocalNetwork
+from coordinator.network import Coordinator, StageBudget, default_columns_per_participant
+from shared_model.config import load_config
+from shared_model.data import prepare_corpus
+from shared_model.trainer import train_stage
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--participants", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=400_000, help="stage-3 token budget")
+    p.add_argument("--seed-steps", type=int, default=150, help="central stage-1 steps")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps-per-unit", type=int, default=20)
+    p.add_argument("--codec", default="ternary", choices=["ternary", "sparse"])
+    p.add_argument("--work-dir", type=Path, default=None)
+    return p.parse_args()
+
+
+def seed_checkpoint(cfg, corpus, work: Path, steps: int) -> str:
+    r1 = train_stage(cfg, 1, work / "seed", data=corpus, until_step=steps)
+    return train_stage(cfg, 2, work / "seed", init=r1.checkpoint, data=corpus).checkpoint
+
+
+def central(cfg, corpus, ckpt: str, work: Path, tokens: int) -> dict:
+    steps = max(1, tokens // (cfg.train.batch_size * cfg.train.seq_len))
+    t0 = time.perf_counter()
+    r = train_stage(cfg, 3, work / "central", init=ckpt, data=corpus, until_step=steps)
+    return {"val_loss": r.val_loss, "tokens": r.tokens, "seconds": time.perf_counter() - t0}
+
+
+def federated(cfg, corpus, ckpt: str, work: Path, args) -> dict:
+    me = psutil.Process()
+    cpu0 = me.cpu_times()
+    net = LocalNetwork(
+        work / "net",
+        args.participants,
+        preset=cfg.name,
+        max_columns=default_columns_per_participant(cfg.moe.n_experts, args.participants),
+    )
+    coord = Coordinator(cfg, work / "coordinator", corpus)
+    peak_rss = 0
+    with net:
+        coord.start()
+        coord.prepare(ckpt, buffer_size=args.participants, codec=args.codec)
+        driver = net.open_driver()
+        settings = FederationSettings(
+            stage=3,
+            steps_per_unit=args.steps_per_unit,
+            column_codec=args.codec,
+            shared_codec=args.codec,
+            eval_every=5,
+            eval_batches=cfg.train.eval_batches,
+        )
+        units = max(
+            1, args.tokens // (args.steps_per_unit * cfg.train.batch_size * cfg.train.seq_len)
+        )
+        loop = coord.federated_stage(3, driver, StageBudget(tokens=args.tokens), settings, units)
+        t0 = time.perf_counter()
+
+        def tick() -> None:
+            nonlocal peak_rss
+            peak_rss = max(peak_rss, me.memory_info().rss)
+
+        loop.run(lambda: False, on_tick=tick)
+        wall = time.perf_counter() - t0
+        final = loop.evaluate()
+        driver.close()
+        coord.shutdown()
+    cpu1 = me.cpu_times()
+    return {
+        "val_loss": final,
+        "val_curve": loop.stats.val_loss,
+        "tokens": loop.stats.tokens,
+        "seconds": wall,
+        "versions": loop.state.version,
+        **traffic(cfg, work / "coordinator" / "coordinator.db", wall),
+        "coordinator_cpu_s": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
+        "coordinator_peak_rss_mb": peak_rss / 1e6,
+    }
+
+
+def traffic(cfg, db_path: Path, wall: float) -> dict:
+    """Upload bytes per sync, bits/param and utilisation from the results table."""
+    m = cfg.model
+    per_column = len(m.pdr_layers()) * 3 * m.d_model * m.ffn_hidden
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute(
+            "select r.participant_id, r.timings, u.columns, p.bytes_up "
+            "from results r join work_units u on u.unit_id = r.unit_id "
+            "join participants p on p.id = r.participant_id where r.state = 'accepted'"
+        ).fetchall()
+        up = dict(db.execute("select id, bytes_up from participants").fetchall())
+    from shared_model.model import PerspectiveModel
+
+    shared = PerspectiveModel(cfg, moe=True, columns=[0]).num_parameters("shared")
+    train_s: dict[int, float] = {}
+    params = 0
+    for pid, timings, columns, _ in rows:
+        t = json.loads(timings) if isinstance(timings, str) else timings
+        train_s[pid] = train_s.get(pid, 0.0) + float(t.get("train_s", 0.0))
+        params += shared + per_column * len(json.loads(columns))
+    total_up = sum(up.values())
+    return {
+        "results": len(rows),
+        "upload_bytes_per_sync": total_up / max(len(rows), 1),
+        "upload_bits_per_param": 8 * total_up / max(params, 1),
+        "fp16_bits_per_param": 16,
+        "utilisation_per_participant": {str(k): v / wall for k, v in train_s.items()},
+    }
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curve = report["federated"]["val_curve"]
+    if curve:
+        ax.plot(
+            [v for v, _ in curve],
+            [loss for _, loss in curve],
+            "o-",
+            label="federated (column mode)",
+        )
+    ax.axhline(report["central"]["val_loss"], color="k", ls="--", label="central, same tokens")
+    ax.set_xlabel("published version")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"{report['preset']}: federated vs central, {report['tokens']:,} tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = load_config(
+        args.preset,
+        overrides=[f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}"],
+    )
+    corpus = prepare_corpus("stdlib", cfg.model.vocab_size)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedbench-"))
+    ckpt = seed_checkpoint(cfg, corpus, work, args.seed_steps)
+    report = {"preset": args.preset, "participants": args.participants, "tokens": args.tokens}
+    report["central"] = central(cfg, corpus, ckpt, work, args.tokens)
+    report["federated"] = federated(cfg, corpus, ckpt, work, args)
+    report["val_loss_ratio_federated_over_central"] = (
+        report["federated"]["val_loss"] / report["central"]["val_loss"]
+    )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "federation_bench.json").write_text(json.dumps(report, indent=1))
+    plot(report, RESULTS / "federation_bench.png")
+    print(json.dumps({k: v for k, v in report.items() if k != "federated"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
