@@ -31,6 +31,8 @@ from coordinator.db import events as db_events
 from coordinator.db import participants as db_participants
 from coordinator.db import results as db_results
 from coordinator.db import versions as db_versions
+from coordinator.db.errors import Conflict, NotFound
+from coordinator.db.leases import get_unit
 from coordinator.db.types import utcnow
 from coordinator.evaluation import ColumnAssignment, column_val_loss
 from coordinator.leasing import UnitFactory
@@ -146,8 +148,7 @@ class FederationLoop:
         if not reply.ok:
             self._log("unit.failed", f"node {reply.node_id}: {reply.error_reason}", unit_id)
             if unit_id is not None:
-                with self.factory.begin() as s:
-                    self.scheduler.fail_unit(s, unit_id=unit_id, reason=str(reply.error_reason))
+                self._fail(unit_id, str(reply.error_reason))
             return
         try:
             body = control_pb2.ControlReply.FromString(reply.payload)
@@ -157,10 +158,17 @@ class FederationLoop:
         self._update_capability(reply.node_id, body.capability)
         self.stats.bytes_down += body.bytes_down
         for failed, why in zip(body.failed_units, body.failure_reasons, strict=False):
-            with self.factory.begin() as s:
-                self.scheduler.fail_unit(s, unit_id=failed, reason=why)
+            self._fail(failed, why)
         for result in body.results:
             self.receive(reply.node_id, result)
+
+    def _fail(self, unit_id: str, reason: str) -> None:
+        """Re-queue a unit a participant could not do (unknown ids: a previous run's)."""
+        try:
+            with self.factory.begin() as s:
+                self.scheduler.fail_unit(s, unit_id=unit_id, reason=reason)
+        except (NotFound, Conflict) as exc:
+            self._log("unit.failed.ignored", f"{unit_id}: {exc}")
 
     def _update_capability(self, node_id: int, cap) -> None:
         if cap.max_columns < 1:
@@ -329,9 +337,6 @@ def _last_of_version(rows, index: int, target: int) -> bool:
 
 
 def _unit(session, unit_id: str):
-    from coordinator.db.errors import NotFound
-    from coordinator.db.leases import get_unit
-
     try:
         return get_unit(session, unit_id=unit_id)
     except NotFound:
