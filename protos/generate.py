@@ -45,7 +45,9 @@ def generate(dest: Path) -> dict[str, str]:
         raise SystemExit("protoc failed (see messages above)")
     files: dict[str, str] = {}
     for path in sorted(dest.rglob("*.py*")):
-        text = _IMPORT_RE.sub(lambda m: f"{m.group(1)} {PACKAGE_PREFIX}perspective.v1", path.read_text())
+        text = _IMPORT_RE.sub(
+            lambda m: f"{m.group(1)} {PACKAGE_PREFIX}perspective.v1", path.read_text()
+        )
         files[str(path.relative_to(dest))] = text
     return files
 
