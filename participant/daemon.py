@@ -1,0 +1,369 @@
+"""The volunteer's participant daemon: supervises a SuperNode and our worker.
+
+``perspective participant run`` starts one :class:`ParticipantDaemon`. It keeps two child
+processes alive, each in its own session so nothing is orphaned:
+
+* ``flower-supernode`` (``--isolation process``, TLS, SuperNode authentication key) —
+  Flower's membership and message transport to the coordinator;
+* ``perspective participant worker`` attached to the SuperNode's Runtime API — our
+  installed code, which trains the units (no code from the server ever runs here).
+
+Why a supervisor: the SuperNode exits when the coordinator is away longer than
+``max_wait_time``, when the SuperLink forgot it (restart without database: HTTP 401), or
+when it is refused (unregistered/revoked key, wrong CA, no TLS: exit code 305). Each exit
+is classified from the SuperNode's log, reported through ``on_event`` (the coordinator's
+event log when the sink writes there, ``events.jsonl`` in the state directory always), and
+the node is restarted after an exponential back-off with full jitter (reset once a node
+has stayed up for ``stable_s``). The worker survives SuperNode restarts: the Runtime API
+port and secret stay the same, and the worker simply retries until it is back.
+
+``status.json`` in the state directory is rewritten every few seconds (temp + rename) for
+``perspective participant status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from participant.flower.supernode import SuperNodeProcess
+from participant.limits import Limits
+from shared_model.procs import FLOWER_QUIET_ENV, ManagedProcess, free_port, write_secret_file
+
+log = logging.getLogger(__name__)
+EventSink = Callable[[str, str, dict[str, Any]], None]
+
+#: (substring of the SuperNode log, reason code, explanation for the volunteer).
+REFUSALS = (
+    ("must be registered", "no_key", "node authentication is on and no key was given"),
+    ("Failed to activate SuperNode", "key_not_registered",
+     "the coordinator does not know this node's key (not enrolled yet, or revoked)"),
+    ("CERTIFICATE_VERIFY_FAILED", "tls_untrusted",
+     "the coordinator's TLS certificate is not signed by the CA we were given"),
+    ("Server disconnected without sending a response", "tls_required",
+     "the coordinator speaks TLS but this node connected without it"),
+    ("401", "unauthorized", "the coordinator no longer accepts this node (revoked or reset)"),
+)  # fmt: skip
+
+
+def flower_exit_code(log_tail: str) -> int | None:
+    """The ``Exit Code: N`` Flower printed (the process itself may exit with 1 instead)."""
+    found = re.findall(r"Exit Code: (\d+)", log_tail)
+    return int(found[-1]) if found else None
+
+
+def classify_exit(code: int | None, log_tail: str) -> tuple[str, str]:
+    """Why a SuperNode exited: ``(reason_code, explanation)`` from its exit code and log."""
+    for needle, reason, text in REFUSALS:
+        if needle in log_tail:
+            return reason, text
+    if code == 0:
+        return "coordinator_unreachable", "gave up reconnecting after max_wait_time"
+    return "exited", f"flower-supernode exited with code {code}"
+
+
+@dataclass
+class DaemonConfig:
+    """How to reach the coordinator and what this machine may spend.
+
+    Attributes:
+        state_dir: Logs, keys, cache, ``status.json`` and ``events.jsonl`` live here.
+        superlink_address: Public ``host:port`` of the coordinator's Fleet API (the proxy).
+        root_certificates: CA file to verify the coordinator; ``None`` = plain HTTP (tests).
+        auth_private_key: OpenSSH ECDSA key registered at enrolment.
+        preset: Model preset (must match the coordinator).
+        config: YAML model config (must match the coordinator).
+        limits: Resource limits.
+        max_wait_time: The SuperNode gives up reconnecting after this many seconds and the
+            daemon restarts it (so an outage is visible in ``status``).
+        backoff_initial: First restart delay in seconds.
+        backoff_max: Restart delays never exceed this.
+        stable_s: A SuperNode up this long resets the back-off.
+        worker_argv: Replace the worker command (``None``: ``perspective participant worker``).
+    """
+
+    state_dir: Path
+    superlink_address: str
+    root_certificates: Path | None = None
+    auth_private_key: Path | None = None
+    preset: str = "tiny"
+    config: Path | None = None
+    limits: Limits = field(default_factory=Limits)
+    max_wait_time: float = 60.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 300.0
+    stable_s: float = 60.0
+    worker_argv: list[str] | None = None
+
+
+class ParticipantDaemon:
+    """Supervisor of SuperNode + worker with back-off restarts (hivemind-style lifecycle).
+
+    Args:
+        cfg: Daemon configuration.
+        on_event: Extra sink ``(kind, message, data)`` for supervision events.
+    """
+
+    def __init__(self, cfg: DaemonConfig, on_event: EventSink | None = None) -> None:
+        self.cfg = cfg
+        self.state_dir = Path(cfg.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.on_event = on_event
+        self.runtime_port = free_port()
+        self.secret_file = write_secret_file(self.state_dir / "runtime.secret")
+        self.supernode: SuperNodeProcess | None = None
+        self.worker: ManagedProcess | None = None
+        self.restarts = 0
+        self.last_refusal: dict[str, Any] | None = None
+        self.state = "starting"
+        self._delay = cfg.backoff_initial
+        self._next_start = 0.0
+        self._node_started = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ram_strikes = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Run the supervision loop in a background thread."""
+        self._thread = threading.Thread(target=self.run_forever, name="participant-daemon")
+        self._thread.start()
+
+    def wait_until_ready(self, timeout: float = 60.0) -> None:
+        """Block until the SuperNode and the worker are both running."""
+        deadline = time.monotonic() + timeout
+        while not (self.supernode and self.supernode.is_alive() and self.worker_alive()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"participant daemon not up after {timeout:.0f} s ({self.state})"
+                )
+            time.sleep(0.1)
+
+    def shutdown(self, timeout: float = 15.0) -> None:
+        """Stop supervising, SIGTERM the worker and the SuperNode (it deregisters cleanly)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._stop_children()
+
+    def run_forever(self, install_signals: bool = False) -> None:
+        """Supervise until :meth:`shutdown` (or SIGTERM/SIGINT when ``install_signals``)."""
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stop.set())
+        last_status = 0.0
+        try:
+            while not self._stop.is_set():
+                self._tick()
+                if time.monotonic() - last_status > 2.0:
+                    self.write_status()
+                    last_status = time.monotonic()
+                self._stop.wait(0.25)
+        finally:
+            self._stop_children()
+            self.state = "stopped"
+            self.write_status()
+
+    # ------------------------------------------------------------------ supervision
+    def _tick(self) -> None:
+        if not self.cfg.limits.in_window():
+            if self.supernode is not None or self.worker is not None:
+                self.event("participant.paused", "outside the schedule window; stopping", {})
+                self._stop_children()
+            self.state = "paused (schedule)"
+            return
+        if self.worker is None or not self.worker.is_alive():
+            self._restart_worker()
+        node = self.supernode
+        if node is not None and not node.is_alive():
+            self._node_exited(node)
+            node = self.supernode = None
+        if node is None and time.monotonic() >= self._next_start:
+            self._start_node()
+        elif node is not None and time.monotonic() - self._node_started > self.cfg.stable_s:
+            self._delay = self.cfg.backoff_initial  # a stable node resets the back-off
+            self.state = "running"
+        self._check_ram()
+
+    def _start_node(self) -> None:
+        cfg = self.cfg
+        self.supernode = SuperNodeProcess(
+            self.state_dir / "supernode",
+            cfg.superlink_address,
+            runtime_port=self.runtime_port,
+            root_certificates=cfg.root_certificates,
+            auth_private_key=cfg.auth_private_key,
+            superexec_secret_file=self.secret_file,
+            max_wait_time=cfg.max_wait_time,
+        )
+        self.supernode.start()
+        self._node_started = time.monotonic()
+        self.state = "connecting"
+
+    def _node_exited(self, node: SuperNodeProcess) -> None:
+        code = node.proc.returncode if node.proc else None
+        tail = node.log_tail(6000)
+        node.shutdown(timeout=2)  # reap anything it left behind
+        # Only what this run of the node wrote: the log file is appended across restarts.
+        tail = (
+            tail[tail.rfind("Starting Flower SuperNode") :] if "Starting Flower" in tail else tail
+        )
+        reason, text = classify_exit(code, tail)
+        if reason == "coordinator_unreachable" and self.cfg.root_certificates is None:
+            # Flower 1.42 retries a plain-HTTP node against a TLS server as if the server were
+            # down; a TLS handshake tells the two apart.
+            if speaks_tls(self.cfg.superlink_address):
+                reason, text = "tls_required", "the coordinator speaks TLS but this node has no CA"
+        delay = random.uniform(0.5, 1.0) * self._delay  # jitter so a fleet does not stampede
+        self._next_start = time.monotonic() + delay
+        self._delay = min(self._delay * 2, self.cfg.backoff_max)
+        self.restarts += 1
+        self.state = f"waiting ({reason})"
+        data = {
+            "exit_code": flower_exit_code(tail),
+            "process_exit_code": code,
+            "reason": reason,
+            "retry_in_s": round(delay, 2),
+        }
+        if reason not in ("coordinator_unreachable", "exited"):
+            self.last_refusal = {**data, "message": text, "at": time.time()}
+            self.event("participant.refused", f"SuperNode refused: {text}", data)
+        else:
+            self.event("participant.disconnected", f"SuperNode stopped: {text}", data)
+
+    def _worker_argv(self) -> list[str]:
+        if self.cfg.worker_argv is not None:
+            return list(self.cfg.worker_argv)
+        argv = [sys.executable, "-m", "shared_model.cli", "participant", "worker"]
+        argv += ["--runtime-address", f"127.0.0.1:{self.runtime_port}"]
+        argv += ["--state-dir", str(self.state_dir / "state"), "--preset", self.cfg.preset]
+        argv += ["--superexec-secret-file", str(self.secret_file)]
+        if self.cfg.config is not None:
+            argv += ["--config", str(self.cfg.config)]
+        return argv + self.cfg.limits.worker_args()
+
+    def _restart_worker(self) -> None:
+        if self.worker is not None:
+            code = self.worker.proc.returncode if self.worker.proc else None
+            self.event("participant.worker_restart", f"worker exited with code {code}", {})
+            self.worker.shutdown(timeout=2)
+        self.worker = ManagedProcess(
+            "worker", self._worker_argv(), FLOWER_QUIET_ENV, self.state_dir / "worker.log", None
+        )
+        self.worker.start()
+
+    def worker_alive(self) -> bool:
+        """Whether the worker process runs."""
+        return self.worker is not None and self.worker.is_alive()
+
+    def _check_ram(self) -> None:
+        cap = self.cfg.limits.ram_cap_mb
+        if cap is None or not self.worker_alive():
+            return
+        rss = tree_usage([self.worker.pid])["rss_bytes"]
+        # Three strikes (0.75 s) so a short peak is tolerated but a leak is not.
+        self._ram_strikes = self._ram_strikes + 1 if rss > cap * 1e6 else 0
+        if self._ram_strikes >= 3:
+            self.event("participant.ram_cap", f"worker RSS {rss / 1e6:.0f} MB > cap {cap} MB", {})
+            self.worker.shutdown(timeout=2)
+            self._ram_strikes = 0
+
+    def _stop_children(self) -> None:
+        for proc in (self.worker, self.supernode):
+            if proc is not None:
+                proc.shutdown(timeout=10)
+        self.worker = self.supernode = None
+
+    # ------------------------------------------------------------------ reporting
+    def event(self, kind: str, message: str, data: dict[str, Any]) -> None:
+        """Record a supervision event (log, ``events.jsonl``, and the ``on_event`` sink)."""
+        log.warning("%s: %s %s", kind, message, data)
+        line = json.dumps({"at": time.time(), "kind": kind, "message": message, "data": data})
+        with open(self.state_dir / "events.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, message, data)
+            except Exception as err:  # reporting must never take the supervisor down
+                log.warning("event sink failed: %s", err)
+
+    def pids(self) -> list[int]:
+        """PIDs of the running children (the daemon itself not included)."""
+        return [p.pid for p in (self.supernode, self.worker) if p is not None and p.is_alive()]
+
+    def write_status(self) -> None:
+        """Rewrite ``status.json`` atomically."""
+        status = {
+            "state": self.state,
+            "daemon_pid": psutil.Process().pid,
+            "supernode_pid": self.supernode.pid if self.supernode else None,
+            "worker_pid": self.worker.pid if self.worker else None,
+            "superlink_address": self.cfg.superlink_address,
+            "restarts": self.restarts,
+            "last_refusal": self.last_refusal,
+            "limits": self.cfg.limits.__dict__,
+            "updated_at": time.time(),
+        }
+        path = self.state_dir / "status.json"
+        tmp = path.with_name("status.json.tmp")
+        tmp.write_text(json.dumps(status, indent=2), encoding="utf-8")
+        tmp.replace(path)
+
+
+def speaks_tls(address: str, timeout: float = 5.0) -> bool:
+    """Whether ``host:port`` completes a TLS handshake (certificate not checked)."""
+    import socket
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            with ctx.wrap_socket(sock, server_hostname=host.strip("[]")):
+                return True
+    except (OSError, ValueError):
+        return False
+
+
+def tree_usage(pids: list[int], interval: float = 0.0) -> dict[str, float]:
+    """Summed RSS and CPU percent of ``pids`` and all their descendants.
+
+    Args:
+        pids: Root processes.
+        interval: CPU sampling window in seconds (0: since the previous call per process).
+    """
+    procs: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs[pid] = root
+            procs.update({c.pid: c for c in root.children(recursive=True)})
+        except psutil.Error:
+            continue
+    rss, cpu = 0, 0.0
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
+            p.cpu_percent(None)
+    if interval > 0:
+        time.sleep(interval)
+    for p in procs.values():
+        try:
+            rss += p.memory_info().rss
+            cpu += p.cpu_percent(None)
+        except psutil.Error:
+            continue
+    return {"rss_bytes": float(rss), "cpu_percent": cpu, "processes": float(len(procs))}

@@ -1,0 +1,155 @@
+"""``perspective participant join``: enrol this machine with a coordinator.
+
+Steps:
+
+1. make (or reuse) this node's ECDSA P-384 key pair in OpenSSH format
+   (``<state>/node_key`` + ``node_key.pub``) — its identity, kept across restarts;
+2. ``POST /api/v1/enrol`` with the one-time enrolment token from the operator, a name,
+   the public key and the machine's capability report (threads, device, max columns);
+3. store what came back — the network's CA certificate and the fleet address — plus our
+   limits in ``<state>/participant.json`` and ``<state>/ca.crt`` (temp + rename).
+
+The coordinator then registers the key on its SuperLink
+(:func:`coordinator.security.sync_participant_keys`); ``perspective participant run``
+starts the SuperNode with that key and CA.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from coordinator.security import make_node_key
+from participant.hardware import detect
+from participant.limits import Limits
+
+ENROL_PATH = "/api/v1/enrol"
+
+
+class JoinError(RuntimeError):
+    """Enrolment failed (says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """What a participant needs to connect, as stored in ``participant.json``.
+
+    Attributes:
+        participant_id: Id in the coordinator's database.
+        name: Name given at enrolment.
+        fleet_address: ``host:port`` of the coordinator's Fleet API (through its proxy).
+        ca_cert: Path of the CA certificate (``None`` if the coordinator runs without TLS).
+        key: Path of this node's private key.
+        coordinator_url: Where we enrolled.
+    """
+
+    participant_id: int
+    name: str
+    fleet_address: str
+    ca_cert: str | None
+    key: str
+    coordinator_url: str
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Enrolment:
+        """Read ``participant.json``.
+
+        Raises:
+            JoinError: When this machine has not joined yet.
+        """
+        path = Path(state_dir) / "participant.json"
+        if not path.is_file():
+            raise JoinError(
+                f"{path} not found: run 'perspective participant join' first "
+                "(the operator gives you the coordinator URL and an enrolment token)"
+            )
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(**data["enrolment"])
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.chmod(mode)
+    tmp.replace(path)
+
+
+def join(
+    coordinator_url: str,
+    token: str,
+    name: str,
+    state_dir: Path,
+    *,
+    limits: Limits | None = None,
+    device: str | None = None,
+    api_ca: str | bool = True,
+    fleet_address: str | None = None,
+) -> Enrolment:
+    """Enrol this machine and store the connection details.
+
+    Args:
+        coordinator_url: Base URL of the coordinator REST API (``https://host``).
+        token: One-time enrolment token from the operator.
+        name: How this node appears on the dashboard.
+        state_dir: Directory for keys, CA, limits and state.
+        limits: Resource limits (saved to ``limits.json``).
+        device: Device override (``cpu``/``cuda``/``mps``).
+        api_ca: TLS verification of the REST API (``True``: system CAs, or a CA file).
+        fleet_address: Override the fleet address the coordinator returns.
+
+    Raises:
+        JoinError: If the coordinator refuses (bad/used token, key already enrolled) or
+            gives no fleet address.
+    """
+    import httpx
+
+    state = Path(state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    limits = limits or Limits()
+    report = detect(state, device)
+    key_path, public_key = make_node_key(state / "node_key")
+    body = {
+        "token": token,
+        "name": name,
+        "public_key": public_key,
+        "max_columns": limits.max_columns,
+        "threads": limits.threads,
+        "device": report.device,
+    }
+    url = coordinator_url.rstrip("/") + ENROL_PATH
+    try:
+        resp = httpx.post(url, json=body, timeout=30.0, verify=api_ca)
+    except httpx.HTTPError as err:
+        raise JoinError(f"cannot reach the coordinator at {url}: {err}") from err
+    if resp.status_code != 201:
+        raise JoinError(f"enrolment refused ({resp.status_code}): {_detail(resp)}")
+    out: dict[str, Any] = resp.json()
+    address = fleet_address or out.get("fleet_address")
+    if not address:
+        raise JoinError("the coordinator has no fleet address configured; pass --fleet-address")
+    ca_path = None
+    if out.get("ca_cert_pem"):
+        ca_path = state / "ca.crt"
+        _write(ca_path, out["ca_cert_pem"])
+    enrolment = Enrolment(
+        participant_id=int(out["participant"]["id"]),
+        name=name,
+        fleet_address=address,
+        ca_cert=None if ca_path is None else str(ca_path),
+        key=str(key_path),
+        coordinator_url=coordinator_url,
+    )
+    limits.save(state / "limits.json")
+    doc = {"enrolment": asdict(enrolment), "hardware": report.as_dict()}
+    _write(state / "participant.json", json.dumps(doc, indent=2))
+    return enrolment
+
+
+def _detail(resp: Any) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:300]
+    return str(body.get("detail") or body.get("message") or body)[:300]
