@@ -75,6 +75,7 @@ def demo(
         view.say("starting SuperLink, coordinator and participants ...")
         network.start()
         coord.start()
+        view.say(f"dashboard: {coord.start_api()}/")
         coord.prepare(
             r2.checkpoint,
             buffer_size=participants,

@@ -73,6 +73,7 @@ class Coordinator:
         self.store = BlobStore(self.work_dir / "blobs")
         self.token_key = self._token_key()
         self.blob_server = BlobServer(self.store, self.token_key, host=blob_host, port=blob_port)
+        self.api = None
         self.state: CoordinatorState | None = None
         self.assignment: ColumnAssignment | None = None
         self.loop: FederationLoop | None = None
@@ -91,8 +92,21 @@ class Coordinator:
         self.blob_server.start()
         self.blob_server.wait_until_ready()
 
+    def start_api(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve the REST API and dashboard on the same database; returns its URL."""
+        from coordinator.api import ApiSettings, create_app
+        from coordinator.serve_api import ApiServer
+
+        app = create_app(self.session_factory, ApiSettings(blob_root=self.store.root))
+        self.api = ApiServer(app, host=host, port=port)
+        self.api.start()
+        self.api.wait_until_ready()
+        return self.api.url
+
     def shutdown(self) -> None:
-        """Stop the blob service and release the database."""
+        """Stop the API, the blob service and release the database."""
+        if self.api is not None:
+            self.api.shutdown()
         self.blob_server.shutdown()
         self.engine.dispose()
 

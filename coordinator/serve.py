@@ -33,6 +33,7 @@ def serve(
     steps_per_unit: int = typer.Option(20, min=1, help="Inner steps per unit (H)."),
     lease_seconds: float = typer.Option(300.0, min=5, help="Lease deadline."),
     blob_port: int = typer.Option(0, min=0, help="Blob service port (0: any free port)."),
+    api_port: int | None = typer.Option(None, min=0, help="Serve REST API + dashboard here."),
     codec: str = typer.Option("ternary", help="Update codec: ternary | sparse."),
 ) -> None:
     """Serve one federated stage until its budget is used or SIGTERM/SIGINT."""
@@ -59,6 +60,8 @@ def serve(
     coord = Coordinator(cfg, work_dir, corpus, blob_port=blob_port)
     try:
         coord.start()
+        if api_port is not None:
+            logging.info("dashboard and REST API at %s", coord.start_api(port=api_port))
         coord.prepare(init, buffer_size=buffer_size, codec=codec)
         driver = open_driver(superlink, superexec_secret=superexec_secret_file.read_bytes())
         settings = FederationSettings(

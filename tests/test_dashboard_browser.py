@@ -9,10 +9,7 @@ and resume a stage job. Screenshots go to ``tests/artifacts/`` (git-ignored).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -24,36 +21,10 @@ from coordinator.db.stage_jobs import create_stage_job, transition_stage_job  # 
 from coordinator.db.tokens import create_api_token  # noqa: E402
 from coordinator.metrics import CoordinatorMetrics  # noqa: E402
 from coordinator.serve_api import ApiServer  # noqa: E402
+from tests.conftest import ARTIFACTS  # noqa: E402
 from tests.coordinator_feed import FeedConfig, NetworkFeed  # noqa: E402
 
 expect = playwright_api.expect
-ARTIFACTS = Path(__file__).parent / "artifacts"
-CANDIDATES = ("/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser")
-CHROMIUM_ARGS = [
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-def _chromium() -> str | None:
-    env = os.environ.get("PERSPECTIVE_CHROMIUM")
-    for path in ((env,) if env else ()) + CANDIDATES:
-        if path and os.access(path, os.X_OK):
-            return path
-    return shutil.which("chromium")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = _chromium()
-    if path is None:
-        pytest.skip("Chromium not found: apt-get install -y chromium (or set PERSPECTIVE_CHROMIUM)")
-    with playwright_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

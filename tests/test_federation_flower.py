@@ -9,10 +9,12 @@ over the gRPC blob service, and the coordinator is either in-process (first test
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -23,6 +25,7 @@ from coordinator.network import Coordinator, StageBudget
 from shared_model.config import load_config
 from shared_model.data import prepare_corpus
 from shared_model.trainer import train_stage
+from tests.conftest import ARTIFACTS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 OVERRIDES = ["train.batch_size=4", "train.seq_len=32"]
@@ -53,6 +56,49 @@ def step_until(loop, condition, timeout: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         loop.step()
+
+
+def test_dashboard_follows_a_real_run(seed, network, tmp_path, browser):
+    """The operator dashboard of a coordinator running a real tiny federated run."""
+    from playwright.sync_api import expect
+
+    cfg, corpus, ckpt = seed
+    coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
+    coord.start()
+    url = coord.start_api()
+    stop = threading.Event()
+    thread = None
+    try:
+        coord.prepare(ckpt, buffer_size=1, codec="ternary")
+        driver = network.open_driver()
+        settings = FederationSettings(
+            stage=3, steps_per_unit=6, lease_seconds=30, eval_every=2, eval_batches=1
+        )
+        loop = coord.federated_stage(3, driver, StageBudget(minutes=30), settings, units_hint=60)
+        thread = threading.Thread(target=loop.run, args=(stop.is_set,), daemon=True)
+        thread.start()
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url + "/")
+        version = page.locator("#st-version")
+        expect(version).to_have_text(re.compile(r"^v([2-9]|\d\d+)$"), timeout=240_000)
+        points = "Number(document.querySelector('#chart-loss').dataset.points)"
+        page.wait_for_function(f"{points} > 0", timeout=60_000)
+        first = int(page.locator("#chart-loss").get_attribute("data-points"))
+        page.wait_for_function(f"{points} > {first}", timeout=180_000)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "real-run-overview.png"))
+        page.goto(url + "/participants")
+        rows = page.locator("#participants-table tbody tr")
+        expect(rows).to_have_count(2, timeout=30_000)
+        expect(rows.first.locator("td").nth(2)).to_have_text("online")
+        page.screenshot(path=str(ARTIFACTS / "real-run-participants.png"))
+        page.close()
+        stop.set()
+        thread.join(timeout=120)
+        driver.close()
+    finally:
+        stop.set()
+        coord.shutdown()
 
 
 def test_train_and_survive_a_killed_participant(seed, network, tmp_path):

@@ -157,6 +157,8 @@ def test_stage2_init_identical_experts(cfg):
     for column in (0, 5):
         out = moe(idx, columns=torch.full((2,), column))
         assert torch.allclose(out.logits, ref, atol=1e-6)
+    # Token-level routing too: the gate is 1 in value, so cloned experts change nothing.
+    assert torch.allclose(moe(idx).logits, ref, atol=1e-5)
     noisy = dense.to_moe(noise_std=0.01)
     w_noisy = noisy.layers[0].ffn.experts["0"].w1.weight
     assert not torch.equal(w_noisy, dense.ffn_for(0).w1.weight)
