@@ -222,11 +222,11 @@ class ParticipantDaemon:
             tail[tail.rfind("Starting Flower SuperNode") :] if "Starting Flower" in tail else tail
         )
         reason, text = classify_exit(code, tail)
-        if reason == "coordinator_unreachable" and self.cfg.root_certificates is None:
-            # Flower 1.42 retries a plain-HTTP node against a TLS server as if the server were
-            # down; a TLS handshake tells the two apart.
-            if speaks_tls(self.cfg.superlink_address):
-                reason, text = "tls_required", "the coordinator speaks TLS but this node has no CA"
+        # Flower 1.42 retries a plain-HTTP node against a TLS server as if the server were
+        # down; a TLS handshake tells the two apart.
+        plain = self.cfg.root_certificates is None
+        if reason == "coordinator_unreachable" and plain and speaks_tls(self.cfg.superlink_address):
+            reason, text = "tls_required", "the coordinator speaks TLS but this node has no CA"
         delay = random.uniform(0.5, 1.0) * self._delay  # jitter so a fleet does not stampede
         self._next_start = time.monotonic() + delay
         self._delay = min(self._delay * 2, self.cfg.backoff_max)
@@ -332,9 +332,11 @@ def speaks_tls(address: str, timeout: float = 5.0) -> bool:
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
-            with ctx.wrap_socket(sock, server_hostname=host.strip("[]")):
-                return True
+        with (
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock,
+            ctx.wrap_socket(sock, server_hostname=host.strip("[]")),
+        ):
+            return True
     except (OSError, ValueError):
         return False
 
