@@ -24,8 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from coordinator import intake
 from coordinator.db import events as db_events
 from coordinator.db import participants as db_participants
@@ -345,7 +343,3 @@ def _unit(session, unit_id: str):
 
 def _cid(ref) -> str | None:
     return ref.content_id if ref is not None else None
-
-
-def _mean(values: list[float]) -> float:
-    return float(np.mean(values)) if values else float("nan")
