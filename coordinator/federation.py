@@ -153,7 +153,7 @@ class FederationLoop:
         except Exception as exc:  # protobuf DecodeError: the node sent garbage
             self._log("reply.malformed", f"node {reply.node_id}: {exc}", unit_id)
             return
-        self._update_capability(reply.node_id, body.capability)
+        self._update_capability(reply.node_id, body.capability, body.bytes_down)
         self.stats.bytes_down += body.bytes_down
         for failed, why in zip(body.failed_units, body.failure_reasons, strict=False):
             self._fail(failed, why)
@@ -168,7 +168,7 @@ class FederationLoop:
         except (NotFound, Conflict) as exc:
             self._log("unit.failed.ignored", f"{unit_id}: {exc}")
 
-    def _update_capability(self, node_id: int, cap) -> None:
+    def _update_capability(self, node_id: int, cap, bytes_down: int = 0) -> None:
         if cap.max_columns < 1:
             return  # an old or partial reply: keep what we know
         capability = db_participants.Capability(
@@ -178,7 +178,9 @@ class FederationLoop:
             tokens_per_s=float(cap.tokens_per_s) or None,
         )
         with self.factory.begin() as s:
-            db_participants.touch_participant(s, node_id=node_id, capability=capability)
+            row = db_participants.touch_participant(s, node_id=node_id, capability=capability)
+            if bytes_down:
+                db_participants.add_traffic(s, participant_id=row.id, bytes_down=bytes_down)
 
     def receive(self, node_id: int, result) -> db_results.RecordOutcome:
         """Validate, store and apply one result (idempotent on replays of the same unit)."""
@@ -242,6 +244,9 @@ class FederationLoop:
         """Publish the masters as a new version and record it with the results it applies."""
         version = self.state.publish()
         metrics = {"tokens": self.stats.tokens, "accepted": self.stats.accepted}
+        recent = [loss for v, loss in self.stats.train_loss if v == version - 1]
+        if recent:
+            metrics["train_loss"] = sum(recent) / len(recent)
         if version % self.settings.eval_every == 0:
             metrics["val_loss"] = self.evaluate()
         with self.factory.begin() as s:
