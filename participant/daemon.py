@@ -135,6 +135,7 @@ class ParticipantDaemon:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ram_strikes = 0
+        self._log_offset = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -188,6 +189,10 @@ class ParticipantDaemon:
         if self.worker is None or not self.worker.is_alive():
             self._restart_worker()
         node = self.supernode
+        if node is not None and node.is_alive() and "Giving up reconnection" in self._node_log():
+            # Flower 1.42 logs "terminated gracefully" but the process can hang in
+            # threading shutdown: stop it ourselves so the back-off restart happens.
+            node.shutdown(timeout=2)
         if node is not None and not node.is_alive():
             self._node_exited(node)
             node = self.supernode = None
@@ -209,18 +214,27 @@ class ParticipantDaemon:
             superexec_secret_file=self.secret_file,
             max_wait_time=cfg.max_wait_time,
         )
+        log_path = self.supernode.log_path
+        self._log_offset = log_path.stat().st_size if log_path.exists() else 0
         self.supernode.start()
         self._node_started = time.monotonic()
         self.state = "connecting"
 
+    def _node_log(self) -> str:
+        """What the current SuperNode wrote (its log file is appended across restarts)."""
+        if self.supernode is None:
+            return ""
+        try:
+            with open(self.supernode.log_path, "rb") as fh:
+                fh.seek(self._log_offset)
+                return fh.read(200_000).decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+
     def _node_exited(self, node: SuperNodeProcess) -> None:
-        code = node.proc.returncode if node.proc else None
-        tail = node.log_tail(6000)
+        tail = self._node_log()[-6000:]
         node.shutdown(timeout=2)  # reap anything it left behind
-        # Only what this run of the node wrote: the log file is appended across restarts.
-        tail = (
-            tail[tail.rfind("Starting Flower SuperNode") :] if "Starting Flower" in tail else tail
-        )
+        code = node.proc.returncode if node.proc else None
         reason, text = classify_exit(code, tail)
         # Flower 1.42 retries a plain-HTTP node against a TLS server as if the server were
         # down; a TLS handshake tells the two apart.

@@ -1,0 +1,133 @@
+"""The participant daemon against a real SuperLink: restarts, limits, resource use.
+
+* The SuperLink is killed for longer than the participant's first retry delay and its
+  SuperNode's ``max_wait_time``; it comes back on the same ``--database`` and port, and
+  the daemon resumes by itself: the next control message is answered.
+* The worker is the real ``perspective participant worker`` started by the daemon with
+  the volunteer's limits (threads, columns, cache cap), checked in its reply.
+* Idle RSS and CPU of the daemon's processes are measured with psutil (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+
+import pytest
+
+from coordinator.flower.run import open_driver
+from coordinator.flower.superlink import SuperLinkProcess
+from participant.daemon import DaemonConfig, ParticipantDaemon, classify_exit, tree_usage
+from participant.limits import Limits, LimitsError, TokenBucket
+from shared_model.blobs import BlobStore
+from shared_model.wire.perspective.v1 import control_pb2
+
+COLLECT = control_pb2.ControlRequest(collect=True).SerializeToString()
+
+
+def exchange(driver, timeout: float = 90, avoid: int | None = None) -> control_pb2.ControlReply:
+    """``query.collect`` to the first online node other than ``avoid``."""
+    deadline = time.monotonic() + timeout
+    while not [n for n in driver.node_ids() if n != avoid]:
+        assert time.monotonic() < deadline, "participant never came online"
+        time.sleep(0.2)
+    target = [n for n in driver.node_ids() if n != avoid][0]
+    driver.push(target, COLLECT, "query.collect", ttl=timeout)
+    replies = []
+    while not replies and time.monotonic() < deadline:
+        replies = driver.wait_any(deadline - time.monotonic())
+    assert replies and replies[0].ok, replies
+    return control_pb2.ControlReply.FromString(replies[0].payload)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_daemon_resumes_after_superlink_outage(tmp_path) -> None:
+    db = tmp_path / "superlink.db"
+    superlink = SuperLinkProcess(tmp_path / "superlink", database=db)
+    limits = Limits(threads=1, max_columns=3, cache_cap_mb=5)
+    cfg = DaemonConfig(
+        tmp_path / "participant",
+        superlink.address,
+        limits=limits,
+        max_wait_time=3.0,  # the node gives up quickly; the daemon's back-off takes over
+        backoff_initial=1.0,
+        backoff_max=4.0,
+    )
+    daemon = ParticipantDaemon(cfg)
+    driver = None
+    try:
+        superlink.start()
+        superlink.wait_until_ready(90)
+        daemon.start()
+        driver = open_driver(superlink.address, superexec_secret=superlink.superexec_secret)
+        reply = exchange(driver)
+        assert (reply.capability.threads, reply.capability.max_columns) == (1, 3)
+        node_id = driver.node_ids()[0]
+        usage = tree_usage(daemon.pids(), interval=5.0)
+        print(
+            f"\nidle participant (SuperNode + worker): RSS {usage['rss_bytes'] / 1e6:.0f} MB, "
+            f"CPU {usage['cpu_percent']:.1f} % over 5 s, {usage['processes']:.0f} processes"
+        )
+        driver.close()
+        driver = None
+        superlink.shutdown(10)
+        t_down = time.monotonic()
+        time.sleep(8.0)  # > first retry delay (1 s) and > the node's max_wait_time (3 s)
+        assert daemon.restarts >= 1, "the SuperNode should have given up and been restarted"
+        assert daemon.worker_alive()
+        superlink = SuperLinkProcess(tmp_path / "superlink", port=superlink.port, database=db)
+        superlink.start()
+        superlink.wait_until_ready(90)
+        driver = open_driver(superlink.address, superexec_secret=superlink.superexec_secret)
+        # Without node auth Flower gives a restarted SuperNode a new id (with auth it is
+        # stable, see test_enrolment_tls); the old id lingers until its heartbeat times out.
+        reply = exchange(driver, avoid=node_id)
+        print(f"outage -> first answered message: {time.monotonic() - t_down:.1f} s")
+        assert reply.capability.threads == 1
+        events = (tmp_path / "participant" / "events.jsonl").read_text()
+        assert "participant.disconnected" in events and "coordinator_unreachable" in events
+    finally:
+        if driver is not None:
+            driver.close()
+        daemon.shutdown()
+        superlink.shutdown(10)
+    assert daemon.pids() == []
+
+
+def test_cache_eviction_keeps_disk_under_cap(tmp_path) -> None:
+    store = BlobStore(tmp_path / "cache")
+    cap = 300_000
+    ids = [store.put_bytes(os.urandom(100_000)) for _ in range(8)]
+    store.evict_to(cap, keep=[ids[0]])
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert on_disk <= cap and store.has(ids[0])
+
+
+def test_limits_validation_schedule_and_worker_args(tmp_path) -> None:
+    lim = Limits(threads=2, max_columns=1, cache_cap_mb=50, schedule="22:00-07:00")
+    assert lim.worker_args() == ["--threads", "2", "--max-columns", "1", "--cache-cap-mb", "50"]
+    assert lim.in_window(dt.datetime(2024, 1, 1, 23, 0))
+    assert lim.in_window(dt.datetime(2024, 1, 1, 6, 59))
+    assert not lim.in_window(dt.datetime(2024, 1, 1, 12, 0))
+    lim.save(tmp_path / "limits.json")
+    assert Limits.load(tmp_path / "limits.json") == lim
+    with pytest.raises(LimitsError, match="22:00-07:00"):
+        Limits(schedule="late")
+    with pytest.raises(LimitsError, match="threads"):
+        Limits(threads=0)
+    bucket = TokenBucket(1_000_000)  # 1 MB/s, 1 MB burst
+    t0 = time.monotonic()
+    bucket.consume(1_000_000)
+    bucket.consume(300_000)
+    assert time.monotonic() - t0 >= 0.25
+
+
+def test_classify_exit_reasons() -> None:
+    assert classify_exit(1, "[code: 2004] Failed to activate SuperNode.")[0] == "key_not_registered"
+    assert classify_exit(1, "ssl.SSLCertVerificationError: CERTIFICATE_VERIFY_FAILED")[0] == (
+        "tls_untrusted"
+    )
+    assert classify_exit(0, "SuperNode terminated gracefully.")[0] == "coordinator_unreachable"
