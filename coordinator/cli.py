@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from coordinator.init import init as coordinator_init
 from coordinator.serve import serve
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ stage_app = typer.Typer(help="Stage jobs (through the REST API).", no_args_is_he
 app.add_typer(token_app, name="token")
 app.add_typer(stage_app, name="stage")
 app.command("serve")(serve)
+app.command("init")(coordinator_init)
 
 DbOpt = Annotated[
     str,

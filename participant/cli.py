@@ -51,6 +51,95 @@ def worker(
     runtime.shutdown()
 
 
+@app.command("join")
+def join_cmd(
+    coordinator_url: str = typer.Argument(..., help="Coordinator URL, e.g. https://host"),
+    token: str = typer.Option(..., envvar="PERSPECTIVE_ENROL_TOKEN", help="Enrolment token."),
+    name: str = typer.Option(..., help="Name shown on the dashboard."),
+    state_dir: Path = typer.Option(Path("perspective-participant"), help="State directory."),
+    max_columns: int = typer.Option(1, min=1, help="Most expert columns to hold."),
+    threads: int = typer.Option(1, min=1, help="CPU threads for training."),
+    cache_cap_mb: float | None = typer.Option(None, help="Blob cache cap in MB."),
+    ram_cap_mb: float | None = typer.Option(None, help="Worker RSS cap in MB."),
+    bandwidth_mbps: float | None = typer.Option(None, help="Transfer cap in Mbit/s."),
+    schedule: str | None = typer.Option(None, help="Run only in this window, e.g. 22:00-07:00."),
+    device: str | None = typer.Option(None, help="cpu, cuda or mps (default: best found)."),
+    api_ca: Path | None = typer.Option(None, help="CA file to verify the coordinator URL."),
+) -> None:
+    """Enrol this machine with a coordinator (one-time token from the operator)."""
+    from participant.join import JoinError, join
+    from participant.limits import Limits, LimitsError
+
+    try:
+        limits = Limits(max_columns, threads, cache_cap_mb, ram_cap_mb, bandwidth_mbps, schedule)
+        enrolment = join(
+            coordinator_url, token, name, state_dir, limits=limits, device=device,
+            api_ca=str(api_ca) if api_ca else True,
+        )  # fmt: skip
+    except (JoinError, LimitsError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(
+        f"enrolled as participant {enrolment.participant_id}; fleet {enrolment.fleet_address}"
+    )
+    typer.echo(f"start it with: perspective participant run --state-dir {state_dir}")
+
+
+@app.command("run")
+def run_cmd(
+    state_dir: Path = typer.Option(Path("perspective-participant"), help="State directory."),
+    preset: str = typer.Option("tiny", help="Model preset (must match the coordinator)."),
+    config: Path | None = typer.Option(None, help="YAML config (must match the coordinator)."),
+    max_wait_time: float = typer.Option(60.0, help="Reconnect this long before a restart."),
+) -> None:
+    """Run the participant daemon (SuperNode + worker, restarts with back-off) until SIGTERM."""
+    from participant.daemon import DaemonConfig, ParticipantDaemon
+    from participant.join import Enrolment, JoinError
+    from participant.limits import Limits
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        enrolment = Enrolment.load(state_dir)
+    except JoinError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    limits_file = state_dir / "limits.json"
+    cfg = DaemonConfig(
+        state_dir=state_dir,
+        superlink_address=enrolment.fleet_address,
+        root_certificates=Path(enrolment.ca_cert) if enrolment.ca_cert else None,
+        auth_private_key=Path(enrolment.key) if enrolment.ca_cert else None,
+        preset=preset,
+        config=config,
+        limits=Limits.load(limits_file) if limits_file.is_file() else Limits(),
+        max_wait_time=max_wait_time,
+    )
+    ParticipantDaemon(cfg).run_forever(install_signals=True)
+
+
+@app.command("status")
+def status_cmd(
+    state_dir: Path = typer.Option(Path("perspective-participant"), help="State directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print raw JSON."),
+) -> None:
+    """Show the daemon's state, restarts, last refusal and resource use."""
+    import json
+
+    from participant.status import read_status
+
+    status = read_status(state_dir)
+    if as_json:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    typer.echo(f"state:     {status['state']}")
+    for key in ("superlink_address", "restarts", "last_refusal"):
+        if key in status:
+            typer.echo(f"{key + ':':<10} {status[key]}")
+    usage = status.get("usage")
+    if usage:
+        typer.echo(
+            f"usage:     RSS {usage['rss_bytes'] / 1e6:.0f} MB, CPU {usage['cpu_percent']:.1f} %"
+        )
+
+
 def register(root: typer.Typer) -> None:
     """Add the ``participant`` group."""
     root.add_typer(app, name="participant")
