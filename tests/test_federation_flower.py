@@ -1,5 +1,8 @@
 """The federated loop over a real local Flower network (SuperLink + SuperNodes + workers).
 
+The tests share one network and run in file order; the participant-kill test is last
+because it leaves one participant dead.
+
 Everything is real and on 127.0.0.1: the SuperLink and SuperNodes are Flower's own
 processes, the participants are ``perspective participant worker`` processes, blobs move
 over the gRPC blob service, and the coordinator is either in-process (first test) or a
@@ -101,66 +104,6 @@ def test_dashboard_follows_a_real_run(seed, network, tmp_path, browser):
         coord.shutdown()
 
 
-def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
-    cfg, corpus, ckpt = seed
-    coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
-    coord.start()
-    try:
-        coord.prepare(ckpt, buffer_size=2, codec="ternary")
-        driver = network.open_driver()
-        settings = FederationSettings(
-            stage=3, steps_per_unit=8, lease_seconds=30, eval_every=1000, eval_batches=4
-        )
-        loop = coord.federated_stage(3, driver, StageBudget(minutes=30), settings, units_hint=60)
-        loss0 = loop.evaluate()
-        step_until(loop, lambda: loop.state.version >= 5, 300, "5 versions")
-        loss5 = loop.evaluate()
-        assert loss5 < loss0, (loss0, loss5)
-        nodes = sorted(driver.node_ids())
-        assert len(nodes) == 2
-        # Kill participant 1 while both hold leases: the victim's leases must expire and
-        # be redone by the survivor (whose own leases are never re-issued).
-        held = {node: _leased_units(coord, node) for node in nodes}
-        assert all(held.values()), "both participants should hold leases"
-        network.kill_participant(1)
-        step_until(
-            loop,
-            lambda: any(_redone_by_other(coord, held[n], n) for n in nodes),
-            240,
-            "a re-issued unit done by the other participant",
-        )
-        driver.close()
-    finally:
-        coord.shutdown()
-
-
-def _db(coord):
-    return sqlite3.connect(coord.work_dir / "coordinator.db")
-
-
-def _leased_units(coord, node_id):
-    signed = node_id - (1 << 64) if node_id >= 1 << 63 else node_id
-    with _db(coord) as db:
-        rows = db.execute(
-            "select u.unit_id from work_units u join participants p on p.id = u.participant_id "
-            "where p.node_id = ? and u.state = 'leased'",
-            (signed,),
-        ).fetchall()
-    return {r[0] for r in rows}
-
-
-def _redone_by_other(coord, units, victim) -> bool:
-    signed = victim - (1 << 64) if victim >= 1 << 63 else victim
-    marks = ",".join("?" * len(units))
-    with _db(coord) as db:
-        rows = db.execute(
-            "select u.unit_id from work_units u join participants p on p.id = u.participant_id "
-            f"where u.reissued_from in ({marks}) and u.state = 'done' and p.node_id != ?",
-            (*units, signed),
-        ).fetchall()
-    return bool(rows)
-
-
 def _accepted(db_path) -> list[tuple[str, int | None]]:
     with sqlite3.connect(db_path) as db:
         return db.execute(
@@ -219,3 +162,63 @@ def test_coordinator_sigkill_and_restart_loses_nothing(seed, network, tmp_path):
     # Every result acknowledged before the kill went into exactly one published version.
     applied = dict(rows)
     assert all(applied[u] is not None for u in acknowledged)
+
+
+def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
+    cfg, corpus, ckpt = seed
+    coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
+    coord.start()
+    try:
+        coord.prepare(ckpt, buffer_size=2, codec="ternary")
+        driver = network.open_driver()
+        settings = FederationSettings(
+            stage=3, steps_per_unit=8, lease_seconds=30, eval_every=1000, eval_batches=4
+        )
+        loop = coord.federated_stage(3, driver, StageBudget(minutes=30), settings, units_hint=60)
+        loss0 = loop.evaluate()
+        step_until(loop, lambda: loop.state.version >= 5, 300, "5 versions")
+        loss5 = loop.evaluate()
+        assert loss5 < loss0, (loss0, loss5)
+        nodes = sorted(driver.node_ids())
+        assert len(nodes) == 2
+        # Kill participant 1 while both hold leases: the victim's leases must expire and
+        # be redone by the survivor (whose own leases are never re-issued).
+        held = {node: _leased_units(coord, node) for node in nodes}
+        assert all(held.values()), "both participants should hold leases"
+        network.kill_participant(1)
+        step_until(
+            loop,
+            lambda: any(_redone_by_other(coord, held[n], n) for n in nodes),
+            240,
+            "a re-issued unit done by the other participant",
+        )
+        driver.close()
+    finally:
+        coord.shutdown()
+
+
+def _db(coord):
+    return sqlite3.connect(coord.work_dir / "coordinator.db")
+
+
+def _leased_units(coord, node_id):
+    signed = node_id - (1 << 64) if node_id >= 1 << 63 else node_id
+    with _db(coord) as db:
+        rows = db.execute(
+            "select u.unit_id from work_units u join participants p on p.id = u.participant_id "
+            "where p.node_id = ? and u.state = 'leased'",
+            (signed,),
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def _redone_by_other(coord, units, victim) -> bool:
+    signed = victim - (1 << 64) if victim >= 1 << 63 else victim
+    marks = ",".join("?" * len(units))
+    with _db(coord) as db:
+        rows = db.execute(
+            "select u.unit_id from work_units u join participants p on p.id = u.participant_id "
+            f"where u.reissued_from in ({marks}) and u.state = 'done' and p.node_id != ?",
+            (*units, signed),
+        ).fetchall()
+    return bool(rows)
