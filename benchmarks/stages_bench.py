@@ -128,7 +128,7 @@ def bench_convert(quick: bool) -> dict:
     from shared_model.convert import run_convert
 
     vocab = 512 if quick else 8192
-    corpus = prepare_corpus("stdlib", vocab, max_bytes=3_000_000 if not quick else 600_000)
+    corpus = prepare_corpus("stdlib", vocab, max_bytes=3_000_000)
     torch.manual_seed(0)
     hf = MixtralForCausalLM(
         MixtralConfig(
