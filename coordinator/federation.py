@@ -40,6 +40,10 @@ from shared_model.data import DocumentDataset
 from shared_model.wire.perspective.v1 import control_pb2
 
 log = logging.getLogger(__name__)
+# Flower error codes meaning the destination node is gone (3: message unavailable because
+# the node was removed, 5: node unavailable after missed heartbeats).
+NODE_GONE_CODES = (3, 5)
+NODE_COOLDOWN_S = 90.0
 
 
 @dataclass
@@ -99,6 +103,9 @@ class FederationLoop:
         self.stats = LoopStats()
         self._applied: list[str] = []
         self._message_units: dict[str, str] = {}
+        # Nodes Flower reported gone get no leases for a while (the SuperLink keeps
+        # listing a dead node until its heartbeat times out, ~60 s).
+        self._cooldown: dict[int, float] = {}
 
     # --- main loop ------------------------------------------------------------------------
 
@@ -113,8 +120,10 @@ class FederationLoop:
     def step(self, wait: float = 0.2) -> None:
         """One iteration: expire, lease, pull replies and handle them."""
         self.scheduler.expire_leases()
+        now = time.monotonic()
         for node_id in self.driver.node_ids():
-            self._lease_for(node_id)
+            if self._cooldown.get(node_id, 0.0) <= now:
+                self._lease_for(node_id)
         for reply in self.driver.wait_any(wait):
             self._handle_reply(reply)
 
@@ -145,9 +154,12 @@ class FederationLoop:
         unit_id = self._message_units.pop(reply.message_id, None)
         if not reply.ok:
             self._log("unit.failed", f"node {reply.node_id}: {reply.error_reason}", unit_id)
+            if reply.error_code in NODE_GONE_CODES:
+                self._node_gone(reply.node_id)
             if unit_id is not None:
                 self._fail(unit_id, str(reply.error_reason))
             return
+        self._cooldown.pop(reply.node_id, None)
         try:
             body = control_pb2.ControlReply.FromString(reply.payload)
         except Exception as exc:  # protobuf DecodeError: the node sent garbage
@@ -159,6 +171,16 @@ class FederationLoop:
             self._fail(failed, why)
         for result in body.results:
             self.receive(reply.node_id, result)
+
+    def _node_gone(self, node_id: int) -> None:
+        """Stop leasing to a node Flower says is unreachable; it comes back when it replies."""
+        self._cooldown[node_id] = time.monotonic() + NODE_COOLDOWN_S
+        with self.factory.begin() as s:
+            row = db_participants.find_participant(s, node_id=node_id)
+            if row is not None and row.state == "online":
+                db_participants.set_participant_state(
+                    s, participant_id=row.id, state="offline", reason="Flower: node unavailable"
+                )
 
     def _fail(self, unit_id: str, reason: str) -> None:
         """Re-queue a unit a participant could not do (unknown ids: a previous run's)."""

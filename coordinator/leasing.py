@@ -55,6 +55,8 @@ class UnitFactory:
         """A unit for ``participant``: a re-queued one if any, else a new one."""
         queued = scheduler.next_queued(session, participant=participant, allow_foreign=True)
         if queued is not None:
+            # Redone from the current version: the same columns, documents and steps.
+            queued.base_version = state.version
             return queued
         columns = scheduler.assign_columns(
             session, participant=participant, n_columns=self.cfg.moe.n_experts

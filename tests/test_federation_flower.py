@@ -189,7 +189,7 @@ def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
         step_until(
             loop,
             lambda: any(_redone_by_other(coord, held[n], n) for n in nodes),
-            240,
+            300,
             "a re-issued unit done by the other participant",
         )
         driver.close()
