@@ -20,6 +20,7 @@ import json
 import sqlite3
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -44,7 +45,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps-per-unit", type=int, default=20)
     p.add_argument("--codec", default="ternary", choices=["ternary", "sparse"])
+    p.add_argument("--max-in-flight", type=int, default=2, help="units leased per participant")
+    p.add_argument("--buffer-size", type=int, default=None, help="results per version")
     p.add_argument("--work-dir", type=Path, default=None)
+    p.add_argument("--name", default=None, help="result file stem (default federation_bench)")
     return p.parse_args()
 
 
@@ -55,8 +59,10 @@ def seed_checkpoint(cfg, corpus, work: Path, steps: int) -> str:
 
 def central(cfg, corpus, ckpt: str, work: Path, tokens: int) -> dict:
     steps = max(1, tokens // (cfg.train.batch_size * cfg.train.seq_len))
+    # The schedule spans exactly the token budget (train.steps is the cosine length).
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps, eval_every=steps))
     t0 = time.perf_counter()
-    r = train_stage(cfg, 3, work / "central", init=ckpt, data=corpus, until_step=steps)
+    r = train_stage(cfg, 3, work / "central", init=ckpt, data=corpus)
     return {"val_loss": r.val_loss, "tokens": r.tokens, "seconds": time.perf_counter() - t0}
 
 
@@ -73,11 +79,12 @@ def federated(cfg, corpus, ckpt: str, work: Path, args) -> dict:
     peak_rss = 0
     with net:
         coord.start()
-        coord.prepare(ckpt, buffer_size=args.participants, codec=args.codec)
+        coord.prepare(ckpt, buffer_size=args.buffer_size or args.participants, codec=args.codec)
         driver = net.open_driver()
         settings = FederationSettings(
             stage=3,
             steps_per_unit=args.steps_per_unit,
+            max_in_flight=args.max_in_flight,
             column_codec=args.codec,
             shared_codec=args.codec,
             eval_every=5,
@@ -126,18 +133,27 @@ def traffic(cfg, db_path: Path, wall: float) -> dict:
 
     shared = PerspectiveModel(cfg, moe=True, columns=[0]).num_parameters("shared")
     train_s: dict[int, float] = {}
+    busy_s: dict[int, float] = {}
     params = 0
     for pid, timings, columns, _ in rows:
         t = json.loads(timings) if isinstance(timings, str) else timings
         train_s[pid] = train_s.get(pid, 0.0) + float(t.get("train_s", 0.0))
-        params += shared + per_column * len(json.loads(columns))
+        busy_s[pid] = busy_s.get(pid, 0.0) + float(t.get("total_s", 0.0))
+        cols = json.loads(columns) if isinstance(columns, str) else columns
+        params += shared + per_column * len(cols)
     total_up = sum(up.values())
     return {
         "results": len(rows),
         "upload_bytes_per_sync": total_up / max(len(rows), 1),
         "upload_bits_per_param": 8 * total_up / max(params, 1),
         "fp16_bits_per_param": 16,
+        # training time / wall time: bounded by CPU sharing (N participants + coordinator
+        # on this machine's cores), not only by waiting on the network.
         "utilisation_per_participant": {str(k): v / wall for k, v in train_s.items()},
+        # time the participant's trainer had a unit (sync + train + encode/upload) / wall:
+        # 1.0 means it never waited for work.
+        "busy_fraction_per_participant": {str(k): v / wall for k, v in busy_s.items()},
+        "train_share_of_unit_time": sum(train_s.values()) / max(sum(busy_s.values()), 1e-9),
     }
 
 
@@ -174,15 +190,21 @@ def main() -> None:
     corpus = prepare_corpus("stdlib", cfg.model.vocab_size)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedbench-"))
     ckpt = seed_checkpoint(cfg, corpus, work, args.seed_steps)
-    report = {"preset": args.preset, "participants": args.participants, "tokens": args.tokens}
+    report = {
+        "preset": args.preset,
+        "participants": args.participants,
+        "tokens": args.tokens,
+        "settings": {k: str(v) for k, v in vars(args).items()},
+    }
     report["central"] = central(cfg, corpus, ckpt, work, args.tokens)
     report["federated"] = federated(cfg, corpus, ckpt, work, args)
     report["val_loss_ratio_federated_over_central"] = (
         report["federated"]["val_loss"] / report["central"]["val_loss"]
     )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "federation_bench.json").write_text(json.dumps(report, indent=1))
-    plot(report, RESULTS / "federation_bench.png")
+    name = args.name or "federation_bench"
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
+    plot(report, RESULTS / f"{name}.png")
     print(json.dumps({k: v for k, v in report.items() if k != "federated"}, indent=1))
 
 
