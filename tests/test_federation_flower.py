@@ -105,10 +105,13 @@ def test_dashboard_follows_a_real_run(seed, network, tmp_path, browser):
 
 
 def _accepted(db_path) -> list[tuple[str, int | None]]:
-    with sqlite3.connect(db_path) as db:
-        return db.execute(
-            "select unit_id, applied_in_version from results where state = 'accepted'"
-        ).fetchall()
+    try:
+        with sqlite3.connect(db_path) as db:
+            return db.execute(
+                "select unit_id, applied_in_version from results where state = 'accepted'"
+            ).fetchall()
+    except sqlite3.OperationalError:  # the coordinator is still creating its schema
+        return []
 
 
 def _serve(seed, network, work):
