@@ -22,6 +22,7 @@ import typer
 
 from coordinator.demo_view import DemoView
 
+DEMO_TRAIN = {"small": ["train.batch_size=4", "train.seq_len=128"]}
 DEMO_HELP = "Run the local federated network: central seed, then federated stages 3 and 4."
 
 
@@ -51,7 +52,8 @@ def demo(
     for name, value in (("column-codec", column_codec), ("shared-codec", shared_codec)):
         if value not in ("ternary", "sparse"):
             raise typer.BadParameter(f"--{name} must be 'ternary' or 'sparse', got {value!r}")
-    cfg = load_config(preset)
+    # Laptop-sized units: with the presets' own batches a `small` unit takes minutes on a CPU.
+    cfg = load_config(preset, overrides=DEMO_TRAIN.get(preset))
     work = Path(work_dir or tempfile.mkdtemp(prefix="perspective-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     view = DemoView(cfg, participants)
