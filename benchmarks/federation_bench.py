@@ -30,6 +30,7 @@ from coordinator.local_network import LocalNetwork
 from coordinator.network import Coordinator, StageBudget, default_columns_per_participant
 from shared_model.config import load_config
 from shared_model.data import prepare_corpus
+from shared_model.plan.params import count_params
 from shared_model.trainer import train_stage
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -120,8 +121,9 @@ def federated(cfg, corpus, ckpt: str, work: Path, args) -> dict:
 
 def traffic(cfg, db_path: Path, wall: float) -> dict:
     """Upload bytes per sync, bits/param and utilisation from the results table."""
-    m = cfg.model
-    per_column = len(m.pdr_layers()) * 3 * m.d_model * m.ffn_hidden
+    counts = count_params(cfg)
+    # A unit uploads its columns and every shared tensor (routers included).
+    shared, per_column = counts.shared + counts.routers, counts.column
     with sqlite3.connect(db_path) as db:
         rows = db.execute(
             "select r.participant_id, r.timings, u.columns, p.bytes_up "
@@ -129,9 +131,6 @@ def traffic(cfg, db_path: Path, wall: float) -> dict:
             "join participants p on p.id = r.participant_id where r.state = 'accepted'"
         ).fetchall()
         up = dict(db.execute("select id, bytes_up from participants").fetchall())
-    from shared_model.model import PerspectiveModel
-
-    shared = PerspectiveModel(cfg, moe=True, columns=[0]).num_parameters("shared")
     train_s: dict[int, float] = {}
     busy_s: dict[int, float] = {}
     params = 0

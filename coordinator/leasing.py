@@ -22,6 +22,7 @@ import numpy as np
 from coordinator.evaluation import ColumnAssignment
 from shared_model.blobs import issue_token
 from shared_model.config import PerspectiveConfig
+from shared_model.plan.params import count_params
 from shared_model.schedule import lr_at, ternary_fraction_at
 from shared_model.wire.perspective.v1 import control_pb2, federation_pb2, tensor_pb2
 
@@ -140,9 +141,5 @@ class UnitFactory:
 
     def _upload_quota(self, n_columns: int) -> int:
         # Dense ternary is ~1.6 bits/param; allow 1 byte/param plus container overhead.
-        m = self.cfg.model
-        per_column = len(m.pdr_layers()) * 3 * m.d_model * m.ffn_hidden
-        shared = 2 * m.vocab_size * m.d_model + m.n_layers * 4 * m.d_model * max(
-            m.d_model, m.ffn_hidden
-        )
-        return n_columns * per_column + shared + (1 << 20)
+        counts = count_params(self.cfg)
+        return n_columns * counts.column + counts.shared + counts.routers + (1 << 20)

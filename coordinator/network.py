@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from coordinator.db import init_db, make_session_factory
 from coordinator.db import versions as db_versions
 from coordinator.evaluation import ColumnAssignment, initial_assignment
@@ -207,8 +205,3 @@ def demo_corpus_bytes(preset: str) -> int | None:
 def default_columns_per_participant(n_experts: int, n_participants: int) -> int:
     """Columns each participant should hold so every column is trained."""
     return max(1, math.ceil(n_experts / max(n_participants, 1)))
-
-
-def set_threads(n: int) -> None:
-    """Torch intra-op threads for this process."""
-    torch.set_num_threads(max(1, n))

@@ -20,7 +20,6 @@ import queue
 import threading
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from participant.unit_trainer import BlobIO, UnitTrainer
@@ -168,10 +167,8 @@ class ParticipantRuntime:
 
 def _dataset(req: control_pb2.ControlRequest, io: BlobIO) -> DocumentDataset:
     """The unit's training documents, from shards fetched (and cached) by content id."""
-    ids, docs = [], []
-    for cid in req.unit.shard_ids:
-        ref = tensor_pb2.BlobRef(content_id=cid)
-        shard = decode_shard(io.fetch(ref), expected_id=cid)
-        ids += [int(x) for x in shard.doc_ids]
-        docs += [shard.document(i) for i in range(len(shard.doc_ids))]
-    return DocumentDataset(np.array(ids, dtype=np.int64), docs, req.eot_id)
+    shards = [
+        decode_shard(io.fetch(tensor_pb2.BlobRef(content_id=cid)), expected_id=cid)
+        for cid in req.unit.shard_ids
+    ]
+    return DocumentDataset.from_decoded(shards, req.eot_id)

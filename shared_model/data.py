@@ -30,7 +30,14 @@ from typing import Any
 import numpy as np
 
 from shared_model import tokenizer as tk
-from shared_model.shards import DataError, encode_shard, read_shard, token_dtype, write_shard
+from shared_model.shards import (
+    DataError,
+    Shard,
+    encode_shard,
+    read_shard,
+    token_dtype,
+    write_shard,
+)
 
 FORMAT_VERSION = 1
 VAL_FRACTION = 0.05
@@ -318,10 +325,14 @@ class DocumentDataset:
         cls, shard_dir: str | Path, shard_ids: Sequence[str], eot_id: int
     ) -> DocumentDataset:
         """Load and verify shards (by content id) from ``shard_dir``."""
+        return cls.from_decoded([read_shard(shard_dir, cid) for cid in shard_ids], eot_id)
+
+    @classmethod
+    def from_decoded(cls, shards: Sequence[Shard], eot_id: int) -> DocumentDataset:
+        """Every document of already decoded (and verified) shards."""
         ids: list[int] = []
         docs: list[np.ndarray] = []
-        for cid in shard_ids:
-            shard = read_shard(shard_dir, cid)
+        for shard in shards:
             ids += [int(x) for x in shard.doc_ids]
             docs += [shard.document(i) for i in range(len(shard.doc_ids))]
         return cls(np.array(ids, dtype=np.int64), docs, eot_id)
