@@ -33,7 +33,7 @@ from coordinator.db.errors import Conflict, NotFound
 from coordinator.db.leases import get_unit
 from coordinator.db.types import utcnow
 from coordinator.evaluation import ColumnAssignment, column_val_loss
-from coordinator.leasing import UnitFactory
+from coordinator.leasing import UnitFactory, UnitSizing
 from coordinator.scheduler import Scheduler
 from coordinator.state import CoordinatorState
 from shared_model.data import DocumentDataset
@@ -48,10 +48,19 @@ NODE_COOLDOWN_S = 90.0
 
 @dataclass
 class FederationSettings:
-    """Knobs of one federated stage (defaults from ``docs/federated-training.md``)."""
+    """Knobs of one federated stage (defaults from ``docs/federated-training.md``).
+
+    ``unit_seconds`` (``None``: every unit has ``steps_per_unit`` steps) is the target
+    training time of a unit, sized from each participant's tokens/s within
+    ``min/max_steps_per_unit`` (max ``None``: 8 × ``steps_per_unit``) and the lease; see
+    :class:`~coordinator.leasing.UnitSizing`, whose ``UnitSizingError`` bad values raise.
+    """
 
     stage: int = 3
     steps_per_unit: int = 20
+    unit_seconds: float | None = None
+    min_steps_per_unit: int = 5
+    max_steps_per_unit: int | None = None
     lease_seconds: float = 300.0
     max_in_flight: int = 2
     docs_per_unit: int = 32
@@ -61,6 +70,20 @@ class FederationSettings:
     eval_batches: int = 4
     max_update_norm: float = 1e4
     state_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.sizing()  # fail at construction, not at the first lease
+
+    def sizing(self) -> UnitSizing:
+        """The unit-sizing policy these settings describe."""
+        return UnitSizing(
+            steps_per_unit=self.steps_per_unit,
+            unit_seconds=self.unit_seconds,
+            min_steps=self.min_steps_per_unit,
+            max_steps=self.max_steps_per_unit,
+            lease_seconds=self.lease_seconds,
+            max_in_flight=self.max_in_flight,
+        )
 
 
 @dataclass
@@ -100,6 +123,8 @@ class FederationLoop:
             lease_seconds=settings.lease_seconds,
             max_in_flight=settings.max_in_flight,
         )
+        self.sizing = settings.sizing()
+        self._step_tokens = state.cfg.train.batch_size * state.cfg.train.seq_len
         self.stats = LoopStats()
         self._applied: list[str] = []
         self._message_units: dict[str, str] = {}
@@ -133,8 +158,9 @@ class FederationLoop:
         for _ in range(self.scheduler.leases_needed(node_id)):
             with self.factory.begin() as s:
                 participant = db_participants.find_participant(s, node_id=node_id)
+                steps = self.sizing.steps_for(participant.tokens_per_s, self._step_tokens)
                 unit = self.units.lease(
-                    s, self.scheduler, participant, self.state, self._fraction()
+                    s, self.scheduler, participant, self.state, self._fraction(), steps
                 )
                 request = self.units.request(unit, self.state, node_id)
                 unit_id = unit.unit_id
