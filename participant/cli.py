@@ -25,17 +25,27 @@ def worker(
     threads: int = typer.Option(1, min=1, help="CPU threads for training."),
     max_columns: int = typer.Option(4, min=1, help="Most expert columns to hold."),
     cache_cap_mb: float | None = typer.Option(None, min=1, help="Blob cache cap in MB."),
+    bandwidth_mbps: float | None = typer.Option(
+        None, min=0.001, help="Cap on blob transfers in Mbit/s (up + down together)."
+    ),
+    device: str | None = typer.Option(None, help="cpu, cuda or mps (default: best found)."),
+    ca_file: Path | None = typer.Option(
+        None, help="CA (PEM) of the blob service's TLS certificate: the enrolment ca.crt."
+    ),
 ) -> None:
     """Attach to a SuperNode and train the work units it delivers until SIGTERM."""
     from participant.flower.worker import FlowerWorker
-    from participant.runtime import ParticipantRuntime
+    from participant.hardware import HardwareError, detect
+    from participant.runtime import ParticipantRuntime, WorkerConfigError, load_ca_file
     from shared_model.config import ConfigError, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     try:
         cfg = load_config(preset, config)
-    except ConfigError as exc:
+        chosen = detect(state_dir, device).device
+        ca_pem = load_ca_file(ca_file) if ca_file is not None else None
+    except (ConfigError, HardwareError, WorkerConfigError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     secret = superexec_secret_file.read_bytes() if superexec_secret_file else None
     runtime = ParticipantRuntime(
@@ -44,6 +54,9 @@ def worker(
         max_columns=max_columns,
         threads=threads,
         cache_cap_bytes=int(cache_cap_mb * 1e6) if cache_cap_mb else None,
+        device=chosen,
+        bandwidth_mbps=bandwidth_mbps,
+        tls_root_cert=ca_pem,
     )
     flower = FlowerWorker(runtime_address, runtime.handle, superexec_secret=secret)
     signal.signal(signal.SIGTERM, lambda *_: flower.shutdown(timeout=0.1))
@@ -120,24 +133,17 @@ def status_cmd(
     state_dir: Path = typer.Option(Path("perspective-participant"), help="State directory."),
     as_json: bool = typer.Option(False, "--json", help="Print raw JSON."),
 ) -> None:
-    """Show the daemon's state, restarts, last refusal and resource use."""
+    """Show the daemon's state, the unit in progress, today's traffic, credit and limits."""
     import json
 
-    from participant.status import read_status
+    from participant.status import read_status, render_status
 
     status = read_status(state_dir)
     if as_json:
         typer.echo(json.dumps(status, indent=2))
         return
-    typer.echo(f"state:     {status['state']}")
-    for key in ("superlink_address", "restarts", "last_refusal"):
-        if key in status:
-            typer.echo(f"{key + ':':<10} {status[key]}")
-    usage = status.get("usage")
-    if usage:
-        typer.echo(
-            f"usage:     RSS {usage['rss_bytes'] / 1e6:.0f} MB, CPU {usage['cpu_percent']:.1f} %"
-        )
+    for line in render_status(status):
+        typer.echo(line)
 
 
 def register(root: typer.Typer) -> None:

@@ -267,6 +267,8 @@ class ParticipantDaemon:
         argv += ["--superexec-secret-file", str(self.secret_file)]
         if self.cfg.config is not None:
             argv += ["--config", str(self.cfg.config)]
+        if self.cfg.root_certificates is not None:  # the blob service shares the fleet's CA
+            argv += ["--ca-file", str(self.cfg.root_certificates)]
         return argv + self.cfg.limits.worker_args()
 
     def _restart_worker(self) -> None:

@@ -17,7 +17,7 @@ starts the SuperNode with that key and CA.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,8 @@ def join(
         name: How this node appears on the dashboard.
         state_dir: Directory for keys, CA, limits and state.
         limits: Resource limits (saved to ``limits.json``).
-        device: Device override (``cpu``/``cuda``/``mps``).
+        device: Device override (``cpu``/``cuda``/``mps``), saved with the limits so the
+            worker uses it; ``None`` lets the worker pick the best device at each start.
         api_ca: TLS verification of the REST API (``True``: system CAs, or a CA file).
         fleet_address: Override the fleet address the coordinator returns.
 
@@ -108,7 +109,10 @@ def join(
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
     limits = limits or Limits()
+    device = device or limits.device
     report = detect(state, device)
+    if device is not None:  # an explicit choice is kept so that 'run' honours it
+        limits = replace(limits, device=device)
     key_path, public_key = make_node_key(state / "node_key")
     body = {
         "token": token,

@@ -11,7 +11,10 @@ limit              enforcement
 ``ram_cap_mb``     the daemon watches the worker's RSS (psutil, whole process tree) and
                    restarts it when it stays above the cap; the lease then expires and the
                    coordinator re-issues the unit
-``bandwidth_mbps`` :class:`TokenBucket` — a blocking byte-rate limiter for transfers
+``bandwidth_mbps`` passed to the worker (``--bandwidth-mbps``); one :class:`TokenBucket`
+                   throttles every chunk its blob clients send or receive (sum of both
+                   directions; the first second may burst)
+``device``         passed to the worker (``--device``); unset = the best one detected
 ``schedule``       the daemon runs SuperNode + worker only inside the window
                    (``"22:00-07:00"``, local time, may wrap midnight) and stops them outside
 =================  ==========================================================================
@@ -25,6 +28,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from participant.hardware import DEVICES
 
 
 class LimitsError(ValueError):
@@ -58,6 +63,7 @@ class Limits:
     ram_cap_mb: float | None = None
     bandwidth_mbps: float | None = None
     schedule: str | None = None
+    device: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_columns <= 1024:
@@ -70,6 +76,8 @@ class Limits:
                 raise LimitsError(f"{name} must be > 0 (or unset for no limit), got {value}")
         if self.schedule is not None:
             parse_window(self.schedule)
+        if self.device is not None and self.device not in DEVICES:
+            raise LimitsError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
 
     def in_window(self, now: dt.datetime | None = None) -> bool:
         """Whether ``now`` (local time) lies in the schedule window (always true if unset)."""
@@ -84,6 +92,10 @@ class Limits:
         args = ["--threads", str(self.threads), "--max-columns", str(self.max_columns)]
         if self.cache_cap_mb is not None:
             args += ["--cache-cap-mb", str(self.cache_cap_mb)]
+        if self.bandwidth_mbps is not None:
+            args += ["--bandwidth-mbps", str(self.bandwidth_mbps)]
+        if self.device is not None:
+            args += ["--device", self.device]
         return args
 
     def save(self, path: Path) -> None:

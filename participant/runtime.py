@@ -11,6 +11,11 @@ the coordinator keeps two units in flight per participant, and
 
 So the trainer always has the next unit locally and never waits for the network; a
 result travels one unit later, which the coordinator's staleness weights account for.
+
+Limits enforced here: torch threads (set in the trainer thread, where the work runs), the
+bandwidth cap (one :class:`~participant.limits.TokenBucket` shared by every blob client),
+the cache cap (eviction after each unit) and the device. Progress, traffic and credit go
+to ``progress.json`` (:mod:`participant.progress`) for ``perspective participant status``.
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ import queue
 import threading
 from pathlib import Path
 
+import psutil
 import torch
 
+from participant.limits import TokenBucket
+from participant.progress import ProgressWriter
 from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.blobs import BlobClient, BlobStore
 from shared_model.config import PerspectiveConfig
@@ -31,10 +39,47 @@ from shared_model.wire.perspective.v1 import control_pb2, federation_pb2, tensor
 
 log = logging.getLogger(__name__)
 WAIT_S = 3600.0
+PEM_CERT = b"-----BEGIN CERTIFICATE-----"
+
+
+class WorkerConfigError(ValueError):
+    """A worker option is unusable (says which and how to fix it)."""
+
+
+def load_ca_file(path: str | Path) -> bytes:
+    """PEM bytes of the CA that signs the blob service's certificate.
+
+    Raises:
+        WorkerConfigError: The file cannot be read or holds no PEM certificate.
+    """
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as err:
+        raise WorkerConfigError(
+            f"cannot read the CA file {path}: {err.strerror or err}; pass the CA from "
+            "enrolment (ca.crt in the participant's state directory)"
+        ) from None
+    if PEM_CERT not in pem:
+        raise WorkerConfigError(
+            f"{path} holds no PEM certificate ('{PEM_CERT.decode()}' missing); pass the CA "
+            "from enrolment (ca.crt in the participant's state directory)"
+        )
+    return pem
 
 
 class ParticipantRuntime:
-    """Queues work units and trains them in a background thread."""
+    """Queues work units and trains them in a background thread.
+
+    Args:
+        cfg: Model configuration (must match the coordinator's).
+        state_dir: Cache, trainer state and ``progress.json`` live here.
+        max_columns: Most expert columns to hold (reported to the scheduler).
+        threads: torch threads for training.
+        cache_cap_bytes: Evict the blob cache to this size after every unit.
+        device: Training device (``cpu``, ``cuda``, ``mps``).
+        bandwidth_mbps: Cap on blob traffic, both directions together (Mbit/s).
+        tls_root_cert: PEM of the CA of the blob service's certificate (``None``: no TLS).
+    """
 
     def __init__(
         self,
@@ -44,11 +89,18 @@ class ParticipantRuntime:
         max_columns: int = 4,
         threads: int = 1,
         cache_cap_bytes: int | None = None,
+        device: str = "cpu",
+        bandwidth_mbps: float | None = None,
+        tls_root_cert: bytes | None = None,
     ) -> None:
         self.cfg, self.state_dir = cfg, Path(state_dir)
-        self.max_columns, self.threads = max_columns, threads
+        self.max_columns, self.threads, self.device = max_columns, threads, device
         self.cache = BlobStore(self.state_dir / "cache")
         self.cache_cap_bytes = cache_cap_bytes
+        self.rate_limiter = TokenBucket.from_mbps(bandwidth_mbps) if bandwidth_mbps else None
+        self.tls_root_cert = tls_root_cert
+        self.progress = ProgressWriter(self.state_dir)
+        self.effective_threads: int | None = None
         self.trainer: UnitTrainer | None = None
         self._dataset_key: tuple[str, ...] = ()
         self._queue: queue.Queue[control_pb2.ControlRequest | None] = queue.Queue()
@@ -66,6 +118,7 @@ class ParticipantRuntime:
     def handle(self, kind: str, payload: bytes) -> bytes:
         """Handle one Flower message; returns the serialised :class:`ControlReply`."""
         req = control_pb2.ControlRequest.FromString(payload)
+        self.progress.set_credit(req.credit_tokens)
         if kind == "train.unit" and req.WhichOneof("body") == "unit":
             uid = req.unit.unit_id
             self._queue.put(req)
@@ -92,7 +145,8 @@ class ParticipantRuntime:
         reply.failure_reasons.extend(why for _, why in failures)
         reply.capability.max_columns = self.max_columns
         reply.capability.threads = self.threads
-        reply.capability.device = "cpu"
+        reply.capability.device = self.device
+        reply.capability.ram_bytes = psutil.virtual_memory().total
         if self.trainer is not None:
             reply.capability.tokens_per_s = self.trainer.tokens_per_s
             reply.synced_version = self.trainer.replica.version or 0
@@ -106,7 +160,10 @@ class ParticipantRuntime:
     # --- trainer thread ------------------------------------------------------------------
 
     def _work(self) -> None:
+        # Set in this thread: it is the one whose intra-op pool runs the training.
         torch.set_num_threads(self.threads)
+        self.effective_threads = torch.get_num_threads()
+        self.progress.set_worker(self.effective_threads, self.device)
         while True:
             req = self._queue.get()
             if req is None:
@@ -116,28 +173,42 @@ class ParticipantRuntime:
                 self._busy = True
                 self._started.add(uid)
                 self._cond.notify_all()
+            self.progress.start_unit(uid, req.unit.stage, req.unit.steps)
             try:
                 result = self._run(req)
                 with self._cond:
                     self._results.append(result)
+                self.progress.finish_unit(ok=True)
             except Exception as exc:  # report the failure; the coordinator re-issues the unit
                 log.exception("unit %s failed", uid)
+                why = f"{type(exc).__name__}: {exc}"
                 with self._cond:
-                    self._failures.append((uid, f"{type(exc).__name__}: {exc}"))
+                    self._failures.append((uid, why))
+                self.progress.finish_unit(ok=False, error=why)
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
 
+    def open_blob_client(self, address: str, token: str) -> BlobClient:
+        """A blob client with this worker's cache, bandwidth cap and TLS root."""
+        return BlobClient(
+            address,
+            token=token,
+            cache=self.cache,
+            tls_root_cert=self.tls_root_cert,
+            rate_limiter=self.rate_limiter,
+        )
+
     def _run(self, req: control_pb2.ControlRequest) -> federation_pb2.WorkResult:
-        client = BlobClient(req.blob_address, token=req.unit.capability_token, cache=self.cache)
+        client = self.open_blob_client(req.blob_address, req.unit.capability_token)
         try:
             io = BlobIO(
                 fetch=lambda ref: self._fetch(client, ref.content_id),
-                upload=lambda data: tensor_pb2.BlobRef(content_id=client.put(data), size=len(data)),
+                upload=lambda data: self._upload(client, data),
             )
             trainer = self._trainer_for(req, io)
-            result = trainer.run(req, io)
+            result = trainer.run(req, io, progress=self.progress.on_progress)
         finally:
             client.close()
         if self.cache_cap_bytes is not None:
@@ -151,14 +222,22 @@ class ParticipantRuntime:
         if not cached:
             with self._cond:
                 self._bytes_down += len(data)
+            self.progress.add_bytes(down=len(data))
         return data
+
+    def _upload(self, client: BlobClient, data: bytes) -> tensor_pb2.BlobRef:
+        ref = tensor_pb2.BlobRef(content_id=client.put(data), size=len(data))
+        self.progress.add_bytes(up=len(data))
+        return ref
 
     def _trainer_for(self, req: control_pb2.ControlRequest, io: BlobIO) -> UnitTrainer:
         key = tuple(req.unit.shard_ids)
         if self.trainer is None or key != self._dataset_key:
             data = _dataset(req, io)
             if self.trainer is None:
-                self.trainer = UnitTrainer(self.cfg, data, self.state_dir / "trainer")
+                self.trainer = UnitTrainer(
+                    self.cfg, data, self.state_dir / "trainer", device=self.device
+                )
             else:
                 self.trainer.data = data
             self._dataset_key = key

@@ -35,6 +35,8 @@ from shared_model.schedule import build_optimizer, set_lr
 from shared_model.wire.perspective.v1 import control_pb2, federation_pb2, tensor_pb2
 
 State = dict[str, torch.Tensor]
+#: ``progress(phase, step, total_steps, tokens)``: phase is "sync", "train" or "upload".
+ProgressFn = Callable[[str, int, int, int], None]
 
 
 class UnitError(RuntimeError):
@@ -58,12 +60,22 @@ class _Local:
 
 
 class UnitTrainer:
-    """Runs work units for one participant; state persists under ``state_dir``."""
+    """Runs work units for one participant; state persists under ``state_dir``.
+
+    Models and batches live on ``device``; everything that is saved, compared with the
+    published weights or encoded (local columns, EF residual, deltas) stays on the CPU,
+    so results are the same bytes whatever device trained them.
+    """
 
     def __init__(
-        self, cfg: PerspectiveConfig, train_data: DocumentDataset, state_dir: str | Path
+        self,
+        cfg: PerspectiveConfig,
+        train_data: DocumentDataset,
+        state_dir: str | Path,
+        device: str | torch.device = "cpu",
     ) -> None:
         self.cfg = cfg
+        self.device = torch.device(device)
         self.data = train_data
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -104,19 +116,30 @@ class UnitTrainer:
 
     # --- one unit ---------------------------------------------------------------------------
 
-    def run(self, req: control_pb2.ControlRequest, io: BlobIO) -> federation_pb2.WorkResult:
-        """Run the unit in ``req`` and return its result (blobs already uploaded)."""
+    def run(
+        self, req: control_pb2.ControlRequest, io: BlobIO, progress: ProgressFn | None = None
+    ) -> federation_pb2.WorkResult:
+        """Run the unit in ``req`` and return its result (blobs already uploaded).
+
+        Args:
+            req: The control request carrying the unit.
+            io: Blob fetch/upload.
+            progress: Called at each phase change and after every inner step.
+        """
         unit = req.unit
         columns = sorted(int(c) for c in unit.columns)
         if not columns:
             raise UnitError(f"unit {unit.unit_id} names no columns")
+        report = progress or (lambda *_: None)
         t0 = time.perf_counter()
+        report("sync", 0, unit.steps, 0)
         self._sync(req, columns, io)
         model, teacher = self._prepare_models(req, columns, io)
         t_sync = time.perf_counter() - t0
         batches = self._batches(unit, columns, req.batch_size, req.seq_len)
-        train_loss, tokens = self._train(model, teacher, unit, batches)
+        train_loss, tokens = self._train(model, teacher, unit, batches, report)
         t_train = time.perf_counter() - t0 - t_sync
+        report("upload", unit.steps, unit.steps, tokens)
         result = self._upload(model, unit, columns, req, io)
         self._save_local()
         t_total = time.perf_counter() - t0
@@ -142,7 +165,7 @@ class UnitTrainer:
     def _prepare_models(self, req, columns: list[int], io: BlobIO):
         model = self.model
         if model is None or sorted(model_columns(model)) != columns:
-            model = PerspectiveModel(self.cfg, moe=True, columns=columns)
+            model = PerspectiveModel(self.cfg, moe=True, columns=columns).to(self.device)
             self.model, self.optimizer = model, build_optimizer(model, self.cfg.optim)
         with torch.no_grad():
             model.load_state_dict(self.replica.shared, strict=False)
@@ -157,7 +180,8 @@ class UnitTrainer:
                 c not in self.teacher_replica.columns for c in columns
             ):
                 self.teacher_replica.load_checkpoint(manifest, columns, io.fetch)
-            teacher = PerspectiveModel(self.cfg, moe=True, columns=columns).eval()
+            teacher = PerspectiveModel(self.cfg, moe=True, columns=columns).to(self.device)
+            teacher.eval()
             teacher.load_state_dict(self.teacher_replica.shared, strict=False)
             for c in columns:
                 teacher.load_expert_state(c, self.teacher_replica.columns[c])
@@ -181,12 +205,14 @@ class UnitTrainer:
                 cols.append(col)
             yield torch.cat(rows), torch.tensor(cols, dtype=torch.long)
 
-    def _train(self, model, teacher, unit, batches) -> tuple[float, int]:
+    def _train(self, model, teacher, unit, batches, report: ProgressFn) -> tuple[float, int]:
         model.train()
         assert self.optimizer is not None
         set_lr(self.optimizer, unit.lr)
         losses, tokens = [], 0
+        report("train", 0, unit.steps, 0)
         for batch, cols in batches:
+            batch, cols = batch.to(self.device), cols.to(self.device)
             x, y = batch[:, :-1], batch[:, 1:]
             out = model(x, targets=y, columns=cols)
             loss = out.loss
@@ -201,18 +227,19 @@ class UnitTrainer:
             self.optimizer.step()
             losses.append(loss.item())
             tokens += x.numel()
+            report("train", len(losses), unit.steps, tokens)
         return float(np.mean(losses)) if losses else float("nan"), tokens
 
     def _upload(self, model, unit, columns, req, io: BlobIO) -> federation_pb2.WorkResult:
         result = federation_pb2.WorkResult(unit_id=unit.unit_id, base_version=unit.base_version)
         for c in columns:
-            local = {k: v.detach().clone() for k, v in model.expert_state(c).items()}
+            local = {k: v.detach().to("cpu", copy=True) for k, v in model.expert_state(c).items()}
             self.local.columns[c] = local
             delta = {k: local[k] - self.replica.columns[c][k] for k in local}
             blob, _ = _encode("column", c, unit.base_version, delta, req.column_codec)
             result.column_deltas.add(column=c, delta=io.upload(blob))
         shared_now = {
-            k: v.detach() for k, v in model.state_dict().items() if k in self.replica.shared
+            k: v.detach().cpu() for k, v in model.state_dict().items() if k in self.replica.shared
         }
         pseudo = {}
         for k, pub in self.replica.shared.items():

@@ -67,6 +67,15 @@ class RemoteStat:
     size: int
 
 
+class RateLimiter(Protocol):
+    """Anything that throttles transfers: ``consume(n)`` blocks until ``n`` bytes may pass.
+
+    :class:`participant.limits.TokenBucket` is the implementation a participant uses.
+    """
+
+    def consume(self, n_bytes: int) -> object: ...
+
+
 class _Sink(Protocol):
     size: int
     max_size: int | None
@@ -108,6 +117,8 @@ class BlobClient:
         max_retries: consecutive failed attempts without progress before giving up.
         backoff_s: first retry delay; doubles per failure up to 5 s.
         chunk_size: bytes per uploaded message.
+        rate_limiter: throttles every chunk received and sent (bandwidth cap); shared by
+            several clients it caps their sum. None: no cap.
     """
 
     def __init__(
@@ -120,8 +131,10 @@ class BlobClient:
         max_retries: int = 5,
         backoff_s: float = 0.1,
         chunk_size: int = CHUNK_SIZE,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.address, self.cache = address, cache
+        self.rate_limiter = rate_limiter
         self.max_retries, self.backoff_s, self.chunk_size = max_retries, backoff_s, chunk_size
         self._token = token
         options = list(_CHANNEL_OPTIONS)
@@ -237,8 +250,7 @@ class BlobClient:
                 failures += 1
                 self._backoff(failures, exc, f"download of {content_id}")
 
-    @staticmethod
-    def _stream_into(chunks: Iterator[blobs_pb2.Chunk], sink: _Sink) -> int | None:
+    def _stream_into(self, chunks: Iterator[blobs_pb2.Chunk], sink: _Sink) -> int | None:
         total = None
         for chunk in chunks:
             if chunk.offset != sink.size:
@@ -246,6 +258,10 @@ class BlobClient:
             total = chunk.total_size
             sink.max_size = total
             sink.write(chunk.data)
+            if self.rate_limiter is not None:
+                # Sleeping before reading the next chunk lets gRPC flow control push back
+                # on the server, so the link itself carries no more than the cap.
+                self.rate_limiter.consume(len(chunk.data))
         return total
 
     def stat(self, content_id: str) -> RemoteStat:
@@ -292,11 +308,12 @@ class BlobClient:
                 failures += 1
                 self._backoff(failures, exc, f"upload of {content_id}")
 
-    @staticmethod
-    def _put_stream(content_id: str, size: int, pieces: Iterator[bytes]) -> Iterator:
+    def _put_stream(self, content_id: str, size: int, pieces: Iterator[bytes]) -> Iterator:
         header = blobs_pb2.PutHeader(content_id=content_id, size=size)
         yield blobs_pb2.PutChunk(header=header)
         for piece in pieces:
+            if self.rate_limiter is not None:
+                self.rate_limiter.consume(len(piece))  # before sending: the cap is on the wire
             yield blobs_pb2.PutChunk(data=piece)
 
     def _memory_pieces(self, payload: bytes) -> Iterator[bytes]:
