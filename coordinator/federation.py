@@ -156,20 +156,27 @@ class FederationLoop:
         with self.factory.begin() as s:
             db_participants.touch_participant(s, node_id=node_id)
         for _ in range(self.scheduler.leases_needed(node_id)):
-            with self.factory.begin() as s:
-                participant = db_participants.find_participant(s, node_id=node_id)
-                steps = self.sizing.steps_for(participant.tokens_per_s, self._step_tokens)
-                unit = self.units.lease(
-                    s, self.scheduler, participant, self.state, self._fraction(), steps
-                )
-                request = self.units.request(unit, self.state, node_id)
-                unit_id = unit.unit_id
+            unit_id, request = self.lease_request(node_id)
             payload = request.SerializeToString()
             message_id = self.driver.push(
                 node_id, payload, "train.unit", self.settings.lease_seconds
             )
             self._message_units[message_id] = unit_id
             self.stats.bytes_down += len(payload)
+
+    def lease_request(self, node_id: int) -> tuple[str, control_pb2.ControlRequest]:
+        """Lease one unit to a known node, sized from its last reported tokens/s.
+
+        Returns:
+            The unit id and the ``ControlRequest`` that carries it (not sent yet).
+        """
+        with self.factory.begin() as s:
+            participant = db_participants.find_participant(s, node_id=node_id)
+            steps = self.sizing.steps_for(participant.tokens_per_s, self._step_tokens)
+            unit = self.units.lease(
+                s, self.scheduler, participant, self.state, self._fraction(), steps
+            )
+            return unit.unit_id, self.units.request(unit, self.state, node_id)
 
     def _fraction(self) -> float:
         return min(max(self.progress(self.stats), 0.0), 1.0)
@@ -344,6 +351,17 @@ class FederationLoop:
         if self._applied or self.state.shared.has_buffered():
             self.state.shared.flush()
             self.publish()
+
+    def attach(self, driver) -> None:
+        """Use ``driver`` (a new Flower run) from now on, e.g. after the SuperLink restarted.
+
+        Leases still open were pushed on the previous run; their replies can never arrive
+        on this one, so they are expired and re-queued (their units are redone).
+        """
+        if self.driver is not None:
+            self.scheduler.expire_leases(now=utcnow() + dt.timedelta(days=365))
+        self.driver = driver
+        self._cooldown.clear()
 
     def recover(self) -> int:
         """Replay the result log after the loaded state checkpoint; returns results replayed.

@@ -13,6 +13,7 @@ import torch
 
 from coordinator.db import init_db, make_session_factory
 from coordinator.db import participants as db_participants
+from coordinator.db.leases import get_unit
 from coordinator.db.models import Result
 from coordinator.evaluation import initial_assignment
 from coordinator.federation import FederationLoop, FederationSettings
@@ -35,7 +36,7 @@ def corpus():
     return prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=3_000_000)
 
 
-def make_loop(tmp_path, corpus, state_seed=0):
+def make_loop(tmp_path, corpus, state_seed=0, **settings):
     torch.manual_seed(state_seed)
     cfg = load_config("tiny", overrides=["train.batch_size=4", "train.seq_len=32"])
     factory = make_session_factory(init_db(f"sqlite:///{tmp_path / 'db.sqlite'}"))
@@ -50,7 +51,7 @@ def make_loop(tmp_path, corpus, state_seed=0):
                 for c in corpus.shard_ids("train")],
         eot_id=corpus.eot_id, blob_address="in-process", token_key=b"k" * 32, lease_seconds=60,
     )  # fmt: skip
-    settings = FederationSettings(stage=3, eval_batches=1)
+    settings = FederationSettings(stage=3, eval_batches=1, steps_per_unit=3, **settings)
     loop = FederationLoop(state, settings, factory, None, units, val, assignment, lambda s: 0.0)
     with factory.begin() as s:
         from coordinator.db import versions
@@ -143,3 +144,63 @@ def test_replay_rebuilds_identical_versions(tmp_path, corpus):
     assert {v: r.content_id for v, r in restarted.state.manifests.items()} == manifests
     for k, v in loop.state.shared.master.items():
         assert torch.equal(restarted.state.shared.master[k], v)
+
+
+def report(loop, node_id, tokens_per_s):
+    """The participant's capability as the loop stores it from a reply."""
+    with loop.factory.begin() as s:
+        db_participants.touch_participant(
+            s,
+            node_id=node_id,
+            capability=db_participants.Capability(max_columns=2, tokens_per_s=tokens_per_s),
+        )
+
+
+def test_units_are_sized_from_reported_throughput(tmp_path, corpus):
+    # batch 4 x seq 32 = 128 tokens per step; a 2 s unit at 640 tokens/s is 10 steps.
+    loop, train = make_loop(tmp_path, corpus, unit_seconds=2.0, max_steps_per_unit=200)
+    slow, fast = NODE, NODE + 1
+    report(loop, slow, None)
+    _, before = loop.lease_request(slow)
+    assert before.unit.steps == 3  # nothing measured yet: steps_per_unit
+    report(loop, slow, 640.0)
+    report(loop, fast, 6400.0)
+    _, slow_req = loop.lease_request(slow)
+    _, fast_req = loop.lease_request(fast)
+    assert (slow_req.unit.steps, fast_req.unit.steps) == (10, 100)
+    assert slow_req.unit.shared_sync_every == 10  # H is the unit's own
+    assert slow_req.budget_tokens == 10 * 128
+    # The participant trains exactly the unit's steps.
+    store = loop.state.store
+    io = BlobIO(
+        fetch=lambda ref: store.get(ref.content_id),
+        upload=lambda data: tensor_pb2.BlobRef(content_id=store.put_bytes(data), size=len(data)),
+    )
+    result = UnitTrainer(loop.state.cfg, train, tmp_path / "slow").run(slow_req, io)
+    assert result.tokens == 10 * 128
+    assert loop.receive(slow, result).accepted
+
+
+def test_requeued_unit_keeps_its_steps(tmp_path, corpus):
+    loop, _ = make_loop(tmp_path, corpus, unit_seconds=2.0, max_steps_per_unit=200)
+    fast, slow = NODE, NODE + 1
+    report(loop, fast, 6400.0)
+    report(loop, slow, 640.0)
+    unit_id, req = loop.lease_request(fast)
+    assert req.unit.steps == 100
+    with loop.factory.begin() as s:
+        loop.scheduler.fail_unit(s, unit_id=unit_id, reason="participant crashed")
+    copy_id, copy = loop.lease_request(slow)
+    assert copy_id != unit_id and copy.unit.steps == 100  # not re-sized for the slow node
+    assert list(copy.unit.document_ids) == list(req.unit.document_ids)
+    with loop.factory() as s:
+        assert get_unit(s, unit_id=copy_id).reissued_from == unit_id
+
+
+def test_request_carries_the_participants_credit(tmp_path, corpus):
+    loop, train = make_loop(tmp_path, corpus)
+    req, result = lease_and_train(loop, train, tmp_path)
+    assert req.credit_tokens == 0
+    assert loop.receive(NODE, result).accepted
+    _, after = loop.lease_request(NODE)
+    assert after.credit_tokens == result.tokens == 3 * 4 * 32
