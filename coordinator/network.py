@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +20,12 @@ from coordinator.evaluation import ColumnAssignment, initial_assignment
 from coordinator.federation import FederationLoop, FederationSettings, LoopStats
 from coordinator.leasing import UnitFactory
 from coordinator.state import CoordinatorState
-from shared_model.blobs import BlobServer, BlobStore
+from shared_model.blobs import BlobServer, BlobStore, TlsConfig
 from shared_model.checkpoint import load_checkpoint
 from shared_model.config import PerspectiveConfig
 from shared_model.data import PreparedCorpus
 from shared_model.model import PerspectiveModel
+from shared_model.procs import write_secret_file
 from shared_model.wire.perspective.v1 import tensor_pb2
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,24 @@ class Coordinator:
         db_url: str | None = None,
         blob_host: str = "127.0.0.1",
         blob_port: int = 0,
+        blob_tls: TlsConfig | None = None,
+        blob_public_host: str | None = None,
+        token_key: bytes | None = None,
     ) -> None:
+        """Open the database and blob store (nothing listens before :meth:`start`).
+
+        Args:
+            cfg: Model/training configuration (must match the participants').
+            work_dir: Blob store, state checkpoint and (default) SQLite database.
+            corpus: Prepared training corpus (shards are published as blobs).
+            db_url: SQLAlchemy URL (SQLite or PostgreSQL); default ``work_dir/coordinator.db``.
+            blob_host: Interface the blob service binds.
+            blob_port: Its port (0: any free port).
+            blob_tls: Certificate and key of the blob service (``None``: plain, loopback).
+            blob_public_host: Host name participants dial for blobs (must be in the
+                certificate); default: ``blob_host``.
+            token_key: Key signing blob capability tokens; default ``work_dir/token.key``.
+        """
         self.cfg, self.corpus = cfg, corpus
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -69,34 +86,55 @@ class Coordinator:
         self.engine = init_db(self.db_url)
         self.session_factory = make_session_factory(self.engine)
         self.store = BlobStore(self.work_dir / "blobs")
-        self.token_key = self._token_key()
-        self.blob_server = BlobServer(self.store, self.token_key, host=blob_host, port=blob_port)
+        self.token_key = token_key or write_secret_file(self.work_dir / "token.key").read_bytes()
+        self.blob_server = BlobServer(
+            self.store, self.token_key, host=blob_host, port=blob_port, tls=blob_tls
+        )
+        self.blob_public_host = blob_public_host
         self.api = None
         self.state: CoordinatorState | None = None
         self.assignment: ColumnAssignment | None = None
         self.loop: FederationLoop | None = None
-
-    def _token_key(self) -> bytes:
-        path = self.work_dir / "token.key"
-        if not path.exists():
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(secrets.token_bytes(32))
-            tmp.chmod(0o600)
-            tmp.replace(path)
-        return path.read_bytes()
 
     def start(self) -> None:
         """Start the blob service."""
         self.blob_server.start()
         self.blob_server.wait_until_ready()
 
-    def start_api(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve the REST API and dashboard on the same database; returns its URL."""
+    @property
+    def blob_address(self) -> str:
+        """``host:port`` participants dial for blobs (after :meth:`start`)."""
+        if self.blob_public_host is None:
+            return self.blob_server.address
+        return f"{self.blob_public_host}:{self.blob_server.port}"
+
+    def start_api(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        ca_cert: Path | None = None,
+        fleet_address: str | None = None,
+        ssl_files: tuple[Path, Path] | None = None,
+    ) -> str:
+        """Serve the REST API and dashboard on the same database; returns its URL.
+
+        Args:
+            host: Interface to bind.
+            port: Port (0: any free port).
+            ca_cert: The network's CA, handed to enrolling volunteers.
+            fleet_address: Public Fleet API address handed to enrolling volunteers.
+            ssl_files: ``(certificate, key)`` to serve HTTPS; ``None``: plain HTTP.
+        """
         from coordinator.api import ApiSettings, create_app
         from coordinator.serve_api import ApiServer
 
-        app = create_app(self.session_factory, ApiSettings(blob_root=self.store.root))
-        self.api = ApiServer(app, host=host, port=port)
+        settings = ApiSettings(
+            blob_root=self.store.root, ca_cert_path=ca_cert, fleet_address=fleet_address
+        )
+        cert, key = ssl_files or (None, None)
+        app = create_app(self.session_factory, settings)
+        self.api = ApiServer(app, host=host, port=port, ssl_certfile=cert, ssl_keyfile=key)
         self.api.start()
         self.api.wait_until_ready()
         return self.api.url
@@ -175,7 +213,7 @@ class Coordinator:
             assignment=self.assignment,
             shards=self.shards,
             eot_id=self.corpus.eot_id,
-            blob_address=self.blob_server.address,
+            blob_address=self.blob_address,
             token_key=self.token_key,
             lease_seconds=settings.lease_seconds,
             column_codec=settings.column_codec,

@@ -133,6 +133,21 @@ def make_tls(out_dir: Path, hosts: list[str], *, days: int = 825) -> TlsMaterial
     return TlsMaterial(ca_cert_path, ca_key_path, out / "server.crt", out / "server.key")
 
 
+def ca_fingerprint(cert: Path | bytes) -> str:
+    """SHA-256 fingerprint of a PEM certificate, as ``AB:CD:...`` (what ``openssl x509
+    -fingerprint -sha256`` prints), for a volunteer to compare with the operator's.
+
+    Raises:
+        SecurityError: If the bytes are not a PEM certificate.
+    """
+    data = cert if isinstance(cert, bytes) else Path(cert).read_bytes()
+    try:
+        parsed = x509.load_pem_x509_certificate(data)
+    except ValueError as err:
+        raise SecurityError(f"not a PEM certificate: {err}") from err
+    return parsed.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
 def make_node_key(path: Path) -> tuple[Path, str]:
     """Create an ECDSA P-384 key pair in OpenSSH format (``path`` and ``path.pub``).
 

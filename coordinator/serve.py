@@ -1,10 +1,17 @@
 """``perspective coordinator serve``: run one federated stage against a SuperLink.
 
-The long-lived coordinator process: database, blob service and the federation loop
-attached to the SuperLink as its own ServerApp executor. Restarting it (even after
+The long-lived coordinator process: database, blob service, REST API and the federation
+loop attached to the SuperLink as its own ServerApp executor. Restarting it (even after
 ``kill -9``) on the same ``--work-dir`` resumes the stage: the state checkpoint is
 loaded, the result log replayed (:meth:`FederationLoop.recover`), the leases of the dead
-run re-queued, and training continues on a new Flower run.
+run re-queued, and training continues on a new Flower run. A SuperLink that goes away
+is waited for (with back-off) and the loop re-attaches to a new run on it.
+
+Secure by default (DESIGN §6): ``--secrets-dir`` (written by ``perspective coordinator
+init``) gives TLS for the SuperLink connection, the blob service and the REST API, the
+SuperExec secret and the blob-token key, and a :class:`~coordinator.key_sync.KeySync`
+registers enrolled volunteers' node keys on the SuperLink and unregisters revoked ones.
+``--insecure`` (plain HTTP/gRPC, no node keys) must be asked for and warns loudly.
 """
 
 from __future__ import annotations
@@ -12,18 +19,79 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
+from coordinator.init import CoordinatorSecrets
+from coordinator.security import SecurityError
+
+log = logging.getLogger(__name__)
+INSECURE_WARNING = (
+    "WARNING: --insecure: no TLS, no SuperNode authentication. Updates, tokens and node "
+    "identities travel in clear text. Use only on one machine for a demo."
+)
+
+
+@dataclass(frozen=True)
+class Security:
+    """What ``serve`` secures, resolved from ``--secrets-dir`` / ``--insecure``."""
+
+    secrets: CoordinatorSecrets | None
+    superexec_secret: bytes
+
+    @property
+    def ca(self) -> bytes | None:
+        """CA bytes when the network uses TLS."""
+        tls = self.secrets is not None and self.secrets.tls
+        return self.secrets.ca_cert.read_bytes() if tls else None
+
+
+def resolve_security(
+    secrets_dir: Path | None, insecure: bool, superexec_secret_file: Path | None
+) -> Security:
+    """Check the security options and load the secrets.
+
+    Raises:
+        typer.BadParameter: A missing or contradictory option (says what to give).
+    """
+    if secrets_dir is None and not insecure:
+        raise typer.BadParameter(
+            "serve is secure by default: give --secrets-dir DIR (written by "
+            "'perspective coordinator init --dir DIR --host <public name>'), "
+            "or --insecure for a one-machine demo"
+        )
+    secrets = None
+    if secrets_dir is not None:
+        try:
+            secrets = CoordinatorSecrets.load(secrets_dir, tls=not insecure)
+        except SecurityError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    secret_file = superexec_secret_file or (secrets.superexec_secret if secrets else None)
+    if secret_file is None:
+        raise typer.BadParameter("give --superexec-secret-file (the SuperLink's secret)")
+    try:
+        secret = secret_file.read_bytes()
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read the SuperExec secret: {exc}") from exc
+    return Security(secrets, secret)
+
 
 def serve(
-    superlink: str = typer.Option(..., help="host:port of the SuperLink (Control/Runtime API)."),
-    superexec_secret_file: Path = typer.Option(..., help="The SuperLink's SuperExec secret."),
-    init: Path = typer.Option(
-        ..., help="Stage-2 (MoE) checkpoint the federated stage starts from."
+    superlink: str = typer.Option(..., help="Loopback host:port of the SuperLink."),
+    init: Path = typer.Option(..., help="Stage-2 (MoE) checkpoint the stage starts from."),
+    work_dir: Path = typer.Option(..., help="Blob store, state and (default) SQLite DB."),
+    secrets_dir: Path | None = typer.Option(
+        None, envvar="PERSPECTIVE_SECRETS_DIR", help="Directory from 'coordinator init'."
     ),
-    work_dir: Path = typer.Option(..., help="Database, blob store and state live here."),
+    insecure: bool = typer.Option(False, help="No TLS / node keys (one-machine demo ONLY)."),
+    superexec_secret_file: Path | None = typer.Option(
+        None, help="SuperLink's SuperExec secret (default: the one in --secrets-dir)."
+    ),
+    db: str | None = typer.Option(None, envvar="PERSPECTIVE_DB", help="Database URL."),
     preset: str = typer.Option("tiny", help="Model preset."),
     config: Path | None = typer.Option(None, help="YAML config overriding the preset."),
     stage: int = typer.Option(3, min=3, max=4, help="Federated stage: 3 or 4."),
@@ -32,16 +100,23 @@ def serve(
     buffer_size: int = typer.Option(2, min=1, help="Results per outer step / version."),
     steps_per_unit: int = typer.Option(20, min=1, help="Inner steps per unit (H)."),
     lease_seconds: float = typer.Option(300.0, min=5, help="Lease deadline."),
+    blob_host: str = typer.Option("127.0.0.1", help="Interface of the blob service."),
     blob_port: int = typer.Option(0, min=0, help="Blob service port (0: any free port)."),
+    public_host: str | None = typer.Option(
+        None, help="Name volunteers dial for blobs (in the certificate); default --blob-host."
+    ),
+    api_host: str = typer.Option("127.0.0.1", help="Interface of the REST API."),
     api_port: int | None = typer.Option(None, min=0, help="Serve REST API + dashboard here."),
+    fleet_address: str | None = typer.Option(
+        None, help="Public host:port of the Fleet API (the proxy), told to enrolling volunteers."
+    ),
+    key_sync_seconds: float = typer.Option(5.0, min=0.5, help="Node-key sync period."),
     codec: str = typer.Option("ternary", help="Update codec: ternary | sparse."),
 ) -> None:
     """Serve one federated stage until its budget is used or SIGTERM/SIGINT."""
     from coordinator.federation import FederationSettings
-    from coordinator.flower.run import open_driver
-    from coordinator.network import Coordinator, StageBudget, demo_corpus_bytes
+    from coordinator.network import StageBudget
     from shared_model.config import ConfigError, load_config
-    from shared_model.data import prepare_corpus
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
@@ -49,6 +124,11 @@ def serve(
         raise typer.BadParameter("give --minutes or --tokens (the stage's budget)")
     if codec not in ("ternary", "sparse"):
         raise typer.BadParameter(f"--codec must be 'ternary' or 'sparse', got {codec!r}")
+    security = resolve_security(secrets_dir, insecure, superexec_secret_file)
+    if insecure:
+        typer.secho(INSECURE_WARNING, err=True, fg=typer.colors.RED, bold=True)
+    if security.ca is not None and blob_host in ("0.0.0.0", "::") and not public_host:
+        raise typer.BadParameter("with --blob-host 0.0.0.0 give --public-host (a name in the cert)")
     try:
         cfg = load_config(preset, config)
     except ConfigError as exc:
@@ -56,26 +136,125 @@ def serve(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    settings = FederationSettings(
+        stage=stage,
+        steps_per_unit=steps_per_unit,
+        lease_seconds=lease_seconds,
+        column_codec=codec,
+        shared_codec=codec,
+    )
+    endpoints = Endpoints(superlink, blob_host, blob_port, public_host, api_host, api_port)
+    endpoints.fleet_address = fleet_address
+    budget = StageBudget(tokens=tokens, minutes=minutes)
+    run_serve(cfg, work_dir, db, init, security, endpoints, settings, budget, stop,
+              buffer_size=buffer_size, key_sync_seconds=key_sync_seconds)  # fmt: skip
+
+
+@dataclass
+class Endpoints:
+    """Where ``serve`` listens and what it tells participants."""
+
+    superlink: str
+    blob_host: str
+    blob_port: int
+    public_host: str | None
+    api_host: str
+    api_port: int | None
+    fleet_address: str | None = None
+
+
+def run_serve(
+    cfg, work_dir, db_url, init, security: Security, endpoints: Endpoints, settings, budget,
+    stop: threading.Event, *, buffer_size: int, key_sync_seconds: float,
+) -> None:  # fmt: skip
+    """Start the coordinator, run the stage (re-attaching after SuperLink outages), stop."""
+    from coordinator.key_sync import KeySync
+    from coordinator.network import Coordinator, demo_corpus_bytes
+    from shared_model.blobs import TlsConfig
+    from shared_model.data import prepare_corpus
+
+    secrets = security.secrets
+    tls = secrets is not None and secrets.tls
     corpus = prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=demo_corpus_bytes(cfg.name))
-    coord = Coordinator(cfg, work_dir, corpus, blob_port=blob_port)
+    coord = Coordinator(
+        cfg, work_dir, corpus, db_url=db_url, blob_host=endpoints.blob_host,
+        blob_port=endpoints.blob_port,
+        blob_tls=TlsConfig.from_files(secrets.cert, secrets.key) if tls else None,
+        blob_public_host=endpoints.public_host,
+        token_key=secrets.token_key.read_bytes() if secrets else None,
+    )  # fmt: skip
+    key_sync = None
     try:
         coord.start()
-        if api_port is not None:
-            logging.info("dashboard and REST API at %s", coord.start_api(port=api_port))
-        coord.prepare(init, buffer_size=buffer_size, codec=codec)
-        driver = open_driver(superlink, superexec_secret=superexec_secret_file.read_bytes())
-        settings = FederationSettings(
-            stage=stage,
-            steps_per_unit=steps_per_unit,
-            lease_seconds=lease_seconds,
-            column_codec=codec,
-            shared_codec=codec,
-        )
-        budget = StageBudget(tokens=tokens, minutes=minutes)
-        loop = coord.federated_stage(stage, driver, budget, settings, units_hint=200)
+        if endpoints.api_port is not None:
+            url = coord.start_api(
+                endpoints.api_host, endpoints.api_port,
+                ca_cert=secrets.ca_cert if tls else None,
+                fleet_address=endpoints.fleet_address,
+                ssl_files=(secrets.cert, secrets.key) if tls else None,
+            )  # fmt: skip
+            log.info("dashboard and REST API at %s", url)
+        if tls:
+            key_sync = KeySync(
+                coord.session_factory, endpoints.superlink,
+                root_certificates=security.ca, period_s=key_sync_seconds,
+            ).start()  # fmt: skip
+        coord.prepare(init, buffer_size=buffer_size, codec=settings.column_codec)
+        log.info("blob service at %s (TLS: %s)", coord.blob_address, tls)
+        connect = lambda: _open_driver(endpoints.superlink, security, stop)  # noqa: E731
+        loop = coord.federated_stage(settings.stage, None, budget, settings, units_hint=200)
         replayed = loop.recover()
-        logging.info("recovered at version %d (%d results replayed)", loop.state.version, replayed)
-        loop.run(stop.is_set)
-        driver.close()
+        log.info("recovered at version %d (%d results replayed)", loop.state.version, replayed)
+        run_attached(loop, connect, stop)
     finally:
+        if key_sync is not None:
+            key_sync.shutdown()
         coord.shutdown()
+
+
+def _open_driver(address: str, security: Security, stop: threading.Event):
+    """A driver on a new Flower run; waits (with back-off) while the SuperLink is away."""
+    from coordinator.flower.run import open_driver
+    from shared_model.flower_runtime import FlowerTransportError
+
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            return open_driver(
+                address,
+                superexec_secret=security.superexec_secret,
+                insecure=security.ca is None,
+                root_certificates=security.ca,
+            )
+        except (FlowerTransportError, OSError) as exc:
+            log.warning("SuperLink %s not available (%s); retrying in %.0f s", address, exc, delay)
+            stop.wait(delay)
+            delay = min(delay * 2, 30.0)
+    return None
+
+
+def run_attached(loop, connect: Callable[[], object], stop: threading.Event) -> None:
+    """Run ``loop`` to the end of its budget, re-attaching to a new run if the SuperLink goes.
+
+    A lost SuperLink (killed, restarted) makes driver calls fail; the leases of the old
+    run can never be answered there, so they are re-queued and the loop continues on a
+    fresh run once the SuperLink is back. Results already acknowledged are in the DB.
+    """
+    from shared_model.flower_runtime import FlowerTransportError
+
+    while not stop.is_set():
+        driver = connect()
+        if driver is None:
+            return
+        loop.attach(driver)
+        try:
+            loop.run(stop.is_set)
+            return
+        except FlowerTransportError as exc:
+            log.warning("lost the SuperLink (%s); re-attaching when it is back", exc)
+            time.sleep(1.0)
+        finally:
+            try:
+                driver.close()
+            except Exception as exc:  # noqa: BLE001 - the run may be gone with the SuperLink
+                log.info("closing the old driver: %s", exc)

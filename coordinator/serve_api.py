@@ -8,6 +8,7 @@ runs the API in its own process this way; tests use it to serve a live coordinat
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -28,6 +29,8 @@ class ApiServer:
         port: TCP port; 0 picks a free one.
         log_level: uvicorn's log level.
         access_log: log each request (paths only; tokens travel in headers, never logged).
+        ssl_certfile: serve HTTPS with this certificate (PEM) ...
+        ssl_keyfile: ... and this private key; both or neither.
     """
 
     def __init__(
@@ -38,10 +41,15 @@ class ApiServer:
         *,
         log_level: str = "warning",
         access_log: bool = False,
+        ssl_certfile: str | os.PathLike[str] | None = None,
+        ssl_keyfile: str | os.PathLike[str] | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ApiServerError(f"port must be between 0 and 65535, got {port}")
+        if (ssl_certfile is None) != (ssl_keyfile is None):
+            raise ApiServerError("give both ssl_certfile and ssl_keyfile for HTTPS, or neither")
         self.host = host
+        self.scheme = "http" if ssl_certfile is None else "https"
         self._requested_port = port
         config = uvicorn.Config(
             app,
@@ -51,6 +59,8 @@ class ApiServer:
             access_log=access_log,
             lifespan="on",
             timeout_graceful_shutdown=5,
+            ssl_certfile=None if ssl_certfile is None else str(ssl_certfile),
+            ssl_keyfile=None if ssl_keyfile is None else str(ssl_keyfile),
         )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
@@ -100,8 +110,8 @@ class ApiServer:
 
     @property
     def url(self) -> str:
-        """Base URL, e.g. ``http://127.0.0.1:8080``."""
-        return f"http://{self.host}:{self.port}"
+        """Base URL, e.g. ``http://127.0.0.1:8080`` (``https`` with a certificate)."""
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop accepting requests, finish the running ones and join the thread."""

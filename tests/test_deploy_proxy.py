@@ -1,7 +1,7 @@
 """The real nginx proxy from ``deploy/nginx/perspective.conf`` in front of a real SuperLink.
 
-nginx terminates TLS (certificates from :func:`coordinator.security.make_tls`) and forwards
-only ``/v1/fleet/*``: Flower's Control API (start runs, register nodes) and Runtime API
+nginx terminates TLS (certificates from :func:`coordinator.security.make_tls`), re-encrypts
+to the TLS SuperLink (verified against the network CA) and forwards only ``/v1/fleet/*``: Flower's Control API (start runs, register nodes) and Runtime API
 must be unreachable through it, while a SuperNode connecting via the proxy address still
 exchanges messages with the coordinator (which talks to the SuperLink on loopback).
 """
@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from coordinator.flower.run import open_driver
-from coordinator.flower.superlink import SuperLinkProcess
+from coordinator.flower.superlink import SuperLinkProcess, TLSFiles
 from coordinator.security import make_tls
 from participant.flower.supernode import SuperNodeProcess
 from participant.flower.worker import FlowerWorker
@@ -39,6 +39,7 @@ def render_nginx(work: Path, listen: int, superlink: str, api: str, tls) -> Path
     site = site.replace("listen 443 ssl;", f"listen 127.0.0.1:{listen} ssl;")
     site = site.replace("/etc/perspective/tls/server.crt", str(tls.cert))
     site = site.replace("/etc/perspective/tls/server.key", str(tls.key))
+    site = site.replace("/etc/perspective/tls/ca.crt", str(tls.ca_cert))
     (work / "perspective.conf").write_text(site)
     for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (work / "tmp" / d).mkdir(parents=True, exist_ok=True)
@@ -65,7 +66,9 @@ http {{
 
 def test_only_fleet_api_is_exposed_and_a_node_trains_through_the_proxy(tmp_path) -> None:
     tls = make_tls(tmp_path / "tls", ["127.0.0.1", "localhost"])
-    superlink = SuperLinkProcess(tmp_path / "superlink")  # plain HTTP on loopback
+    superlink = SuperLinkProcess(  # TLS on loopback, as deployed
+        tmp_path / "superlink", tls=TLSFiles(tls.ca_cert, tls.cert, tls.key)
+    )
     api_port, proxy_port = free_port(), free_port()
     conf = render_nginx(tmp_path, proxy_port, superlink.address, f"127.0.0.1:{api_port}", tls)
     check = subprocess.run([NGINX, "-t", "-c", str(conf)], capture_output=True, text=True)
@@ -79,7 +82,9 @@ def test_only_fleet_api_is_exposed_and_a_node_trains_through_the_proxy(tmp_path)
         public = f"https://127.0.0.1:{proxy_port}"
         ca = str(tls.ca_cert)
         # Control and Runtime APIs answer on the SuperLink itself ...
-        direct = httpx.post(f"http://{superlink.address}/v1/control/list-runs", content=b"")
+        direct = httpx.post(
+            f"https://{superlink.address}/v1/control/list-runs", content=b"", verify=ca
+        )
         assert direct.status_code != 404
         # ... but not through the proxy: no run can be started, no node registered.
         for path in ("/v1/control/start-run", "/v1/control/register-node",
@@ -100,7 +105,12 @@ def test_only_fleet_api_is_exposed_and_a_node_trains_through_the_proxy(tmp_path)
         )
         worker.start()
         worker.wait_until_ready(30)
-        driver = open_driver(superlink.address, superexec_secret=superlink.superexec_secret)
+        driver = open_driver(
+            superlink.address,
+            superexec_secret=superlink.superexec_secret,
+            insecure=False,
+            root_certificates=superlink.root_certificates,
+        )
         deadline = time.monotonic() + 60
         while not driver.node_ids():
             assert time.monotonic() < deadline, "SuperNode did not register through the proxy"
