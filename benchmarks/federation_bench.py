@@ -45,6 +45,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps-per-unit", type=int, default=20)
+    p.add_argument(
+        "--unit-seconds",
+        type=float,
+        default=None,
+        help="size units to this much training time from each participant's tokens/s",
+    )
     p.add_argument("--codec", default="ternary", choices=["ternary", "sparse"])
     p.add_argument("--max-in-flight", type=int, default=2, help="units leased per participant")
     p.add_argument("--buffer-size", type=int, default=None, help="results per version")
@@ -85,6 +91,7 @@ def federated(cfg, corpus, ckpt: str, work: Path, args) -> dict:
         settings = FederationSettings(
             stage=3,
             steps_per_unit=args.steps_per_unit,
+            unit_seconds=args.unit_seconds,
             max_in_flight=args.max_in_flight,
             column_codec=args.codec,
             shared_codec=args.codec,
@@ -126,15 +133,18 @@ def traffic(cfg, db_path: Path, wall: float) -> dict:
     shared, per_column = counts.shared + counts.routers, counts.column
     with sqlite3.connect(db_path) as db:
         rows = db.execute(
-            "select r.participant_id, r.timings, u.columns, p.bytes_up "
+            "select r.participant_id, r.timings, u.columns, u.steps "
             "from results r join work_units u on u.unit_id = r.unit_id "
-            "join participants p on p.id = r.participant_id where r.state = 'accepted'"
+            "join participants p on p.id = r.participant_id where r.state = 'accepted' "
+            "order by r.received_at"
         ).fetchall()
         up = dict(db.execute("select id, bytes_up from participants").fetchall())
     train_s: dict[int, float] = {}
     busy_s: dict[int, float] = {}
+    steps: dict[int, list[int]] = {}
     params = 0
-    for pid, timings, columns, _ in rows:
+    for pid, timings, columns, unit_steps in rows:
+        steps.setdefault(pid, []).append(int(unit_steps))
         t = json.loads(timings) if isinstance(timings, str) else timings
         train_s[pid] = train_s.get(pid, 0.0) + float(t.get("train_s", 0.0))
         busy_s[pid] = busy_s.get(pid, 0.0) + float(t.get("total_s", 0.0))
@@ -153,6 +163,11 @@ def traffic(cfg, db_path: Path, wall: float) -> dict:
         # 1.0 means it never waited for work.
         "busy_fraction_per_participant": {str(k): v / wall for k, v in busy_s.items()},
         "train_share_of_unit_time": sum(train_s.values()) / max(sum(busy_s.values()), 1e-9),
+        # sized units (--unit-seconds): steps per unit, first and mean, per participant
+        "unit_steps_per_participant": {
+            str(k): {"first": v[0], "mean": sum(v) / len(v), "units": len(v)}
+            for k, v in steps.items()
+        },
     }
 
 
