@@ -43,7 +43,7 @@ def _join(factory, node_id, max_columns=4, tps=None):
         )
 
 
-def _lease(sched, factory, node_id, columns=(0,), now=None):
+def _lease(sched, factory, node_id, columns=(0,), now=None, steps=5):
     with factory.begin() as s:
         part = touch_participant(s, node_id=node_id)
         return sched.create_lease(
@@ -53,7 +53,7 @@ def _lease(sched, factory, node_id, columns=(0,), now=None):
             base_version=0,
             columns=list(columns),
             docs=["d"],
-            steps=5,
+            steps=steps,
             params={},
             now=now,
         ).unit_id
@@ -110,6 +110,21 @@ def test_expiry_requeues_copy_with_next_attempt(factory):
     with factory() as s:
         assert s.scalar(select(WorkUnit).where(WorkUnit.reissued_from == copy.unit_id)) is None
         assert list_events(s, kind="unit.abandoned").total == 1
+
+
+def test_expired_sized_unit_keeps_its_steps(factory):
+    # A unit sized for a fast node (137 steps) is the same work when a slow node redoes it.
+    sched = Scheduler(factory, lease_seconds=10)
+    _join(factory, 1, tps=50_000.0)
+    _join(factory, 2, tps=500.0)
+    t0 = utcnow()
+    unit_id = _lease(sched, factory, 1, now=t0, steps=137)
+    sched.expire_leases(now=t0 + dt.timedelta(seconds=11))
+    with factory.begin() as s:
+        p2 = touch_participant(s, node_id=2)
+        sched.assign_columns(s, participant=p2, n_columns=1)
+        got = sched.next_queued(s, participant=p2, now=t0 + dt.timedelta(seconds=12))
+        assert (got.reissued_from, got.steps, got.attempt) == (unit_id, 137, 2)
 
 
 def test_fail_and_reissue(factory):
