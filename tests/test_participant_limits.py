@@ -33,6 +33,7 @@ from participant.status import read_status, render_status
 from shared_model.blobs import BlobServer, BlobStore, BlobUnavailable, TlsConfig, issue_token
 from shared_model.config import load_config
 from shared_model.procs import free_port
+from shared_model.wire.perspective.v1 import control_pb2
 
 KEY = b"participant-limits-test-key-0123"
 SIZE = 2_000_000
@@ -229,3 +230,47 @@ def test_throttled_writes_and_day_rollover(tmp_path: Path) -> None:
     data = read_progress(tmp_path)
     assert data["today"]["units_done"] == 0 and data["last_unit"]["error"] == "boom"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_runtime_trains_a_real_unit_over_the_blob_service(tmp_path: Path) -> None:
+    """Coordinator lease -> runtime (real blob service, capped) -> result the loop accepts."""
+    from coordinator.db import participants as db_participants
+    from shared_model.data import prepare_corpus
+    from tests.test_federation_intake import NODE, make_loop
+
+    corpus = prepare_corpus("stdlib", load_config("tiny").model.vocab_size, max_bytes=3_000_000)
+    loop, _ = make_loop(tmp_path, corpus)
+    with loop.factory.begin() as s:
+        cap = db_participants.Capability(max_columns=2)
+        p = db_participants.touch_participant(s, node_id=NODE, capability=cap)
+        unit = loop.units.lease(s, loop.scheduler, p, loop.state, 0.0)
+        req = loop.units.request(unit, loop.state, NODE)
+    req.credit_tokens = 4242
+    state = tmp_path / "participant" / "state"
+    runtime = ParticipantRuntime(loop.state.cfg, state, device="cpu", bandwidth_mbps=400)
+    try:
+        with BlobServer(loop.state.store, b"k" * 32) as server:
+            req.blob_address = server.address
+            first = control_pb2.ControlReply.FromString(
+                runtime.handle("train.unit", req.SerializeToString())
+            )
+            collect = control_pb2.ControlRequest(collect=True, credit_tokens=4300)
+            reply = control_pb2.ControlReply.FromString(
+                runtime.handle("query.collect", collect.SerializeToString())
+            )
+    finally:
+        runtime.shutdown()
+    assert not reply.failed_units, reply.failure_reasons
+    (result,) = [*first.results, *reply.results]
+    assert loop.receive(NODE, result).accepted
+    assert reply.capability.device == "cpu" and reply.capability.ram_bytes > 0
+    progress = read_progress(state)
+    uploaded = sum(d.delta.size for d in result.column_deltas) + result.shared_update.blob.size
+    assert progress["today"]["bytes_up"] == uploaded > 0
+    assert progress["today"]["bytes_down"] == first.bytes_down + reply.bytes_down > 0
+    assert progress["today"]["units_done"] == 1 and progress["unit"] is None
+    assert progress["last_unit"]["unit_id"] == req.unit.unit_id
+    assert progress["last_unit"]["tokens_per_s"] > 0  # from the trainer's per-step callback
+    assert progress["credit_tokens"] == 4300 and progress["threads"] == 1
