@@ -19,7 +19,9 @@ import pytest
 from coordinator.flower.run import open_driver
 from coordinator.flower.superlink import SuperLinkProcess
 from participant.daemon import DaemonConfig, ParticipantDaemon, classify_exit, tree_usage
+from participant.hardware import detect
 from participant.limits import Limits, LimitsError, TokenBucket
+from participant.status import read_status
 from shared_model.blobs import BlobStore
 from shared_model.wire.perspective.v1 import control_pb2
 
@@ -65,6 +67,9 @@ def test_daemon_resumes_after_superlink_outage(tmp_path) -> None:
         driver = open_driver(superlink.address, superexec_secret=superlink.superexec_secret)
         reply = exchange(driver)
         assert (reply.capability.threads, reply.capability.max_columns) == (1, 3)
+        assert reply.capability.device == detect().device and reply.capability.ram_bytes > 0
+        progress = read_status(tmp_path / "participant", sample_s=0.0)["progress"]
+        assert progress["threads"] == 1 and progress["device"] == reply.capability.device
         node_id = driver.node_ids()[0]
         usage = tree_usage(daemon.pids(), interval=5.0)
         print(
