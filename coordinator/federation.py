@@ -17,6 +17,7 @@ lost or applied twice.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -29,7 +30,7 @@ from coordinator.db import events as db_events
 from coordinator.db import participants as db_participants
 from coordinator.db import results as db_results
 from coordinator.db import versions as db_versions
-from coordinator.db.errors import Conflict, NotFound
+from coordinator.db.errors import Conflict, NotFound, ParticipantRevoked
 from coordinator.db.leases import get_unit
 from coordinator.db.types import utcnow
 from coordinator.evaluation import ColumnAssignment, column_val_loss
@@ -147,8 +148,15 @@ class FederationLoop:
         self.scheduler.expire_leases()
         now = time.monotonic()
         for node_id in self.driver.node_ids():
-            if self._cooldown.get(node_id, 0.0) <= now:
+            if self._cooldown.get(node_id, 0.0) > now:
+                continue
+            try:
                 self._lease_for(node_id)
+            except ParticipantRevoked as exc:
+                # Still connected until the key sync unregisters it and its heartbeat
+                # expires: no work meanwhile (its results would be refused anyway).
+                self._cooldown[node_id] = now + NODE_COOLDOWN_S
+                self._log("participant.revoked_node", f"node {node_id}: {exc}; no units")
         for reply in self.driver.wait_any(wait):
             self._handle_reply(reply)
 
@@ -198,7 +206,9 @@ class FederationLoop:
         except Exception as exc:  # protobuf DecodeError: the node sent garbage
             self._log("reply.malformed", f"node {reply.node_id}: {exc}", unit_id)
             return
-        self._update_capability(reply.node_id, body.capability, body.bytes_down)
+        # A revoked node's results below are still recorded, as refused (WRONG_NODE).
+        with contextlib.suppress(ParticipantRevoked):
+            self._update_capability(reply.node_id, body.capability, body.bytes_down)
         self.stats.bytes_down += body.bytes_down
         for failed, why in zip(body.failed_units, body.failure_reasons, strict=False):
             self._fail(failed, why)

@@ -45,12 +45,15 @@ from shared_model.procs import FLOWER_QUIET_ENV, ManagedProcess, free_port, writ
 
 log = logging.getLogger(__name__)
 EventSink = Callable[[str, str, dict[str, Any]], None]
+ACTIVATION_RETRY_MAX_S = 20.0
 
 #: (substring of the SuperNode log, reason code, explanation for the volunteer).
 REFUSALS = (
     ("must be registered", "no_key", "node authentication is on and no key was given"),
     ("Failed to activate SuperNode", "key_not_registered",
-     "the coordinator does not know this node's key (not enrolled yet, or revoked)"),
+     "the coordinator would not activate this node: its key is not registered (not enrolled "
+     "yet, or revoked), or after a coordinator restart it still counts as online (clears "
+     "within a minute: Flower waits 2 missed 30 s heartbeats)"),
     ("CERTIFICATE_VERIFY_FAILED", "tls_untrusted",
      "the coordinator's TLS certificate is not signed by the CA we were given"),
     ("Server disconnected without sending a response", "tls_required",
@@ -243,7 +246,10 @@ class ParticipantDaemon:
             reason, text = "tls_required", "the coordinator speaks TLS but this node has no CA"
         delay = random.uniform(0.5, 1.0) * self._delay  # jitter so a fleet does not stampede
         self._next_start = time.monotonic() + delay
-        self._delay = min(self._delay * 2, self.cfg.backoff_max)
+        # An activation refusal usually clears by itself (key sync, heartbeat expiry): keep
+        # retrying often instead of backing off to minutes.
+        cap = ACTIVATION_RETRY_MAX_S if reason == "key_not_registered" else self.cfg.backoff_max
+        self._delay = min(self._delay * 2, cap, self.cfg.backoff_max)
         self.restarts += 1
         self.state = f"waiting ({reason})"
         data = {

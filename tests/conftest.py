@@ -1,4 +1,5 @@
-"""Shared fixtures: a headless Chromium (Debian's package) driven by Playwright."""
+"""Shared fixtures: a headless Chromium (Debian's package) driven by Playwright, and a tiny
+stage-2 (MoE) seed checkpoint for the federated tests."""
 
 from __future__ import annotations
 
@@ -37,3 +38,22 @@ def browser():
         b = pw.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+# Small units so a tiny federated run over real processes takes seconds per version.
+TINY_FED_OVERRIDES = ["train.batch_size=4", "train.seq_len=32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_seed(tmp_path_factory):
+    """``(cfg, corpus, checkpoint)``: a short stage-1 dense seed cloned into experts (stage 2)."""
+    from shared_model.config import load_config
+    from shared_model.data import prepare_corpus
+    from shared_model.trainer import train_stage
+
+    cfg = load_config("tiny", overrides=TINY_FED_OVERRIDES)
+    corpus = prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=3_000_000)
+    out = tmp_path_factory.mktemp("seed")
+    r1 = train_stage(cfg, 1, out, data=corpus, until_step=40)
+    r2 = train_stage(cfg, 2, out, init=r1.checkpoint, data=corpus)
+    return cfg, corpus, r2.checkpoint

@@ -25,24 +25,15 @@ import pytest
 from coordinator.federation import FederationSettings
 from coordinator.local_network import LocalNetwork
 from coordinator.network import Coordinator, StageBudget
-from shared_model.config import load_config
-from shared_model.data import prepare_corpus
-from shared_model.trainer import train_stage
 from tests.conftest import ARTIFACTS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-OVERRIDES = ["train.batch_size=4", "train.seq_len=32"]
 
 
 @pytest.fixture(scope="module")
-def seed(tmp_path_factory):
+def seed(tiny_moe_seed):
     """A short stage-1 dense seed cloned into experts (stage 2), and the corpus."""
-    cfg = load_config("tiny", overrides=OVERRIDES)
-    corpus = prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=3_000_000)
-    out = tmp_path_factory.mktemp("seed")
-    r1 = train_stage(cfg, 1, out, data=corpus, until_step=40)
-    r2 = train_stage(cfg, 2, out, init=r1.checkpoint, data=corpus)
-    return cfg, corpus, r2.checkpoint
+    return tiny_moe_seed
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +113,7 @@ def _serve(seed, network, work):
         "--superexec-secret-file", str(network.superlink.superexec_secret_file),
         "--init", str(ckpt), "--work-dir", str(work), "--preset", "tiny",
         "--minutes", "30", "--buffer-size", "1", "--steps-per-unit", "6",
-        "--lease-seconds", "30",
+        "--lease-seconds", "30", "--insecure",
     ]  # fmt: skip
     config = work.parent / "serve.yaml"
     config.write_text("train:\n  batch_size: 4\n  seq_len: 32\n")

@@ -1,0 +1,262 @@
+"""The secure coordinator stack end to end, as deployed, on 127.0.0.1 — every piece real.
+
+* ``perspective coordinator init`` writes the CA, server certificate, SuperExec secret,
+  blob-token key and the first operator token;
+* ``flower-superlink`` with TLS, ``--enable-supernode-auth``, the SuperExec secret and a
+  database, on loopback;
+* Debian's nginx with ``deploy/nginx/perspective.conf`` in front (TLS, re-encrypting to
+  the SuperLink and the REST API, only ``/v1/fleet/*`` and the API exposed);
+* ``perspective coordinator serve --secrets-dir``: TLS blob service and REST API, node-key
+  sync, the federation loop;
+* a volunteer: ``perspective participant join`` through the proxy with the operator's
+  enrolment token, then ``perspective participant run`` (daemon → SuperNode with its node
+  key + worker with the CA for the blob service).
+
+One test walks the volunteer's life: enrolled → trains (results accepted) while Flower's
+Control API stays unreachable through the proxy → the whole coordinator host (SuperLink
+and ``serve``) is killed for longer than the participant's first retry delay and brought
+back → the participant resumes by itself and its next result is accepted → revoked by
+the operator → its key is unregistered (event log says why) and its node is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from coordinator.flower.superlink import SuperLinkProcess, TLSFiles
+from shared_model.procs import ManagedProcess, free_port
+from tests.test_deploy_proxy import NGINX, render_nginx
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(NGINX is None, reason="nginx not installed (apt-get install nginx-light)"),
+]
+CLI = [sys.executable, "-m", "shared_model.cli"]
+
+
+def cli(*args: str, cwd: Path | None = None) -> str:
+    """Run a ``perspective`` command to completion; its stdout."""
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+    assert done.returncode == 0, f"perspective {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def spawn(log: Path, *args: str) -> subprocess.Popen:
+    """Start a long-running ``perspective`` command in its own session (log appended)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [*CLI, *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+    """Signal a spawned process group and wait for it (SIGKILL if it lingers)."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def query(db: Path, sql: str, *args) -> list[tuple]:
+    """Read the coordinator database (empty while ``serve`` is still creating it)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
+            return conn.execute(sql, args).fetchall()
+    except sqlite3.OperationalError:
+        return []
+
+
+class Host:
+    """The coordinator host: secrets, SuperLink, nginx and ``coordinator serve``."""
+
+    def __init__(self, work: Path, ckpt: Path) -> None:
+        self.work, self.ckpt = work, ckpt
+        self.secrets = work / "secrets"
+        self.db = work / "coordinator.db"
+        out = cli("coordinator", "init", "--dir", str(self.secrets), "--host", "127.0.0.1",
+                  "--db", f"sqlite:///{self.db}")  # fmt: skip
+        self.operator_token = out.strip().splitlines()[-1]
+        self.ca = self.secrets / "tls" / "ca.crt"
+        tls_dir = self.secrets / "tls"
+        self.tls = TLSFiles(self.ca, tls_dir / "server.crt", tls_dir / "server.key")
+        self.superlink_port, self.api_port = free_port(), free_port()
+        self.proxy_port, self.blob_port = free_port(), free_port()
+        self.config = work / "tiny-units.yaml"
+        self.config.write_text("train:\n  batch_size: 4\n  seq_len: 32\n")
+        self.superlink: SuperLinkProcess | None = None
+        self.serve: subprocess.Popen | None = None
+        conf = render_nginx(work, self.proxy_port, f"127.0.0.1:{self.superlink_port}",
+                            f"127.0.0.1:{self.api_port}", self._tls_paths())  # fmt: skip
+        self.proxy = ManagedProcess("nginx", [NGINX, "-c", str(conf)], {}, work / "nginx.out", None)
+
+    def _tls_paths(self):
+        from coordinator.security import TlsMaterial
+
+        return TlsMaterial(self.ca, self.secrets / "tls/ca.key", self.tls.cert, self.tls.key)
+
+    @property
+    def public_url(self) -> str:
+        return f"https://127.0.0.1:{self.proxy_port}"
+
+    def start(self) -> None:
+        """Start (or restart after a crash) the SuperLink and ``serve``."""
+        self.superlink = SuperLinkProcess(
+            self.work / "superlink", port=self.superlink_port, database=self.work / "superlink.db",
+            tls=self.tls, superexec_secret_file=self.secrets / "superexec.secret",
+            enable_supernode_auth=True,
+        )  # fmt: skip
+        self.superlink.start()
+        self.serve = spawn(
+            self.work / "serve.log", "coordinator", "serve",
+            "--secrets-dir", str(self.secrets), "--db", f"sqlite:///{self.db}",
+            "--superlink", f"127.0.0.1:{self.superlink_port}",
+            "--init", str(self.ckpt), "--work-dir", str(self.work / "coordinator"),
+            "--preset", "tiny", "--config", str(self.config), "--minutes", "30",
+            "--buffer-size", "1", "--steps-per-unit", "6", "--lease-seconds", "30",
+            "--api-port", str(self.api_port), "--blob-port", str(self.blob_port),
+            "--public-host", "127.0.0.1", "--fleet-address", f"127.0.0.1:{self.proxy_port}",
+            "--key-sync-seconds", "1",
+        )  # fmt: skip
+        self.superlink.wait_until_ready(90)
+
+    def crash(self) -> None:
+        """``kill -9`` the coordinator and the SuperLink (a host going down)."""
+        stop(self.serve, signal.SIGKILL)
+        os.killpg(self.superlink.pid, signal.SIGKILL)
+        self.superlink.shutdown(10)  # reaps it
+
+    def api(self, method: str, path: str, **kw) -> httpx.Response:
+        """Call the REST API through the proxy as the operator."""
+        headers = {"Authorization": f"Bearer {self.operator_token}"}
+        return httpx.request(method, self.public_url + "/api/v1" + path, headers=headers,
+                             verify=str(self.ca), timeout=30, **kw)  # fmt: skip
+
+    def accepted(self, participant_id: int, after_id: int = 0) -> int:
+        """How many of the participant's results with a row id above ``after_id`` are accepted."""
+        rows = query(
+            self.db,
+            "select count(*) from results where participant_id = ? and state = 'accepted' "
+            "and id > ?",
+            participant_id,
+            after_id,
+        )
+        return rows[0][0] if rows else 0
+
+    def last_result_id(self) -> int:
+        rows = query(self.db, "select max(id) from results")
+        return (rows[0][0] or 0) if rows else 0
+
+    def events(self, kind: str) -> list[tuple[str, int | None]]:
+        return query(self.db, "select message, participant_id from events where kind = ?", kind)
+
+    def shutdown(self) -> None:
+        stop(self.serve)
+        if self.superlink is not None:
+            self.superlink.shutdown(10)
+        self.proxy.shutdown(5)
+
+
+@pytest.fixture
+def host(tmp_path, tiny_moe_seed):
+    h = Host(tmp_path, tiny_moe_seed[2])
+    try:
+        h.proxy.start()
+        h.start()
+        wait_for(lambda: _ok(h), 180, "the REST API through the proxy")
+        yield h
+    finally:
+        h.shutdown()
+
+
+def _ok(h: Host) -> bool:
+    try:
+        return h.api("GET", "/status").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_volunteer_enrols_trains_survives_an_outage_and_is_revoked(host, tmp_path) -> None:
+    volunteer = tmp_path / "volunteer"
+    created = host.api("POST", "/enrolment-tokens", json={"note": "alice"})
+    assert created.status_code == 201, created.text
+    t_join = time.time()
+    out = cli("participant", "join", host.public_url, "--token", created.json()["token"],
+              "--name", "alice", "--state-dir", str(volunteer), "--api-ca", str(host.ca),
+              "--max-columns", "4", "--threads", "1")  # fmt: skip
+    enrolment = json.loads((volunteer / "participant.json").read_text())["enrolment"]
+    pid = int(enrolment["participant_id"])
+    assert enrolment["fleet_address"] == f"127.0.0.1:{host.proxy_port}", out
+    assert Path(enrolment["ca_cert"]).read_bytes() == host.ca.read_bytes()
+    daemon = spawn(tmp_path / "participant.log", "participant", "run",
+                   "--state-dir", str(volunteer), "--config", str(host.config),
+                   "--max-wait-time", "4")  # fmt: skip
+    try:
+        wait_for(lambda: host.accepted(pid), 300, "alice's first accepted result")
+        print(f"\njoin -> first accepted result: {time.time() - t_join:.1f} s")
+        assert host.events("participant.key_registered"), "serve did not register the key"
+        _control_api_unreachable_through_proxy(host)
+        _outage_then_next_result_accepted(host, pid, volunteer)
+        _revoked_is_refused(host, pid, volunteer)
+    finally:
+        stop(daemon)
+
+
+def _control_api_unreachable_through_proxy(host: Host) -> None:
+    for path in ("/v1/control/start-run", "/v1/control/register-node",
+                 "/v1/control/list-runs", "/v1/runtime/acquire-task",
+                 "/v1/fleet/../control/start-run", "/v1/%63ontrol/start-run"):  # fmt: skip
+        resp = httpx.post(host.public_url + path, content=b"x", verify=str(host.ca))
+        assert resp.status_code in (400, 403, 404), (path, resp.status_code)
+
+
+def _outage_then_next_result_accepted(host: Host, pid: int, volunteer: Path) -> None:
+    host.crash()
+    t_down, last = time.time(), host.last_result_id()
+    time.sleep(8.0)  # > the daemon's first retry delay (1 s) and the node's max wait (4 s)
+    events = (volunteer / "events.jsonl").read_text()
+    assert "participant.disconnected" in events, events[-2000:]
+    host.start()
+    wait_for(lambda: host.accepted(pid, after_id=last), 300, "a result accepted after the outage")
+    print(f"outage -> next accepted result: {time.time() - t_down:.1f} s")
+
+
+def _revoked_is_refused(host: Host, pid: int, volunteer: Path) -> None:
+    resp = host.api("POST", f"/participants/{pid}/revoke", json={"reason": "test"})
+    assert resp.status_code == 200, resp.text
+    wait_for(lambda: [e for e in host.events("participant.key_unregistered") if e[1] == pid],
+             60, "the key's unregistration in the event log")  # fmt: skip
+    refused = wait_for(
+        lambda: [json.loads(line) for line in (volunteer / "events.jsonl").read_text().splitlines()
+                 if '"participant.refused"' in line],
+        120, "the node's refusal",
+    )  # fmt: skip
+    assert refused[-1]["data"]["reason"] in ("unauthorized", "key_not_registered"), refused[-1]
+    last = host.last_result_id()
+    time.sleep(3)
+    assert host.accepted(pid, after_id=last) == 0, "a revoked participant's result was accepted"
