@@ -132,6 +132,7 @@ class FederationLoop:
         # Nodes Flower reported gone get no leases for a while (the SuperLink keeps
         # listing a dead node until its heartbeat times out, ~60 s).
         self._cooldown: dict[int, float] = {}
+        self._online: set[int] = set()  # node ids the SuperLink listed at the last step
 
     # --- main loop ------------------------------------------------------------------------
 
@@ -147,7 +148,11 @@ class FederationLoop:
         """One iteration: expire, lease, pull replies and handle them."""
         self.scheduler.expire_leases()
         now = time.monotonic()
-        for node_id in self.driver.node_ids():
+        nodes = self.driver.node_ids()
+        for node_id in set(nodes) - self._online:
+            self._cooldown.pop(node_id, None)  # (re)activated since the last step: try it now
+        self._online = set(nodes)
+        for node_id in nodes:
             if self._cooldown.get(node_id, 0.0) > now:
                 continue
             try:

@@ -7,7 +7,7 @@ COPY shared_model shared_model
 COPY coordinator coordinator
 COPY participant participant
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch \
+ && /opt/venv/bin/pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
  && /opt/venv/bin/pip install --no-cache-dir . "psycopg[binary]>=3.1"
 
 FROM python:3.11-slim
@@ -18,5 +18,6 @@ ENV PATH=/opt/venv/bin:$PATH FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=
 USER perspective
 WORKDIR /var/lib/perspective
 EXPOSE 8080 9091
-HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/api/v1/status', timeout=4)"
+# The API speaks TLS with the network CA (serve --secrets-dir); compose overrides this per service.
+HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import ssl, urllib.request as u; u.urlopen('https://localhost:8080/api/v1/status', timeout=4, context=ssl.create_default_context(cafile='/etc/perspective/tls/ca.crt'))"
 CMD ["perspective", "coordinator", "--help"]

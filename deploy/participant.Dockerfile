@@ -10,7 +10,7 @@ COPY shared_model shared_model
 COPY coordinator coordinator
 COPY participant participant
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch \
+ && /opt/venv/bin/pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
  && /opt/venv/bin/pip install --no-cache-dir .
 
 FROM python:3.11-slim

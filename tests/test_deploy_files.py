@@ -9,6 +9,7 @@ verify``, ``docker compose config`` and ``docker build`` (needs a Docker daemon)
 from __future__ import annotations
 
 import configparser
+import os
 import re
 import shutil
 import subprocess
@@ -36,19 +37,27 @@ def test_compose_file_services_and_healthchecks() -> None:
     assert set(services) == {"proxy", "superlink", "coordinator", "postgres"}
     for name, svc in services.items():
         assert "healthcheck" in svc, f"{name} has no health check"
-    # Only the proxy publishes a port; the SuperLink stays on the internal network.
-    assert [n for n, s in services.items() if s.get("ports")] == ["proxy"]
+    # Published: the proxy (443) and the TLS blob service; the SuperLink stays internal.
+    published = {n: s["ports"] for n, s in services.items() if s.get("ports")}
+    assert published == {"proxy": ["443:443"], "coordinator": ["9094:9094"]}
     assert services["superlink"]["networks"] == ["internal"]
     assert doc["networks"]["internal"]["internal"] is True
-    assert "--superexec-auth-secret-file" in services["superlink"]["command"]
+    superlink = services["superlink"]["command"]
+    for flag in ("--superexec-auth-secret-file", "--enable-supernode-auth", "--ssl-certfile"):
+        assert flag in superlink, flag
+    assert "--insecure" not in superlink
+    serve = services["coordinator"]["command"]
+    assert "--secrets-dir" in serve and "--insecure" not in serve
+    assert "PERSPECTIVE_DB" in services["coordinator"]["environment"]
 
 
 def test_nginx_site_exposes_only_fleet_api() -> None:
     site = (DEPLOY / "nginx" / "perspective.conf").read_text()
-    proxied = re.findall(r"location\s+\^~\s+(\S+)\s*\{\s*proxy_pass\s+http://(\w+)", site)
+    proxied = re.findall(r"location\s+\^~\s+(\S+)\s*\{\s*proxy_pass\s+https://(\w+)", site)
     assert ("/v1/fleet/", "perspective_superlink") in proxied
     assert [p for p, upstream in proxied if upstream == "perspective_superlink"] == ["/v1/fleet/"]
     assert re.search(r"location\s+\^~\s+/v1/\s*\{\s*return 404;", site)
+    assert "proxy_ssl_verify on;" in site  # upstreams are verified against the network CA
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx not installed (apt-get install nginx-light)")
@@ -67,7 +76,7 @@ def test_dockerfiles_non_root(name: str) -> None:
     assert "HEALTHCHECK" in text
 
 
-@pytest.mark.parametrize("role", ["coordinator", "participant"])
+@pytest.mark.parametrize("role", ["coordinator", "superlink", "participant"])
 def test_systemd_units(role: str, tmp_path) -> None:
     path = DEPLOY / "systemd" / f"perspective-{role}.service"
     unit = configparser.ConfigParser(strict=False, interpolation=None)
@@ -105,6 +114,7 @@ def test_docker_compose_config() -> None:
         out = subprocess.run(
             ["docker", "compose", "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"],
             capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PERSPECTIVE_PUBLIC_HOST": "fleet.example.org"},
         )  # fmt: skip
     finally:
         if created:
