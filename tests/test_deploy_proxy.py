@@ -1,9 +1,10 @@
 """The real nginx proxy from ``deploy/nginx/perspective.conf`` in front of a real SuperLink.
 
 nginx terminates TLS (certificates from :func:`coordinator.security.make_tls`), re-encrypts
-to the TLS SuperLink (verified against the network CA) and forwards only ``/v1/fleet/*``: Flower's Control API (start runs, register nodes) and Runtime API
-must be unreachable through it, while a SuperNode connecting via the proxy address still
-exchanges messages with the coordinator (which talks to the SuperLink on loopback).
+to the TLS SuperLink (verified against the network CA) and forwards only ``/v1/fleet/*``:
+Flower's Control API (start runs, register nodes) and Runtime API must be unreachable
+through it, while a SuperNode connecting via the proxy address still exchanges messages
+with the coordinator (which talks to the SuperLink on loopback).
 """
 
 from __future__ import annotations
