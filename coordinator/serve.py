@@ -99,6 +99,12 @@ def serve(
     tokens: int | None = typer.Option(None, min=1, help="Stage token budget."),
     buffer_size: int = typer.Option(2, min=1, help="Results per outer step / version."),
     steps_per_unit: int = typer.Option(20, min=1, help="Inner steps per unit (H)."),
+    unit_seconds: float | None = typer.Option(
+        None, help="Size units to this many seconds from each node's tokens/s (default: off)."
+    ),
+    max_steps_per_unit: int | None = typer.Option(
+        None, min=1, help="Cap on sized units' steps (default 8 x --steps-per-unit)."
+    ),
     lease_seconds: float = typer.Option(300.0, min=5, help="Lease deadline."),
     blob_host: str = typer.Option("127.0.0.1", help="Interface of the blob service."),
     blob_port: int = typer.Option(0, min=0, help="Blob service port (0: any free port)."),
@@ -136,13 +142,18 @@ def serve(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    settings = FederationSettings(
-        stage=stage,
-        steps_per_unit=steps_per_unit,
-        lease_seconds=lease_seconds,
-        column_codec=codec,
-        shared_codec=codec,
-    )
+    try:
+        settings = FederationSettings(
+            stage=stage,
+            steps_per_unit=steps_per_unit,
+            lease_seconds=lease_seconds,
+            column_codec=codec,
+            shared_codec=codec,
+            unit_seconds=unit_seconds,
+            max_steps_per_unit=max_steps_per_unit,
+        )
+    except ValueError as exc:  # UnitSizingError: says which setting and why
+        raise typer.BadParameter(str(exc)) from exc
     endpoints = Endpoints(superlink, blob_host, blob_port, public_host, api_host, api_port)
     endpoints.fleet_address = fleet_address
     budget = StageBudget(tokens=tokens, minutes=minutes)

@@ -78,6 +78,9 @@ def join_cmd(
     schedule: str | None = typer.Option(None, help="Run only in this window, e.g. 22:00-07:00."),
     device: str | None = typer.Option(None, help="cpu, cuda or mps (default: best found)."),
     api_ca: Path | None = typer.Option(None, help="CA file to verify the coordinator URL."),
+    ca_fingerprint: str | None = typer.Option(
+        None, help="SHA-256 fingerprint of the network CA, as your operator published it."
+    ),
 ) -> None:
     """Enrol this machine with a coordinator (one-time token from the operator)."""
     from participant.join import JoinError, join
@@ -87,13 +90,19 @@ def join_cmd(
         limits = Limits(max_columns, threads, cache_cap_mb, ram_cap_mb, bandwidth_mbps, schedule)
         enrolment = join(
             coordinator_url, token, name, state_dir, limits=limits, device=device,
-            api_ca=str(api_ca) if api_ca else True,
+            api_ca=str(api_ca) if api_ca else True, pinned_fingerprint=ca_fingerprint,
         )  # fmt: skip
     except (JoinError, LimitsError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     typer.echo(
         f"enrolled as participant {enrolment.participant_id}; fleet {enrolment.fleet_address}"
     )
+    if enrolment.ca_cert:
+        from coordinator.security import ca_fingerprint as fingerprint_of
+
+        check = "matches the one you gave" if ca_fingerprint else "compare it with your operator's"
+        typer.echo(f"network CA: {enrolment.ca_cert}")
+        typer.echo(f"  SHA-256 {fingerprint_of(Path(enrolment.ca_cert))} ({check})")
     typer.echo(f"start it with: perspective participant run --state-dir {state_dir}")
 
 

@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from coordinator.security import make_node_key
+from coordinator.security import SecurityError, ca_fingerprint, make_node_key
 from participant.hardware import detect
 from participant.limits import Limits
 
 ENROL_PATH = "/api/v1/enrol"
+CA_PATH = "/api/v1/ca"
 
 
 class JoinError(RuntimeError):
@@ -86,6 +87,7 @@ def join(
     device: str | None = None,
     api_ca: str | bool = True,
     fleet_address: str | None = None,
+    pinned_fingerprint: str | None = None,
 ) -> Enrolment:
     """Enrol this machine and store the connection details.
 
@@ -99,6 +101,9 @@ def join(
             worker uses it; ``None`` lets the worker pick the best device at each start.
         api_ca: TLS verification of the REST API (``True``: system CAs, or a CA file).
         fleet_address: Override the fleet address the coordinator returns.
+        pinned_fingerprint: SHA-256 fingerprint of the network CA published by the operator:
+            the CA is fetched, checked against it and then used to verify the coordinator
+            (for a coordinator whose certificate is signed by its own CA).
 
     Raises:
         JoinError: If the coordinator refuses (bad/used token, key already enrolled) or
@@ -122,6 +127,8 @@ def join(
         "threads": limits.threads,
         "device": report.device,
     }
+    if pinned_fingerprint is not None:
+        api_ca = str(fetch_pinned_ca(coordinator_url, pinned_fingerprint, state / "ca.crt"))
     url = coordinator_url.rstrip("/") + ENROL_PATH
     try:
         resp = httpx.post(url, json=body, timeout=30.0, verify=api_ca)
@@ -149,6 +156,46 @@ def join(
     doc = {"enrolment": asdict(enrolment), "hardware": report.as_dict()}
     _write(state / "participant.json", json.dumps(doc, indent=2))
     return enrolment
+
+
+def _normal(fingerprint: str) -> str:
+    return "".join(ch for ch in fingerprint.upper() if ch in "0123456789ABCDEF")
+
+
+def fetch_pinned_ca(coordinator_url: str, fingerprint: str, dest: Path) -> Path:
+    """Download the network CA and keep it only if its SHA-256 fingerprint is ``fingerprint``.
+
+    The download itself is not verified (we do not trust anything yet); the fingerprint,
+    which the volunteer got from the operator out of band, is what makes it trustworthy.
+
+    Raises:
+        JoinError: Unreachable, no CA, or a different fingerprint (nothing is written).
+    """
+    import httpx
+
+    if len(_normal(fingerprint)) != 64:
+        raise JoinError(
+            f"--ca-fingerprint {fingerprint!r} is not a SHA-256 fingerprint "
+            "(64 hex digits, colons allowed, as 'perspective coordinator init' prints it)"
+        )
+    url = coordinator_url.rstrip("/") + CA_PATH
+    try:
+        resp = httpx.get(url, timeout=30.0, verify=False)  # noqa: S501 - pinned below
+    except httpx.HTTPError as err:
+        raise JoinError(f"cannot reach the coordinator at {url}: {err}") from err
+    if resp.status_code != 200:
+        raise JoinError(f"the coordinator gave no CA certificate ({resp.status_code})")
+    try:
+        got = ca_fingerprint(resp.content)
+    except SecurityError as err:
+        raise JoinError(f"the coordinator's CA is unusable: {err}") from err
+    if _normal(got) != _normal(fingerprint):
+        raise JoinError(
+            f"the coordinator's CA fingerprint is {got}, not the {fingerprint} you were given: "
+            "do not enrol (wrong address, or someone in between); ask your operator"
+        )
+    _write(dest, resp.text)
+    return dest
 
 
 def _detail(resp: Any) -> str:

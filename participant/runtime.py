@@ -118,7 +118,8 @@ class ParticipantRuntime:
     def handle(self, kind: str, payload: bytes) -> bytes:
         """Handle one Flower message; returns the serialised :class:`ControlReply`."""
         req = control_pb2.ControlRequest.FromString(payload)
-        self.progress.set_credit(req.credit_tokens)
+        if kind == "train.unit" or req.credit_tokens:  # a bare collect may leave it unset
+            self.progress.set_credit(req.credit_tokens)
         if kind == "train.unit" and req.WhichOneof("body") == "unit":
             uid = req.unit.unit_id
             self._queue.put(req)

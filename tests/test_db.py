@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -60,6 +53,7 @@ from coordinator.db.versions import (
     publish_version,
 )
 from coordinator.scheduler import Scheduler
+from tests.postgres_server import PostgresUnavailable, postgres_server
 
 
 @pytest.fixture
@@ -319,60 +313,14 @@ def test_events_paginate(factory):
 # --- PostgreSQL: a throw-away server on 127.0.0.1 when the binaries are installed ---
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pg_url():
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed")
-    pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver) not installed")
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # postgres refuses to run as root
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and no 'postgres' user to run the server as")
-        prefix = ["runuser", "-u", "postgres", "--"]
-    root = Path(tempfile.mkdtemp(prefix="perspective-pg-"))
-    data, port = root / "data", _free_port()
-    if prefix:
-        os.chown(root, pw.pw_uid, pw.pw_gid)
+    """URL of a throw-away PostgreSQL server (skips, saying why, where none can start)."""
     try:
-        subprocess.run(
-            [
-                *prefix,
-                initdb,
-                "-D",
-                str(data),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
-        subprocess.run(
-            [*prefix, pg_ctl, "-D", str(data), "-o", opts, "-w", "-l", str(root / "log"), "start"],
-            check=True,
-            capture_output=True,
-        )
-    except (subprocess.CalledProcessError, OSError) as exc:
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.skip(f"could not start a PostgreSQL server: {exc}")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    subprocess.run(
-        [*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True
-    )
-    shutil.rmtree(root, ignore_errors=True)
+        with postgres_server() as url:
+            yield url
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 def test_postgres_schema_results_and_concurrent_versions(pg_url):

@@ -6,8 +6,9 @@
   database, on loopback;
 * Debian's nginx with ``deploy/nginx/perspective.conf`` in front (TLS, re-encrypting to
   the SuperLink and the REST API, only ``/v1/fleet/*`` and the API exposed);
-* ``perspective coordinator serve --secrets-dir``: TLS blob service and REST API, node-key
-  sync, the federation loop;
+* ``perspective coordinator serve --secrets-dir --db``: TLS blob service and REST API,
+  node-key sync, the federation loop, on a throw-away PostgreSQL server as in
+  ``deploy/compose.yaml`` (SQLite where no PostgreSQL can start; the test says so);
 * a volunteer: ``perspective participant join`` through the proxy with the operator's
   enrolment token, then ``perspective participant run`` (daemon → SuperNode with its node
   key + worker with the CA for the blob service).
@@ -21,10 +22,10 @@ the operator → its key is unregistered (event log says why) and its node is re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -32,9 +33,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy
 
 from coordinator.flower.superlink import SuperLinkProcess, TLSFiles
 from shared_model.procs import ManagedProcess, free_port
+from tests.postgres_server import PostgresUnavailable, postgres_server
 from tests.test_deploy_proxy import NGINX, render_nginx
 
 pytestmark = [
@@ -83,25 +86,29 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def query(db: Path, sql: str, *args) -> list[tuple]:
+def query(engine: sqlalchemy.Engine, sql: str, **params) -> list[tuple]:
     """Read the coordinator database (empty while ``serve`` is still creating it)."""
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
-            return conn.execute(sql, args).fetchall()
-    except sqlite3.OperationalError:
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(sqlalchemy.text(sql), params)]
+    except sqlalchemy.exc.SQLAlchemyError:
         return []
 
 
 class Host:
     """The coordinator host: secrets, SuperLink, nginx and ``coordinator serve``."""
 
-    def __init__(self, work: Path, ckpt: Path) -> None:
-        self.work, self.ckpt = work, ckpt
+    def __init__(self, work: Path, ckpt: Path, db_url: str) -> None:
+        self.work, self.ckpt, self.db_url = work, ckpt, db_url
         self.secrets = work / "secrets"
-        self.db = work / "coordinator.db"
         out = cli("coordinator", "init", "--dir", str(self.secrets), "--host", "127.0.0.1",
-                  "--db", f"sqlite:///{self.db}")  # fmt: skip
+                  "--db", db_url)  # fmt: skip
+        self.engine = sqlalchemy.create_engine(db_url)
         self.operator_token = out.strip().splitlines()[-1]
+        self.fingerprint = next(
+            line.split(":", 1)[1].strip() for line in out.splitlines()
+            if line.startswith("CA fingerprint:")
+        )  # fmt: skip
         self.ca = self.secrets / "tls" / "ca.crt"
         tls_dir = self.secrets / "tls"
         self.tls = TLSFiles(self.ca, tls_dir / "server.crt", tls_dir / "server.key")
@@ -134,7 +141,7 @@ class Host:
         self.superlink.start()
         self.serve = spawn(
             self.work / "serve.log", "coordinator", "serve",
-            "--secrets-dir", str(self.secrets), "--db", f"sqlite:///{self.db}",
+            "--secrets-dir", str(self.secrets), "--db", self.db_url,
             "--superlink", f"127.0.0.1:{self.superlink_port}",
             "--init", str(self.ckpt), "--work-dir", str(self.work / "coordinator"),
             "--preset", "tiny", "--config", str(self.config), "--minutes", "30",
@@ -160,31 +167,46 @@ class Host:
     def accepted(self, participant_id: int, after_id: int = 0) -> int:
         """How many of the participant's results with a row id above ``after_id`` are accepted."""
         rows = query(
-            self.db,
-            "select count(*) from results where participant_id = ? and state = 'accepted' "
-            "and id > ?",
-            participant_id,
-            after_id,
+            self.engine,
+            "select count(*) from results where participant_id = :pid and state = 'accepted' "
+            "and id > :after",
+            pid=participant_id,
+            after=after_id,
         )
         return rows[0][0] if rows else 0
 
     def last_result_id(self) -> int:
-        rows = query(self.db, "select max(id) from results")
+        rows = query(self.engine, "select max(id) from results")
         return (rows[0][0] or 0) if rows else 0
 
     def events(self, kind: str) -> list[tuple[str, int | None]]:
-        return query(self.db, "select message, participant_id from events where kind = ?", kind)
+        sql = "select message, participant_id from events where kind = :kind"
+        return query(self.engine, sql, kind=kind)
 
     def shutdown(self) -> None:
         stop(self.serve)
         if self.superlink is not None:
             self.superlink.shutdown(10)
         self.proxy.shutdown(5)
+        self.engine.dispose()
 
 
 @pytest.fixture
-def host(tmp_path, tiny_moe_seed):
-    h = Host(tmp_path, tiny_moe_seed[2])
+def db_url(tmp_path):
+    """PostgreSQL, as deploy/compose.yaml runs it, where a server can start here; else SQLite."""
+    servers = contextlib.ExitStack()
+    try:
+        url = servers.enter_context(postgres_server())
+    except PostgresUnavailable as exc:
+        print(f"\n{exc}: the coordinator uses SQLite")
+        url = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    with servers:
+        yield url
+
+
+@pytest.fixture
+def host(tmp_path, tiny_moe_seed, db_url):
+    h = Host(tmp_path, tiny_moe_seed[2], db_url)
     try:
         h.proxy.start()
         h.start()
@@ -205,10 +227,20 @@ def test_volunteer_enrols_trains_survives_an_outage_and_is_revoked(host, tmp_pat
     volunteer = tmp_path / "volunteer"
     created = host.api("POST", "/enrolment-tokens", json={"note": "alice"})
     assert created.status_code == 201, created.text
+    token = created.json()["token"]
+    # A wrong pinned fingerprint: refused before the token is sent, nothing written.
+    wrong = "AB:" * 31 + "AB"
+    done = subprocess.run([*CLI, "participant", "join", host.public_url, "--token", token,
+                           "--name", "alice", "--state-dir", str(volunteer),
+                           "--ca-fingerprint", wrong], capture_output=True, text=True)  # fmt: skip
+    said = " ".join(done.stderr.replace("│", " ").split())  # typer wraps errors in a box
+    assert done.returncode != 0 and "do not enrol" in said, done.stderr
+    assert not (volunteer / "participant.json").exists()
     t_join = time.time()
-    out = cli("participant", "join", host.public_url, "--token", created.json()["token"],
-              "--name", "alice", "--state-dir", str(volunteer), "--api-ca", str(host.ca),
+    out = cli("participant", "join", host.public_url, "--token", token, "--name", "alice",
+              "--state-dir", str(volunteer), "--ca-fingerprint", host.fingerprint,
               "--max-columns", "4", "--threads", "1")  # fmt: skip
+    assert "matches the one you gave" in out, out
     enrolment = json.loads((volunteer / "participant.json").read_text())["enrolment"]
     pid = int(enrolment["participant_id"])
     assert enrolment["fleet_address"] == f"127.0.0.1:{host.proxy_port}", out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
 
 from coordinator.api.deps import DbSession, Operator, Settings
 from coordinator.api.schemas import (
@@ -15,6 +16,7 @@ from coordinator.api.schemas import (
     ErrorOut,
     ParticipantOut,
 )
+from coordinator.db.errors import NotFound
 from coordinator.db.participants import Capability
 from coordinator.db.tokens import create_enrolment_token, enrol_participant
 
@@ -58,3 +60,18 @@ def enrol(session: DbSession, settings: Settings, body: EnrolRequest) -> EnrolOu
         ca_cert_pem=settings.ca_certificate(),
         fleet_address=settings.fleet_address,
     )
+
+
+@router.get(
+    "/ca",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"application/x-pem-file": {}}}, 404: {"model": ErrorOut}},
+)
+def ca_certificate(settings: Settings) -> PlainTextResponse:
+    """The network's CA certificate (PEM), public: a volunteer compares its fingerprint with
+    the one the operator published before trusting it (``participant join --ca-fingerprint``).
+    """
+    pem = settings.ca_certificate()
+    if pem is None:
+        raise NotFound("this coordinator runs without a CA (insecure demo)")
+    return PlainTextResponse(pem, media_type="application/x-pem-file")
