@@ -186,6 +186,16 @@ def test_enrolment_flow(env):
     assert dup.status_code == 409 and "alice" not in dup.json()["detail"]
 
 
+def test_ca_certificate_is_public_and_absent_without_tls(env, tmp_path):
+    factory, client, _op, _ro, _feed = env
+    got = client.get("/api/v1/ca")  # no token: a volunteer pins it by fingerprint
+    assert got.status_code == 200 and got.text == CA_PEM
+    assert got.headers["content-type"].startswith("application/x-pem-file")
+    with TestClient(create_app(factory, ApiSettings(blob_root=tmp_path / "b"))) as plain:
+        missing = plain.get("/api/v1/ca")
+    assert missing.status_code == 404 and "without a CA" in missing.json()["detail"]
+
+
 def test_token_management(env):
     _f, client, op, _ro, _feed = env
     created = client.post("/api/v1/tokens", json={"name": "grafana", "role": "read"}, headers=op)
