@@ -22,8 +22,6 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from coordinator import intake
 from coordinator.db import events as db_events
@@ -34,7 +32,8 @@ from coordinator.db.errors import Conflict, NotFound, ParticipantRevoked
 from coordinator.db.leases import get_unit
 from coordinator.db.types import utcnow
 from coordinator.evaluation import ColumnAssignment, column_val_loss
-from coordinator.leasing import UnitFactory, UnitSizing
+from coordinator.federation_settings import FederationSettings, LoopStats
+from coordinator.leasing import UnitFactory
 from coordinator.scheduler import Scheduler
 from coordinator.state import CoordinatorState
 from shared_model.data import DocumentDataset
@@ -45,61 +44,7 @@ log = logging.getLogger(__name__)
 # the node was removed, 5: node unavailable after missed heartbeats).
 NODE_GONE_CODES = (3, 5)
 NODE_COOLDOWN_S = 90.0
-
-
-@dataclass
-class FederationSettings:
-    """Knobs of one federated stage (defaults from ``docs/federated-training.md``).
-
-    ``unit_seconds`` (``None``: every unit has ``steps_per_unit`` steps) is the target
-    training time of a unit, sized from each participant's tokens/s within
-    ``min/max_steps_per_unit`` (max ``None``: 8 × ``steps_per_unit``) and the lease; see
-    :class:`~coordinator.leasing.UnitSizing`, whose ``UnitSizingError`` bad values raise.
-    """
-
-    stage: int = 3
-    steps_per_unit: int = 20
-    unit_seconds: float | None = None
-    min_steps_per_unit: int = 5
-    max_steps_per_unit: int | None = None
-    lease_seconds: float = 300.0
-    max_in_flight: int = 2
-    docs_per_unit: int = 32
-    column_codec: str = "ternary"
-    shared_codec: str = "ternary"
-    eval_every: int = 5
-    eval_batches: int = 4
-    max_update_norm: float = 1e4
-    state_path: Path | None = None
-
-    def __post_init__(self) -> None:
-        self.sizing()  # fail at construction, not at the first lease
-
-    def sizing(self) -> UnitSizing:
-        """The unit-sizing policy these settings describe."""
-        return UnitSizing(
-            steps_per_unit=self.steps_per_unit,
-            unit_seconds=self.unit_seconds,
-            min_steps=self.min_steps_per_unit,
-            max_steps=self.max_steps_per_unit,
-            lease_seconds=self.lease_seconds,
-            max_in_flight=self.max_in_flight,
-        )
-
-
-@dataclass
-class LoopStats:
-    """Running totals shown by the demo and the dashboard."""
-
-    tokens: int = 0
-    accepted: int = 0
-    rejected: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    val_loss: list[tuple[int, float]] = field(default_factory=list)
-    train_loss: list[tuple[int, float]] = field(default_factory=list)
-    train_s: float = 0.0
-    unit_s: float = 0.0
+__all__ = ["FederationLoop", "FederationSettings", "LoopStats"]  # settings re-exported
 
 
 class FederationLoop:
