@@ -32,8 +32,15 @@ def worker(
     ca_file: Path | None = typer.Option(
         None, help="CA (PEM) of the blob service's TLS certificate: the enrolment ca.crt."
     ),
+    stop_grace_s: float = typer.Option(
+        20.0, min=0, help="On SIGTERM, let the unit in progress finish this long."
+    ),
 ) -> None:
-    """Attach to a SuperNode and train the work units it delivers until SIGTERM."""
+    """Attach to a SuperNode and train the work units it delivers until SIGTERM.
+
+    On SIGTERM: stop taking units, drop queued ones, finish the unit in progress within
+    ``--stop-grace-s`` and keep its result for the next start (``participant/outbox.py``).
+    """
     from participant.flower.worker import FlowerWorker
     from participant.hardware import HardwareError, detect
     from participant.runtime import ParticipantRuntime, WorkerConfigError, load_ca_file
@@ -61,7 +68,8 @@ def worker(
     flower = FlowerWorker(runtime_address, runtime.handle, superexec_secret=secret)
     signal.signal(signal.SIGTERM, lambda *_: flower.shutdown(timeout=0.1))
     flower.run_forever()
-    runtime.shutdown()
+    if not runtime.shutdown(grace_s=stop_grace_s):
+        logging.warning("the unit in progress did not finish in %.0f s: abandoned", stop_grace_s)
 
 
 @app.command("join")

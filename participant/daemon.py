@@ -95,6 +95,7 @@ class DaemonConfig:
         backoff_initial: First restart delay in seconds.
         backoff_max: Restart delays never exceed this.
         stable_s: A SuperNode up this long resets the back-off.
+        stop_grace_s: On shutdown the worker may finish its unit this long (result kept).
         worker_argv: Replace the worker command (``None``: ``perspective participant worker``).
     """
 
@@ -110,6 +111,7 @@ class DaemonConfig:
     backoff_max: float = 300.0
     stable_s: float = 60.0
     worker_argv: list[str] | None = None
+    stop_grace_s: float = 20.0
 
 
 class ParticipantDaemon:
@@ -271,6 +273,7 @@ class ParticipantDaemon:
         argv += ["--runtime-address", f"127.0.0.1:{self.runtime_port}"]
         argv += ["--state-dir", str(self.state_dir / "state"), "--preset", self.cfg.preset]
         argv += ["--superexec-secret-file", str(self.secret_file)]
+        argv += ["--stop-grace-s", str(self.cfg.stop_grace_s)]
         if self.cfg.config is not None:
             argv += ["--config", str(self.cfg.config)]
         if self.cfg.root_certificates is not None:  # the blob service shares the fleet's CA
@@ -304,9 +307,9 @@ class ParticipantDaemon:
             self._ram_strikes = 0
 
     def _stop_children(self) -> None:
-        for proc in (self.worker, self.supernode):
+        for proc, grace in ((self.worker, self.cfg.stop_grace_s + 10), (self.supernode, 10)):
             if proc is not None:
-                proc.shutdown(timeout=10)
+                proc.shutdown(timeout=grace)
         self.worker = self.supernode = None
 
     # ------------------------------------------------------------------ reporting

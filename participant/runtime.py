@@ -20,6 +20,7 @@ to ``progress.json`` (:mod:`participant.progress`) for ``perspective participant
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -29,6 +30,7 @@ import psutil
 import torch
 
 from participant.limits import TokenBucket
+from participant.outbox import ResultOutbox
 from participant.progress import ProgressWriter
 from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.blobs import BlobClient, BlobStore
@@ -106,7 +108,11 @@ class ParticipantRuntime:
         self._queue: queue.Queue[control_pb2.ControlRequest | None] = queue.Queue()
         self._cond = threading.Condition()
         self._started: set[str] = set()
-        self._results: list[federation_pb2.WorkResult] = []
+        # Results finished but not yet carried by a reply; the outbox keeps them across restarts.
+        self.outbox = ResultOutbox(self.state_dir / "outbox")
+        self._results: list[federation_pb2.WorkResult] = self.outbox.pending()
+        if self._results:
+            log.info("%d result(s) of the last run go with the next reply", len(self._results))
         self._failures: list[tuple[str, str]] = []
         self._busy = False
         self._bytes_down = 0
@@ -142,6 +148,7 @@ class ParticipantRuntime:
         reply = control_pb2.ControlReply(
             results=results, queued_units=self._queue.qsize(), bytes_down=bytes_down
         )
+        self.outbox.delivered([r.unit_id for r in results])
         reply.failed_units.extend(uid for uid, _ in failures)
         reply.failure_reasons.extend(why for _, why in failures)
         reply.capability.max_columns = self.max_columns
@@ -153,10 +160,28 @@ class ParticipantRuntime:
             reply.synced_version = self.trainer.replica.version or 0
         return reply
 
-    def shutdown(self) -> None:
-        """Stop the trainer thread after the unit in progress."""
+    def shutdown(self, grace_s: float = WAIT_S) -> bool:
+        """Stop: drop queued units, give the unit in progress ``grace_s`` seconds to finish.
+
+        Dropped units come back from the coordinator when their leases expire; a finished
+        result waits in the outbox for the first reply after the next start. A unit still
+        running after ``grace_s`` is abandoned with the process: the local state on disk is
+        that of the last finished unit (it is saved atomically), and its lease expires.
+
+        Returns:
+            Whether the trainer stopped within ``grace_s``.
+        """
+        dropped = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                req = self._queue.get_nowait()
+                if req is not None:
+                    dropped.append(req.unit.unit_id)
+        if dropped:
+            log.info("stopping: dropped queued units %s (the coordinator re-issues them)", dropped)
         self._queue.put(None)
-        self._thread.join(timeout=WAIT_S)
+        self._thread.join(timeout=grace_s)
+        return not self._thread.is_alive()
 
     # --- trainer thread ------------------------------------------------------------------
 
@@ -177,6 +202,7 @@ class ParticipantRuntime:
             self.progress.start_unit(uid, req.unit.stage, req.unit.steps)
             try:
                 result = self._run(req)
+                self.outbox.put(result)
                 with self._cond:
                     self._results.append(result)
                 self.progress.finish_unit(ok=True)
