@@ -23,6 +23,7 @@ from participant.hardware import detect
 from participant.limits import Limits, LimitsError, TokenBucket
 from participant.status import read_status
 from shared_model.blobs import BlobStore
+from shared_model.procs import free_port
 from shared_model.wire.perspective.v1 import control_pb2
 
 COLLECT = control_pb2.ControlRequest(collect=True).SerializeToString()
@@ -136,3 +137,42 @@ def test_classify_exit_reasons() -> None:
         "tls_untrusted"
     )
     assert classify_exit(0, "SuperNode terminated gracefully.")[0] == "coordinator_unreachable"
+
+
+def _events(state_dir) -> list[str]:
+    path = state_dir / "events.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_ram_cap_restarts_the_worker_and_schedule_pauses_everything(tmp_path) -> None:
+    # RAM: a real worker (torch imported: hundreds of MB) under a 50 MB cap is restarted.
+    nowhere = f"127.0.0.1:{free_port()}"  # no SuperLink: the worker runs regardless
+    capped = ParticipantDaemon(
+        DaemonConfig(tmp_path / "capped", nowhere, limits=Limits(ram_cap_mb=50), max_wait_time=60)
+    )
+    capped.start()
+    try:
+        deadline = time.monotonic() + 90
+        while not any("participant.ram_cap" in e for e in _events(tmp_path / "capped")):
+            assert time.monotonic() < deadline, "the RAM cap was never enforced"
+            time.sleep(0.5)
+        while not any("participant.worker_restart" in e for e in _events(tmp_path / "capped")):
+            assert time.monotonic() < deadline, "the worker was not restarted after the cap"
+            time.sleep(0.5)
+    finally:
+        capped.shutdown()
+    # Schedule: outside the window nothing runs at all.
+    now = dt.datetime.now()
+    start, end = now + dt.timedelta(hours=2), now + dt.timedelta(hours=3)
+    window = f"{start:%H:%M}-{end:%H:%M}"
+    paused = ParticipantDaemon(
+        DaemonConfig(tmp_path / "night", nowhere, limits=Limits(schedule=window))
+    )
+    paused.start()
+    try:
+        time.sleep(2.0)
+        assert paused.state == "paused (schedule)" and paused.pids() == []
+    finally:
+        paused.shutdown()
