@@ -82,7 +82,9 @@ def resolve_security(
 
 def serve(
     superlink: str = typer.Option(..., help="Loopback host:port of the SuperLink."),
-    init: Path = typer.Option(..., help="Stage-2 (MoE) checkpoint the stage starts from."),
+    init: Path = typer.Option(
+        ..., exists=True, dir_okay=False, help="Stage-2 (MoE) checkpoint the stage starts from."
+    ),
     work_dir: Path = typer.Option(..., help="Blob store, state and (default) SQLite DB."),
     secrets_dir: Path | None = typer.Option(
         None, envvar="PERSPECTIVE_SECRETS_DIR", help="Directory from 'coordinator init'."
@@ -157,8 +159,25 @@ def serve(
     endpoints = Endpoints(superlink, blob_host, blob_port, public_host, api_host, api_port)
     endpoints.fleet_address = fleet_address
     budget = StageBudget(tokens=tokens, minutes=minutes)
-    run_serve(cfg, work_dir, db, init, security, endpoints, settings, budget, stop,
-              buffer_size=buffer_size, key_sync_seconds=key_sync_seconds)  # fmt: skip
+    try:
+        run_serve(cfg, work_dir, db, init, security, endpoints, settings, budget, stop,
+                  buffer_size=buffer_size, key_sync_seconds=key_sync_seconds)  # fmt: skip
+    except startup_errors() as exc:
+        typer.secho(f"coordinator serve: {type(exc).__name__}: {exc}", err=True, fg="red")
+        raise typer.Exit(1) from exc
+
+
+def startup_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean a bad setting (database URL, checkpoint, port, certificate), not a bug."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from coordinator.db import DatabaseConfigError
+    from coordinator.serve_api import ApiServerError
+    from shared_model.blobs import BlobError
+    from shared_model.checkpoint import CheckpointError
+
+    return (SQLAlchemyError, DatabaseConfigError, ApiServerError, BlobError, CheckpointError,
+            SecurityError)  # fmt: skip
 
 
 @dataclass

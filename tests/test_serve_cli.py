@@ -1,0 +1,56 @@
+"""``perspective coordinator serve`` refuses bad settings with a clear message, before serving.
+
+Real processes: the installed CLI, a secrets directory written by ``coordinator init``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "shared_model.cli"]
+
+
+def run(*args: str) -> tuple[int, str]:
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+    # typer draws errors in a box; join the wrapped lines back into one sentence
+    said = " ".join((done.stdout + done.stderr).replace("│", " ").split())
+    return done.returncode, said
+
+
+@pytest.fixture(scope="module")
+def secrets(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    code, said = run("coordinator", "init", "--dir", str(root / "secrets"), "--host", "127.0.0.1",
+                     "--db", f"sqlite:///{root / 'c.db'}")  # fmt: skip
+    assert code == 0, said
+    return root / "secrets"
+
+
+def serve(tmp_path: Path, *extra: str) -> tuple[int, str]:
+    ckpt = tmp_path / "stage2.safetensors"
+    if not ckpt.exists():
+        ckpt.write_bytes(b"not a checkpoint")
+    return run("coordinator", "serve", "--superlink", "127.0.0.1:9", "--init", str(ckpt),
+               "--work-dir", str(tmp_path / "work"), "--minutes", "1", *extra)  # fmt: skip
+
+
+@pytest.mark.integration
+def test_serve_refuses_bad_settings_clearly(secrets, tmp_path) -> None:
+    code, said = serve(tmp_path)
+    assert code == 2 and "secure by default" in said and "--insecure" in said
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, said = serve(tmp_path, "--secrets-dir", str(empty))
+    assert code == 2 and "is missing or empty" in said and "coordinator init" in said
+    code, said = serve(tmp_path, "--secrets-dir", str(secrets), "--unit-seconds", "1000")
+    assert code == 2 and "lease_seconds" in said
+    code, said = serve(tmp_path, "--secrets-dir", str(secrets), "--db", f"sqlite:///{secrets}/c.db")
+    assert code == 1 and "CheckpointError" in said and "not safetensors" in said
+    missing = tmp_path / "missing.safetensors"
+    code, said = run("coordinator", "serve", "--superlink", "127.0.0.1:9", "--init", str(missing),
+                     "--work-dir", str(tmp_path / "w"), "--minutes", "1", "--insecure")  # fmt: skip
+    assert code == 2 and "does not exist" in said
