@@ -125,6 +125,7 @@ def run_cmd(
     from participant.daemon import DaemonConfig, ParticipantDaemon
     from participant.join import Enrolment, JoinError
     from participant.limits import Limits
+    from participant.report import NodeReporter
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -142,7 +143,9 @@ def run_cmd(
         limits=Limits.load(limits_file) if limits_file.is_file() else Limits(),
         max_wait_time=max_wait_time,
     )
-    ParticipantDaemon(cfg).run_forever(install_signals=True)
+    # Refusals go to the coordinator's event log too, signed with our node key.
+    reporter = NodeReporter(enrolment)
+    ParticipantDaemon(cfg, on_event=reporter.sink).run_forever(install_signals=True)
 
 
 @app.command("status")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import httpx
 import pytest
@@ -194,6 +195,32 @@ def test_ca_certificate_is_public_and_absent_without_tls(env, tmp_path):
     with TestClient(create_app(factory, ApiSettings(blob_root=tmp_path / "b"))) as plain:
         missing = plain.get("/api/v1/ca")
     assert missing.status_code == 404 and "without a CA" in missing.json()["detail"]
+
+
+def test_signed_node_report_reaches_the_event_log(env, tmp_path):
+    from coordinator.node_reports import report_payload, sign_report
+    from coordinator.security import make_node_key
+
+    _f, client, op, _ro, _feed = env
+    key, public = make_node_key(tmp_path / "node_key")
+    tok = client.post("/api/v1/enrolment-tokens", headers=op).json()["token"]
+    body = {"token": tok, "name": "bob", "public_key": public}
+    pid = client.post("/api/v1/enrol", json=body).json()["participant"]["id"]
+    at = time.time()
+
+    def report(reason: str, at: float, signed_reason: str | None = None) -> dict:
+        payload = report_payload(pid, "participant.refused", signed_reason or reason, "m", at)
+        return {"kind": "participant.refused", "reason": reason, "message": "m", "at": at,
+                "signature": sign_report(key, payload)}  # fmt: skip
+
+    ok = client.post(f"/api/v1/participants/{pid}/reports", json=report("tls_untrusted", at))
+    assert ok.status_code == 201, ok.text
+    events = client.get("/api/v1/events", params={"kind": "participant.refused"}).json()["items"]
+    assert [(e["participant_id"], e["data"]["reason"]) for e in events] == [(pid, "tls_untrusted")]
+    forged = report("unauthorized", at, signed_reason="tls_untrusted")  # body altered after signing
+    assert client.post(f"/api/v1/participants/{pid}/reports", json=forged).status_code == 401
+    stale = client.post(f"/api/v1/participants/{pid}/reports", json=report("x", at - 3600))
+    assert stale.status_code == 401 and "clock" in stale.json()["detail"]
 
 
 def test_token_management(env):

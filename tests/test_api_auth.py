@@ -1,8 +1,9 @@
 """Every state-changing route refuses a missing, revoked or read-only token.
 
 Routes are enumerated from the app's OpenAPI document, so a route added later is covered without
-editing this file; the only state-changing route without an operator token is ``/enrol``
-(the one-time enrolment token in its body is the credential).
+editing this file; the only state-changing routes without an operator token are ``/enrol``
+(the one-time enrolment token in its body is the credential) and a participant's signed
+``/reports`` (the signature by its enrolled node key is the credential).
 """
 
 from __future__ import annotations
@@ -17,8 +18,13 @@ from coordinator.db import TokenRole, init_db, make_session_factory, sqlite_url
 from coordinator.db.tokens import create_api_token, revoke_api_token
 from coordinator.metrics import CoordinatorMetrics
 
-PUBLIC_WRITES = {("POST", "/api/v1/enrol")}
+PUBLIC_WRITES = {
+    ("POST", "/api/v1/enrol"),
+    ("POST", "/api/v1/participants/{participant_id}/reports"),
+}
 READ_METHODS = {"GET", "HEAD", "OPTIONS"}
+# The network CA is public: a volunteer fetches it (and pins it) before it has anything else.
+PUBLIC_READS = {("GET", "/api/v1/ca")}
 
 
 def _fill(path: str) -> str:
@@ -86,11 +92,15 @@ def test_every_write_route_needs_an_operator_token(setup):
     assert checked >= 10
 
 
-def test_enrol_is_the_only_unauthenticated_write(setup):
+def test_unauthenticated_writes_check_their_own_credential(setup):
     factory, _tokens = setup
     client = _client(factory)
     r = client.post("/api/v1/enrol", json={"token": "pspe_nope", "name": "x", "public_key": "k"})
     assert r.status_code == 401 and "enrolment token" in r.json()["detail"]
+    report = {"kind": "participant.refused", "reason": "x", "message": "m", "at": 0.0,
+              "signature": "AAAA"}  # fmt: skip
+    r = client.post("/api/v1/participants/1/reports", json=report)
+    assert r.status_code in (401, 404), r.text  # no such participant, or a bad signature
     assert set(_routes(client.app, writes=True)) >= PUBLIC_WRITES
 
 
@@ -103,6 +113,9 @@ def test_reads_need_a_token_when_configured(setup):
         url = _fill(path)
         if path.startswith("/api/v1/tokens"):
             assert locked.request(method, url, headers=read).status_code == 403
+            continue
+        if (method, path) in PUBLIC_READS:
+            assert locked.request(method, url).status_code not in (401, 403)
             continue
         r = locked.request(method, url)
         assert r.status_code == 401, (method, path, r.text)

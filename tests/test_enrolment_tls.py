@@ -7,7 +7,8 @@ real ``perspective participant worker``. The coordinator driver exchanges a
 ``query.collect`` control message with the enrolled node.
 
 Refusals (unregistered key, wrong CA, no TLS, revoked) must end the SuperNode with exit
-code 305 and the reason must reach the coordinator's event log.
+code 305 and the reason must reach the coordinator's event log: the volunteer's daemon
+reports it to the REST API, signed with its enrolled node key (``participant.report``).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from coordinator.db.tokens import create_enrolment_token
 from coordinator.flower.run import open_driver
 from coordinator.flower.superlink import SuperLinkProcess, TLSFiles
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.security import db_event_sink, make_node_key, make_tls, sync_participant_keys
+from coordinator.security import make_tls, sync_participant_keys
 from coordinator.serve_api import ApiServer
 from participant.daemon import DaemonConfig, ParticipantDaemon
 from participant.join import join
 from participant.limits import Limits
+from participant.report import NodeReporter
 from shared_model.wire.perspective.v1 import control_pb2
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -125,7 +127,7 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def daemon(coord, state: Path, pid: int | None, **kw) -> ParticipantDaemon:
+def daemon(coord, state: Path, reporter: NodeReporter, **kw) -> ParticipantDaemon:
     cfg = DaemonConfig(
         state_dir=state,
         superlink_address=coord.superlink.address,
@@ -133,9 +135,15 @@ def daemon(coord, state: Path, pid: int | None, **kw) -> ParticipantDaemon:
         limits=Limits(threads=1, max_columns=2),
         **kw,
     )
-    d = ParticipantDaemon(cfg, on_event=db_event_sink(coord.factory, pid))
+    d = ParticipantDaemon(cfg, on_event=reporter.sink)
     d.start()
     return d
+
+
+def reported(coord, participant_id: int) -> list:
+    """``participant.refused`` events the participant's daemon reported to the coordinator."""
+    return [e for e in coord.events("participant.refused")
+            if e.participant_id == participant_id and e.data.get("reported_by_node")]  # fmt: skip
 
 
 def test_enrolled_participant_exchanges_then_revoked_is_refused(coord, tmp_path) -> None:
@@ -147,7 +155,7 @@ def test_enrolled_participant_exchanges_then_revoked_is_refused(coord, tmp_path)
     d = daemon(
         coord,
         tmp_path / "alice",
-        enrolment.participant_id,
+        NodeReporter(enrolment),
         root_certificates=Path(enrolment.ca_cert),
         auth_private_key=Path(enrolment.key),
     )
@@ -160,10 +168,8 @@ def test_enrolled_participant_exchanges_then_revoked_is_refused(coord, tmp_path)
             revoke_participant(session, participant_id=enrolment.participant_id, reason="test")
         assert coord.sync()["unregistered"] == [enrolment.participant_id]
         refused = wait_for(
-            lambda: [e for e in coord.events("participant.refused")
-                     if e.participant_id == enrolment.participant_id],
-            90, "the revoked node's refusal event",
-        )  # fmt: skip
+            lambda: reported(coord, enrolment.participant_id), 90, "the revoked node's report"
+        )
         assert refused[0].data["reason"] in ("unauthorized", "key_not_registered")
         assert node_id not in coord.driver.node_ids()
     finally:
@@ -172,8 +178,13 @@ def test_enrolled_participant_exchanges_then_revoked_is_refused(coord, tmp_path)
 
 @pytest.mark.parametrize("case", ["unregistered_key", "wrong_ca", "no_tls"])
 def test_refused_nodes_exit_305_and_coordinator_logs_why(coord, tmp_path, case) -> None:
-    key, _ = make_node_key(tmp_path / "stranger_key")
-    kw: dict = {"root_certificates": coord.tls.ca_cert, "auth_private_key": key}
+    # An enrolled volunteer whose key the SuperLink does not know (not synced), or who was
+    # given another CA, or who connects without TLS.
+    enrolment = join(coord.api.url, coord.enrolment_token(), f"vol-{case}", tmp_path / case)
+    kw: dict = {
+        "root_certificates": Path(enrolment.ca_cert),
+        "auth_private_key": Path(enrolment.key),
+    }
     expected = "key_not_registered"
     if case == "wrong_ca":
         kw["root_certificates"] = make_tls(tmp_path / "other-ca", ["127.0.0.1"]).ca_cert
@@ -183,14 +194,14 @@ def test_refused_nodes_exit_305_and_coordinator_logs_why(coord, tmp_path, case) 
         # only exits (305, "Server disconnected...") after max_wait_time.
         kw = {"max_wait_time": 8.0}
         expected = "tls_required"
-    before = len(coord.events("participant.refused"))
-    d = daemon(coord, tmp_path / case, None, **kw)
+    d = daemon(coord, tmp_path / case, NodeReporter(enrolment), **kw)
     try:
         events = wait_for(
-            lambda: coord.events("participant.refused")[before:], 90, f"refusal event ({case})"
+            lambda: reported(coord, enrolment.participant_id), 90, f"the node's report ({case})"
         )
     finally:
         d.shutdown()
-    assert events[0].data["exit_code"] == 305, events[0].data
-    assert events[0].data["reason"] == expected, events[0].message
+    assert d.last_refusal["exit_code"] == 305, d.last_refusal
     assert d.last_refusal["reason"] == expected
+    assert events[0].data["reason"] == expected, events[0].message
+    assert enrolment.name in events[0].message

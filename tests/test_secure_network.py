@@ -17,7 +17,8 @@ One test walks the volunteer's life: enrolled → trains (results accepted) whil
 Control API stays unreachable through the proxy → the whole coordinator host (SuperLink
 and ``serve``) is killed for longer than the participant's first retry delay and brought
 back → the participant resumes by itself and its next result is accepted → revoked by
-the operator → its key is unregistered (event log says why) and its node is refused.
+the operator → its key is unregistered (event log says why), its node is refused, and its
+daemon's signed report of the refusal reaches the coordinator's event log.
 """
 
 from __future__ import annotations
@@ -289,6 +290,9 @@ def _revoked_is_refused(host: Host, pid: int, volunteer: Path) -> None:
         120, "the node's refusal",
     )  # fmt: skip
     assert refused[-1]["data"]["reason"] in ("unauthorized", "key_not_registered"), refused[-1]
+    # ... and its daemon told the coordinator, through the proxy, signed with its node key.
+    wait_for(lambda: [e for e in host.events("participant.refused") if e[1] == pid],
+             60, "the node's signed refusal report in the coordinator's event log")  # fmt: skip
     last = host.last_result_id()
     time.sleep(3)
     assert host.accepted(pid, after_id=last) == 0, "a revoked participant's result was accepted"

@@ -288,3 +288,21 @@ class ParticipantActionOut(BaseModel):
     """Outcome of an operator action on a participant."""
 
     participant: ParticipantOut
+
+
+class NodeReportIn(BaseModel):
+    """A volunteer daemon's signed report (see :mod:`coordinator.node_reports`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(max_length=64)
+    reason: str = Field(max_length=64)
+    message: str = Field(max_length=1000)
+    at: float = Field(description="UNIX time the node made the report")
+    signature: str = Field(max_length=512, description="base64 ECDSA-SHA384 by the node key")
+
+
+class NodeReportOut(BaseModel):
+    """The event a report became."""
+
+    event_id: int

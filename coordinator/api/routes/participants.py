@@ -9,6 +9,8 @@ from fastapi import APIRouter, Query
 from coordinator.api.deps import DbSession, Operator, Reader
 from coordinator.api.routes import IdPath, Limit, Offset, page_out
 from coordinator.api.schemas import (
+    NodeReportIn,
+    NodeReportOut,
     PageOut,
     ParticipantActionOut,
     ParticipantDetailOut,
@@ -18,6 +20,7 @@ from coordinator.api.schemas import (
 from coordinator.db import ParticipantState, UnitState
 from coordinator.db.participants import get_participant, list_participants, revoke_participant
 from coordinator.db.stats import credit_leaderboard, list_units, reject_counts
+from coordinator.node_reports import record_node_report
 from coordinator.scheduler import held_columns
 
 router = APIRouter(prefix="/participants", tags=["participants"])
@@ -68,3 +71,14 @@ def revoke(
     reason = (body.reason if body else None) or "revoked by operator"
     row = revoke_participant(session, participant_id=participant_id, reason=reason)
     return ParticipantActionOut(participant=ParticipantOut.model_validate(row))
+
+
+@router.post("/{participant_id}/reports", response_model=NodeReportOut, status_code=201)
+def report(session: DbSession, participant_id: IdPath, body: NodeReportIn) -> NodeReportOut:
+    """A volunteer's daemon reports why its node was refused (signed by its node key).
+
+    Needs no API token: the signature by the enrolled key is the credential.
+    """
+    event = record_node_report(session, participant_id=participant_id, **body.model_dump())
+    session.flush()
+    return NodeReportOut(event_id=event.id)

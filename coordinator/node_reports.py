@@ -1,0 +1,105 @@
+"""Signed reports from volunteers' daemons: why their node was refused or disconnected.
+
+Only the volunteer's machine knows why its SuperNode was turned away (a wrong CA fails
+the TLS handshake before the coordinator sees anything; an unregistered key is refused
+inside Flower). Its daemon therefore reports each refusal to the coordinator's REST API,
+signed with the node key that was enrolled, and the coordinator records it in the event
+log the operator watches. The signature (ECDSA over a canonical JSON payload with a
+timestamp) is the credential: no API token is needed, only the enrolled key can speak
+for a participant, and a report older than :data:`MAX_SKEW_S` is refused. The content is
+harmless (a reason code and a sentence), so a daemon whose CA is wrong may send it
+without verifying the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy.orm import Session
+
+from coordinator.db.errors import InvalidToken
+from coordinator.db.events import log_event
+from coordinator.db.models import Event
+from coordinator.db.participants import get_participant
+
+REPORT_KINDS = ("participant.refused", "participant.disconnected")
+MAX_SKEW_S = 300.0
+
+
+class BadNodeReport(InvalidToken):
+    """The report is not signed by the participant's enrolled key, or is stale."""
+
+
+def report_payload(participant_id: int, kind: str, reason: str, message: str, at: float) -> bytes:
+    """The exact bytes that are signed (canonical JSON)."""
+    body = {"at": round(float(at), 3), "kind": kind, "message": message,
+            "participant_id": int(participant_id), "reason": reason}  # fmt: skip
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_report(private_key_path: str | Path, payload: bytes) -> str:
+    """Base64 ECDSA signature of ``payload`` with an OpenSSH node key (``node_key``)."""
+    key = serialization.load_ssh_private_key(Path(private_key_path).read_bytes(), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError("node keys are ECDSA (see coordinator.security.make_node_key)")
+    return base64.b64encode(key.sign(payload, ec.ECDSA(hashes.SHA384()))).decode()
+
+
+def verify_report(public_key: str, payload: bytes, signature: str) -> None:
+    """Check ``signature`` against an enrolled OpenSSH/PEM public key.
+
+    Raises:
+        BadNodeReport: Malformed or wrong signature.
+    """
+    from coordinator.security import SecurityError, public_key_pem
+
+    try:
+        key = serialization.load_pem_public_key(public_key_pem(public_key))
+        key.verify(base64.b64decode(signature, validate=True), payload, ec.ECDSA(hashes.SHA384()))
+    except (InvalidSignature, SecurityError, ValueError) as err:
+        raise BadNodeReport("report signature does not match the participant's key") from err
+
+
+def record_node_report(
+    session: Session,
+    *,
+    participant_id: int,
+    kind: str,
+    reason: str,
+    message: str,
+    at: float,
+    signature: str,
+    now: float | None = None,
+) -> Event:
+    """Verify a daemon's report and append it to the event log.
+
+    Raises:
+        NotFound: No such participant.
+        BadNodeReport: Unknown kind, no enrolled key, bad signature, or older than
+            :data:`MAX_SKEW_S` (or from the future).
+    """
+    if kind not in REPORT_KINDS:
+        raise BadNodeReport(f"kind must be one of {', '.join(REPORT_KINDS)}, got {kind!r}")
+    row = get_participant(session, participant_id=participant_id)
+    if not row.public_key:
+        raise BadNodeReport(f"participant {participant_id} has no enrolled key")
+    verify_report(row.public_key, report_payload(participant_id, kind, reason, message, at),
+                  signature)  # fmt: skip
+    skew = abs((now or time.time()) - at)
+    if skew > MAX_SKEW_S:
+        raise BadNodeReport(f"report is {skew:.0f} s off the coordinator's clock (> {MAX_SKEW_S})")
+    data: dict[str, Any] = {"reason": reason, "reported_by_node": True, "at": at}
+    return log_event(
+        session,
+        kind=kind,
+        message=f"{row.name}: {message}",
+        participant_id=row.id,
+        data=data,
+    )
