@@ -306,18 +306,3 @@ def sync_participant_keys(
                 )
                 out["failed"].append(row.id)
     return out
-
-
-def db_event_sink(session_factory: Any, participant_id: int | None = None) -> Any:
-    """An ``on_event(kind, message, data)`` callback that appends to the coordinator event log.
-
-    Used by a participant daemon supervised on the coordinator host (tests, demo) so a
-    refused SuperNode shows up on the dashboard with its reason.
-    """
-    from coordinator.db.events import log_event
-
-    def sink(kind: str, message: str, data: dict[str, Any]) -> None:
-        with session_factory.begin() as session:
-            log_event(session, kind=kind, message=message, participant_id=participant_id, data=data)
-
-    return sink
