@@ -53,10 +53,12 @@ class UnitSizing:
     (long enough that Flower's ~3 s poll does not leave it idle). Without a report yet, or
     without ``unit_seconds``, a unit has ``steps_per_unit`` steps.
 
-    The lease bounds it too: a participant works through its ``max_in_flight`` units one
-    after the other, so the last leased finishes ``max_in_flight`` unit times after its
-    lease started; that must stay under ``lease_fraction * lease_seconds`` (the rest is
-    headroom for syncing, uploading and a slower-than-reported machine).
+    The lease bounds it too, with or without ``unit_seconds`` (a slow machine gets fewer
+    steps rather than units it cannot finish before their leases expire): a participant
+    works through its ``max_in_flight`` units one after the other, so the last leased
+    finishes ``max_in_flight`` unit times after its lease started; that must stay under
+    ``lease_fraction * lease_seconds`` (the rest is headroom for syncing, uploading and a
+    slower-than-reported machine).
 
     Attributes:
         steps_per_unit: steps of a unit when the speed is unknown or sizing is off.
@@ -114,10 +116,13 @@ class UnitSizing:
                 not reported yet).
             tokens_per_step: tokens of one inner step (``batch_size * seq_len``).
         """
-        if self.unit_seconds is None or not tokens_per_s or tokens_per_s <= 0:
+        if not tokens_per_s or tokens_per_s <= 0:
             return self.steps_per_unit
         step_s = tokens_per_step / tokens_per_s
-        steps = min(max(round(self.unit_seconds / step_s), self.min_steps), self.max_steps)
+        if self.unit_seconds is None:  # fixed H, but never more than a slow node can do
+            steps = self.steps_per_unit
+        else:
+            steps = min(max(round(self.unit_seconds / step_s), self.min_steps), self.max_steps)
         # The in-flight units must all train within a fraction of one lease.
         fits = max(
             1, math.floor(self.lease_fraction * self.lease_seconds / (self.max_in_flight * step_s))

@@ -74,3 +74,11 @@ def test_settings_describe_the_sizing():
     assert (sizing.steps_per_unit, sizing.unit_seconds) == (10, 8.0)
     assert (sizing.min_steps, sizing.max_steps) == (3, 80)
     assert (sizing.lease_seconds, sizing.max_in_flight) == (120.0, 2)
+
+
+def test_fixed_units_are_cut_for_a_node_too_slow_for_its_lease() -> None:
+    sizing = UnitSizing(steps_per_unit=20, lease_seconds=60.0, max_in_flight=2)
+    assert sizing.steps_for(None, 256) == 20  # not measured yet
+    assert sizing.steps_for(100_000.0, 256) == 20  # fast: H as configured, never more
+    # 2.56 s per step: 2 units in flight must train within 30 s -> 5 steps each
+    assert sizing.steps_for(100.0, 256) == 5
