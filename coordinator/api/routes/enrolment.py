@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from fastapi import APIRouter
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import Response
 
 from coordinator.api.deps import DbSession, Operator, Settings
 from coordinator.api.schemas import (
@@ -64,14 +64,20 @@ def enrol(session: DbSession, settings: Settings, body: EnrolRequest) -> EnrolOu
 
 @router.get(
     "/ca",
-    response_class=PlainTextResponse,
-    responses={200: {"content": {"application/x-pem-file": {}}}, 404: {"model": ErrorOut}},
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The CA certificate (PEM)",
+            "content": {"application/x-pem-file": {"schema": {"type": "string"}}},
+        },
+        404: {"model": ErrorOut},
+    },
 )
-def ca_certificate(settings: Settings) -> PlainTextResponse:
+def ca_certificate(settings: Settings) -> Response:
     """The network's CA certificate (PEM), public: a volunteer compares its fingerprint with
     the one the operator published before trusting it (``participant join --ca-fingerprint``).
     """
     pem = settings.ca_certificate()
     if pem is None:
         raise NotFound("this coordinator runs without a CA (insecure demo)")
-    return PlainTextResponse(pem, media_type="application/x-pem-file")
+    return Response(pem, media_type="application/x-pem-file")
