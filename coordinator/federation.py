@@ -352,6 +352,9 @@ class FederationLoop:
             else:
                 self._apply(unit_id, decoded)
             replayed += 1
+        with self.factory() as s:  # the stage's token budget continues, it does not restart
+            accepted, tokens = db_results.accepted_totals(s, stage=f"stage{self.settings.stage}")
+        self.stats.accepted, self.stats.tokens = accepted, tokens
         return replayed
 
     def _log(self, kind: str, message: str, unit_id: str | None = None) -> None:

@@ -142,6 +142,9 @@ def test_replay_rebuilds_identical_versions(tmp_path, corpus):
     restarted.scheduler.session_factory = loop.factory
     assert restarted.recover() == 4
     assert {v: r.content_id for v, r in restarted.state.manifests.items()} == manifests
+    # The stage's token budget continues where it was (a restart does not extend it).
+    assert restarted.stats.tokens == loop.stats.tokens > 0
+    assert restarted.stats.accepted == loop.stats.accepted == 4
     for k, v in loop.state.shared.master.items():
         assert torch.equal(restarted.state.shared.master[k], v)
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator.db.errors import Conflict, InvalidArgument
@@ -257,3 +257,16 @@ def applied_results_after(session: Session, *, version: int) -> list[Result]:
         .order_by(Result.applied_in_version, Result.received_at, Result.id)
     )
     return list(session.scalars(query).all())
+
+
+def accepted_totals(session: Session, *, stage: str) -> tuple[int, int]:
+    """``(results, tokens)`` accepted so far for units of ``stage`` (e.g. ``"stage3"``).
+
+    A restarted coordinator continues a stage's token budget from here.
+    """
+    row = session.execute(
+        select(func.count(Result.id), func.coalesce(func.sum(Result.tokens), 0))
+        .join(WorkUnit, WorkUnit.unit_id == Result.unit_id)
+        .where(Result.state == ResultState.ACCEPTED, WorkUnit.stage == stage)
+    ).one()
+    return int(row[0]), int(row[1])
