@@ -38,7 +38,9 @@ def test_stop_finishes_the_unit_drops_the_queue_and_the_restart_delivers(tmp_pat
     with BlobServer(loop.state.store, b"k" * 32) as server:
         for req in requests:
             req.blob_address = server.address
-        runtime = ParticipantRuntime(loop.state.cfg, state)
+        # A bandwidth cap keeps unit a busy (fetching its checkpoint) for seconds, so unit b
+        # is still queued when the stop comes, however fast this machine is.
+        runtime = ParticipantRuntime(loop.state.cfg, state, bandwidth_mbps=8)
         first = control_pb2.ControlReply.FromString(
             runtime.handle("train.unit", requests[0].SerializeToString())
         )
@@ -50,7 +52,9 @@ def test_stop_finishes_the_unit_drops_the_queue_and_the_restart_delivers(tmp_pat
             daemon=True,
         ).start()
         time.sleep(0.5)
+        t_stop = time.monotonic()
         assert runtime.shutdown(grace_s=240), "the unit in progress should finish in time"
+        print(f"\nunit a finished {time.monotonic() - t_stop:.1f} s after the stop")
         outbox = ResultOutbox(state / "outbox")
         (kept,) = outbox.pending()
         assert kept.unit_id == units[0].unit_id
