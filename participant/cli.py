@@ -132,6 +132,14 @@ def run_cmd(
         enrolment = Enrolment.load(state_dir)
     except JoinError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if not enrolment.ca_cert:
+        typer.secho(
+            "WARNING: this coordinator gave no CA: no TLS and no node key. Updates and your "
+            "identity travel in clear text; fine only for a demo on one machine.",
+            err=True,
+            fg=typer.colors.RED,
+            bold=True,
+        )
     limits_file = state_dir / "limits.json"
     cfg = DaemonConfig(
         state_dir=state_dir,
