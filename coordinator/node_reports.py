@@ -14,6 +14,7 @@ without verifying the server.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import time
 from pathlib import Path
@@ -22,15 +23,22 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db.errors import InvalidToken
+from coordinator.db.errors import Conflict, InvalidToken
 from coordinator.db.events import log_event
 from coordinator.db.models import Event
 from coordinator.db.participants import get_participant
+from coordinator.db.types import utcnow
 
 REPORT_KINDS = ("participant.refused", "participant.disconnected")
 MAX_SKEW_S = 300.0
+MIN_INTERVAL_S = 5.0  # one report per participant per this many seconds
+
+
+class TooManyReports(Conflict):
+    """The participant reported less than :data:`MIN_INTERVAL_S` ago (retry later)."""
 
 
 class BadNodeReport(InvalidToken):
@@ -84,6 +92,8 @@ def record_node_report(
         NotFound: No such participant.
         BadNodeReport: Unknown kind, no enrolled key, bad signature, or older than
             :data:`MAX_SKEW_S` (or from the future).
+        TooManyReports: Another report of this kind came less than :data:`MIN_INTERVAL_S`
+            ago (a daemon reports once per refusal; this bounds replays and floods).
     """
     if kind not in REPORT_KINDS:
         raise BadNodeReport(f"kind must be one of {', '.join(REPORT_KINDS)}, got {kind!r}")
@@ -95,6 +105,7 @@ def record_node_report(
     skew = abs((now or time.time()) - at)
     if skew > MAX_SKEW_S:
         raise BadNodeReport(f"report is {skew:.0f} s off the coordinator's clock (> {MAX_SKEW_S})")
+    _check_rate(session, participant_id, kind)
     data: dict[str, Any] = {"reason": reason, "reported_by_node": True, "at": at}
     return log_event(
         session,
@@ -103,3 +114,16 @@ def record_node_report(
         participant_id=row.id,
         data=data,
     )
+
+
+def _check_rate(session: Session, participant_id: int, kind: str) -> None:
+    since = utcnow() - dt.timedelta(seconds=MIN_INTERVAL_S)
+    recent = session.scalar(
+        select(Event.id)
+        .where(Event.participant_id == participant_id, Event.kind == kind, Event.ts >= since)
+        .limit(1)
+    )
+    if recent is not None:
+        raise TooManyReports(
+            f"participant {participant_id} reported {kind} less than {MIN_INTERVAL_S:.0f} s ago"
+        )

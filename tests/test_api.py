@@ -215,6 +215,8 @@ def test_signed_node_report_reaches_the_event_log(env, tmp_path):
 
     ok = client.post(f"/api/v1/participants/{pid}/reports", json=report("tls_untrusted", at))
     assert ok.status_code == 201, ok.text
+    again = client.post(f"/api/v1/participants/{pid}/reports", json=report("tls_untrusted", at))
+    assert again.status_code == 429  # one report per participant per 5 s: replays are bounded
     events = client.get("/api/v1/events", params={"kind": "participant.refused"}).json()["items"]
     assert [(e["participant_id"], e["data"]["reason"]) for e in events] == [(pid, "tls_untrusted")]
     forged = report("unauthorized", at, signed_reason="tls_untrusted")  # body altered after signing

@@ -39,6 +39,7 @@ from coordinator.db import (
     NotFound,
 )
 from coordinator.metrics import METRICS, CoordinatorMetrics
+from coordinator.node_reports import TooManyReports
 from shared_model.blobs import BlobError, BlobNotFound, BlobStore, InvalidContentId
 
 API_PREFIX = "/api/v1"
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 # (exception type, HTTP status, error code); the first matching entry wins.
 ERROR_MAP: list[tuple[type[Exception], int, str]] = [
+    (TooManyReports, 429, "too_many_requests"),
     (InvalidToken, 401, "invalid_token"),
     (Forbidden, 403, "forbidden"),
     (NotFound, 404, "not_found"),
