@@ -34,6 +34,7 @@ from coordinator.db.types import utcnow
 from coordinator.evaluation import ColumnAssignment, column_val_loss
 from coordinator.federation_settings import FederationSettings, LoopStats
 from coordinator.leasing import UnitFactory
+from coordinator.rescoring import Rescoring
 from coordinator.scheduler import Scheduler
 from coordinator.state import CoordinatorState
 from shared_model.data import DocumentDataset
@@ -70,6 +71,7 @@ class FederationLoop:
             max_in_flight=settings.max_in_flight,
         )
         self.sizing = settings.sizing()
+        self.rescoring = Rescoring(settings, assignment)  # off unless settings.score_every
         self._step_tokens = state.cfg.train.batch_size * state.cfg.train.seq_len
         self.stats = LoopStats()
         self._applied: list[str] = []
@@ -134,6 +136,7 @@ class FederationLoop:
             unit = self.units.lease(
                 s, self.scheduler, participant, self.state, self._fraction(), steps
             )
+            self.rescoring.mark(unit)
             return unit.unit_id, self.units.request(unit, self.state, node_id)
 
     def _fraction(self) -> float:
@@ -217,6 +220,8 @@ class FederationLoop:
                 reject_reason=reason,
                 reject_detail=detail,
             )
+            scored = self.rescoring.record(s, unit, result, outcome)
+        self.rescoring.observe(scored, self._log)
         if outcome.duplicate or not outcome.accepted or decoded is None:
             if not outcome.accepted and not outcome.duplicate:
                 self.stats.rejected += 1
@@ -280,6 +285,8 @@ class FederationLoop:
         self._applied = []
         if self.settings.state_path and version in self.state.checkpoints:
             self.state.save(self.settings.state_path)
+        if self.rescoring.due(version):
+            self.rescoring.rescore(self.factory, version, self._log)
         return version
 
     def evaluate(self) -> float:
@@ -331,6 +338,7 @@ class FederationLoop:
         """
         self.scheduler.expire_leases(now=utcnow() + dt.timedelta(days=365))
         with self.factory.begin() as s:
+            self.rescoring.restore(s)  # the re-scored routing, not the initial k-means one
             done = db_results.applied_results_after(s, version=self.state.version)
             pending = db_results.pending_results(s)
             rows = [

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.leasing import UnitSizing
+from coordinator.rescoring import check_rescoring
 
 
 @dataclass
@@ -16,6 +17,12 @@ class FederationSettings:
     training time of a unit, sized from each participant's tokens/s within
     ``min/max_steps_per_unit`` (max ``None``: 8 × ``steps_per_unit``) and the lease; see
     :class:`~coordinator.leasing.UnitSizing`, whose ``UnitSizingError`` bad values raise.
+
+    Scoring (:mod:`coordinator.rescoring`, off by default): every ``score_every``-th unit
+    leased also reports its documents' losses under each of its columns; every
+    ``rescore_every_versions`` versions a document moves to a column whose loss is lower
+    by ``rescore_margin`` (relative), within ``rescore_slack`` of the balanced size.
+    Bad values raise ``RescoringError``.
     """
 
     stage: int = 3
@@ -32,9 +39,16 @@ class FederationSettings:
     eval_batches: int = 4
     max_update_norm: float = 1e4
     state_path: Path | None = None
+    score_every: int = 0
+    rescore_every_versions: int = 0
+    rescore_margin: float = 0.02
+    rescore_slack: float = 1.1
 
     def __post_init__(self) -> None:
         self.sizing()  # fail at construction, not at the first lease
+        check_rescoring(
+            self.score_every, self.rescore_every_versions, self.rescore_margin, self.rescore_slack
+        )
 
     def sizing(self) -> UnitSizing:
         """The unit-sizing policy these settings describe."""

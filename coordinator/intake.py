@@ -136,6 +136,7 @@ def payload_of(result: federation_pb2.WorkResult, bytes_up: int) -> db_results.R
             "train_s": t.train_s,
             "encode_s": t.encode_s,
             "total_s": t.total_s,
+            "score_s": t.score_s,
         },
         base_version=int(result.base_version),
         bytes_up=bytes_up,

@@ -236,6 +236,7 @@ class UnitFactory:
             train_shared=True,
             deadline_unix=int(unit.deadline.timestamp()),
             seed=int(params.get("seed", 0)),
+            score_documents=bool(params.get("score", False)),  # coordinator/rescoring.py
         )
         quota = self._upload_quota(len(unit.columns))
         work.upload_quota_bytes = quota

@@ -19,6 +19,7 @@ from coordinator.db import versions as db_versions
 from coordinator.evaluation import ColumnAssignment, initial_assignment
 from coordinator.federation import FederationLoop, FederationSettings, LoopStats
 from coordinator.leasing import UnitFactory
+from coordinator.rescoring import restore_labels
 from coordinator.state import CoordinatorState
 from shared_model.blobs import BlobServer, BlobStore, TlsConfig
 from shared_model.checkpoint import load_checkpoint
@@ -165,6 +166,10 @@ class Coordinator:
         self.val = self.corpus.dataset("val")
         n = self.cfg.moe.n_experts
         self.assignment = initial_assignment(model, train, n, seed=self.cfg.train.seed)
+        with self.session_factory() as s:  # a restart continues with the re-scored routing
+            epoch = restore_labels(s, self.assignment)
+        if epoch is not None:
+            log.info("document routing: re-scored epoch %d restored", epoch)
         self.shards = [self._put_file(p) for p in self._shard_files("train")]
         state_path = self.work_dir / "state.safetensors"
         self.state = CoordinatorState(

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from participant.scoring import document_losses
 from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset
 from shared_model.federated.replica import Replica
@@ -139,14 +140,18 @@ class UnitTrainer:
         batches = self._batches(unit, columns, req.batch_size, req.seq_len)
         train_loss, tokens = self._train(model, teacher, unit, batches, report)
         t_train = time.perf_counter() - t0 - t_sync
+        scores = self._score(model, unit, columns, req) if unit.score_documents else []
+        t_score = time.perf_counter() - t0 - t_sync - t_train
         report("upload", unit.steps, unit.steps, tokens)
         result = self._upload(model, unit, columns, req, io)
+        result.document_losses.extend(scores)
         self._save_local()
         t_total = time.perf_counter() - t0
         self.tokens_per_s = tokens / max(t_train, 1e-9)
         result.tokens, result.train_loss = tokens, train_loss
         result.timings.sync_s, result.timings.train_s = t_sync, t_train
-        result.timings.encode_s = t_total - t_sync - t_train
+        result.timings.score_s = t_score
+        result.timings.encode_s = t_total - t_sync - t_train - t_score
         result.timings.total_s = t_total
         return result
 
@@ -229,6 +234,14 @@ class UnitTrainer:
             tokens += x.numel()
             report("train", len(losses), unit.steps, tokens)
         return float(np.mean(losses)) if losses else float("nan"), tokens
+
+    def _score(self, model, unit, columns: list[int], req) -> list[federation_pb2.DocumentLoss]:
+        """Scoring unit: every unit document's loss under each column held, after training."""
+        docs = [d for ids in _documents_by_column(unit, columns).values() for d in ids]
+        return document_losses(
+            model, self.data, docs, columns,
+            seq_len=req.seq_len, batch_size=req.batch_size, device=self.device,
+        )  # fmt: skip
 
     def _upload(self, model, unit, columns, req, io: BlobIO) -> federation_pb2.WorkResult:
         result = federation_pb2.WorkResult(unit_id=unit.unit_id, base_version=unit.base_version)

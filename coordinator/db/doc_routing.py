@@ -99,3 +99,29 @@ def documents_for_column(session: Session, *, column: int, epoch: int | None = N
         DocumentAssignment.epoch == epoch, DocumentAssignment.column == column
     )
     return list(session.scalars(query.order_by(DocumentAssignment.doc_id)).all())
+
+
+def assignment_of(session: Session, *, epoch: int) -> dict[str, int]:
+    """The complete document -> column assignment stored as routing ``epoch``."""
+    query = select(DocumentAssignment.doc_id, DocumentAssignment.column).where(
+        DocumentAssignment.epoch == epoch
+    )
+    return {doc: int(col) for doc, col in session.execute(query)}
+
+
+def latest_measurements(session: Session) -> dict[str, dict[int, float]]:
+    """Per document, the losses of its newest scoring unit (every column it was scored on).
+
+    Losses of one unit were measured together on one model, so they compare like for like;
+    an older unit's losses of the same document are dropped, not mixed in.
+    """
+    query = select(DocLoss.doc_id, DocLoss.column, DocLoss.loss, DocLoss.unit_id).order_by(
+        DocLoss.version, DocLoss.id
+    )
+    rows: dict[str, dict[int, float]] = {}
+    source: dict[str, str | None] = {}
+    for doc, column, loss, unit_id in session.execute(query):
+        if source.get(doc, "") != unit_id:  # a newer unit: start the document's row again
+            rows[doc], source[doc] = {}, unit_id
+        rows[doc][int(column)] = float(loss)
+    return rows

@@ -49,7 +49,7 @@ STAGE_EXPERT_DIFFERENTIATION: Stage
 STAGE_TERNARY_DISTILLATION: Stage
 
 class WorkUnit(_message.Message):
-    __slots__ = ("unit_id", "base_version", "columns", "layers", "shard_ids", "document_ids", "steps", "lr", "lr_min", "warmup_steps", "lr_schedule", "stage", "ternary_fraction", "kd_weight", "shared_sync_every", "train_shared", "deadline_unix", "capability_token", "base_checkpoint", "delta_chain", "upload_quota_bytes", "seed")
+    __slots__ = ("unit_id", "base_version", "columns", "layers", "shard_ids", "document_ids", "steps", "lr", "lr_min", "warmup_steps", "lr_schedule", "stage", "ternary_fraction", "kd_weight", "shared_sync_every", "train_shared", "deadline_unix", "capability_token", "base_checkpoint", "delta_chain", "upload_quota_bytes", "seed", "score_documents")
     UNIT_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class WorkUnit(_message.Message):
     DELTA_CHAIN_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    SCORE_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     unit_id: str
     base_version: int
     columns: _containers.RepeatedScalarFieldContainer[int]
@@ -94,7 +95,8 @@ class WorkUnit(_message.Message):
     delta_chain: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.BlobRef]
     upload_quota_bytes: int
     seed: int
-    def __init__(self, unit_id: _Optional[str] = ..., base_version: _Optional[int] = ..., columns: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[int]] = ..., shard_ids: _Optional[_Iterable[str]] = ..., document_ids: _Optional[_Iterable[str]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., lr_min: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., ternary_fraction: _Optional[float] = ..., kd_weight: _Optional[float] = ..., shared_sync_every: _Optional[int] = ..., train_shared: _Optional[bool] = ..., deadline_unix: _Optional[int] = ..., capability_token: _Optional[str] = ..., base_checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., delta_chain: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ..., upload_quota_bytes: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    score_documents: bool
+    def __init__(self, unit_id: _Optional[str] = ..., base_version: _Optional[int] = ..., columns: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[int]] = ..., shard_ids: _Optional[_Iterable[str]] = ..., document_ids: _Optional[_Iterable[str]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., lr_min: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., ternary_fraction: _Optional[float] = ..., kd_weight: _Optional[float] = ..., shared_sync_every: _Optional[int] = ..., train_shared: _Optional[bool] = ..., deadline_unix: _Optional[int] = ..., capability_token: _Optional[str] = ..., base_checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., delta_chain: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ..., upload_quota_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., score_documents: _Optional[bool] = ...) -> None: ...
 
 class ColumnDelta(_message.Message):
     __slots__ = ("column", "delta")
@@ -115,18 +117,20 @@ class DocumentLoss(_message.Message):
     def __init__(self, document_id: _Optional[str] = ..., loss: _Optional[float] = ..., column: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("sync_s", "train_s", "encode_s", "upload_s", "total_s")
+    __slots__ = ("sync_s", "train_s", "encode_s", "upload_s", "total_s", "score_s")
     SYNC_S_FIELD_NUMBER: _ClassVar[int]
     TRAIN_S_FIELD_NUMBER: _ClassVar[int]
     ENCODE_S_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_S_FIELD_NUMBER: _ClassVar[int]
     TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    SCORE_S_FIELD_NUMBER: _ClassVar[int]
     sync_s: float
     train_s: float
     encode_s: float
     upload_s: float
     total_s: float
-    def __init__(self, sync_s: _Optional[float] = ..., train_s: _Optional[float] = ..., encode_s: _Optional[float] = ..., upload_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
+    score_s: float
+    def __init__(self, sync_s: _Optional[float] = ..., train_s: _Optional[float] = ..., encode_s: _Optional[float] = ..., upload_s: _Optional[float] = ..., total_s: _Optional[float] = ..., score_s: _Optional[float] = ...) -> None: ...
 
 class WorkResult(_message.Message):
     __slots__ = ("unit_id", "node_id", "base_version", "column_deltas", "shared_update", "tokens", "train_loss", "val_loss", "document_losses", "timings")
