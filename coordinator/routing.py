@@ -15,8 +15,9 @@ assignment:
   capacity.
 
 The :class:`CentroidRouter` routes unseen documents (validation, new data) to the
-nearest column centroid; the coordinator refits it on the current labels, which is how
-the router is trained on participants' losses.
+nearest column centroid. The federation loop refines training documents' labels from
+participants' losses incrementally (:mod:`coordinator.rescoring`); it does not refit the
+router (``CentroidRouter.fit`` could, given the training features).
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ every token of a document goes through the document's column). Per unit it
 4. uploads, over the blob service, ``compress(local - published)`` per column and the
    shared pseudo-gradient ``compress(published - local + residual)`` whose compression
    error stays in an error-feedback residual kept on disk across units.
+
+A scoring unit (``score_documents``) also reports, after training, its documents' losses
+under each column held (:mod:`participant.scoring`).
 """
 
 from __future__ import annotations
