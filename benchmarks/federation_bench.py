@@ -54,6 +54,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--codec", default="ternary", choices=["ternary", "sparse"])
     p.add_argument("--max-in-flight", type=int, default=2, help="units leased per participant")
     p.add_argument("--buffer-size", type=int, default=None, help="results per version")
+    p.add_argument(
+        "--score-every", type=int, default=0, help="every Nth unit is a scoring unit (0: off)"
+    )
+    p.add_argument(
+        "--rescore-every", type=int, default=0, help="re-route documents every N versions (0: off)"
+    )
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--name", default=None, help="result file stem (default federation_bench)")
     return p.parse_args()
@@ -97,11 +103,14 @@ def federated(cfg, corpus, ckpt: str, work: Path, args) -> dict:
             shared_codec=args.codec,
             eval_every=5,
             eval_batches=cfg.train.eval_batches,
+            score_every=args.score_every,
+            rescore_every_versions=args.rescore_every,
         )
         units = max(
             1, args.tokens // (args.steps_per_unit * cfg.train.batch_size * cfg.train.seq_len)
         )
         loop = coord.federated_stage(3, driver, StageBudget(tokens=args.tokens), settings, units)
+        initial_labels = loop.assignment.labels.copy()
         t0 = time.perf_counter()
 
         def tick() -> None:
@@ -123,6 +132,8 @@ def federated(cfg, corpus, ckpt: str, work: Path, args) -> dict:
         **traffic(cfg, work / "coordinator" / "coordinator.db", wall),
         "coordinator_cpu_s": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
         "coordinator_peak_rss_mb": peak_rss / 1e6,
+        "documents_scored": len(loop.rescoring.table),
+        "documents_moved": int((loop.assignment.labels != initial_labels).sum()),
     }
 
 
