@@ -107,6 +107,12 @@ def serve(
     max_steps_per_unit: int | None = typer.Option(
         None, min=1, help="Cap on sized units' steps (default 8 x --steps-per-unit)."
     ),
+    score_every: int = typer.Option(
+        0, min=0, help="Every Nth unit also scores its documents under each column (0: off)."
+    ),
+    rescore_every_versions: int = typer.Option(
+        0, min=0, help="Re-route documents by reported losses every N versions (0: off)."
+    ),
     lease_seconds: float = typer.Option(300.0, min=5, help="Lease deadline."),
     blob_host: str = typer.Option("127.0.0.1", help="Interface of the blob service."),
     blob_port: int = typer.Option(0, min=0, help="Blob service port (0: any free port)."),
@@ -153,8 +159,10 @@ def serve(
             shared_codec=codec,
             unit_seconds=unit_seconds,
             max_steps_per_unit=max_steps_per_unit,
+            score_every=score_every,
+            rescore_every_versions=rescore_every_versions,
         )
-    except ValueError as exc:  # UnitSizingError: says which setting and why
+    except ValueError as exc:  # UnitSizingError, RescoringError: say which setting and why
         raise typer.BadParameter(str(exc)) from exc
     endpoints = Endpoints(superlink, blob_host, blob_port, public_host, api_host, api_port)
     endpoints.fleet_address = fleet_address
