@@ -164,8 +164,9 @@ def serve(
         )
     except ValueError as exc:  # UnitSizingError, RescoringError: say which setting and why
         raise typer.BadParameter(str(exc)) from exc
-    endpoints = Endpoints(superlink, blob_host, blob_port, public_host, api_host, api_port)
-    endpoints.fleet_address = fleet_address
+    endpoints = Endpoints(
+        superlink, blob_host, blob_port, public_host, api_host, api_port, fleet_address
+    )
     budget = StageBudget(tokens=tokens, minutes=minutes)
     try:
         run_serve(cfg, work_dir, db, init, security, endpoints, settings, budget, stop,
@@ -188,7 +189,7 @@ def startup_errors() -> tuple[type[Exception], ...]:
             SecurityError)  # fmt: skip
 
 
-@dataclass
+@dataclass(frozen=True)
 class Endpoints:
     """Where ``serve`` listens and what it tells participants."""
 
