@@ -42,12 +42,7 @@ class Security:
 
     secrets: CoordinatorSecrets | None
     superexec_secret: bytes
-
-    @property
-    def ca(self) -> bytes | None:
-        """CA bytes when the network uses TLS."""
-        tls = self.secrets is not None and self.secrets.tls
-        return self.secrets.ca_cert.read_bytes() if tls else None
+    ca: bytes | None  # the network CA when it uses TLS (read once, at start)
 
 
 def resolve_security(
@@ -77,7 +72,8 @@ def resolve_security(
         secret = secret_file.read_bytes()
     except OSError as exc:
         raise typer.BadParameter(f"cannot read the SuperExec secret: {exc}") from exc
-    return Security(secrets, secret)
+    ca = secrets.ca_cert.read_bytes() if secrets is not None and secrets.tls else None
+    return Security(secrets, secret, ca)
 
 
 def serve(
@@ -213,7 +209,7 @@ def run_serve(
     from shared_model.data import prepare_corpus
 
     secrets = security.secrets
-    tls = secrets is not None and secrets.tls
+    tls = security.ca is not None
     corpus = prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=demo_corpus_bytes(cfg.name))
     coord = Coordinator(
         cfg, work_dir, corpus, db_url=db_url, blob_host=endpoints.blob_host,
