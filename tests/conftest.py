@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,14 @@ def tiny_moe_seed(tmp_path_factory):
     r1 = train_stage(cfg, 1, out, data=corpus, until_step=40)
     r2 = train_stage(cfg, 2, out, init=r1.checkpoint, data=corpus)
     return cfg, corpus, r2.checkpoint
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.25):
+    """Poll ``predicate`` until it returns something truthy (returned) or fail the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -33,6 +33,7 @@ from participant.join import join
 from participant.limits import Limits
 from participant.report import NodeReporter
 from shared_model.wire.perspective.v1 import control_pb2
+from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 COLLECT = control_pb2.ControlRequest(collect=True).SerializeToString()
@@ -115,16 +116,6 @@ def exchange(coord: Coordinator, node_id: int, timeout: float = 60) -> control_p
         replies = coord.driver.wait_any(deadline - time.monotonic())
     assert replies and replies[0].ok, replies
     return control_pb2.ControlReply.FromString(replies[0].payload)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def daemon(coord, state: Path, reporter: NodeReporter, **kw) -> ParticipantDaemon:

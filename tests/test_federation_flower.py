@@ -25,7 +25,7 @@ import pytest
 from coordinator.federation import FederationSettings
 from coordinator.local_network import LocalNetwork
 from coordinator.network import Coordinator, StageBudget
-from tests.conftest import ARTIFACTS
+from tests.conftest import ARTIFACTS, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -122,25 +122,28 @@ def _serve(seed, network, work):
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1.0)
-
-
 def test_coordinator_sigkill_and_restart_loses_nothing(seed, network, tmp_path):
     work = tmp_path / "coord"
     work.mkdir()
     db_path = work / "coordinator.db"
     proc = _serve(seed, network, work)
     try:
-        _wait(lambda: db_path.exists() and len(_accepted(db_path)) >= 3, 300, "3 accepted results")
+        wait_for(
+            lambda: db_path.exists() and len(_accepted(db_path)) >= 3,
+            300,
+            "3 accepted results",
+            1.0,
+        )
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         acknowledged = {u for u, _ in _accepted(db_path)}
         proc = _serve(seed, network, work)
-        _wait(lambda: len(_accepted(db_path)) >= len(acknowledged) + 2, 300, "training to continue")
+        wait_for(
+            lambda: len(_accepted(db_path)) >= len(acknowledged) + 2,
+            300,
+            "training to continue",
+            1.0,
+        )
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
     finally:

@@ -38,6 +38,7 @@ import sqlalchemy
 
 from coordinator.flower.superlink import SuperLinkProcess, TLSFiles
 from shared_model.procs import ManagedProcess, free_port
+from tests.conftest import wait_for
 from tests.postgres_server import PostgresUnavailable, postgres_server
 from tests.test_deploy_proxy import NGINX, render_nginx
 
@@ -75,16 +76,6 @@ def stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: floa
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
-
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def query(engine: sqlalchemy.Engine, sql: str, **params) -> list[tuple]:
