@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared_model.blobs import BlobClient, BlobServer, BlobStore, TlsConfig, issue_token
+from coordinator.blob_server import BlobServer, TlsConfig
+from shared_model.blobs import BlobClient, BlobStore, issue_token
 
 RESULTS = Path(__file__).resolve().parent / "results" / "blob_bench.json"
 KEY = b"blob-bench-signing-key-000000000"

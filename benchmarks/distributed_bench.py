@@ -44,10 +44,10 @@ def worker(args) -> None:
     """One rank: train ``args.stage`` and (rank 0) write step timestamps to ``args.report``."""
     import torch
 
+    from coordinator.central.parallel.distributed import init_distributed, shutdown_distributed
+    from coordinator.central.parallel.train_dist import train_stage_distributed
     from shared_model.config import load_config
     from shared_model.data import prepare_corpus
-    from shared_model.parallel.distributed import init_distributed, shutdown_distributed
-    from shared_model.parallel.train_dist import train_stage_distributed
 
     torch.set_num_threads(1)
     cfg = load_config("small", overrides=_overrides(args))
@@ -71,15 +71,15 @@ def worker(args) -> None:
 def _prepare_stage2(args, out: Path) -> None:
     import torch
 
+    from coordinator.central.trainer import train_stage
     from shared_model.config import load_config
     from shared_model.data import prepare_corpus
     from shared_model.model import PerspectiveModel
-    from shared_model.trainer import train_stage
 
     cfg = load_config("small", overrides=_overrides(args))
     torch.manual_seed(0)
     dense = PerspectiveModel(cfg)
-    from shared_model.checkpoint import save_checkpoint
+    from coordinator.central.checkpoint import save_checkpoint
 
     save_checkpoint(out / "stage1.safetensors", dense, cfg, stage=1, step=0)
     data = prepare_corpus("stdlib", cfg.model.vocab_size)
@@ -88,7 +88,7 @@ def _prepare_stage2(args, out: Path) -> None:
 
 def measure(args, nproc: int, stage: int, out: Path) -> float:
     """Launch torchrun with ``nproc`` ranks; returns rank 0's tokens/s."""
-    from shared_model.parallel.distributed import free_port
+    from coordinator.central.parallel.distributed import free_port
 
     report = out / f"report-{stage}-{nproc}.json"
     cmd = [

@@ -25,13 +25,17 @@ from pathlib import Path
 
 import psutil
 
+from coordinator.central.trainer import train_stage
+from coordinator.coordinator_process import (
+    Coordinator,
+    StageBudget,
+    default_columns_per_participant,
+)
 from coordinator.federation import FederationSettings
 from coordinator.local_network import LocalNetwork
-from coordinator.network import Coordinator, StageBudget, default_columns_per_participant
+from coordinator.plan.params import count_params
 from shared_model.config import load_config
 from shared_model.data import prepare_corpus
-from shared_model.plan.params import count_params
-from shared_model.trainer import train_stage
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

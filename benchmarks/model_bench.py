@@ -27,12 +27,12 @@ from pathlib import Path
 import psutil
 import torch
 
+from coordinator.central.stages import compute_loss
 from shared_model.attention import WindowedGQA
 from shared_model.config import load_config
 from shared_model.model import PerspectiveModel
 from shared_model.pdr import PDR, pdr_chunked, pdr_recurrent
 from shared_model.schedule import build_optimizer
-from shared_model.stages import compute_loss
 
 RESULTS = Path(__file__).parent / "results" / "model_bench.json"
 

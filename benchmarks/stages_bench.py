@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from coordinator.central.checkpoint import load_checkpoint, save_checkpoint
+from coordinator.central.trd import encode_trd, ternary_experts
 from shared_model import manifold as mf
-from shared_model.checkpoint import load_checkpoint, save_checkpoint
 from shared_model.config import load_config
 from shared_model.data import prepare_corpus
 from shared_model.model import PerspectiveModel
-from shared_model.trd import encode_trd, ternary_experts
 
 OUT = Path(__file__).parent / "results" / "stages_bench.json"
 
@@ -63,7 +63,7 @@ def trd_sizes(model, positions, threshold: float, seed: int = 0) -> dict[str, fl
 
 
 def bench_manifold(corpus, steps: int) -> dict:
-    from shared_model.manifold_stage import run_manifold
+    from coordinator.central.manifold_stage import run_manifold
 
     cfg = load_config(
         "tiny", overrides=["train.batch_size=8", "train.seq_len=32", "train.eval_batches=2"]
@@ -125,7 +125,7 @@ def bench_mds(n: int = 128, reps: int = 3) -> dict:
 def bench_convert(quick: bool) -> dict:
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from shared_model.convert import run_convert
+    from coordinator.central.convert import run_convert
 
     vocab = 512 if quick else 8192
     corpus = prepare_corpus("stdlib", vocab, max_bytes=3_000_000)
@@ -168,7 +168,7 @@ def bench_convert(quick: bool) -> dict:
 
 
 def bench_eval(corpus) -> dict:
-    from shared_model.evaluation.report import run_eval
+    from coordinator.central.evaluation.report import run_eval
 
     cfg = load_config("tiny", overrides=["train.seq_len=32", "train.eval_batches=4"])
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from coordinator.init import init as coordinator_init
+from coordinator.network_init import init as coordinator_init
 from coordinator.serve import serve
 
 app = typer.Typer(

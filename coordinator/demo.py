@@ -37,17 +37,17 @@ def demo(
     outer_momentum: float = typer.Option(0.0, min=0.0, max=0.99, help="Outer Nesterov momentum."),
 ) -> None:
     """Run the local federated network (central seed, federated stages 3 and 4)."""
-    from coordinator.federation import FederationSettings
-    from coordinator.local_network import LocalNetwork
-    from coordinator.network import (
+    from coordinator.central.trainer import train_stage
+    from coordinator.coordinator_process import (
         Coordinator,
         StageBudget,
         default_columns_per_participant,
         demo_corpus_bytes,
     )
+    from coordinator.federation import FederationSettings
+    from coordinator.local_network import LocalNetwork
     from shared_model.config import load_config
     from shared_model.data import prepare_corpus
-    from shared_model.trainer import train_stage
 
     for name, value in (("column-codec", column_codec), ("shared-codec", shared_codec)):
         if value not in ("ternary", "sparse"):

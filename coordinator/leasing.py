@@ -25,9 +25,9 @@ from sqlalchemy.orm import object_session
 
 from coordinator.db.participants import get_participant
 from coordinator.evaluation import ColumnAssignment
+from coordinator.plan.params import count_params
 from shared_model.blobs import issue_token
 from shared_model.config import PerspectiveConfig
-from shared_model.plan.params import count_params
 from shared_model.schedule import lr_at, ternary_fraction_at
 from shared_model.wire.perspective.v1 import control_pb2, federation_pb2, tensor_pb2
 

@@ -1,32 +1,47 @@
-"""A whole Flower network on 127.0.0.1: one SuperLink, N SuperNodes, N participant workers.
+"""A whole Flower network on 127.0.0.1: one SuperLink and N local participants.
 
 Used by ``perspective demo`` and the integration tests. Every process is a real child
 process in its own session (so nothing is orphaned on shutdown): the SuperLink
-(``--isolation process``, SQLite database, SuperExec secret), and per participant a
-SuperNode (``--isolation process``) plus our ``perspective participant worker`` attached
-to its Runtime API.
+(``--isolation process``, SQLite database, SuperExec secret), and per participant one
+``perspective participant local`` process, which runs a SuperNode and the participant
+worker attached to its Runtime API. The coordinator side starts participants only as
+processes through the CLI; it never imports participant code.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.flower.run import open_driver
 from coordinator.flower.superlink import SuperLinkProcess
-from participant.flower.supernode import SuperNodeProcess
-from shared_model.procs import FLOWER_QUIET_ENV, ManagedProcess, write_secret_file
+from shared_model.processes import FLOWER_QUIET_ENV, ManagedProcess, ProcessError
 
 
 @dataclass
-class ParticipantProcs:
-    """The two processes of one local participant."""
+class LocalParticipant:
+    """One local participant: its ``participant local`` process and directories."""
 
     index: int
-    supernode: SuperNodeProcess
-    worker: ManagedProcess
-    state_dir: Path
+    process: ManagedProcess
+    base_dir: Path
+
+    @property
+    def state_dir(self) -> Path:
+        """The worker's state directory (units, residuals, blob cache, outbox)."""
+        return self.base_dir / "state"
+
+    def wait_until_ready(self, timeout: float) -> None:
+        """Block until its SuperNode's Runtime API is up and the worker started."""
+        deadline = time.monotonic() + timeout
+        while not (self.base_dir / "ready").is_file():
+            if not self.process.is_alive():
+                raise ProcessError(f"participant {self.index} exited; see {self.process.log_path}")
+            if time.monotonic() > deadline:
+                raise ProcessError(f"participant {self.index} not ready after {timeout:.0f} s")
+            time.sleep(0.1)
 
 
 @dataclass
@@ -40,7 +55,7 @@ class LocalNetwork:
     threads: int = 1
     max_columns: int = 4
     superlink: SuperLinkProcess | None = None
-    participants: list[ParticipantProcs] = field(default_factory=list)
+    participants: list[LocalParticipant] = field(default_factory=list)
 
     def start(self) -> None:
         """Start the SuperLink and every participant; wait until all are up."""
@@ -52,51 +67,38 @@ class LocalNetwork:
         self.superlink.wait_until_ready(timeout=120)
         for i in range(self.n_participants):
             self.participants.append(self._start_participant(i))
+        for p in self.participants:
+            p.wait_until_ready(timeout=120)
 
-    def _start_participant(self, i: int) -> ParticipantProcs:
+    def _start_participant(self, i: int) -> LocalParticipant:
         base = self.work_dir / f"participant-{i}"
-        secret = write_secret_file(base / "superexec.secret")
-        node = SuperNodeProcess(
-            base / "supernode",
-            self.superlink.address,
-            node_config={"participant": i},
-            superexec_secret_file=secret,
-        )
-        node.start()
-        node.wait_until_ready(timeout=120)
+        (base / "ready").unlink(missing_ok=True)
         argv = [
-            sys.executable, "-m", "shared_model.cli", "participant", "worker",
-            "--runtime-address", node.runtime_address,
-            "--state-dir", str(base / "state"),
-            "--preset", self.preset,
-            "--superexec-secret-file", str(secret),
-            "--threads", str(self.threads),
-            "--max-columns", str(self.max_columns),
+            sys.executable, "-m", "shared_model.cli", "participant", "local",
+            "--superlink", self.superlink.address, "--base-dir", str(base),
+            "--index", str(i), "--preset", self.preset,
+            "--threads", str(self.threads), "--max-columns", str(self.max_columns),
         ]  # fmt: skip
         if self.config is not None:
             argv += ["--config", str(self.config)]
-        worker = ManagedProcess(
-            f"worker-{i}", argv, FLOWER_QUIET_ENV, base / "worker.log", health_url=None
+        process = ManagedProcess(
+            f"participant-{i}", argv, FLOWER_QUIET_ENV, base / "participant.log", health_url=None
         )
-        worker.start()
-        return ParticipantProcs(i, node, worker, base / "state")
+        process.start()
+        return LocalParticipant(i, process, base)
 
     def open_driver(self):
         """A new Flower run on the SuperLink with a driver attached to it."""
         return open_driver(self.superlink.address, superexec_secret=self.superlink.superexec_secret)
 
     def kill_participant(self, index: int) -> None:
-        """SIGKILL a participant's worker and SuperNode (failure tests)."""
-        p = self.participants[index]
-        p.worker.shutdown(timeout=0)
-        p.supernode.shutdown(timeout=0)
+        """SIGKILL a participant's process tree: worker and SuperNode (failure tests)."""
+        self.participants[index].process.shutdown(timeout=0)
 
     def shutdown(self) -> None:
-        """Stop everything (workers first, then SuperNodes, then the SuperLink)."""
+        """Stop every participant (worker, then SuperNode), then the SuperLink."""
         for p in self.participants:
-            p.worker.shutdown(timeout=5)
-        for p in self.participants:
-            p.supernode.shutdown(timeout=5)
+            p.process.shutdown(timeout=15)
         if self.superlink is not None:
             self.superlink.shutdown(timeout=10)
 

@@ -13,16 +13,10 @@ without verifying the server.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import json
 import time
-from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -31,9 +25,14 @@ from coordinator.db.events import log_event
 from coordinator.db.models import Event
 from coordinator.db.participants import get_participant
 from coordinator.db.types import utcnow
+from shared_model.identity import (
+    MAX_SKEW_S,
+    REPORT_KINDS,
+    SecurityError,
+    report_payload,
+    verify_signature,
+)
 
-REPORT_KINDS = ("participant.refused", "participant.disconnected")
-MAX_SKEW_S = 300.0
 MIN_INTERVAL_S = 5.0  # one report per participant per this many seconds
 
 
@@ -45,33 +44,15 @@ class BadNodeReport(InvalidToken):
     """The report is not signed by the participant's enrolled key, or is stale."""
 
 
-def report_payload(participant_id: int, kind: str, reason: str, message: str, at: float) -> bytes:
-    """The exact bytes that are signed (canonical JSON)."""
-    body = {"at": round(float(at), 3), "kind": kind, "message": message,
-            "participant_id": int(participant_id), "reason": reason}  # fmt: skip
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
-def sign_report(private_key_path: str | Path, payload: bytes) -> str:
-    """Base64 ECDSA signature of ``payload`` with an OpenSSH node key (``node_key``)."""
-    key = serialization.load_ssh_private_key(Path(private_key_path).read_bytes(), None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError("node keys are ECDSA (see coordinator.security.make_node_key)")
-    return base64.b64encode(key.sign(payload, ec.ECDSA(hashes.SHA384()))).decode()
-
-
 def verify_report(public_key: str, payload: bytes, signature: str) -> None:
     """Check ``signature`` against an enrolled OpenSSH/PEM public key.
 
     Raises:
         BadNodeReport: Malformed or wrong signature.
     """
-    from coordinator.security import SecurityError, public_key_pem
-
     try:
-        key = serialization.load_pem_public_key(public_key_pem(public_key))
-        key.verify(base64.b64decode(signature, validate=True), payload, ec.ECDSA(hashes.SHA384()))
-    except (InvalidSignature, SecurityError, ValueError) as err:
+        verify_signature(public_key, payload, signature)
+    except SecurityError as err:
         raise BadNodeReport("report signature does not match the participant's key") from err
 
 

@@ -30,19 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-
-class SecurityError(ValueError):
-    """Bad key/certificate material or a refused registration (says how to fix it)."""
-
-
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(mode)
-    tmp.replace(path)
-    return path
+from shared_model.identity import SecurityError, public_key_pem, write_atomic
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -112,8 +100,8 @@ def make_tls(out_dir: Path, hosts: list[str], *, days: int = 825) -> TlsMaterial
             .add_extension(x509.KeyUsage(*[False] * 5, True, True, False, False), critical=True)
             .sign(ca_key, hashes.SHA384())
         )
-        _write_atomic(ca_key_path, _key_pem(ca_key), 0o600)
-        _write_atomic(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
+        write_atomic(ca_key_path, _key_pem(ca_key), 0o600)
+        write_atomic(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
     key = ec.generate_private_key(ec.SECP384R1())
     cert = (
         x509.CertificateBuilder()
@@ -128,76 +116,9 @@ def make_tls(out_dir: Path, hosts: list[str], *, days: int = 825) -> TlsMaterial
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA384())
     )
-    _write_atomic(out / "server.key", _key_pem(key), 0o600)
-    _write_atomic(out / "server.crt", cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(out / "server.key", _key_pem(key), 0o600)
+    write_atomic(out / "server.crt", cert.public_bytes(serialization.Encoding.PEM))
     return TlsMaterial(ca_cert_path, ca_key_path, out / "server.crt", out / "server.key")
-
-
-def ca_fingerprint(cert: Path | bytes) -> str:
-    """SHA-256 fingerprint of a PEM certificate, as ``AB:CD:...`` (what ``openssl x509
-    -fingerprint -sha256`` prints), for a volunteer to compare with the operator's.
-
-    Raises:
-        SecurityError: If the bytes are not a PEM certificate.
-    """
-    data = cert if isinstance(cert, bytes) else Path(cert).read_bytes()
-    try:
-        parsed = x509.load_pem_x509_certificate(data)
-    except ValueError as err:
-        raise SecurityError(f"not a PEM certificate: {err}") from err
-    return parsed.fingerprint(hashes.SHA256()).hex(":").upper()
-
-
-def make_node_key(path: Path) -> tuple[Path, str]:
-    """Create an ECDSA P-384 key pair in OpenSSH format (``path`` and ``path.pub``).
-
-    An existing key is kept (a node's identity must survive restarts).
-
-    Returns:
-        ``(private_key_path, public_key_openssh_text)``.
-    """
-    path = Path(path)
-    pub_path = path.with_name(path.name + ".pub")
-    if not path.is_file():
-        key = ec.generate_private_key(ec.SECP384R1())
-        private = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        _write_atomic(path, private, 0o600)
-        _write_atomic(pub_path, public + b"\n")
-    return path, pub_path.read_text(encoding="ascii").strip()
-
-
-def public_key_pem(public_key: str) -> bytes:
-    """Normalise an OpenSSH or PEM EC public key to the PEM bytes Flower stores.
-
-    Raises:
-        SecurityError: If it is not an EC key on a NIST curve.
-    """
-    data = public_key.strip().encode()
-    try:
-        if data.startswith(b"-----BEGIN"):
-            key = serialization.load_pem_public_key(data)
-        else:
-            key = serialization.load_ssh_public_key(data)
-    except (ValueError, TypeError) as err:
-        raise SecurityError(f"public key is neither OpenSSH nor PEM: {err}") from err
-    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in (
-        "secp256r1",
-        "secp384r1",
-        "secp521r1",
-    ):
-        raise SecurityError(
-            "SuperNode keys must be ECDSA on a NIST curve (ssh-keygen -t ecdsa -b 384)"
-        )
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def _control(address: str, root_certificates: bytes | None) -> Any:

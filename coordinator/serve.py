@@ -26,8 +26,8 @@ from pathlib import Path
 
 import typer
 
-from coordinator.init import CoordinatorSecrets
-from coordinator.security import SecurityError
+from coordinator.network_init import CoordinatorSecrets
+from shared_model.identity import SecurityError
 
 log = logging.getLogger(__name__)
 INSECURE_WARNING = (
@@ -124,8 +124,8 @@ def serve(
     codec: str = typer.Option("ternary", help="Update codec: ternary | sparse."),
 ) -> None:
     """Serve one federated stage until its budget is used or SIGTERM/SIGINT."""
+    from coordinator.coordinator_process import StageBudget
     from coordinator.federation import FederationSettings
-    from coordinator.network import StageBudget
     from shared_model.config import ConfigError, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -176,10 +176,10 @@ def startup_errors() -> tuple[type[Exception], ...]:
     """Errors that mean a bad setting (database URL, checkpoint, port, certificate), not a bug."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from coordinator.central.checkpoint import CheckpointError
     from coordinator.db import DatabaseConfigError
     from coordinator.serve_api import ApiServerError
     from shared_model.blobs import BlobError
-    from shared_model.checkpoint import CheckpointError
 
     return (SQLAlchemyError, DatabaseConfigError, ApiServerError, BlobError, CheckpointError,
             SecurityError)  # fmt: skip
@@ -203,9 +203,9 @@ def run_serve(
     stop: threading.Event, *, buffer_size: int, key_sync_seconds: float,
 ) -> None:  # fmt: skip
     """Start the coordinator, run the stage (re-attaching after SuperLink outages), stop."""
+    from coordinator.blob_server import TlsConfig
+    from coordinator.coordinator_process import Coordinator, demo_corpus_bytes
     from coordinator.key_sync import KeySync
-    from coordinator.network import Coordinator, demo_corpus_bytes
-    from shared_model.blobs import TlsConfig
     from shared_model.data import prepare_corpus
 
     secrets = security.secrets

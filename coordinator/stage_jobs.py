@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from coordinator.central.checkpoint import sha256_file
 from coordinator.db.engine import transaction
 from coordinator.db.models import StageJob
 from coordinator.db.stage_jobs import (
@@ -44,7 +45,6 @@ from coordinator.db.stage_jobs import (
     update_stage_progress,
 )
 from coordinator.db.types import StageJobState
-from shared_model.checkpoint import sha256_file
 from shared_model.config import PerspectiveConfig, save_config
 
 S = StageJobState
@@ -140,7 +140,7 @@ def _train_runner(stage: int) -> Callable[[StageContext], Path]:
             return _run_torchrun(ctx, stage)
         import torch
 
-        from shared_model.trainer import train_stage
+        from coordinator.central.trainer import train_stage
 
         # Seed every generator the checkpoint records, so a job is a pure function of
         # its inputs (same weights as the CLI, and the same RNG state whether it ran
@@ -165,15 +165,15 @@ def _train_runner(stage: int) -> Callable[[StageContext], Path]:
 
 def _run_torchrun(ctx: StageContext, stage: int) -> Path:
     """Run the distributed trainer in ``nproc`` processes, resuming its newest DCP dir."""
-    from shared_model.parallel.distributed import free_port
-    from shared_model.parallel.train_dist import latest_dcp
+    from coordinator.central.parallel.distributed import free_port
+    from coordinator.central.parallel.train_dist import latest_dcp
 
     config = ctx.work_dir / "config.yaml"
     save_config(ctx.cfg, config)
     resume = latest_dcp(ctx.work_dir, stage) or ctx.init
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ctx.nproc}",
-        f"--master-port={free_port()}", "-m", "shared_model.parallel.train_dist",
+        f"--master-port={free_port()}", "-m", "coordinator.central.parallel.train_dist",
         "--stage", str(stage), "--out", str(ctx.work_dir), "--config", str(config),
         "--data", str(ctx.data.manifest["source"]), "--data-dir", str(ctx.data.root.parent),
     ]  # fmt: skip
@@ -194,6 +194,46 @@ for _k, _desc in (
     (4, "ternary distillation: progressive ternary experts, KD vs frozen teacher"),
 ):
     register_stage(StageSpec(str(_k), _desc, needs_init=_k != 1, run=_train_runner(_k)))
+
+# --- stages 5 and 6 ----------------------------------------------------------------------
+# Each runner is idempotent: a work directory that already holds the stage's final JSON
+# summary (written last, after the checkpoint) is returned as is, so a job killed mid-run
+# simply runs again. Stage 7 (evaluation) and path 9.1 (conversion) keep their own commands
+# (``perspective eval``, ``perspective convert``): evaluation writes a report, not a
+# checkpoint, and conversion starts from a Hugging Face directory, not a stage checkpoint.
+
+
+def _manifold(ctx: StageContext) -> Path:
+    from coordinator.central.manifold_stage import run_manifold
+
+    done = ctx.work_dir / "stage5.json"
+    if not done.is_file():
+        ctx.report({"stage": 5, "phase": "running"})
+        result = run_manifold(ctx.cfg, ctx.init, ctx.work_dir, data=ctx.data)
+        ctx.report({"val_loss": result["val_loss_after"], "trd_files": result["trd"]["files"]})
+    return ctx.work_dir / "stage5.safetensors"
+
+
+def _spp(ctx: StageContext) -> Path:
+    from coordinator.central.safety_stage import run_spp
+
+    done = ctx.work_dir / "spp.json"
+    if not done.is_file():
+        result = run_spp(ctx.cfg, ctx.init, ctx.work_dir, data=ctx.data)
+        ctx.report(
+            {
+                "eps": result["eps"],
+                "redteam_block_rate": result["redteam_block_rate"],
+                "benign_false_block_rate": result["benign_false_block_rate"],
+            }
+        )
+    return ctx.work_dir / "spp.safetensors"
+
+
+register_stage(
+    StageSpec("5", "manifold alignment: torus router + .trd neighbour deltas", True, _manifold)
+)
+register_stage(StageSpec("6", "safety polytope: anchors, half-spaces, eps calibration", True, _spp))
 
 
 # --- the job runner ----------------------------------------------------------------------
@@ -346,9 +386,3 @@ def _stopped_early(path: Path) -> bool:
     if not summary.is_file():
         return False
     return bool(json.loads(summary.read_text()).get("stopped_early", False))
-
-
-# Stages 5 and 6 live in shared_model.stage_registry; registered last (they import this module).
-from shared_model.stage_registry import register_extra_stages  # noqa: E402
-
-register_extra_stages()

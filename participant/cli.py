@@ -72,6 +72,29 @@ def worker(
         logging.warning("the unit in progress did not finish in %.0f s: abandoned", stop_grace_s)
 
 
+@app.command("local")
+def local(
+    superlink: str = typer.Option(..., help="host:port of a local SuperLink's Fleet API."),
+    base_dir: Path = typer.Option(..., help="Directory for this participant's processes."),
+    index: int = typer.Option(0, min=0, help="This participant's index (its node config)."),
+    preset: str = typer.Option("tiny", help="Model preset (must match the coordinator)."),
+    config: Path | None = typer.Option(None, help="YAML config (must match the coordinator)."),
+    threads: int = typer.Option(1, min=1, help="CPU threads for training."),
+    max_columns: int = typer.Option(4, min=1, help="Most expert columns to hold."),
+) -> None:
+    """One participant of a local laptop network: a SuperNode plus its worker, until SIGTERM.
+
+    For ``perspective demo`` and tests: no enrolment, no TLS, 127.0.0.1 only. A volunteer
+    uses ``participant join`` and ``participant run`` instead.
+    """
+    from participant.flower.supernode import run_local_participant
+
+    run_local_participant(
+        superlink, base_dir, index, preset=preset, config=config, threads=threads,
+        max_columns=max_columns,
+    )  # fmt: skip
+
+
 @app.command("join")
 def join_cmd(
     coordinator_url: str = typer.Argument(..., help="Coordinator URL, e.g. https://host"),
@@ -106,7 +129,7 @@ def join_cmd(
         f"enrolled as participant {enrolment.participant_id}; fleet {enrolment.fleet_address}"
     )
     if enrolment.ca_cert:
-        from coordinator.security import ca_fingerprint as fingerprint_of
+        from shared_model.identity import ca_fingerprint as fingerprint_of
 
         check = "matches the one you gave" if ca_fingerprint else "compare it with your operator's"
         typer.echo(f"network CA: {enrolment.ca_cert}")

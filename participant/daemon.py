@@ -41,7 +41,7 @@ import psutil
 
 from participant.flower.supernode import SuperNodeProcess
 from participant.limits import Limits
-from shared_model.procs import FLOWER_QUIET_ENV, ManagedProcess, free_port, write_secret_file
+from shared_model.processes import FLOWER_QUIET_ENV, ManagedProcess, free_port, write_secret_file
 
 log = logging.getLogger(__name__)
 EventSink = Callable[[str, str, dict[str, Any]], None]

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from coordinator.security import SecurityError, ca_fingerprint, make_node_key
 from participant.hardware import detect
 from participant.limits import Limits
+from shared_model.identity import SecurityError, ca_fingerprint, make_node_key
 
 ENROL_PATH = "/api/v1/enrol"
 CA_PATH = "/api/v1/ca"

@@ -18,8 +18,8 @@ import threading
 import time
 from typing import Any
 
-from coordinator.node_reports import report_payload, sign_report
 from participant.join import Enrolment
+from shared_model.identity import report_payload, sign_report
 
 log = logging.getLogger(__name__)
 REPORTED_KINDS = ("participant.refused",)

@@ -1,12 +1,23 @@
 """The one command-line entry point: ``perspective``.
 
-Sub-commands live next to the code they drive; this module only assembles them.
-Heavy imports (torch, flwr, grpc) happen inside the commands, so ``--help`` is fast.
+This root knows neither side of the network. Each side registers its sub-commands
+through the ``perspective.commands`` entry-point group in ``pyproject.toml``: the entry
+point's name is the top-level command, its value a ``register(app)`` function. Only the
+entry point named on the command line is imported, so ``perspective participant ...``
+never imports the coordinator (and ``--help`` imports every registrar, which are light:
+heavy imports such as torch, flwr and grpc happen inside the commands).
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
+from importlib.metadata import EntryPoint, entry_points
+
 import typer
+
+#: The entry-point group each side registers its sub-commands in.
+COMMAND_GROUP = "perspective.commands"
 
 app = typer.Typer(
     name="perspective",
@@ -21,17 +32,38 @@ def _root() -> None:
     """Perspective: federated training of a ternary mixture-of-experts language model."""
 
 
-def _register() -> None:
-    # Each module exposes ``register(app)`` which adds its commands or sub-typers.
-    from shared_model.commands import REGISTRARS
+def command_entry_points() -> list[EntryPoint]:
+    """The registered sub-command entry points, sorted by command name.
 
-    for register in REGISTRARS:
-        register(app)
+    Raises:
+        RuntimeError: When none is registered (the package is not installed, e.g. run
+            from a source tree without ``pip install -e .``).
+    """
+    found = sorted(entry_points(group=COMMAND_GROUP), key=lambda ep: ep.name)
+    if not found:
+        raise RuntimeError(
+            f"no '{COMMAND_GROUP}' entry points are installed; install the package "
+            "(`pip install -e .` or `make test`) so the sub-commands are registered"
+        )
+    return found
+
+
+def register_commands(root: typer.Typer, argv: Sequence[str]) -> None:
+    """Import and register the entry point named by ``argv[0]``, or all of them.
+
+    Args:
+        root: The typer application to add commands to.
+        argv: The command line without the program name.
+    """
+    eps = command_entry_points()
+    wanted = [ep for ep in eps if argv and ep.name == argv[0]]
+    for ep in wanted or eps:
+        ep.load()(root)
 
 
 def main() -> None:
     """Console-script entry point."""
-    _register()
+    register_commands(app, sys.argv[1:])
     app()
 
 

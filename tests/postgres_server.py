@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from shared_model.procs import free_port
+from shared_model.processes import free_port
 
 
 class PostgresUnavailable(RuntimeError):

@@ -198,8 +198,7 @@ def test_ca_certificate_is_public_and_absent_without_tls(env, tmp_path):
 
 
 def test_signed_node_report_reaches_the_event_log(env, tmp_path):
-    from coordinator.node_reports import report_payload, sign_report
-    from coordinator.security import make_node_key
+    from shared_model.identity import make_node_key, report_payload, sign_report
 
     _f, client, op, _ro, _feed = env
     key, public = make_node_key(tmp_path / "node_key")

@@ -15,18 +15,17 @@ from pathlib import Path
 import grpc
 import pytest
 
+from coordinator.blob_server import BlobServer, TlsConfig
 from shared_model.blobs import (
     BlobClient,
     BlobCorrupt,
     BlobNotFound,
-    BlobServer,
     BlobStore,
     BlobUnavailable,
     HashMismatch,
     InvalidRequest,
     QuotaExceeded,
     ScopeDenied,
-    TlsConfig,
     TokenError,
     issue_token,
     sha256_hex,

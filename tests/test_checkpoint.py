@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared_model.checkpoint import (
+from coordinator.central.checkpoint import (
     CheckpointError,
     check_compatible,
     load_checkpoint,

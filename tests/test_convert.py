@@ -7,8 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from shared_model.convert import run_convert  # noqa: E402
-from shared_model.convert_map import (  # noqa: E402
+from coordinator.central.convert import run_convert  # noqa: E402
+from coordinator.central.convert_map import (  # noqa: E402
     ConvertError,
     config_from_mixtral,
     grow_experts,
@@ -16,8 +16,8 @@ from shared_model.convert_map import (  # noqa: E402
     mixtral_experts,
     with_experts,
 )
+from coordinator.central.evaluation.loading import load_model  # noqa: E402
 from shared_model.data import prepare_corpus  # noqa: E402
-from shared_model.evaluation.loading import load_model  # noqa: E402
 from shared_model.model import PerspectiveModel  # noqa: E402
 from shared_model.ternary import ternary_round  # noqa: E402
 

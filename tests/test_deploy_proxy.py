@@ -22,7 +22,7 @@ from coordinator.flower.superlink import SuperLinkProcess, TLSFiles
 from coordinator.security import make_tls
 from participant.flower.supernode import SuperNodeProcess
 from participant.flower.worker import FlowerWorker
-from shared_model.procs import ManagedProcess, free_port
+from shared_model.processes import ManagedProcess, free_port
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 pytestmark = [

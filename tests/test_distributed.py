@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared_model.checkpoint import CheckpointError, load_checkpoint
-from shared_model.config import load_config
-from shared_model.data import prepare_corpus
-from shared_model.parallel.checkpointing import (
+from coordinator.central.checkpoint import CheckpointError, load_checkpoint
+from coordinator.central.parallel.checkpointing import (
     dcp_to_safetensors,
     read_meta,
     safetensors_to_dcp,
 )
-from shared_model.parallel.distributed import free_port
-from shared_model.trainer import train_stage
+from coordinator.central.parallel.distributed import free_port
+from coordinator.central.trainer import train_stage
+from shared_model.config import load_config
+from shared_model.data import prepare_corpus
 
 torch.set_num_threads(1)
 
@@ -71,7 +71,7 @@ def _torchrun(nproc, stage, out, data_dir, *extra) -> list[float]:
     Path(out).mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-        f"--master-port={free_port()}", "-m", "shared_model.parallel.train_dist",
+        f"--master-port={free_port()}", "-m", "coordinator.central.parallel.train_dist",
         "--stage", str(stage), "--out", str(out), "--device", "cpu",
         "--data-dir", str(data_dir), "--max-bytes", str(MAX_BYTES),
         "--losses-json", str(losses), *extra,

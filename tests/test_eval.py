@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from shared_model.checkpoint import save_checkpoint
+from coordinator.central.checkpoint import save_checkpoint
+from coordinator.central.evaluation import lm as lm_mod
+from coordinator.central.evaluation.lm import EvalError, PerspectiveLM
+from coordinator.central.evaluation.report import run_eval
+from coordinator.central.evaluation.tasks import extract_number, read_jsonl, run_multiple_choice
 from shared_model.config import load_config
 from shared_model.data import prepare_corpus
-from shared_model.evaluation import lm as lm_mod
-from shared_model.evaluation.lm import EvalError, PerspectiveLM
-from shared_model.evaluation.report import run_eval
-from shared_model.evaluation.tasks import extract_number, read_jsonl, run_multiple_choice
 from shared_model.model import PerspectiveModel
 
 torch.set_num_threads(1)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from coordinator.central.parallel.distributed import DistributedError, free_port
+from coordinator.central.parallel.expert_parallel import experts_per_rank, local_experts
 from shared_model.moe import MoEFFN
-from shared_model.parallel.distributed import DistributedError, free_port
-from shared_model.parallel.expert_parallel import experts_per_rank, local_experts
 
 DIM, HIDDEN, E, N = 16, 24, 4, 40
 
@@ -28,7 +28,7 @@ def _reference(seed: int):
 def _worker(rank: int, world: int, port: int, results) -> None:
     import torch.distributed as dist
 
-    from shared_model.parallel.expert_parallel import ExpertParallelMoE
+    from coordinator.central.parallel.expert_parallel import ExpertParallelMoE
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -22,9 +22,9 @@ import time
 
 import pytest
 
+from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.federation import FederationSettings
 from coordinator.local_network import LocalNetwork
-from coordinator.network import Coordinator, StageBudget
 from tests.conftest import ARTIFACTS, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from coordinator.central.checkpoint import load_checkpoint, save_checkpoint
+from coordinator.central.manifold_stage import layout_experts, run_manifold
+from coordinator.central.trd import TrdError, apply_trd, read_trd, ternary_experts, verify_trd_set
 from shared_model import manifold as mf
-from shared_model.checkpoint import load_checkpoint, save_checkpoint
 from shared_model.config import load_config
 from shared_model.data import prepare_corpus
-from shared_model.manifold_stage import layout_experts, run_manifold
 from shared_model.model import PerspectiveModel
-from shared_model.trd import TrdError, apply_trd, read_trd, ternary_experts, verify_trd_set
 
 torch.set_num_threads(1)
 

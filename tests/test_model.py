@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from coordinator.central.generate import generate
+from coordinator.plan.params import count_params
 from shared_model.config import load_config
-from shared_model.generate import generate
 from shared_model.model import (
     InferenceCache,
     ModelError,
@@ -16,7 +17,6 @@ from shared_model.model import (
     is_expert_param,
 )
 from shared_model.pdr import PDR, pdr_chunked, pdr_recurrent
-from shared_model.plan.params import count_params
 
 torch.set_num_threads(1)
 
@@ -250,7 +250,7 @@ def test_tiny_model_overfits_one_batch(cfg):
 def test_generate_cli(tmp_path, cfg):
     from typer.testing import CliRunner
 
-    from shared_model.checkpoint import save_checkpoint
+    from coordinator.central.checkpoint import save_checkpoint
     from shared_model.cli import _register, app
     from shared_model.tokenizer import train_tokenizer
 

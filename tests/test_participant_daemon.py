@@ -23,7 +23,7 @@ from participant.hardware import detect
 from participant.limits import Limits, LimitsError, TokenBucket
 from participant.status import read_status
 from shared_model.blobs import BlobStore
-from shared_model.procs import free_port
+from shared_model.processes import free_port
 from shared_model.wire.perspective.v1 import control_pb2
 
 COLLECT = control_pb2.ControlRequest(collect=True).SerializeToString()

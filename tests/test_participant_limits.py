@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from coordinator.blob_server import BlobServer, TlsConfig
 from coordinator.security import make_tls
 from participant.daemon import DaemonConfig, ParticipantDaemon
 from participant.hardware import detect
@@ -30,9 +31,9 @@ from participant.limits import Limits, LimitsError
 from participant.progress import ProgressWriter, read_progress
 from participant.runtime import ParticipantRuntime, WorkerConfigError, load_ca_file
 from participant.status import read_status, render_status
-from shared_model.blobs import BlobServer, BlobStore, BlobUnavailable, TlsConfig, issue_token
+from shared_model.blobs import BlobStore, BlobUnavailable, issue_token
 from shared_model.config import load_config
-from shared_model.procs import free_port
+from shared_model.processes import free_port
 from shared_model.wire.perspective.v1 import control_pb2
 
 KEY = b"participant-limits-test-key-0123"

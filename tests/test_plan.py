@@ -7,22 +7,22 @@ from pathlib import Path
 
 import pytest
 import typer
+from shared_model.commands import plan as plan_cmd
 from typer.testing import CliRunner
 
-from shared_model.commands import plan as plan_cmd
-from shared_model.config import load_config
-from shared_model.plan.compute import STAGES, PlanSettings, build_plan, stage_flops_per_token
-from shared_model.plan.errata import BEGIN, END, errata_block
-from shared_model.plan.hardware import GPUS, PlanError, gpu_spec
-from shared_model.plan.memory import MemoryLayout, estimate_memory, fit_options
-from shared_model.plan.params import count_params
-from shared_model.plan.seed import (
+from coordinator.plan.compute import STAGES, PlanSettings, build_plan, stage_flops_per_token
+from coordinator.plan.errata import BEGIN, END, errata_block
+from coordinator.plan.hardware import GPUS, PlanError, gpu_spec
+from coordinator.plan.memory import MemoryLayout, estimate_memory, fit_options
+from coordinator.plan.params import count_params
+from coordinator.plan.seed import (
     compare,
     round_sig,
     s44_memory_bytes,
     seed_plan,
     stage1_rate_check,
 )
+from shared_model.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = load_config("full")
@@ -65,7 +65,7 @@ def test_counts_equal_real_model(preset):
 
 def test_pdr_chunk_constant_matches_model():
     pdr = pytest.importorskip("shared_model.pdr")
-    from shared_model.plan.compute import PDR_MAX_CHUNK
+    from coordinator.plan.compute import PDR_MAX_CHUNK
 
     assert pdr.MAX_STABLE_CHUNK == PDR_MAX_CHUNK
 

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from coordinator.central.checkpoint import save_checkpoint
+from coordinator.coordinator_process import Coordinator
 from coordinator.db import doc_routing
 from coordinator.db import events as db_events
 from coordinator.db import participants as db_participants
 from coordinator.evaluation import ColumnAssignment
 from coordinator.federation import FederationSettings
-from coordinator.network import Coordinator
 from coordinator.rescoring import (
     DocumentLossTable,
     Rescoring,
@@ -30,7 +31,6 @@ from coordinator.rescoring import (
 from coordinator.routing import CentroidRouter
 from participant.scoring import scoring_sequence
 from participant.unit_trainer import BlobIO, UnitTrainer
-from shared_model.checkpoint import save_checkpoint
 from shared_model.model import PerspectiveModel
 from shared_model.wire.perspective.v1 import tensor_pb2
 from tests.test_federation_intake import NODE, corpus, make_loop  # noqa: F401 (fixture)

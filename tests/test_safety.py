@@ -7,11 +7,8 @@ import json
 import pytest
 import torch
 
-from shared_model.checkpoint import save_checkpoint
-from shared_model.config import load_config
-from shared_model.data import prepare_corpus
-from shared_model.model import PerspectiveModel
-from shared_model.safety import (
+from coordinator.central.checkpoint import save_checkpoint
+from coordinator.central.safety import (
     SafetyError,
     SafetyPolytope,
     calibrate_eps,
@@ -19,7 +16,10 @@ from shared_model.safety import (
     read_prompts,
     read_words,
 )
-from shared_model.safety_stage import guarded_generate, run_spp
+from coordinator.central.safety_stage import guarded_generate, run_spp
+from shared_model.config import load_config
+from shared_model.data import prepare_corpus
+from shared_model.model import PerspectiveModel
 
 torch.set_num_threads(1)
 
@@ -46,7 +46,11 @@ def spp_run(cfg, corpus, tmp_path_factory):
 def test_shipped_sets_are_nonempty_and_well_formed():
     assert len(read_words()) >= 4000
     assert (
-        len(read_prompts(__import__("shared_model.safety").safety.asset_path("redteam.jsonl")))
+        len(
+            read_prompts(
+                __import__("coordinator.central.safety").safety.asset_path("redteam.jsonl")
+            )
+        )
         >= 50
     )
 

@@ -37,7 +37,7 @@ import pytest
 import sqlalchemy
 
 from coordinator.flower.superlink import SuperLinkProcess, TLSFiles
-from shared_model.procs import ManagedProcess, free_port
+from shared_model.processes import ManagedProcess, free_port
 from tests.conftest import wait_for
 from tests.postgres_server import PostgresUnavailable, postgres_server
 from tests.test_deploy_proxy import NGINX, render_nginx

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from coordinator.central.checkpoint import load_checkpoint
+from coordinator.central.stages import StageError
 from coordinator.db.engine import init_db, make_session_factory, sqlite_url, transaction
 from coordinator.db.stage_jobs import list_stage_jobs
 from coordinator.stage_jobs import StageJobError, get_stage, registered_stages, run_stage_job
-from shared_model.checkpoint import load_checkpoint
 from shared_model.config import load_config
 from shared_model.data import prepare_corpus
-from shared_model.stages import StageError
 
 MAX_BYTES = 600_000
 TRAIN = {

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from shared_model.checkpoint import load_checkpoint
+from coordinator.central.checkpoint import load_checkpoint
+from coordinator.central.stages import StageError
+from coordinator.central.trainer import evaluate, train_stage
 from shared_model.config import load_config
 from shared_model.data import prepare_corpus
 from shared_model.schedule import lr_at, ternary_fraction_at
-from shared_model.stages import StageError
-from shared_model.trainer import evaluate, train_stage
 
 torch.set_num_threads(1)
 

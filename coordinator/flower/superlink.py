@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared_model.procs import (
+from shared_model.processes import (
     FLOWER_QUIET_ENV,
     ManagedProcess,
     console_script,

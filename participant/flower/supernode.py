@@ -15,10 +15,13 @@ about registration with the SuperLink — the coordinator sees the node in
 from __future__ import annotations
 
 import json
+import signal
+import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from shared_model.procs import (
+from shared_model.processes import (
     FLOWER_QUIET_ENV,
     ManagedProcess,
     console_script,
@@ -131,3 +134,53 @@ class SuperNodeProcess(ManagedProcess):
         if self.superexec_secret_file is None:
             return None
         return Path(self.superexec_secret_file).read_bytes()
+
+
+def run_local_participant(
+    superlink: str,
+    base_dir: Path,
+    index: int,
+    *,
+    preset: str,
+    config: Path | None,
+    threads: int,
+    max_columns: int,
+) -> None:
+    """Run a SuperNode and a ``participant worker`` attached to it until SIGTERM/SIGINT.
+
+    The process behind ``perspective participant local``: the laptop network of
+    ``perspective demo`` starts one per participant (insecure, loopback only), so the
+    coordinator side never imports participant code.
+    """
+    base = Path(base_dir)
+    secret = write_secret_file(base / "superexec.secret")
+    node = SuperNodeProcess(
+        base / "supernode", superlink, node_config={"participant": index},
+        superexec_secret_file=secret,
+    )  # fmt: skip
+    argv = [
+        sys.executable, "-m", "shared_model.cli", "participant", "worker",
+        "--runtime-address", node.runtime_address, "--state-dir", str(base / "state"),
+        "--preset", preset, "--superexec-secret-file", str(secret),
+        "--threads", str(threads), "--max-columns", str(max_columns),
+    ]  # fmt: skip
+    if config is not None:
+        argv += ["--config", str(config)]
+    worker = ManagedProcess(
+        f"worker-{index}", argv, FLOWER_QUIET_ENV, base / "worker.log", health_url=None
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        node.start()
+        node.wait_until_ready(timeout=120)
+        worker.start()
+        # Tells whoever started us (LocalNetwork) that the Runtime API is up.
+        (base / "ready").write_text(node.runtime_address)
+        # Either child dying ends the participant: the network's owner sees it exit.
+        while not stop.wait(0.5) and node.is_alive() and worker.is_alive():
+            pass
+    finally:
+        worker.shutdown(timeout=5)
+        node.shutdown(timeout=5)

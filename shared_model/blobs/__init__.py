@@ -31,7 +31,6 @@ __all__ = [
     "BlobError",
     "BlobInfo",
     "BlobNotFound",
-    "BlobServer",
     "BlobStore",
     "BlobUnavailable",
     "BlobWriter",
@@ -42,7 +41,6 @@ __all__ = [
     "InvalidRequest",
     "QuotaExceeded",
     "ScopeDenied",
-    "TlsConfig",
     "TokenError",
     "TokenExpired",
     "TokenForged",
@@ -61,8 +59,4 @@ def __getattr__(name: str) -> object:
         from shared_model.blobs.client import BlobClient
 
         return BlobClient
-    if name in ("BlobServer", "TlsConfig"):
-        from shared_model.blobs import server
-
-        return getattr(server, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

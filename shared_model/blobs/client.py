@@ -20,6 +20,7 @@ from typing import Protocol
 
 import grpc
 
+from shared_model.blobs.channel import CHUNK_SIZE, GRPC_OPTIONS
 from shared_model.blobs.errors import (
     BlobCorrupt,
     BlobError,
@@ -31,7 +32,6 @@ from shared_model.blobs.errors import (
     ScopeDenied,
     TokenError,
 )
-from shared_model.blobs.server import CHUNK_SIZE, GRPC_OPTIONS
 from shared_model.blobs.store import BlobStore, check_content_id, sha256_file, sha256_hex
 from shared_model.wire.perspective.v1 import blobs_pb2, blobs_pb2_grpc
 
@@ -105,7 +105,7 @@ class _MemorySink:
 
 
 class BlobClient:
-    """Fetch and upload blobs from a :class:`~shared_model.blobs.server.BlobServer`.
+    """Fetch and upload blobs from a :class:`~coordinator.blob_server.BlobServer`.
 
     Args:
         address: ``host:port`` of the blob service.

@@ -1,0 +1,154 @@
+"""What each centralised training stage builds and optimises (DESIGN §2, stages 1-4).
+
+* stage 1, dense seed: dense model, loss = LM.
+* stage 2, expert init: dense checkpoint → MoE model whose experts clone FFN bank
+  ``i mod n_gqa`` (:func:`shared_model.moe.init_experts_from_dense`); no training.
+* stage 3, expert differentiation: MoE model, loss = LM + α·balance + β·diversity with
+  α = ``moe.balance_alpha``, β = ``moe.diversity_beta``.
+* stage 4, ternary distillation: MoE model whose expert weights go through progressive
+  ternary STE (``ternary.schedule`` spread over the steps); loss =
+  ``kd_loss(student, teacher, targets, ternary.kd_weight)`` against a frozen
+  full-precision teacher (the stage-3 model the stage starts from).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from coordinator.central.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_compatible,
+    load_checkpoint,
+)
+from shared_model.config import PerspectiveConfig
+from shared_model.losses import diversity_loss, kd_loss
+from shared_model.model import PerspectiveModel
+from shared_model.moe import EXPERT_WEIGHTS
+
+STAGES = (1, 2, 3, 4)
+# Which stage's checkpoints each stage may start from (same stage = resume).
+_VALID_INIT = {1: (1,), 2: (1,), 3: (2, 3), 4: (3, 4)}
+
+
+class StageError(ValueError):
+    """A stage was asked for with an unusable initial checkpoint or arguments."""
+
+
+@dataclass
+class StageSetup:
+    """Model(s) for a stage, and the checkpoint to resume from (same-stage init)."""
+
+    model: PerspectiveModel
+    teacher: PerspectiveModel | None
+    resume: Checkpoint | None
+    teacher_path: str | None = None
+
+
+def _load_model(cfg: PerspectiveConfig, ckpt: Checkpoint, moe: bool) -> PerspectiveModel:
+    model = PerspectiveModel(cfg, moe=moe)
+    check_compatible(ckpt, model)
+    model.load_state_dict(ckpt.model_state)
+    return model
+
+
+def _check_init(stage: int, init: Checkpoint | None, cfg: PerspectiveConfig) -> None:
+    if stage not in STAGES:
+        raise StageError(f"stage {stage} is invalid: allowed {', '.join(map(str, STAGES))}")
+    if init is None:
+        if stage != 1:
+            raise StageError(
+                f"stage {stage} needs --init: a stage-{_VALID_INIT[stage][0]} checkpoint"
+            )
+        return
+    if init.stage not in _VALID_INIT[stage]:
+        allowed = " or ".join(str(s) for s in _VALID_INIT[stage])
+        raise StageError(
+            f"stage {stage} cannot start from a stage-{init.stage} checkpoint: "
+            f"give a stage-{allowed} checkpoint"
+        )
+    if init.cfg.model != cfg.model:
+        raise CheckpointError(
+            "checkpoint model config differs from the requested one; use the same preset "
+            "and model.* overrides the checkpoint was trained with"
+        )
+
+
+def setup_stage(cfg: PerspectiveConfig, stage: int, init: str | None) -> StageSetup:
+    """Build the model (and teacher) for ``stage`` from an optional checkpoint path.
+
+    Raises:
+        StageError: wrong stage or init checkpoint of the wrong stage.
+        CheckpointError: unreadable checkpoint or a model-config mismatch.
+    """
+    ckpt = load_checkpoint(init) if init is not None else None
+    _check_init(stage, ckpt, cfg)
+    if stage == 1:
+        if ckpt is None:
+            return StageSetup(PerspectiveModel(cfg, moe=False), None, None)
+        return StageSetup(_load_model(cfg, ckpt, moe=False), None, ckpt)
+    if stage == 2:
+        dense = _load_model(cfg, ckpt, moe=False)
+        return StageSetup(dense.to_moe(), None, None)
+    model = _load_model(cfg, ckpt, moe=True)
+    resume = ckpt if ckpt.stage == stage else None
+    if stage == 3:
+        return StageSetup(model, None, resume)
+    teacher_path = init if resume is None else ckpt.meta["extra"].get("teacher")
+    if teacher_path is None:
+        raise CheckpointError("stage-4 checkpoint does not name its teacher checkpoint")
+    teacher = model if resume is None else _load_model(cfg, load_checkpoint(teacher_path), True)
+    teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+    return StageSetup(model, teacher, resume, str(teacher_path))
+
+
+def expert_diversity(model: PerspectiveModel) -> Tensor:
+    """Mean over PDR layers of :func:`diversity_loss` of the layer's flattened experts."""
+    terms = []
+    for i in model.cfg.model.pdr_layers():
+        experts = model.layers[i].ffn.experts.values()
+        flat = [
+            torch.cat([getattr(e, w).weight.reshape(-1) for w in EXPERT_WEIGHTS]) for e in experts
+        ]
+        terms.append(diversity_loss(flat))
+    return torch.stack(terms).mean()
+
+
+def compute_loss(
+    stage: int,
+    model: PerspectiveModel,
+    x: Tensor,
+    y: Tensor,
+    teacher: PerspectiveModel | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Training loss of one batch for ``stage`` and a dict of its parts (detached tensors).
+
+    Args:
+        stage: 1, 3 or 4.
+        model: the model being trained (ternary fraction already set for stage 4).
+        x, y: inputs and next-token targets ``[B, T]``.
+        teacher: stage 4 only, the frozen full-precision model.
+    """
+    cfg = model.cfg
+    if stage == 4:
+        if teacher is None:
+            raise StageError("stage 4 needs a teacher model")
+        out = model(x)
+        with torch.no_grad():
+            t_logits = teacher(x).logits
+        loss = kd_loss(out.logits, t_logits, y, cfg.ternary.kd_weight)
+        return loss, {"loss": loss.detach()}
+    out = model(x, targets=y)
+    parts = {"lm": out.loss.detach()}
+    loss = out.loss
+    if stage == 3:
+        balance = out.aux["balance_loss"]
+        diversity = expert_diversity(model)
+        loss = loss + cfg.moe.balance_alpha * balance + cfg.moe.diversity_beta * diversity
+        parts.update(balance=balance.detach(), diversity=diversity.detach())
+    parts["loss"] = loss.detach()
+    return loss, parts

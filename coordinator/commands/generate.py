@@ -1,0 +1,75 @@
+"""``perspective generate``: sample text from a checkpoint with incremental decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def generate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint (.safetensors)."),
+    prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate."),
+    temperature: float = typer.Option(0.8, "--temperature", help="0 = greedy."),
+    top_k: int | None = typer.Option(50, "--top-k", help="Sample among the k best tokens."),
+    column: int | None = typer.Option(
+        None, "--column", help="MoE only: route every token through this expert column."
+    ),
+    tokenizer: Path | None = typer.Option(
+        None, "--tokenizer", help="tokenizer.json (default: the prepared stdlib corpus's)."
+    ),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Prepared-corpus cache."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+) -> None:
+    """Continue PROMPT with a trained model (dense or MoE, FP or ternary-trained)."""
+    import torch
+
+    from coordinator.central.checkpoint import CheckpointError, load_checkpoint, restore
+    from coordinator.central.generate import generate as run_generate
+    from shared_model import tokenizer as tk
+    from shared_model.model import ModelError, PerspectiveModel
+    from shared_model.shards import DataError
+
+    try:
+        ckpt = load_checkpoint(checkpoint)
+        moe = any(k.endswith("ffn.router.weight") for k in ckpt.model_state)
+        model = PerspectiveModel(ckpt.cfg, moe=moe)
+        restore(ckpt, model, rng=False)
+        model.eval()
+        tok = _tokenizer(tokenizer, data_dir, ckpt.cfg.model.vocab_size)
+        ids = tok.encode(prompt, add_special_tokens=False).ids
+        if not ids:
+            _fail("the prompt encodes to no tokens; give some text")
+        columns = None
+        if column is not None:
+            if not moe:
+                _fail("--column needs a MoE checkpoint (stage 2 or later)")
+            columns = torch.tensor([column])
+        gen = torch.Generator().manual_seed(seed)
+        out = run_generate(
+            model, torch.tensor([ids]), max_new_tokens, temperature, top_k, True, columns, gen
+        )
+    except (CheckpointError, ModelError, tk.TokenizerError, DataError) as exc:
+        _fail(str(exc))
+    typer.echo(tok.decode(out[0].tolist()))
+
+
+def _tokenizer(path: Path | None, data_dir: Path | None, vocab_size: int):
+    from shared_model import tokenizer as tk
+
+    if path is not None:
+        return tk.load_tokenizer(path, vocab_size)
+    from shared_model.data import prepare_corpus
+
+    return prepare_corpus("stdlib", vocab_size, data_dir=data_dir).tokenizer()
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``generate`` command."""
+    app.command("generate")(generate)

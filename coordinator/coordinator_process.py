@@ -1,0 +1,251 @@
+"""The coordinator process: database, blob store and service, stage set-up, federation.
+
+:class:`Coordinator` owns what one coordinator host runs (DESIGN §5): the SQLAlchemy
+database, the content-addressed blob store served by the gRPC blob service, and the
+federated stages, which it drives through a Flower driver. It is used by
+``perspective coordinator serve`` and by ``perspective demo``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.blob_server import BlobServer, TlsConfig
+from coordinator.central.checkpoint import load_checkpoint
+from coordinator.db import init_db, make_session_factory
+from coordinator.db import versions as db_versions
+from coordinator.evaluation import ColumnAssignment, initial_assignment
+from coordinator.federation import FederationLoop, FederationSettings, LoopStats
+from coordinator.leasing import UnitFactory
+from coordinator.rescoring import restore_labels
+from coordinator.state import CoordinatorState
+from shared_model.blobs import BlobStore
+from shared_model.config import PerspectiveConfig
+from shared_model.data import PreparedCorpus
+from shared_model.model import PerspectiveModel
+from shared_model.processes import write_secret_file
+from shared_model.wire.perspective.v1 import tensor_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageBudget:
+    """When a federated stage ends: whichever of tokens or minutes comes first."""
+
+    tokens: int | None = None
+    minutes: float | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def progress(self, stats: LoopStats) -> float:
+        """Fraction of the budget used, in [0, 1+]."""
+        parts = []
+        if self.tokens:
+            parts.append(stats.tokens / self.tokens)
+        if self.minutes:
+            parts.append((time.monotonic() - self.started) / (60 * self.minutes))
+        return max(parts) if parts else 0.0
+
+
+class Coordinator:
+    """Database + blob service + federated stages of one coordinator."""
+
+    def __init__(
+        self,
+        cfg: PerspectiveConfig,
+        work_dir: str | Path,
+        corpus: PreparedCorpus,
+        *,
+        db_url: str | None = None,
+        blob_host: str = "127.0.0.1",
+        blob_port: int = 0,
+        blob_tls: TlsConfig | None = None,
+        blob_public_host: str | None = None,
+        token_key: bytes | None = None,
+    ) -> None:
+        """Open the database and blob store (nothing listens before :meth:`start`).
+
+        Args:
+            cfg: Model/training configuration (must match the participants').
+            work_dir: Blob store, state checkpoint and (default) SQLite database.
+            corpus: Prepared training corpus (shards are published as blobs).
+            db_url: SQLAlchemy URL (SQLite or PostgreSQL); default ``work_dir/coordinator.db``.
+            blob_host: Interface the blob service binds.
+            blob_port: Its port (0: any free port).
+            blob_tls: Certificate and key of the blob service (``None``: plain, loopback).
+            blob_public_host: Host name participants dial for blobs (must be in the
+                certificate); default: ``blob_host``.
+            token_key: Key signing blob capability tokens; default ``work_dir/token.key``.
+        """
+        self.cfg, self.corpus = cfg, corpus
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.db_url = db_url or f"sqlite:///{self.work_dir / 'coordinator.db'}"
+        self.engine = init_db(self.db_url)
+        self.session_factory = make_session_factory(self.engine)
+        self.store = BlobStore(self.work_dir / "blobs")
+        self.token_key = token_key or write_secret_file(self.work_dir / "token.key").read_bytes()
+        self.blob_server = BlobServer(
+            self.store, self.token_key, host=blob_host, port=blob_port, tls=blob_tls
+        )
+        self.blob_public_host = blob_public_host
+        self.api = None
+        self.state: CoordinatorState | None = None
+        self.assignment: ColumnAssignment | None = None
+        self.loop: FederationLoop | None = None
+
+    def start(self) -> None:
+        """Start the blob service."""
+        self.blob_server.start()
+        self.blob_server.wait_until_ready()
+
+    @property
+    def blob_address(self) -> str:
+        """``host:port`` participants dial for blobs (after :meth:`start`)."""
+        if self.blob_public_host is None:
+            return self.blob_server.address
+        return f"{self.blob_public_host}:{self.blob_server.port}"
+
+    def start_api(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        ca_cert: Path | None = None,
+        fleet_address: str | None = None,
+        ssl_files: tuple[Path, Path] | None = None,
+    ) -> str:
+        """Serve the REST API and dashboard on the same database; returns its URL.
+
+        Args:
+            host: Interface to bind.
+            port: Port (0: any free port).
+            ca_cert: The network's CA, handed to enrolling volunteers.
+            fleet_address: Public Fleet API address handed to enrolling volunteers.
+            ssl_files: ``(certificate, key)`` to serve HTTPS; ``None``: plain HTTP.
+        """
+        from coordinator.api import ApiSettings, create_app
+        from coordinator.serve_api import ApiServer
+
+        settings = ApiSettings(
+            blob_root=self.store.root, ca_cert_path=ca_cert, fleet_address=fleet_address
+        )
+        cert, key = ssl_files or (None, None)
+        app = create_app(self.session_factory, settings)
+        self.api = ApiServer(app, host=host, port=port, ssl_certfile=cert, ssl_keyfile=key)
+        self.api.start()
+        self.api.wait_until_ready()
+        return self.api.url
+
+    def shutdown(self) -> None:
+        """Stop the API, the blob service and release the database."""
+        if self.api is not None:
+            self.api.shutdown()
+        self.blob_server.shutdown()
+        self.engine.dispose()
+
+    # --- stages ------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        moe_checkpoint: str | Path,
+        *,
+        buffer_size: int,
+        codec: str,
+        outer_lr: float = 1.0,
+        outer_momentum: float = 0.0,
+    ) -> None:
+        """Load the stage-2 (or later) MoE checkpoint, shards and the initial routing."""
+        ckpt = load_checkpoint(moe_checkpoint)
+        model = PerspectiveModel(self.cfg, moe=True)
+        model.load_state_dict(ckpt.model_state, strict=True)
+        train = self.corpus.dataset("train")
+        self.val = self.corpus.dataset("val")
+        n = self.cfg.moe.n_experts
+        self.assignment = initial_assignment(model, train, n, seed=self.cfg.train.seed)
+        with self.session_factory() as s:  # a restart continues with the re-scored routing
+            epoch = restore_labels(s, self.assignment)
+        if epoch is not None:
+            log.info("document routing: re-scored epoch %d restored", epoch)
+        self.shards = [self._put_file(p) for p in self._shard_files("train")]
+        state_path = self.work_dir / "state.safetensors"
+        self.state = CoordinatorState(
+            self.cfg,
+            model,
+            self.store,
+            codec=codec,
+            buffer_size=buffer_size,
+            outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
+        )
+        if state_path.exists():
+            self.state.load(state_path)
+        self._record_initial_version()
+
+    def _record_initial_version(self) -> None:
+        """Version 0 (the stage-2 weights) exists in the database before any unit is leased."""
+        with self.session_factory.begin() as s:
+            if db_versions.lock_latest_version(s) is not None:
+                return
+            ckpt = self.state.checkpoints[0].content_id
+            db_versions.publish_version(
+                s, parent=None, checksum=ckpt, checkpoint_id=ckpt, stage="stage2", metrics={}
+            )
+
+    def _shard_files(self, split: str) -> list[Path]:
+        return [
+            self.corpus.root / "shards" / f"{cid}.shard" for cid in self.corpus.shard_ids(split)
+        ]
+
+    def _put_file(self, path: Path) -> tensor_pb2.BlobRef:
+        cid = self.store.put_file(path)
+        return tensor_pb2.BlobRef(content_id=cid, size=path.stat().st_size)
+
+    def federated_stage(
+        self, stage: int, driver, budget: StageBudget, settings: FederationSettings, units_hint: int
+    ) -> FederationLoop:
+        """Build the loop for a federated stage (3 or 4) on the prepared state."""
+        assert self.state is not None and self.assignment is not None, "call prepare() first"
+        teacher = self.state.teacher_checkpoint() if stage == 4 else None
+        units = UnitFactory(
+            cfg=self.cfg,
+            stage=stage,
+            steps_per_unit=settings.steps_per_unit,
+            docs_per_unit=settings.docs_per_unit,
+            assignment=self.assignment,
+            shards=self.shards,
+            eot_id=self.corpus.eot_id,
+            blob_address=self.blob_address,
+            token_key=self.token_key,
+            lease_seconds=settings.lease_seconds,
+            column_codec=settings.column_codec,
+            shared_codec=settings.shared_codec,
+            teacher=teacher,
+            total_units_hint=max(units_hint, 1),
+        )
+        settings.state_path = settings.state_path or self.work_dir / "state.safetensors"
+        self.loop = FederationLoop(
+            self.state,
+            settings,
+            self.session_factory,
+            driver,
+            units,
+            self.val,
+            self.assignment,
+            budget.progress,
+        )
+        return self.loop
+
+
+def demo_corpus_bytes(preset: str) -> int | None:
+    """How much of the stdlib corpus a preset uses (tiny: a few MB are plenty)."""
+    return 3_000_000 if preset == "tiny" else None
+
+
+def default_columns_per_participant(n_experts: int, n_participants: int) -> int:
+    """Columns each participant should hold so every column is trained."""
+    return max(1, math.ceil(n_experts / max(n_participants, 1)))

@@ -1,0 +1,119 @@
+"""Network traffic of a federated participant (stages 3 and 4, DESIGN §3-§4).
+
+Per shared sync (every ``local_steps`` inner steps) a participant uploads, for each
+column it holds, a compressed delta (``delta_bits`` per parameter; ≈0.34 bits for a 5 %
+trit-flip delta, DESIGN §4) and the shared-layer pseudo-gradient (``shared_bits``; dense
+ternary with error feedback ≈1.5 bits), and downloads the same amount: the new
+version's deltas for its columns and the shared update. Joining costs one download of
+its columns as full ternary (``column_bits`` = 1.6 bits/trit, 5 trits per byte) and
+the shared layers in bf16 (16 bits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from coordinator.plan.hardware import require_positive
+from coordinator.plan.params import ParamCounts
+
+
+@dataclass(frozen=True)
+class CodecBits:
+    """Bits per parameter the codec achieves for each kind of payload."""
+
+    column_bits: float = 1.6
+    delta_bits: float = 0.35
+    shared_bits: float = 1.5
+    shared_initial_bits: float = 16.0
+
+    def validate(self) -> None:
+        """Raise :class:`PlanError` on a non-positive value."""
+        for name in ("column_bits", "delta_bits", "shared_bits", "shared_initial_bits"):
+            require_positive(name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class TrafficEstimate:
+    """Traffic of one participant in one federated stage (bytes, seconds).
+
+    Attributes:
+        columns: columns the participant holds.
+        sync_tokens: tokens it trains between two shared syncs.
+        syncs: shared syncs in the stage (its share of the stage's tokens / sync_tokens).
+        initial_download: bytes to join (columns as ternary + shared bf16).
+        per_sync_up: bytes uploaded per sync.
+        per_sync_down: bytes downloaded per sync.
+        compute_s_per_sync: seconds of training between syncs on its GPU.
+        comm_s_per_sync: seconds to move one sync's bytes at its link speed.
+    """
+
+    columns: int
+    sync_tokens: float
+    syncs: float
+    initial_download: float
+    per_sync_up: float
+    per_sync_down: float
+    compute_s_per_sync: float
+    comm_s_per_sync: float
+
+    @property
+    def per_sync(self) -> float:
+        """Bytes up + down per sync."""
+        return self.per_sync_up + self.per_sync_down
+
+    @property
+    def per_stage(self) -> float:
+        """Bytes over the whole stage, including the initial download."""
+        return self.initial_download + self.syncs * self.per_sync
+
+    @property
+    def comm_fraction(self) -> float:
+        """Share of wall time spent communicating if sync and compute do not overlap."""
+        return self.comm_s_per_sync / (self.comm_s_per_sync + self.compute_s_per_sync)
+
+
+def estimate_traffic(
+    counts: ParamCounts,
+    codec: CodecBits,
+    *,
+    columns: int,
+    stage_tokens: float,
+    participants: int,
+    sync_tokens: float,
+    flops_per_token: float,
+    flops_per_second: float,
+    link_mbps: float,
+) -> TrafficEstimate:
+    """Traffic per participant per sync and per stage.
+
+    Args:
+        counts: parameter counts of the model.
+        codec: bits per parameter of each payload.
+        columns: expert columns the participant holds.
+        stage_tokens: tokens of the whole stage (shared evenly by the participants).
+        participants: number of volunteers.
+        sync_tokens: tokens a participant trains between shared syncs.
+        flops_per_token: training FLOPs per token of the stage.
+        flops_per_second: the participant GPU's sustained FLOP/s (peak × MFU).
+        link_mbps: the participant's link speed, megabits per second; the upload and the
+            download are counted one after the other (no overlap).
+    """
+    codec.validate()
+    for name, value in (("participants", participants), ("sync_tokens", sync_tokens)):
+        require_positive(name, value)
+    require_positive("volunteer_mbps", link_mbps)
+    up = (columns * counts.column * codec.delta_bits + counts.shared * codec.shared_bits) / 8
+    initial = (
+        columns * counts.column * codec.column_bits + counts.shared * codec.shared_initial_bits
+    ) / 8
+    link_bytes_per_s = link_mbps * 1e6 / 8
+    return TrafficEstimate(
+        columns=columns,
+        sync_tokens=float(sync_tokens),
+        syncs=stage_tokens / participants / sync_tokens,
+        initial_download=initial,
+        per_sync_up=up,
+        per_sync_down=up,
+        compute_s_per_sync=sync_tokens * flops_per_token / flops_per_second,
+        comm_s_per_sync=2 * up / link_bytes_per_s,
+    )
