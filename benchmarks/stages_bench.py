@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from coordinator.central import manifold as mf
 from coordinator.central.checkpoint import load_checkpoint, save_checkpoint
 from coordinator.central.trd import encode_trd, ternary_experts
-from shared_model import manifold as mf
 from shared_model.config import load_config
 from shared_model.data import prepare_corpus
 from shared_model.model import PerspectiveModel

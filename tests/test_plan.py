@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import typer
-from shared_model.commands import plan as plan_cmd
 from typer.testing import CliRunner
 
+from coordinator.commands import plan as plan_cmd
 from coordinator.plan.compute import STAGES, PlanSettings, build_plan, stage_flops_per_token
 from coordinator.plan.errata import BEGIN, END, errata_block
 from coordinator.plan.hardware import GPUS, PlanError, gpu_spec

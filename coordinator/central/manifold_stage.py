@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from coordinator.central import manifold as mf
 from coordinator.central.checkpoint import load_checkpoint, save_checkpoint
 from coordinator.central.trainer import EVAL_SEED, evaluate
-from shared_model import manifold as mf
 from shared_model.config import PerspectiveConfig
 from shared_model.model import PerspectiveModel
 
