@@ -8,15 +8,19 @@ import pytest
 import torch
 
 from coordinator.central.checkpoint import save_checkpoint
+from coordinator.central.evaluation.loading import load_model
 from coordinator.central.safety import (
     SafetyError,
     SafetyPolytope,
+    asset_path,
+    block_rate,
     calibrate_eps,
     kmeans,
     read_prompts,
     read_words,
+    text_representations,
 )
-from coordinator.central.safety_stage import guarded_generate, run_spp
+from coordinator.central.safety_stage import guarded_generate, run_spp, split_redteam
 from shared_model.config import load_config
 from shared_model.data import prepare_corpus
 from shared_model.model import PerspectiveModel
@@ -45,23 +49,37 @@ def spp_run(cfg, corpus, tmp_path_factory):
 
 def test_shipped_sets_are_nonempty_and_well_formed():
     assert len(read_words()) >= 4000
-    assert (
-        len(
-            read_prompts(
-                __import__("coordinator.central.safety").safety.asset_path("redteam.jsonl")
-            )
-        )
-        >= 50
-    )
+    assert len(read_prompts(asset_path("redteam.jsonl"))) >= 50
 
 
-def test_spp_blocks_the_target_on_redteam_and_reports_benign_rate(spp_run):
+def test_spp_is_calibrated_on_half_the_redteam_set_and_measured_on_the_other(spp_run, cfg, corpus):
+    """ε comes from the calibration half only; the claimed rate is the held-out half's."""
     out, result = spp_run
-    assert result["redteam_block_rate"] >= result["target_block_rate"] == 0.98
-    assert 0.0 <= result["benign_false_block_rate"] <= 1.0
+    spp = SafetyPolytope.load(out / "spp.safetensors")
+    model, _ = load_model(out / "stage4.safetensors", "cpu")
+    red = read_prompts(asset_path("redteam.jsonl"))
+    scores = spp.score(text_representations(model, corpus.tokenizer(), red, spp.source))
+    calib, held_out = split_redteam(len(red), 0)
+    assert not set(calib.tolist()) & set(held_out.tolist())
+    assert sorted(calib.tolist() + held_out.tolist()) == list(range(len(red)))
+    assert result["redteam_calibration_prompts"] == len(calib) >= 25
+    assert result["eps"] == calibrate_eps(scores[calib], 0.98)
+    assert result["redteam_calibration_block_rate"] >= result["target_block_rate"] == 0.98
+    assert result["redteam_block_rate"] == block_rate(scores[held_out], result["eps"])
+    benign = read_prompts(asset_path("benign.jsonl"))
+    ben = spp.score(text_representations(model, corpus.tokenizer(), benign, spp.source))
+    assert result["benign_false_block_rate"] == block_rate(ben, result["eps"])
     assert result["anchors"] == 200 and result["halfspaces"] == 300
     saved = json.loads((out / "spp.json").read_text())
     assert saved["benign_false_block_rate"] == result["benign_false_block_rate"]
+
+
+def test_the_redteam_split_is_seeded_and_refuses_a_set_too_small():
+    a, b = split_redteam(52, 0)
+    assert len(a) == len(b) == 26
+    assert torch.equal(split_redteam(52, 0)[0], a) and not torch.equal(split_redteam(52, 1)[0], a)
+    with pytest.raises(SafetyError, match="at least 2"):
+        split_redteam(1, 0)
 
 
 def test_polytope_round_trip_and_check(spp_run, cfg):
@@ -131,7 +149,9 @@ def test_spp_runs_as_a_stage_job_and_is_reused(cfg, corpus, tmp_path):
     save_checkpoint(init, PerspectiveModel(cfg, moe=True), cfg, stage=4, step=0)
     first = run_stage_job(factory, "6", cfg, tmp_path / "out", data=corpus, init=init)
     assert first.state == "done" and not first.reused
-    assert first.progress["redteam_block_rate"] >= 0.98
+    (summary_path,) = (tmp_path / "out" / "jobs").glob("*/spp.json")
+    summary = json.loads(summary_path.read_text())
+    assert first.progress["redteam_block_rate"] == summary["redteam_block_rate"]
     assert SafetyPolytope.load(first.output_path).eps == first.progress["eps"]
     again = run_stage_job(factory, "6", cfg, tmp_path / "out", data=corpus, init=init)
     assert again.reused and again.output_id == first.output_id

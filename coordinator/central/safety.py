@@ -34,8 +34,8 @@ class SafetyError(ValueError):
 
 
 def asset_path(name: str) -> Path:
-    """Path of a file shipped in ``shared_model/assets``."""
-    return Path(str(resources.files("shared_model") / "assets" / name))
+    """Path of a file shipped in ``coordinator/central/assets``."""
+    return Path(str(resources.files("coordinator.central") / "assets" / name))
 
 
 def read_words(path: str | Path | None = None, limit: int | None = None) -> list[str]:

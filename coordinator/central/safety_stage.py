@@ -45,6 +45,21 @@ class SppParams:
             raise SafetyError(f"target = {self.target!r} is invalid: allowed 0 < target <= 1")
 
 
+def split_redteam(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the calibration and held-out halves of ``n`` red-team prompts.
+
+    A seeded permutation, so the split is the same for every run with the same seed.
+
+    Raises:
+        SafetyError: Fewer than 2 prompts (nothing could be held out).
+    """
+    if n < 2:
+        raise SafetyError(f"the red-team set has {n} prompt(s); at least 2 are needed")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    half = (n + 1) // 2
+    return order[:half].sort().values, order[half:].sort().values
+
+
 def build_spp(model, tokenizer, p: SppParams) -> tuple[SafetyPolytope, dict[str, Any]]:
     """Build and calibrate a polytope for ``model``; returns it and its report."""
     t0 = time.perf_counter()
@@ -55,10 +70,14 @@ def build_spp(model, tokenizer, p: SppParams) -> tuple[SafetyPolytope, dict[str,
     spp = SafetyPolytope.build(anchors, p.halfspaces, p.source, p.seed)
     red = read_prompts(p.redteam or asset_path("redteam.jsonl"))
     benign = read_prompts(p.benign or asset_path("benign.jsonl"))
+    calib, held_out = split_redteam(len(red), p.seed)
     red_s = spp.score(text_representations(model, tokenizer, red, p.source))
     ben_s = spp.score(text_representations(model, tokenizer, benign, p.source))
     uninflated = {"redteam": block_rate(red_s, 0.0), "benign": block_rate(ben_s, 0.0)}
-    spp.eps = calibrate_eps(red_s, p.target)
+    # ε is calibrated on one half of the red-team set; the block rate we claim is measured
+    # on the other half, which calibration never saw (an in-sample rate meets the target
+    # by construction). Benign prompts are never used for calibration.
+    spp.eps = calibrate_eps(red_s[calib], p.target)
     report = {
         "safe_vocab_size": len(words),
         "anchors": k,
@@ -68,8 +87,12 @@ def build_spp(model, tokenizer, p: SppParams) -> tuple[SafetyPolytope, dict[str,
         "radius": spp.radius,
         "target_block_rate": p.target,
         "redteam_prompts": len(red),
+        "redteam_split_seed": p.seed,
+        "redteam_calibration_prompts": len(calib),
+        "redteam_heldout_prompts": len(held_out),
         "benign_prompts": len(benign),
-        "redteam_block_rate": block_rate(red_s, spp.eps),
+        "redteam_calibration_block_rate": block_rate(red_s[calib], spp.eps),
+        "redteam_block_rate": block_rate(red_s[held_out], spp.eps),
         "benign_false_block_rate": block_rate(ben_s, spp.eps),
         "block_rates_at_eps0": uninflated,
         "safe_words_block_rate": block_rate(spp.score(reps), spp.eps),
