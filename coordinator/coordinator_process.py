@@ -18,10 +18,10 @@ from coordinator.blob_server import BlobServer, TlsConfig
 from coordinator.central.checkpoint import load_checkpoint
 from coordinator.db import init_db, make_session_factory
 from coordinator.db import versions as db_versions
-from coordinator.evaluation import ColumnAssignment, initial_assignment
 from coordinator.federation import FederationLoop, FederationSettings, LoopStats
 from coordinator.leasing import UnitFactory
-from coordinator.rescoring import restore_labels
+from coordinator.routing.assignment import ColumnAssignment, initial_assignment
+from coordinator.routing.rescoring import restore_labels
 from coordinator.state import CoordinatorState
 from shared_model.blobs import BlobStore
 from shared_model.config import PerspectiveConfig

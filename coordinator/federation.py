@@ -31,12 +31,13 @@ from coordinator.db import versions as db_versions
 from coordinator.db.errors import Conflict, NotFound, ParticipantRevoked
 from coordinator.db.leases import get_unit
 from coordinator.db.types import utcnow
-from coordinator.evaluation import ColumnAssignment, column_val_loss
 from coordinator.federation_settings import FederationSettings, LoopStats
 from coordinator.leasing import UnitFactory
-from coordinator.rescoring import Rescoring
+from coordinator.routing.assignment import ColumnAssignment
+from coordinator.routing.rescoring import Rescoring
 from coordinator.scheduler import Scheduler
 from coordinator.state import CoordinatorState
+from coordinator.validation import column_val_loss
 from shared_model.data import DocumentDataset
 from shared_model.wire.perspective.v1 import control_pb2
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.leasing import UnitSizing
-from coordinator.rescoring import check_rescoring
+from coordinator.routing.rescoring import check_rescoring
 
 
 @dataclass
@@ -18,7 +18,7 @@ class FederationSettings:
     ``min/max_steps_per_unit`` (max ``None``: 8 × ``steps_per_unit``) and the lease; see
     :class:`~coordinator.leasing.UnitSizing`, whose ``UnitSizingError`` bad values raise.
 
-    Scoring (:mod:`coordinator.rescoring`, off by default): every ``score_every``-th unit
+    Scoring (:mod:`coordinator.routing.rescoring`, off by default): every ``score_every``-th unit
     leased also reports its documents' losses under each of its columns; every
     ``rescore_every_versions`` versions a document moves to a column whose loss is lower
     by ``rescore_margin`` (relative), within ``rescore_slack`` of the balanced size.

@@ -24,8 +24,9 @@ import numpy as np
 from sqlalchemy.orm import object_session
 
 from coordinator.db.participants import get_participant
-from coordinator.evaluation import ColumnAssignment
 from coordinator.plan.params import count_params
+from coordinator.routing import unit_documents
+from coordinator.routing.assignment import ColumnAssignment
 from shared_model.blobs import issue_token
 from shared_model.config import PerspectiveConfig
 from shared_model.schedule import lr_at, ternary_fraction_at
@@ -194,15 +195,16 @@ class UnitFactory:
         )
 
     def _documents(self, columns: list[int], seed: int) -> list[str]:
+        """About ``docs_per_unit`` documents routed to ``columns``, in their stored form."""
         rng = np.random.default_rng([seed, 17])
         per_column = max(1, math.ceil(self.docs_per_unit / len(columns)))
-        docs = []
+        pairs = []
         for c in columns:
             pool = self.assignment.documents(c)
             if pool:
                 pick = rng.choice(pool, size=min(per_column, len(pool)), replace=False)
-                docs += [f"{c}:{int(d)}" for d in sorted(pick)]
-        return docs
+                pairs += [(c, int(d)) for d in sorted(pick)]
+        return unit_documents.stored(pairs)
 
     def _params(self, progress: float, seed: int) -> dict:
         steps = self.total_units_hint
@@ -225,7 +227,7 @@ class UnitFactory:
             unit_id=unit.unit_id,
             base_version=unit.base_version,
             columns=list(unit.columns),
-            document_ids=list(unit.docs),
+            documents=unit_documents.refs(unit.docs),
             shard_ids=[s.content_id for s in self.shards],
             steps=unit.steps,
             lr=float(params.get("lr", self.cfg.optim.lr)),
@@ -236,7 +238,7 @@ class UnitFactory:
             train_shared=True,
             deadline_unix=int(unit.deadline.timestamp()),
             seed=int(params.get("seed", 0)),
-            score_documents=bool(params.get("score", False)),  # coordinator/rescoring.py
+            score_documents=bool(params.get("score", False)),  # routing/rescoring.py
         )
         quota = self._upload_quota(len(unit.columns))
         work.upload_quota_bytes = quota

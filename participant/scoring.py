@@ -85,7 +85,7 @@ def _chunk_losses(model, batch: torch.Tensor, docs: list[int], column: int):
     targets = batch[:, 1:]
     return [
         federation_pb2.DocumentLoss(
-            document_id=str(doc), column=column, loss=float(lm_loss(logits[i], targets[i]))
+            doc=doc, column=column, loss=float(lm_loss(logits[i], targets[i]))
         )
         for i, doc in enumerate(docs)
     ]

@@ -279,17 +279,14 @@ def model_columns(model: PerspectiveModel) -> list[int]:
 
 
 def _documents_by_column(unit, columns: list[int]) -> dict[int, list[int]]:
-    """Unit document ids are ``"<column>:<doc id>"`` strings."""
+    """The unit's document ids per column (``WorkUnit.documents``), in the unit's order."""
     out: dict[int, list[int]] = {c: [] for c in columns}
-    for item in unit.document_ids:
-        try:
-            col_s, doc_s = item.split(":", 1)
-            col, doc = int(col_s), int(doc_s)
-        except ValueError as exc:
-            raise UnitError(f"document id {item!r} is not '<column>:<doc>'") from exc
-        if col not in out:
-            raise UnitError(f"document {item!r} names column {col}, not one of {columns}")
-        out[col].append(doc)
+    for ref in unit.documents:
+        if ref.column not in out:
+            raise UnitError(
+                f"document {ref.doc} is routed to column {ref.column}, not one of {columns}"
+            )
+        out[ref.column].append(int(ref.doc))
     return out
 
 

@@ -15,9 +15,9 @@ from coordinator.db import init_db, make_session_factory
 from coordinator.db import participants as db_participants
 from coordinator.db.leases import get_unit
 from coordinator.db.models import Result
-from coordinator.evaluation import initial_assignment
 from coordinator.federation import FederationLoop, FederationSettings
 from coordinator.leasing import UnitFactory
+from coordinator.routing.assignment import initial_assignment
 from coordinator.state import CoordinatorState
 from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.blobs import BlobStore
@@ -195,7 +195,7 @@ def test_requeued_unit_keeps_its_steps(tmp_path, corpus):
         loop.scheduler.fail_unit(s, unit_id=unit_id, reason="participant crashed")
     copy_id, copy = loop.lease_request(slow)
     assert copy_id != unit_id and copy.unit.steps == 100  # not re-sized for the slow node
-    assert list(copy.unit.document_ids) == list(req.unit.document_ids)
+    assert list(copy.unit.documents) == list(req.unit.documents)
     with loop.factory() as s:
         assert get_unit(s, unit_id=copy_id).reissued_from == unit_id
 

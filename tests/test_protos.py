@@ -27,6 +27,7 @@ def test_work_unit_and_result_round_trip() -> None:
         base_version=7,
         columns=[3, 5],
         shard_ids=["s0"],
+        documents=[federation_pb2.DocumentRef(column=3, doc=11)],
         steps=100,
         lr=3e-4,
         stage=federation_pb2.STAGE_TERNARY_DISTILLATION,
@@ -39,11 +40,12 @@ def test_work_unit_and_result_round_trip() -> None:
     )
     again = federation_pb2.WorkUnit.FromString(unit.SerializeToString())
     assert again == unit and list(again.columns) == [3, 5]
+    assert [(d.column, d.doc) for d in again.documents] == [(3, 11)]
     result = federation_pb2.WorkResult(
         unit_id="u-1",
         node_id="n",
         column_deltas=[federation_pb2.ColumnDelta(column=3)],
-        document_losses=[federation_pb2.DocumentLoss(document_id="d", loss=2.5)],
+        document_losses=[federation_pb2.DocumentLoss(doc=11, column=3, loss=2.5)],
         shared_update=tensor_pb2.SharedUpdate(norm=1.5),
     )
     assert federation_pb2.WorkResult.FromString(result.SerializeToString()) == result

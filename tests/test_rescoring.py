@@ -18,9 +18,10 @@ from coordinator.coordinator_process import Coordinator
 from coordinator.db import doc_routing
 from coordinator.db import events as db_events
 from coordinator.db import participants as db_participants
-from coordinator.evaluation import ColumnAssignment
 from coordinator.federation import FederationSettings
-from coordinator.rescoring import (
+from coordinator.routing.assign import CentroidRouter
+from coordinator.routing.assignment import ColumnAssignment
+from coordinator.routing.rescoring import (
     DocumentLossTable,
     Rescoring,
     RescoringError,
@@ -28,7 +29,6 @@ from coordinator.rescoring import (
     rescore,
     restore_labels,
 )
-from coordinator.routing import CentroidRouter
 from participant.scoring import scoring_sequence
 from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.model import PerspectiveModel
@@ -129,8 +129,8 @@ def test_scoring_unit_reports_every_document_under_every_column(tmp_path, corpus
     assert req.unit.score_documents
     columns = sorted(req.unit.columns)
     assert len(columns) == 2
-    docs = {item.split(":")[1]: int(item.split(":")[0]) for item in req.unit.document_ids}
-    got = {(e.document_id, e.column): e.loss for e in result.document_losses}
+    docs = {ref.doc: ref.column for ref in req.unit.documents}
+    got = {(e.doc, e.column): e.loss for e in result.document_losses}
     assert set(got) == {(d, c) for d in docs for c in columns}
     assert all(math.isfinite(v) and v > 0 for v in got.values())
     assert result.timings.score_s > 0
@@ -215,7 +215,7 @@ def test_reported_losses_outside_the_unit_are_ignored(tmp_path, corpus):  # noqa
 
 def test_stored_routing_for_another_model_is_refused(tmp_path, corpus):  # noqa: F811
     loop, _ = make_loop(tmp_path, corpus)
-    docs = {str(int(d)): 99 for d in loop.assignment.doc_ids}  # tiny has 8 columns
+    docs = {int(d): 99 for d in loop.assignment.doc_ids}  # tiny has 8 columns
     with loop.factory.begin() as s:
         doc_routing.save_assignment(s, epoch=3, assignment=docs)
     with loop.factory() as s, pytest.raises(RescoringError, match="another configuration"):

@@ -1,11 +1,12 @@
-"""Document routing: balanced assignment, balanced k-means, centroid router."""
+"""Document routing: balanced assignment, balanced k-means, centroid router, unit documents."""
 
 import math
 
 import numpy as np
 import pytest
 
-from coordinator.routing import (
+from coordinator.routing import unit_documents
+from coordinator.routing.assign import (
     CentroidRouter,
     RoutingError,
     balanced_assign,
@@ -58,3 +59,12 @@ def test_centroid_router_fit_keeps_empty_columns_finite():
 def test_bad_inputs_raise_routing_error(cost):
     with pytest.raises(RoutingError):
         balanced_assign(cost)
+
+
+def test_unit_documents_round_trip_between_lease_row_and_wire():
+    stored = unit_documents.stored([(3, 11), (5, 2)])
+    assert stored == ["3:11", "5:2"]  # the form work_units.docs has always held
+    assert unit_documents.pairs(stored) == [(3, 11), (5, 2)]
+    assert [(r.column, r.doc) for r in unit_documents.refs(stored)] == [(3, 11), (5, 2)]
+    with pytest.raises(unit_documents.UnitDocumentsError, match="'<column>:<doc>'"):
+        unit_documents.pairs(["doc-7"])

@@ -3,6 +3,10 @@
 The assignment itself is computed by :mod:`coordinator.routing`; this module stores
 its inputs (losses reported by participants in scoring units) and its outputs (one
 assignment per routing epoch), so routing survives a restart.
+
+Documents are training document ids (integers) here as on the wire; the tables keep them
+in a string column (``doc_id``), converted only in this module. Rows under an id that is
+not a non-negative integer (never written here) are skipped when read.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from coordinator.db.models import DocLoss, DocumentAssignment
 def record_doc_losses(
     session: Session,
     *,
-    losses: Iterable[tuple[str, int, float]],
+    losses: Iterable[tuple[int, int, float]],
     version: int,
     unit_id: str | None = None,
     participant_id: int | None = None,
@@ -31,7 +35,7 @@ def record_doc_losses(
             raise InvalidArgument(f"loss of document {doc_id} column {column} is {loss}")
         session.add(
             DocLoss(
-                doc_id=doc_id,
+                doc_id=str(int(doc_id)),
                 column=int(column),
                 loss=float(loss),
                 version=version,
@@ -44,19 +48,6 @@ def record_doc_losses(
     return count
 
 
-def latest_doc_losses(
-    session: Session, *, doc_ids: Iterable[str] | None = None
-) -> dict[tuple[str, int], float]:
-    """Most recent loss per (document, column), measured on the newest version."""
-    query = select(DocLoss.doc_id, DocLoss.column, DocLoss.loss).order_by(
-        DocLoss.version, DocLoss.id
-    )
-    if doc_ids is not None:
-        query = query.where(DocLoss.doc_id.in_(list(doc_ids)))
-    # Later rows overwrite earlier ones: the dict keeps the newest measurement.
-    return {(doc, col): loss for doc, col, loss in session.execute(query)}
-
-
 def latest_epoch(session: Session) -> int | None:
     """The newest routing epoch, or ``None`` if documents were never assigned."""
     return session.scalar(select(func.max(DocumentAssignment.epoch)))
@@ -66,8 +57,8 @@ def save_assignment(
     session: Session,
     *,
     epoch: int,
-    assignment: Mapping[str, int],
-    scores: Mapping[str, float] | None = None,
+    assignment: Mapping[int, int],
+    scores: Mapping[int, float] | None = None,
 ) -> int:
     """Store a complete document -> column assignment as routing ``epoch``.
 
@@ -83,33 +74,24 @@ def save_assignment(
         raise Conflict(f"routing epoch {epoch} already stored; save under epoch {epoch + 1}")
     scores = scores or {}
     session.add_all(
-        DocumentAssignment(epoch=epoch, doc_id=doc, column=int(col), score=scores.get(doc))
+        DocumentAssignment(
+            epoch=epoch, doc_id=str(int(doc)), column=int(col), score=scores.get(doc)
+        )
         for doc, col in assignment.items()
     )
     session.flush()
     return len(assignment)
 
 
-def documents_for_column(session: Session, *, column: int, epoch: int | None = None) -> list[str]:
-    """Document ids routed to ``column`` in ``epoch`` (default: the latest)."""
-    epoch = latest_epoch(session) if epoch is None else epoch
-    if epoch is None:
-        return []
-    query = select(DocumentAssignment.doc_id).where(
-        DocumentAssignment.epoch == epoch, DocumentAssignment.column == column
-    )
-    return list(session.scalars(query.order_by(DocumentAssignment.doc_id)).all())
-
-
-def assignment_of(session: Session, *, epoch: int) -> dict[str, int]:
+def assignment_of(session: Session, *, epoch: int) -> dict[int, int]:
     """The complete document -> column assignment stored as routing ``epoch``."""
     query = select(DocumentAssignment.doc_id, DocumentAssignment.column).where(
         DocumentAssignment.epoch == epoch
     )
-    return {doc: int(col) for doc, col in session.execute(query)}
+    return {int(doc): int(col) for doc, col in session.execute(query) if doc.isdigit()}
 
 
-def latest_measurements(session: Session) -> dict[str, dict[int, float]]:
+def latest_measurements(session: Session) -> dict[int, dict[int, float]]:
     """Per document, the losses of its newest scoring unit (every column it was scored on).
 
     Losses of one unit were measured together on one model, so they compare like for like;
@@ -118,9 +100,12 @@ def latest_measurements(session: Session) -> dict[str, dict[int, float]]:
     query = select(DocLoss.doc_id, DocLoss.column, DocLoss.loss, DocLoss.unit_id).order_by(
         DocLoss.version, DocLoss.id
     )
-    rows: dict[str, dict[int, float]] = {}
-    source: dict[str, str | None] = {}
-    for doc, column, loss, unit_id in session.execute(query):
+    rows: dict[int, dict[int, float]] = {}
+    source: dict[int, str | None] = {}
+    for stored, column, loss, unit_id in session.execute(query):
+        if not stored.isdigit():
+            continue
+        doc = int(stored)
         if source.get(doc, "") != unit_id:  # a newer unit: start the document's row again
             rows[doc], source[doc] = {}, unit_id
         rows[doc][int(column)] = float(loss)

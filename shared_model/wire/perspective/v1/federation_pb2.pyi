@@ -48,14 +48,22 @@ STAGE_UNSPECIFIED: Stage
 STAGE_EXPERT_DIFFERENTIATION: Stage
 STAGE_TERNARY_DISTILLATION: Stage
 
+class DocumentRef(_message.Message):
+    __slots__ = ("column", "doc")
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    column: int
+    doc: int
+    def __init__(self, column: _Optional[int] = ..., doc: _Optional[int] = ...) -> None: ...
+
 class WorkUnit(_message.Message):
-    __slots__ = ("unit_id", "base_version", "columns", "layers", "shard_ids", "document_ids", "steps", "lr", "lr_min", "warmup_steps", "lr_schedule", "stage", "ternary_fraction", "kd_weight", "shared_sync_every", "train_shared", "deadline_unix", "capability_token", "base_checkpoint", "delta_chain", "upload_quota_bytes", "seed", "score_documents")
+    __slots__ = ("unit_id", "base_version", "columns", "layers", "shard_ids", "documents", "steps", "lr", "lr_min", "warmup_steps", "lr_schedule", "stage", "ternary_fraction", "kd_weight", "shared_sync_every", "train_shared", "deadline_unix", "capability_token", "base_checkpoint", "delta_chain", "upload_quota_bytes", "seed", "score_documents")
     UNIT_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
-    DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     LR_MIN_FIELD_NUMBER: _ClassVar[int]
@@ -78,7 +86,7 @@ class WorkUnit(_message.Message):
     columns: _containers.RepeatedScalarFieldContainer[int]
     layers: _containers.RepeatedScalarFieldContainer[int]
     shard_ids: _containers.RepeatedScalarFieldContainer[str]
-    document_ids: _containers.RepeatedScalarFieldContainer[str]
+    documents: _containers.RepeatedCompositeFieldContainer[DocumentRef]
     steps: int
     lr: float
     lr_min: float
@@ -96,7 +104,7 @@ class WorkUnit(_message.Message):
     upload_quota_bytes: int
     seed: int
     score_documents: bool
-    def __init__(self, unit_id: _Optional[str] = ..., base_version: _Optional[int] = ..., columns: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[int]] = ..., shard_ids: _Optional[_Iterable[str]] = ..., document_ids: _Optional[_Iterable[str]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., lr_min: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., ternary_fraction: _Optional[float] = ..., kd_weight: _Optional[float] = ..., shared_sync_every: _Optional[int] = ..., train_shared: _Optional[bool] = ..., deadline_unix: _Optional[int] = ..., capability_token: _Optional[str] = ..., base_checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., delta_chain: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ..., upload_quota_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., score_documents: _Optional[bool] = ...) -> None: ...
+    def __init__(self, unit_id: _Optional[str] = ..., base_version: _Optional[int] = ..., columns: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[int]] = ..., shard_ids: _Optional[_Iterable[str]] = ..., documents: _Optional[_Iterable[_Union[DocumentRef, _Mapping]]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., lr_min: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., ternary_fraction: _Optional[float] = ..., kd_weight: _Optional[float] = ..., shared_sync_every: _Optional[int] = ..., train_shared: _Optional[bool] = ..., deadline_unix: _Optional[int] = ..., capability_token: _Optional[str] = ..., base_checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., delta_chain: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ..., upload_quota_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., score_documents: _Optional[bool] = ...) -> None: ...
 
 class ColumnDelta(_message.Message):
     __slots__ = ("column", "delta")
@@ -107,14 +115,14 @@ class ColumnDelta(_message.Message):
     def __init__(self, column: _Optional[int] = ..., delta: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ...) -> None: ...
 
 class DocumentLoss(_message.Message):
-    __slots__ = ("document_id", "loss", "column")
-    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("loss", "column", "doc")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     COLUMN_FIELD_NUMBER: _ClassVar[int]
-    document_id: str
+    DOC_FIELD_NUMBER: _ClassVar[int]
     loss: float
     column: int
-    def __init__(self, document_id: _Optional[str] = ..., loss: _Optional[float] = ..., column: _Optional[int] = ...) -> None: ...
+    doc: int
+    def __init__(self, loss: _Optional[float] = ..., column: _Optional[int] = ..., doc: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("sync_s", "train_s", "encode_s", "upload_s", "total_s", "score_s")

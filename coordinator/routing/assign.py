@@ -16,7 +16,7 @@ assignment:
 
 The :class:`CentroidRouter` routes unseen documents (validation, new data) to the
 nearest column centroid. The federation loop refines training documents' labels from
-participants' losses incrementally (:mod:`coordinator.rescoring`); it does not refit the
+participants' losses incrementally (:mod:`coordinator.routing.rescoring`); it does not refit the
 router (``CentroidRouter.fit`` could, given the training features).
 """
 

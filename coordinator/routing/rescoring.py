@@ -1,14 +1,15 @@
 """Document routing refined by the per-document losses participants report ("scoring").
 
-The initial assignment (balanced k-means over stage-2 features, :mod:`coordinator.evaluation`)
-cannot know which column will model a document best: at the start of stage 3 every expert
-is a clone. Once columns differ, every ``score_every``-th unit leased is a *scoring unit*
-(``WorkUnit.score_documents``): after training, the participant reports each of the unit's
-documents' loss under every column it holds (``WorkResult.document_losses``,
-:mod:`participant.scoring`). Every ``rescore_every_versions`` published versions,
-:func:`rescore` moves a document from its column c to column c' when c' models it better
-by a relative ``margin`` — ``loss(c') < (1 - margin) · loss(c)`` — within the balance
-bounds (DESIGN §3: the assignment is the balance term).
+The initial assignment (balanced k-means over stage-2 features,
+:mod:`coordinator.routing.assignment`) cannot know which column will model a document best:
+at the start of stage 3 every expert is a clone. Once columns differ, every
+``score_every``-th unit leased is a *scoring unit* (``WorkUnit.score_documents``): after
+training, the participant reports each of the unit's documents' loss under every column it
+holds (``WorkResult.document_losses``, :mod:`participant.scoring`). Every
+``rescore_every_versions`` published versions, :func:`rescore` moves a document from its
+column c to column c' when c' models it better by a relative ``margin`` —
+``loss(c') < (1 - margin) · loss(c)`` — within the balance bounds (DESIGN §3: the
+assignment is the balance term).
 
 Losses compare like for like only when measured together (same unit, same model), so the
 :class:`DocumentLossTable` keeps, per document, the losses of its newest scoring unit and
@@ -29,7 +30,8 @@ import numpy as np
 
 from coordinator.db import doc_routing
 from coordinator.db.errors import Conflict
-from coordinator.evaluation import ColumnAssignment
+from coordinator.routing import unit_documents
+from coordinator.routing.assignment import ColumnAssignment
 
 
 class RescoringError(ValueError):
@@ -146,7 +148,7 @@ def restore_labels(session, assignment: ColumnAssignment) -> int | None:
             "the database belongs to another configuration; use its config or a new database"
         )
     for i, doc in enumerate(assignment.doc_ids):
-        column = stored.get(str(int(doc)))
+        column = stored.get(int(doc))
         if column is not None:
             assignment.labels[i] = column
     return epoch
@@ -191,7 +193,7 @@ class Rescoring:
             return {}, f"unit {unit.unit_id}: {problem}; its document losses are ignored"
         doc_routing.record_doc_losses(
             session,
-            losses=[(str(d), c, v) for d, row in rows.items() for c, v in row.items()],
+            losses=[(d, c, v) for d, row in rows.items() for c, v in row.items()],
             version=int(unit.base_version),
             unit_id=unit.unit_id,
             participant_id=unit.participant_id,
@@ -221,7 +223,7 @@ class Rescoring:
             margin=self.settings.rescore_margin,
         )
         if moves:
-            labels = {str(int(d)): int(c) for d, c in zip(trial.doc_ids, trial.labels, strict=True)}
+            labels = {int(d): int(c) for d, c in zip(trial.doc_ids, trial.labels, strict=True)}
             try:
                 with session_factory.begin() as s:
                     doc_routing.save_assignment(s, epoch=version, assignment=labels)
@@ -241,21 +243,17 @@ class Rescoring:
         epoch = restore_labels(session, self.assignment)
         self.table = DocumentLossTable()
         for doc, row in doc_routing.latest_measurements(session).items():
-            if doc.isdigit():
-                self.table.update(int(doc), row)
+            self.table.update(doc, row)
         return epoch
 
 
 def _validated(unit, entries) -> tuple[dict[int, dict[int, float]], str]:
     """``doc -> {column: loss}`` of a result's document losses, or why they are unusable."""
-    docs = {int(item.split(":", 1)[1]) for item in unit.docs}
+    docs = {doc for _, doc in unit_documents.pairs(unit.docs)}
     columns = {int(c) for c in unit.columns}
     rows: dict[int, dict[int, float]] = {}
     for e in entries:
-        try:
-            doc = int(e.document_id)
-        except ValueError:
-            return {}, f"document id {e.document_id!r} is not an integer"
+        doc = int(e.doc)
         if doc not in docs or e.column not in columns:
             return {}, f"document {doc} / column {e.column} is not part of the unit"
         if not (math.isfinite(e.loss) and e.loss >= 0):
