@@ -13,6 +13,7 @@ from coordinator.central.stages import StageError
 from coordinator.central.trainer import evaluate, train_stage
 from shared_model.config import load_config
 from shared_model.data import prepare_corpus
+from shared_model.model import PerspectiveModel
 from shared_model.schedule import lr_at, ternary_fraction_at
 
 torch.set_num_threads(1)
@@ -75,10 +76,21 @@ def test_stage2_experts_equal_source_ffn(pipeline, cfg):
         assert torch.equal(moe[name], value), name
 
 
-def test_stage4_ends_fully_ternary(pipeline, cfg):
+def test_stage4_ends_fully_ternary(pipeline, cfg, data):
+    """Stage 4's final model is the all-ternary one: its reported val loss is the loss with
+    every expert weight ternary (fraction 1), not the loss of its FP latents."""
     _, results = pipeline
     assert load_checkpoint(results[4].checkpoint).meta["extra"]["teacher"] == results[3].checkpoint
     assert ternary_fraction_at(5, 6, cfg.ternary.schedule) == 1.0
+    model = PerspectiveModel(cfg, moe=True)
+    model.load_state_dict(load_checkpoint(results[4].checkpoint).model_state)
+    t = cfg.train
+    model.set_ternary_fraction(1.0)
+    ternary = evaluate(model, data.dataset("val"), t.eval_batches, t.batch_size, t.seq_len)
+    model.set_ternary_fraction(None)
+    fp = evaluate(model, data.dataset("val"), t.eval_batches, t.batch_size, t.seq_len)
+    assert results[4].val_loss == pytest.approx(ternary, abs=1e-5)
+    assert abs(fp - ternary) > 1e-3  # the two differ, so the check above means something
 
 
 def _losses(history):
