@@ -1,1 +1,1 @@
-"""Coordinator: federation loop, scheduler, aggregation, database, REST API."""
+"""Coordinator: federation loop, leasing, intake, aggregation, database, REST API."""

@@ -1,10 +1,11 @@
 """The coordinator's asynchronous federation loop (stages 3 and 4), FedBuff-style.
 
-Each iteration: expire overdue leases; lease work so that every online participant
-has ``max_in_flight`` units queued (it never waits for us); pull Flower replies (our own
-fast loop, no rounds, no barrier); take each result through :mod:`coordinator.intake`
-(validate → store → apply); every ``buffer_size`` accepted results take an outer step on
-the shared layers and publish a new version; evaluate now and then.
+Each iteration: expire overdue leases (:mod:`coordinator.db.leases`); lease work so that
+every online participant has ``max_in_flight`` units queued (it never waits for us;
+:mod:`coordinator.leasing`); pull Flower replies (our own fast loop, no rounds, no
+barrier); hand each result to :class:`coordinator.intake.Intake` (check → store → apply);
+every ``buffer_size`` accepted results take an outer step on the shared layers and publish
+a new version; evaluate now and then.
 
 Durability. The database is the log: a result row is committed before it is applied,
 and ``publish_version`` + ``mark_applied`` commit together. The in-memory state is
@@ -25,17 +26,16 @@ from collections.abc import Callable
 
 from coordinator import intake
 from coordinator.db import events as db_events
+from coordinator.db import leases as db_leases
 from coordinator.db import participants as db_participants
 from coordinator.db import results as db_results
 from coordinator.db import versions as db_versions
 from coordinator.db.errors import Conflict, NotFound, ParticipantRevoked
-from coordinator.db.leases import get_unit
 from coordinator.db.types import utcnow
 from coordinator.federation_settings import FederationSettings, LoopStats
-from coordinator.leasing import UnitFactory
+from coordinator.leasing import MAX_ATTEMPTS, UnitFactory, leases_needed
 from coordinator.routing.assignment import ColumnAssignment
 from coordinator.routing.rescoring import Rescoring
-from coordinator.scheduler import Scheduler
 from coordinator.state import CoordinatorState
 from coordinator.validation import column_val_loss
 from shared_model.data import DocumentDataset
@@ -66,13 +66,15 @@ class FederationLoop:
         self.state, self.settings, self.factory = state, settings, session_factory
         self.driver, self.units, self.val = driver, units, val
         self.assignment, self.progress = assignment, progress
-        self.scheduler = Scheduler(
-            session_factory,
-            lease_seconds=settings.lease_seconds,
-            max_in_flight=settings.max_in_flight,
-        )
         self.sizing = settings.sizing()
         self.rescoring = Rescoring(settings, assignment)  # off unless settings.score_every
+        self.intake = intake.Intake(
+            state,
+            session_factory,
+            self.rescoring,
+            max_update_norm=settings.max_update_norm,
+            log=self._log,
+        )
         self._step_tokens = state.cfg.train.batch_size * state.cfg.train.seq_len
         self.stats = LoopStats()
         self._applied: list[str] = []
@@ -94,7 +96,7 @@ class FederationLoop:
 
     def step(self, wait: float = 0.2) -> None:
         """One iteration: expire, lease, pull replies and handle them."""
-        self.scheduler.expire_leases()
+        self._expire_leases(utcnow())
         now = time.monotonic()
         nodes = self.driver.node_ids()
         for node_id in set(nodes) - self._online:
@@ -116,7 +118,8 @@ class FederationLoop:
     def _lease_for(self, node_id: int) -> None:
         with self.factory.begin() as s:
             db_participants.touch_participant(s, node_id=node_id)
-        for _ in range(self.scheduler.leases_needed(node_id)):
+            needed = leases_needed(s, node_id=node_id, max_in_flight=self.settings.max_in_flight)
+        for _ in range(needed):
             unit_id, request = self.lease_request(node_id)
             payload = request.SerializeToString()
             message_id = self.driver.push(
@@ -134,9 +137,7 @@ class FederationLoop:
         with self.factory.begin() as s:
             participant = db_participants.find_participant(s, node_id=node_id)
             steps = self.sizing.steps_for(participant.tokens_per_s, self._step_tokens)
-            unit = self.units.lease(
-                s, self.scheduler, participant, self.state, self._fraction(), steps
-            )
+            unit = self.units.lease(s, participant, self.state, self._fraction(), steps)
             self.rescoring.mark(unit)
             return unit.unit_id, self.units.request(unit, self.state, node_id)
 
@@ -183,7 +184,9 @@ class FederationLoop:
         """Re-queue a unit a participant could not do (unknown ids: a previous run's)."""
         try:
             with self.factory.begin() as s:
-                self.scheduler.fail_unit(s, unit_id=unit_id, reason=reason)
+                db_leases.fail_unit(
+                    s, unit_id=unit_id, reason=reason, requeue=True, max_attempts=MAX_ATTEMPTS
+                )
         except (NotFound, Conflict) as exc:
             self._log("unit.failed.ignored", f"{unit_id}: {exc}")
 
@@ -202,59 +205,23 @@ class FederationLoop:
                 db_participants.add_traffic(s, participant_id=row.id, bytes_down=bytes_down)
 
     def receive(self, node_id: int, result) -> db_results.RecordOutcome:
-        """Validate, store and apply one result (idempotent on replays of the same unit)."""
-        ids = intake.blob_ids(result)
-        bytes_up = sum(self._blob_size(c) for c in (*ids["columns"].values(), ids["shared"]))
-        reason, detail, decoded = None, "", None
-        with self.factory.begin() as s:
-            unit = _unit(s, result.unit_id)
-            if unit is not None and result.base_version == unit.base_version:
-                try:
-                    decoded = self._validate(ids, unit)
-                except intake.Rejected as exc:
-                    reason, detail = exc.reason, exc.detail
-            outcome = db_results.record_result(
-                s,
-                unit_id=result.unit_id,
-                node_id=node_id,
-                payload=intake.payload_of(result, bytes_up),
-                reject_reason=reason,
-                reject_detail=detail,
-            )
-            scored = self.rescoring.record(s, unit, result, outcome)
-        self.rescoring.observe(scored, self._log)
-        if outcome.duplicate or not outcome.accepted or decoded is None:
-            if not outcome.accepted and not outcome.duplicate:
+        """Hand one result to the intake (idempotent on replays of the same unit)."""
+        got = self.intake.receive(node_id, result)
+        if not got.applied:
+            if not got.outcome.accepted and not got.outcome.duplicate:
                 self.stats.rejected += 1
-            return outcome
-        self._apply(result.unit_id, decoded)
+            return got.outcome
+        self._applied_one(result.unit_id, got.stepped)
         self.stats.tokens += int(result.tokens)
         self.stats.accepted += 1
-        self.stats.bytes_up += bytes_up
+        self.stats.bytes_up += got.bytes_up
         self.stats.train_s += result.timings.train_s
         self.stats.unit_s += result.timings.total_s
         self.stats.train_loss.append((self.state.version, float(result.train_loss)))
-        return outcome
+        return got.outcome
 
-    def _validate(self, ids: dict, unit) -> intake.DecodedResult:
-        stale = self.state.version - unit.base_version
-        if stale > self.state.columns.max_staleness:
-            raise intake.Rejected(
-                intake.RejectReason.STALE_BASE,
-                f"base version {unit.base_version} is {stale} versions old",
-            )
-        return intake.decode_result(
-            self.state, ids, unit.base_version, list(unit.columns), self.settings.max_update_norm
-        )
-
-    def _blob_size(self, cid: str) -> int:
-        try:
-            return self.state.store.stat(cid).size
-        except Exception:  # a missing blob is reported by validation, not here
-            return 0
-
-    def _apply(self, unit_id: str, decoded: intake.DecodedResult) -> None:
-        stepped = intake.apply_result(self.state, decoded)
+    def _applied_one(self, unit_id: str, stepped: bool) -> None:
+        """Book an applied result for the next version; publish it if the step was taken."""
         self._applied.append(unit_id)
         if stepped:
             self.publish()
@@ -327,7 +294,7 @@ class FederationLoop:
         on this one, so they are expired and re-queued (their units are redone).
         """
         if self.driver is not None:
-            self.scheduler.expire_leases(now=utcnow() + dt.timedelta(days=365))
+            self._expire_leases(utcnow() + dt.timedelta(days=365))
         self.driver = driver
         self._cooldown.clear()
 
@@ -337,13 +304,18 @@ class FederationLoop:
         Leases still open belong to the Flower run that died with the previous process
         (their replies cannot reach this run): they are expired now and re-queued.
         """
-        self.scheduler.expire_leases(now=utcnow() + dt.timedelta(days=365))
+        self._expire_leases(utcnow() + dt.timedelta(days=365))
         with self.factory.begin() as s:
             self.rescoring.restore(s)  # the re-scored routing, not the initial k-means one
             done = db_results.applied_results_after(s, version=self.state.version)
             pending = db_results.pending_results(s)
             rows = [
-                (r.applied_in_version, r.unit_id, r.blob_ids, _unit(s, r.unit_id))
+                (
+                    r.applied_in_version,
+                    r.unit_id,
+                    r.blob_ids,
+                    db_leases.find_unit(s, unit_id=r.unit_id),
+                )
                 for r in done + pending
             ]
         replayed = 0
@@ -359,12 +331,17 @@ class FederationLoop:
                     self.state.publish()
                     self._applied = []
             else:
-                self._apply(unit_id, decoded)
+                self._applied_one(unit_id, intake.apply_result(self.state, decoded))
             replayed += 1
         with self.factory() as s:  # the stage's token budget continues, it does not restart
             accepted, tokens = db_results.accepted_totals(s, stage=f"stage{self.settings.stage}")
         self.stats.accepted, self.stats.tokens = accepted, tokens
         return replayed
+
+    def _expire_leases(self, now: dt.datetime) -> None:
+        """Expire leases past their deadline at ``now``; their units are re-queued as copies."""
+        with self.factory.begin() as s:
+            db_leases.expire_leases(s, now=now, max_attempts=MAX_ATTEMPTS)
 
     def _log(self, kind: str, message: str, unit_id: str | None = None) -> None:
         log.info("%s: %s", kind, message)
@@ -375,13 +352,6 @@ class FederationLoop:
 def _last_of_version(rows, index: int, target: int) -> bool:
     nxt = rows[index + 1][0] if index + 1 < len(rows) else None
     return nxt != target
-
-
-def _unit(session, unit_id: str):
-    try:
-        return get_unit(session, unit_id=unit_id)
-    except NotFound:
-        return None
 
 
 def _cid(ref) -> str | None:

@@ -1,26 +1,43 @@
-"""Result intake: validate a participant's upload, store it durably, apply it to the masters.
+"""Result intake: the one path from a participant's upload to the masters.
 
-Volunteers are untrusted (DESIGN §6). Before a result may touch the masters it must
-pass, in order: the lease checks of :func:`coordinator.db.results.record_result`
-(unit exists, belongs to this node, not answered before, not expired, same base), and
-the payload checks here — the referenced blobs exist, decode, name exactly the unit's
-columns and the model's tensors with the right shapes, contain only finite values, and
-have norms within a bound. The result row (with its blob ids) is committed before the
-result is applied or acknowledged; a rejected result stores its reason and changes
-nothing else. Application is deterministic given the order of results, which is what
-lets a restarted coordinator replay the log exactly (:mod:`coordinator.federation`).
+Volunteers are untrusted (DESIGN §6). :meth:`Intake.receive` takes every result through
+the same sequence, and the first check that fails decides (:func:`record_result`):
+
+1. the unit exists (``UNKNOWN_LEASE``; nothing stored),
+2. it is leased to this node and the node is not revoked (``WRONG_NODE``; nothing stored,
+   so an impostor cannot occupy another node's answer slot),
+3. it was not answered before (a replay: the stored outcome is returned, nothing changes),
+4. the lease is live (``EXPIRED_LEASE``) and the result is built on the lease's base
+   version (``BASE_MISMATCH``) — :func:`coordinator.db.leases.lease_problem`,
+5. the payload (:class:`PayloadCheck`): the base is not too stale (``STALE_BASE``), the
+   referenced blobs exist (``MISSING_BLOB``), are intact (``BAD_CHECKSUM``) and decode
+   (``MALFORMED``), name exactly the unit's columns and the model's tensors with the right
+   shapes (``BAD_SHAPE``), contain only finite values (``NON_FINITE``) and have norms
+   within a bound (``NORM_OUT_OF_BOUNDS``).
+
+The result row (with its blob ids, and a scoring unit's document losses) is committed
+before the result is applied or acknowledged (:mod:`coordinator.db.results` writes it); a
+rejected result stores its reason and changes nothing else. Then an accepted result is
+applied to the masters. Application is deterministic given the order of results, which is
+what lets a restarted coordinator replay the log exactly (:mod:`coordinator.federation`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from sqlalchemy.orm import Session
 
 from coordinator.aggregation.columns import StaleResultError
+from coordinator.db import leases as db_leases
 from coordinator.db import results as db_results
-from coordinator.db.types import RejectReason
+from coordinator.db.models import WorkUnit
+from coordinator.db.participants import find_participant
+from coordinator.db.types import ParticipantState, RejectReason, utcnow
 from coordinator.state import CoordinatorState
 from shared_model.blobs import BlobCorrupt, BlobError, HashMismatch
 from shared_model.codec import CodecError
@@ -53,6 +70,185 @@ def blob_ids(result: federation_pb2.WorkResult) -> dict:
         "columns": {str(d.column): d.delta.content_id for d in result.column_deltas},
         "shared": result.shared_update.blob.content_id,
     }
+
+
+@dataclass(frozen=True)
+class Received:
+    """What became of one result (:meth:`Intake.receive`).
+
+    Attributes:
+        outcome: the decision, as the participant is told it.
+        bytes_up: size of the blobs the result references (0 for missing ones).
+        applied: accepted now (not a replay) and applied to the masters.
+        stepped: applying it took an outer step: a version is due to be published.
+    """
+
+    outcome: db_results.RecordOutcome
+    bytes_up: int
+    applied: bool = False
+    stepped: bool = False
+
+
+class Intake:
+    """The coordinator's one acceptance path: check, store and apply a result.
+
+    Args:
+        state: the masters results are decoded against and applied to.
+        session_factory: ``sessionmaker``; each result is decided in one transaction.
+        rescoring: the loop's :class:`~coordinator.routing.rescoring.Rescoring` (stores a scoring
+            unit's document losses with its result).
+        max_update_norm: bound on the norm of each decoded update.
+        log: ``log(kind, message)`` for events outside the result's transaction.
+    """
+
+    def __init__(
+        self,
+        state: CoordinatorState,
+        session_factory,
+        rescoring,
+        *,
+        max_update_norm: float,
+        log: Callable[[str, str], None],
+    ) -> None:
+        self.state, self.session_factory, self.rescoring = state, session_factory, rescoring
+        self.max_update_norm, self.log = max_update_norm, log
+
+    def receive(self, node_id: int, result: federation_pb2.WorkResult) -> Received:
+        """Check, store and apply one result (idempotent on replays of the same unit).
+
+        Raises:
+            Rejected: (``STALE_BASE``) the aggregator no longer remembers the base version
+                of a result already stored as accepted (cannot happen within the staleness
+                bound that :class:`PayloadCheck` enforces).
+        """
+        ids = blob_ids(result)
+        bytes_up = sum(self._blob_size(c) for c in (*ids["columns"].values(), ids["shared"]))
+        check = PayloadCheck(self.state, ids, self.max_update_norm)
+        with self.session_factory.begin() as s:
+            outcome = record_result(
+                s,
+                unit_id=result.unit_id,
+                node_id=node_id,
+                payload=payload_of(result, bytes_up),
+                check_payload=check,
+            )
+            scored = self.rescoring.record(s, check.unit, result, outcome)
+        self.rescoring.observe(scored, self.log)
+        if outcome.duplicate or not outcome.accepted or check.decoded is None:
+            return Received(outcome, bytes_up)
+        stepped = apply_result(self.state, check.decoded)
+        return Received(outcome, bytes_up, applied=True, stepped=stepped)
+
+    def _blob_size(self, cid: str) -> int:
+        try:
+            return self.state.store.stat(cid).size
+        except Exception:  # a missing blob is reported by validation, not here
+            return 0
+
+
+def record_result(
+    session: Session,
+    *,
+    unit_id: str,
+    node_id: int,
+    payload: db_results.ResultPayload,
+    check_payload: Callable[[WorkUnit], None] | None = None,
+    now: dt.datetime | None = None,
+) -> db_results.RecordOutcome:
+    """Decide on a result and store the decision, all in the caller's one transaction.
+
+    Runs the checks 1-5 of the module docstring in order; the first that fails decides.
+    ``check_payload(unit)`` is step 5 (it raises :class:`Rejected`), called only when the
+    lease checks pass. Accepted: unit ``done``, participant credit += tokens; rejected:
+    the reason is stored (see :func:`coordinator.db.results.store_result`).
+
+    Args:
+        session: session inside the caller's transaction (commit, then acknowledge).
+        unit_id: the lease answered.
+        node_id: Flower node id the result came from.
+        payload: token count, losses, blob ids, timings, claimed base version, bytes.
+        check_payload: the payload checks (``None``: none, e.g. in database tests).
+        now: current time (tests); defaults to ``utcnow()``.
+
+    Returns:
+        The :class:`~coordinator.db.results.RecordOutcome` to report to the participant.
+    """
+    now = now or utcnow()
+    unit = db_leases.find_unit(session, unit_id=unit_id)
+    if unit is None:
+        detail = f"no lease {unit_id!r} was issued"
+        return db_results.refuse(
+            session,
+            unit_id=unit_id,
+            reason=RejectReason.UNKNOWN_LEASE,
+            detail=detail,
+            participant_id=None,
+        )
+    participant = find_participant(session, node_id=node_id)
+    if participant is None or unit.participant_id != participant.id:
+        return db_results.refuse(
+            session,
+            unit_id=unit_id,
+            reason=RejectReason.WRONG_NODE,
+            detail=f"lease {unit_id} is not held by node {node_id}",
+            participant_id=None if participant is None else participant.id,
+        )
+    if participant.state == ParticipantState.REVOKED:
+        return db_results.refuse(
+            session,
+            unit_id=unit_id,
+            reason=RejectReason.WRONG_NODE,
+            detail=f"node {node_id} is revoked",
+            participant_id=participant.id,
+        )
+    existing = db_results.find_result(session, unit_id=unit_id)
+    if existing is not None:
+        return db_results.outcome_of(existing, duplicate=True)
+    problem = db_leases.lease_problem(unit, base_version=payload.base_version, now=now)
+    if problem is None and check_payload is not None:
+        try:
+            check_payload(unit)
+        except Rejected as exc:
+            problem = (RejectReason(exc.reason), exc.detail)
+    return db_results.store_result(
+        session, unit=unit, participant=participant, payload=payload, problem=problem, now=now
+    )
+
+
+@dataclass
+class PayloadCheck:
+    """The payload checks of one result (step 5); keeps the unit and what it decoded.
+
+    Attributes:
+        state: the masters the updates must fit.
+        ids: the result's blob ids (:func:`blob_ids`).
+        max_norm: bound on the norm of each update.
+        unit: the unit checked against (set when called).
+        decoded: the validated updates (set when every check passed).
+    """
+
+    state: CoordinatorState
+    ids: dict
+    max_norm: float
+    unit: WorkUnit | None = None
+    decoded: DecodedResult | None = None
+
+    def __call__(self, unit: WorkUnit) -> None:
+        """Check the payload against ``unit``.
+
+        Raises:
+            Rejected: with the reason code to store.
+        """
+        self.unit = unit
+        stale = self.state.version - unit.base_version
+        if stale > self.state.columns.max_staleness:
+            raise Rejected(
+                RejectReason.STALE_BASE,
+                f"base version {unit.base_version} is {stale} versions old",
+            )
+        self.decoded = decode_result(
+            self.state, self.ids, unit.base_version, list(unit.columns), self.max_norm
+        )
 
 
 def decode_result(

@@ -1,8 +1,20 @@
-"""Building work units: which columns, which documents, which hyper-parameters.
+"""Leasing: which participant trains what, for how long, and the message that carries it.
 
-A unit trains the participant's columns (affinity: the columns it already holds) on
-documents routed to those columns, for H inner steps — the shared-layer sync period (20 in
-the prototype, ``notes/federated-prototype.md``). H is a property of each unit: fixed
+Every participant is kept busy with column affinity (DESIGN §3):
+
+* A participant never has fewer than ``max_in_flight`` (2) units in flight
+  (:func:`leases_needed`), so it trains on the next unit while the previous result uploads.
+* Affinity (:func:`assign_columns`): a participant keeps the expert columns it holds, so
+  after the first download only deltas travel. New participants get the least-held
+  columns, a number proportional to their measured throughput (capacity-balanced), 1 to
+  ``max_columns``. With more participants than columns, columns are replicated.
+* Leases expire at their deadline; the unit is re-queued as a copy with ``attempt + 1``
+  for another participant, up to :data:`MAX_ATTEMPTS` (the row work is
+  :mod:`coordinator.db.leases`, which the federation loop calls directly).
+
+A unit (:class:`UnitFactory`) trains the participant's columns on documents routed to
+those columns, for H inner steps — the shared-layer sync period (20 in the prototype,
+``notes/federated-prototype.md``). H is a property of each unit: fixed
 (``steps_per_unit``), or sized by :class:`UnitSizing` from the participant's measured
 tokens/s so that every unit takes about ``unit_seconds`` of training on any machine. A
 re-queued unit (expired or failed elsewhere) is handed out first, to any participant (it
@@ -11,19 +23,31 @@ may take columns it did not hold: they start from the published weights), with i
 The Flower message carries only the :class:`ControlRequest`; the checkpoint, the version
 chain and the training shards are blobs the participant fetches from the blob service
 with the unit's capability token (read: everything published; write: a quota sized to
-the expected upload).
+the expected upload). All durable state is in the database.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy.orm import object_session
+from sqlalchemy import select
+from sqlalchemy.orm import Session, object_session
 
-from coordinator.db.participants import get_participant
+from coordinator.db import leases
+from coordinator.db.errors import InvalidArgument, ParticipantRevoked
+from coordinator.db.models import Participant, ParticipantColumn, WorkUnit
+from coordinator.db.participants import (
+    find_participant,
+    get_participant,
+    held_columns,
+    set_held_columns,
+)
+from coordinator.db.types import ParticipantState, utcnow
 from coordinator.plan.params import count_params
 from coordinator.routing import unit_documents
 from coordinator.routing.assignment import ColumnAssignment
@@ -38,6 +62,7 @@ STAGES = {
     3: federation_pb2.STAGE_EXPERT_DIFFERENTIATION,
     4: federation_pb2.STAGE_TERNARY_DISTILLATION,
 }
+MAX_ATTEMPTS = 3  # attempts per unit (the first and two re-queued copies) before abandoning
 
 
 class UnitSizingError(ValueError):
@@ -139,9 +164,78 @@ class UnitSizing:
         return steps
 
 
+def leases_needed(
+    session: Session, *, node_id: int, max_in_flight: int, now: dt.datetime | None = None
+) -> int:
+    """How many new units to lease to ``node_id`` now (0 if unknown or not online)."""
+    participant = find_participant(session, node_id=node_id)
+    if participant is None or participant.state != ParticipantState.ONLINE:
+        return 0
+    live = leases.count_in_flight(session, participant_id=participant.id, now=now or utcnow())
+    return max(0, max_in_flight - live)
+
+
+def _share(participant: Participant, others: list[Participant]) -> float:
+    """This participant's fraction of the network's throughput (equal if unmeasured)."""
+    rates = [p.tokens_per_s for p in (participant, *others) if p.tokens_per_s]
+    default = sum(rates) / len(rates) if rates else 1.0
+    mine = participant.tokens_per_s or default
+    total = mine + sum((p.tokens_per_s or default) for p in others)
+    return mine / total
+
+
+def assign_columns(session: Session, *, participant: Participant, n_columns: int) -> list[int]:
+    """Return the participant's columns, assigning new ones when it needs them.
+
+    Sticky: held columns are kept (trimmed only if ``max_columns`` shrank). The
+    target count is ``ceil(n_columns * throughput share)`` clamped to
+    ``1..max_columns``; a newcomer takes that many of the least-held columns. A
+    participant that holds columns only grows, into columns no online participant
+    holds, as far as ``max_columns`` allows (so orphaned columns get re-covered).
+    """
+    if n_columns < 1:
+        raise InvalidArgument(f"n_columns must be >= 1, got {n_columns}")
+    if participant.state == ParticipantState.REVOKED:
+        raise ParticipantRevoked(f"participant {participant.id} is revoked")
+    mine = held_columns(session, participant_id=participant.id)
+    mine = [c for c in mine if c < n_columns]
+    others = session.scalars(
+        select(Participant).where(
+            Participant.state == ParticipantState.ONLINE, Participant.id != participant.id
+        )
+    ).all()
+    target = max(
+        1,
+        min(participant.max_columns, n_columns, math.ceil(n_columns * _share(participant, others))),
+    )
+    holders: Counter[int] = Counter({c: 0 for c in range(n_columns)})
+    other_ids = [p.id for p in others]
+    for column in session.scalars(
+        select(ParticipantColumn.column).where(ParticipantColumn.participant_id.in_(other_ids))
+    ):
+        if column < n_columns:
+            holders[column] += 1
+    keep = mine[: participant.max_columns]
+    uncovered = [c for c in range(n_columns) if holders[c] == 0 and c not in keep]
+    free = sorted((c for c in range(n_columns) if c not in keep), key=lambda c: (holders[c], c))
+    if keep:
+        # Affinity: never move. A column nobody holds is not trained at all, so a
+        # participant that already holds columns grows into uncovered ones (left by
+        # a departed node) as far as its capacity allows, beyond its fair share.
+        # A newcomer takes only its share, so the first to join cannot grab all.
+        free = uncovered
+        target = max(target, min(participant.max_columns, len(keep) + len(uncovered)))
+    chosen = sorted(keep + free[: max(0, target - len(keep))])
+    set_held_columns(session, participant=participant, old=mine, new=chosen)
+    return chosen
+
+
 @dataclass
 class UnitFactory:
-    """Creates leases and the control messages that carry them."""
+    """Creates leases and the control messages that carry them.
+
+    ``lease_seconds`` is the lease duration of every unit (and sets its token's lifetime).
+    """
 
     cfg: PerspectiveConfig
     stage: int
@@ -160,38 +254,53 @@ class UnitFactory:
     _counter: int = 0
 
     def lease(
-        self, session, scheduler, participant, state, progress: float, steps: int | None = None
-    ):
+        self,
+        session: Session,
+        participant: Participant,
+        state,
+        progress: float,
+        steps: int | None = None,
+    ) -> WorkUnit:
         """A unit for ``participant``: a re-queued one if any, else a new one.
 
         Args:
             session: the caller's transaction.
-            scheduler: the :class:`~coordinator.scheduler.Scheduler` holding lease policy.
             participant: the ``Participant`` row to lease to.
             state: the coordinator state (its version is the unit's base).
             progress: fraction of the stage done (drives the lr / ternary schedules).
             steps: inner steps of a new unit (see :class:`UnitSizing`); ``None`` =
                 ``steps_per_unit``. A re-queued unit keeps the steps it was created with.
+
+        Raises:
+            ParticipantRevoked: the participant is revoked.
         """
-        queued = scheduler.next_queued(session, participant=participant, allow_foreign=True)
+        if participant.state == ParticipantState.REVOKED:
+            raise ParticipantRevoked(f"participant {participant.id} is revoked")
+        queued = leases.lease_queued(
+            session,
+            participant_id=participant.id,
+            held_columns=held_columns(session, participant_id=participant.id),
+            lease_seconds=self.lease_seconds,
+            now=utcnow(),
+            allow_foreign=True,
+        )
         if queued is not None:
             # Redone from the current version: the same columns, documents and steps.
             queued.base_version = state.version
             return queued
-        columns = scheduler.assign_columns(
-            session, participant=participant, n_columns=self.cfg.moe.n_experts
-        )
+        columns = assign_columns(session, participant=participant, n_columns=self.cfg.moe.n_experts)
         self._counter += 1
         seed = self._counter
-        return scheduler.create_lease(
+        return leases.create_lease(
             session,
-            participant=participant,
+            participant_id=participant.id,
             stage=f"stage{self.stage}",
             base_version=state.version,
             columns=columns,
             docs=self._documents(columns, seed),
             steps=steps or self.steps_per_unit,
             params=self._params(progress, seed),
+            lease_seconds=self.lease_seconds,
         )
 
     def _documents(self, columns: list[int], seed: int) -> list[str]:

@@ -21,9 +21,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from coordinator.db import RejectReason
 from coordinator.db.leases import create_lease
 from coordinator.db.participants import Capability, add_traffic, touch_participant
-from coordinator.db.results import ResultPayload, mark_applied, pending_results, record_result
+from coordinator.db.results import ResultPayload, mark_applied, pending_results
 from coordinator.db.versions import latest_version, publish_version
-from coordinator.scheduler import assign_columns
+from coordinator.intake import Rejected, record_result
+from coordinator.leasing import assign_columns
+
+
+def _norm_too_large(unit) -> None:
+    """A payload check that fails, as the intake's norm bound would."""
+    raise Rejected(RejectReason.NORM_OUT_OF_BOUNDS, "update norm 9.1e3 above bound 4.0e2")
 
 
 @dataclass
@@ -102,8 +108,7 @@ class NetworkFeed:
                     unit_id=unit.unit_id,
                     node_id=node,
                     payload=payload,
-                    reject_reason=RejectReason.NORM_OUT_OF_BOUNDS if bad else None,
-                    reject_detail="update norm 9.1e3 above bound 4.0e2" if bad else "",
+                    check_payload=_norm_too_large if bad else None,
                 )
                 add_traffic(s, participant_id=row.id, bytes_down=50_000)
             pending = pending_results(s)

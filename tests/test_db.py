@@ -35,8 +35,9 @@ from coordinator.db import (
     utcnow,
 )
 from coordinator.db.events import list_events, log_event
+from coordinator.db.leases import create_lease
 from coordinator.db.participants import Capability, revoke_participant, touch_participant
-from coordinator.db.results import ResultPayload, mark_applied, pending_results, record_result
+from coordinator.db.results import ResultPayload, mark_applied, pending_results
 from coordinator.db.stage_jobs import create_stage_job, transition_stage_job
 from coordinator.db.tokens import (
     create_api_token,
@@ -52,7 +53,7 @@ from coordinator.db.versions import (
     lock_latest_version,
     publish_version,
 )
-from coordinator.scheduler import Scheduler
+from coordinator.intake import Rejected, record_result
 from tests.postgres_server import PostgresUnavailable, postgres_server
 
 
@@ -69,18 +70,18 @@ def factory(engine):
 
 
 def _lease(factory, node_id=11, lease_seconds=60.0):
-    sched = Scheduler(factory, lease_seconds=lease_seconds)
     with factory.begin() as s:
         part = touch_participant(s, node_id=node_id, capability=Capability(max_columns=2))
-        unit = sched.create_lease(
+        unit = create_lease(
             s,
-            participant=part,
+            participant_id=part.id,
             stage="expert_diff",
             base_version=0,
             columns=[0],
             docs=["d1"],
             steps=10,
             params={"lr": 1e-3},
+            lease_seconds=lease_seconds,
         )
         return part.id, unit.unit_id
 
@@ -147,14 +148,17 @@ def test_record_result_reject_paths(factory):
 
 def test_caller_validation_rejection_is_one_call(factory):
     pid, unit_id = _lease(factory)
+
+    def norm_too_large(unit):
+        raise Rejected(RejectReason.NORM_OUT_OF_BOUNDS, "norm 41.0 > bound 12.3")
+
     with factory.begin() as s:
         out = record_result(
             s,
             unit_id=unit_id,
             node_id=11,
             payload=ResultPayload(tokens=50),
-            reject_reason=RejectReason.NORM_OUT_OF_BOUNDS,
-            reject_detail="norm 41.0 > bound 12.3",
+            check_payload=norm_too_large,
         )
     assert not out.accepted and out.reason == RejectReason.NORM_OUT_OF_BOUNDS
     with factory() as s:

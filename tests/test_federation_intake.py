@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from coordinator.db import init_db, make_session_factory
+from coordinator.db import leases as db_leases
 from coordinator.db import participants as db_participants
 from coordinator.db.leases import get_unit
 from coordinator.db.models import Result
 from coordinator.federation import FederationLoop, FederationSettings
-from coordinator.leasing import UnitFactory
+from coordinator.leasing import MAX_ATTEMPTS, UnitFactory
 from coordinator.routing.assignment import initial_assignment
 from coordinator.state import CoordinatorState
 from participant.unit_trainer import BlobIO, UnitTrainer
@@ -45,13 +46,14 @@ def make_loop(tmp_path, corpus, state_seed=0, **settings):
     train, val = corpus.dataset("train"), corpus.dataset("val")
     state = CoordinatorState(cfg, model, store, buffer_size=2)
     assignment = initial_assignment(model, train, cfg.moe.n_experts)
+    settings = FederationSettings(stage=3, eval_batches=1, steps_per_unit=3, **settings)
     units = UnitFactory(
         cfg=cfg, stage=3, steps_per_unit=3, docs_per_unit=8, assignment=assignment,
         shards=[tensor_pb2.BlobRef(content_id=store.put_file(corpus.root / "shards" / f"{c}.shard"))
                 for c in corpus.shard_ids("train")],
-        eot_id=corpus.eot_id, blob_address="in-process", token_key=b"k" * 32, lease_seconds=60,
+        eot_id=corpus.eot_id, blob_address="in-process", token_key=b"k" * 32,
+        lease_seconds=settings.lease_seconds,  # as the coordinator builds it
     )  # fmt: skip
-    settings = FederationSettings(stage=3, eval_batches=1, steps_per_unit=3, **settings)
     loop = FederationLoop(state, settings, factory, None, units, val, assignment, lambda s: 0.0)
     with factory.begin() as s:
         from coordinator.db import versions
@@ -65,7 +67,7 @@ def lease_and_train(loop, train, tmp_path):
         p = db_participants.touch_participant(
             s, node_id=NODE, capability=db_participants.Capability(max_columns=2)
         )
-        unit = loop.units.lease(s, loop.scheduler, p, loop.state, 0.0)
+        unit = loop.units.lease(s, p, loop.state, 0.0)
         req = loop.units.request(unit, loop.state, NODE)
     store = loop.state.store
     io = BlobIO(
@@ -139,7 +141,7 @@ def test_replay_rebuilds_identical_versions(tmp_path, corpus):
     # A "restarted" coordinator: fresh state at version 0, same DB and store.
     restarted, _ = make_loop(tmp_path / "restart", corpus)
     restarted.factory, restarted.state.store = loop.factory, loop.state.store
-    restarted.scheduler.session_factory = loop.factory
+    restarted.intake.session_factory = loop.factory
     assert restarted.recover() == 4
     assert {v: r.content_id for v, r in restarted.state.manifests.items()} == manifests
     # The stage's token budget continues where it was (a restart does not extend it).
@@ -192,7 +194,13 @@ def test_requeued_unit_keeps_its_steps(tmp_path, corpus):
     unit_id, req = loop.lease_request(fast)
     assert req.unit.steps == 100
     with loop.factory.begin() as s:
-        loop.scheduler.fail_unit(s, unit_id=unit_id, reason="participant crashed")
+        db_leases.fail_unit(
+            s,
+            unit_id=unit_id,
+            reason="participant crashed",
+            requeue=True,
+            max_attempts=MAX_ATTEMPTS,
+        )
     copy_id, copy = loop.lease_request(slow)
     assert copy_id != unit_id and copy.unit.steps == 100  # not re-sized for the slow node
     assert list(copy.unit.documents) == list(req.unit.documents)

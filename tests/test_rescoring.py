@@ -181,7 +181,7 @@ def test_loop_rescores_and_restart_keeps_the_routing(tmp_path, corpus):  # noqa:
     manifests = {v: r.content_id for v, r in loop.state.manifests.items()}
     restarted, _ = make_loop(tmp_path / "restart", corpus, score_every=1)
     restarted.factory, restarted.state.store = loop.factory, loop.state.store
-    restarted.scheduler.session_factory = loop.factory
+    restarted.intake.session_factory = loop.factory
     assert np.array_equal(restarted.assignment.labels, initial)
     assert restarted.recover() == 4
     assert {v: r.content_id for v, r in restarted.state.manifests.items()} == manifests

@@ -1,4 +1,4 @@
-"""Work-unit (lease) rows: create, hand out queued ones, expire, fail, re-issue.
+"""Work-unit (lease) rows: create, hand out queued ones, expire, fail, re-issue, check.
 
 A re-issued unit is a *copy* with a new ``unit_id`` (``attempt + 1``,
 ``reissued_from`` = the original), never the original re-opened: a late answer to
@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from coordinator.db.errors import IllegalTransition, InvalidArgument, NotFound
 from coordinator.db.events import log_event
 from coordinator.db.models import WorkUnit
-from coordinator.db.types import UnitState, utcnow
+from coordinator.db.types import RejectReason, UnitState, utcnow
 
 FINAL_STATES = frozenset({UnitState.DONE, UnitState.REJECTED, UnitState.EXPIRED, UnitState.FAILED})
 
@@ -34,12 +34,37 @@ def _check_unit_fields(columns: Sequence[int], steps: int, base_version: int) ->
         raise InvalidArgument(f"base_version must be >= 0, got {base_version}")
 
 
+def find_unit(session: Session, *, unit_id: str) -> WorkUnit | None:
+    """The unit with this id (row-locked on PostgreSQL), or ``None``."""
+    return session.get(WorkUnit, unit_id, with_for_update=True)
+
+
 def get_unit(session: Session, *, unit_id: str) -> WorkUnit:
     """The unit with this id (row-locked on PostgreSQL); raises :class:`NotFound`."""
-    unit = session.get(WorkUnit, unit_id, with_for_update=True)
+    unit = find_unit(session, unit_id=unit_id)
     if unit is None:
         raise NotFound(f"no work unit {unit_id!r}")
     return unit
+
+
+def lease_problem(
+    unit: WorkUnit, *, base_version: int | None, now: dt.datetime
+) -> tuple[RejectReason, str] | None:
+    """Why a result cannot answer ``unit`` now, or ``None``: the lease is live, same base.
+
+    ``EXPIRED_LEASE`` when the unit is no longer leased or its deadline passed;
+    ``BASE_MISMATCH`` when the result was built on another version (``None``: unknown).
+    """
+    if unit.state != UnitState.LEASED:
+        return RejectReason.EXPIRED_LEASE, f"unit is {unit.state}, no longer leased"
+    if unit.deadline is not None and unit.deadline < now:
+        return RejectReason.EXPIRED_LEASE, f"lease deadline {unit.deadline.isoformat()} passed"
+    if base_version is not None and base_version != unit.base_version:
+        return (
+            RejectReason.BASE_MISMATCH,
+            f"result built on version {base_version}, lease was for {unit.base_version}",
+        )
+    return None
 
 
 def create_lease(

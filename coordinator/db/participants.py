@@ -139,7 +139,7 @@ def set_participant_state(
 ) -> Participant:
     """Mark a participant online/offline/revoked (revoked is final).
 
-    Revoking also drops the columns it held, so the scheduler hands them to others.
+    Revoking also drops the columns it held, so leasing hands them to others.
     """
     row = get_participant(session, participant_id=participant_id)
     state = ParticipantState(state)
@@ -166,6 +166,38 @@ def revoke_participant(session: Session, *, participant_id: int, reason: str = "
     """Revoke a participant: it gets no more work and its results are refused."""
     return set_participant_state(
         session, participant_id=participant_id, state=ParticipantState.REVOKED, reason=reason
+    )
+
+
+def held_columns(session: Session, *, participant_id: int) -> list[int]:
+    """Columns the participant holds, ascending."""
+    query = select(ParticipantColumn.column).where(
+        ParticipantColumn.participant_id == participant_id
+    )
+    return sorted(session.scalars(query).all())
+
+
+def set_held_columns(
+    session: Session, *, participant: Participant, old: list[int], new: list[int]
+) -> None:
+    """Replace the participant's held columns ``old`` by ``new`` (logged when they change)."""
+    if old == new:
+        return
+    for row in session.scalars(
+        select(ParticipantColumn).where(ParticipantColumn.participant_id == participant.id)
+    ):
+        if row.column not in new:
+            session.delete(row)
+    session.add_all(
+        ParticipantColumn(participant_id=participant.id, column=c) for c in new if c not in old
+    )
+    session.flush()
+    log_event(
+        session,
+        kind="participant.columns",
+        message=f"{participant.name} holds {new}",
+        participant_id=participant.id,
+        data={"columns": new, "previous": old},
     )
 
 

@@ -1,9 +1,10 @@
-"""Durable, idempotent result intake and the exactly-once apply bookkeeping.
+"""Result rows: storing the intake's decision, and the exactly-once apply bookkeeping.
 
-A result is acknowledged to the participant only after :func:`record_result` has
-committed, and it is applied to the masters only via :func:`pending_results` /
-:func:`mark_applied`, so a coordinator killed at any point loses no accepted result
-and applies none twice.
+Which result is accepted is decided by :func:`coordinator.intake.record_result`; this
+module writes what it decided (:func:`store_result`, :func:`refuse`). A result is
+acknowledged to the participant only after that transaction has committed, and it is
+applied to the masters only via :func:`pending_results` / :func:`mark_applied`, so a
+coordinator killed at any point loses no accepted result and applies none twice.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from sqlalchemy.orm import Session
 from coordinator.db.errors import Conflict, InvalidArgument
 from coordinator.db.events import log_event
 from coordinator.db.models import Participant, Result, WorkUnit
-from coordinator.db.participants import find_participant
-from coordinator.db.types import ParticipantState, RejectReason, ResultState, UnitState, utcnow
+from coordinator.db.types import RejectReason, ResultState, UnitState
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,8 @@ class ResultPayload:
             raise InvalidArgument("tokens and bytes_up must be >= 0")
 
 
-def _outcome(row: Result, *, duplicate: bool) -> RecordOutcome:
+def outcome_of(row: Result, *, duplicate: bool) -> RecordOutcome:
+    """The outcome a stored result row reports (``duplicate``: this is a replay of it)."""
     reason = None if row.reject_reason is None else RejectReason(row.reject_reason)
     return RecordOutcome(
         unit_id=row.unit_id,
@@ -77,9 +78,18 @@ def _outcome(row: Result, *, duplicate: bool) -> RecordOutcome:
     )
 
 
-def _refuse(
-    session: Session, unit_id: str, reason: RejectReason, detail: str, participant_id: int | None
+def refuse(
+    session: Session,
+    *,
+    unit_id: str,
+    reason: RejectReason,
+    detail: str,
+    participant_id: int | None,
 ) -> RecordOutcome:
+    """Refuse a result without storing a row (only an event is logged).
+
+    For lease-ownership failures: an impostor cannot occupy another node's answer slot.
+    """
     log_event(
         session,
         kind="result.refused",
@@ -91,82 +101,33 @@ def _refuse(
     return RecordOutcome(unit_id=unit_id, accepted=False, reason=reason, detail=detail)
 
 
-def _lease_problem(
-    unit: WorkUnit, payload: ResultPayload, now: dt.datetime
-) -> tuple[RejectReason, str] | None:
-    if unit.state != UnitState.LEASED:
-        return RejectReason.EXPIRED_LEASE, f"unit is {unit.state}, no longer leased"
-    if unit.deadline is not None and unit.deadline < now:
-        return RejectReason.EXPIRED_LEASE, f"lease deadline {unit.deadline.isoformat()} passed"
-    if payload.base_version is not None and payload.base_version != unit.base_version:
-        return (
-            RejectReason.BASE_MISMATCH,
-            f"result built on version {payload.base_version}, lease was for {unit.base_version}",
-        )
-    return None
+def find_result(session: Session, *, unit_id: str) -> Result | None:
+    """The result stored for ``unit_id``, if it was answered before."""
+    return session.scalar(select(Result).where(Result.unit_id == unit_id))
 
 
-def record_result(
+def store_result(
     session: Session,
     *,
-    unit_id: str,
-    node_id: int,
+    unit: WorkUnit,
+    participant: Participant,
     payload: ResultPayload,
-    reject_reason: RejectReason | None = None,
-    reject_detail: str = "",
-    now: dt.datetime | None = None,
+    problem: tuple[RejectReason, str] | None,
+    now: dt.datetime,
 ) -> RecordOutcome:
-    """Check the lease and store the result, all in the caller's one transaction.
+    """Store the result row of ``unit`` as decided by the caller, in its transaction.
 
-    Checks in order: the unit exists (``UNKNOWN_LEASE``), it is leased to this node and
-    the node is not revoked (``WRONG_NODE``), it was not answered before (replay: the
-    stored outcome is returned with ``duplicate=True`` and nothing changes), the lease
-    is live (``EXPIRED_LEASE``) and the base version matches (``BASE_MISMATCH``).
-    Then either the caller's ``reject_reason`` (from payload validation) is stored —
-    unit ``rejected``, participant ``units_rejected + 1``, no credit — or the result is
-    accepted: unit ``done``, participant credit += tokens, ``units_done + 1``.
-
-    Args:
-        session: session inside the caller's transaction (commit, then acknowledge).
-        unit_id: the lease answered.
-        node_id: Flower node id the result came from.
-        payload: token count, losses, blob ids, timings, claimed base version, bytes.
-        reject_reason: set when the caller's validation of the payload failed.
-        reject_detail: explanation stored with the rejection.
-        now: current time (tests); defaults to ``utcnow()``.
+    ``problem`` ``None``: accepted — unit ``done``, participant credit += tokens,
+    ``units_done + 1``. Otherwise rejected with that reason — unit ``rejected`` and
+    participant ``units_rejected + 1``, except for ``EXPIRED_LEASE`` (a late answer is not
+    the participant's fault: the expiry path re-queues the unit). Either way the
+    participant's ``bytes_up`` grows and an event is logged.
 
     Returns:
         The :class:`RecordOutcome` to report to the participant.
     """
-    now = now or utcnow()
-    unit = session.get(WorkUnit, unit_id, with_for_update=True)
-    if unit is None:
-        return _refuse(
-            session, unit_id, RejectReason.UNKNOWN_LEASE, f"no lease {unit_id!r} was issued", None
-        )
-    participant = find_participant(session, node_id=node_id)
-    if participant is None or unit.participant_id != participant.id:
-        pid = None if participant is None else participant.id
-        return _refuse(
-            session,
-            unit_id,
-            RejectReason.WRONG_NODE,
-            f"lease {unit_id} is not held by node {node_id}",
-            pid,
-        )
-    if participant.state == ParticipantState.REVOKED:
-        return _refuse(
-            session, unit_id, RejectReason.WRONG_NODE, f"node {node_id} is revoked", participant.id
-        )
-    existing = session.scalar(select(Result).where(Result.unit_id == unit_id))
-    if existing is not None:
-        return _outcome(existing, duplicate=True)
-
-    problem = _lease_problem(unit, payload, now)
-    if problem is None and reject_reason is not None:
-        problem = (RejectReason(reject_reason), reject_detail)
     row = Result(
-        unit_id=unit_id,
+        unit_id=unit.unit_id,
         participant_id=participant.id,
         base_version=unit.base_version,
         state=ResultState.ACCEPTED if problem is None else ResultState.REJECTED,
@@ -200,10 +161,10 @@ def record_result(
         kind=kind,
         message=message,
         participant_id=participant.id,
-        unit_id=unit_id,
+        unit_id=unit.unit_id,
         data={"base_version": unit.base_version},
     )
-    return _outcome(row, duplicate=False)
+    return outcome_of(row, duplicate=False)
 
 
 def pending_results(session: Session, *, limit: int | None = None) -> list[Result]:

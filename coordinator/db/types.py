@@ -100,8 +100,8 @@ class ResultState(StrEnum):
 class RejectReason(StrEnum):
     """Machine-readable reason codes for rejected results (shown on the dashboard).
 
-    The first four are decided by :func:`coordinator.db.results.record_result`; the
-    others are found by the caller's payload validation and passed in.
+    The first four are decided by the lease checks of
+    :func:`coordinator.intake.record_result`; the others by its payload checks.
     """
 
     UNKNOWN_LEASE = "UNKNOWN_LEASE"

@@ -18,10 +18,14 @@ from coordinator.api.schemas import (
     ReasonIn,
 )
 from coordinator.db import ParticipantState, UnitState
-from coordinator.db.participants import get_participant, list_participants, revoke_participant
+from coordinator.db.participants import (
+    get_participant,
+    held_columns,
+    list_participants,
+    revoke_participant,
+)
 from coordinator.db.stats import credit_leaderboard, list_units, reject_counts
 from coordinator.node_reports import record_node_report
-from coordinator.scheduler import held_columns
 
 router = APIRouter(prefix="/participants", tags=["participants"])
 

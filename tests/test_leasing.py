@@ -1,4 +1,4 @@
-"""Lease scheduler: in-flight target, expiry and re-queue, re-issue, column affinity."""
+"""Leasing: in-flight target, expiry and re-queue, re-issue, column affinity."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from coordinator.db import (
     UnitState,
     WorkUnit,
     init_db,
+    leases,
     make_session_factory,
     sqlite_url,
     utcnow,
@@ -21,17 +22,19 @@ from coordinator.db import (
 from coordinator.db.events import list_events
 from coordinator.db.participants import (
     Capability,
+    held_columns,
     revoke_participant,
     set_participant_state,
     touch_participant,
 )
-from coordinator.db.results import ResultPayload, record_result
-from coordinator.scheduler import Scheduler, held_columns
+from coordinator.db.results import ResultPayload
+from coordinator.intake import record_result
+from coordinator.leasing import MAX_ATTEMPTS, assign_columns, leases_needed
 
 
 @pytest.fixture
 def factory(tmp_path):
-    engine = init_db(sqlite_url(tmp_path / "sched.db"))
+    engine = init_db(sqlite_url(tmp_path / "leasing.db"))
     yield make_session_factory(engine)
     engine.dispose()
 
@@ -43,53 +46,72 @@ def _join(factory, node_id, max_columns=4, tps=None):
         )
 
 
-def _lease(sched, factory, node_id, columns=(0,), now=None, steps=5):
+def _lease(factory, node_id, columns=(0,), now=None, steps=5, lease_seconds=60):
     with factory.begin() as s:
         part = touch_participant(s, node_id=node_id)
-        return sched.create_lease(
+        return leases.create_lease(
             s,
-            participant=part,
+            participant_id=part.id,
             stage="expert_diff",
             base_version=0,
             columns=list(columns),
             docs=["d"],
             steps=steps,
             params={},
+            lease_seconds=lease_seconds,
             now=now,
         ).unit_id
 
 
+def _needed(factory, node_id, now=None):
+    with factory.begin() as s:
+        return leases_needed(s, node_id=node_id, max_in_flight=2, now=now)
+
+
+def _expire(factory, now, max_attempts=MAX_ATTEMPTS):
+    with factory.begin() as s:
+        return leases.expire_leases(s, now=now, max_attempts=max_attempts)
+
+
+def _next_queued(s, participant, now=None, lease_seconds=10):
+    return leases.lease_queued(
+        s,
+        participant_id=participant.id,
+        held_columns=held_columns(s, participant_id=participant.id),
+        lease_seconds=lease_seconds,
+        now=now or utcnow(),
+    )
+
+
 def test_leases_needed_keeps_two_in_flight(factory):
-    sched = Scheduler(factory, lease_seconds=60)
-    assert sched.leases_needed(5) == 0  # never seen
+    assert _needed(factory, 5) == 0  # never seen
     _join(factory, 5)
-    assert sched.leases_needed(5) == 2
-    first = _lease(sched, factory, 5)
-    assert sched.leases_needed(5) == 1
-    _lease(sched, factory, 5)
-    assert sched.leases_needed(5) == 0
+    assert _needed(factory, 5) == 2
+    first = _lease(factory, 5)
+    assert _needed(factory, 5) == 1
+    _lease(factory, 5)
+    assert _needed(factory, 5) == 0
     with factory.begin() as s:
         assert record_result(s, unit_id=first, node_id=5, payload=ResultPayload()).accepted
-    assert sched.leases_needed(5) == 1
+    assert _needed(factory, 5) == 1
     # A lease past its deadline no longer counts as in flight.
-    assert sched.leases_needed(5, now=utcnow() + dt.timedelta(seconds=120)) == 2
+    assert _needed(factory, 5, now=utcnow() + dt.timedelta(seconds=120)) == 2
     with factory.begin() as s:
         set_participant_state(
             s,
             participant_id=s.scalar(select(WorkUnit.participant_id)),
             state=ParticipantState.OFFLINE,
         )
-    assert sched.leases_needed(5) == 0
+    assert _needed(factory, 5) == 0
 
 
 def test_expiry_requeues_copy_with_next_attempt(factory):
-    sched = Scheduler(factory, lease_seconds=10, max_attempts=2)
     _join(factory, 1)
     _join(factory, 2)
     t0 = utcnow()
-    unit_id = _lease(sched, factory, 1, now=t0)
-    assert sched.expire_leases(now=t0 + dt.timedelta(seconds=5)) == []
-    expired = sched.expire_leases(now=t0 + dt.timedelta(seconds=11))
+    unit_id = _lease(factory, 1, now=t0, lease_seconds=10)
+    assert _expire(factory, t0 + dt.timedelta(seconds=5), max_attempts=2) == []
+    expired = _expire(factory, t0 + dt.timedelta(seconds=11), max_attempts=2)
     assert [u.unit_id for u in expired] == [unit_id]
     with factory() as s:
         assert s.get(WorkUnit, unit_id).state == UnitState.EXPIRED
@@ -99,14 +121,14 @@ def test_expiry_requeues_copy_with_next_attempt(factory):
     # The node that let it expire does not get it back; another one does.
     with factory.begin() as s:
         p1 = touch_participant(s, node_id=1)
-        sched.assign_columns(s, participant=p1, n_columns=1)
-        assert sched.next_queued(s, participant=p1) is None
+        assign_columns(s, participant=p1, n_columns=1)
+        assert _next_queued(s, p1) is None
         p2 = touch_participant(s, node_id=2)
-        sched.assign_columns(s, participant=p2, n_columns=1)
-        got = sched.next_queued(s, participant=p2, now=t0 + dt.timedelta(seconds=12))
+        assign_columns(s, participant=p2, n_columns=1)
+        got = _next_queued(s, p2, now=t0 + dt.timedelta(seconds=12))
         assert got.unit_id == copy.unit_id and got.state == UnitState.LEASED
     # Second expiry reaches max_attempts: abandoned, not re-queued again.
-    sched.expire_leases(now=t0 + dt.timedelta(seconds=30))
+    _expire(factory, t0 + dt.timedelta(seconds=30), max_attempts=2)
     with factory() as s:
         assert s.scalar(select(WorkUnit).where(WorkUnit.reissued_from == copy.unit_id)) is None
         assert list_events(s, kind="unit.abandoned").total == 1
@@ -114,52 +136,53 @@ def test_expiry_requeues_copy_with_next_attempt(factory):
 
 def test_expired_sized_unit_keeps_its_steps(factory):
     # A unit sized for a fast node (137 steps) is the same work when a slow node redoes it.
-    sched = Scheduler(factory, lease_seconds=10)
     _join(factory, 1, tps=50_000.0)
     _join(factory, 2, tps=500.0)
     t0 = utcnow()
-    unit_id = _lease(sched, factory, 1, now=t0, steps=137)
-    sched.expire_leases(now=t0 + dt.timedelta(seconds=11))
+    unit_id = _lease(factory, 1, now=t0, steps=137, lease_seconds=10)
+    _expire(factory, t0 + dt.timedelta(seconds=11))
     with factory.begin() as s:
         p2 = touch_participant(s, node_id=2)
-        sched.assign_columns(s, participant=p2, n_columns=1)
-        got = sched.next_queued(s, participant=p2, now=t0 + dt.timedelta(seconds=12))
+        assign_columns(s, participant=p2, n_columns=1)
+        got = _next_queued(s, p2, now=t0 + dt.timedelta(seconds=12))
         assert (got.reissued_from, got.steps, got.attempt) == (unit_id, 137, 2)
 
 
 def test_fail_and_reissue(factory):
-    sched = Scheduler(factory, lease_seconds=60)
     _join(factory, 1)
-    unit_id = _lease(sched, factory, 1)
+    unit_id = _lease(factory, 1)
     with factory.begin() as s:
-        copy = sched.reissue(s, unit_id=unit_id, reason="node went offline")
+        copy = leases.reissue(
+            s, unit_id=unit_id, reason="node went offline", max_attempts=MAX_ATTEMPTS
+        )
         assert s.get(WorkUnit, unit_id).state == UnitState.FAILED
         assert copy.excluded_participants == [s.get(WorkUnit, unit_id).participant_id]
         with pytest.raises(IllegalTransition):
-            sched.fail_unit(s, unit_id=unit_id, reason="again")
+            leases.fail_unit(
+                s, unit_id=unit_id, reason="again", requeue=True, max_attempts=MAX_ATTEMPTS
+            )
         with pytest.raises(IllegalTransition, match="still queued"):
-            sched.reissue(s, unit_id=copy.unit_id, reason="x")
+            leases.reissue(s, unit_id=copy.unit_id, reason="x", max_attempts=MAX_ATTEMPTS)
     with factory.begin() as s:  # the old holder's late answer is refused
         out = record_result(s, unit_id=unit_id, node_id=1, payload=ResultPayload())
         assert not out.accepted and out.reason == "EXPIRED_LEASE"
 
 
 def test_columns_balanced_and_sticky(factory):
-    sched = Scheduler(factory, lease_seconds=60)
     assigned = {}
     for node in (1, 2):
         part = _join(factory, node, max_columns=4)
         with factory.begin() as s:
-            assigned[node] = sched.assign_columns(s, participant=part, n_columns=8)
+            assigned[node] = assign_columns(s, participant=part, n_columns=8)
     assert assigned[1] == [0, 1, 2, 3] and assigned[2] == [4, 5, 6, 7]
     with factory.begin() as s:  # affinity: asking again changes nothing
         for node in (1, 2):
             part = touch_participant(s, node_id=node)
-            assert sched.assign_columns(s, participant=part, n_columns=8) == assigned[node]
+            assert assign_columns(s, participant=part, n_columns=8) == assigned[node]
     # A weak machine is capped by max_columns; it replicates the least-held column.
     weak = _join(factory, 3, max_columns=1)
     with factory.begin() as s:
-        assert sched.assign_columns(s, participant=weak, n_columns=8) == [0]
+        assert assign_columns(s, participant=weak, n_columns=8) == [0]
     # Node 2 leaves: node 1 keeps its columns (no move) ...
     with factory.begin() as s:
         revoke_participant(s, participant_id=touch_participant(s, node_id=2).id)
@@ -168,18 +191,17 @@ def test_columns_balanced_and_sticky(factory):
     # cover the last orphaned column on its next request.
     new = _join(factory, 4, max_columns=4)
     with factory.begin() as s:
-        assert sched.assign_columns(s, participant=new, n_columns=8) == [4, 5, 6]
+        assert assign_columns(s, participant=new, n_columns=8) == [4, 5, 6]
     with factory.begin() as s:
-        assert sched.assign_columns(s, participant=new, n_columns=8) == [4, 5, 6, 7]
+        assert assign_columns(s, participant=new, n_columns=8) == [4, 5, 6, 7]
 
 
 def test_more_participants_than_columns_replicates(factory):
-    sched = Scheduler(factory, lease_seconds=60)
     got = []
     for node in range(1, 6):
         part = _join(factory, node, max_columns=4)
         with factory.begin() as s:
-            got.append(sched.assign_columns(s, participant=part, n_columns=2))
+            got.append(assign_columns(s, participant=part, n_columns=2))
     assert got[0] == [0, 1]  # alone: covers everything it may hold
     assert all(len(cols) == 1 for cols in got[1:])
     holders = [c for cols in got for c in cols]
@@ -187,20 +209,18 @@ def test_more_participants_than_columns_replicates(factory):
 
 
 def test_throughput_weights_column_share(factory):
-    sched = Scheduler(factory, lease_seconds=60)
     fast = _join(factory, 1, max_columns=8, tps=300.0)
     slow = _join(factory, 2, max_columns=8, tps=100.0)
     with factory.begin() as s:
         set_participant_state(s, participant_id=slow.id, state=ParticipantState.ONLINE)
-        assert len(sched.assign_columns(s, participant=fast, n_columns=8)) == 6
-        assert sched.assign_columns(s, participant=slow, n_columns=8) == [6, 7]
+        assert len(assign_columns(s, participant=fast, n_columns=8)) == 6
+        assert assign_columns(s, participant=slow, n_columns=8) == [6, 7]
 
 
 def test_revoked_participant_gets_nothing(factory):
-    sched = Scheduler(factory, lease_seconds=60)
     part = _join(factory, 9)
     with factory.begin() as s:
         revoke_participant(s, participant_id=part.id)
-    assert sched.leases_needed(9) == 0
+    assert _needed(factory, 9) == 0
     with factory.begin() as s, pytest.raises(ParticipantRevoked):
         touch_participant(s, node_id=9)
