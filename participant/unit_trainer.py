@@ -33,9 +33,9 @@ from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset
 from shared_model.federated.replica import Replica
 from shared_model.federated.updates import encode_update, make_bundle
-from shared_model.losses import kd_loss
 from shared_model.model import PerspectiveModel
 from shared_model.schedule import build_optimizer, set_lr
+from shared_model.stage_loss import Distillation, stage_loss
 from shared_model.wire.perspective.v1 import control_pb2, federation_pb2, tensor_pb2
 
 State = dict[str, torch.Tensor]
@@ -218,16 +218,13 @@ class UnitTrainer:
         assert self.optimizer is not None
         set_lr(self.optimizer, unit.lr)
         losses, tokens = [], 0
+        distill = Distillation(teacher, unit.kd_weight) if teacher is not None else None
         report("train", 0, unit.steps, 0)
         for batch, cols in batches:
             batch, cols = batch.to(self.device), cols.to(self.device)
             x, y = batch[:, :-1], batch[:, 1:]
-            out = model(x, targets=y, columns=cols)
-            loss = out.loss
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(x, columns=cols).logits
-                loss = kd_loss(out.logits, t_logits, y, unit.kd_weight)
+            # Column mode: no router balance; diversity is the coordinator's master step.
+            loss, _ = stage_loss(model, x, y, columns=cols, distill=distill)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.optim.grad_clip > 0:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -9,6 +12,24 @@ from torch import Tensor
 
 class LossError(ValueError):
     """Inputs to a loss function have inconsistent shapes or values."""
+
+
+@dataclass(frozen=True)
+class RankSum:
+    """How to sum over the ranks that split one batch and each layer's experts.
+
+    The distributed central trainer passes one so that the router balance and the expert
+    diversity use *global* statistics (the single-process loss of the global batch); every
+    other caller passes none.
+
+    Attributes:
+        sum: differentiable sum of a same-shaped tensor over the ranks (its backward sums
+            every rank's gradient into each rank).
+        world_size: number of ranks; each holds the same number of tokens and experts.
+    """
+
+    sum: Callable[[Tensor], Tensor]
+    world_size: int
 
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
@@ -28,7 +49,9 @@ def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor
     )
 
 
-def balance_loss(router_probs: Tensor, expert_index: Tensor, n_experts: int) -> Tensor:
+def balance_loss(
+    router_probs: Tensor, expert_index: Tensor, n_experts: int, ranks: RankSum | None = None
+) -> Tensor:
     """Switch-Transformer load-balance loss ``E · Σ_i f_i · P_i``.
 
     ``f_i`` is the fraction of tokens sent to expert i, ``P_i`` the mean router probability
@@ -38,6 +61,7 @@ def balance_loss(router_probs: Tensor, expert_index: Tensor, n_experts: int) -> 
         router_probs: ``[N, E]`` softmax router probabilities (any leading shape).
         expert_index: ``[N]`` chosen expert per token (same leading shape).
         n_experts: ``E``.
+        ranks: with expert parallelism, f and P are taken over every rank's tokens.
     """
     if router_probs.shape[-1] != n_experts or router_probs.shape[:-1] != expert_index.shape:
         raise LossError(
@@ -46,18 +70,28 @@ def balance_loss(router_probs: Tensor, expert_index: Tensor, n_experts: int) -> 
         )
     probs = router_probs.reshape(-1, n_experts).float()
     counts = torch.bincount(expert_index.reshape(-1), minlength=n_experts).to(probs.dtype)
-    fraction = counts / max(expert_index.numel(), 1)
-    return n_experts * (fraction * probs.mean(0)).sum()
+    mean_prob = probs.mean(0)
+    if ranks is None:
+        fraction = counts / max(expert_index.numel(), 1)
+    else:  # every rank holds as many tokens, so the global mean is the mean of rank means
+        counts = ranks.sum(counts)
+        fraction = counts / counts.sum().clamp_min(1)
+        mean_prob = ranks.sum(mean_prob) / ranks.world_size
+    return n_experts * (fraction * mean_prob).sum()
 
 
-def diversity_loss(expert_weights: list[Tensor] | Tensor) -> Tensor:
+def diversity_loss(expert_weights: list[Tensor] | Tensor, ranks: RankSum | None = None) -> Tensor:
     """Expert diversity term: minus the mean pairwise cosine similarity of expert weights.
 
     Returns ``-1/N² Σ_{i≠j} cos(W_i, W_j)`` exactly as the seed defines it, computed in
-    O(N·P) from the unit vectors: ``Σ_{i≠j} ŵ_i·ŵ_j = ||Σ_i ŵ_i||² − N``.
+    O(N·P) from the unit vectors: ``Σ_{i≠j} ŵ_i·ŵ_j = ||Σ_i ŵ_i||² − N``. This is the one
+    implementation: the central trainers add ``β ·`` it to the stage-3 loss and the
+    coordinator descends it on the expert masters of federated training.
 
     Args:
         expert_weights: N tensors of one shape (flattened), or an ``[N, P]`` tensor.
+        ranks: with expert parallelism, each rank passes its own experts and the term is
+            taken over all ranks' experts (N = local count × world size).
     """
     if isinstance(expert_weights, Tensor):
         flat = expert_weights.reshape(expert_weights.shape[0], -1)
@@ -66,8 +100,9 @@ def diversity_loss(expert_weights: list[Tensor] | Tensor) -> Tensor:
             raise LossError("diversity_loss needs at least one expert weight")
         flat = torch.stack([w.reshape(-1) for w in expert_weights])
     n = flat.shape[0]
-    unit = F.normalize(flat.float(), dim=1)
-    total = unit.sum(0)
+    total = F.normalize(flat.float(), dim=1).sum(0)
+    if ranks is not None:
+        total, n = ranks.sum(total), n * ranks.world_size
     return -(total.dot(total) - n) / (n * n)
 
 

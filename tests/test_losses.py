@@ -8,7 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared_model.losses import LossError, balance_loss, diversity_loss, kd_loss, lm_loss
+from shared_model.config import load_config
+from shared_model.losses import (
+    LossError,
+    RankSum,
+    balance_loss,
+    diversity_loss,
+    kd_loss,
+    lm_loss,
+)
+from shared_model.model import PerspectiveModel
+from shared_model.stage_loss import Distillation, stage_loss
 
 torch.set_num_threads(1)
 
@@ -68,3 +78,47 @@ def test_kd_loss_direction_and_weights():
     assert kd_loss(t, t, y, 1.0).item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(LossError):
         kd_loss(s, t, y, 1.5)
+
+
+def _other_rank(other: torch.Tensor) -> RankSum:
+    """Rank 0 of two, the other rank's contribution given (the all-reduce, simulated)."""
+    return RankSum(lambda t: t + other, 2)
+
+
+def test_diversity_over_ranks_equals_all_experts():
+    experts = torch.randn(6, 20)
+    mine, theirs = experts[:3], experts[3:]
+    other = F.normalize(theirs, dim=1).sum(0)
+    split = diversity_loss(mine, _other_rank(other))
+    assert split.item() == pytest.approx(diversity_loss(experts).item(), abs=1e-6)
+    assert torch.equal(diversity_loss(experts, RankSum(lambda t: t, 1)), diversity_loss(experts))
+
+
+def test_balance_over_ranks_equals_global_batch():
+    probs = torch.softmax(torch.randn(16, 4), -1)
+    index = probs.argmax(-1)
+    counts = torch.bincount(index[8:], minlength=4).float()
+    # The simulated all-reduce adds the other rank's counts, then its mean probabilities.
+    others = iter([counts, probs[8:].mean(0)])
+    ranks = RankSum(lambda t: t + next(others), 2)
+    split = balance_loss(probs[:8], index[:8], 4, ranks)
+    assert split.item() == pytest.approx(balance_loss(probs, index, 4).item(), abs=1e-6)
+
+
+def test_stage_loss_terms():
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    model = PerspectiveModel(cfg, moe=True)
+    x = torch.randint(0, cfg.model.vocab_size, (2, 9))
+    inp, tgt = x[:, :-1], x[:, 1:]
+    loss, parts = stage_loss(model, inp, tgt)
+    assert set(parts) == {"lm", "loss"} and torch.equal(loss, model(inp, targets=tgt).loss)
+    loss, parts = stage_loss(model, inp, tgt, regularise=True)
+    a, b = cfg.moe.balance_alpha, cfg.moe.diversity_beta
+    expected = parts["lm"] + a * parts["balance"] + b * parts["diversity"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    cols = torch.tensor([0, 1])  # column mode (federated), stage 4 distillation
+    teacher = PerspectiveModel(cfg, moe=True).requires_grad_(False)
+    loss, parts = stage_loss(model, inp, tgt, columns=cols, distill=Distillation(teacher, 0.3))
+    ref = kd_loss(model(inp, columns=cols).logits, teacher(inp, columns=cols).logits, tgt, 0.3)
+    assert set(parts) == {"loss"} and torch.allclose(loss, ref)

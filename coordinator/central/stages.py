@@ -9,6 +9,9 @@
   ternary STE (``ternary.schedule`` spread over the steps); loss =
   ``kd_loss(student, teacher, targets, ternary.kd_weight)`` against a frozen
   full-precision teacher (the stage-3 model the stage starts from).
+
+The losses themselves are :func:`shared_model.stage_loss.stage_loss`, the one function
+the federated participants use too; :func:`compute_loss` picks its terms per stage.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from coordinator.central.checkpoint import (
@@ -26,9 +28,9 @@ from coordinator.central.checkpoint import (
     load_checkpoint,
 )
 from shared_model.config import PerspectiveConfig
-from shared_model.losses import diversity_loss, kd_loss
+from shared_model.losses import RankSum
 from shared_model.model import PerspectiveModel
-from shared_model.moe import EXPERT_WEIGHTS
+from shared_model.stage_loss import Distillation, stage_loss
 
 STAGES = (1, 2, 3, 4)
 # Which stage's checkpoints each stage may start from (same stage = resume).
@@ -106,25 +108,14 @@ def setup_stage(cfg: PerspectiveConfig, stage: int, init: str | None) -> StageSe
     return StageSetup(model, teacher, resume, str(teacher_path))
 
 
-def expert_diversity(model: PerspectiveModel) -> Tensor:
-    """Mean over PDR layers of :func:`diversity_loss` of the layer's flattened experts."""
-    terms = []
-    for i in model.cfg.model.pdr_layers():
-        experts = model.layers[i].ffn.experts.values()
-        flat = [
-            torch.cat([getattr(e, w).weight.reshape(-1) for w in EXPERT_WEIGHTS]) for e in experts
-        ]
-        terms.append(diversity_loss(flat))
-    return torch.stack(terms).mean()
-
-
 def compute_loss(
     stage: int,
     model: PerspectiveModel,
     x: Tensor,
     y: Tensor,
     teacher: PerspectiveModel | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+    ranks: RankSum | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Training loss of one batch for ``stage`` and a dict of its parts (detached tensors).
 
     Args:
@@ -132,23 +123,12 @@ def compute_loss(
         model: the model being trained (ternary fraction already set for stage 4).
         x, y: inputs and next-token targets ``[B, T]``.
         teacher: stage 4 only, the frozen full-precision model.
+        ranks: distributed trainer only: regularisers over all ranks' tokens and experts
+            (this rank's loss is then its share; the mean over ranks is the global loss).
     """
-    cfg = model.cfg
+    distill = None
     if stage == 4:
         if teacher is None:
             raise StageError("stage 4 needs a teacher model")
-        out = model(x)
-        with torch.no_grad():
-            t_logits = teacher(x).logits
-        loss = kd_loss(out.logits, t_logits, y, cfg.ternary.kd_weight)
-        return loss, {"loss": loss.detach()}
-    out = model(x, targets=y)
-    parts = {"lm": out.loss.detach()}
-    loss = out.loss
-    if stage == 3:
-        balance = out.aux["balance_loss"]
-        diversity = expert_diversity(model)
-        loss = loss + cfg.moe.balance_alpha * balance + cfg.moe.diversity_beta * diversity
-        parts.update(balance=balance.detach(), diversity=diversity.detach())
-    parts["loss"] = loss.detach()
-    return loss, parts
+        distill = Distillation(teacher, model.cfg.ternary.kd_weight)
+    return stage_loss(model, x, y, distill=distill, regularise=stage == 3, ranks=ranks)

@@ -25,11 +25,11 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from coordinator.central.checkpoint import CheckpointError, sha256_file
@@ -43,7 +43,7 @@ from coordinator.central.parallel.distributed import (
 )
 from coordinator.central.parallel.expert_parallel import apply_expert_parallel, scale_expert_grads
 from coordinator.central.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
-from coordinator.central.stages import StageSetup, setup_stage
+from coordinator.central.stages import StageSetup, compute_loss, setup_stage
 from coordinator.central.trainer import (
     TrainResult,
     _autocast,
@@ -53,55 +53,9 @@ from coordinator.central.trainer import (
 )
 from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset, PreparedCorpus
+from shared_model.losses import RankSum
 from shared_model.model import PerspectiveModel
-from shared_model.moe import EXPERT_WEIGHTS
 from shared_model.schedule import build_optimizer, lr_at, set_lr, ternary_fraction_at
-
-
-def global_balance(aux: dict, n_experts: int) -> torch.Tensor:
-    """Mean over MoE layers of ``E·Σ f_i P_i`` with f and P over *all* ranks' tokens."""
-    terms = []
-    for probs, index in zip(aux["router_probs"], aux["expert_index"], strict=True):
-        counts = all_reduce_sum(torch.bincount(index, minlength=n_experts).float())
-        fraction = counts / counts.sum().clamp_min(1)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        mean_prob = all_reduce_sum(probs.float().mean(0), differentiable=True) / world
-        terms.append(n_experts * (fraction * mean_prob).sum())
-    return torch.stack(terms).mean()
-
-
-def global_diversity(model: PerspectiveModel) -> torch.Tensor:
-    """:func:`coordinator.central.stages.expert_diversity` over experts spread across ranks."""
-    n = model.cfg.moe.n_experts
-    terms = []
-    for i in model.cfg.model.pdr_layers():
-        experts = model.layers[i].ffn.experts.values()
-        flat = torch.stack(
-            [torch.cat([getattr(e, w).weight.reshape(-1) for w in EXPERT_WEIGHTS]) for e in experts]
-        )
-        total = all_reduce_sum(F.normalize(flat.float(), dim=1).sum(0), differentiable=True)
-        terms.append(-(total.dot(total) - n) / (n * n))
-    return torch.stack(terms).mean()
-
-
-def stage_loss(stage: int, model: PerspectiveModel, x, y, teacher=None) -> torch.Tensor:
-    """This rank's share of the stage loss (its mean over ranks is the global loss)."""
-    cfg = model.cfg
-    if stage == 4:
-        from shared_model.losses import kd_loss
-
-        with torch.no_grad():
-            t_logits = teacher(x).logits
-        return kd_loss(model(x).logits, t_logits, y, cfg.ternary.kd_weight)
-    out = model(x, targets=y)
-    if stage == 1:
-        return out.loss
-    balance = global_balance(out.aux, cfg.moe.n_experts)
-    return (
-        out.loss
-        + cfg.moe.balance_alpha * balance
-        + cfg.moe.diversity_beta * global_diversity(model)
-    )
 
 
 @torch.no_grad()
@@ -122,6 +76,8 @@ class _DistRun:
 
     def __init__(self, cfg, stage, env: DistEnv, setup, opts: dict):
         self.cfg, self.stage, self.env = cfg, stage, env
+        # Global router statistics and expert unit-vector sums (see the module doc).
+        self.ranks = RankSum(partial(all_reduce_sum, differentiable=True), env.world_size)
         self.teacher = setup.teacher.to(env.device) if setup.teacher is not None else None
         self.teacher_path = setup.teacher_path
         model = setup.model.to(env.device).train()
@@ -146,7 +102,8 @@ class _DistRun:
             self.model.set_ternary_fraction(frac)
         batch = self.local_rows(dataset.batch(self.position, t.batch_size, t.seq_len, t.seed))
         with _autocast(self.env.device):
-            loss = stage_loss(self.stage, self.model, batch[:, :-1], batch[:, 1:], self.teacher)
+            x, y = batch[:, :-1], batch[:, 1:]
+            loss, _ = compute_loss(self.stage, self.model, x, y, self.teacher, self.ranks)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         scale_expert_grads(self.model, 1.0 / world)
