@@ -19,17 +19,7 @@ import typer
 #: The entry-point group each side registers its sub-commands in.
 COMMAND_GROUP = "perspective.commands"
 
-app = typer.Typer(
-    name="perspective",
-    help="Perspective: federated training of a ternary mixture-of-experts language model.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
-
-
-@app.callback()
-def _root() -> None:
-    """Perspective: federated training of a ternary mixture-of-experts language model."""
+HELP = "Perspective: federated training of a ternary mixture-of-experts language model."
 
 
 def command_entry_points() -> list[EntryPoint]:
@@ -48,23 +38,29 @@ def command_entry_points() -> list[EntryPoint]:
     return found
 
 
-def register_commands(root: typer.Typer, argv: Sequence[str]) -> None:
-    """Import and register the entry point named by ``argv[0]``, or all of them.
+def build_app(argv: Sequence[str] = ()) -> typer.Typer:
+    """A fresh ``perspective`` application with the sub-commands ``argv`` needs.
+
+    Only the entry point named by ``argv[0]`` is imported; with no match (``--help``, an
+    unknown command, an empty ``argv``) every registered entry point is.
 
     Args:
-        root: The typer application to add commands to.
         argv: The command line without the program name.
     """
+    app = typer.Typer(
+        name="perspective", help=HELP, no_args_is_help=True, pretty_exceptions_enable=False
+    )
+    app.callback(help=HELP)(lambda: None)
     eps = command_entry_points()
     wanted = [ep for ep in eps if argv and ep.name == argv[0]]
     for ep in wanted or eps:
-        ep.load()(root)
+        ep.load()(app)
+    return app
 
 
 def main() -> None:
     """Console-script entry point."""
-    register_commands(app, sys.argv[1:])
-    app()
+    build_app(sys.argv[1:])()
 
 
 if __name__ == "__main__":

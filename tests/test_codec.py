@@ -208,9 +208,9 @@ def test_cli_encode_stats_decode(tmp_path) -> None:
     from safetensors.numpy import load_file, save_file
     from typer.testing import CliRunner
 
-    from shared_model.cli import _register, app
+    from shared_model.cli import build_app
 
-    _register()
+    app = build_app(["codec"])
     rng = np.random.default_rng(4)
     weights = {"w": rng.integers(-1, 2, size=(20, 7)).astype(np.float32) * 0.5}
     save_file(weights, str(tmp_path / "in.safetensors"))

@@ -251,7 +251,7 @@ def test_generate_cli(tmp_path, cfg):
     from typer.testing import CliRunner
 
     from coordinator.central.checkpoint import save_checkpoint
-    from shared_model.cli import _register, app
+    from shared_model.cli import build_app
     from shared_model.tokenizer import train_tokenizer
 
     texts = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(400)]
@@ -259,7 +259,7 @@ def test_generate_cli(tmp_path, cfg):
     tok.save(str(tmp_path / "tokenizer.json"))
     model = PerspectiveModel(cfg, moe=True)
     save_checkpoint(tmp_path / "m.safetensors", model, cfg, stage=3, step=0)
-    _register()
+    app = build_app(["generate"])
     args = ["generate", "--checkpoint", str(tmp_path / "m.safetensors"), "--prompt", "def f("]
     args += ["--tokenizer", str(tmp_path / "tokenizer.json"), "--max-new-tokens", "5"]
     result = CliRunner().invoke(app, [*args, "--column", "2"])
