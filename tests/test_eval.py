@@ -10,7 +10,7 @@ import torch
 from coordinator.central.checkpoint import save_checkpoint
 from coordinator.central.evaluation import lm as lm_mod
 from coordinator.central.evaluation.lm import EvalError, PerspectiveLM
-from coordinator.central.evaluation.report import run_eval
+from coordinator.central.evaluation.report import default_tasks, run_eval
 from coordinator.central.evaluation.tasks import extract_number, read_jsonl, run_multiple_choice
 from shared_model.config import load_config
 from shared_model.data import prepare_corpus
@@ -52,8 +52,12 @@ def test_report_has_every_section(report):
         assert key in rep
     assert rep["perplexity"]["val_ppl"] > 1
     assert set(rep["tasks"]) == {"arc_mini", "gsm_mini"}
-    assert 0 <= rep["tasks"]["arc_mini"]["acc"] <= 1
-    assert 0 <= rep["tasks"]["gsm_mini"]["exact_match"] <= 1
+    # The report's task scores are the task runners' scores on the shipped files.
+    arc = run_multiple_choice(PerspectiveLM(model, corpus.tokenizer()), _task("arc_mini"))
+    assert rep["tasks"]["arc_mini"]["acc"] == arc["acc"] and arc["n"] == 10
+    gsm = rep["tasks"]["gsm_mini"]
+    assert gsm["n"] == len(read_jsonl(_task("gsm_mini"), ("question", "answer")))
+    assert (gsm["exact_match"] * gsm["n"]) == pytest.approx(round(gsm["exact_match"] * gsm["n"]))
     assert rep["system"]["generation_tokens_per_s"] > 0 and rep["system"]["peak_rss_mb"] > 0
     assert "not measured" in rep["system"]["peak_vram_mb"]
     assert rep["not_defined"]["mpd_ece"].startswith("not defined")
@@ -75,6 +79,11 @@ def test_report_has_every_section(report):
     ):
         assert title in md
     assert json.loads((out / "r" / "report.json").read_text())["stage"] == 4
+
+
+def _task(name: str):
+    (path,) = [p for p in default_tasks() if p.stem == name]
+    return path
 
 
 def test_loglikelihood_matches_the_model(model, corpus):
@@ -102,11 +111,26 @@ def test_generate_until_stops_at_the_stop_string(model, corpus):
     assert stop not in cut and free.startswith(cut)
 
 
-def test_mc_task_prefers_the_right_answer_when_scores_say_so(model, corpus, tmp_path):
-    path = tmp_path / "mc.jsonl"
-    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n")
-    res = run_multiple_choice(PerspectiveLM(model, corpus.tokenizer()), path)
-    assert res["n"] == 1 and res["acc"] in (0.0, 1.0) and res["chance"] == 0.5
+def test_mc_task_picks_the_choice_the_model_scores_highest(model, corpus, tmp_path):
+    """40 four-way items (chance 0.25): marking the model's own argmax as the answer must
+    give accuracy 1, marking its argmin must give 0, so neither can pass by chance."""
+    from coordinator.central.evaluation.tasks import _prompt
+
+    lm = PerspectiveLM(model, corpus.tokenizer())
+    words = ["alpha", "beta", "gamma", "delta", "return", "import", "class", "lambda"]
+    rows = []
+    for i in range(40):
+        choices = [words[(i + k * 3) % len(words)] + str(k) for k in range(4)]
+        lls = [ll for ll, _ in lm.loglikelihood([(_prompt(f"q{i} x ="), " " + c) for c in choices])]
+        rows.append((f"q{i} x =", choices, lls))
+    for pick, want in ((max, 1.0), (min, 0.0)):
+        path = tmp_path / f"{pick.__name__}.jsonl"
+        with path.open("w") as fh:
+            for q, choices, lls in rows:
+                answer = pick(range(4), key=lls.__getitem__)
+                fh.write(json.dumps({"question": q, "choices": choices, "answer": answer}) + "\n")
+        res = run_multiple_choice(lm, path)
+        assert res["n"] == 40 and res["acc"] == want and res["chance"] == 0.25
 
 
 def test_task_files_are_validated(tmp_path):

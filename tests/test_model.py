@@ -17,6 +17,7 @@ from shared_model.model import (
     is_expert_param,
 )
 from shared_model.pdr import PDR, pdr_chunked, pdr_recurrent
+from shared_model.ternary import dequantize, export_ternary
 
 torch.set_num_threads(1)
 
@@ -222,6 +223,17 @@ def test_ternary_fraction_affects_experts_only(cfg):
     assert torch.allclose(model(idx).logits, fp)
     with pytest.raises(ModelError):
         model.set_ternary_fraction(1.5)
+    # Experts only: once every expert weight is already ternary (quantising is then the
+    # identity), fraction 1 changes nothing, although no shared weight is ternary.
+    with torch.no_grad():
+        for name, (trits, scale) in export_ternary(model).items():
+            model.get_parameter(name).copy_(dequantize(trits, scale))
+    model.set_ternary_fraction(None)
+    fp_ternary_experts = model(idx).logits
+    model.set_ternary_fraction(1.0)
+    assert torch.allclose(model(idx).logits, fp_ternary_experts, atol=1e-6)
+    shared = [p for n, p in model.named_parameters() if not is_expert_param(n)[0] and p.dim() == 2]
+    assert shared and all(p.unique().numel() > 3 for p in shared)
 
 
 def test_bad_inputs(cfg):

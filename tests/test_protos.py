@@ -21,7 +21,18 @@ def test_generated_code_is_fresh() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_work_unit_and_result_round_trip() -> None:
+#: The bytes of the two messages below, as committed: a renumbered or retyped field changes
+#: them, which would silently break every participant running the previous release.
+WORK_UNIT_HEX = (
+    "0a03752d3110071a0203052a027330386441613255302aa9333f600469000000000000e03f710000"
+    "00000000e03f7814880180e6fe8907920103746f6b9a01440a406162616261626162616261626162"
+    "61626162616261626162616261626162616261626162616261626162616261626162616261626162"
+    "61626162616261626162100ac201040803100b"
+)
+WORK_RESULT_HEX = "0a03752d3112016e220208032a0911000000000000f83f4a0d1100000000000004401803200b"
+
+
+def test_work_unit_and_result_bytes_are_stable() -> None:
     unit = federation_pb2.WorkUnit(
         unit_id="u-1",
         base_version=7,
@@ -38,7 +49,8 @@ def test_work_unit_and_result_round_trip() -> None:
         capability_token="tok",
         base_checkpoint=tensor_pb2.BlobRef(content_id="ab" * 32, size=10),
     )
-    again = federation_pb2.WorkUnit.FromString(unit.SerializeToString())
+    assert unit.SerializeToString(deterministic=True).hex() == WORK_UNIT_HEX
+    again = federation_pb2.WorkUnit.FromString(bytes.fromhex(WORK_UNIT_HEX))
     assert again == unit and list(again.columns) == [3, 5]
     assert [(d.column, d.doc) for d in again.documents] == [(3, 11)]
     result = federation_pb2.WorkResult(
@@ -48,7 +60,8 @@ def test_work_unit_and_result_round_trip() -> None:
         document_losses=[federation_pb2.DocumentLoss(doc=11, column=3, loss=2.5)],
         shared_update=tensor_pb2.SharedUpdate(norm=1.5),
     )
-    assert federation_pb2.WorkResult.FromString(result.SerializeToString()) == result
+    assert result.SerializeToString(deterministic=True).hex() == WORK_RESULT_HEX
+    assert federation_pb2.WorkResult.FromString(bytes.fromhex(WORK_RESULT_HEX)) == result
     assert federation_pb2.REJECT_REASON_NORM_TOO_LARGE != federation_pb2.REJECT_REASON_UNSPECIFIED
 
 

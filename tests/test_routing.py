@@ -23,6 +23,15 @@ def test_balanced_assign_respects_capacity_and_preference():
     counts = np.bincount(labels, minlength=4)
     assert counts.max() <= math.ceil(100 / 4)
     assert counts.sum() == 100
+    # The preferred column is filled to capacity, with the documents that prefer it most.
+    assert counts[0] == math.ceil(100 / 4)
+    advantage = np.sort(cost[:, 1:], axis=1)[:, 0] - cost[:, 0]
+    assert advantage[labels == 0].mean() > advantage[labels != 0].mean()
+    # And it costs less than any of 20 random balanced assignments.
+    total = cost[np.arange(100), labels].sum()
+    for _ in range(20):
+        random_labels = rng.permutation(np.arange(100) % 4)
+        assert total < cost[np.arange(100), random_labels].sum()
 
 
 def test_balanced_assign_gives_free_choice_when_capacity_allows():
