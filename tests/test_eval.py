@@ -46,7 +46,7 @@ def report(cfg, corpus, model, tmp_path_factory):
     )
 
 
-def test_report_has_every_section(report):
+def test_report_has_every_section(report, model, corpus):
     out, rep = report
     for key in ("perplexity", "tasks", "system", "safety", "not_defined", "targets"):
         assert key in rep
