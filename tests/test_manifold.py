@@ -151,7 +151,8 @@ def test_stage5_result_and_trd_files_apply_bit_exactly(stage5, cfg):
     out, result = stage5
     assert result["trd"]["files"] == len(cfg.model.pdr_layers()) * cfg.moe.n_experts * 3
     for loads in result["loads_after"].values():
-        assert loads["max_over_mean"] >= 1.0
+        # Not collapsed: one expert taking every token would give max/mean = n_experts.
+        assert loads["max_over_mean"] < cfg.moe.n_experts / 2
     assert np.isfinite(result["val_loss_after"])
     ck = load_checkpoint(out / "stage5.safetensors")
     assert ck.stage == 5
