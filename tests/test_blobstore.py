@@ -176,3 +176,12 @@ def test_concurrent_writers_of_same_and_different_blobs(store: BlobStore) -> Non
         t.join()
     assert sorted(set(results)) == sorted({sha256_hex(p) for p in payloads})
     assert all(store.get(c, verify=True) for c in results) and store.temp_files() == []
+
+
+def test_evict_to_keeps_disk_under_cap_and_the_kept_blobs(tmp_path) -> None:
+    store = BlobStore(tmp_path / "cache")
+    cap = 300_000
+    ids = [store.put_bytes(os.urandom(100_000)) for _ in range(8)]
+    store.evict_to(cap, keep=[ids[0]])
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert on_disk <= cap and store.has(ids[0])

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
 
 import pytest
@@ -22,9 +21,9 @@ from participant.daemon import DaemonConfig, ParticipantDaemon, classify_exit, t
 from participant.hardware import detect
 from participant.limits import Limits, LimitsError, TokenBucket
 from participant.status import read_status
-from shared_model.blobs import BlobStore
 from shared_model.processes import free_port
 from shared_model.wire.perspective.v1 import control_pb2
+from tests.conftest import wait_for
 
 COLLECT = control_pb2.ControlRequest(collect=True).SerializeToString()
 
@@ -81,8 +80,8 @@ def test_daemon_resumes_after_superlink_outage(tmp_path) -> None:
         driver = None
         superlink.shutdown(10)
         t_down = time.monotonic()
-        time.sleep(8.0)  # > first retry delay (1 s) and > the node's max_wait_time (3 s)
-        assert daemon.restarts >= 1, "the SuperNode should have given up and been restarted"
+        # The SuperNode gives up after its max_wait_time (3 s) and the daemon restarts it.
+        wait_for(lambda: daemon.restarts >= 1, 60, "the daemon to restart the SuperNode")
         assert daemon.worker_alive()
         superlink = SuperLinkProcess(tmp_path / "superlink", port=superlink.port, database=db)
         superlink.start()
@@ -101,15 +100,6 @@ def test_daemon_resumes_after_superlink_outage(tmp_path) -> None:
         daemon.shutdown()
         superlink.shutdown(10)
     assert daemon.pids() == []
-
-
-def test_cache_eviction_keeps_disk_under_cap(tmp_path) -> None:
-    store = BlobStore(tmp_path / "cache")
-    cap = 300_000
-    ids = [store.put_bytes(os.urandom(100_000)) for _ in range(8)]
-    store.evict_to(cap, keep=[ids[0]])
-    on_disk = sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file())
-    assert on_disk <= cap and store.has(ids[0])
 
 
 def test_limits_validation_schedule_and_worker_args(tmp_path) -> None:

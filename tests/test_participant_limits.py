@@ -250,7 +250,10 @@ def test_runtime_trains_a_real_unit_over_the_blob_service(tmp_path: Path) -> Non
         req = loop.units.request(unit, loop.state, NODE)
     req.credit_tokens = 4242
     state = tmp_path / "participant" / "state"
-    runtime = ParticipantRuntime(loop.state.cfg, state, device="cpu", bandwidth_mbps=400)
+    cap = 100_000  # far below what one unit downloads: the cache must be evicted
+    runtime = ParticipantRuntime(
+        loop.state.cfg, state, device="cpu", bandwidth_mbps=400, cache_cap_bytes=cap
+    )
     try:
         with BlobServer(loop.state.store, b"k" * 32) as server:
             req.blob_address = server.address
@@ -275,3 +278,7 @@ def test_runtime_trains_a_real_unit_over_the_blob_service(tmp_path: Path) -> Non
     assert progress["last_unit"]["unit_id"] == req.unit.unit_id
     assert progress["last_unit"]["tokens_per_s"] > 0  # from the trainer's per-step callback
     assert progress["credit_tokens"] == 4300 and progress["threads"] == 1
+    # The cache cap is enforced after the unit: only the unit's shards may stay above it.
+    on_disk = sum(p.stat().st_size for p in (state / "cache").rglob("*") if p.is_file())
+    kept = sum(runtime.cache.stat(s).size for s in req.unit.shard_ids if runtime.cache.has(s))
+    assert on_disk <= cap + kept < progress["today"]["bytes_down"]
