@@ -31,6 +31,7 @@ from shared_model.blobs import (
     sha256_hex,
 )
 from shared_model.wire.perspective.v1 import blobs_pb2, blobs_pb2_grpc
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
 KEY = b"coordinator-test-key-0123456789"
@@ -363,17 +364,20 @@ def test_client_dying_mid_put_leaves_nothing(served) -> None:
     data = os.urandom(10 * CHUNK)
     messages = _put_messages(sha256_hex(data), len(data), data)
 
+    seen_partial = []
+
     def dies_halfway():
         yield from messages[:5]
-        time.sleep(0.2)  # let the server write the first chunks into its temp file
+        # Die only once the server has really written part of the upload to a temp file.
+        seen_partial.append(wait_for(store.temp_files, 10, "the server's temp file"))
         raise ConnectionError("participant killed")
 
     stub = blobs_pb2_grpc.BlobServiceStub(grpc.insecure_channel(server.address))
     token = _token(upload_quota=1 << 20)
     with pytest.raises(grpc.RpcError):
         stub.Put(dies_halfway(), metadata=(("authorization", f"Bearer {token}"),))
-    deadline = time.monotonic() + 5
-    while store.temp_files() and time.monotonic() < deadline:
-        time.sleep(0.05)  # the server notices the cancellation asynchronously
-    assert store.temp_files() == [] and list(store.iter_ids()) == []
+    assert seen_partial, "the upload never reached the server"
+    # The server notices the cancellation asynchronously.
+    wait_for(lambda: store.temp_files() == [], 5, "the temp file to be removed")
+    assert list(store.iter_ids()) == []
     assert BlobClient(server.address, token).put(data) == sha256_hex(data)  # quota refunded

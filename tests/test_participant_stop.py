@@ -19,6 +19,7 @@ from participant.runtime import ParticipantRuntime
 from shared_model.config import load_config
 from shared_model.data import prepare_corpus
 from shared_model.wire.perspective.v1 import control_pb2, federation_pb2
+from tests.conftest import wait_for
 from tests.test_federation_intake import NODE, make_loop
 
 COLLECT = control_pb2.ControlRequest(collect=True).SerializeToString()
@@ -51,7 +52,9 @@ def test_stop_finishes_the_unit_drops_the_queue_and_the_restart_delivers(tmp_pat
             args=("train.unit", requests[1].SerializeToString()),
             daemon=True,
         ).start()
-        time.sleep(0.5)
+        # Stop only once b is really queued behind a (otherwise "b dropped" proves nothing).
+        wait_for(lambda: runtime._queue.qsize() == 1, 30, "unit b to be queued")
+        assert units[0].unit_id in runtime._started and units[1].unit_id not in runtime._started
         t_stop = time.monotonic()
         assert runtime.shutdown(grace_s=240), "the unit in progress should finish in time"
         print(f"\nunit a finished {time.monotonic() - t_stop:.1f} s after the stop")
