@@ -86,18 +86,24 @@ def test_systemd_units(role: str, tmp_path) -> None:
     assert unit["Service"]["User"] != "root"
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze not installed")
+    # The installed binaries cannot exist on a test machine: verify copies of all units
+    # whose ExecStart points at /usr/bin/true, and then nothing may be wrong at all.
+    for other in (DEPLOY / "systemd").glob("*.service"):
+        text = re.sub(r"/opt/perspective/venv/bin/[\w-]+", "/usr/bin/true", other.read_text())
+        (tmp_path / other.name).write_text(text)
     out = subprocess.run(
-        ["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60
+        ["systemd-analyze", "verify", str(tmp_path / path.name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    # Tolerated: the binary is not installed on the test machine, RestartSteps/RestartMaxDelaySec
-    # are unknown before systemd 254 (ignored there, honoured on newer systems).
+    # Tolerated only: RestartSteps/RestartMaxDelaySec are unknown before systemd 254
+    # (ignored there, honoured on newer systems).
     problems = [
         line for line in (out.stderr + out.stdout).splitlines()
-        if line.strip() and "is not executable" not in line
-        and "RestartSteps" not in line and "RestartMaxDelaySec" not in line
-        and "User" not in line and "Group" not in line
+        if line.strip() and "RestartSteps" not in line and "RestartMaxDelaySec" not in line
     ]  # fmt: skip
-    assert problems == [], problems
+    assert out.returncode == 0 and problems == [], out.stderr + out.stdout
 
 
 def test_docker_compose_config() -> None:

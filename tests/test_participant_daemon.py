@@ -162,7 +162,7 @@ def test_ram_cap_restarts_the_worker_and_schedule_pauses_everything(tmp_path) ->
     )
     paused.start()
     try:
-        time.sleep(2.0)
-        assert paused.state == "paused (schedule)" and paused.pids() == []
+        wait_for(lambda: paused.state == "paused (schedule)", 30, "the daemon to pause")
+        assert paused.pids() == []
     finally:
         paused.shutdown()
