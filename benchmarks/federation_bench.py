@@ -34,7 +34,7 @@ from coordinator.coordinator_process import (
 from coordinator.federation import FederationSettings
 from coordinator.local_network import LocalNetwork
 from coordinator.plan.params import count_params
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -46,7 +46,7 @@ def demo(
     )
     from coordinator.federation import FederationSettings
     from coordinator.local_network import LocalNetwork
-    from shared_model.config import load_config
+    from shared_model.config_loading import load_config
     from shared_model.data import prepare_corpus
 
     for name, value in (("column-codec", column_codec), ("shared-codec", shared_codec)):

@@ -126,7 +126,8 @@ def serve(
     """Serve one federated stage until its budget is used or SIGTERM/SIGINT."""
     from coordinator.coordinator_process import StageBudget
     from coordinator.federation import FederationSettings
-    from shared_model.config import ConfigError, load_config
+    from shared_model.config import ConfigError
+    from shared_model.config_loading import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise

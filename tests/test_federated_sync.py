@@ -5,7 +5,7 @@ import torch
 
 from coordinator.state import CoordinatorState
 from shared_model.blobs import BlobStore
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.federated.replica import Replica, SyncError
 from shared_model.federated.updates import decode_update, encode_update, tensor_digest
 from shared_model.model import PerspectiveModel

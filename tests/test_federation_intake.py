@@ -21,7 +21,7 @@ from coordinator.leasing import UnitFactory
 from coordinator.state import CoordinatorState
 from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.blobs import BlobStore
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.federated.updates import make_bundle
 from shared_model.model import PerspectiveModel

@@ -128,7 +128,7 @@ class BlobStore:
         if resume and expected_id is None:
             raise BlobError("open_writer(resume=True) needs expected_id to name the partial file")
         partial = self._tmp / f"{expected_id}.partial" if resume else None
-        return BlobWriter(self, self._tmp, partial, expected_id, expected_size, max_size)
+        return BlobWriter(self._install, self._tmp, partial, expected_id, expected_size, max_size)
 
     def put_bytes(self, data: bytes) -> str:
         """Store ``data`` and return its content id (a no-op rewrite if already present)."""
