@@ -44,19 +44,6 @@ def record_doc_losses(
     return count
 
 
-def latest_doc_losses(
-    session: Session, *, doc_ids: Iterable[str] | None = None
-) -> dict[tuple[str, int], float]:
-    """Most recent loss per (document, column), measured on the newest version."""
-    query = select(DocLoss.doc_id, DocLoss.column, DocLoss.loss).order_by(
-        DocLoss.version, DocLoss.id
-    )
-    if doc_ids is not None:
-        query = query.where(DocLoss.doc_id.in_(list(doc_ids)))
-    # Later rows overwrite earlier ones: the dict keeps the newest measurement.
-    return {(doc, col): loss for doc, col, loss in session.execute(query)}
-
-
 def latest_epoch(session: Session) -> int | None:
     """The newest routing epoch, or ``None`` if documents were never assigned."""
     return session.scalar(select(func.max(DocumentAssignment.epoch)))
@@ -88,17 +75,6 @@ def save_assignment(
     )
     session.flush()
     return len(assignment)
-
-
-def documents_for_column(session: Session, *, column: int, epoch: int | None = None) -> list[str]:
-    """Document ids routed to ``column`` in ``epoch`` (default: the latest)."""
-    epoch = latest_epoch(session) if epoch is None else epoch
-    if epoch is None:
-        return []
-    query = select(DocumentAssignment.doc_id).where(
-        DocumentAssignment.epoch == epoch, DocumentAssignment.column == column
-    )
-    return list(session.scalars(query.order_by(DocumentAssignment.doc_id)).all())
 
 
 def assignment_of(session: Session, *, epoch: int) -> dict[str, int]:
