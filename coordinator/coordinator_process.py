@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from coordinator.blob_server import BlobServer, TlsConfig
@@ -19,7 +19,8 @@ from coordinator.central.checkpoint import load_checkpoint
 from coordinator.db import init_db, make_session_factory
 from coordinator.db import versions as db_versions
 from coordinator.evaluation import ColumnAssignment, initial_assignment
-from coordinator.federation import FederationLoop, FederationSettings, LoopStats
+from coordinator.federation import FederationLoop
+from coordinator.federation_settings import FederationSettings, FederationSettingsError, LoopStats
 from coordinator.leasing import UnitFactory
 from coordinator.rescoring import restore_labels
 from coordinator.state import CoordinatorState
@@ -95,6 +96,7 @@ class Coordinator:
         self.blob_public_host = blob_public_host
         self.api = None
         self.state: CoordinatorState | None = None
+        self.state_settings: FederationSettings | None = None
         self.assignment: ColumnAssignment | None = None
         self.loop: FederationLoop | None = None
 
@@ -150,16 +152,12 @@ class Coordinator:
 
     # --- stages ------------------------------------------------------------------------------
 
-    def prepare(
-        self,
-        moe_checkpoint: str | Path,
-        *,
-        buffer_size: int,
-        codec: str,
-        outer_lr: float = 1.0,
-        outer_momentum: float = 0.0,
-    ) -> None:
-        """Load the stage-2 (or later) MoE checkpoint, shards and the initial routing."""
+    def prepare(self, moe_checkpoint: str | Path, settings: FederationSettings) -> None:
+        """Load the stage-2 (or later) MoE checkpoint, shards and the initial routing.
+
+        The coordinator state (aggregators, publishing) takes its knobs from ``settings``;
+        every later :meth:`federated_stage` must agree with them (:data:`STATE_KNOBS`).
+        """
         ckpt = load_checkpoint(moe_checkpoint)
         model = PerspectiveModel(self.cfg, moe=True)
         model.load_state_dict(ckpt.model_state, strict=True)
@@ -173,15 +171,8 @@ class Coordinator:
             log.info("document routing: re-scored epoch %d restored", epoch)
         self.shards = [self._put_file(p) for p in self._shard_files("train")]
         state_path = self.work_dir / "state.safetensors"
-        self.state = CoordinatorState(
-            self.cfg,
-            model,
-            self.store,
-            codec=codec,
-            buffer_size=buffer_size,
-            outer_lr=outer_lr,
-            outer_momentum=outer_momentum,
-        )
+        self.state = CoordinatorState(self.cfg, model, self.store, settings)
+        self.state_settings = settings
         if state_path.exists():
             self.state.load(state_path)
         self._record_initial_version()
@@ -206,10 +197,17 @@ class Coordinator:
         return tensor_pb2.BlobRef(content_id=cid, size=path.stat().st_size)
 
     def federated_stage(
-        self, stage: int, driver, budget: StageBudget, settings: FederationSettings, units_hint: int
+        self, driver, budget: StageBudget, settings: FederationSettings
     ) -> FederationLoop:
-        """Build the loop for a federated stage (3 or 4) on the prepared state."""
+        """Build the loop for federated stage ``settings.stage`` (3 or 4) on the prepared state.
+
+        Raises:
+            FederationSettingsError: ``settings`` disagree with :meth:`prepare`'s on a knob
+                the coordinator state already holds.
+        """
         assert self.state is not None and self.assignment is not None, "call prepare() first"
+        _check_state_knobs(self.state_settings, settings)
+        stage = settings.stage
         teacher = self.state.teacher_checkpoint() if stage == 4 else None
         units = UnitFactory(
             cfg=self.cfg,
@@ -225,9 +223,10 @@ class Coordinator:
             column_codec=settings.column_codec,
             shared_codec=settings.shared_codec,
             teacher=teacher,
-            total_units_hint=max(units_hint, 1),
+            total_units_hint=settings.units_hint,
         )
-        settings.state_path = settings.state_path or self.work_dir / "state.safetensors"
+        if settings.state_path is None:
+            settings = replace(settings, state_path=self.work_dir / "state.safetensors")
         self.loop = FederationLoop(
             self.state,
             settings,
@@ -239,6 +238,28 @@ class Coordinator:
             budget.progress,
         )
         return self.loop
+
+
+# Knobs the coordinator state is built with in prepare(); a stage cannot change them.
+STATE_KNOBS = (
+    "shared_codec",
+    "buffer_size",
+    "max_staleness",
+    "checkpoint_every",
+    "outer_lr",
+    "outer_momentum",
+    "trim",
+    "diversity_lr",
+)
+
+
+def _check_state_knobs(prepared: FederationSettings, stage: FederationSettings) -> None:
+    differ = [k for k in STATE_KNOBS if getattr(prepared, k) != getattr(stage, k)]
+    if differ:
+        raise FederationSettingsError(
+            f"settings of stage {stage.stage} change {', '.join(differ)}, which the coordinator "
+            "state was prepared with; use the same values (or a new coordinator)"
+        )
 
 
 def demo_corpus_bytes(preset: str) -> int | None:

@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 # the node was removed, 5: node unavailable after missed heartbeats).
 NODE_GONE_CODES = (3, 5)
 NODE_COOLDOWN_S = 90.0
-__all__ = ["FederationLoop", "FederationSettings", "LoopStats"]  # settings re-exported
 
 
 class FederationLoop:
@@ -69,6 +68,7 @@ class FederationLoop:
             session_factory,
             lease_seconds=settings.lease_seconds,
             max_in_flight=settings.max_in_flight,
+            max_attempts=settings.max_attempts,
         )
         self.sizing = settings.sizing()
         self.rescoring = Rescoring(settings, assignment)  # off unless settings.score_every

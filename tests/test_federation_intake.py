@@ -16,7 +16,8 @@ from coordinator.db import participants as db_participants
 from coordinator.db.leases import get_unit
 from coordinator.db.models import Result
 from coordinator.evaluation import initial_assignment
-from coordinator.federation import FederationLoop, FederationSettings
+from coordinator.federation import FederationLoop
+from coordinator.federation_settings import FederationSettings
 from coordinator.leasing import UnitFactory
 from coordinator.state import CoordinatorState
 from participant.unit_trainer import BlobIO, UnitTrainer
@@ -43,7 +44,10 @@ def make_loop(tmp_path, corpus, state_seed=0, **settings):
     store = BlobStore(tmp_path / "blobs")
     model = PerspectiveModel(cfg, moe=True)
     train, val = corpus.dataset("train"), corpus.dataset("val")
-    state = CoordinatorState(cfg, model, store, buffer_size=2)
+    # buffer 2 and DiLoCo's outer lr 0.7 / momentum 0.9: what these tests were written against
+    fed = FederationSettings(stage=3, eval_batches=1, steps_per_unit=3, buffer_size=2,
+                             outer_lr=0.7, outer_momentum=0.9, **settings)  # fmt: skip
+    state = CoordinatorState(cfg, model, store, fed)
     assignment = initial_assignment(model, train, cfg.moe.n_experts)
     units = UnitFactory(
         cfg=cfg, stage=3, steps_per_unit=3, docs_per_unit=8, assignment=assignment,
@@ -51,8 +55,7 @@ def make_loop(tmp_path, corpus, state_seed=0, **settings):
                 for c in corpus.shard_ids("train")],
         eot_id=corpus.eot_id, blob_address="in-process", token_key=b"k" * 32, lease_seconds=60,
     )  # fmt: skip
-    settings = FederationSettings(stage=3, eval_batches=1, steps_per_unit=3, **settings)
-    loop = FederationLoop(state, settings, factory, None, units, val, assignment, lambda s: 0.0)
+    loop = FederationLoop(state, fed, factory, None, units, val, assignment, lambda s: 0.0)
     with factory.begin() as s:
         from coordinator.db import versions
 
