@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from coordinator.blob_gc import collect_blobs
 from coordinator.blob_server import BlobServer, TlsConfig
 from coordinator.central.checkpoint import load_checkpoint
 from coordinator.db import init_db, make_session_factory
@@ -24,7 +25,7 @@ from coordinator.federation_settings import FederationSettings, FederationSettin
 from coordinator.leasing import UnitFactory
 from coordinator.rescoring import restore_labels
 from coordinator.state import CoordinatorState
-from shared_model.blobs import BlobStore
+from shared_model.blobs import BlobStore, GcReport
 from shared_model.config import PerspectiveConfig
 from shared_model.data import PreparedCorpus
 from shared_model.model import PerspectiveModel
@@ -237,7 +238,26 @@ class Coordinator:
             self.assignment,
             budget.progress,
         )
+        self.loop.on_checkpoint = lambda: self.collect_blobs(settings, teacher)
         return self.loop
+
+    def collect_blobs(
+        self, settings: FederationSettings, teacher: tensor_pb2.BlobRef | None = None
+    ) -> GcReport:
+        """Delete blobs nobody needs any more (:mod:`coordinator.blob_gc`); after a save.
+
+        Pinned: the training shards and stage 4's teacher. Blobs younger than two leases
+        are kept: an upload is named by its reply only within its unit's lease.
+        """
+        assert self.state is not None, "call prepare() first"
+        return collect_blobs(
+            self.state,
+            self.session_factory,
+            max_staleness=settings.max_staleness,
+            min_age_s=2 * settings.lease_seconds,
+            pinned=[s.content_id for s in self.shards],
+            pinned_checkpoints=[teacher] if teacher is not None else [],
+        )
 
 
 # Knobs the coordinator state is built with in prepare(); a stage cannot change them.

@@ -80,6 +80,7 @@ class FederationLoop:
         # listing a dead node until its heartbeat times out, ~60 s).
         self._cooldown: dict[int, float] = {}
         self._online: set[int] = set()  # node ids the SuperLink listed at the last step
+        self.on_checkpoint: Callable[[], None] | None = None  # after each state save (blob GC)
 
     # --- main loop ------------------------------------------------------------------------
 
@@ -285,6 +286,8 @@ class FederationLoop:
         self._applied = []
         if self.settings.state_path and version in self.state.checkpoints:
             self.state.save(self.settings.state_path)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint()
         if self.rescoring.due(version):
             self.rescoring.rescore(self.factory, version, self._log)
         return version
