@@ -45,9 +45,10 @@ def serve_argv(tmp_path: Path, *args: str) -> list[str]:
     init, secret = tmp_path / "stage2.safetensors", tmp_path / "superexec.secret"
     init.write_bytes(b"unused")
     secret.write_bytes(b"s" * 32)
-    work = str(tmp_path / "w")
-    return ["--superlink", "127.0.0.1:9", "--init", str(init), "--work-dir", work,
-            "--minutes", "1", "--insecure", "--superexec-secret-file", str(secret), *args]  # fmt: skip
+    return [
+        *("--superlink", "127.0.0.1:9", "--init", str(init), "--work-dir", str(tmp_path / "w")),
+        *("--minutes", "1", "--insecure", "--superexec-secret-file", str(secret), *args),
+    ]
 
 
 def parsed_by_serve(monkeypatch, tmp_path: Path, *args: str) -> FederationSettings:
