@@ -171,12 +171,15 @@ class Coordinator:
         if epoch is not None:
             log.info("document routing: re-scored epoch %d restored", epoch)
         self.shards = [self._put_file(p) for p in self._shard_files("train")]
-        state_path = self.work_dir / "state.safetensors"
+        state_path = self._state_path(settings)
         self.state = CoordinatorState(self.cfg, model, self.store, settings)
         self.state_settings = settings
         if state_path.exists():
             self.state.load(state_path)
         self._record_initial_version()
+
+    def _state_path(self, settings: FederationSettings) -> Path:
+        return settings.state_path or self.work_dir / "state.safetensors"
 
     def _record_initial_version(self) -> None:
         """Version 0 (the stage-2 weights) exists in the database before any unit is leased."""
@@ -226,8 +229,7 @@ class Coordinator:
             teacher=teacher,
             total_units_hint=settings.units_hint,
         )
-        if settings.state_path is None:
-            settings = replace(settings, state_path=self.work_dir / "state.safetensors")
+        settings = replace(settings, state_path=self._state_path(settings))
         self.loop = FederationLoop(
             self.state,
             settings,
