@@ -40,7 +40,7 @@ def model_trits(limit: int) -> tuple[np.ndarray, str]:
     try:
         import torch
 
-        from shared_model.config import load_config
+        from shared_model.config_loading import load_config
         from shared_model.model import PerspectiveModel
         from shared_model.ternary import ternary_round
 

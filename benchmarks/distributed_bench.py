@@ -46,7 +46,7 @@ def worker(args) -> None:
 
     from coordinator.central.parallel.distributed import init_distributed, shutdown_distributed
     from coordinator.central.parallel.train_dist import train_stage_distributed
-    from shared_model.config import load_config
+    from shared_model.config_loading import load_config
     from shared_model.data import prepare_corpus
 
     torch.set_num_threads(1)
@@ -72,7 +72,7 @@ def _prepare_stage2(args, out: Path) -> None:
     import torch
 
     from coordinator.central.trainer import train_stage
-    from shared_model.config import load_config
+    from shared_model.config_loading import load_config
     from shared_model.data import prepare_corpus
     from shared_model.model import PerspectiveModel
 

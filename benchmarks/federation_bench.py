@@ -31,10 +31,10 @@ from coordinator.coordinator_process import (
     StageBudget,
     default_columns_per_participant,
 )
-from coordinator.federation import FederationSettings
+from coordinator.federation_settings import FederationSettings
 from coordinator.local_network import LocalNetwork
 from coordinator.plan.params import count_params
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -96,24 +96,26 @@ def federated(cfg, corpus, ckpt: str, work: Path, args) -> dict:
     peak_rss = 0
     with net:
         coord.start()
-        coord.prepare(ckpt, buffer_size=args.buffer_size or args.participants, codec=args.codec)
-        driver = net.open_driver()
+        units = max(
+            1, args.tokens // (args.steps_per_unit * cfg.train.batch_size * cfg.train.seq_len)
+        )
         settings = FederationSettings(
             stage=3,
             steps_per_unit=args.steps_per_unit,
             unit_seconds=args.unit_seconds,
             max_in_flight=args.max_in_flight,
+            buffer_size=args.buffer_size or args.participants,
             column_codec=args.codec,
             shared_codec=args.codec,
             eval_every=5,
             eval_batches=cfg.train.eval_batches,
             score_every=args.score_every,
             rescore_every_versions=args.rescore_every,
+            units_hint=units,
         )
-        units = max(
-            1, args.tokens // (args.steps_per_unit * cfg.train.batch_size * cfg.train.seq_len)
-        )
-        loop = coord.federated_stage(3, driver, StageBudget(tokens=args.tokens), settings, units)
+        coord.prepare(ckpt, settings)
+        driver = net.open_driver()
+        loop = coord.federated_stage(driver, StageBudget(tokens=args.tokens), settings)
         initial_labels = loop.assignment.labels.copy()
         t0 = time.perf_counter()
 

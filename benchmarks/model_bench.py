@@ -29,7 +29,7 @@ import torch
 
 from coordinator.central.stages import compute_loss
 from shared_model.attention import WindowedGQA
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.model import PerspectiveModel
 from shared_model.pdr import PDR, pdr_chunked, pdr_recurrent
 from shared_model.schedule import build_optimizer

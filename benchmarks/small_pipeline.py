@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from coordinator.central.trainer import default_device, train_stage
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 
 

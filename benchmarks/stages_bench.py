@@ -24,7 +24,7 @@ import torch
 from coordinator.central import manifold as mf
 from coordinator.central.checkpoint import load_checkpoint, save_checkpoint
 from coordinator.central.trd import encode_trd, ternary_experts
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.model import PerspectiveModel
 

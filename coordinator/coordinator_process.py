@@ -11,19 +11,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from coordinator.blob_gc import collect_blobs
 from coordinator.blob_server import BlobServer, TlsConfig
 from coordinator.central.checkpoint import load_checkpoint
 from coordinator.db import init_db, make_session_factory
 from coordinator.db import versions as db_versions
-from coordinator.federation import FederationLoop, FederationSettings, LoopStats
+from coordinator.federation import FederationLoop
+from coordinator.federation_settings import FederationSettings, FederationSettingsError, LoopStats
 from coordinator.leasing import UnitFactory
 from coordinator.routing.assignment import ColumnAssignment, initial_assignment
 from coordinator.routing.rescoring import restore_labels
 from coordinator.state import CoordinatorState
-from shared_model.blobs import BlobStore
+from shared_model.blobs import BlobStore, GcReport
 from shared_model.config import PerspectiveConfig
 from shared_model.data import PreparedCorpus
 from shared_model.model import PerspectiveModel
@@ -95,6 +97,7 @@ class Coordinator:
         self.blob_public_host = blob_public_host
         self.api = None
         self.state: CoordinatorState | None = None
+        self.state_settings: FederationSettings | None = None
         self.assignment: ColumnAssignment | None = None
         self.loop: FederationLoop | None = None
 
@@ -150,16 +153,12 @@ class Coordinator:
 
     # --- stages ------------------------------------------------------------------------------
 
-    def prepare(
-        self,
-        moe_checkpoint: str | Path,
-        *,
-        buffer_size: int,
-        codec: str,
-        outer_lr: float = 1.0,
-        outer_momentum: float = 0.0,
-    ) -> None:
-        """Load the stage-2 (or later) MoE checkpoint, shards and the initial routing."""
+    def prepare(self, moe_checkpoint: str | Path, settings: FederationSettings) -> None:
+        """Load the stage-2 (or later) MoE checkpoint, shards and the initial routing.
+
+        The coordinator state (aggregators, publishing) takes its knobs from ``settings``;
+        every later :meth:`federated_stage` must agree with them (:data:`STATE_KNOBS`).
+        """
         ckpt = load_checkpoint(moe_checkpoint)
         model = PerspectiveModel(self.cfg, moe=True)
         model.load_state_dict(ckpt.model_state, strict=True)
@@ -172,19 +171,15 @@ class Coordinator:
         if epoch is not None:
             log.info("document routing: re-scored epoch %d restored", epoch)
         self.shards = [self._put_file(p) for p in self._shard_files("train")]
-        state_path = self.work_dir / "state.safetensors"
-        self.state = CoordinatorState(
-            self.cfg,
-            model,
-            self.store,
-            codec=codec,
-            buffer_size=buffer_size,
-            outer_lr=outer_lr,
-            outer_momentum=outer_momentum,
-        )
+        state_path = self._state_path(settings)
+        self.state = CoordinatorState(self.cfg, model, self.store, settings)
+        self.state_settings = settings
         if state_path.exists():
             self.state.load(state_path)
         self._record_initial_version()
+
+    def _state_path(self, settings: FederationSettings) -> Path:
+        return settings.state_path or self.work_dir / "state.safetensors"
 
     def _record_initial_version(self) -> None:
         """Version 0 (the stage-2 weights) exists in the database before any unit is leased."""
@@ -206,10 +201,17 @@ class Coordinator:
         return tensor_pb2.BlobRef(content_id=cid, size=path.stat().st_size)
 
     def federated_stage(
-        self, stage: int, driver, budget: StageBudget, settings: FederationSettings, units_hint: int
+        self, driver, budget: StageBudget, settings: FederationSettings
     ) -> FederationLoop:
-        """Build the loop for a federated stage (3 or 4) on the prepared state."""
+        """Build the loop for federated stage ``settings.stage`` (3 or 4) on the prepared state.
+
+        Raises:
+            FederationSettingsError: ``settings`` disagree with :meth:`prepare`'s on a knob
+                the coordinator state already holds.
+        """
         assert self.state is not None and self.assignment is not None, "call prepare() first"
+        _check_state_knobs(self.state_settings, settings)
+        stage = settings.stage
         teacher = self.state.teacher_checkpoint() if stage == 4 else None
         units = UnitFactory(
             cfg=self.cfg,
@@ -225,9 +227,9 @@ class Coordinator:
             column_codec=settings.column_codec,
             shared_codec=settings.shared_codec,
             teacher=teacher,
-            total_units_hint=max(units_hint, 1),
+            total_units_hint=settings.units_hint,
         )
-        settings.state_path = settings.state_path or self.work_dir / "state.safetensors"
+        settings = replace(settings, state_path=self._state_path(settings))
         self.loop = FederationLoop(
             self.state,
             settings,
@@ -238,7 +240,48 @@ class Coordinator:
             self.assignment,
             budget.progress,
         )
+        self.loop.on_checkpoint = lambda: self.collect_blobs(settings, teacher)
         return self.loop
+
+    def collect_blobs(
+        self, settings: FederationSettings, teacher: tensor_pb2.BlobRef | None = None
+    ) -> GcReport:
+        """Delete blobs nobody needs any more (:mod:`coordinator.blob_gc`); after a save.
+
+        Pinned: the training shards and stage 4's teacher. Blobs younger than two leases
+        are kept: an upload is named by its reply only within its unit's lease.
+        """
+        assert self.state is not None, "call prepare() first"
+        return collect_blobs(
+            self.state,
+            self.session_factory,
+            max_staleness=settings.max_staleness,
+            min_age_s=2 * settings.lease_seconds,
+            pinned=[s.content_id for s in self.shards],
+            pinned_checkpoints=[teacher] if teacher is not None else [],
+        )
+
+
+# Knobs the coordinator state is built with in prepare(); a stage cannot change them.
+STATE_KNOBS = (
+    "shared_codec",
+    "buffer_size",
+    "max_staleness",
+    "checkpoint_every",
+    "outer_lr",
+    "outer_momentum",
+    "trim",
+    "diversity_lr",
+)
+
+
+def _check_state_knobs(prepared: FederationSettings, stage: FederationSettings) -> None:
+    differ = [k for k in STATE_KNOBS if getattr(prepared, k) != getattr(stage, k)]
+    if differ:
+        raise FederationSettingsError(
+            f"settings of stage {stage.stage} change {', '.join(differ)}, which the coordinator "
+            "state was prepared with; use the same values (or a new coordinator)"
+        )
 
 
 def demo_corpus_bytes(preset: str) -> int | None:

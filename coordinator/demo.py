@@ -16,11 +16,14 @@ import json
 import signal
 import tempfile
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 
+from coordinator import federation_options as fo
 from coordinator.demo_view import DemoView
+from coordinator.federation_settings import FederationSettings
 
 DEMO_TRAIN = {"small": ["train.batch_size=4", "train.seq_len=128"]}
 DEMO_HELP = "Run the local federated network: central seed, then federated stages 3 and 4."
@@ -31,12 +34,41 @@ def demo(
     participants: int = typer.Option(3, min=1, max=16, help="Number of local participants."),
     minutes: float = typer.Option(4.0, min=0.5, help="Total wall-clock budget."),
     work_dir: Path | None = typer.Option(None, help="Where DB, blobs and logs go."),
-    column_codec: str = typer.Option("ternary", help="Column upload codec: ternary | sparse."),
-    shared_codec: str = typer.Option("ternary", help="Shared pseudo-gradient codec."),
-    outer_lr: float = typer.Option(1.0, min=0.0, help="Outer (server) learning rate."),
-    outer_momentum: float = typer.Option(0.0, min=0.0, max=0.99, help="Outer Nesterov momentum."),
+    federation_config: fo.FederationConfig = None,
+    buffer_size: int | None = typer.Option(
+        None, help="Results per outer step / version [default: --participants]."
+    ),
+    steps_per_unit: fo.StepsPerUnit = None,
+    unit_seconds: fo.UnitSeconds = None,
+    max_steps_per_unit: fo.MaxStepsPerUnit = None,
+    max_in_flight: fo.MaxInFlight = None,
+    lease_seconds: fo.LeaseSeconds = None,
+    score_every: fo.ScoreEvery = None,
+    rescore_every_versions: fo.RescoreEveryVersions = None,
+    outer_lr: fo.OuterLr = None,
+    outer_momentum: fo.OuterMomentum = None,
+    max_staleness: fo.MaxStaleness = None,
+    checkpoint_every: fo.CheckpointEvery = None,
+    trim: fo.Trim = None,
+    diversity_lr: fo.DiversityLr = None,
+    column_codec: fo.ColumnCodec = None,
+    shared_codec: fo.SharedCodec = None,
 ) -> None:
     """Run the local federated network (central seed, federated stages 3 and 4)."""
+    # One outer step per result of each participant, unless the file or a flag says otherwise.
+    defaults = {"buffer_size": participants}
+    settings = fo.settings_from_cli(federation_config, locals(), defaults=defaults)
+    run_demo(preset, participants, minutes, work_dir, settings)
+
+
+def run_demo(
+    preset: str,
+    participants: int,
+    minutes: float,
+    work_dir: Path | None,
+    settings: FederationSettings,
+) -> None:
+    """Seed centrally, then run stages 3 and 4 with ``settings`` (their ``stage`` is set here)."""
     from coordinator.central.trainer import train_stage
     from coordinator.coordinator_process import (
         Coordinator,
@@ -44,14 +76,10 @@ def demo(
         default_columns_per_participant,
         demo_corpus_bytes,
     )
-    from coordinator.federation import FederationSettings
     from coordinator.local_network import LocalNetwork
-    from shared_model.config import load_config
+    from shared_model.config_loading import load_config
     from shared_model.data import prepare_corpus
 
-    for name, value in (("column-codec", column_codec), ("shared-codec", shared_codec)):
-        if value not in ("ternary", "sparse"):
-            raise typer.BadParameter(f"--{name} must be 'ternary' or 'sparse', got {value!r}")
     # Laptop-sized units: with the presets' own batches a `small` unit takes minutes on a CPU.
     cfg = load_config(preset, overrides=DEMO_TRAIN.get(preset))
     work = Path(work_dir or tempfile.mkdtemp(prefix="perspective-demo-"))
@@ -78,23 +106,14 @@ def demo(
         network.start()
         coord.start()
         view.say(f"dashboard: {coord.start_api()}/")
-        coord.prepare(
-            r2.checkpoint,
-            buffer_size=participants,
-            codec=shared_codec,
-            outer_lr=outer_lr,
-            outer_momentum=outer_momentum,
-        )
+        coord.prepare(r2.checkpoint, settings)
         driver = network.open_driver()
         fed_minutes = (minutes - seed_minutes) / 2
         for stage in (3, 4):
             if stop.is_set():
                 break
-            settings = FederationSettings(
-                stage=stage, column_codec=column_codec, shared_codec=shared_codec
-            )
             loop = coord.federated_stage(
-                stage, driver, StageBudget(minutes=fed_minutes), settings, units_hint=200
+                driver, StageBudget(minutes=fed_minutes), replace(settings, stage=stage)
             )
             view.start_stage(stage, loop)
             loop.run(stop.is_set, on_tick=view.refresh)

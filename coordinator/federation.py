@@ -33,7 +33,7 @@ from coordinator.db import versions as db_versions
 from coordinator.db.errors import Conflict, NotFound, ParticipantRevoked
 from coordinator.db.types import utcnow
 from coordinator.federation_settings import FederationSettings, LoopStats
-from coordinator.leasing import MAX_ATTEMPTS, UnitFactory, leases_needed
+from coordinator.leasing import UnitFactory, leases_needed
 from coordinator.routing.assignment import ColumnAssignment
 from coordinator.routing.rescoring import Rescoring
 from coordinator.state import CoordinatorState
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 # the node was removed, 5: node unavailable after missed heartbeats).
 NODE_GONE_CODES = (3, 5)
 NODE_COOLDOWN_S = 90.0
-__all__ = ["FederationLoop", "FederationSettings", "LoopStats"]  # settings re-exported
 
 
 class FederationLoop:
@@ -83,6 +82,7 @@ class FederationLoop:
         # listing a dead node until its heartbeat times out, ~60 s).
         self._cooldown: dict[int, float] = {}
         self._online: set[int] = set()  # node ids the SuperLink listed at the last step
+        self.on_checkpoint: Callable[[], None] | None = None  # after each state save (blob GC)
 
     # --- main loop ------------------------------------------------------------------------
 
@@ -185,7 +185,11 @@ class FederationLoop:
         try:
             with self.factory.begin() as s:
                 db_leases.fail_unit(
-                    s, unit_id=unit_id, reason=reason, requeue=True, max_attempts=MAX_ATTEMPTS
+                    s,
+                    unit_id=unit_id,
+                    reason=reason,
+                    requeue=True,
+                    max_attempts=self.settings.max_attempts,
                 )
         except (NotFound, Conflict) as exc:
             self._log("unit.failed.ignored", f"{unit_id}: {exc}")
@@ -253,6 +257,8 @@ class FederationLoop:
         self._applied = []
         if self.settings.state_path and version in self.state.checkpoints:
             self.state.save(self.settings.state_path)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint()
         if self.rescoring.due(version):
             self.rescoring.rescore(self.factory, version, self._log)
         return version
@@ -341,7 +347,7 @@ class FederationLoop:
     def _expire_leases(self, now: dt.datetime) -> None:
         """Expire leases past their deadline at ``now``; their units are re-queued as copies."""
         with self.factory.begin() as s:
-            db_leases.expire_leases(s, now=now, max_attempts=MAX_ATTEMPTS)
+            db_leases.expire_leases(s, now=now, max_attempts=self.settings.max_attempts)
 
     def _log(self, kind: str, message: str, unit_id: str | None = None) -> None:
         log.info("%s: %s", kind, message)

@@ -1,22 +1,51 @@
-"""Settings and running totals of a federated stage (used by the loop, serve and the demo)."""
+"""Every knob of a federated stage, with its one default and its allowed range.
+
+:class:`FederationSettings` is the only place these values have defaults: the coordinator
+state, the aggregators, the leasing policy and the loop receive them from it, and both
+``perspective coordinator serve`` and ``perspective demo`` build it with
+:func:`load_federation_settings` from an optional YAML file (``--federation-config``,
+keys = field names) and their flags, flags last. The table of knobs is in
+``docs/federated-training.md`` §4.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from coordinator.leasing import UnitSizing
-from coordinator.routing.rescoring import check_rescoring
+import yaml
+
+if TYPE_CHECKING:
+    from coordinator.leasing import UnitSizing
+
+CODECS = ("ternary", "sparse")
 
 
-@dataclass
+class FederationSettingsError(ValueError):
+    """A federation setting is unknown or out of range; the message names it and the range."""
+
+
+@dataclass(frozen=True)
 class FederationSettings:
-    """Knobs of one federated stage (defaults from ``docs/federated-training.md``).
+    """Knobs of one federated stage (``docs/federated-training.md`` §4 says why each default).
 
-    ``unit_seconds`` (``None``: every unit has ``steps_per_unit`` steps) is the target
-    training time of a unit, sized from each participant's tokens/s within
+    Units: ``unit_seconds`` (``None``: every unit has ``steps_per_unit`` steps) is the
+    target training time of a unit, sized from each participant's tokens/s within
     ``min/max_steps_per_unit`` (max ``None``: 8 × ``steps_per_unit``) and the lease; see
     :class:`~coordinator.leasing.UnitSizing`, whose ``UnitSizingError`` bad values raise.
+    ``units_hint`` is the stage's expected number of units: the length of the lr and
+    ternary schedules a unit's hyper-parameters are read from.
+
+    Aggregation: every ``buffer_size`` accepted results the shared layers take one outer
+    step (``outer_lr``, Nesterov ``outer_momentum``; the staleness-weighted mean trims
+    ``trim`` results at each end per coordinate); results based more than
+    ``max_staleness`` versions back are refused; every ``checkpoint_every`` versions a
+    full checkpoint is published (and the blob store is garbage-collected);
+    ``diversity_lr`` > 0 applies the diversity term on the expert masters before each
+    publication. Versions are published with ``shared_codec``.
 
     Scoring (:mod:`coordinator.routing.rescoring`, off by default): every ``score_every``-th unit
     leased also reports its documents' losses under each of its columns; every
@@ -26,25 +55,54 @@ class FederationSettings:
     """
 
     stage: int = 3
+    # units and leases
     steps_per_unit: int = 20
     unit_seconds: float | None = None
     min_steps_per_unit: int = 5
     max_steps_per_unit: int | None = None
     lease_seconds: float = 300.0
+    lease_fraction: float = 0.5
     max_in_flight: int = 2
+    max_attempts: int = 3
     docs_per_unit: int = 32
+    units_hint: int = 200
+    # compression
     column_codec: str = "ternary"
     shared_codec: str = "ternary"
+    # aggregation and publishing
+    buffer_size: int = 2
+    max_staleness: int = 8
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.0
+    trim: int = 0
+    diversity_lr: float = 0.0
+    checkpoint_every: int = 10
+    max_update_norm: float = 1e4
+    # evaluation
     eval_every: int = 5
     eval_batches: int = 4
-    max_update_norm: float = 1e4
-    state_path: Path | None = None
+    # scoring and re-routing
     score_every: int = 0
     rescore_every_versions: int = 0
     rescore_margin: float = 0.02
     rescore_slack: float = 1.1
+    # where the loop checkpoints the coordinator state (None: <work dir>/state.safetensors)
+    state_path: Path | None = field(default=None)
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = _coerce(f.name, f.type, getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+            rule = RANGES.get(f.name)
+            if rule is not None and value is not None and not rule[0](value):
+                raise FederationSettingsError(f"{f.name} = {value!r} is invalid: allowed {rule[1]}")
+        if 2 * self.trim >= self.buffer_size:  # robust.trimmed_mean would silently not trim
+            raise FederationSettingsError(
+                f"trim = {self.trim} is invalid: allowed 0 <= trim < buffer_size / 2 "
+                f"(buffer_size = {self.buffer_size})"
+            )
+        from coordinator.routing.rescoring import check_rescoring  # (torch: not at CLI start-up)
+
         self.sizing()  # fail at construction, not at the first lease
         check_rescoring(
             self.score_every, self.rescore_every_versions, self.rescore_margin, self.rescore_slack
@@ -52,6 +110,8 @@ class FederationSettings:
 
     def sizing(self) -> UnitSizing:
         """The unit-sizing policy these settings describe."""
+        from coordinator.leasing import UnitSizing  # (torch: not at CLI start-up)
+
         return UnitSizing(
             steps_per_unit=self.steps_per_unit,
             unit_seconds=self.unit_seconds,
@@ -59,6 +119,109 @@ class FederationSettings:
             max_steps=self.max_steps_per_unit,
             lease_seconds=self.lease_seconds,
             max_in_flight=self.max_in_flight,
+            lease_fraction=self.lease_fraction,
+        )
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f"a value >= {low}"
+
+
+# Ranges checked here; unit sizing (steps, unit_seconds, lease) and scoring have their own
+# errors (UnitSizingError, RescoringError), raised by ``sizing()`` / ``check_rescoring``.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "stage": ((lambda v: v in (3, 4)), "3 or 4"),
+    "max_attempts": _at_least(1),
+    "docs_per_unit": _at_least(1),
+    "units_hint": _at_least(1),
+    "column_codec": ((lambda v: v in CODECS), " or ".join(CODECS)),
+    "shared_codec": ((lambda v: v in CODECS), " or ".join(CODECS)),
+    "buffer_size": _at_least(1),
+    "max_staleness": _at_least(0),
+    "outer_lr": ((lambda v: 0 <= v < math.inf), "a finite value >= 0"),
+    "outer_momentum": ((lambda v: 0 <= v < 1), "0 <= value < 1"),
+    "trim": _at_least(0),
+    "diversity_lr": ((lambda v: 0 <= v < math.inf), "a finite value >= 0 (0: off)"),
+    "checkpoint_every": _at_least(1),
+    "max_update_norm": ((lambda v: v > 0), "a value > 0 (inf: no limit)"),
+    "eval_every": _at_least(1),
+    "eval_batches": _at_least(1),
+}
+
+_KINDS: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "Path": (str, Path),
+}
+
+
+def _coerce(name: str, annotation: str, value: Any) -> Any:
+    """Check ``value`` against the field's annotation (``int``, ``float | None``, ...)."""
+    kind, _, optional = annotation.partition(" | ")
+    if value is None and optional == "None":
+        return None
+    accepted = _KINDS[kind]
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        what = {"int": "an integer", "float": "a number", "str": "a string", "Path": "a path"}
+        none = " or null" if optional else ""
+        raise FederationSettingsError(f"{name} = {value!r} is invalid: allowed {what[kind]}{none}")
+    if kind == "float":
+        return float(value)
+    return Path(value) if kind == "Path" else value
+
+
+def load_federation_settings(
+    path: Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+) -> FederationSettings:
+    """Build the settings of ``serve`` and ``demo``: defaults, then the file, then flags.
+
+    Args:
+        path: YAML file mapping field names to values (``None``: no file).
+        overrides: values given as flags; ``None`` values mean "not given".
+        defaults: the caller's own defaults for some fields (the demo: ``buffer_size`` =
+            its number of participants), below the file and the flags.
+
+    Raises:
+        FederationSettingsError: unreadable file, unknown key (the message lists the
+            allowed ones) or a value out of range; ``UnitSizingError`` and
+            ``RescoringError`` (both ``ValueError``) for unit sizing and scoring.
+    """
+    values: dict[str, Any] = dict(defaults or {})
+    if path is not None:
+        values.update(_read_file(Path(path)))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    _check_keys(values, f"in {path}" if path is not None else "")
+    return FederationSettings(**values)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise FederationSettingsError(f"cannot read federation config {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise FederationSettingsError(f"federation config {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FederationSettingsError(
+            f"federation config {path} must be a mapping of setting names to values"
+        )
+    _check_keys(data, f"in {path}")
+    return data
+
+
+def _check_keys(values: Mapping[str, Any], where: str) -> None:
+    allowed = [f.name for f in fields(FederationSettings)]
+    unknown = sorted(str(k) for k in values if k not in allowed)
+    if unknown:
+        raise FederationSettingsError(
+            f"unknown federation setting(s) {', '.join(unknown)} {where}".rstrip()
+            + f"; allowed: {', '.join(allowed)}"
         )
 
 

@@ -9,7 +9,7 @@ Every participant is kept busy with column affinity (DESIGN §3):
   columns, a number proportional to their measured throughput (capacity-balanced), 1 to
   ``max_columns``. With more participants than columns, columns are replicated.
 * Leases expire at their deadline; the unit is re-queued as a copy with ``attempt + 1``
-  for another participant, up to :data:`MAX_ATTEMPTS` (the row work is
+  for another participant, up to ``FederationSettings.max_attempts`` (the row work is
   :mod:`coordinator.db.leases`, which the federation loop calls directly).
 
 A unit (:class:`UnitFactory`) trains the participant's columns on documents routed to
@@ -62,7 +62,6 @@ STAGES = {
     3: federation_pb2.STAGE_EXPERT_DIFFERENTIATION,
     4: federation_pb2.STAGE_TERNARY_DISTILLATION,
 }
-MAX_ATTEMPTS = 3  # attempts per unit (the first and two re-queued copies) before abandoning
 
 
 class UnitSizingError(ValueError):

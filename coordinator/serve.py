@@ -26,6 +26,7 @@ from pathlib import Path
 
 import typer
 
+from coordinator import federation_options as fo
 from coordinator.network_init import CoordinatorSecrets
 from shared_model.identity import SecurityError
 
@@ -92,24 +93,29 @@ def serve(
     db: str | None = typer.Option(None, envvar="PERSPECTIVE_DB", help="Database URL."),
     preset: str = typer.Option("tiny", help="Model preset."),
     config: Path | None = typer.Option(None, help="YAML config overriding the preset."),
-    stage: int = typer.Option(3, min=3, max=4, help="Federated stage: 3 or 4."),
+    stage: int | None = typer.Option(None, help="Federated stage: 3 or 4 [default: 3]."),
     minutes: float | None = typer.Option(None, min=0.01, help="Stage wall-clock budget."),
     tokens: int | None = typer.Option(None, min=1, help="Stage token budget."),
-    buffer_size: int = typer.Option(2, min=1, help="Results per outer step / version."),
-    steps_per_unit: int = typer.Option(20, min=1, help="Inner steps per unit (H)."),
-    unit_seconds: float | None = typer.Option(
-        None, help="Size units to this many seconds from each node's tokens/s (default: off)."
+    federation_config: fo.FederationConfig = None,
+    buffer_size: fo.BufferSize = None,
+    steps_per_unit: fo.StepsPerUnit = None,
+    unit_seconds: fo.UnitSeconds = None,
+    max_steps_per_unit: fo.MaxStepsPerUnit = None,
+    max_in_flight: fo.MaxInFlight = None,
+    lease_seconds: fo.LeaseSeconds = None,
+    score_every: fo.ScoreEvery = None,
+    rescore_every_versions: fo.RescoreEveryVersions = None,
+    outer_lr: fo.OuterLr = None,
+    outer_momentum: fo.OuterMomentum = None,
+    max_staleness: fo.MaxStaleness = None,
+    checkpoint_every: fo.CheckpointEvery = None,
+    trim: fo.Trim = None,
+    diversity_lr: fo.DiversityLr = None,
+    column_codec: fo.ColumnCodec = None,
+    shared_codec: fo.SharedCodec = None,
+    codec: str | None = typer.Option(
+        None, help="Both codecs at once: ternary | sparse (--column/--shared-codec win)."
     ),
-    max_steps_per_unit: int | None = typer.Option(
-        None, min=1, help="Cap on sized units' steps (default 8 x --steps-per-unit)."
-    ),
-    score_every: int = typer.Option(
-        0, min=0, help="Every Nth unit also scores its documents under each column (0: off)."
-    ),
-    rescore_every_versions: int = typer.Option(
-        0, min=0, help="Re-route documents by reported losses every N versions (0: off)."
-    ),
-    lease_seconds: float = typer.Option(300.0, min=5, help="Lease deadline."),
     blob_host: str = typer.Option("127.0.0.1", help="Interface of the blob service."),
     blob_port: int = typer.Option(0, min=0, help="Blob service port (0: any free port)."),
     public_host: str | None = typer.Option(
@@ -121,19 +127,18 @@ def serve(
         None, help="Public host:port of the Fleet API (the proxy), told to enrolling volunteers."
     ),
     key_sync_seconds: float = typer.Option(5.0, min=0.5, help="Node-key sync period."),
-    codec: str = typer.Option("ternary", help="Update codec: ternary | sparse."),
 ) -> None:
     """Serve one federated stage until its budget is used or SIGTERM/SIGINT."""
     from coordinator.coordinator_process import StageBudget
-    from coordinator.federation import FederationSettings
-    from shared_model.config import ConfigError, load_config
+    from shared_model.config import ConfigError
+    from shared_model.config_loading import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     if minutes is None and tokens is None:
         raise typer.BadParameter("give --minutes or --tokens (the stage's budget)")
-    if codec not in ("ternary", "sparse"):
-        raise typer.BadParameter(f"--codec must be 'ternary' or 'sparse', got {codec!r}")
+    column_codec, shared_codec = column_codec or codec, shared_codec or codec
+    settings = fo.settings_from_cli(federation_config, locals())
     security = resolve_security(secrets_dir, insecure, superexec_secret_file)
     if insecure:
         typer.secho(INSECURE_WARNING, err=True, fg=typer.colors.RED, bold=True)
@@ -146,27 +151,13 @@ def serve(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    try:
-        settings = FederationSettings(
-            stage=stage,
-            steps_per_unit=steps_per_unit,
-            lease_seconds=lease_seconds,
-            column_codec=codec,
-            shared_codec=codec,
-            unit_seconds=unit_seconds,
-            max_steps_per_unit=max_steps_per_unit,
-            score_every=score_every,
-            rescore_every_versions=rescore_every_versions,
-        )
-    except ValueError as exc:  # UnitSizingError, RescoringError: say which setting and why
-        raise typer.BadParameter(str(exc)) from exc
     endpoints = Endpoints(
         superlink, blob_host, blob_port, public_host, api_host, api_port, fleet_address
     )
     budget = StageBudget(tokens=tokens, minutes=minutes)
     try:
         run_serve(cfg, work_dir, db, init, security, endpoints, settings, budget, stop,
-                  buffer_size=buffer_size, key_sync_seconds=key_sync_seconds)  # fmt: skip
+                  key_sync_seconds=key_sync_seconds)  # fmt: skip
     except startup_errors() as exc:
         typer.secho(f"coordinator serve: {type(exc).__name__}: {exc}", err=True, fg="red")
         raise typer.Exit(1) from exc
@@ -200,7 +191,7 @@ class Endpoints:
 
 def run_serve(
     cfg, work_dir, db_url, init, security: Security, endpoints: Endpoints, settings, budget,
-    stop: threading.Event, *, buffer_size: int, key_sync_seconds: float,
+    stop: threading.Event, *, key_sync_seconds: float,
 ) -> None:  # fmt: skip
     """Start the coordinator, run the stage (re-attaching after SuperLink outages), stop."""
     from coordinator.blob_server import TlsConfig
@@ -234,10 +225,10 @@ def run_serve(
                 coord.session_factory, endpoints.superlink,
                 root_certificates=security.ca, period_s=key_sync_seconds,
             ).start()  # fmt: skip
-        coord.prepare(init, buffer_size=buffer_size, codec=settings.column_codec)
+        coord.prepare(init, settings)
         log.info("blob service at %s (TLS: %s)", coord.blob_address, tls)
         connect = lambda: _open_driver(endpoints.superlink, security, stop)  # noqa: E731
-        loop = coord.federated_stage(settings.stage, None, budget, settings, units_hint=200)
+        loop = coord.federated_stage(None, budget, settings)
         replayed = loop.recover()
         log.info("recovered at version %d (%d results replayed)", loop.state.version, replayed)
         run_attached(loop, connect, stop)

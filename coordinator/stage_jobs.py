@@ -45,7 +45,8 @@ from coordinator.db.stage_jobs import (
     update_stage_progress,
 )
 from coordinator.db.types import StageJobState
-from shared_model.config import PerspectiveConfig, save_config
+from shared_model.config import PerspectiveConfig
+from shared_model.config_loading import save_config
 
 S = StageJobState
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save, save_file
 
 from coordinator.aggregation import ColumnAggregator, OuterOptimizer, SharedAggregator
 from coordinator.aggregation.diversity import apply_diversity
+from coordinator.federation_settings import FederationSettings
 from shared_model.blobs import BlobStore
 from shared_model.config import PerspectiveConfig
 from shared_model.federated.updates import encode_update, make_bundle
@@ -39,28 +40,25 @@ class CoordinatorState:
         cfg: PerspectiveConfig,
         model: PerspectiveModel,
         store: BlobStore,
+        settings: FederationSettings,
         *,
         version: int = 0,
-        codec: str = "ternary",
-        buffer_size: int = 3,
-        max_staleness: int = 8,
-        checkpoint_every: int = 10,
-        outer_lr: float = 0.7,
-        outer_momentum: float = 0.9,
-        diversity_lr: float = 0.0,
     ) -> None:
-        self.cfg, self.store, self.codec = cfg, store, codec
+        """Masters from ``model``; codec, buffer, staleness, checkpoint period, outer
+        optimiser, trim and diversity lr from ``settings`` (they have no defaults here)."""
+        self.cfg, self.store, self.codec = cfg, store, settings.shared_codec
         self.version = version
-        self.checkpoint_every = checkpoint_every
-        self.diversity_lr = diversity_lr
+        self.checkpoint_every = settings.checkpoint_every
+        self.diversity_lr = settings.diversity_lr
         n = cfg.moe.n_experts
         self.columns = ColumnAggregator(
-            {c: model.expert_state(c) for c in range(n)}, version, max_staleness
+            {c: model.expert_state(c) for c in range(n)}, version, settings.max_staleness
         )
         self.shared = SharedAggregator(
             model.shared_state(),
-            buffer_size=buffer_size,
-            outer=OuterOptimizer(outer_lr, outer_momentum),
+            buffer_size=settings.buffer_size,
+            outer=OuterOptimizer(settings.outer_lr, settings.outer_momentum),
+            trim=settings.trim,
         )
         self.manifests: dict[int, tensor_pb2.BlobRef] = {}
         self.checkpoints: dict[int, tensor_pb2.BlobRef] = {}

@@ -44,7 +44,8 @@ def worker(
     from participant.flower.worker import FlowerWorker
     from participant.hardware import HardwareError, detect
     from participant.runtime import ParticipantRuntime, WorkerConfigError, load_ca_file
-    from shared_model.config import ConfigError, load_config
+    from shared_model.config import ConfigError
+    from shared_model.config_loading import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise

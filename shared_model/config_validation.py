@@ -1,27 +1,22 @@
 """Validation of a :class:`~shared_model.config.PerspectiveConfig`: one clear error per bad field.
 
-Kept apart from :mod:`shared_model.config` (which re-exports :class:`ConfigError` and
-:func:`validate`) so the presets and loading code stay short.
+Reads the dataclasses of :mod:`shared_model.config`; used by
+:mod:`shared_model.config_loading` on every config it builds.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from shared_model.config import (
-        ModelConfig,
-        MoEConfig,
-        OptimConfig,
-        PerspectiveConfig,
-        TernaryConfig,
-    )
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the allowed range."""
-
+from shared_model.config import (
+    ConfigError,
+    ModelConfig,
+    MoEConfig,
+    OptimConfig,
+    PerspectiveConfig,
+    TernaryConfig,
+)
 
 _POSITIVE_INTS = {
     "model": [

@@ -118,7 +118,7 @@ class PerspectiveModel(nn.Module):
     """Perspective LM in dense (stage 1) or MoE (stages 2+) mode.
 
     Args:
-        cfg: validated config (:func:`shared_model.config.load_config`).
+        cfg: validated config (:func:`shared_model.config_loading.load_config`).
         moe: build MoE FFNs in the PDR layers.
         columns: MoE only; hold just these expert columns (federated participants).
     """

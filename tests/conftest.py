@@ -49,7 +49,7 @@ TINY_FED_OVERRIDES = ["train.batch_size=4", "train.seq_len=32"]
 def tiny_moe_seed(tmp_path_factory):
     """``(cfg, corpus, checkpoint)``: a short stage-1 dense seed cloned into experts (stage 2)."""
     from coordinator.central.trainer import train_stage
-    from shared_model.config import load_config
+    from shared_model.config_loading import load_config
     from shared_model.data import prepare_corpus
 
     cfg = load_config("tiny", overrides=TINY_FED_OVERRIDES)

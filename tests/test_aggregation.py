@@ -29,7 +29,7 @@ def test_staleness_weight():
 
 
 def test_column_pull_is_not_counted_twice():
-    agg = ColumnAggregator({0: {"w": torch.zeros(4)}}, version=0)
+    agg = ColumnAggregator({0: {"w": torch.zeros(4)}}, version=0, max_staleness=8)
     # Two pipelined results from the same owner, both based on version 0: the second
     # describes the owner's cumulative copy, so the master must end at it, not at 2x.
     agg.apply(0, {"w": torch.ones(4)}, base_version=0, current_version=0)
@@ -48,7 +48,7 @@ def test_column_staleness_weight_and_limit():
 
 
 def test_publish_error_feedback_keeps_unsent_part():
-    agg = ColumnAggregator({0: {"w": torch.zeros(3)}}, version=0)
+    agg = ColumnAggregator({0: {"w": torch.zeros(3)}}, version=0, max_staleness=8)
     agg.apply(0, {"w": torch.tensor([1.0, 0.1, -1.0])}, 0, 0)
 
     def sign_only(name, t):  # lossy: drops small entries
@@ -70,7 +70,9 @@ def test_outer_nesterov_matches_formula():
 
 
 def test_shared_aggregator_steps_every_buffer_size():
-    agg = SharedAggregator({"w": torch.zeros(2)}, buffer_size=2, outer=OuterOptimizer(1.0, 0.0))
+    agg = SharedAggregator(
+        {"w": torch.zeros(2)}, buffer_size=2, outer=OuterOptimizer(1.0, 0.0), trim=0
+    )
     assert agg.add({"w": torch.ones(2)}, 0, 0) is False
     assert agg.add({"w": torch.ones(2)}, 0, 0) is True
     assert torch.allclose(agg.master["w"], -torch.ones(2))

@@ -16,7 +16,7 @@ from coordinator.central.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.model import PerspectiveModel
 from shared_model.schedule import build_optimizer
 

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared_model.config import (
-    PRESETS,
-    ConfigError,
-    config_from_dict,
-    load_config,
-    parse_overrides,
-    save_config,
-)
+from shared_model.config import PRESETS, ConfigError
+from shared_model.config_loading import config_from_dict, load_config, parse_overrides, save_config
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

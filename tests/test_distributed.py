@@ -23,7 +23,7 @@ from coordinator.central.parallel.checkpointing import (
 )
 from coordinator.central.parallel.distributed import free_port
 from coordinator.central.trainer import train_stage
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 
 torch.set_num_threads(1)

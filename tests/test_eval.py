@@ -12,7 +12,7 @@ from coordinator.central.evaluation import lm as lm_mod
 from coordinator.central.evaluation.lm import EvalError, PerspectiveLM
 from coordinator.central.evaluation.report import default_tasks, run_eval
 from coordinator.central.evaluation.tasks import extract_number, read_jsonl, run_multiple_choice
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.model import PerspectiveModel
 

@@ -3,13 +3,19 @@
 import pytest
 import torch
 
+from coordinator.federation_settings import FederationSettings
 from coordinator.state import CoordinatorState
 from shared_model.blobs import BlobStore
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.federated.replica import Replica, SyncError
 from shared_model.federated.updates import decode_update, encode_update, tensor_digest
 from shared_model.model import PerspectiveModel
 from shared_model.wire.perspective.v1 import control_pb2
+
+# What these tests were written against (the state's former own defaults, now explicit).
+OLD_STATE_KNOBS = FederationSettings(
+    checkpoint_every=3, buffer_size=3, outer_lr=0.7, outer_momentum=0.9
+)
 
 
 @pytest.fixture
@@ -17,7 +23,7 @@ def state(tmp_path):
     torch.manual_seed(0)
     cfg = load_config("tiny")
     model = PerspectiveModel(cfg, moe=True)
-    return CoordinatorState(cfg, model, BlobStore(tmp_path / "blobs"), checkpoint_every=3)
+    return CoordinatorState(cfg, model, BlobStore(tmp_path / "blobs"), OLD_STATE_KNOBS)
 
 
 def fetcher(store):
@@ -96,7 +102,7 @@ def test_state_save_load_roundtrip(state, tmp_path):
     state.publish()
     state.save(tmp_path / "state.safetensors")
     cfg = load_config("tiny")
-    other = CoordinatorState(cfg, PerspectiveModel(cfg, moe=True), state.store)
+    other = CoordinatorState(cfg, PerspectiveModel(cfg, moe=True), state.store, OLD_STATE_KNOBS)
     other.load(tmp_path / "state.safetensors")
     assert other.version == state.version
     for name, t in state.shared.master.items():

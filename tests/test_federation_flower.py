@@ -23,7 +23,7 @@ import time
 import pytest
 
 from coordinator.coordinator_process import Coordinator, StageBudget
-from coordinator.federation import FederationSettings
+from coordinator.federation_settings import FederationSettings
 from coordinator.local_network import LocalNetwork
 from tests.conftest import ARTIFACTS, wait_for
 
@@ -63,12 +63,13 @@ def test_dashboard_follows_a_real_run(seed, network, tmp_path, browser):
     stop = threading.Event()
     thread = None
     try:
-        coord.prepare(ckpt, buffer_size=1, codec="ternary")
-        driver = network.open_driver()
         settings = FederationSettings(
-            stage=3, steps_per_unit=6, lease_seconds=30, eval_every=2, eval_batches=1
-        )
-        loop = coord.federated_stage(3, driver, StageBudget(minutes=30), settings, units_hint=60)
+            stage=3, steps_per_unit=6, lease_seconds=30, eval_every=2, eval_batches=1,
+            buffer_size=1, units_hint=60,
+        )  # fmt: skip
+        coord.prepare(ckpt, settings)
+        driver = network.open_driver()
+        loop = coord.federated_stage(driver, StageBudget(minutes=30), settings)
         thread = threading.Thread(target=loop.run, args=(stop.is_set,), daemon=True)
         thread.start()
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -166,12 +167,13 @@ def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
     coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
     coord.start()
     try:
-        coord.prepare(ckpt, buffer_size=2, codec="ternary")
-        driver = network.open_driver()
         settings = FederationSettings(
-            stage=3, steps_per_unit=8, lease_seconds=30, eval_every=1000, eval_batches=4
-        )
-        loop = coord.federated_stage(3, driver, StageBudget(minutes=30), settings, units_hint=60)
+            stage=3, steps_per_unit=8, lease_seconds=30, eval_every=1000, eval_batches=4,
+            buffer_size=2, units_hint=60,
+        )  # fmt: skip
+        coord.prepare(ckpt, settings)
+        driver = network.open_driver()
+        loop = coord.federated_stage(driver, StageBudget(minutes=30), settings)
         loss0 = loop.evaluate()
         step_until(loop, lambda: loop.state.version >= 5, 300, "5 versions")
         loss5 = loop.evaluate()

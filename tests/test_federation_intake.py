@@ -16,13 +16,14 @@ from coordinator.db import leases as db_leases
 from coordinator.db import participants as db_participants
 from coordinator.db.leases import get_unit
 from coordinator.db.models import Result
-from coordinator.federation import FederationLoop, FederationSettings
-from coordinator.leasing import MAX_ATTEMPTS, UnitFactory
+from coordinator.federation import FederationLoop
+from coordinator.federation_settings import FederationSettings
+from coordinator.leasing import UnitFactory
 from coordinator.routing.assignment import initial_assignment
 from coordinator.state import CoordinatorState
 from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.blobs import BlobStore
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.federated.updates import make_bundle
 from shared_model.model import PerspectiveModel
@@ -44,7 +45,10 @@ def make_loop(tmp_path, corpus, state_seed=0, **settings):
     store = BlobStore(tmp_path / "blobs")
     model = PerspectiveModel(cfg, moe=True)
     train, val = corpus.dataset("train"), corpus.dataset("val")
-    state = CoordinatorState(cfg, model, store, buffer_size=2)
+    # buffer 2 and DiLoCo's outer lr 0.7 / momentum 0.9: what these tests were written against
+    fed = FederationSettings(stage=3, eval_batches=1, steps_per_unit=3, buffer_size=2,
+                             outer_lr=0.7, outer_momentum=0.9, **settings)  # fmt: skip
+    state = CoordinatorState(cfg, model, store, fed)
     assignment = initial_assignment(model, train, cfg.moe.n_experts)
     settings = FederationSettings(stage=3, eval_batches=1, steps_per_unit=3, **settings)
     units = UnitFactory(
@@ -54,7 +58,7 @@ def make_loop(tmp_path, corpus, state_seed=0, **settings):
         eot_id=corpus.eot_id, blob_address="in-process", token_key=b"k" * 32,
         lease_seconds=settings.lease_seconds,  # as the coordinator builds it
     )  # fmt: skip
-    loop = FederationLoop(state, settings, factory, None, units, val, assignment, lambda s: 0.0)
+    loop = FederationLoop(state, fed, factory, None, units, val, assignment, lambda s: 0.0)
     with factory.begin() as s:
         from coordinator.db import versions
 
@@ -199,7 +203,7 @@ def test_requeued_unit_keeps_its_steps(tmp_path, corpus):
             unit_id=unit_id,
             reason="participant crashed",
             requeue=True,
-            max_attempts=MAX_ATTEMPTS,
+            max_attempts=loop.settings.max_attempts,
         )
     copy_id, copy = loop.lease_request(slow)
     assert copy_id != unit_id and copy.unit.steps == 100  # not re-sized for the slow node

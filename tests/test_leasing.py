@@ -28,8 +28,11 @@ from coordinator.db.participants import (
     touch_participant,
 )
 from coordinator.db.results import ResultPayload
+from coordinator.federation_settings import FederationSettings
 from coordinator.intake import record_result
-from coordinator.leasing import MAX_ATTEMPTS, assign_columns, leases_needed
+from coordinator.leasing import assign_columns, leases_needed
+
+MAX_ATTEMPTS = FederationSettings().max_attempts
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from coordinator.central import manifold as mf
 from coordinator.central.checkpoint import load_checkpoint, save_checkpoint
 from coordinator.central.manifold_stage import layout_experts, run_manifold
 from coordinator.central.trd import TrdError, apply_trd, read_trd, ternary_experts, verify_trd_set
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.model import PerspectiveModel
 

@@ -7,7 +7,7 @@ import torch
 
 from coordinator.central.generate import generate
 from coordinator.plan.params import count_params
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.model import (
     InferenceCache,
     ModelError,

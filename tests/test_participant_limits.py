@@ -32,7 +32,7 @@ from participant.progress import ProgressWriter, read_progress
 from participant.runtime import ParticipantRuntime, WorkerConfigError, load_ca_file
 from participant.status import read_status, render_status
 from shared_model.blobs import BlobStore, BlobUnavailable, issue_token
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.processes import free_port
 from shared_model.wire.perspective.v1 import control_pb2
 

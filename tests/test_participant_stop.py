@@ -16,7 +16,7 @@ from coordinator.blob_server import BlobServer
 from coordinator.db import participants as db_participants
 from participant.outbox import ResultOutbox
 from participant.runtime import ParticipantRuntime
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.wire.perspective.v1 import control_pb2, federation_pb2
 from tests.conftest import wait_for

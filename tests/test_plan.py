@@ -22,7 +22,7 @@ from coordinator.plan.seed import (
     seed_plan,
     stage1_rate_check,
 )
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = load_config("full")

@@ -18,7 +18,7 @@ from coordinator.coordinator_process import Coordinator
 from coordinator.db import doc_routing
 from coordinator.db import events as db_events
 from coordinator.db import participants as db_participants
-from coordinator.federation import FederationSettings
+from coordinator.federation_settings import FederationSettings
 from coordinator.routing.assign import CentroidRouter
 from coordinator.routing.assignment import ColumnAssignment
 from coordinator.routing.rescoring import (
@@ -196,7 +196,7 @@ def test_loop_rescores_and_restart_keeps_the_routing(tmp_path, corpus):  # noqa:
         loop.state.cfg, tmp_path / "coord", corpus, db_url=f"sqlite:///{tmp_path / 'db.sqlite'}"
     )
     try:
-        coord.prepare(ckpt, buffer_size=2, codec="ternary")
+        coord.prepare(ckpt, FederationSettings(buffer_size=2))
         assert np.array_equal(coord.assignment.labels, loop.assignment.labels)
     finally:
         coord.shutdown()

@@ -21,7 +21,7 @@ from coordinator.central.safety import (
     text_representations,
 )
 from coordinator.central.safety_stage import guarded_generate, run_spp, split_redteam
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.model import PerspectiveModel
 

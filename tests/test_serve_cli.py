@@ -54,3 +54,20 @@ def test_serve_refuses_bad_settings_clearly(secrets, tmp_path) -> None:
     code, said = run("coordinator", "serve", "--superlink", "127.0.0.1:9", "--init", str(missing),
                      "--work-dir", str(tmp_path / "w"), "--minutes", "1", "--insecure")  # fmt: skip
     assert code == 2 and "does not exist" in said
+
+
+@pytest.mark.integration
+def test_serve_and_demo_refuse_a_bad_federation_config(tmp_path) -> None:
+    bad = tmp_path / "federation.yaml"
+    bad.write_text("outer_lr: 1.0\nmax_stalenes: 4\n")  # a typo in a key
+    for code, said in (
+        serve(tmp_path, "--insecure", "--federation-config", str(bad)),
+        run("demo", "--federation-config", str(bad)),
+    ):
+        assert code == 2 and "unknown federation setting(s) max_stalenes" in said, said
+        assert "max_staleness" in said  # the allowed keys are listed
+    bad.write_text("outer_momentum: 2\n")
+    code, said = serve(tmp_path, "--insecure", "--federation-config", str(bad))
+    assert code == 2 and "outer_momentum = 2.0 is invalid: allowed 0 <= value < 1" in said, said
+    code, said = run("demo", "--federation-config", str(bad), "--max-staleness", "-3")
+    assert code == 2 and "max_staleness = -3 is invalid" in said, said

@@ -17,7 +17,7 @@ from coordinator.central.stages import StageError
 from coordinator.db.engine import init_db, make_session_factory, sqlite_url, transaction
 from coordinator.db.stage_jobs import list_stage_jobs
 from coordinator.stage_jobs import StageJobError, get_stage, registered_stages, run_stage_job
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 
 MAX_BYTES = 600_000

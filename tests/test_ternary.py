@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.model import PerspectiveModel
 from shared_model.ternary import (
     TernaryError,

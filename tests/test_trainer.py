@@ -11,7 +11,7 @@ import torch
 from coordinator.central.checkpoint import load_checkpoint
 from coordinator.central.stages import StageError
 from coordinator.central.trainer import evaluate, train_stage
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.model import PerspectiveModel
 from shared_model.schedule import lr_at, ternary_fraction_at

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from coordinator.federation import FederationSettings
+from coordinator.federation_settings import FederationSettings
 from coordinator.leasing import UnitSizing, UnitSizingError
 
 STEP_TOKENS = 8 * 64  # batch_size x seq_len of the federation benchmark

@@ -33,7 +33,7 @@ class StaleResultError(ValueError):
 class ColumnAggregator:
     """FP masters of expert columns plus their recent published history."""
 
-    def __init__(self, masters: dict[int, State], version: int, max_staleness: int = 8):
+    def __init__(self, masters: dict[int, State], version: int, max_staleness: int):
         self.masters = {c: {k: v.clone().float() for k, v in s.items()} for c, s in masters.items()}
         self.max_staleness = max_staleness
         # column -> list of (version, published state), oldest first.

@@ -20,7 +20,7 @@ State = dict[str, torch.Tensor]
 class OuterOptimizer:
     """Nesterov SGD on pseudo-gradients (DiLoCo's outer optimiser)."""
 
-    def __init__(self, lr: float = 0.7, momentum: float = 0.9):
+    def __init__(self, lr: float, momentum: float):
         self.lr = lr
         self.momentum = momentum
         self.buffers: State = {}
@@ -41,13 +41,13 @@ class SharedAggregator:
         self,
         master: State,
         *,
-        buffer_size: int = 3,
-        outer: OuterOptimizer | None = None,
-        trim: int = 0,
+        buffer_size: int,
+        outer: OuterOptimizer,
+        trim: int,
     ):
         self.master = {k: v.clone().float() for k, v in master.items()}
         self.buffer_size = buffer_size
-        self.outer = outer or OuterOptimizer()
+        self.outer = outer
         self.trim = trim
         self._buffer: list[tuple[State, float]] = []
         self.published: State = {k: v.clone() for k, v in self.master.items()}

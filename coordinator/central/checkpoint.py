@@ -32,7 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from shared_model.config import ConfigError, PerspectiveConfig, config_from_dict
+from shared_model.config import ConfigError, PerspectiveConfig
+from shared_model.config_loading import config_from_dict
 
 FORMAT = 1
 

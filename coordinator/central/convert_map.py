@@ -7,7 +7,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from shared_model.config import PerspectiveConfig, load_config
+from shared_model.config import PerspectiveConfig
+from shared_model.config_loading import load_config
 
 
 class ConvertError(ValueError):

@@ -59,7 +59,8 @@ def plan(
     from coordinator.plan.hardware import PlanError, gpu_spec
     from coordinator.plan.memory import MemoryLayout
     from coordinator.plan.traffic import CodecBits
-    from shared_model.config import ConfigError, load_config
+    from shared_model.config import ConfigError
+    from shared_model.config_loading import load_config
 
     try:
         if fmt not in FORMATS:

@@ -39,7 +39,8 @@ def run(
     from coordinator.central.stages import StageError
     from coordinator.db.errors import DatabaseError
     from coordinator.stage_jobs import StageJobError, run_stage_job
-    from shared_model.config import ConfigError, load_config
+    from shared_model.config import ConfigError
+    from shared_model.config_loading import load_config
     from shared_model.data import DataError, prepare_corpus
 
     try:

@@ -19,7 +19,7 @@ def _fail(message: str) -> None:
 
 
 def _load(preset: str, config: Path | None, overrides: list[str]):
-    from shared_model.config import load_config
+    from shared_model.config_loading import load_config
 
     try:
         return load_config(preset, config, overrides)

@@ -28,7 +28,6 @@ from coordinator.db.errors import (
 from coordinator.db.models import (
     ApiToken,
     Base,
-    Blob,
     DocLoss,
     DocumentAssignment,
     EnrolmentToken,
@@ -54,7 +53,6 @@ from coordinator.db.types import (
 __all__ = [
     "ApiToken",
     "Base",
-    "Blob",
     "Conflict",
     "DatabaseConfigError",
     "DatabaseError",

@@ -112,14 +112,6 @@ def create_lease(
     return unit
 
 
-def set_message_id(session: Session, *, unit_id: str, message_id: str) -> WorkUnit:
-    """Remember the Flower message that carried the lease (to pull its reply)."""
-    unit = get_unit(session, unit_id=unit_id)
-    unit.message_id = message_id
-    session.flush()
-    return unit
-
-
 def count_in_flight(session: Session, *, participant_id: int, now: dt.datetime) -> int:
     """Units leased to the participant whose deadline has not passed."""
     query = (

@@ -175,22 +175,6 @@ class ModelVersion(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
-class Blob(Base):
-    """A content-addressed blob known to the coordinator, with a reference count."""
-
-    __tablename__ = "blobs"
-    __table_args__ = (
-        CheckConstraint("size >= 0", name="size_nonnegative"),
-        CheckConstraint("refcount >= 0", name="refcount_nonnegative"),
-    )
-
-    content_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    size: Mapped[int] = mapped_column(BigInteger)
-    kind: Mapped[str] = mapped_column(String(32), index=True)
-    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    refcount: Mapped[int] = mapped_column(Integer, default=0)
-
-
 class StageJob(Base):
     """A resumable, idempotent stage job (DESIGN §2)."""
 

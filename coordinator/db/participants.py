@@ -201,20 +201,6 @@ def set_held_columns(
     )
 
 
-def mark_stale_offline(session: Session, *, older_than: dt.datetime) -> list[Participant]:
-    """Mark online participants not seen since ``older_than`` offline; returns them."""
-    rows = session.scalars(
-        select(Participant).where(
-            Participant.state == ParticipantState.ONLINE, Participant.last_seen < older_than
-        )
-    ).all()
-    for row in rows:
-        set_participant_state(
-            session, participant_id=row.id, state=ParticipantState.OFFLINE, reason="not seen"
-        )
-    return list(rows)
-
-
 def add_traffic(
     session: Session, *, participant_id: int, bytes_up: int = 0, bytes_down: int = 0
 ) -> None:

@@ -107,14 +107,6 @@ def publish_version(
     return row
 
 
-def set_checkpoint(session: Session, *, version: int, checkpoint_id: str) -> ModelVersion:
-    """Attach a full checkpoint (written after publishing) to a version."""
-    row = get_version(session, version=version)
-    row.checkpoint_id = checkpoint_id
-    session.flush()
-    return row
-
-
 def list_versions(
     session: Session, *, offset: int = 0, limit: int = 100, newest_first: bool = True
 ) -> Page[ModelVersion]:

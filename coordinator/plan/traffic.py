@@ -66,11 +66,6 @@ class TrafficEstimate:
         """Bytes over the whole stage, including the initial download."""
         return self.initial_download + self.syncs * self.per_sync
 
-    @property
-    def comm_fraction(self) -> float:
-        """Share of wall time spent communicating if sync and compute do not overlap."""
-        return self.comm_s_per_sync / (self.comm_s_per_sync + self.compute_s_per_sync)
-
 
 def estimate_traffic(
     counts: ParamCounts,

@@ -128,7 +128,7 @@ class BlobStore:
         if resume and expected_id is None:
             raise BlobError("open_writer(resume=True) needs expected_id to name the partial file")
         partial = self._tmp / f"{expected_id}.partial" if resume else None
-        return BlobWriter(self, self._tmp, partial, expected_id, expected_size, max_size)
+        return BlobWriter(self._install, self._tmp, partial, expected_id, expected_size, max_size)
 
     def put_bytes(self, data: bytes) -> str:
         """Store ``data`` and return its content id (a no-op rewrite if already present)."""
@@ -252,19 +252,25 @@ class BlobStore:
         referenced: Iterable[str],
         tmp_max_age_s: float = DEFAULT_TMP_MAX_AGE_S,
         now: float | None = None,
+        min_age_s: float = 0.0,
     ) -> GcReport:
         """Remove every blob not in ``referenced`` and temp files older than ``tmp_max_age_s``.
 
         Args:
-            referenced: content ids to keep (e.g. all ids the coordinator DB references).
+            referenced: content ids to keep (e.g. all ids the coordinator still needs).
             tmp_max_age_s: temp/partial files untouched for longer than this are removed;
                 younger ones may belong to a transfer in progress.
             now: current unix time (tests); defaults to ``time.time()``.
+            min_age_s: blobs written or read within this many seconds are kept even when
+                not referenced (an upload whose reference has not arrived yet).
         """
         keep = set(referenced)
+        now = time.time() if now is None else now
         report = GcReport()
         for info in self._infos():
-            if info.content_id not in keep and self.delete(info.content_id):
+            if info.content_id in keep or info.last_access > now - min_age_s:
+                continue
+            if self.delete(info.content_id):
                 report.removed.append(info.content_id)
                 report.freed_bytes += info.size
         report.removed_temp = self.clean_temp(tmp_max_age_s, now)

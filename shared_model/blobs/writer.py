@@ -1,5 +1,9 @@
-"""Streaming writer of :class:`~shared_model.blobs.store.BlobStore`: hash while writing,
-commit by atomic rename only when the bytes match what was declared."""
+"""Streaming blob writer: hash while writing, commit only when the bytes match what was declared.
+
+The writer knows nothing of the store's layout: committing hands the verified temp file to
+an ``install`` callable (:meth:`BlobStore._install`), so the store imports the writer and
+not the other way round.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,14 @@ import fcntl
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 from shared_model.blobs.errors import BlobError, HashMismatch, QuotaExceeded
 
-if TYPE_CHECKING:
-    from shared_model.blobs.store import BlobStore
-
+# Moves a verified, fsynced temp file to its content-addressed place (the store's job).
+Installer = Callable[[Path, str], Path]
 _READ_CHUNK = 1 << 20
 
 
@@ -29,14 +33,14 @@ class BlobWriter:
 
     def __init__(
         self,
-        store: BlobStore,
+        install: Installer,
         tmp_dir: Path,
         partial: Path | None,
         expected_id: str | None,
         expected_size: int | None,
         max_size: int | None,
     ) -> None:
-        self._store = store
+        self._install = install
         self.expected_id = expected_id
         self.expected_size = expected_size
         self.max_size = max_size
@@ -137,10 +141,10 @@ class BlobWriter:
         os.fsync(self._fh.fileno())
         self._closed = True
         try:  # rename while still holding the partial file's lock (see _open_partial)
-            self._store._install(self.tmp_path, actual)
+            self._install(self.tmp_path, actual)
         except OSError as exc:
             self.tmp_path.unlink(missing_ok=True)
-            raise BlobError(f"cannot install blob {actual} in {self._store.root}: {exc}") from exc
+            raise BlobError(f"cannot install blob {actual}: {exc}") from exc
         finally:
             self._fh.close()
         self.content_id = actual

@@ -33,7 +33,8 @@ from coordinator.central.checkpoint import (
     save_checkpoint,
 )
 from coordinator.central.parallel.distributed import barrier, rank
-from shared_model.config import ConfigError, PerspectiveConfig, config_from_dict
+from shared_model.config import ConfigError, PerspectiveConfig
+from shared_model.config_loading import config_from_dict
 
 META_FILE = "perspective.json"
 

@@ -322,7 +322,7 @@ def _parse(argv):
 def main(argv: list[str] | None = None) -> None:
     """``torchrun ... -m coordinator.central.parallel.train_dist --stage K --out DIR [...]``."""
     from coordinator.central.parallel.distributed import shutdown_distributed
-    from shared_model.config import load_config
+    from shared_model.config_loading import load_config
     from shared_model.data import prepare_corpus
 
     args = _parse(argv)

@@ -1,0 +1,107 @@
+"""The federation flags shared by ``perspective coordinator serve`` and ``perspective demo``.
+
+Both commands declare these options (same names, same help) and build their
+:class:`~coordinator.federation_settings.FederationSettings` with :func:`settings_from_cli`:
+the settings' defaults, then the command's own defaults (the demo: ``buffer_size`` = its
+participants), then ``--federation-config FILE.yaml`` (keys = field names), then the flags
+given. A flag left out is ``None`` and does not override the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from coordinator.federation_settings import FederationSettings, load_federation_settings
+
+_DEFAULTS = {f.name: f.default for f in fields(FederationSettings)}
+
+
+def _option(flag: str, what: str, shown: str | None = None) -> Any:
+    default = _DEFAULTS[flag.lstrip("-").replace("-", "_")]
+    shown = shown or ("off" if default is None else str(default))
+    return typer.Option(flag, help=f"{what} [default: {shown}]", show_default=False)
+
+
+FederationConfig = Annotated[
+    Path | None,
+    typer.Option(
+        "--federation-config",
+        exists=True,
+        dir_okay=False,
+        help="YAML file of federation settings (keys = FederationSettings fields; flags win).",
+    ),
+]
+BufferSize = Annotated[int | None, _option("--buffer-size", "Results per outer step / version.")]
+StepsPerUnit = Annotated[int | None, _option("--steps-per-unit", "Inner steps per unit (H).")]
+UnitSeconds = Annotated[
+    float | None,
+    _option("--unit-seconds", "Size units to this many seconds from each node's tokens/s."),
+]
+MaxStepsPerUnit = Annotated[
+    int | None,
+    _option("--max-steps-per-unit", "Cap on sized units' steps.", "8 x --steps-per-unit"),
+]
+MaxInFlight = Annotated[int | None, _option("--max-in-flight", "Units leased per participant.")]
+LeaseSeconds = Annotated[float | None, _option("--lease-seconds", "Lease deadline, seconds.")]
+ScoreEvery = Annotated[
+    int | None,
+    _option("--score-every", "Every Nth unit also scores its documents per column (0: off)."),
+]
+RescoreEveryVersions = Annotated[
+    int | None,
+    _option(
+        "--rescore-every-versions",
+        "Re-route documents by losses every N versions (0: off).",
+    ),
+]
+ColumnCodec = Annotated[
+    str | None, _option("--column-codec", "Column upload codec: ternary | sparse.")
+]
+SharedCodec = Annotated[
+    str | None,
+    _option("--shared-codec", "Shared pseudo-gradient and version codec: ternary | sparse."),
+]
+OuterLr = Annotated[float | None, _option("--outer-lr", "Outer (server) learning rate.")]
+OuterMomentum = Annotated[
+    float | None, _option("--outer-momentum", "Outer Nesterov momentum, in [0, 1).")
+]
+MaxStaleness = Annotated[
+    int | None, _option("--max-staleness", "Refuse results based this many versions back.")
+]
+CheckpointEvery = Annotated[
+    int | None, _option("--checkpoint-every", "Full checkpoint (and blob GC) every N versions.")
+]
+Trim = Annotated[
+    int | None, _option("--trim", "Results trimmed at each end of the shared-layer mean.")
+]
+DiversityLr = Annotated[
+    float | None,
+    _option("--diversity-lr", "Diversity-term step on the expert masters (0: off)."),
+]
+
+FIELDS = frozenset(_DEFAULTS)
+
+
+def settings_from_cli(
+    config: Path | None,
+    flags: Mapping[str, Any],
+    *,
+    defaults: Mapping[str, Any] | None = None,
+) -> FederationSettings:
+    """Settings from the file and the flags of a command (its parameters, e.g. ``locals()``).
+
+    Only parameters named like a settings field count; ``None`` means "not given".
+
+    Raises:
+        typer.BadParameter: an unknown key or bad value; the message names it and the range.
+    """
+    given = {k: v for k, v in flags.items() if k in FIELDS}
+    try:
+        return load_federation_settings(config, given, defaults=defaults)
+    except ValueError as exc:  # FederationSettingsError, UnitSizingError, RescoringError
+        raise typer.BadParameter(str(exc)) from exc

@@ -1,0 +1,130 @@
+"""One FederationSettings: validated knobs, and serve and demo read the same file the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from coordinator import demo as demo_cli
+from coordinator import serve as serve_cli
+from coordinator.federation_settings import (
+    FederationSettings,
+    FederationSettingsError,
+    load_federation_settings,
+)
+
+FILE = """\
+stage: 3
+buffer_size: 4
+steps_per_unit: 12
+lease_seconds: 120
+max_in_flight: 3
+outer_lr: 0.7
+outer_momentum: 0.5
+max_staleness: 5
+checkpoint_every: 4
+trim: 1
+diversity_lr: 0.01
+column_codec: sparse
+shared_codec: ternary
+score_every: 4
+rescore_every_versions: 10
+"""
+
+
+def single(command) -> typer.Typer:
+    app = typer.Typer()
+    app.command()(command)
+    return app
+
+
+def serve_argv(tmp_path: Path, *args: str) -> list[str]:
+    init, secret = tmp_path / "stage2.safetensors", tmp_path / "superexec.secret"
+    init.write_bytes(b"unused")
+    secret.write_bytes(b"s" * 32)
+    return [
+        *("--superlink", "127.0.0.1:9", "--init", str(init), "--work-dir", str(tmp_path / "w")),
+        *("--minutes", "1", "--insecure", "--superexec-secret-file", str(secret), *args),
+    ]
+
+
+def parsed_by_serve(monkeypatch, tmp_path: Path, *args: str) -> FederationSettings:
+    seen = {}
+    monkeypatch.setattr(serve_cli, "run_serve", lambda *a, **k: seen.setdefault("s", a[6]))
+    done = CliRunner().invoke(single(serve_cli.serve), serve_argv(tmp_path, *args))
+    assert done.exit_code == 0, done.output
+    return seen["s"]
+
+
+def parsed_by_demo(monkeypatch, *args: str) -> FederationSettings:
+    seen = {}
+    monkeypatch.setattr(demo_cli, "run_demo", lambda *a: seen.setdefault("s", a[4]))
+    done = CliRunner().invoke(single(demo_cli.demo), list(args))
+    assert done.exit_code == 0, done.output
+    return seen["s"]
+
+
+def test_serve_and_demo_parse_one_file_into_the_same_settings(monkeypatch, tmp_path):
+    path = tmp_path / "federation.yaml"
+    path.write_text(FILE)
+    by_serve = parsed_by_serve(monkeypatch, tmp_path, "--federation-config", str(path))
+    by_demo = parsed_by_demo(monkeypatch, "--federation-config", str(path))
+    assert by_serve == by_demo == load_federation_settings(path)
+    assert (by_serve.outer_lr, by_serve.trim, by_serve.column_codec) == (0.7, 1, "sparse")
+    # Flags win over the file, in both commands.
+    flags = ("--federation-config", str(path), "--outer-lr", "0.3", "--max-staleness", "2")
+    by_serve = parsed_by_serve(monkeypatch, tmp_path, *flags)
+    by_demo = parsed_by_demo(monkeypatch, *flags)
+    assert by_serve == by_demo
+    assert (by_serve.outer_lr, by_serve.max_staleness, by_serve.buffer_size) == (0.3, 2, 4)
+
+
+def test_command_defaults():
+    # serve's defaults are the settings' own; the demo buffers one result per participant.
+    assert load_federation_settings(None) == FederationSettings()
+    assert (FederationSettings().outer_lr, FederationSettings().outer_momentum) == (1.0, 0.0)
+    demo = load_federation_settings(None, {"outer_lr": None}, defaults={"buffer_size": 5})
+    assert demo.buffer_size == 5 and demo.outer_lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("outer_lr: 0.5\nbogus: 1\n", "unknown federation setting(s) bogus"),
+        ("max_staleness: -1\n", "max_staleness = -1 is invalid: allowed a value >= 0"),
+        ("outer_momentum: 1.5\n", "outer_momentum = 1.5 is invalid: allowed 0 <= value < 1"),
+        ("checkpoint_every: ten\n", "checkpoint_every = 'ten' is invalid: allowed an integer"),
+        ("column_codec: zip\n", "allowed ternary or sparse"),
+        ("buffer_size: 2\ntrim: 1\n", "trim = 1 is invalid"),
+        ("- a list\n", "must be a mapping"),
+        ("stage: 5\n", "stage = 5 is invalid: allowed 3 or 4"),
+    ],
+)
+def test_bad_files_are_refused_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(FederationSettingsError) as info:
+        load_federation_settings(path)
+    assert message in str(info.value)
+    if "unknown" in message:
+        assert "allowed: stage, steps_per_unit" in str(info.value)
+
+
+def test_bad_keys_and_values_are_refused_by_both_commands(monkeypatch, tmp_path):
+    def fail(*_a, **_k):
+        raise AssertionError("started although the settings are bad")
+
+    monkeypatch.setattr(serve_cli, "run_serve", fail)
+    monkeypatch.setattr(demo_cli, "run_demo", fail)
+    path = tmp_path / "bad.yaml"
+    path.write_text("bogus_knob: 3\n")
+    for extra, message in ((["--federation-config", str(path)], "bogus_knob"),
+                           (["--trim", "-1"], "trim = -1 is invalid")):  # fmt: skip
+        for argv in (extra, serve_argv(tmp_path, *extra)):
+            command = demo_cli.demo if argv is extra else serve_cli.serve
+            done = CliRunner().invoke(single(command), argv)
+            said = " ".join(done.output.replace("│", " ").split())
+            assert done.exit_code == 2 and message in said and "allowed" in said, said
