@@ -191,7 +191,7 @@ class Coordinator:
         with self.session_factory.begin() as s:
             if db_versions.lock_latest_version(s) is not None:
                 return
-            ckpt = self.state.checkpoints[0].content_id
+            ckpt = self.state.publisher.checkpoints[0].content_id
             db_versions.publish_version(
                 s, parent=None, checksum=ckpt, checkpoint_id=ckpt, stage="stage2", metrics={}
             )
@@ -210,7 +210,7 @@ class Coordinator:
     ) -> FederationLoop:
         """Build the loop for a federated stage (3 or 4) on the prepared state."""
         assert self.state is not None and self.assignment is not None, "call prepare() first"
-        teacher = self.state.teacher_checkpoint() if stage == 4 else None
+        teacher = self.state.publisher.teacher_checkpoint() if stage == 4 else None
         units = UnitFactory(
             cfg=self.cfg,
             stage=stage,
