@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 from participant.scoring import document_losses
 from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset
-from shared_model.federated.replica import Replica
 from shared_model.federated.feedback import send_with_feedback
+from shared_model.federated.replica import Replica
 from shared_model.federated.updates import encode_bundle
 from shared_model.losses import kd_loss
 from shared_model.model import PerspectiveModel

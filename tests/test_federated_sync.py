@@ -101,4 +101,5 @@ def test_state_save_load_roundtrip(state, tmp_path):
     assert other.version == state.version
     for name, t in state.shared.master.items():
         assert torch.equal(other.shared.master[name], t)
-    assert other.publisher.chain_for(1)[1][0].content_id == state.publisher.chain_for(1)[1][0].content_id
+    ours, theirs = state.publisher.chain_for(1)[1][0], other.publisher.chain_for(1)[1][0]
+    assert theirs.content_id == ours.content_id

@@ -142,6 +142,7 @@ def make_bundle(
         )
     return bundle.SerializeToString()
 
+
 def read_bundle(
     data: bytes, *, kind: str, expected: dict[str, tuple[int, ...]]
 ) -> tuple[control_pb2.TensorBundle, dict[str, torch.Tensor]]:
