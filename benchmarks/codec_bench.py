@@ -16,15 +16,17 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from shared_model.codec import (  # noqa: E402
-    PseudoGradientCompressor,
     apply_delta,
+    decode_sparse,
     decode_ternary,
     encode_delta,
     encode_sparse,
     encode_ternary,
 )
+from shared_model.federated.feedback import send_with_feedback  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 FLIPS = (0.005, 0.01, 0.02, 0.05, 0.10)
@@ -121,15 +123,20 @@ def delta_rows(trits: np.ndarray) -> list[dict]:
 def pseudograd_row(n: int) -> dict:
     g = np.random.default_rng(6).normal(size=n).astype(np.float32)
     t_enc, (blob, recon) = timed(lambda: encode_sparse(g), reps=1)
-    t_dec, _ = timed(lambda: PseudoGradientCompressor.decode(blob), reps=1)
+    t_dec, _ = timed(lambda: decode_sparse(blob), reps=1)
     # Error feedback over 10 rounds of fresh gradients: how much of the sum got through.
-    comp, total, got = PseudoGradientCompressor(), np.zeros(n // 4, np.float32), None
-    got = np.zeros_like(total)
+    total = np.zeros(n // 4, np.float32)
+    got, residual = np.zeros_like(total), {}
     rng = np.random.default_rng(7)
-    for _ in range(10):
+    for r in range(10):
         step = rng.normal(size=total.size).astype(np.float32)
         total += step
-        got += comp.decode(comp.encode("g", step))
+        update = {"g": torch.from_numpy(step)}
+        sent = send_with_feedback(
+            update, residual, "sparse", kind="shared", column=-1, base_version=r
+        )
+        got += sent.decoded["g"].numpy()
+        residual = sent.residual
     return {
         "chunk": 4096,
         "topk": 64,

@@ -6,9 +6,9 @@ A blob is *referenced*, and kept, when someone may still need it:
 * **Participants' syncs.** A result whose base is more than ``max_staleness`` versions old
   is refused, so no participant needs to sync to an older base. A sync to base ``b``
   starts from the newest checkpoint at or before ``b`` and applies the version manifests
-  after it (:meth:`CoordinatorState.chain_for`). So the newest checkpoint at or before
-  ``version - max_staleness``, every later checkpoint and every manifest after it are kept,
-  with the parts and bundles they name.
+  after it (:meth:`~coordinator.publishing.Publisher.chain_for`). So the newest checkpoint
+  at or before ``version - max_staleness``, every later checkpoint and every manifest
+  after it are kept, with the parts and bundles they name.
 * **Restart.** The state file names every checkpoint and manifest the state held when it
   was saved, and loading it needs them. Collection therefore runs right after a save and
   keeps all of those; only then are the older entries dropped from the state (in memory),
@@ -57,9 +57,9 @@ def referenced_blobs(
 ) -> set[str]:
     """Content ids still needed: the state's chain, results to replay, pinned inputs."""
     keep: set[str] = set(pinned)
-    for ref in [*state.checkpoints.values(), *pinned_checkpoints]:
+    for ref in [*state.publisher.checkpoints.values(), *pinned_checkpoints]:
         keep |= _manifest_and_parts(state, ref, control_pb2.CheckpointManifest)
-    for ref in state.manifests.values():
+    for ref in state.publisher.manifests.values():
         keep |= _manifest_and_parts(state, ref, control_pb2.VersionManifest)
     with session_factory() as s:
         rows = db_results.pending_results(s) + db_results.applied_results_after(
@@ -76,13 +76,13 @@ def forget_old_versions(state: CoordinatorState, max_staleness: int) -> int:
     Only the in-memory tables change: the blobs stay until the next collection, after
     the next save has stopped naming them.
     """
-    start = oldest_needed_checkpoint(state.checkpoints, state.version, max_staleness)
-    old_checkpoints = [v for v in state.checkpoints if v < start]
-    old_manifests = [v for v in state.manifests if v <= start]
+    start = oldest_needed_checkpoint(state.publisher.checkpoints, state.version, max_staleness)
+    old_checkpoints = [v for v in state.publisher.checkpoints if v < start]
+    old_manifests = [v for v in state.publisher.manifests if v <= start]
     for v in old_checkpoints:
-        del state.checkpoints[v]
+        del state.publisher.checkpoints[v]
     for v in old_manifests:
-        del state.manifests[v]
+        del state.publisher.manifests[v]
     return len(old_checkpoints) + len(old_manifests)
 
 

@@ -186,7 +186,7 @@ class Coordinator:
         with self.session_factory.begin() as s:
             if db_versions.lock_latest_version(s) is not None:
                 return
-            ckpt = self.state.checkpoints[0].content_id
+            ckpt = self.state.publisher.checkpoints[0].content_id
             db_versions.publish_version(
                 s, parent=None, checksum=ckpt, checkpoint_id=ckpt, stage="stage2", metrics={}
             )
@@ -212,7 +212,7 @@ class Coordinator:
         assert self.state is not None and self.assignment is not None, "call prepare() first"
         _check_state_knobs(self.state_settings, settings)
         stage = settings.stage
-        teacher = self.state.teacher_checkpoint() if stage == 4 else None
+        teacher = self.state.publisher.teacher_checkpoint() if stage == 4 else None
         units = UnitFactory(
             cfg=self.cfg,
             stage=stage,

@@ -246,16 +246,16 @@ class FederationLoop:
             db_versions.publish_version(
                 s,
                 parent=version - 1,
-                checksum=self.state.manifests[version].content_id,
-                delta_blobs=[self.state.manifests[version].content_id],
-                checkpoint_id=_cid(self.state.checkpoints.get(version)),
+                checksum=self.state.publisher.manifests[version].content_id,
+                delta_blobs=[self.state.publisher.manifests[version].content_id],
+                checkpoint_id=_cid(self.state.publisher.checkpoints.get(version)),
                 metrics=metrics,
                 stage=f"stage{self.settings.stage}",
             )
             if self._applied:
                 db_results.mark_applied(s, unit_ids=self._applied, version=version)
         self._applied = []
-        if self.settings.state_path and version in self.state.checkpoints:
+        if self.settings.state_path and version in self.state.publisher.checkpoints:
             self.state.save(self.settings.state_path)
             if self.on_checkpoint is not None:
                 self.on_checkpoint()

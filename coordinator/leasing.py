@@ -357,7 +357,7 @@ class UnitFactory:
             upload_quota=quota,
             ttl_s=2 * self.lease_seconds,
         )
-        checkpoint, chain = state.chain_for(unit.base_version)
+        checkpoint, chain = state.publisher.chain_for(unit.base_version)
         req = control_pb2.ControlRequest(
             unit=work,
             checkpoint=checkpoint,

@@ -1,11 +1,9 @@
 """The coordinator's model state: FP masters, published versions, checkpoints.
 
 The masters (shared layers + every expert column, FP32) are what the aggregators
-update. What participants see is the *published* state, advanced one version at a time
-by compressed deltas (``pub += decode(encode(master - pub))``) written to the blob store
-as a :class:`VersionManifest` chain; every ``checkpoint_every`` versions a full
-:class:`CheckpointManifest` (one safetensors blob per part) lets a new or lost participant
-start without replaying the whole chain.
+(:mod:`coordinator.aggregation`) update. What participants see is the *published* state,
+advanced one version at a time by :mod:`coordinator.publishing` (the version chain and
+checkpoints in the blob store).
 
 Durability: :meth:`save` writes masters, published state, optimiser buffers and the
 version to one safetensors file (temp + rename); on restart the loop reloads it and
@@ -14,20 +12,18 @@ re-applies the accepted results recorded after it (DB: ``applied_in_version`` is
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save_file
 
 from coordinator.aggregation import ColumnAggregator, OuterOptimizer, SharedAggregator
 from coordinator.aggregation.diversity import apply_diversity
 from coordinator.federation_settings import FederationSettings
+from coordinator.publishing import Publisher
 from shared_model.blobs import BlobStore
 from shared_model.config import PerspectiveConfig
-from shared_model.federated.updates import encode_update, make_bundle
 from shared_model.model import PerspectiveModel
-from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 
 State = dict[str, torch.Tensor]
 
@@ -46,9 +42,7 @@ class CoordinatorState:
     ) -> None:
         """Masters from ``model``; codec, buffer, staleness, checkpoint period, outer
         optimiser, trim and diversity lr from ``settings`` (they have no defaults here)."""
-        self.cfg, self.store, self.codec = cfg, store, settings.shared_codec
-        self.version = version
-        self.checkpoint_every = settings.checkpoint_every
+        self.cfg, self.store = cfg, store
         self.diversity_lr = settings.diversity_lr
         n = cfg.moe.n_experts
         self.columns = ColumnAggregator(
@@ -60,53 +54,25 @@ class CoordinatorState:
             outer=OuterOptimizer(settings.outer_lr, settings.outer_momentum),
             trim=settings.trim,
         )
-        self.manifests: dict[int, tensor_pb2.BlobRef] = {}
-        self.checkpoints: dict[int, tensor_pb2.BlobRef] = {}
-        self.checkpoints[version] = self._write_checkpoint()
+        self.publisher = Publisher(
+            store,
+            self.columns,
+            self.shared,
+            version=version,
+            codec=settings.shared_codec,
+            checkpoint_every=settings.checkpoint_every,
+        )
 
-    # --- publishing ---------------------------------------------------------------------
-
-    def _quantize(self, name: str, t: torch.Tensor) -> tuple[bytes, torch.Tensor]:
-        return encode_update(t, self.codec, name)
-
-    def _put(self, data: bytes) -> tensor_pb2.BlobRef:
-        cid = self.store.put_bytes(data)
-        return tensor_pb2.BlobRef(content_id=cid, size=len(data))
+    @property
+    def version(self) -> int:
+        """The newest published version."""
+        return self.publisher.version
 
     def publish(self) -> int:
-        """Publish the masters as the next version; returns the new version number."""
+        """Take the diversity step (if any) and publish the masters as the next version."""
         if self.diversity_lr > 0:
             self._diversity_step()
-        parent, version = self.version, self.version + 1
-        shared_payloads = self.shared.publish(self._quantize)
-        shared_blob = make_bundle(
-            "version",
-            -1,
-            parent,
-            shared_payloads,
-            {k: tuple(v.shape) for k, v in self.shared.published.items()},
-            self.shared.published,
-        )
-        # No timestamp in the manifest: replaying the result log after a restart must
-        # recreate the same bytes, hence the same content ids (the DB row has the time).
-        manifest = control_pb2.VersionManifest(version=version, parent=parent)
-        manifest.shared.CopyFrom(self._put(shared_blob))
-        for column, payloads in self.columns.publish(version, self._quantize).items():
-            pub = self.columns.published(column)
-            blob = make_bundle(
-                "version",
-                column,
-                parent,
-                payloads,
-                {k: tuple(v.shape) for k, v in pub.items()},
-                pub,
-            )
-            manifest.columns[column].CopyFrom(self._put(blob))
-        self.manifests[version] = self._put(manifest.SerializeToString())
-        self.version = version
-        if version % self.checkpoint_every == 0:
-            self.checkpoints[version] = self._write_checkpoint()
-        return version
+        return self.publisher.publish()
 
     def _diversity_step(self) -> None:
         beta = self.cfg.moe.diversity_beta
@@ -118,24 +84,6 @@ class CoordinatorState:
                 self.diversity_lr,
             )
         self.columns.mark_dirty(self.columns.masters)
-
-    def _write_checkpoint(self) -> tensor_pb2.BlobRef:
-        manifest = control_pb2.CheckpointManifest(version=self.version)
-        manifest.shared.CopyFrom(self._put(save(_contiguous(self.shared.published))))
-        for column in sorted(self.columns.masters):
-            part = save(_contiguous(self.columns.published(column)))
-            manifest.columns[column].CopyFrom(self._put(part))
-        return self._put(manifest.SerializeToString())
-
-    def teacher_checkpoint(self) -> tensor_pb2.BlobRef:
-        """A full checkpoint of the published weights now (stage 4's frozen FP teacher)."""
-        return self._write_checkpoint()
-
-    def chain_for(self, base_version: int) -> tuple[tensor_pb2.BlobRef, list[tensor_pb2.BlobRef]]:
-        """The newest checkpoint at or before ``base_version`` and the manifests after it."""
-        start = max(v for v in self.checkpoints if v <= base_version)
-        chain = [self.manifests[v] for v in range(start + 1, base_version + 1)]
-        return self.checkpoints[start], chain
 
     def published_model(self) -> PerspectiveModel:
         """A full MoE model holding the current published weights (for evaluation)."""
@@ -160,14 +108,10 @@ class CoordinatorState:
             flat.update({f"column.master/{c}/{k}": v for k, v in state.items()})
             for v, pub in self.columns.history(c):
                 flat.update({f"column.published/{c}/{v}/{k}": t for k, t in pub.items()})
-        meta = {
-            "version": str(self.version),
-            "manifests": json.dumps({v: r.content_id for v, r in self.manifests.items()}),
-            "checkpoints": json.dumps({v: r.content_id for v, r in self.checkpoints.items()}),
-        }
         path = Path(path)
         tmp = path.with_suffix(".tmp")
-        save_file(_contiguous(flat), str(tmp), metadata=meta)
+        contiguous = {k: v.detach().contiguous() for k, v in flat.items()}
+        save_file(contiguous, str(tmp), metadata=self.publisher.metadata())
         tmp.replace(path)
 
     def load(self, path: str | Path) -> None:
@@ -177,9 +121,7 @@ class CoordinatorState:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
         flat = load_file(str(path))
-        self.version = int(meta["version"])
-        self.manifests = self._refs(json.loads(meta["manifests"]))
-        self.checkpoints = self._refs(json.loads(meta["checkpoints"]))
+        self.publisher.restore(meta)
         self.shared.master = _section(flat, "shared.master")
         self.shared.published = _section(flat, "shared.published")
         self.shared.outer.buffers = _section(flat, "shared.momentum")
@@ -192,16 +134,6 @@ class CoordinatorState:
             self.columns.restore_history(
                 c, [(v, _section(flat, f"{prefix}{v}")) for v in sorted(versions)]
             )
-
-    def _refs(self, mapping: dict[str, str]) -> dict[int, tensor_pb2.BlobRef]:
-        return {
-            int(v): tensor_pb2.BlobRef(content_id=cid, size=self.store.stat(cid).size)
-            for v, cid in mapping.items()
-        }
-
-
-def _contiguous(state: State) -> State:
-    return {k: v.detach().contiguous() for k, v in state.items()}
 
 
 def _section(flat: State, prefix: str) -> State:

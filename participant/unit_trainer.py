@@ -31,8 +31,9 @@ from safetensors.torch import load_file, save_file
 from participant.scoring import document_losses
 from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset
+from shared_model.federated.feedback import send_with_feedback
 from shared_model.federated.replica import Replica
-from shared_model.federated.updates import encode_update, make_bundle
+from shared_model.federated.updates import encode_bundle
 from shared_model.model import PerspectiveModel
 from shared_model.schedule import build_optimizer, set_lr
 from shared_model.stage_loss import Distillation, stage_loss
@@ -245,24 +246,31 @@ class UnitTrainer:
 
     def _upload(self, model, unit, columns, req, io: BlobIO) -> federation_pb2.WorkResult:
         result = federation_pb2.WorkResult(unit_id=unit.unit_id, base_version=unit.base_version)
+        base = unit.base_version
         for c in columns:
             local = {k: v.detach().to("cpu", copy=True) for k, v in model.expert_state(c).items()}
             self.local.columns[c] = local
             delta = {k: local[k] - self.replica.columns[c][k] for k in local}
-            blob, _ = _encode("column", c, unit.base_version, delta, req.column_codec)
+            codec = req.column_codec or "ternary"
+            blob, _ = encode_bundle(delta, codec, kind="column", column=c, base_version=base)
             result.column_deltas.add(column=c, delta=io.upload(blob))
         shared_now = {
             k: v.detach().cpu() for k, v in model.state_dict().items() if k in self.replica.shared
         }
-        pseudo = {}
-        for k, pub in self.replica.shared.items():
-            pseudo[k] = pub - shared_now[k] + self.local.residual.get(k, torch.zeros_like(pub))
-        blob, decoded = _encode("shared", -1, unit.base_version, pseudo, req.shared_codec)
-        self.local.residual = {k: pseudo[k] - decoded[k] for k in pseudo}
-        norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in pseudo.values())))
-        result.shared_update.blob.CopyFrom(io.upload(blob))
+        pseudo = {k: pub - shared_now[k] for k, pub in self.replica.shared.items()}
+        sent = send_with_feedback(
+            pseudo,
+            self.local.residual,
+            req.shared_codec or "ternary",
+            kind="shared",
+            column=-1,
+            base_version=base,
+        )
+        self.local.residual = sent.residual
+        norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in sent.pending.values())))
+        result.shared_update.blob.CopyFrom(io.upload(sent.bundle))
         result.shared_update.norm = norm
-        result.shared_update.base_version = unit.base_version
+        result.shared_update.base_version = base
         return result
 
 
@@ -285,12 +293,3 @@ def _documents_by_column(unit, columns: list[int]) -> dict[int, list[int]]:
             )
         out[ref.column].append(int(ref.doc))
     return out
-
-
-def _encode(kind: str, column: int, base: int, update: State, codec: str) -> tuple[bytes, State]:
-    """Encode every tensor of ``update``; returns the bundle and what the receiver decodes."""
-    payloads, decoded = {}, {}
-    for k, v in update.items():
-        payloads[k], decoded[k] = encode_update(v, codec or "ternary", k)
-    shapes = {k: tuple(v.shape) for k, v in update.items()}
-    return make_bundle(kind, column, base, payloads, shapes), decoded

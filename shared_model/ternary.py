@@ -3,7 +3,9 @@
 Quantiser (TWN-style): with ``tau = threshold_factor * mean|W|`` a weight becomes
 ``sign(w)`` where ``|w| > tau`` and 0 elsewhere. The scale is the least-squares optimal
 one for those trits, ``argmin_s ||W - s*T||^2 = <W, T> / <T, T> = mean |w| over nonzero
-trits``. For a Gaussian tensor and factor 0.7 about 42 % of the trits are zero.
+trits``. For a Gaussian tensor and factor 0.7 about 42 % of the trits are zero. This one
+ternariser (:func:`ternarize`) serves training (the STE below), export (``.trd``) and the
+ternary wire codec of FP updates (:mod:`shared_model.federated.updates`).
 
 Progressive ternarisation (stage 4, DESIGN §2): a fraction ``f`` of the weights, those with
 the largest ``|w|``, take their quantised value and the rest stay full precision. The
@@ -41,27 +43,35 @@ def _check_factor(threshold_factor: float) -> None:
         raise TernaryError(f"threshold_factor = {threshold_factor!r} is invalid: allowed 0 < f < 2")
 
 
-def _trits(rows: Tensor, threshold_factor: float) -> Tensor:
-    """Trits of each row of ``rows`` ``[n, P]`` as floats: ``round(w / 2τ)`` clipped to [-1, 1].
+def ternarize(
+    rows: Tensor, threshold_factor: float = 0.7, *, accumulate: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
+    """The ternariser: trits and least-squares scale of each row of ``rows`` ``[n, P]``.
 
-    Equivalent to ``sign(w)·[|w| > τ]`` (τ per row) but costs one divide, one round and one
-    clamp (the last two in place): this runs on every expert weight in every ternary step.
+    Per row, ``tau = threshold_factor * mean|w|`` (rounded to the rows' dtype), a trit is
+    ``sign(w)`` where ``|w| > tau`` and 0 elsewhere, and the scale is ``<w, t> / <t, t>``,
+    i.e. the mean ``|w|`` over the nonzero trits (0 when there are none). Both means are
+    accumulated in ``accumulate``: float64 by default, which makes the result independent
+    of summation order (thread count, machine), as the published versions' bytes must be;
+    the training STE passes the weights' dtype because it runs on every expert weight in
+    every step. Non-finite rows give all-zero trits; callers that care check first.
+
+    Returns:
+        ``(trits, scale)``: trits in the rows' dtype (values -1, 0, 1; a zero may be
+        ``-0.0``) and the ``[n]`` scales in the rows' dtype.
     """
-    tau = threshold_factor * rows.abs().mean(dim=1, keepdim=True)
-    tau = tau.clamp_min(torch.finfo(rows.dtype).tiny)
-    return torch.div(rows, 2 * tau).round_().clamp_(-1.0, 1.0)
-
-
-def _ls_scale(rows: Tensor, trits: Tensor) -> Tensor:
-    """Least-squares scale per row ``<w, t> / <t, t>`` (0 when all trits are zero), ``[n]``."""
-    num = torch.linalg.vecdot(rows, trits, dim=1)
-    return num / torch.linalg.vecdot(trits, trits, dim=1).clamp_min(1.0)
+    mag = rows.abs()
+    tau = mag.mean(dim=1, keepdim=True, dtype=accumulate) * threshold_factor
+    keep = mag > tau.to(rows.dtype)
+    trits = torch.sign(rows).mul_(keep)
+    total = torch.where(keep, mag, 0).sum(dim=1, dtype=accumulate)
+    return trits, (total / keep.sum(dim=1).clamp_min(1)).to(rows.dtype)
 
 
 def _quantize(rows: Tensor, threshold_factor: float) -> Tensor:
     """Quantised rows ``scale * trits`` (no host sync, no sorting)."""
-    trits = _trits(rows, threshold_factor)
-    return trits.mul_(_ls_scale(rows, trits)[:, None])
+    trits, scale = ternarize(rows, threshold_factor, accumulate=rows.dtype)
+    return trits.mul_(scale[:, None])
 
 
 def _progressive_rows(rows: Tensor, fraction: float) -> Tensor:
@@ -96,8 +106,8 @@ def ternary_round(w: Tensor, threshold_factor: float = 0.7) -> tuple[Tensor, flo
     if not torch.isfinite(w).all():
         raise TernaryError("cannot quantise a tensor with NaN or infinite values")
     rows = w.to(torch.promote_types(w.dtype, torch.float32)).reshape(1, -1)
-    trits = _trits(rows, threshold_factor)
-    return trits.view_as(w).to(torch.int8), float(_ls_scale(rows, trits)[0])
+    trits, scale = ternarize(rows, threshold_factor)
+    return trits.view_as(w).to(torch.int8), float(scale[0])
 
 
 def dequantize(trits: Tensor, scale: float, dtype: torch.dtype = torch.float32) -> Tensor:

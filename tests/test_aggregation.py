@@ -17,10 +17,6 @@ from coordinator.aggregation import (
 from coordinator.aggregation.columns import StaleResultError
 
 
-def exact(name, t):
-    return b"", t.clone()
-
-
 def test_staleness_weight():
     assert staleness_weight(0) == 1.0
     assert staleness_weight(3) == pytest.approx(0.5)
@@ -33,7 +29,7 @@ def test_column_pull_is_not_counted_twice():
     # Two pipelined results from the same owner, both based on version 0: the second
     # describes the owner's cumulative copy, so the master must end at it, not at 2x.
     agg.apply(0, {"w": torch.ones(4)}, base_version=0, current_version=0)
-    agg.publish(1, exact)
+    agg.advance(0, 1, {"w": agg.masters[0]["w"].clone()})  # published exactly
     agg.apply(0, {"w": torch.full((4,), 2.0)}, base_version=0, current_version=0)
     assert torch.allclose(agg.masters[0]["w"], torch.full((4,), 2.0))
 
@@ -45,20 +41,6 @@ def test_column_staleness_weight_and_limit():
     assert torch.allclose(agg.masters[0]["w"], torch.full((2,), 0.5))
     with pytest.raises(StaleResultError):
         agg.apply(0, {"w": torch.ones(2)}, base_version=0, current_version=5)
-
-
-def test_publish_error_feedback_keeps_unsent_part():
-    agg = ColumnAggregator({0: {"w": torch.zeros(3)}}, version=0, max_staleness=8)
-    agg.apply(0, {"w": torch.tensor([1.0, 0.1, -1.0])}, 0, 0)
-
-    def sign_only(name, t):  # lossy: drops small entries
-        return b"x", torch.where(t.abs() > 0.5, t, torch.zeros_like(t))
-
-    blobs = agg.publish(1, sign_only)
-    assert blobs == {0: {"w": b"x"}}
-    assert torch.allclose(agg.published(0)["w"], torch.tensor([1.0, 0.0, -1.0]))
-    # The unsent 0.1 is still in master - published and goes with a later version.
-    assert torch.allclose(agg.masters[0]["w"] - agg.published(0)["w"], torch.tensor([0, 0.1, 0]))
 
 
 def test_outer_nesterov_matches_formula():

@@ -56,7 +56,7 @@ def _age(store: BlobStore, seconds: float) -> None:
 def _sync(state: CoordinatorState, base: int) -> int:
     """Sync a fresh replica to ``base`` from the store alone (what a participant does)."""
     fetch = lambda ref: state.store.get(ref.content_id)  # noqa: E731
-    ckpt_ref, chain = state.chain_for(base)
+    ckpt_ref, chain = state.publisher.chain_for(base)
     replica = Replica()
     replica.sync(
         control_pb2.CheckpointManifest.FromString(fetch(ckpt_ref)),
@@ -90,10 +90,12 @@ def test_gc_deletes_unreferenced_blobs_and_keeps_what_anyone_may_need(tmp_path):
     for version in range(1, 13):
         _publish(state)
         if version == 5:
-            teacher = state.teacher_checkpoint()  # stage 4's frozen teacher, pinned
-    assert state.version == 12 and sorted(state.checkpoints) == [0, 3, 6, 9, 12]
+            teacher = state.publisher.teacher_checkpoint()  # stage 4's frozen teacher, pinned
+    assert state.version == 12 and sorted(state.publisher.checkpoints) == [0, 3, 6, 9, 12]
     state.save(tmp_path / "state.safetensors")
-    early = {state.manifests[v].content_id for v in (1, 2, 3)} | {state.checkpoints[0].content_id}
+    early = {state.publisher.manifests[v].content_id for v in (1, 2, 3)} | {
+        state.publisher.checkpoints[0].content_id
+    }
     _age(store, 7200.0)
     in_transit = store.put_bytes(b"an upload whose reply has not arrived")
 
@@ -113,7 +115,9 @@ def test_gc_deletes_unreferenced_blobs_and_keeps_what_anyone_may_need(tmp_path):
         assert store.has(kept)
     # The state forgot versions no base within max_staleness needs: the newest checkpoint at
     # or before 12 - 4 = 8 is 6, so checkpoints from 6 on and manifests after 6 remain.
-    assert sorted(state.checkpoints) == [6, 9, 12] and sorted(state.manifests) == list(range(7, 13))
+    assert sorted(state.publisher.checkpoints) == [6, 9, 12] and sorted(
+        state.publisher.manifests
+    ) == list(range(7, 13))
     for base in range(12 - SETTINGS.max_staleness, 13):
         assert _sync(state, base) == base
     # The file saved before the collection still loads (a restart needs what it names) ...

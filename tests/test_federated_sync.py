@@ -52,7 +52,7 @@ def test_replica_follows_chain_bit_identically(state):
     for _ in range(5):
         _perturb(state)
         state.publish()
-    ckpt_ref, chain_refs = state.chain_for(state.version)
+    ckpt_ref, chain_refs = state.publisher.chain_for(state.version)
     ckpt = control_pb2.CheckpointManifest.FromString(fetch(ckpt_ref))
     chain = [control_pb2.VersionManifest.FromString(fetch(r)) for r in chain_refs]
     replica.sync(ckpt, chain, [0, 3], fetch)
@@ -66,7 +66,7 @@ def test_replica_follows_chain_bit_identically(state):
     for expected_applied, expected_version in ((0, 6), (1, 7)):
         _perturb(state)
         state.publish()
-        ckpt_ref, chain_refs = state.chain_for(state.version)
+        ckpt_ref, chain_refs = state.publisher.chain_for(state.version)
         chain = [control_pb2.VersionManifest.FromString(fetch(r)) for r in chain_refs]
         applied = replica.sync(
             control_pb2.CheckpointManifest.FromString(fetch(ckpt_ref)), chain, [0, 3], fetch
@@ -82,7 +82,7 @@ def test_replica_rejects_tampered_bundle(state):
     fetch = fetcher(state.store)
     _perturb(state)
     state.publish()
-    ckpt_ref, chain_refs = state.chain_for(1)
+    ckpt_ref, chain_refs = state.publisher.chain_for(1)
     manifest = control_pb2.VersionManifest.FromString(fetch(chain_refs[0]))
     bundle = control_pb2.TensorBundle.FromString(fetch(manifest.shared))
     bundle.tensors[0].sha256 = "0" * 64
@@ -107,4 +107,5 @@ def test_state_save_load_roundtrip(state, tmp_path):
     assert other.version == state.version
     for name, t in state.shared.master.items():
         assert torch.equal(other.shared.master[name], t)
-    assert other.chain_for(1)[1][0].content_id == state.chain_for(1)[1][0].content_id
+    ours, theirs = state.publisher.chain_for(1)[1][0], other.publisher.chain_for(1)[1][0]
+    assert theirs.content_id == ours.content_id

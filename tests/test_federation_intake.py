@@ -141,13 +141,13 @@ def test_replay_rebuilds_identical_versions(tmp_path, corpus):
         _, r = lease_and_train(loop, train, tmp_path)
         assert loop.receive(NODE, r).accepted
     assert loop.state.version == 2
-    manifests = {v: ref.content_id for v, ref in loop.state.manifests.items()}
+    manifests = {v: ref.content_id for v, ref in loop.state.publisher.manifests.items()}
     # A "restarted" coordinator: fresh state at version 0, same DB and store.
     restarted, _ = make_loop(tmp_path / "restart", corpus)
     restarted.factory, restarted.state.store = loop.factory, loop.state.store
     restarted.intake.session_factory = loop.factory
     assert restarted.recover() == 4
-    assert {v: r.content_id for v, r in restarted.state.manifests.items()} == manifests
+    assert {v: r.content_id for v, r in restarted.state.publisher.manifests.items()} == manifests
     # The stage's token budget continues where it was (a restart does not extend it).
     assert restarted.stats.tokens == loop.stats.tokens > 0
     assert restarted.stats.accepted == loop.stats.accepted == 4

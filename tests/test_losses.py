@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared_model.config import load_config
+from shared_model.config_loading import load_config
 from shared_model.losses import (
     LossError,
     RankSum,

@@ -178,13 +178,13 @@ def test_loop_rescores_and_restart_keeps_the_routing(tmp_path, corpus):  # noqa:
         assert doc_routing.latest_epoch(s) in (1, 2)
     # A restarted coordinator: versions replay bit for bit and the routing is the re-scored
     # one, with the loss table rebuilt from the database.
-    manifests = {v: r.content_id for v, r in loop.state.manifests.items()}
+    manifests = {v: r.content_id for v, r in loop.state.publisher.manifests.items()}
     restarted, _ = make_loop(tmp_path / "restart", corpus, score_every=1)
     restarted.factory, restarted.state.store = loop.factory, loop.state.store
     restarted.intake.session_factory = loop.factory
     assert np.array_equal(restarted.assignment.labels, initial)
     assert restarted.recover() == 4
-    assert {v: r.content_id for v, r in restarted.state.manifests.items()} == manifests
+    assert {v: r.content_id for v, r in restarted.state.publisher.manifests.items()} == manifests
     assert np.array_equal(restarted.assignment.labels, loop.assignment.labels)
     assert restarted.rescoring.table.rows == loop.rescoring.table.rows
     # Coordinator.prepare (what `coordinator serve` runs first) restores it as well.

@@ -12,18 +12,16 @@ version describe the same cumulative target, not two increments), a stale result
 moves the master less, and replicas of a column (two owners) are averaged with their
 staleness weights. To know ``published_b`` the aggregator keeps the published state of
 each column at every version within ``max_staleness``; older results are refused.
+Publishing (encoding ``master - published``) is :mod:`coordinator.publishing`'s.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
 from coordinator.aggregation.staleness import staleness_weight
 
 State = dict[str, torch.Tensor]
-Quantizer = Callable[[str, torch.Tensor], tuple[bytes, torch.Tensor]]
 
 
 class StaleResultError(ValueError):
@@ -77,29 +75,19 @@ class ColumnAggregator:
         self._dirty.add(column)
         return weight
 
-    def publish(self, version: int, quantize: Quantizer) -> dict[int, dict[str, bytes]]:
-        """Publish every changed column as a compressed delta from its last published state.
+    def changed(self) -> list[int]:
+        """Columns whose master moved since they were last published, in order."""
+        return sorted(self._dirty)
 
-        ``published += decode(encode(master - published))``: what is not sent now stays
-        in ``master - published`` and goes out with a later version (error feedback).
+    def advance(self, column: int, version: int, published: State) -> None:
+        """Record ``published`` as ``column``'s state at ``version`` (it is no longer changed).
 
-        Returns:
-            ``{column: {tensor name: encoded delta}}`` for the columns that changed.
+        The publisher passes ``previous + decode(encode(master - previous))``: what is not
+        sent now stays in ``master - published`` and goes out with a later version.
         """
-        out: dict[int, dict[str, bytes]] = {}
-        for column in sorted(self._dirty):
-            history = self._published[column]
-            current = history[-1][1]
-            new_state: State = {}
-            out[column] = {}
-            for name, master in self.masters[column].items():
-                blob, decoded = quantize(name, master - current[name])
-                out[column][name] = blob
-                new_state[name] = current[name] + decoded
-            history.append((version, new_state))
-            self._trim(column, version)
-        self._dirty.clear()
-        return out
+        self._published[column].append((version, published))
+        self._trim(column, version)
+        self._dirty.discard(column)
 
     def _trim(self, column: int, version: int) -> None:
         history = self._published[column]

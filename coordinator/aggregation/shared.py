@@ -4,7 +4,8 @@ Each participant starts a unit from the published shared weights of its base ver
 trains H inner AdamW steps and uploads the pseudo-gradient ``published_b - local``
 (compressed with error feedback on its side). The coordinator buffers results and,
 every ``buffer_size`` accepted results, takes one outer Nesterov step (DiLoCo: lr 0.7,
-momentum 0.9) on their robust, staleness-weighted mean.
+momentum 0.9) on their robust, staleness-weighted mean. The published copy is advanced
+by :mod:`coordinator.publishing`, which encodes ``master - published``.
 """
 
 from __future__ import annotations
@@ -85,11 +86,6 @@ class SharedAggregator:
         self._buffer.clear()
         self.steps += 1
 
-    def publish(self, quantize) -> dict[str, bytes]:
-        """Compress ``master - published`` per tensor and advance ``published`` by it."""
-        out: dict[str, bytes] = {}
-        for name, master in self.master.items():
-            blob, decoded = quantize(name, master - self.published[name])
-            out[name] = blob
-            self.published[name] = self.published[name] + decoded
-        return out
+    def advance(self, published: State) -> None:
+        """Record the newly published shared weights (from :mod:`coordinator.publishing`)."""
+        self.published = published

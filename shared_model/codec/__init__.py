@@ -6,8 +6,11 @@ Public API::
     decode_ternary(data) -> (trits, scale, name)
     encode_delta(old_trits, new_trits, old_scale, new_scale) -> bytes
     apply_delta(old_trits, data) -> (new_trits, new_scale)
-    ErrorFeedbackCompressor().encode(name, update) -> bytes; .decode(bytes) -> float32
-    PseudoGradientCompressor().encode(name, grad) -> bytes; .decode(bytes) -> float32
+    encode_sparse(values, name="") -> (bytes, decoded float32)
+    decode_sparse(data) -> (values float32, name)
+
+Ternarising FP values is :func:`shared_model.ternary.ternarize`; compressing FP updates
+(with error feedback) is :mod:`shared_model.federated`.
 
 Every decoder raises a :class:`CodecError` subclass on malformed input.
 """
@@ -24,18 +27,15 @@ from shared_model.codec.errors import (
     TruncatedError,
     VersionError,
 )
-from shared_model.codec.feedback import ErrorFeedbackCompressor, ternarize
-from shared_model.codec.pseudograd import PseudoGradientCompressor, decode_sparse, encode_sparse
+from shared_model.codec.pseudograd import decode_sparse, encode_sparse
 from shared_model.codec.tensor import decode_ternary, encode_ternary
 
 __all__ = [
     "BadMagicError",
     "ChecksumError",
     "CodecError",
-    "ErrorFeedbackCompressor",
     "LimitError",
     "MalformedError",
-    "PseudoGradientCompressor",
     "ShapeMismatchError",
     "TruncatedError",
     "VersionError",
@@ -46,5 +46,4 @@ __all__ = [
     "encode_sparse",
     "encode_ternary",
     "split_containers",
-    "ternarize",
 ]

@@ -1,10 +1,11 @@
-"""Sparse 2-bit pseudo-gradient compressor with error feedback (SparseLoCo-style).
+"""Sparse 2-bit codec for pseudo-gradients (SparseLoCo-style).
 
 Per chunk of ``chunk`` consecutive elements the ``k`` largest magnitudes are kept. Each
 kept value becomes sign x (``lo`` or ``hi``): the larger half of the kept magnitudes
 maps to ``hi`` = their mean, the rest to ``lo`` = their mean (two float32 per chunk), so
 every value costs 2 bits plus its index. The decoder returns exactly the array the
-encoder subtracted from its error-feedback buffer. Format: docs/wire-format.md §5.
+encoder reports, which is what error feedback (:mod:`shared_model.federated.feedback`)
+subtracts from its residual. Format: docs/wire-format.md §5.
 """
 
 from __future__ import annotations
@@ -145,29 +146,3 @@ def decode_sparse(data: bytes | memoryview) -> tuple[np.ndarray, str]:
     val = level * np.where(neg, np.float32(-1), np.float32(1))
     out[chunk_of * chunk + within] = val
     return out.reshape(shape), name
-
-
-class PseudoGradientCompressor:
-    """Error-feedback wrapper: ``e = decay*e + g``; send C(e); ``e -= decode(C(e))``."""
-
-    def __init__(self, chunk: int = DEFAULT_CHUNK, k: int = DEFAULT_TOPK, decay: float = 1.0):
-        if not 0.0 <= decay <= 1.0:
-            raise CodecError(f"decay must be in [0, 1], got {decay}")
-        self.chunk, self.k, self.decay = chunk, k, decay
-        self.residuals: dict[str, np.ndarray] = {}
-
-    def encode(self, name: str, grad: np.ndarray) -> bytes:
-        """Compress ``grad`` plus the carried error; returns container bytes."""
-        g = np.asarray(grad, np.float32)
-        prev = self.residuals.get(name)
-        if prev is not None and prev.shape != g.shape:
-            raise CodecError(f"pseudo-gradient {name!r} has shape {g.shape}, residual {prev.shape}")
-        e = g + self.decay * prev if prev is not None else g.copy()
-        blob, recon = encode_sparse(e, name, chunk=self.chunk, k=self.k)
-        self.residuals[name] = e - recon
-        return blob
-
-    @staticmethod
-    def decode(data: bytes) -> np.ndarray:
-        """Receiver side: the float32 array that was sent."""
-        return decode_sparse(data)[0]

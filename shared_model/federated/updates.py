@@ -3,13 +3,16 @@
 Two update codecs, both from :mod:`shared_model.codec`:
 
 * ``ternary`` — dense ternary: ``sign × scale`` with threshold 0.7·mean|v| (≈1.5
-  bits/param after entropy coding); what the prototype found nearly free in quality;
+  bits/param after entropy coding), the ternariser of :mod:`shared_model.ternary`; what
+  the prototype found nearly free in quality;
 * ``sparse`` — SparseLoCo-style top-k per chunk with 2-bit values (≈0.3 bits/param),
   cheaper on the wire, costlier in quality for the shared layers.
 
 A :class:`~shared_model.wire.perspective.v1.control_pb2.TensorBundle` carries several
 named updates plus, per tensor, the sha256 of the float32 tensor the receiver must end up
 with, so a replica can prove it is bit-identical to the coordinator's published state.
+:func:`encode_bundle` is the one sender (participant uploads and coordinator versions);
+:func:`read_bundle` the one receiver.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import torch
 
 from shared_model import codec as wire
 from shared_model.codec.container import CODEC_SPARSE_2BIT, parse_container
+from shared_model.ternary import ternarize
 from shared_model.wire.perspective.v1 import control_pb2
 
 UPDATE_CODECS = ("ternary", "sparse")
+State = dict[str, torch.Tensor]
 
 
 class UpdateError(ValueError):
@@ -44,21 +49,29 @@ def tensor_digest(t: torch.Tensor) -> str:
 def encode_update(
     t: torch.Tensor, codec: str = "ternary", name: str = ""
 ) -> tuple[bytes, torch.Tensor]:
-    """Compress an FP update (no error feedback here: callers keep their own residual).
+    """Compress one FP update (error feedback is :mod:`shared_model.federated.feedback`'s).
 
     Returns:
         ``(payload, decoded)`` where ``decoded`` is bit-exactly what the receiver decodes.
+
+    Raises:
+        CodecError: the update holds NaN or Inf.
+        UpdateError: unknown codec.
     """
-    flat = t.detach().to(torch.float32).contiguous().reshape(-1).numpy()
+    flat = t.detach().to(torch.float32).contiguous().reshape(1, -1)
+    if not torch.isfinite(flat).all():
+        raise wire.CodecError(f"update {name!r} contains NaN or Inf")
     if codec == "ternary":
-        trits, scale = wire.ternarize(flat)
-        payload = wire.encode_ternary(trits, scale, name)
-        values = trits.astype(np.float32) * np.float32(scale)
+        trits, scale = ternarize(flat)
+        trits8 = trits.to(torch.int8)  # int8 first: a -0.0 trit must decode as +0.0
+        payload = wire.encode_ternary(trits8.numpy().reshape(-1), float(scale[0]), name)
+        values = trits8.to(torch.float32) * scale[0]
     elif codec == "sparse":
-        payload, values = wire.encode_sparse(flat, name)
+        payload, sparse = wire.encode_sparse(flat.numpy().reshape(-1), name)
+        values = torch.from_numpy(np.ascontiguousarray(sparse, np.float32))
     else:
         raise UpdateError(f"unknown update codec {codec!r}: allowed {', '.join(UPDATE_CODECS)}")
-    return payload, torch.from_numpy(np.ascontiguousarray(values, np.float32)).reshape(t.shape)
+    return payload, values.reshape(t.shape)
 
 
 def decode_update(payload: bytes, shape: Iterable[int]) -> torch.Tensor:
@@ -70,11 +83,44 @@ def decode_update(payload: bytes, shape: Iterable[int]) -> torch.Tensor:
     if parse_container(payload).codec == CODEC_SPARSE_2BIT:
         values, _ = wire.decode_sparse(payload)
     else:
-        values = wire.ErrorFeedbackCompressor.decode(payload)
+        trits, scale, _ = wire.decode_ternary(payload)
+        values = trits.astype(np.float32) * np.float32(scale)
     shape = tuple(int(s) for s in shape)
     if values.size != int(np.prod(shape, dtype=np.int64)):
         raise UpdateError(f"update has {values.size} values, expected shape {shape}")
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+
+
+def encode_bundle(
+    updates: State,
+    codec: str,
+    *,
+    kind: str,
+    column: int,
+    base_version: int,
+    base: State | None = None,
+) -> tuple[bytes, State]:
+    """Encode every tensor of ``updates`` and bundle them: the one way updates are sent.
+
+    Args:
+        updates: ``{name: FP update}``.
+        codec: one of :data:`UPDATE_CODECS`.
+        kind: ``"column"``/``"shared"`` (participant uploads) or ``"version"``.
+        column: the column the bundle is about, -1 for the shared layers.
+        base_version: the version the updates are relative to.
+        base: for versions, the receiver's tensors before applying: each tensor then
+            carries the sha256 of ``base + decoded``, which the replica must reproduce.
+
+    Returns:
+        ``(bundle bytes, {name: decoded update})``, the latter bit-exactly what the
+        receiver decodes.
+    """
+    payloads, decoded = {}, {}
+    for name, update in updates.items():
+        payloads[name], decoded[name] = encode_update(update, codec, name)
+    shapes = {name: tuple(t.shape) for name, t in updates.items()}
+    results = None if base is None else {name: base[name] + d for name, d in decoded.items()}
+    return make_bundle(kind, column, base_version, payloads, shapes, results), decoded
 
 
 def make_bundle(
