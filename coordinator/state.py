@@ -23,7 +23,7 @@ from coordinator.federation_settings import FederationSettings
 from coordinator.publishing import Publisher
 from shared_model.blobs import BlobStore
 from shared_model.config import PerspectiveConfig
-from shared_model.model import PerspectiveModel
+from shared_model.model import PerspectiveModel, expert_param_names
 
 State = dict[str, torch.Tensor]
 
@@ -76,12 +76,13 @@ class CoordinatorState:
 
     def _diversity_step(self) -> None:
         beta = self.cfg.moe.diversity_beta
-        names = list(self.columns.masters[0])
-        for name in names:
+        columns = sorted(self.columns.masters)
+        # Parameter names carry the expert index, so the same weight of every column is
+        # found by position in each column's (identically ordered) name list.
+        names = {c: expert_param_names(self.cfg, c) for c in columns}
+        for i in range(len(names[columns[0]])):
             apply_diversity(
-                [self.columns.masters[c][name] for c in sorted(self.columns.masters)],
-                beta,
-                self.diversity_lr,
+                [self.columns.masters[c][names[c][i]] for c in columns], beta, self.diversity_lr
             )
         self.columns.mark_dirty(self.columns.masters)
 

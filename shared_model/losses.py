@@ -81,12 +81,15 @@ def balance_loss(
 
 
 def diversity_loss(expert_weights: list[Tensor] | Tensor, ranks: RankSum | None = None) -> Tensor:
-    """Expert diversity term: minus the mean pairwise cosine similarity of expert weights.
+    """Expert diversity term: the mean pairwise cosine similarity of expert weights.
 
-    Returns ``-1/N² Σ_{i≠j} cos(W_i, W_j)`` exactly as the seed defines it, computed in
-    O(N·P) from the unit vectors: ``Σ_{i≠j} ŵ_i·ŵ_j = ||Σ_i ŵ_i||² − N``. This is the one
-    implementation: the central trainers add ``β ·`` it to the stage-3 loss and the
-    coordinator descends it on the expert masters of federated training.
+    Returns ``+1/N² Σ_{i≠j} cos(W_i, W_j)``, computed in O(N·P) from the unit vectors:
+    ``Σ_{i≠j} ŵ_i·ŵ_j = ||Σ_i ŵ_i||² − N``. Minimising it pushes experts apart. The seed
+    writes the term as ``-β/N² Σ cos``, which added to a loss that is minimised would pull
+    the experts *together* (stage 3 exists to differentiate them): a sign error, see
+    ``docs/architecture.md`` §0. This is the one implementation: the central trainers add
+    ``β ·`` it to the stage-3 loss and the coordinator descends it on the expert masters of
+    federated training.
 
     Args:
         expert_weights: N tensors of one shape (flattened), or an ``[N, P]`` tensor.
@@ -103,7 +106,7 @@ def diversity_loss(expert_weights: list[Tensor] | Tensor, ranks: RankSum | None 
     total = F.normalize(flat.float(), dim=1).sum(0)
     if ranks is not None:
         total, n = ranks.sum(total), n * ranks.world_size
-    return -(total.dot(total) - n) / (n * n)
+    return (total.dot(total) - n) / (n * n)
 
 
 def kd_loss(

@@ -77,7 +77,7 @@ def test_diversity_step_decreases_cosine_and_matches_naive():
     base = torch.randn(50)
     experts = [base + 0.1 * torch.randn(50) for _ in range(4)]
     n = len(experts)
-    naive = -sum(
+    naive = sum(
         torch.nn.functional.cosine_similarity(experts[i], experts[j], dim=0)
         for i in range(n)
         for j in range(n)

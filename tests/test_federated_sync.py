@@ -109,3 +109,31 @@ def test_state_save_load_roundtrip(state, tmp_path):
         assert torch.equal(other.shared.master[name], t)
     ours, theirs = state.publisher.chain_for(1)[1][0], other.publisher.chain_for(1)[1][0]
     assert theirs.content_id == ours.content_id
+
+
+def test_diversity_step_pushes_the_column_masters_apart(tmp_path):
+    """``diversity_lr > 0``: publishing first steps every expert weight of every column down
+    the gradient of the diversity term (the masters' mean pairwise cosine falls)."""
+    from shared_model.model import expert_param_names
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    model = PerspectiveModel(cfg, moe=True)
+    settings = FederationSettings(diversity_lr=1.0)
+    state = CoordinatorState(cfg, model, BlobStore(tmp_path / "blobs"), settings)
+    columns = sorted(state.columns.masters)
+
+    def mean_cos(i: int) -> float:
+        flat = torch.stack(
+            [state.columns.masters[c][expert_param_names(cfg, c)[i]].flatten() for c in columns]
+        )
+        unit = torch.nn.functional.normalize(flat, dim=1)
+        sims = unit @ unit.T
+        n = len(columns)
+        return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
+
+    n_weights = len(expert_param_names(cfg, 0))
+    before = [mean_cos(i) for i in range(n_weights)]
+    assert state.publish() == 1
+    after = [mean_cos(i) for i in range(n_weights)]
+    assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)

@@ -57,12 +57,12 @@ def test_diversity_loss_equals_naive_pairwise():
         F.cosine_similarity(a.flatten(), b.flatten(), dim=0)
         for a, b in itertools.permutations(experts, 2)
     )
-    expected = -naive / n**2
+    expected = naive / n**2  # mean similarity: minimising it diversifies
     assert diversity_loss(experts).item() == pytest.approx(expected.item(), abs=1e-6)
     stacked = torch.stack([w.flatten() for w in experts])
     assert diversity_loss(stacked).item() == pytest.approx(expected.item(), abs=1e-6)
     same = [experts[0]] * 4  # identical experts: every cosine is 1
-    assert diversity_loss(same).item() == pytest.approx(-12 / 16, abs=1e-6)
+    assert diversity_loss(same).item() == pytest.approx(12 / 16, abs=1e-6)
 
 
 def test_kd_loss_direction_and_weights():
