@@ -26,7 +26,7 @@ from shared_model.codec import (  # noqa: E402
     encode_sparse,
     encode_ternary,
 )
-from shared_model.federated.feedback import send_with_feedback  # noqa: E402
+from shared_model.federated.updates import send_with_feedback  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 FLIPS = (0.005, 0.01, 0.02, 0.05, 0.10)

@@ -31,7 +31,7 @@ from typing import Any
 from google.protobuf.message import DecodeError, Message
 
 from coordinator.db import results as db_results
-from coordinator.state import CoordinatorState
+from coordinator.publishing import CoordinatorState
 from shared_model.blobs import BlobNotFound, GcReport
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 

@@ -22,9 +22,9 @@ from coordinator.db import versions as db_versions
 from coordinator.federation import FederationLoop
 from coordinator.federation_settings import FederationSettings, FederationSettingsError, LoopStats
 from coordinator.leasing import UnitFactory
+from coordinator.publishing import CoordinatorState
 from coordinator.routing.assignment import ColumnAssignment, initial_assignment
 from coordinator.routing.rescoring import restore_labels
-from coordinator.state import CoordinatorState
 from shared_model.blobs import BlobStore, GcReport
 from shared_model.config import PerspectiveConfig
 from shared_model.data import PreparedCorpus

@@ -34,9 +34,9 @@ from coordinator.db.errors import Conflict, NotFound, ParticipantRevoked
 from coordinator.db.types import utcnow
 from coordinator.federation_settings import FederationSettings, LoopStats
 from coordinator.leasing import UnitFactory, leases_needed
+from coordinator.publishing import CoordinatorState
 from coordinator.routing.assignment import ColumnAssignment
 from coordinator.routing.rescoring import Rescoring
-from coordinator.state import CoordinatorState
 from coordinator.validation import column_val_loss
 from shared_model.data import DocumentDataset
 from shared_model.wire.perspective.v1 import control_pb2

@@ -38,7 +38,7 @@ from coordinator.db import results as db_results
 from coordinator.db.models import WorkUnit
 from coordinator.db.participants import find_participant
 from coordinator.db.types import ParticipantState, RejectReason, utcnow
-from coordinator.state import CoordinatorState
+from coordinator.publishing import CoordinatorState
 from shared_model.blobs import BlobCorrupt, BlobError, HashMismatch
 from shared_model.codec import CodecError
 from shared_model.federated.updates import BundleShapeError, UpdateError, read_bundle

@@ -31,9 +31,8 @@ from safetensors.torch import load_file, save_file
 from participant.scoring import document_losses
 from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset
-from shared_model.federated.feedback import send_with_feedback
 from shared_model.federated.replica import Replica
-from shared_model.federated.updates import encode_bundle
+from shared_model.federated.updates import encode_bundle, send_with_feedback
 from shared_model.model import PerspectiveModel
 from shared_model.schedule import build_optimizer, set_lr
 from shared_model.stage_loss import Distillation, stage_loss

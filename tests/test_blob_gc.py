@@ -16,7 +16,7 @@ from coordinator.db.results import ResultPayload, mark_applied
 from coordinator.db.versions import publish_version
 from coordinator.federation_settings import FederationSettings
 from coordinator.intake import record_result
-from coordinator.state import CoordinatorState
+from coordinator.publishing import CoordinatorState
 from shared_model.blobs import BlobStore
 from shared_model.config_loading import load_config
 from shared_model.federated.replica import Replica

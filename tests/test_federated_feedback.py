@@ -1,4 +1,4 @@
-"""Error feedback (shared_model.federated.feedback) on both codecs, and its persistence."""
+"""Error feedback (shared_model.federated.updates) on both codecs, and its persistence."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import torch
 from participant.unit_trainer import UnitTrainer
 from shared_model.codec import CodecError
 from shared_model.config_loading import load_config
-from shared_model.federated.feedback import send_with_feedback
-from shared_model.federated.updates import read_bundle
+from shared_model.federated.updates import read_bundle, send_with_feedback
 
 
 @pytest.mark.parametrize(

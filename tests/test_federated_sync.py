@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from coordinator.federation_settings import FederationSettings
-from coordinator.state import CoordinatorState
+from coordinator.publishing import CoordinatorState
 from shared_model.blobs import BlobStore
 from shared_model.config_loading import load_config
 from shared_model.federated.replica import Replica, SyncError

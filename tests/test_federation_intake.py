@@ -19,8 +19,8 @@ from coordinator.db.models import Result
 from coordinator.federation import FederationLoop
 from coordinator.federation_settings import FederationSettings
 from coordinator.leasing import UnitFactory
+from coordinator.publishing import CoordinatorState
 from coordinator.routing.assignment import initial_assignment
-from coordinator.state import CoordinatorState
 from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.blobs import BlobStore
 from shared_model.config_loading import load_config

@@ -4,7 +4,7 @@ Per chunk of ``chunk`` consecutive elements the ``k`` largest magnitudes are kep
 kept value becomes sign x (``lo`` or ``hi``): the larger half of the kept magnitudes
 maps to ``hi`` = their mean, the rest to ``lo`` = their mean (two float32 per chunk), so
 every value costs 2 bits plus its index. The decoder returns exactly the array the
-encoder reports, which is what error feedback (:mod:`shared_model.federated.feedback`)
+encoder reports, which is what error feedback (:mod:`shared_model.federated.updates`)
 subtracts from its residual. Format: docs/wire-format.md §5.
 """
 

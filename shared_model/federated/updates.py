@@ -1,4 +1,4 @@
-"""Encoding FP tensor updates for the wire, and bundling them into one blob.
+"""FP tensor updates on the wire: encoding, bundling into one blob, error feedback.
 
 Two update codecs, both from :mod:`shared_model.codec`:
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ def tensor_digest(t: torch.Tensor) -> str:
 def encode_update(
     t: torch.Tensor, codec: str = "ternary", name: str = ""
 ) -> tuple[bytes, torch.Tensor]:
-    """Compress one FP update (error feedback is :mod:`shared_model.federated.feedback`'s).
+    """Compress one FP update (error feedback is :mod:`shared_model.federated.updates`'s).
 
     Returns:
         ``(payload, decoded)`` where ``decoded`` is bit-exactly what the receiver decodes.
@@ -174,3 +175,47 @@ def read_bundle(
             raise BundleShapeError(f"{t.name}: shape {shape} != expected {tuple(expected[t.name])}")
         out[t.name] = decode_update(t.payload, shape)
     return bundle, out
+
+
+# --- error feedback ------------------------------------------------------------------
+# Compressing an update drops most of it; error feedback keeps what was dropped and adds it
+# to the next update, so nothing is lost, only delayed. Both sides use this one step: a
+# participant's shared pseudo-gradient (its residual is kept on disk across units) and the
+# coordinator's versions (update = master - published; the residual is implicit: what is
+# not sent now stays in master - published for the next version).
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One error-feedback step."""
+
+    bundle: bytes
+    #: ``residual + update``: what was owed to the receiver before this send.
+    pending: State
+    #: What the receiver decodes (bit-exact).
+    decoded: State
+    #: ``pending - decoded``: the residual owed with the next send.
+    residual: State
+
+
+def send_with_feedback(
+    update: State,
+    residual: State,
+    codec: str,
+    *,
+    kind: str,
+    column: int,
+    base_version: int,
+    base: State | None = None,
+) -> Sent:
+    """Encode ``residual + update`` into a bundle and keep what the codec dropped.
+
+    ``residual`` may lack tensors (nothing owed yet). The bundle arguments are those of
+    :func:`~shared_model.federated.updates.encode_bundle`.
+    """
+    pending = {k: v + residual[k] if k in residual else v for k, v in update.items()}
+    bundle, decoded = encode_bundle(
+        pending, codec, kind=kind, column=column, base_version=base_version, base=base
+    )
+    rest = {k: pending[k] - decoded[k] for k in pending}
+    return Sent(bundle=bundle, pending=pending, decoded=decoded, residual=rest)
