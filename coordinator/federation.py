@@ -29,11 +29,13 @@ from coordinator.db import events as db_events
 from coordinator.db import leases as db_leases
 from coordinator.db import participants as db_participants
 from coordinator.db import results as db_results
+from coordinator.db import stats as db_stats
 from coordinator.db import versions as db_versions
 from coordinator.db.errors import Conflict, NotFound, ParticipantRevoked
 from coordinator.db.types import utcnow
 from coordinator.federation_settings import FederationSettings, LoopStats
 from coordinator.leasing import UnitFactory, leases_needed
+from coordinator.metrics import METRICS
 from coordinator.publishing import CoordinatorState
 from coordinator.routing.assignment import ColumnAssignment
 from coordinator.routing.rescoring import Rescoring
@@ -75,7 +77,10 @@ class FederationLoop:
             log=self._log,
         )
         self._step_tokens = state.cfg.train.batch_size * state.cfg.train.seq_len
-        self.stats = LoopStats()
+        # Only what the result log does not hold; counts come from it (see ``totals``).
+        self._bytes_down = 0  # control messages pushed + downloads nodes reported
+        self._val_loss: list[tuple[int, float]] = []
+        self._train_loss: list[tuple[int, float]] = []
         self._applied: list[str] = []
         self._message_units: dict[str, str] = {}
         # Nodes Flower reported gone get no leases for a while (the SuperLink keeps
@@ -88,7 +93,7 @@ class FederationLoop:
 
     def run(self, should_stop: Callable[[], bool], on_tick: Callable[[], None] | None = None):
         """Iterate until ``progress`` reaches 1 or ``should_stop()``; then collect results."""
-        while not should_stop() and self.progress(self.stats) < 1.0:
+        while not should_stop() and self.progress(self.totals()) < 1.0:
             self.step()
             if on_tick is not None:
                 on_tick()
@@ -126,7 +131,7 @@ class FederationLoop:
                 node_id, payload, "train.unit", self.settings.lease_seconds
             )
             self._message_units[message_id] = unit_id
-            self.stats.bytes_down += len(payload)
+            self._bytes_down += len(payload)
 
     def lease_request(self, node_id: int) -> tuple[str, control_pb2.ControlRequest]:
         """Lease one unit to a known node, sized from its last reported tokens/s.
@@ -134,15 +139,16 @@ class FederationLoop:
         Returns:
             The unit id and the ``ControlRequest`` that carries it (not sent yet).
         """
+        fraction = self._fraction()  # reads the result log: not inside the write below
         with self.factory.begin() as s:
             participant = db_participants.find_participant(s, node_id=node_id)
             steps = self.sizing.steps_for(participant.tokens_per_s, self._step_tokens)
-            unit = self.units.lease(s, participant, self.state, self._fraction(), steps)
+            unit = self.units.lease(s, participant, self.state, fraction, steps)
             self.rescoring.mark(unit)
             return unit.unit_id, self.units.request(unit, self.state, node_id)
 
     def _fraction(self) -> float:
-        return min(max(self.progress(self.stats), 0.0), 1.0)
+        return min(max(self.progress(self.totals()), 0.0), 1.0)
 
     # --- replies --------------------------------------------------------------------------
 
@@ -164,7 +170,7 @@ class FederationLoop:
         # A revoked node's results below are still recorded, as refused (WRONG_NODE).
         with contextlib.suppress(ParticipantRevoked):
             self._update_capability(reply.node_id, body.capability, body.bytes_down)
-        self.stats.bytes_down += body.bytes_down
+        self._bytes_down += body.bytes_down
         for failed, why in zip(body.failed_units, body.failure_reasons, strict=False):
             self._fail(failed, why)
         for result in body.results:
@@ -212,17 +218,27 @@ class FederationLoop:
         """Hand one result to the intake (idempotent on replays of the same unit)."""
         got = self.intake.receive(node_id, result)
         if not got.applied:
-            if not got.outcome.accepted and not got.outcome.duplicate:
-                self.stats.rejected += 1
             return got.outcome
+        self._train_loss.append((self.state.version, float(result.train_loss)))
         self._applied_one(result.unit_id, got.stepped)
-        self.stats.tokens += int(result.tokens)
-        self.stats.accepted += 1
-        self.stats.bytes_up += got.bytes_up
-        self.stats.train_s += result.timings.train_s
-        self.stats.unit_s += result.timings.total_s
-        self.stats.train_loss.append((self.state.version, float(result.train_loss)))
         return got.outcome
+
+    def totals(self, *, timings: bool = False) -> LoopStats:
+        """This stage's running totals: counted once, in the result log (SQL), plus what
+        only the loop sees (control bytes, the loss history); ``timings`` adds train/unit
+        seconds (one row read per result)."""
+        with self.factory() as s:
+            t = db_stats.stage_totals(s, stage=f"stage{self.settings.stage}", timings=timings)
+        return LoopStats(
+            tokens=t.tokens, accepted=t.accepted, rejected=t.rejected, bytes_up=t.bytes_up,
+            bytes_down=self._bytes_down, val_loss=list(self._val_loss),
+            train_loss=list(self._train_loss), train_s=t.train_s, unit_s=t.unit_s,
+        )  # fmt: skip
+
+    @property
+    def stats(self) -> LoopStats:
+        """:meth:`totals` with timings (for the demo's view, benchmarks and tests)."""
+        return self.totals(timings=True)
 
     def _applied_one(self, unit_id: str, stepped: bool) -> None:
         """Book an applied result for the next version; publish it if the step was taken."""
@@ -234,9 +250,11 @@ class FederationLoop:
 
     def publish(self) -> int:
         """Publish the masters as a new version and record it with the results it applies."""
-        version = self.state.publish()
-        metrics = {"tokens": self.stats.tokens, "accepted": self.stats.accepted}
-        recent = [loss for v, loss in self.stats.train_loss if v == version - 1]
+        with METRICS.time_aggregation():
+            version = self.state.publish()
+        totals = self.totals()
+        metrics = {"tokens": totals.tokens, "accepted": totals.accepted}
+        recent = [loss for v, loss in self._train_loss if v == version - 1]
         if recent:
             metrics["train_loss"] = sum(recent) / len(recent)
         if version % self.settings.eval_every == 0:
@@ -274,7 +292,7 @@ class FederationLoop:
             seq_len=cfg.train.seq_len,
             batches=self.settings.eval_batches,
         )
-        self.stats.val_loss.append((self.state.version, loss))
+        self._val_loss.append((self.state.version, loss))
         self._log("eval", f"version {self.state.version}: val loss {loss:.4f}")
         return loss
 
@@ -339,10 +357,7 @@ class FederationLoop:
             else:
                 self._applied_one(unit_id, intake.apply_result(self.state, decoded))
             replayed += 1
-        with self.factory() as s:  # the stage's token budget continues, it does not restart
-            accepted, tokens = db_results.accepted_totals(s, stage=f"stage{self.settings.stage}")
-        self.stats.accepted, self.stats.tokens = accepted, tokens
-        return replayed
+        return replayed  # the stage's budget continues: its totals are in the result log
 
     def _expire_leases(self, now: dt.datetime) -> None:
         """Expire leases past their deadline at ``now``; their units are re-queued as copies."""

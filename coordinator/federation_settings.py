@@ -225,9 +225,10 @@ def _check_keys(values: Mapping[str, Any], where: str) -> None:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoopStats:
-    """Running totals shown by the demo and the dashboard."""
+    """A snapshot of a stage's totals (:meth:`coordinator.federation.FederationLoop.totals`):
+    counts from the result log, control bytes and loss history from the loop."""
 
     tokens: int = 0
     accepted: int = 0

@@ -38,6 +38,7 @@ from coordinator.db import results as db_results
 from coordinator.db.models import WorkUnit
 from coordinator.db.participants import find_participant
 from coordinator.db.types import ParticipantState, RejectReason, utcnow
+from coordinator.metrics import METRICS
 from coordinator.publishing import CoordinatorState
 from shared_model.blobs import BlobCorrupt, BlobError, HashMismatch
 from shared_model.codec import CodecError
@@ -136,6 +137,7 @@ class Intake:
         self.rescoring.observe(scored, self.log)
         if outcome.duplicate or not outcome.accepted or check.decoded is None:
             return Received(outcome, bytes_up)
+        METRICS.observe_staleness(self.state.version - check.decoded.base_version)
         stepped = apply_result(self.state, check.decoded)
         return Received(outcome, bytes_up, applied=True, stepped=stepped)
 

@@ -1,20 +1,15 @@
 """Prometheus metrics of the coordinator (served at ``/metrics`` by the REST app).
 
-The federation loop reports events as they happen through the module-level
-:data:`METRICS` object, e.g.::
-
-    from coordinator.metrics import METRICS
-
-    METRICS.unit_leased(stage="expert_diff")
-    METRICS.unit_completed(stage="expert_diff", tokens=4096, staleness=2)
-    METRICS.unit_rejected(reason="NORM_OUT_OF_BOUNDS")
-    with METRICS.time_aggregation():
-        ...  # apply results, publish a version
-
-Gauges that mirror the database (participants by state, units by state, the global
-version) are refreshed from the database on every scrape by :meth:`refresh_from_db`,
-so they are right even after a coordinator restart. Each :class:`CoordinatorMetrics`
-owns its own registry: tests and several apps in one process never collide.
+Totals are counted once, in the database: units leased and accepted by stage, rejections
+by reason, tokens, bytes in and out are read from it on every scrape
+(:func:`coordinator.db.stats.metric_totals`, via :meth:`CoordinatorMetrics.refresh_from_db`)
+and exported as counters, so they equal the database's totals and survive a restart.
+Gauges (participants and units by state, the global version) are refreshed the same way.
+What the database does not hold is observed as it happens through the module-level
+:data:`METRICS` object: the staleness of each applied result (intake), the time of each
+aggregation + publish (the federation loop) and database statement latency.
+Each :class:`CoordinatorMetrics` owns its own registry: tests and several apps in one
+process never collide.
 """
 
 from __future__ import annotations
@@ -27,16 +22,16 @@ from typing import Any
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
-    Counter,
     Gauge,
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 DB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
-DIRECTIONS = ("in", "out")
 
 
 class CoordinatorMetrics:
@@ -45,18 +40,8 @@ class CoordinatorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.units_leased = Counter(
-            "perspective_units_leased", "Work units leased to participants", ["stage"], registry=r
-        )
-        self.units_completed = Counter(
-            "perspective_units_completed", "Work units answered and accepted", ["stage"], registry=r
-        )
-        self.units_rejected = Counter(
-            "perspective_units_rejected", "Results rejected, by reason code", ["reason"], registry=r
-        )
-        self.tokens = Counter(
-            "perspective_tokens_trained", "Tokens in accepted results", registry=r
-        )
+        self._totals = _DatabaseTotals()
+        r.register(self._totals)
         self.staleness = Histogram(
             "perspective_result_staleness_versions",
             "Versions between a result's base version and the version it was applied to",
@@ -67,12 +52,6 @@ class CoordinatorMetrics:
             "perspective_aggregation_seconds",
             "Time to apply accepted results and publish a version",
             buckets=SECONDS_BUCKETS,
-            registry=r,
-        )
-        self.bytes = Counter(
-            "perspective_bytes",
-            "Bytes moved by the coordinator (in = uploads from participants, out = downloads)",
-            ["direction"],
             registry=r,
         )
         self.db_latency = Histogram(
@@ -93,22 +72,6 @@ class CoordinatorMetrics:
         self._instrumented: set[int] = set()
 
     # ------------------------------------------------------------ federation loop
-    def unit_leased(self, *, stage: str, count: int = 1) -> None:
-        """Count ``count`` units leased for ``stage``."""
-        self.units_leased.labels(stage=stage).inc(count)
-
-    def unit_completed(self, *, stage: str, tokens: int = 0, staleness: int | None = None) -> None:
-        """Count an accepted result with its token count and (if known) staleness."""
-        self.units_completed.labels(stage=stage).inc()
-        if tokens:
-            self.tokens.inc(tokens)
-        if staleness is not None:
-            self.staleness.observe(staleness)
-
-    def unit_rejected(self, *, reason: str) -> None:
-        """Count a rejected result by its reason code (e.g. ``"NORM_OUT_OF_BOUNDS"``)."""
-        self.units_rejected.labels(reason=str(reason)).inc()
-
     def observe_staleness(self, versions: int) -> None:
         """Record the staleness of one applied result, in versions."""
         self.staleness.observe(versions)
@@ -125,18 +88,6 @@ class CoordinatorMetrics:
             yield
         finally:
             self.aggregation.observe(time.perf_counter() - start)
-
-    def add_bytes(self, *, direction: str, count: int) -> None:
-        """Add ``count`` bytes moved in ``direction`` (``"in"`` or ``"out"``)."""
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        if count < 0:
-            raise ValueError(f"byte count must be >= 0, got {count}")
-        self.bytes.labels(direction=direction).inc(count)
-
-    def set_participants_online(self, count: int) -> None:
-        """Set the number of online participants (also refreshed from the DB on scrape)."""
-        self.participants.labels(state="online").set(count)
 
     def observe_db(self, *, operation: str, seconds: float) -> None:
         """Record one database statement's latency."""
@@ -163,10 +114,11 @@ class CoordinatorMetrics:
                 self.observe_db(operation=operation, seconds=time.perf_counter() - starts.pop())
 
     def refresh_from_db(self, session: Any) -> None:
-        """Set the database-mirroring gauges from ``session`` (called on each scrape)."""
+        """Read the totals and gauges from ``session`` (called on each scrape)."""
         from coordinator.db import ParticipantState, UnitState
-        from coordinator.db.stats import network_summary
+        from coordinator.db.stats import metric_totals, network_summary
 
+        self._totals.snapshot = metric_totals(session)
         summary = network_summary(session)
         for state in ParticipantState:
             self.participants.labels(state=state.value).set(summary.participants.get(state, 0))
@@ -178,6 +130,34 @@ class CoordinatorMetrics:
     def render(self) -> tuple[bytes, str]:
         """The registry in Prometheus text format, and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _DatabaseTotals(Collector):
+    """Counters whose values are the database's totals at the last refresh."""
+
+    def __init__(self) -> None:
+        self.snapshot: Any = None
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        t = self.snapshot
+        families = [
+            ("perspective_units_leased", "Work units leased to participants", ["stage"],
+             {} if t is None else {(k,): v for k, v in t.units_leased.items()}),
+            ("perspective_units_completed", "Work units answered and accepted", ["stage"],
+             {} if t is None else {(k,): v for k, v in t.units_accepted.items()}),
+            ("perspective_units_rejected", "Results rejected, by reason code", ["reason"],
+             {} if t is None else {(k,): v for k, v in t.rejected.items()}),
+            ("perspective_tokens_trained", "Tokens in accepted results", [],
+             {(): 0 if t is None else t.tokens}),
+            ("perspective_bytes", "Bytes moved by the coordinator (in = uploads from "
+             "participants, out = downloads they reported)", ["direction"],
+             {} if t is None else {("in",): t.bytes_up, ("out",): t.bytes_down}),
+        ]  # fmt: skip
+        for name, doc, labels, values in families:
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for key, value in values.items():
+                family.add_metric(list(key), value)
+            yield family
 
 
 METRICS = CoordinatorMetrics()

@@ -251,22 +251,26 @@ def test_read_requires_token(tmp_path):
     engine.dispose()
 
 
-def test_prometheus_metrics(env):
+def test_prometheus_metrics_are_the_database_totals(env):
+    """Totals are read from the database on scrape (the loop-driven check is in
+    tests/test_metrics.py); gauges too, and statement latency is timed."""
+    from collections import Counter
+
+    from coordinator.db.models import Participant, Result
+
     factory, _client, _op, _ro, _feed = env
-    metrics = CoordinatorMetrics()
-    client = TestClient(create_app(factory, ApiSettings(), metrics=metrics))
-    metrics.unit_leased(stage="expert_diff", count=3)
-    metrics.unit_completed(stage="expert_diff", tokens=100, staleness=2)
-    metrics.unit_rejected(reason="NORM_OUT_OF_BOUNDS")
-    metrics.add_bytes(direction="in", count=1234)
-    metrics.observe_aggregation(0.25)
-    with pytest.raises(ValueError, match="direction"):
-        metrics.add_bytes(direction="sideways", count=1)
+    client = TestClient(create_app(factory, ApiSettings(), metrics=CoordinatorMetrics()))
     text = client.get("/metrics").text
-    assert 'perspective_units_leased_total{stage="expert_diff"} 3.0' in text
-    assert 'perspective_units_rejected_total{reason="NORM_OUT_OF_BOUNDS"} 1.0' in text
-    assert 'perspective_bytes_total{direction="in"} 1234.0' in text
-    assert "perspective_result_staleness_versions_count 1.0" in text
+    with factory() as s:
+        results = s.query(Result).all()
+        up = sum(p.bytes_up for p in s.query(Participant).all())
+    tokens = sum(r.tokens for r in results if r.state == "accepted")
+    assert f"perspective_tokens_trained_total {float(tokens)}" in text and tokens > 0
+    reasons = Counter(r.reject_reason for r in results if r.state == "rejected")
+    assert reasons
+    for reason, n in reasons.items():
+        assert f'perspective_units_rejected_total{{reason="{reason}"}} {float(n)}' in text
+    assert f'perspective_bytes_total{{direction="in"}} {float(up)}' in text
     assert 'perspective_participants{state="online"} 3.0' in text
     assert "perspective_global_version 4.0" in text
     assert "perspective_db_query_seconds_count" in text

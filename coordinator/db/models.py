@@ -152,6 +152,7 @@ class Result(Base):
     reject_detail: Mapped[str | None] = mapped_column(Text)
     blob_ids: Mapped[dict[str, Any]] = mapped_column(default=dict)
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_up: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     train_loss: Mapped[float | None] = mapped_column(Float)
     val_loss: Mapped[float | None] = mapped_column(Float)
     timings: Mapped[dict[str, Any]] = mapped_column(default=dict)

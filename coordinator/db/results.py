@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.db.errors import Conflict, InvalidArgument
@@ -135,6 +135,7 @@ def store_result(
         reject_detail=None if problem is None else problem[1],
         blob_ids=dict(payload.blob_ids or {}),
         tokens=payload.tokens,
+        bytes_up=payload.bytes_up,
         train_loss=payload.train_loss,
         val_loss=payload.val_loss,
         timings=dict(payload.timings or {}),
@@ -218,16 +219,3 @@ def applied_results_after(session: Session, *, version: int) -> list[Result]:
         .order_by(Result.applied_in_version, Result.received_at, Result.id)
     )
     return list(session.scalars(query).all())
-
-
-def accepted_totals(session: Session, *, stage: str) -> tuple[int, int]:
-    """``(results, tokens)`` accepted so far for units of ``stage`` (e.g. ``"stage3"``).
-
-    A restarted coordinator continues a stage's token budget from here.
-    """
-    row = session.execute(
-        select(func.count(Result.id), func.coalesce(func.sum(Result.tokens), 0))
-        .join(WorkUnit, WorkUnit.unit_id == Result.unit_id)
-        .where(Result.state == ResultState.ACCEPTED, WorkUnit.stage == stage)
-    ).one()
-    return int(row[0]), int(row[1])

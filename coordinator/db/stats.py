@@ -263,3 +263,96 @@ def credit_leaderboard(session: Session, *, limit: int = 20) -> list[Participant
     check_page(0, limit)
     query = select(Participant).order_by(Participant.credit.desc(), Participant.id).limit(limit)
     return list(session.scalars(query).all())
+
+
+@dataclass(frozen=True)
+class StageTotals:
+    """Running totals of one stage, read from the result log (the only place they live)."""
+
+    accepted: int = 0
+    rejected: int = 0
+    tokens: int = 0
+    bytes_up: int = 0
+    train_s: float = 0.0
+    unit_s: float = 0.0
+
+
+def stage_totals(session: Session, *, stage: str, timings: bool = False) -> StageTotals:
+    """Totals of results for units of ``stage`` (e.g. ``"stage3"``).
+
+    A restarted coordinator continues the stage's budget from here. ``timings`` also sums
+    the accepted results' ``train_s`` / ``total_s`` (one row read per result: for reports,
+    not for every loop step).
+    """
+    by_state = {
+        state: (int(n), int(tokens), int(up))
+        for state, n, tokens, up in session.execute(
+            select(
+                Result.state,
+                func.count(Result.id),
+                func.coalesce(func.sum(Result.tokens), 0),
+                func.coalesce(func.sum(Result.bytes_up), 0),
+            )
+            .join(WorkUnit, WorkUnit.unit_id == Result.unit_id)
+            .where(WorkUnit.stage == stage)
+            .group_by(Result.state)
+        )
+    }
+    accepted, tokens, up_ok = by_state.get(ResultState.ACCEPTED, (0, 0, 0))
+    rejected, _, up_bad = by_state.get(ResultState.REJECTED, (0, 0, 0))
+    train_s = unit_s = 0.0
+    if timings:
+        for (t,) in session.execute(
+            select(Result.timings)
+            .join(WorkUnit, WorkUnit.unit_id == Result.unit_id)
+            .where(WorkUnit.stage == stage, Result.state == ResultState.ACCEPTED)
+        ):
+            train_s += float((t or {}).get("train_s", 0.0))
+            unit_s += float((t or {}).get("total_s", 0.0))
+    return StageTotals(accepted, rejected, tokens, up_ok + up_bad, train_s, unit_s)
+
+
+@dataclass(frozen=True)
+class MetricTotals:
+    """The totals ``/metrics`` exports as counters, all read from the database."""
+
+    units_leased: dict[str, int]
+    units_accepted: dict[str, int]
+    rejected: dict[str, int]
+    tokens: int
+    bytes_up: int
+    bytes_down: int
+
+
+def metric_totals(session: Session) -> MetricTotals:
+    """Units leased / accepted by stage, rejections by reason, tokens and traffic."""
+    leased = session.execute(
+        select(WorkUnit.stage, func.count(WorkUnit.unit_id))
+        .where(WorkUnit.participant_id.is_not(None))
+        .group_by(WorkUnit.stage)
+    )
+    accepted = session.execute(
+        select(WorkUnit.stage, func.count(Result.id))
+        .join(WorkUnit, WorkUnit.unit_id == Result.unit_id)
+        .where(Result.state == ResultState.ACCEPTED)
+        .group_by(WorkUnit.stage)
+    )
+    tokens = session.scalar(
+        select(func.coalesce(func.sum(Result.tokens), 0)).where(
+            Result.state == ResultState.ACCEPTED
+        )
+    )
+    up, down = session.execute(
+        select(
+            func.coalesce(func.sum(Participant.bytes_up), 0),
+            func.coalesce(func.sum(Participant.bytes_down), 0),
+        )
+    ).one()
+    return MetricTotals(
+        units_leased={str(s): int(n) for s, n in leased},
+        units_accepted={str(s): int(n) for s, n in accepted},
+        rejected=reject_counts(session),
+        tokens=int(tokens or 0),
+        bytes_up=int(up or 0),
+        bytes_down=int(down or 0),
+    )
