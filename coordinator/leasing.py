@@ -95,13 +95,15 @@ class UnitSizing:
         lease_fraction: share of the lease the in-flight units may take to train.
     """
 
-    steps_per_unit: int = 20
-    unit_seconds: float | None = None
-    min_steps: int = 5
-    max_steps: int | None = None
-    lease_seconds: float = 300.0
-    max_in_flight: int = 2
-    lease_fraction: float = 0.5
+    # No defaults: :meth:`coordinator.federation_settings.FederationSettings.sizing` is the
+    # one place these are set from (one set of federation defaults).
+    steps_per_unit: int
+    unit_seconds: float | None
+    min_steps: int
+    max_steps: int | None
+    lease_seconds: float
+    max_in_flight: int
+    lease_fraction: float
 
     def __post_init__(self) -> None:
         if self.max_steps is None:
@@ -246,10 +248,10 @@ class UnitFactory:
     blob_address: str
     token_key: bytes
     lease_seconds: float
-    column_codec: str = "ternary"
-    shared_codec: str = "ternary"
+    column_codec: str
+    shared_codec: str
+    total_units_hint: int
     teacher: tensor_pb2.BlobRef | None = None
-    total_units_hint: int = 1000
     _counter: int = 0
 
     def lease(

@@ -57,6 +57,8 @@ def make_loop(tmp_path, corpus, state_seed=0, **settings):
                 for c in corpus.shard_ids("train")],
         eot_id=corpus.eot_id, blob_address="in-process", token_key=b"k" * 32,
         lease_seconds=settings.lease_seconds,  # as the coordinator builds it
+        column_codec=settings.column_codec, shared_codec=settings.shared_codec,
+        total_units_hint=1000,  # the schedule length these tests were written against
     )  # fmt: skip
     loop = FederationLoop(state, fed, factory, None, units, val, assignment, lambda s: 0.0)
     with factory.begin() as s:

@@ -12,16 +12,25 @@ from coordinator.leasing import UnitSizing, UnitSizingError
 STEP_TOKENS = 8 * 64  # batch_size x seq_len of the federation benchmark
 
 
+def sizing_of(min_steps: int | None = None, max_steps: int | None = None, **kw) -> UnitSizing:
+    """A sizing built the one way the product builds it: from FederationSettings."""
+    if min_steps is not None:
+        kw["min_steps_per_unit"] = min_steps
+    if max_steps is not None:
+        kw["max_steps_per_unit"] = max_steps
+    return FederationSettings(**kw).sizing()
+
+
 def test_fixed_size_without_unit_seconds_or_before_a_report():
-    fixed = UnitSizing(steps_per_unit=20)
+    fixed = sizing_of(steps_per_unit=20)
     assert fixed.steps_for(50_000.0, STEP_TOKENS) == 20
-    sized = UnitSizing(steps_per_unit=20, unit_seconds=10.0)
+    sized = sizing_of(steps_per_unit=20, unit_seconds=10.0)
     assert sized.steps_for(None, STEP_TOKENS) == 20
     assert sized.steps_for(0.0, STEP_TOKENS) == 20
 
 
 def test_steps_follow_throughput():
-    sizing = UnitSizing(steps_per_unit=20, unit_seconds=10.0, max_steps=1000)
+    sizing = sizing_of(steps_per_unit=20, unit_seconds=10.0, max_steps=1000)
     slow = sizing.steps_for(1024.0, STEP_TOKENS)  # 2 steps/s
     fast = sizing.steps_for(10_240.0, STEP_TOKENS)  # 20 steps/s
     assert (slow, fast) == (20, 200)
@@ -31,16 +40,16 @@ def test_steps_follow_throughput():
 
 
 def test_clamped_at_both_ends():
-    sizing = UnitSizing(steps_per_unit=20, unit_seconds=10.0, min_steps=5, max_steps=50)
+    sizing = sizing_of(steps_per_unit=20, unit_seconds=10.0, min_steps=5, max_steps=50)
     assert sizing.steps_for(STEP_TOKENS / 10, STEP_TOKENS) == 5  # wants 1 step
     assert sizing.steps_for(STEP_TOKENS * 100, STEP_TOKENS) == 50  # wants 1000
-    assert UnitSizing(steps_per_unit=20).max_steps == 160  # default 8 x steps_per_unit
+    assert sizing_of(steps_per_unit=20).max_steps == 160  # default 8 x steps_per_unit
 
 
 def test_lease_bounds_a_very_slow_machine(caplog):
     # 2 units in flight must train within half of a 60 s lease: 15 s each; at 20 s per
     # step even min_steps does not fit, so the unit gets a single step (and says why).
-    sizing = UnitSizing(
+    sizing = sizing_of(
         steps_per_unit=20, unit_seconds=10.0, min_steps=5, lease_seconds=60.0, max_in_flight=2
     )
     with caplog.at_level(logging.INFO, logger="coordinator.leasing"):
@@ -77,7 +86,7 @@ def test_settings_describe_the_sizing():
 
 
 def test_fixed_units_are_cut_for_a_node_too_slow_for_its_lease() -> None:
-    sizing = UnitSizing(steps_per_unit=20, lease_seconds=60.0, max_in_flight=2)
+    sizing = sizing_of(steps_per_unit=20, lease_seconds=60.0, max_in_flight=2)
     assert sizing.steps_for(None, 256) == 20  # not measured yet
     assert sizing.steps_for(100_000.0, 256) == 20  # fast: H as configured, never more
     # 2.56 s per step: 2 units in flight must train within 30 s -> 5 steps each
