@@ -259,12 +259,18 @@ def _control_api_unreachable_through_proxy(host: Host) -> None:
         assert resp.status_code in (400, 403, 404), (path, resp.status_code)
 
 
+def _events_text(volunteer: Path) -> str:
+    """The volunteer daemon's event log so far ("" before its first event)."""
+    path = volunteer / "events.jsonl"
+    return path.read_text() if path.is_file() else ""
+
+
 def _outage_then_next_result_accepted(host: Host, pid: int, volunteer: Path) -> None:
     host.crash()
     t_down, last = time.time(), host.last_result_id()
     # The SuperNode gives up after its max wait (4 s) and the daemon logs the disconnection;
     # the outage lasts at least that long.
-    wait_for(lambda: "participant.disconnected" in (volunteer / "events.jsonl").read_text(),
+    wait_for(lambda: "participant.disconnected" in _events_text(volunteer),
              120, "the daemon to notice the outage")  # fmt: skip
     host.start()
     wait_for(lambda: host.accepted(pid, after_id=last), 300, "a result accepted after the outage")
@@ -278,7 +284,7 @@ def _revoked_is_refused(host: Host, pid: int, volunteer: Path) -> None:
              60, "the key's unregistration in the event log")  # fmt: skip
 
     def refusals() -> list[dict]:
-        lines = (volunteer / "events.jsonl").read_text().splitlines()
+        lines = _events_text(volunteer).splitlines()
         return [json.loads(line) for line in lines if '"participant.refused"' in line]
 
     refused = wait_for(refusals, 120, "the node's refusal")
