@@ -52,6 +52,16 @@ class StageBudget:
             parts.append((time.monotonic() - self.started) / (60 * self.minutes))
         return max(parts) if parts else 0.0
 
+    def schedule_steps(self, tokens_per_step: int, settings: FederationSettings) -> int:
+        """Length of the stage's lr / ternary schedules in inner optimiser steps.
+
+        The token budget when there is one (as the central trainer's schedule over the
+        same tokens); otherwise ``units_hint`` units of ``steps_per_unit`` steps.
+        """
+        if self.tokens:
+            return max(1, math.ceil(self.tokens / tokens_per_step))
+        return settings.units_hint * settings.steps_per_unit
+
 
 class Coordinator:
     """Database + blob service + federated stages of one coordinator."""
@@ -227,7 +237,9 @@ class Coordinator:
             column_codec=settings.column_codec,
             shared_codec=settings.shared_codec,
             teacher=teacher,
-            total_units_hint=settings.units_hint,
+            schedule_steps=budget.schedule_steps(
+                self.cfg.train.batch_size * self.cfg.train.seq_len, settings
+            ),
         )
         settings = replace(settings, state_path=self._state_path(settings))
         self.loop = FederationLoop(

@@ -139,16 +139,12 @@ class FederationLoop:
         Returns:
             The unit id and the ``ControlRequest`` that carries it (not sent yet).
         """
-        fraction = self._fraction()  # reads the result log: not inside the write below
         with self.factory.begin() as s:
             participant = db_participants.find_participant(s, node_id=node_id)
             steps = self.sizing.steps_for(participant.tokens_per_s, self._step_tokens)
-            unit = self.units.lease(s, participant, self.state, fraction, steps)
+            unit = self.units.lease(s, participant, self.state, steps)
             self.rescoring.mark(unit)
             return unit.unit_id, self.units.request(unit, self.state, node_id)
-
-    def _fraction(self) -> float:
-        return min(max(self.progress(self.totals()), 0.0), 1.0)
 
     # --- replies --------------------------------------------------------------------------
 

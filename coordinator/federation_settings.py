@@ -36,8 +36,9 @@ class FederationSettings:
     target training time of a unit, sized from each participant's tokens/s within
     ``min/max_steps_per_unit`` (max ``None``: 8 × ``steps_per_unit``) and the lease; see
     :class:`~coordinator.leasing.UnitSizing`, whose ``UnitSizingError`` bad values raise.
-    ``units_hint`` is the stage's expected number of units: the length of the lr and
-    ternary schedules a unit's hyper-parameters are read from.
+    Without a token budget, the lr and ternary schedules (counted in inner optimiser steps,
+    indexed by the steps leased before a unit) last ``units_hint`` × ``steps_per_unit``
+    steps; with one, they last the budget's steps (``StageBudget.schedule_steps``).
 
     Aggregation: every ``buffer_size`` accepted results the shared layers take one outer
     step (``outer_lr``, Nesterov ``outer_momentum``; the staleness-weighted mean trims

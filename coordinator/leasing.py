@@ -250,16 +250,14 @@ class UnitFactory:
     lease_seconds: float
     column_codec: str
     shared_codec: str
-    total_units_hint: int
+    schedule_steps: int
     teacher: tensor_pb2.BlobRef | None = None
-    _counter: int = 0
 
     def lease(
         self,
         session: Session,
         participant: Participant,
         state,
-        progress: float,
         steps: int | None = None,
     ) -> WorkUnit:
         """A unit for ``participant``: a re-queued one if any, else a new one.
@@ -268,7 +266,6 @@ class UnitFactory:
             session: the caller's transaction.
             participant: the ``Participant`` row to lease to.
             state: the coordinator state (its version is the unit's base).
-            progress: fraction of the stage done (drives the lr / ternary schedules).
             steps: inner steps of a new unit (see :class:`UnitSizing`); ``None`` =
                 ``steps_per_unit``. A re-queued unit keeps the steps it was created with.
 
@@ -290,8 +287,10 @@ class UnitFactory:
             queued.base_version = state.version
             return queued
         columns = assign_columns(session, participant=participant, n_columns=self.cfg.moe.n_experts)
-        self._counter += 1
-        seed = self._counter
+        # The schedules are indexed by the inner steps leased before this unit (from the
+        # database, so a restart continues them; a re-queued copy above keeps its params).
+        created, position = leases.stage_schedule_position(session, stage=f"stage{self.stage}")
+        seed = created + 1
         return leases.create_lease(
             session,
             participant_id=participant.id,
@@ -300,7 +299,7 @@ class UnitFactory:
             columns=columns,
             docs=self._documents(columns, seed),
             steps=steps or self.steps_per_unit,
-            params=self._params(progress, seed),
+            params=self._params(position, seed),
             lease_seconds=self.lease_seconds,
         )
 
@@ -316,12 +315,14 @@ class UnitFactory:
                 pairs += [(c, int(d)) for d in sorted(pick)]
         return unit_documents.stored(pairs)
 
-    def _params(self, progress: float, seed: int) -> dict:
-        steps = self.total_units_hint
-        step = min(int(progress * steps), steps - 1)
-        params = {"lr": lr_at(step, self.cfg.optim, steps), "seed": seed}
+    def _params(self, position: int, seed: int) -> dict:
+        """Schedules at inner step ``position`` of the stage: what the central trainer uses
+        at the same token position (warm-up and cosine counted in optimiser steps)."""
+        total = self.schedule_steps
+        step = min(position, total - 1)
+        params = {"lr": lr_at(step, self.cfg.optim, total), "seed": seed, "position": position}
         if self.stage == 4:
-            params["ternary_fraction"] = ternary_fraction_at(step, steps, self.cfg.ternary.schedule)
+            params["ternary_fraction"] = ternary_fraction_at(step, total, self.cfg.ternary.schedule)
             params["kd_weight"] = self.cfg.ternary.kd_weight
         return params
 

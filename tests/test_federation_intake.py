@@ -58,7 +58,7 @@ def make_loop(tmp_path, corpus, state_seed=0, **settings):
         eot_id=corpus.eot_id, blob_address="in-process", token_key=b"k" * 32,
         lease_seconds=settings.lease_seconds,  # as the coordinator builds it
         column_codec=settings.column_codec, shared_codec=settings.shared_codec,
-        total_units_hint=1000,  # the schedule length these tests were written against
+        schedule_steps=1000,
     )  # fmt: skip
     loop = FederationLoop(state, fed, factory, None, units, val, assignment, lambda s: 0.0)
     with factory.begin() as s:
@@ -73,7 +73,7 @@ def lease_and_train(loop, train, tmp_path):
         p = db_participants.touch_participant(
             s, node_id=NODE, capability=db_participants.Capability(max_columns=2)
         )
-        unit = loop.units.lease(s, p, loop.state, 0.0)
+        unit = loop.units.lease(s, p, loop.state)
         req = loop.units.request(unit, loop.state, NODE)
     store = loop.state.store
     io = BlobIO(
@@ -221,3 +221,38 @@ def test_request_carries_the_participants_credit(tmp_path, corpus):
     assert loop.receive(NODE, result).accepted
     _, after = loop.lease_request(NODE)
     assert after.credit_tokens == result.tokens == 3 * 4 * 32
+
+
+def test_unit_lr_is_the_central_schedule_at_the_units_token_position(tmp_path, corpus):
+    """A unit's lr is what the central trainer uses at the inner step where the units
+    leased before it end (warm-up and cosine in optimiser steps), a re-queued copy keeps
+    its lr, and a restarted coordinator continues the schedule from the database."""
+    from shared_model.schedule import lr_at
+
+    loop, _ = make_loop(tmp_path, corpus)
+    optim, total = loop.state.cfg.optim, loop.units.schedule_steps
+
+    def lease(lp, node=NODE):
+        with lp.factory.begin() as s:
+            p = db_participants.touch_participant(
+                s, node_id=node, capability=db_participants.Capability(max_columns=2)
+            )
+            unit = lp.units.lease(s, p, lp.state)
+            return unit.unit_id, unit.steps, lp.units.request(unit, lp.state, node).unit.lr
+
+    position = 0
+    for _ in range(3):
+        unit_id, steps, lr = lease(loop)
+        assert lr == pytest.approx(lr_at(position, optim, total), rel=1e-6)
+        position += steps
+    assert lr_at(0, optim, total) < lr  # still warming up: the lr moved with the steps
+    with loop.factory.begin() as s:
+        db_leases.fail_unit(
+            s, unit_id=unit_id, reason="x", requeue=True, max_attempts=loop.settings.max_attempts
+        )
+    _, _, copy_lr = lease(loop, NODE + 1)
+    assert copy_lr == lr  # the re-queued copy keeps its place in the schedule
+    restarted, _ = make_loop(tmp_path / "restart", corpus)
+    restarted.factory = loop.factory
+    _, _, after = lease(restarted)
+    assert after == pytest.approx(lr_at(position, optim, total), rel=1e-6)

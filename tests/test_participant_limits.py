@@ -246,7 +246,7 @@ def test_runtime_trains_a_real_unit_over_the_blob_service(tmp_path: Path) -> Non
     with loop.factory.begin() as s:
         cap = db_participants.Capability(max_columns=2)
         p = db_participants.touch_participant(s, node_id=NODE, capability=cap)
-        unit = loop.units.lease(s, p, loop.state, 0.0)
+        unit = loop.units.lease(s, p, loop.state)
         req = loop.units.request(unit, loop.state, NODE)
     req.credit_tokens = 4242
     state = tmp_path / "participant" / "state"

@@ -33,7 +33,7 @@ def test_stop_finishes_the_unit_drops_the_queue_and_the_restart_delivers(tmp_pat
     with loop.factory.begin() as s:
         cap = db_participants.Capability(max_columns=2)
         participant = db_participants.touch_participant(s, node_id=NODE, capability=cap)
-        units = [loop.units.lease(s, participant, loop.state, 0.0) for _ in "ab"]
+        units = [loop.units.lease(s, participant, loop.state) for _ in "ab"]
         requests = [loop.units.request(u, loop.state, NODE) for u in units]
     state = tmp_path / "participant"
     with BlobServer(loop.state.store, b"k" * 32) as server:

@@ -276,3 +276,18 @@ def lease_queued(
         unit_id=unit.unit_id,
     )
     return unit
+
+
+def stage_schedule_position(session: Session, *, stage: str) -> tuple[int, int]:
+    """``(units, inner steps)`` created so far for ``stage``, re-issued copies excluded.
+
+    The federated lr / ternary schedules are indexed by it: a new unit starts at the inner
+    step where every unit leased before it ends, exactly like the central schedule at the
+    same token position, and after a restart the count continues from the database.
+    """
+    units, steps = session.execute(
+        select(func.count(WorkUnit.unit_id), func.coalesce(func.sum(WorkUnit.steps), 0)).where(
+            WorkUnit.stage == stage, WorkUnit.reissued_from.is_(None)
+        )
+    ).one()
+    return int(units), int(steps)
