@@ -122,8 +122,9 @@ class FederationLoop:
 
     def _lease_for(self, node_id: int) -> None:
         with self.factory.begin() as s:
-            db_participants.touch_participant(s, node_id=node_id)
+            row = db_participants.touch_participant(s, node_id=node_id)
             needed = leases_needed(s, node_id=node_id, max_in_flight=self.settings.max_in_flight)
+            live = db_leases.count_in_flight(s, participant_id=row.id, now=utcnow())
         for _ in range(needed):
             unit_id, request = self.lease_request(node_id)
             payload = request.SerializeToString()
@@ -132,6 +133,18 @@ class FederationLoop:
             )
             self._message_units[message_id] = unit_id
             self._bytes_down += len(payload)
+        if needed == 0 and live > 0 and node_id not in self.driver.pending.values():
+            self._ask_for_results(node_id)
+
+    def _ask_for_results(self, node_id: int) -> None:
+        """A node training its last leased unit with no message of ours to answer would keep
+        the result until its lease expires (a reply carries the results finished so far, and
+        the reply to unit k+1 is what normally brings unit k's result back; with
+        ``max_in_flight = 1`` there is no unit k+1). A ``collect`` query is answered when the
+        node's queue has run dry, with those results."""
+        collect = control_pb2.ControlRequest(collect=True).SerializeToString()
+        self.driver.push(node_id, collect, "query.collect", self.settings.lease_seconds)
+        self._bytes_down += len(collect)
 
     def lease_request(self, node_id: int) -> tuple[str, control_pb2.ControlRequest]:
         """Lease one unit to a known node, sized from its last reported tokens/s.
