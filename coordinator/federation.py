@@ -181,7 +181,7 @@ class FederationLoop:
             self._update_capability(reply.node_id, body.capability, body.bytes_down)
         self._bytes_down += body.bytes_down
         for failed, why in zip(body.failed_units, body.failure_reasons, strict=False):
-            self._fail(failed, why)
+            self._fail(failed, why, node_id=reply.node_id)
         for result in body.results:
             self.receive(reply.node_id, result)
 
@@ -195,8 +195,18 @@ class FederationLoop:
                     s, participant_id=row.id, state="offline", reason="Flower: node unavailable"
                 )
 
-    def _fail(self, unit_id: str, reason: str) -> None:
-        """Re-queue a unit a participant could not do (unknown ids: a previous run's)."""
+    def _fail(self, unit_id: str, reason: str, node_id: int | None = None) -> None:
+        """Re-queue a unit a participant could not do (unknown ids: a previous run's).
+
+        With ``node_id`` (a participant reporting its own failures), only a unit leased to
+        that node is failed: nobody can fail another node's lease.
+        """
+        if node_id is not None:
+            with self.factory() as s:
+                mine = _leased_to(s, unit_id, node_id)
+            if not mine:
+                self._log("unit.failed.refused", f"node {node_id} does not hold {unit_id}")
+                return
         try:
             with self.factory.begin() as s:
                 db_leases.fail_unit(
@@ -386,3 +396,10 @@ def _last_of_version(rows, index: int, target: int) -> bool:
 
 def _cid(ref) -> str | None:
     return ref.content_id if ref is not None else None
+
+
+def _leased_to(session, unit_id: str, node_id: int) -> bool:
+    """Whether ``unit_id`` exists and is leased to the participant behind ``node_id``."""
+    unit = db_leases.find_unit(session, unit_id=unit_id)
+    participant = db_participants.find_participant(session, node_id=node_id)
+    return unit is not None and participant is not None and unit.participant_id == participant.id

@@ -46,6 +46,9 @@ from shared_model.federated.updates import BundleShapeError, UpdateError, read_b
 from shared_model.wire.perspective.v1 import federation_pb2
 
 State = dict[str, torch.Tensor]
+#: A claimed token count is stored clipped to this (BIGINT); over the unit's budget it is
+#: refused anyway.
+MAX_STORED_TOKENS = 2**63 - 1
 
 
 class Rejected(Exception):
@@ -124,7 +127,7 @@ class Intake:
         """
         ids = blob_ids(result)
         bytes_up = sum(self._blob_size(c) for c in (*ids["columns"].values(), ids["shared"]))
-        check = PayloadCheck(self.state, ids, self.max_update_norm)
+        check = PayloadCheck(self.state, ids, self.max_update_norm, tokens=int(result.tokens))
         with self.session_factory.begin() as s:
             outcome = record_result(
                 s,
@@ -232,6 +235,7 @@ class PayloadCheck:
     state: CoordinatorState
     ids: dict
     max_norm: float
+    tokens: int = 0
     unit: WorkUnit | None = None
     decoded: DecodedResult | None = None
 
@@ -242,6 +246,14 @@ class PayloadCheck:
             Rejected: with the reason code to store.
         """
         self.unit = unit
+        train = self.state.cfg.train
+        budget = unit.steps * train.batch_size * train.seq_len
+        if self.tokens > budget:  # credit and stage budgets count tokens: no inflated claims
+            raise Rejected(
+                RejectReason.MALFORMED,
+                f"result claims {self.tokens} tokens; the unit's {unit.steps} steps are "
+                f"{budget} tokens",
+            )
         stale = self.state.version - unit.base_version
         if stale > self.state.columns.max_staleness:
             raise Rejected(
@@ -325,7 +337,7 @@ def payload_of(result: federation_pb2.WorkResult, bytes_up: int) -> db_results.R
     """The DB summary of a result."""
     t = result.timings
     return db_results.ResultPayload(
-        tokens=int(result.tokens),
+        tokens=min(int(result.tokens), MAX_STORED_TOKENS),  # fits BIGINT (refused if > unit)
         train_loss=_finite(result.train_loss),
         val_loss=_finite(result.val_loss) if result.val_loss else None,
         blob_ids=blob_ids(result),

@@ -256,3 +256,41 @@ def test_unit_lr_is_the_central_schedule_at_the_units_token_position(tmp_path, c
     restarted.factory = loop.factory
     _, _, after = lease(restarted)
     assert after == pytest.approx(lr_at(position, optim, total), rel=1e-6)
+
+
+def test_inflated_token_claims_are_refused_and_credit_untouched(tmp_path, corpus):
+    """Credit and stage budgets count tokens: a claim above the unit's steps is refused
+    (even 2^64 - 1, which no database column holds) and nothing is applied or credited."""
+    loop, train = make_loop(tmp_path, corpus)
+    _, result = lease_and_train(loop, train, tmp_path)
+    before = masters_snapshot(loop.state)
+    result.tokens = 2**64 - 1
+    outcome = loop.receive(NODE, result)
+    assert not outcome.accepted and outcome.reason == "MALFORMED", outcome
+    assert all(torch.equal(before[k], v) for k, v in loop.state.shared.master.items())
+    with loop.factory() as s:
+        assert db_participants.find_participant(s, node_id=NODE).credit == 0
+    assert loop.totals().tokens == 0
+
+
+def test_a_node_cannot_fail_another_nodes_lease(tmp_path, corpus):
+    """``failed_units`` in a reply only fail the sender's own leases."""
+    from coordinator.flower.driver import Reply
+    from shared_model.wire.perspective.v1 import control_pb2
+
+    loop, train = make_loop(tmp_path, corpus)
+    req, _ = lease_and_train(loop, train, tmp_path)  # leased to NODE
+    other = NODE + 7
+    with loop.factory.begin() as s:
+        db_participants.touch_participant(
+            s, node_id=other, capability=db_participants.Capability(max_columns=2)
+        )
+    body = control_pb2.ControlReply(failed_units=[req.unit.unit_id], failure_reasons=["mine!"])
+    reply = Reply("m1", other, "train.unit", body.SerializeToString(), None, None, 0.0)
+    loop._handle_reply(reply)
+    with loop.factory() as s:
+        assert get_unit(s, unit_id=req.unit.unit_id).state == "leased"
+    own = Reply("m2", NODE, "train.unit", body.SerializeToString(), None, None, 0.0)
+    loop._handle_reply(own)
+    with loop.factory() as s:
+        assert get_unit(s, unit_id=req.unit.unit_id).state == "failed"
