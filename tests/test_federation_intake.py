@@ -294,3 +294,61 @@ def test_a_node_cannot_fail_another_nodes_lease(tmp_path, corpus):
     loop._handle_reply(own)
     with loop.factory() as s:
         assert get_unit(s, unit_id=req.unit.unit_id).state == "failed"
+
+
+def _inf_scale_bundle(store, bundle_id: str) -> str:
+    """The bundle with its first tensor's ternary scale patched to +inf, re-checksummed
+    (what a hostile participant can send: the container is internally consistent)."""
+    import struct
+
+    from shared_model.codec import decode_ternary
+    from shared_model.codec.container import pack_container, parse_container
+    from shared_model.wire.perspective.v1 import control_pb2
+
+    bundle = control_pb2.TensorBundle.FromString(store.get(bundle_id))
+    tensor = bundle.tensors[0]
+    container = parse_container(tensor.payload)
+    header = bytearray(container.header)
+    # Header: u16 name length, name, u8 dtype, u8 ndim + u64 dims, then the f32 scale.
+    (name_len,) = struct.unpack_from("<H", header, 0)
+    ndim = header[2 + name_len + 1]
+    scale_at = 2 + name_len + 1 + 1 + 8 * ndim
+    assert struct.unpack_from("<f", header, scale_at)[0] == decode_ternary(tensor.payload)[1]
+    struct.pack_into("<f", header, scale_at, float("inf"))
+    tensor.payload = pack_container(container.codec, bytes(header), bytes(container.payload))
+    return store.put_bytes(bundle.SerializeToString())
+
+
+@pytest.mark.parametrize("case", ["norm", "inf_scale", "missing", "malformed", "stale"])
+def test_payload_rejections_through_the_loop(tmp_path, corpus, case):
+    """Every payload check, through ``FederationLoop.receive``: refused with its stored
+    reason, nothing applied, nothing credited."""
+    settings = {"norm": {"max_update_norm": 1e-9}, "stale": {"max_staleness": 1}}.get(case, {})
+    loop, train = make_loop(tmp_path, corpus, **settings)
+    _, result = lease_and_train(loop, train, tmp_path)
+    store = loop.state.store
+    if case == "stale":  # two versions pass while the result travels
+        for _ in range(4):
+            _, other = lease_and_train(loop, train, tmp_path / "other")
+            assert loop.receive(NODE, other).accepted
+        assert loop.state.version == 2
+    elif case == "inf_scale":
+        result.shared_update.blob.content_id = _inf_scale_bundle(
+            store, result.shared_update.blob.content_id
+        )
+    elif case == "missing":
+        result.shared_update.blob.content_id = "0" * 64
+    elif case == "malformed":
+        result.shared_update.blob.content_id = store.put_bytes(b"\x08\x01 not a bundle")
+    before, credit_before = masters_snapshot(loop.state), loop.totals().tokens
+    outcome = loop.receive(NODE, result)
+    want = {"norm": "NORM_OUT_OF_BOUNDS", "inf_scale": "MALFORMED", "missing": "MISSING_BLOB",
+            "malformed": "MALFORMED", "stale": "STALE_BASE"}[case]  # fmt: skip
+    assert not outcome.accepted and outcome.reason == want, outcome
+    assert all(torch.equal(before[k], v) for k, v in loop.state.shared.master.items())
+    assert loop.totals().tokens == credit_before
+    with loop.factory() as s:
+        row = s.query(Result).filter_by(unit_id=result.unit_id).one()
+    assert row.state == "rejected" and row.reject_reason == want and row.reject_detail
+    if case == "inf_scale":
+        assert "not finite" in row.reject_detail
