@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -52,15 +53,29 @@ class StageBudget:
             parts.append((time.monotonic() - self.started) / (60 * self.minutes))
         return max(parts) if parts else 0.0
 
-    def schedule_steps(self, tokens_per_step: int, settings: FederationSettings) -> int:
+    def schedule_steps(
+        self, tokens_per_step: int, settings: FederationSettings
+    ) -> int | Callable[[int], int]:
         """Length of the stage's lr / ternary schedules in inner optimiser steps.
 
-        The token budget when there is one (as the central trainer's schedule over the
-        same tokens); otherwise ``units_hint`` units of ``steps_per_unit`` steps.
+        With a token budget: its steps (the central trainer's schedule over the same
+        tokens). With only minutes: extrapolated at each lease from the steps leased so
+        far and the share of the time gone, so the schedule ends with the stage (warm-up
+        still counts steps). With neither: ``units_hint`` units of ``steps_per_unit``.
         """
         if self.tokens:
             return max(1, math.ceil(self.tokens / tokens_per_step))
-        return settings.units_hint * settings.steps_per_unit
+        fallback = settings.units_hint * settings.steps_per_unit
+        if not self.minutes:
+            return fallback
+
+        def extrapolated(position: int) -> int:
+            gone = (time.monotonic() - self.started) / (60 * self.minutes)
+            if position == 0 or gone <= 0:
+                return fallback
+            return max(position + 1, round(position / min(gone, 1.0)))
+
+        return extrapolated
 
 
 class Coordinator:

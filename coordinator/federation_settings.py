@@ -36,9 +36,10 @@ class FederationSettings:
     target training time of a unit, sized from each participant's tokens/s within
     ``min/max_steps_per_unit`` (max ``None``: 8 × ``steps_per_unit``) and the lease; see
     :class:`~coordinator.leasing.UnitSizing`, whose ``UnitSizingError`` bad values raise.
-    Without a token budget, the lr and ternary schedules (counted in inner optimiser steps,
-    indexed by the steps leased before a unit) last ``units_hint`` × ``steps_per_unit``
-    steps; with one, they last the budget's steps (``StageBudget.schedule_steps``).
+    The lr and ternary schedules are counted in inner optimiser steps, indexed by the steps
+    leased before a unit; they last the token budget's steps, or with only a time budget
+    are extrapolated from the steps leased so far and the time gone, or otherwise last
+    ``units_hint`` × ``steps_per_unit`` steps (``StageBudget.schedule_steps``).
 
     Aggregation: every ``buffer_size`` accepted results the shared layers take one outer
     step (``outer_lr``, Nesterov ``outer_momentum``; the staleness-weighted mean trims

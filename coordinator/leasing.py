@@ -32,6 +32,7 @@ import datetime as dt
 import logging
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -250,7 +251,9 @@ class UnitFactory:
     lease_seconds: float
     column_codec: str
     shared_codec: str
-    schedule_steps: int
+    #: Schedule length in inner steps, or a function of the unit's position giving it
+    #: (a time budget extrapolates it: ``StageBudget.schedule_steps``).
+    schedule_steps: int | Callable[[int], int]
     teacher: tensor_pb2.BlobRef | None = None
 
     def lease(
@@ -319,6 +322,7 @@ class UnitFactory:
         """Schedules at inner step ``position`` of the stage: what the central trainer uses
         at the same token position (warm-up and cosine counted in optimiser steps)."""
         total = self.schedule_steps
+        total = total(position) if callable(total) else total
         step = min(position, total - 1)
         params = {"lr": lr_at(step, self.cfg.optim, total), "seed": seed, "position": position}
         if self.stage == 4:

@@ -128,3 +128,22 @@ def test_bad_keys_and_values_are_refused_by_both_commands(monkeypatch, tmp_path)
             done = CliRunner().invoke(single(command), argv)
             said = " ".join(done.output.replace("│", " ").split())
             assert done.exit_code == 2 and message in said and "allowed" in said, said
+
+
+def test_schedule_length_follows_the_stage_budget():
+    """Token budget: its inner steps. Minutes only: extrapolated from the steps leased so
+    far and the share of the time gone, so the schedule ends with the stage. Neither:
+    units_hint x steps_per_unit."""
+    import time
+
+    from coordinator.coordinator_process import StageBudget
+
+    settings = FederationSettings(units_hint=50, steps_per_unit=20)
+    assert StageBudget(tokens=1_000_001).schedule_steps(1000, settings) == 1001
+    assert StageBudget().schedule_steps(1000, settings) == 1000
+    half_gone = StageBudget(minutes=10, started=time.monotonic() - 300)
+    total = half_gone.schedule_steps(1000, settings)
+    assert total(0) == 1000  # nothing leased yet: the fallback
+    assert 190 <= total(100) <= 210  # 100 steps in half the time: about 200 in all
+    over = StageBudget(minutes=1, started=time.monotonic() - 120)
+    assert over.schedule_steps(1000, settings)(100) == 101  # past the budget: at the end
