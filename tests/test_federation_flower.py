@@ -162,37 +162,6 @@ def test_coordinator_sigkill_and_restart_loses_nothing(seed, network, tmp_path):
     assert all(applied[u] is not None for u in acknowledged)
 
 
-def test_one_unit_in_flight_still_completes_units(seed, network, tmp_path):
-    """``max_in_flight = 1``: with no next unit whose reply would bring a result back, the
-    loop asks the node for its results, so units complete without waiting for expiry."""
-    cfg, corpus, ckpt = seed
-    coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
-    coord.start()
-    try:
-        settings = FederationSettings(
-            stage=3, steps_per_unit=4, lease_seconds=120, max_in_flight=1, eval_every=1000,
-            buffer_size=2, units_hint=60,
-        )  # fmt: skip
-        coord.prepare(ckpt, settings)
-        driver = network.open_driver()
-        loop = coord.federated_stage(driver, StageBudget(minutes=30), settings)
-        most = []
-
-        def enough() -> bool:
-            most.append(max(len(_leased_units(coord, n)) for n in driver.node_ids()))
-            return loop.totals().accepted >= 4
-
-        step_until(loop, enough, 240, "4 accepted results")
-        with _db(coord) as db:
-            (reissued,) = db.execute(
-                "select count(*) from work_units where reissued_from is not null"
-            ).fetchone()
-        assert max(most) == 1 and reissued == 0  # no unit waited for its lease to expire
-        driver.close()
-    finally:
-        coord.shutdown()
-
-
 def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
     cfg, corpus, ckpt = seed
     coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
@@ -213,8 +182,15 @@ def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
         assert len(nodes) == 2
         # Kill participant 1 while both hold leases: the victim's leases must expire and
         # be redone by the survivor (whose own leases are never re-issued).
-        held = {node: _leased_units(coord, node) for node in nodes}
-        assert all(held.values()), "both participants should hold leases"
+        # Both must hold leases at the moment of the kill; a node between two units holds
+        # none for an instant, so wait for that moment rather than assert on any instant.
+        held = {}
+
+        def both_hold() -> bool:
+            held.update({node: _leased_units(coord, node) for node in nodes})
+            return all(held.values())
+
+        step_until(loop, both_hold, 120, "both participants to hold leases")
         network.kill_participant(1)
         step_until(
             loop,

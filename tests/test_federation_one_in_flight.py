@@ -1,0 +1,64 @@
+"""``max_in_flight = 1`` over a real local Flower network (one participant of its own).
+
+With one unit in flight there is no next unit whose reply would bring a result back; the
+loop asks the node for its results instead, so units complete without waiting for their
+leases to expire. A network of its own: a participant shared with other tests' runs may
+still be busy with their units.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.coordinator_process import Coordinator, StageBudget
+from coordinator.federation_settings import FederationSettings
+from coordinator.local_network import LocalNetwork
+from tests.test_federation_flower import _db, _leased_units, step_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def seed(tiny_moe_seed):
+    """A short stage-1 dense seed cloned into experts (stage 2), and the corpus."""
+    return tiny_moe_seed
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory):
+    net = LocalNetwork(
+        tmp_path_factory.mktemp("net"), n_participants=1, preset="tiny", max_columns=4
+    )
+    with net:
+        yield net
+
+
+def test_one_unit_in_flight_still_completes_units(seed, network, tmp_path):
+    """``max_in_flight = 1``: with no next unit whose reply would bring a result back, the
+    loop asks the node for its results, so units complete without waiting for expiry."""
+    cfg, corpus, ckpt = seed
+    coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
+    coord.start()
+    try:
+        settings = FederationSettings(
+            stage=3, steps_per_unit=4, lease_seconds=120, max_in_flight=1, eval_every=1000,
+            buffer_size=2, units_hint=60,
+        )  # fmt: skip
+        coord.prepare(ckpt, settings)
+        driver = network.open_driver()
+        loop = coord.federated_stage(driver, StageBudget(minutes=30), settings)
+        most = []
+
+        def enough() -> bool:
+            most.append(max(len(_leased_units(coord, n)) for n in driver.node_ids()))
+            return loop.totals().accepted >= 4
+
+        step_until(loop, enough, 240, "4 accepted results")
+        with _db(coord) as db:
+            (reissued,) = db.execute(
+                "select count(*) from work_units where reissued_from is not null"
+            ).fetchone()
+        assert max(most) == 1 and reissued == 0  # no unit waited for its lease to expire
+        driver.close()
+    finally:
+        coord.shutdown()
