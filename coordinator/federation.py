@@ -122,9 +122,8 @@ class FederationLoop:
 
     def _lease_for(self, node_id: int) -> None:
         with self.factory.begin() as s:
-            row = db_participants.touch_participant(s, node_id=node_id)
+            db_participants.touch_participant(s, node_id=node_id)  # online from here on
             needed = leases_needed(s, node_id=node_id, max_in_flight=self.settings.max_in_flight)
-            live = db_leases.count_in_flight(s, participant_id=row.id, now=utcnow())
         for _ in range(needed):
             unit_id, request = self.lease_request(node_id)
             payload = request.SerializeToString()
@@ -133,7 +132,8 @@ class FederationLoop:
             )
             self._message_units[message_id] = unit_id
             self._bytes_down += len(payload)
-        if needed == 0 and live > 0 and node_id not in self.driver.pending.values():
+        # Online with nothing to lease: all max_in_flight units are in flight.
+        if needed == 0 and node_id not in self.driver.pending.values():
             self._ask_for_results(node_id)
 
     def _ask_for_results(self, node_id: int) -> None:
@@ -201,23 +201,22 @@ class FederationLoop:
         With ``node_id`` (a participant reporting its own failures), only a unit leased to
         that node is failed: nobody can fail another node's lease.
         """
-        if node_id is not None:
-            with self.factory() as s:
-                mine = _leased_to(s, unit_id, node_id)
-            if not mine:
-                self._log("unit.failed.refused", f"node {node_id} does not hold {unit_id}")
-                return
         try:
             with self.factory.begin() as s:
-                db_leases.fail_unit(
-                    s,
-                    unit_id=unit_id,
-                    reason=reason,
-                    requeue=True,
-                    max_attempts=self.settings.max_attempts,
-                )
+                mine = node_id is None or _may_fail(s, unit_id, node_id)
+                if mine:
+                    db_leases.fail_unit(
+                        s,
+                        unit_id=unit_id,
+                        reason=reason,
+                        requeue=True,
+                        max_attempts=self.settings.max_attempts,
+                    )
         except (NotFound, Conflict) as exc:
             self._log("unit.failed.ignored", f"{unit_id}: {exc}")
+            return
+        if not mine:
+            self._log("unit.failed.refused", f"node {node_id} does not hold {unit_id}")
 
     def _update_capability(self, node_id: int, cap, bytes_down: int = 0) -> None:
         if cap.max_columns < 1:
@@ -398,8 +397,11 @@ def _cid(ref) -> str | None:
     return ref.content_id if ref is not None else None
 
 
-def _leased_to(session, unit_id: str, node_id: int) -> bool:
-    """Whether ``unit_id`` exists and is leased to the participant behind ``node_id``."""
+def _may_fail(session, unit_id: str, node_id: int) -> bool:
+    """Whether the node may fail ``unit_id``: it holds it (or the id is unknown, which
+    ``fail_unit`` reports as a previous run's)."""
     unit = db_leases.find_unit(session, unit_id=unit_id)
+    if unit is None:
+        return True
     participant = db_participants.find_participant(session, node_id=node_id)
-    return unit is not None and participant is not None and unit.participant_id == participant.id
+    return participant is not None and unit.participant_id == participant.id
