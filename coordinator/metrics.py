@@ -118,8 +118,8 @@ class CoordinatorMetrics:
         from coordinator.db import ParticipantState, UnitState
         from coordinator.db.stats import metric_totals, network_summary
 
-        self._totals.snapshot = metric_totals(session)
         summary = network_summary(session)
+        self._totals.snapshot = metric_totals(session, summary=summary)
         for state in ParticipantState:
             self.participants.labels(state=state.value).set(summary.participants.get(state, 0))
         for state in UnitState:

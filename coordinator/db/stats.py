@@ -324,8 +324,9 @@ class MetricTotals:
     bytes_down: int
 
 
-def metric_totals(session: Session) -> MetricTotals:
-    """Units leased / accepted by stage, rejections by reason, tokens and traffic."""
+def metric_totals(session: Session, *, summary: NetworkSummary) -> MetricTotals:
+    """Units leased / accepted by stage and rejections by reason; tokens and traffic are
+    the ``summary``'s (:func:`network_summary`, already read for the same scrape)."""
     leased = session.execute(
         select(WorkUnit.stage, func.count(WorkUnit.unit_id))
         .where(WorkUnit.participant_id.is_not(None))
@@ -337,22 +338,11 @@ def metric_totals(session: Session) -> MetricTotals:
         .where(Result.state == ResultState.ACCEPTED)
         .group_by(WorkUnit.stage)
     )
-    tokens = session.scalar(
-        select(func.coalesce(func.sum(Result.tokens), 0)).where(
-            Result.state == ResultState.ACCEPTED
-        )
-    )
-    up, down = session.execute(
-        select(
-            func.coalesce(func.sum(Participant.bytes_up), 0),
-            func.coalesce(func.sum(Participant.bytes_down), 0),
-        )
-    ).one()
     return MetricTotals(
         units_leased={str(s): int(n) for s, n in leased},
         units_accepted={str(s): int(n) for s, n in accepted},
         rejected=reject_counts(session),
-        tokens=int(tokens or 0),
-        bytes_up=int(up or 0),
-        bytes_down=int(down or 0),
+        tokens=summary.tokens_trained,
+        bytes_up=summary.bytes_up,
+        bytes_down=summary.bytes_down,
     )
