@@ -29,7 +29,6 @@ import logging
 import random
 import re
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from typing import Any
 
 import psutil
 
-from participant.flower.supernode import SuperNodeProcess
+from participant.flower.supernode import SuperNodeProcess, worker_command
 from participant.limits import Limits
 from shared_model.processes import FLOWER_QUIET_ENV, ManagedProcess, free_port, write_secret_file
 
@@ -269,13 +268,11 @@ class ParticipantDaemon:
     def _worker_argv(self) -> list[str]:
         if self.cfg.worker_argv is not None:
             return list(self.cfg.worker_argv)
-        argv = [sys.executable, "-m", "shared_model.cli", "participant", "worker"]
-        argv += ["--runtime-address", f"127.0.0.1:{self.runtime_port}"]
-        argv += ["--state-dir", str(self.state_dir / "state"), "--preset", self.cfg.preset]
-        argv += ["--superexec-secret-file", str(self.secret_file)]
+        argv = worker_command(
+            f"127.0.0.1:{self.runtime_port}", self.state_dir / "state", self.cfg.preset,
+            self.secret_file, self.cfg.config,
+        )  # fmt: skip
         argv += ["--stop-grace-s", str(self.cfg.stop_grace_s)]
-        if self.cfg.config is not None:
-            argv += ["--config", str(self.cfg.config)]
         if self.cfg.root_certificates is not None:  # the blob service shares the fleet's CA
             argv += ["--ca-file", str(self.cfg.root_certificates)]
         return argv + self.cfg.limits.worker_args()

@@ -136,6 +136,21 @@ class SuperNodeProcess(ManagedProcess):
         return Path(self.superexec_secret_file).read_bytes()
 
 
+def worker_command(
+    runtime_address: str, state_dir: Path, preset: str, secret_file: Path, config: Path | None
+) -> list[str]:
+    """The command line of a ``perspective participant worker`` attached to a SuperNode's
+    Runtime API (the daemon and the laptop network add their own limits to it)."""
+    argv = [
+        sys.executable, "-m", "shared_model.cli", "participant", "worker",
+        "--runtime-address", runtime_address, "--state-dir", str(state_dir),
+        "--preset", preset, "--superexec-secret-file", str(secret_file),
+    ]  # fmt: skip
+    if config is not None:
+        argv += ["--config", str(config)]
+    return argv
+
+
 def run_local_participant(
     superlink: str,
     base_dir: Path,
@@ -158,14 +173,8 @@ def run_local_participant(
         base / "supernode", superlink, node_config={"participant": index},
         superexec_secret_file=secret,
     )  # fmt: skip
-    argv = [
-        sys.executable, "-m", "shared_model.cli", "participant", "worker",
-        "--runtime-address", node.runtime_address, "--state-dir", str(base / "state"),
-        "--preset", preset, "--superexec-secret-file", str(secret),
-        "--threads", str(threads), "--max-columns", str(max_columns),
-    ]  # fmt: skip
-    if config is not None:
-        argv += ["--config", str(config)]
+    argv = worker_command(node.runtime_address, base / "state", preset, secret, config)
+    argv += ["--threads", str(threads), "--max-columns", str(max_columns)]
     worker = ManagedProcess(
         f"worker-{index}", argv, FLOWER_QUIET_ENV, base / "worker.log", health_url=None
     )
