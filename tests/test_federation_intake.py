@@ -302,17 +302,19 @@ def _inf_scale_bundle(store, bundle_id: str) -> str:
     import struct
 
     from shared_model.codec import decode_ternary
-    from shared_model.codec.container import pack_container, parse_container
+    from shared_model.codec.container import Reader, pack_container, parse_container, read_shape
     from shared_model.wire.perspective.v1 import control_pb2
 
     bundle = control_pb2.TensorBundle.FromString(store.get(bundle_id))
     tensor = bundle.tensors[0]
     container = parse_container(tensor.payload)
     header = bytearray(container.header)
-    # Header: u16 name length, name, u8 dtype, u8 ndim + u64 dims, then the f32 scale.
-    (name_len,) = struct.unpack_from("<H", header, 0)
-    ndim = header[2 + name_len + 1]
-    scale_at = 2 + name_len + 1 + 1 + 8 * ndim
+    # Walk the header with the codec's own reader to where the f32 scale starts.
+    rd = Reader(memoryview(bytes(header)), "ternary header")
+    (name_len,) = rd.unpack("H")
+    rd.take(name_len + 1)  # the name and the dtype code
+    read_shape(rd)
+    scale_at = rd.pos
     assert struct.unpack_from("<f", header, scale_at)[0] == decode_ternary(tensor.payload)[1]
     struct.pack_into("<f", header, scale_at, float("inf"))
     tensor.payload = pack_container(container.codec, bytes(header), bytes(container.payload))

@@ -19,12 +19,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def seed(tiny_moe_seed):
-    """A short stage-1 dense seed cloned into experts (stage 2), and the corpus."""
-    return tiny_moe_seed
-
-
-@pytest.fixture(scope="module")
 def network(tmp_path_factory):
     net = LocalNetwork(
         tmp_path_factory.mktemp("net"), n_participants=1, preset="tiny", max_columns=4
@@ -33,10 +27,10 @@ def network(tmp_path_factory):
         yield net
 
 
-def test_one_unit_in_flight_still_completes_units(seed, network, tmp_path):
+def test_one_unit_in_flight_still_completes_units(tiny_moe_seed, network, tmp_path):
     """``max_in_flight = 1``: with no next unit whose reply would bring a result back, the
     loop asks the node for its results, so units complete without waiting for expiry."""
-    cfg, corpus, ckpt = seed
+    cfg, corpus, ckpt = tiny_moe_seed
     coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
     coord.start()
     try:
