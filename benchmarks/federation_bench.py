@@ -1,72 +1,119 @@
-"""Federated (N participants over real Flower) vs centralised training on the same tokens.
+"""Federated vs centralised training on the same tokens, scored on one fixed validation set.
 
-Both runs start from the same stage-2 checkpoint (a short central stage-1 seed cloned
-into experts) and see the same token budget from the same corpus. Reported
-(``benchmarks/results/federation_bench.json`` + ``.png``):
+Every arm starts from the same stage-2 checkpoint (a short central stage-1 seed cloned into
+experts), sees the same token budget of the same corpus, and is scored on the *same*
+validation sequences (``--eval-tokens``, default 32k tokens from held-out documents), both
+token-level (the router picks experts) and in column mode (each sequence through its
+document's column, as the federated model is used). Arms (``--arms``):
 
-* validation loss of each, and the ratio federated / central (the central run routes
-  token-level; the federated model is evaluated in column mode with document routing);
-* upload bytes per participant per sync (unit) and bits per parameter vs fp16 (16);
-* participant utilisation = training time / wall time of the stage, per participant;
-* coordinator process CPU time and peak RSS.
+* ``central_token``: the central trainer, token-level routing, batch ``b`` (the batch of
+  one participant), the schedule over the same tokens: the strict baseline;
+* ``central_column``: central, column mode (document routing), batch ``b``: the floor of
+  document routing, so ``federated ÷ central_column`` is the cost of federation alone;
+* ``central_big``: central token-level with batch ``N·b`` (what synchronous averaging of N
+  participants is equivalent to at best): the fair baseline;
+* ``federated``: the real loop (intake, aggregation, publishing, unit trainer) with the
+  participants in this process on a virtual clock (:mod:`benchmarks.federation_replay`);
+  ``--mode flower`` runs it over a real SuperLink + SuperNodes instead;
+* ``federated_1``: the same with one participant; ``federated_sparse``: sparse codec.
 
-Usage: ``python benchmarks/federation_bench.py --preset small --tokens 400000``.
+Reported (``benchmarks/results/<name>.json`` + ``.png``): per arm and seed both scores,
+wall time, traffic per kind (up / down deltas / checkpoint reloads / joins / teacher / data)
+in bytes and bits per parameter per sync, utilisation; mean ± sd over seeds; a top-level
+``summary``. Usage: ``python benchmarks/federation_bench.py --preset tiny --tokens 900000``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
+import statistics
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import psutil
+import numpy as np
+import torch
 
+from benchmarks.federation_replay import ReplayDriver
+from coordinator.central.checkpoint import load_checkpoint
 from coordinator.central.trainer import train_stage
-from coordinator.coordinator_process import (
-    Coordinator,
-    StageBudget,
-    default_columns_per_participant,
-)
+from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.federation_settings import FederationSettings
-from coordinator.local_network import LocalNetwork
 from coordinator.plan.params import count_params
+from coordinator.routing.assignment import initial_assignment
 from shared_model.config_loading import load_config
-from shared_model.data import prepare_corpus
+from shared_model.data import DocumentDataset, prepare_corpus
+from shared_model.model import PerspectiveModel
+from shared_model.schedule import build_optimizer, lr_at, set_lr
+from shared_model.stage_loss import stage_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ARMS = ("central_token", "central_column", "central_big", "federated", "federated_1")
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="small")
+    p.add_argument("--preset", default="tiny")
     p.add_argument("--participants", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=400_000, help="stage-3 token budget")
-    p.add_argument("--seed-steps", type=int, default=150, help="central stage-1 steps")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--steps-per-unit", type=int, default=20)
-    p.add_argument(
-        "--unit-seconds",
-        type=float,
-        default=None,
-        help="size units to this much training time from each participant's tokens/s",
-    )
-    p.add_argument("--codec", default="ternary", choices=["ternary", "sparse"])
-    p.add_argument("--max-in-flight", type=int, default=2, help="units leased per participant")
-    p.add_argument("--buffer-size", type=int, default=None, help="results per version")
-    p.add_argument(
-        "--score-every", type=int, default=0, help="every Nth unit is a scoring unit (0: off)"
-    )
-    p.add_argument(
-        "--rescore-every", type=int, default=0, help="re-route documents every N versions (0: off)"
-    )
+    p.add_argument("--tokens", type=int, default=900_000, help="stage-3 token budget")
+    p.add_argument("--seed-steps", type=int, default=300, help="central stage-1 steps")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms")
+    p.add_argument("--mode", default="replay", choices=["replay", "flower"])
+    p.add_argument("--eval-tokens", type=int, default=32_768)
+    p.add_argument("--steps-per-unit", type=int, default=None)
+    p.add_argument("--max-in-flight", type=int, default=None)
+    p.add_argument("--outer-lr", type=float, default=None)
+    p.add_argument("--outer-momentum", type=float, default=None)
+    p.add_argument("--codec", default=None, choices=["ternary", "sparse"])
     p.add_argument("--work-dir", type=Path, default=None)
-    p.add_argument("--name", default=None, help="result file stem (default federation_bench)")
+    p.add_argument("--name", default="federation_bench", help="result file stem")
     return p.parse_args()
+
+
+# --- the fixed validation set ---------------------------------------------------------------
+
+
+def eval_windows(val: DocumentDataset, seq_len: int, n_tokens: int, seed: int = 1234):
+    """Fixed validation sequences: ``(tokens [n, seq_len + 1], document index [n])``."""
+    windows, owners = [], []
+    for index, (_, doc) in enumerate(val.iter_documents()):
+        for start in range(0, len(doc) - seq_len - 1, seq_len + 1):
+            windows.append(np.asarray(doc[start : start + seq_len + 1], dtype=np.int64))
+            owners.append(index)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(windows), size=min(len(windows), n_tokens // seq_len), replace=False)
+    tokens = torch.from_numpy(np.stack([windows[i] for i in sorted(pick)]))
+    return tokens, np.array([owners[i] for i in sorted(pick)])
+
+
+@torch.no_grad()
+def score(model: PerspectiveModel, windows, columns: np.ndarray | None) -> float:
+    """Mean LM loss over the windows; ``columns`` per window forces column mode."""
+    tokens, _ = windows
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(tokens), 64):
+        batch = tokens[i : i + 64]
+        cols = None if columns is None else torch.as_tensor(columns[i : i + 64])
+        out = model(batch[:, :-1], targets=batch[:, 1:], columns=cols)
+        total += float(out.loss) * len(batch)
+        count += len(batch)
+    return total / count
+
+
+def both_scores(model, windows, assignment, val) -> dict[str, float]:
+    """Token-level and column-mode loss (each window routed by its document's column)."""
+    doc_columns = assignment.route(val)
+    return {
+        "token_level": score(model, windows, None),
+        "column_mode": score(model, windows, doc_columns[windows[1]]),
+    }
+
+
+# --- arms ------------------------------------------------------------------------------------
 
 
 def seed_checkpoint(cfg, corpus, work: Path, steps: int) -> str:
@@ -74,118 +121,201 @@ def seed_checkpoint(cfg, corpus, work: Path, steps: int) -> str:
     return train_stage(cfg, 2, work / "seed", init=r1.checkpoint, data=corpus).checkpoint
 
 
-def central(cfg, corpus, ckpt: str, work: Path, tokens: int) -> dict:
-    steps = max(1, tokens // (cfg.train.batch_size * cfg.train.seq_len))
-    # The schedule spans exactly the token budget (train.steps is the cosine length).
-    cfg = replace(cfg, train=replace(cfg.train, steps=steps, eval_every=steps))
+def load_model(cfg, path: str) -> PerspectiveModel:
+    model = PerspectiveModel(cfg, moe=True)
+    model.load_state_dict(load_checkpoint(path).model_state, strict=True)
+    return model
+
+
+def central_token(cfg, corpus, ckpt: str, work: Path, tokens: int, batch: int) -> PerspectiveModel:
+    steps = max(1, tokens // (batch * cfg.train.seq_len))
+    cfg = replace(cfg, train=replace(cfg.train, batch_size=batch, steps=steps, eval_every=steps))
+    r = train_stage(cfg, 3, work, init=ckpt, data=corpus)
+    return load_model(cfg, r.checkpoint)
+
+
+def central_column(cfg, corpus, ckpt: str, tokens: int, assignment) -> PerspectiveModel:
+    """Central training in column mode: every sequence through its document's column."""
+    torch.manual_seed(cfg.train.seed)
+    model = load_model(cfg, ckpt).train()
+    opt = build_optimizer(model, cfg.optim)
+    train = corpus.dataset("train")
+    b, t = cfg.train.batch_size, cfg.train.seq_len
+    by_col = {c: train.subset(assignment.documents(c)) for c in range(cfg.moe.n_experts)}
+    order = [c for c, ds in by_col.items() if ds.n_tokens > t + 1]
+    steps = max(1, tokens // (b * t))
+    for step in range(steps):
+        set_lr(opt, lr_at(step, cfg.optim, steps))
+        cols = [order[(step * b + j) % len(order)] for j in range(b)]
+        batch = torch.cat(
+            [by_col[c].batch(step * b + j, 1, t, cfg.train.seed) for j, c in enumerate(cols)]
+        )
+        loss, _ = stage_loss(model, batch[:, :-1], batch[:, 1:], columns=torch.tensor(cols))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+    return model
+
+
+def fed_settings(args, participants: int, codec: str | None, tokens_per_unit: int):
+    values = {
+        "stage": 3,
+        "buffer_size": participants,
+        "eval_every": 1_000_000,  # scored at the end on the fixed set instead
+        "units_hint": max(1, args.tokens // tokens_per_unit),
+    }
+    for key in ("steps_per_unit", "max_in_flight", "outer_lr", "outer_momentum"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if codec or args.codec:
+        values["column_codec"] = values["shared_codec"] = codec or args.codec
+    return FederationSettings(**values)
+
+
+def federated(cfg, corpus, ckpt: str, work: Path, args, participants: int, codec=None):
+    """The real loop; participants in-process on a virtual clock (or over Flower)."""
+    settings = fed_settings(args, participants, codec, cfg.train.batch_size * cfg.train.seq_len)
+    coord = Coordinator(cfg, work / "coordinator", corpus)
+    coord.start()
     t0 = time.perf_counter()
-    r = train_stage(cfg, 3, work / "central", init=ckpt, data=corpus)
-    return {"val_loss": r.val_loss, "tokens": r.tokens, "seconds": time.perf_counter() - t0}
+    try:
+        coord.prepare(ckpt, settings)
+        if args.mode == "flower":
+            out = _over_flower(cfg, coord, work, args, participants, settings)
+        else:
+            driver = ReplayDriver(
+                cfg, coord.store, corpus.dataset("train"), work / "nodes", [1.0] * participants
+            )
+            loop = coord.federated_stage(driver, StageBudget(tokens=args.tokens), settings)
+            loop.run(lambda: False)
+            out = {
+                "traffic": driver.traffic(),
+                "utilisation": driver.utilisation(),
+                "unit_columns": driver.unit_columns,
+            }
+        loop = coord.loop
+        totals = loop.stats
+        out.update(
+            tokens=totals.tokens,
+            versions=loop.state.version,
+            results=totals.accepted,
+            rejected=totals.rejected,
+            seconds=time.perf_counter() - t0,
+        )
+        out.update(per_sync_bits(cfg, out["traffic"], out.pop("unit_columns", None), totals))
+        return loop.state.published_model(), coord.assignment, out
+    finally:
+        coord.shutdown()
 
 
-def federated(cfg, corpus, ckpt: str, work: Path, args) -> dict:
-    me = psutil.Process()
-    cpu0 = me.cpu_times()
+def _over_flower(cfg, coord, work: Path, args, participants: int, settings) -> dict:
+    from coordinator.coordinator_process import default_columns_per_participant
+    from coordinator.local_network import LocalNetwork
+
     net = LocalNetwork(
         work / "net",
-        args.participants,
+        participants,
         preset=cfg.name,
-        max_columns=default_columns_per_participant(cfg.moe.n_experts, args.participants),
+        max_columns=default_columns_per_participant(cfg.moe.n_experts, participants),
     )
-    coord = Coordinator(cfg, work / "coordinator", corpus)
-    peak_rss = 0
     with net:
-        coord.start()
-        units = max(
-            1, args.tokens // (args.steps_per_unit * cfg.train.batch_size * cfg.train.seq_len)
-        )
-        settings = FederationSettings(
-            stage=3,
-            steps_per_unit=args.steps_per_unit,
-            unit_seconds=args.unit_seconds,
-            max_in_flight=args.max_in_flight,
-            buffer_size=args.buffer_size or args.participants,
-            column_codec=args.codec,
-            shared_codec=args.codec,
-            eval_every=5,
-            eval_batches=cfg.train.eval_batches,
-            score_every=args.score_every,
-            rescore_every_versions=args.rescore_every,
-            units_hint=units,
-        )
-        coord.prepare(ckpt, settings)
         driver = net.open_driver()
         loop = coord.federated_stage(driver, StageBudget(tokens=args.tokens), settings)
-        initial_labels = loop.assignment.labels.copy()
         t0 = time.perf_counter()
-
-        def tick() -> None:
-            nonlocal peak_rss
-            peak_rss = max(peak_rss, me.memory_info().rss)
-
-        loop.run(lambda: False, on_tick=tick)
+        loop.run(lambda: False)
         wall = time.perf_counter() - t0
-        final = loop.evaluate()
         driver.close()
-        coord.shutdown()
-    cpu1 = me.cpu_times()
+    totals = loop.stats
     return {
-        "val_loss": final,
-        "val_curve": loop.stats.val_loss,
-        "tokens": loop.stats.tokens,
-        "seconds": wall,
-        "versions": loop.state.version,
-        **traffic(cfg, work / "coordinator" / "coordinator.db", wall),
-        "coordinator_cpu_s": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
-        "coordinator_peak_rss_mb": peak_rss / 1e6,
-        "documents_scored": len(loop.rescoring.table),
-        "documents_moved": int((loop.assignment.labels != initial_labels).sum()),
+        "traffic": {"up": totals.bytes_up, "down_total": totals.bytes_down},
+        "utilisation": {"all": totals.train_s / participants / max(wall, 1e-9)},
     }
 
 
-def traffic(cfg, db_path: Path, wall: float) -> dict:
-    """Upload bytes per sync, bits/param and utilisation from the results table."""
+def per_sync_bits(cfg, traffic: dict, unit_columns: list[int] | None, totals) -> dict:
+    """Bits per parameter moved per sync (one unit: the shared layers + the unit's columns)."""
     counts = count_params(cfg)
-    # A unit uploads its columns and every shared tensor (routers included).
-    shared, per_column = counts.shared + counts.routers, counts.column
-    with sqlite3.connect(db_path) as db:
-        rows = db.execute(
-            "select r.participant_id, r.timings, u.columns, u.steps "
-            "from results r join work_units u on u.unit_id = r.unit_id "
-            "join participants p on p.id = r.participant_id where r.state = 'accepted' "
-            "order by r.received_at"
-        ).fetchall()
-        up = dict(db.execute("select id, bytes_up from participants").fetchall())
-    train_s: dict[int, float] = {}
-    busy_s: dict[int, float] = {}
-    steps: dict[int, list[int]] = {}
-    params = 0
-    for pid, timings, columns, unit_steps in rows:
-        steps.setdefault(pid, []).append(int(unit_steps))
-        t = json.loads(timings) if isinstance(timings, str) else timings
-        train_s[pid] = train_s.get(pid, 0.0) + float(t.get("train_s", 0.0))
-        busy_s[pid] = busy_s.get(pid, 0.0) + float(t.get("total_s", 0.0))
-        cols = json.loads(columns) if isinstance(columns, str) else columns
-        params += shared + per_column * len(cols)
-    total_up = sum(up.values())
+    shared = counts.shared + counts.routers
+    if unit_columns is None:  # over Flower: assume every unit holds the same share
+        unit_columns = [max(1, cfg.moe.n_experts // 3)] * max(1, totals.accepted)
+    synced = sum(shared + counts.column * c for c in unit_columns) or 1
+    total = counts.moe_total
+    down = traffic.get("delta", 0) + traffic.get("checkpoint", 0) + traffic.get("teacher", 0)
     return {
-        "results": len(rows),
-        "upload_bytes_per_sync": total_up / max(len(rows), 1),
-        "upload_bits_per_param": 8 * total_up / max(params, 1),
-        "fp16_bits_per_param": 16,
-        # training time / wall time: bounded by CPU sharing (N participants + coordinator
-        # on this machine's cores), not only by waiting on the network.
-        "utilisation_per_participant": {str(k): v / wall for k, v in train_s.items()},
-        # time the participant's trainer had a unit (sync + train + encode/upload) / wall:
-        # 1.0 means it never waited for work.
-        "busy_fraction_per_participant": {str(k): v / wall for k, v in busy_s.items()},
-        "train_share_of_unit_time": sum(train_s.values()) / max(sum(busy_s.values()), 1e-9),
-        # sized units (--unit-seconds): steps per unit, first and mean, per participant
-        "unit_steps_per_participant": {
-            str(k): {"first": v[0], "mean": sum(v) / len(v), "units": len(v)}
-            for k, v in steps.items()
-        },
+        "up_bits_per_param": 8 * traffic.get("up", 0) / synced,
+        "down_bits_per_param": 8 * down / synced,
+        "join_bits_per_param": 8 * traffic.get("join", 0) / max(1, total),
+        "data_bytes": traffic.get("data", 0),
     }
+
+
+# --- driver ------------------------------------------------------------------------------------
+
+
+def run_seed(cfg, corpus, ckpt, work: Path, args, seed: int, windows) -> dict:
+    cfg = replace(cfg, train=replace(cfg.train, seed=seed))
+    val = corpus.dataset("val")
+    base = load_model(cfg, ckpt)
+    assignment = initial_assignment(base, corpus.dataset("train"), cfg.moe.n_experts, seed=seed)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    out: dict[str, dict] = {"seed_checkpoint": both_scores(base, windows, assignment, val)}
+    b, n = cfg.train.batch_size, args.participants
+    for arm in arms:
+        t0 = time.perf_counter()
+        extra: dict = {}
+        where = work / f"seed{seed}" / arm
+        if arm == "central_token":
+            model = central_token(cfg, corpus, ckpt, where, args.tokens, b)
+        elif arm == "central_big":
+            model = central_token(cfg, corpus, ckpt, where, args.tokens, b * n)
+        elif arm == "central_column":
+            model = central_column(cfg, corpus, ckpt, args.tokens, assignment)
+        elif arm.startswith("federated"):
+            participants = 1 if arm == "federated_1" else n
+            codec = "sparse" if arm == "federated_sparse" else None
+            model, assignment_used, extra = federated(
+                cfg, corpus, ckpt, where, args, participants, codec
+            )
+            out[arm] = {**both_scores(model, windows, assignment_used, val), **extra}
+            print(f"seed {seed} {arm}: {out[arm]['column_mode']:.4f}", flush=True)
+            continue
+        else:
+            raise SystemExit(f"unknown arm {arm!r}; known: {', '.join(ARMS)}, federated_sparse")
+        out[arm] = {**both_scores(model, windows, assignment, val), **extra}
+        out[arm]["seconds"] = time.perf_counter() - t0
+        print(f"seed {seed} {arm}: {out[arm]['token_level']:.4f}", flush=True)
+    return out
+
+
+def mean_sd(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def summarise(runs: dict[int, dict]) -> dict:
+    """Mean ± sd per arm and the headline ratios (federated on its column-mode score)."""
+    arms = sorted({a for r in runs.values() for a in r})
+    table = {}
+    for arm in arms:
+        rows = [r[arm] for r in runs.values() if arm in r]
+        table[arm] = {k: mean_sd([row[k] for row in rows]) for k in ("token_level", "column_mode")}
+    summary: dict = {"seeds": len(runs), "arms": table}
+    if all("federated" in r and "central_token" in r for r in runs.values()):
+        ratios = [r["federated"]["column_mode"] / r["central_token"]["token_level"] for r in runs.values()]
+        fed = [r["federated"] for r in runs.values()]
+        summary.update(
+            ratio_vs_central_token=statistics.fmean(ratios),
+            ratio_sd=statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
+            up_bits_per_param=statistics.fmean(f["up_bits_per_param"] for f in fed),
+            down_bits_per_param=statistics.fmean(f["down_bits_per_param"] for f in fed),
+            join_bits_per_param=statistics.fmean(f["join_bits_per_param"] for f in fed),
+            utilisation_min=min(min(f["utilisation"].values()) for f in fed),
+        )
+    return summary
 
 
 def plot(report: dict, path: Path) -> None:
@@ -194,19 +324,18 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    curve = report["federated"]["val_curve"]
-    if curve:
-        ax.plot(
-            [v for v, _ in curve],
-            [loss for _, loss in curve],
-            "o-",
-            label="federated (column mode)",
-        )
-    ax.axhline(report["central"]["val_loss"], color="k", ls="--", label="central, same tokens")
-    ax.set_xlabel("published version")
-    ax.set_ylabel("validation loss")
-    ax.set_title(f"{report['preset']}: federated vs central, {report['tokens']:,} tokens")
+    table = report["summary"]["arms"]
+    names = list(table)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, kind in enumerate(("token_level", "column_mode")):
+        means = [table[a][kind]["mean"] for a in names]
+        sds = [table[a][kind]["sd"] for a in names]
+        ax.bar(np.arange(len(names)) + 0.4 * i, means, 0.4, yerr=sds, label=kind)
+    ax.set_xticks(np.arange(len(names)) + 0.2, names, rotation=30, ha="right")
+    low = min(table[a][k]["mean"] for a in names for k in ("token_level", "column_mode"))
+    ax.set_ylim(low * 0.97, None)
+    ax.set_ylabel("validation loss (same set, mean ± sd)")
+    ax.set_title(f"{report['preset']}, {report['tokens']:,} tokens, {report['summary']['seeds']} seeds")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -214,29 +343,25 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> None:
     args = parse_args()
-    cfg = load_config(
-        args.preset,
-        overrides=[f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}"],
-    )
+    cfg = load_config(args.preset)
     corpus = prepare_corpus("stdlib", cfg.model.vocab_size)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedbench-"))
     ckpt = seed_checkpoint(cfg, corpus, work, args.seed_steps)
+    windows = eval_windows(corpus.dataset("val"), cfg.train.seq_len, args.eval_tokens)
+    runs = {s: run_seed(cfg, corpus, ckpt, work, args, s, windows) for s in range(args.seeds)}
     report = {
         "preset": args.preset,
         "participants": args.participants,
         "tokens": args.tokens,
+        "eval_tokens": int(windows[0][:, 1:].numel()),
         "settings": {k: str(v) for k, v in vars(args).items()},
+        "summary": summarise(runs),
+        "runs": {str(k): v for k, v in runs.items()},
     }
-    report["central"] = central(cfg, corpus, ckpt, work, args.tokens)
-    report["federated"] = federated(cfg, corpus, ckpt, work, args)
-    report["val_loss_ratio_federated_over_central"] = (
-        report["federated"]["val_loss"] / report["central"]["val_loss"]
-    )
     RESULTS.mkdir(exist_ok=True)
-    name = args.name or "federation_bench"
-    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
-    plot(report, RESULTS / f"{name}.png")
-    print(json.dumps({k: v for k, v in report.items() if k != "federated"}, indent=1))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    plot(report, RESULTS / f"{args.name}.png")
+    print(json.dumps(report["summary"], indent=1))
 
 
 if __name__ == "__main__":

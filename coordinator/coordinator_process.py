@@ -238,6 +238,7 @@ class Coordinator:
         _check_state_knobs(self.state_settings, settings)
         stage = settings.stage
         teacher = self.state.publisher.teacher_checkpoint() if stage == 4 else None
+        step_tokens = self.cfg.train.batch_size * self.cfg.train.seq_len
         units = UnitFactory(
             cfg=self.cfg,
             stage=stage,
@@ -252,9 +253,8 @@ class Coordinator:
             column_codec=settings.column_codec,
             shared_codec=settings.shared_codec,
             teacher=teacher,
-            schedule_steps=budget.schedule_steps(
-                self.cfg.train.batch_size * self.cfg.train.seq_len, settings
-            ),
+            schedule_steps=budget.schedule_steps(step_tokens, settings),
+            step_budget=math.ceil(budget.tokens / step_tokens) if budget.tokens else None,
         )
         settings = replace(settings, state_path=self._state_path(settings))
         self.loop = FederationLoop(

@@ -87,17 +87,23 @@ class FederationLoop:
         # listing a dead node until its heartbeat times out, ~60 s).
         self._cooldown: dict[int, float] = {}
         self._online: set[int] = set()  # node ids the SuperLink listed at the last step
+        self._budget_leased = False  # no new unit fits the token budget any more
         self.on_checkpoint: Callable[[], None] | None = None  # after each state save (blob GC)
 
     # --- main loop ------------------------------------------------------------------------
 
     def run(self, should_stop: Callable[[], bool], on_tick: Callable[[], None] | None = None):
         """Iterate until ``progress`` reaches 1 or ``should_stop()``; then collect results."""
-        while not should_stop() and self.progress(self.totals()) < 1.0:
+        while not should_stop() and self.progress(self.totals()) < 1.0 and not self._done():
             self.step()
             if on_tick is not None:
                 on_tick()
         self.collect(timeout=self.settings.lease_seconds)
+
+    def _done(self) -> bool:
+        """The token budget is fully leased and every reply is in (refused results
+        can leave the accepted tokens short of it)."""
+        return self._budget_leased and not self.driver.pending
 
     def step(self, wait: float = 0.2) -> None:
         """One iteration: expire, lease, pull replies and handle them."""
@@ -125,7 +131,11 @@ class FederationLoop:
             db_participants.touch_participant(s, node_id=node_id)  # online from here on
             needed = leases_needed(s, node_id=node_id, max_in_flight=self.settings.max_in_flight)
         for _ in range(needed):
-            unit_id, request = self.lease_request(node_id)
+            leased = self.lease_request(node_id)
+            if leased is None:
+                self._budget_leased = True
+                break
+            unit_id, request = leased
             payload = request.SerializeToString()
             message_id = self.driver.push(
                 node_id, payload, "train.unit", self.settings.lease_seconds
@@ -146,16 +156,19 @@ class FederationLoop:
         self.driver.push(node_id, collect, "query.collect", self.settings.lease_seconds)
         self._bytes_down += len(collect)
 
-    def lease_request(self, node_id: int) -> tuple[str, control_pb2.ControlRequest]:
+    def lease_request(self, node_id: int) -> tuple[str, control_pb2.ControlRequest] | None:
         """Lease one unit to a known node, sized from its last reported tokens/s.
 
         Returns:
-            The unit id and the ``ControlRequest`` that carries it (not sent yet).
+            The unit id and the ``ControlRequest`` that carries it (not sent yet), or
+            ``None`` when the stage's token budget is fully leased.
         """
         with self.factory.begin() as s:
             participant = db_participants.find_participant(s, node_id=node_id)
             steps = self.sizing.steps_for(participant.tokens_per_s, self._step_tokens)
             unit = self.units.lease(s, participant, self.state, steps)
+            if unit is None:
+                return None
             self.rescoring.mark(unit)
             return unit.unit_id, self.units.request(unit, self.state, node_id)
 

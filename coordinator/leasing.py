@@ -255,6 +255,10 @@ class UnitFactory:
     #: (a time budget extrapolates it: ``StageBudget.schedule_steps``).
     schedule_steps: int | Callable[[int], int]
     teacher: tensor_pb2.BlobRef | None = None
+    #: Inner steps the stage's token budget allows (``None``: no token budget). No new
+    #: unit is created past it and the last one is cut to fit, so the network trains the
+    #: budget's tokens, not the budget plus every unit in flight when it ran out.
+    step_budget: int | None = None
 
     def lease(
         self,
@@ -262,8 +266,9 @@ class UnitFactory:
         participant: Participant,
         state,
         steps: int | None = None,
-    ) -> WorkUnit:
-        """A unit for ``participant``: a re-queued one if any, else a new one.
+    ) -> WorkUnit | None:
+        """A unit for ``participant``: a re-queued one if any, else a new one (``None``
+        when the token budget is fully leased).
 
         Args:
             session: the caller's transaction.
@@ -289,11 +294,17 @@ class UnitFactory:
             # Redone from the current version: the same columns, documents and steps.
             queued.base_version = state.version
             return queued
-        columns = assign_columns(session, participant=participant, n_columns=self.cfg.moe.n_experts)
         # The schedules are indexed by the inner steps leased before this unit (from the
         # database, so a restart continues them; a re-queued copy above keeps its params).
         created, position = leases.stage_schedule_position(session, stage=f"stage{self.stage}")
-        seed = created + 1
+        steps = steps or self.steps_per_unit
+        if self.step_budget is not None:
+            if position >= self.step_budget:
+                return None
+            steps = min(steps, self.step_budget - position)
+        columns = assign_columns(session, participant=participant, n_columns=self.cfg.moe.n_experts)
+        # The run's seed (train.seed) picks documents and batches too, as in central training.
+        seed = created + 1 + 1_000_003 * self.cfg.train.seed
         return leases.create_lease(
             session,
             participant_id=participant.id,
@@ -301,7 +312,7 @@ class UnitFactory:
             base_version=state.version,
             columns=columns,
             docs=self._documents(columns, seed),
-            steps=steps or self.steps_per_unit,
+            steps=steps,
             params=self._params(position, seed),
             lease_seconds=self.lease_seconds,
         )
@@ -364,7 +375,8 @@ class UnitFactory:
             upload_quota=quota,
             ttl_s=2 * self.lease_seconds,
         )
-        checkpoint, chain = state.publisher.chain_for(unit.base_version)
+        held = _held_version(unit)
+        checkpoint, chain = state.publisher.chain_for(unit.base_version, held)
         req = control_pb2.ControlRequest(
             unit=work,
             checkpoint=checkpoint,
@@ -393,3 +405,14 @@ class UnitFactory:
         # Dense ternary is ~1.6 bits/param; allow 1 byte/param plus container overhead.
         counts = count_params(self.cfg)
         return n_columns * counts.column + counts.shared + counts.routers + (1 << 20)
+
+
+def _held_version(unit) -> int | None:
+    """The version the participant's replica holds when it starts ``unit``: the base of
+    the unit leased to it just before (units run in lease order); ``None`` if unknown."""
+    session = object_session(unit)
+    if session is None or unit.participant_id is None:
+        return None
+    return leases.previous_base_version(
+        session, participant_id=unit.participant_id, before=unit.unit_id
+    )

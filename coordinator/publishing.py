@@ -96,11 +96,31 @@ class Publisher:
         """A full checkpoint of the published weights now (stage 4's frozen FP teacher)."""
         return self._write_checkpoint()
 
-    def chain_for(self, base_version: int) -> tuple[tensor_pb2.BlobRef, list[tensor_pb2.BlobRef]]:
-        """The newest checkpoint at or before ``base_version`` and the manifests after it."""
-        start = max(v for v in self.checkpoints if v <= base_version)
-        chain = [self.manifests[v] for v in range(start + 1, base_version + 1)]
-        return self.checkpoints[start], chain
+    def chain_for(
+        self, base_version: int, held: int | None = None
+    ) -> tuple[tensor_pb2.BlobRef, list[tensor_pb2.BlobRef]]:
+        """A checkpoint and the manifests after it up to ``base_version``.
+
+        ``held`` is the version the participant's replica will hold when it starts the
+        unit (the base of its previous unit). The checkpoint is then the newest one at or
+        before ``held``: the replica continues from its own copy through the deltas
+        (:meth:`~shared_model.federated.replica.Replica.sync`) and never downloads the
+        checkpoint's parts. Starting at the newest checkpoint before the *base* made a
+        replica that held an older version reload a whole FP32 checkpoint (44 % of the
+        demo's stage-3 download). Without ``held``, or when its chain is no longer kept,
+        the newest checkpoint at or before ``base_version``.
+        """
+        for floor in (held, base_version):
+            if floor is None or floor > base_version:
+                continue
+            starts = [v for v in self.checkpoints if v <= floor]
+            if not starts:
+                continue
+            start = max(starts)
+            if all(v in self.manifests for v in range(start + 1, base_version + 1)):
+                chain = [self.manifests[v] for v in range(start + 1, base_version + 1)]
+                return self.checkpoints[start], chain
+        raise KeyError(f"no kept checkpoint and chain lead to version {base_version}")
 
     def metadata(self) -> dict[str, str]:
         """The chain's bookkeeping as strings (saved with the coordinator state)."""

@@ -161,6 +161,8 @@ class UnitTrainer:
     def _sync(self, req: control_pb2.ControlRequest, columns: list[int], io: BlobIO) -> None:
         ckpt = control_pb2.CheckpointManifest.FromString(io.fetch(req.checkpoint))
         chain = [control_pb2.VersionManifest.FromString(io.fetch(r)) for r in req.versions]
+        if req.HasField("teacher"):
+            self._teacher_on_the_way(req, ckpt, chain, columns, io)
         self.replica.sync(ckpt, chain, columns, io.fetch)
         if self.replica.version != req.unit.base_version:
             raise UnitError(
@@ -169,6 +171,31 @@ class UnitTrainer:
         for c in columns:
             if c not in self.local.columns:  # first time we hold it: start from published
                 self.local.columns[c] = {k: v.clone() for k, v in self.replica.columns[c].items()}
+
+    def _teacher_on_the_way(self, req, ckpt, chain, columns: list[int], io: BlobIO) -> None:
+        """Stage 4: take the teacher from our own replica when the sync passes its version.
+
+        The teacher is the published state at the stage boundary: a replica that holds it,
+        or reaches it on the way to the unit's base, copies it (digest-checked against the
+        teacher checkpoint's parts) instead of downloading the FP32 checkpoint.
+        """
+        manifest = control_pb2.CheckpointManifest.FromString(io.fetch(req.teacher))
+        if self._holds_teacher(manifest, columns):
+            return
+        prefix = [m for m in chain if int(m.version) <= manifest.version]
+        reaches = int(prefix[-1].version) if prefix else int(ckpt.version)
+        held = self.replica.version
+        if reaches != manifest.version or (held is not None and held > manifest.version):
+            return
+        self.replica.sync(ckpt, prefix, columns, io.fetch)
+        copy = self.replica.copy_if_checkpoint(manifest, columns)
+        if copy is not None:
+            self.teacher_replica = copy
+
+    def _holds_teacher(self, manifest, columns: list[int]) -> bool:
+        return self.teacher_replica.version == manifest.version and all(
+            c in self.teacher_replica.columns for c in columns
+        )
 
     def _prepare_models(self, req, columns: list[int], io: BlobIO):
         model = self.model
@@ -184,9 +211,7 @@ class UnitTrainer:
             if not req.HasField("teacher"):
                 raise UnitError("a stage-4 unit needs a teacher checkpoint")
             manifest = control_pb2.CheckpointManifest.FromString(io.fetch(req.teacher))
-            if self.teacher_replica.version != manifest.version or any(
-                c not in self.teacher_replica.columns for c in columns
-            ):
+            if not self._holds_teacher(manifest, columns):
                 self.teacher_replica.load_checkpoint(manifest, columns, io.fetch)
             teacher = PerspectiveModel(self.cfg, moe=True, columns=columns).to(self.device)
             teacher.eval()

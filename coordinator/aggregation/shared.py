@@ -3,9 +3,13 @@
 Each participant starts a unit from the published shared weights of its base version,
 trains H inner AdamW steps and uploads the pseudo-gradient ``published_b - local``
 (compressed with error feedback on its side). The coordinator buffers results and,
-every ``buffer_size`` accepted results, takes one outer Nesterov step (DiLoCo: lr 0.7,
-momentum 0.9) on their robust, staleness-weighted mean. The published copy is advanced
-by :mod:`coordinator.publishing`, which encodes ``master - published``.
+every ``buffer_size`` accepted results, takes one outer Nesterov step (lr and momentum
+from :class:`~coordinator.federation_settings.FederationSettings`) on the robust mean of
+the *staleness-scaled* pseudo-gradients ``w(s) * g``. The weights scale, they are not
+normalised away: a buffer of results that are all one version stale moves the master by
+``w(1)`` of a fresh buffer (normalising by the sum of weights applied it at full strength,
+which cost 0.09 in validation loss on ``tiny``). The published copy is advanced by
+:mod:`coordinator.publishing`, which encodes ``master - published``.
 """
 
 from __future__ import annotations
@@ -77,11 +81,11 @@ class SharedAggregator:
         """Take an outer step on everything buffered (no-op when empty)."""
         if not self._buffer:
             return
-        weights = torch.tensor([w for _, w in self._buffer])
+        ones = torch.ones(len(self._buffer))
         mean: State = {}
         for name in self.master:
-            stack = torch.stack([g[name].float() for g, _ in self._buffer])
-            mean[name] = trimmed_mean(stack, weights, self.trim)
+            stack = torch.stack([g[name].float() * w for g, w in self._buffer])
+            mean[name] = trimmed_mean(stack, ones, self.trim)
         self.outer.step(self.master, mean)
         self._buffer.clear()
         self.steps += 1

@@ -291,3 +291,15 @@ def stage_schedule_position(session: Session, *, stage: str) -> tuple[int, int]:
         )
     ).one()
     return int(units), int(steps)
+
+
+def previous_base_version(session: Session, *, participant_id: int, before: str) -> int | None:
+    """Base version of the unit leased to ``participant_id`` most recently before ``before``."""
+    this = session.get(WorkUnit, before)
+    query = select(WorkUnit.base_version).where(
+        WorkUnit.participant_id == participant_id, WorkUnit.unit_id != before
+    )
+    if this is not None and this.leased_at is not None:
+        query = query.where(WorkUnit.leased_at <= this.leased_at)
+    row = session.execute(query.order_by(WorkUnit.leased_at.desc()).limit(1)).first()
+    return int(row[0]) if row is not None else None

@@ -12,10 +12,12 @@ machine enough at full size (DESIGN §3).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import torch
 from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from shared_model.federated.updates import UpdateError, read_bundle, tensor_digest
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
@@ -103,6 +105,32 @@ class Replica:
         if self.version != target:
             raise SyncError(f"chain ended at {self.version}, expected {target}")
         return len(todo)
+
+
+    def copy_if_checkpoint(
+        self, manifest: control_pb2.CheckpointManifest, columns: list[int]
+    ) -> Replica | None:
+        """A copy of this replica's shared part and ``columns`` if they are, byte for byte,
+        the parts of checkpoint ``manifest`` (each part's content id is the sha256 of its
+        safetensors bytes, which the coordinator wrote from the same published tensors);
+        else ``None``. Stage 4's teacher is the published state at the stage boundary, so
+        a participant that synced through that version builds it without downloading it.
+        """
+        if self.version != int(manifest.version) or any(c not in self.columns for c in columns):
+            return None
+        parts = [(self.shared, manifest.shared)]
+        parts += [(self.columns[c], manifest.columns[c]) for c in columns if c in manifest.columns]
+        if len(parts) != len(columns) + 1:
+            return None
+        for state, ref in parts:
+            data = st_save({k: v.detach().contiguous() for k, v in state.items()})
+            if hashlib.sha256(data).hexdigest() != ref.content_id:
+                return None
+        copy = Replica()
+        copy.version = self.version
+        copy.shared = {k: v.clone() for k, v in self.shared.items()}
+        copy.columns = {c: {k: v.clone() for k, v in self.columns[c].items()} for c in columns}
+        return copy
 
 
 def _advance(state: State, data: bytes, what: str) -> State:
