@@ -60,6 +60,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=900_000, help="stage-3 token budget")
     p.add_argument("--seed-steps", type=int, default=300, help="central stage-1 steps")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument(
+        "--seed-checkpoint", type=Path, default=None, help="reuse this stage-2 checkpoint"
+    )
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms")
     p.add_argument("--mode", default="replay", choices=["replay", "flower"])
     p.add_argument("--eval-tokens", type=int, default=32_768)
@@ -67,7 +71,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-in-flight", type=int, default=None)
     p.add_argument("--outer-lr", type=float, default=None)
     p.add_argument("--outer-momentum", type=float, default=None)
-    p.add_argument("--codec", default=None, choices=["ternary", "sparse"])
+    p.add_argument("--codec", default=None, choices=["ternary", "sparse"], help="both parts")
+    p.add_argument("--column-codec", default=None, choices=["ternary", "sparse"])
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--name", default="federation_bench", help="result file stem")
     return p.parse_args()
@@ -170,6 +175,8 @@ def fed_settings(args, participants: int, codec: str | None, tokens_per_unit: in
             values[key] = getattr(args, key)
     if codec or args.codec:
         values["column_codec"] = values["shared_codec"] = codec or args.codec
+    if args.column_codec:
+        values["column_codec"] = args.column_codec
     return FederationSettings(**values)
 
 
@@ -305,7 +312,9 @@ def summarise(runs: dict[int, dict]) -> dict:
         table[arm] = {k: mean_sd([row[k] for row in rows]) for k in ("token_level", "column_mode")}
     summary: dict = {"seeds": len(runs), "arms": table}
     if all("federated" in r and "central_token" in r for r in runs.values()):
-        ratios = [r["federated"]["column_mode"] / r["central_token"]["token_level"] for r in runs.values()]
+        ratios = [
+            r["federated"]["column_mode"] / r["central_token"]["token_level"] for r in runs.values()
+        ]
         fed = [r["federated"] for r in runs.values()]
         summary.update(
             ratio_vs_central_token=statistics.fmean(ratios),
@@ -335,7 +344,8 @@ def plot(report: dict, path: Path) -> None:
     low = min(table[a][k]["mean"] for a in names for k in ("token_level", "column_mode"))
     ax.set_ylim(low * 0.97, None)
     ax.set_ylabel("validation loss (same set, mean ± sd)")
-    ax.set_title(f"{report['preset']}, {report['tokens']:,} tokens, {report['summary']['seeds']} seeds")
+    seeds = report["summary"]["seeds"]
+    ax.set_title(f"{report['preset']}, {report['tokens']:,} tokens, {seeds} seeds")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -346,9 +356,10 @@ def main() -> None:
     cfg = load_config(args.preset)
     corpus = prepare_corpus("stdlib", cfg.model.vocab_size)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedbench-"))
-    ckpt = seed_checkpoint(cfg, corpus, work, args.seed_steps)
+    ckpt = str(args.seed_checkpoint or seed_checkpoint(cfg, corpus, work, args.seed_steps))
     windows = eval_windows(corpus.dataset("val"), cfg.train.seq_len, args.eval_tokens)
-    runs = {s: run_seed(cfg, corpus, ckpt, work, args, s, windows) for s in range(args.seeds)}
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    runs = {s: run_seed(cfg, corpus, ckpt, work, args, s, windows) for s in seeds}
     report = {
         "preset": args.preset,
         "participants": args.participants,

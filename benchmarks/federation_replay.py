@@ -44,7 +44,6 @@ class _Node:
     bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     train_time: float = 0.0
     down: int = 0  # bytes fetched since the last reply
-    joined: bool = False
 
 
 class ReplayDriver:
@@ -148,23 +147,31 @@ class ReplayDriver:
             node.bytes["up"] += len(data)
             return tensor_pb2.BlobRef(content_id=self.store.put_bytes(data), size=len(data))
 
-        node.joined = True
         return BlobIO(fetch=fetch, upload=upload)
 
     def _kinds(self, req: control_pb2.ControlRequest, node: _Node) -> dict[str, str]:
-        """Content id → traffic kind for the blobs this request may make the node fetch."""
+        """Content id → traffic kind for the blobs this request may make the node fetch.
+
+        A checkpoint part is a ``join`` when the node never held that part (its first
+        sync, or a column it takes on), else a ``checkpoint`` reload.
+        """
         kinds = {cid: "data" for cid in req.unit.shard_ids}
-        for ref, kind in ((req.checkpoint, "join" if not node.joined else "checkpoint"),
-                          (req.teacher, "teacher")):  # fmt: skip
-            if not ref.content_id:
-                continue
-            manifest = control_pb2.CheckpointManifest.FromString(
-                self.store.get(ref.content_id)
-            )
-            kinds[ref.content_id] = kind
-            kinds[manifest.shared.content_id] = kind
-            kinds.update({r.content_id: kind for r in manifest.columns.values()})
+        replica = node.trainer.replica
+        if req.checkpoint.content_id:
+            manifest = self._checkpoint(req.checkpoint)
+            kinds[req.checkpoint.content_id] = "delta"  # the manifest: a few hundred bytes
+            kinds[manifest.shared.content_id] = "join" if replica.version is None else "checkpoint"
+            for c, ref in manifest.columns.items():
+                kinds[ref.content_id] = "checkpoint" if c in replica.columns else "join"
+        if req.teacher.content_id:
+            manifest = self._checkpoint(req.teacher)
+            for ref in (manifest.shared, *manifest.columns.values()):
+                kinds[ref.content_id] = "teacher"
+            kinds[req.teacher.content_id] = "delta"  # the manifest
         return kinds
+
+    def _checkpoint(self, ref: tensor_pb2.BlobRef) -> control_pb2.CheckpointManifest:
+        return control_pb2.CheckpointManifest.FromString(self.store.get(ref.content_id))
 
     # --- what the benchmark reports ------------------------------------------------------------
 
@@ -180,4 +187,3 @@ class ReplayDriver:
         """Virtual training time / virtual wall time per participant."""
         wall = max(self.clock, 1e-9)
         return {str(nid): n.train_time / wall for nid, n in self.nodes.items()}
-

@@ -292,6 +292,7 @@ class Coordinator:
 # Knobs the coordinator state is built with in prepare(); a stage cannot change them.
 STATE_KNOBS = (
     "shared_codec",
+    "column_codec",
     "buffer_size",
     "max_staleness",
     "checkpoint_every",

@@ -50,10 +50,12 @@ class Publisher:
         *,
         version: int,
         codec: str,
+        column_codec: str,
         checkpoint_every: int,
     ) -> None:
         self.store, self.columns, self.shared = store, columns, shared
-        self.codec, self.checkpoint_every = codec, checkpoint_every
+        self.codec, self.column_codec = codec, column_codec
+        self.checkpoint_every = checkpoint_every
         self.version = version
         self.manifests: dict[int, tensor_pb2.BlobRef] = {}
         self.checkpoints: dict[int, tensor_pb2.BlobRef] = {version: self._write_checkpoint()}
@@ -84,7 +86,7 @@ class Publisher:
         sent = send_with_feedback(
             {name: m - published[name] for name, m in master.items()},
             {},  # the residual is master - published itself
-            self.codec,
+            self.codec if column < 0 else self.column_codec,
             kind="version",
             column=column,
             base_version=parent,
@@ -191,6 +193,7 @@ class CoordinatorState:
             self.shared,
             version=version,
             codec=settings.shared_codec,
+            column_codec=settings.column_codec,
             checkpoint_every=settings.checkpoint_every,
         )
 

@@ -18,7 +18,15 @@ def test_publish_error_feedback_keeps_unsent_part(tmp_path):
     shared = SharedAggregator(
         {"s": torch.zeros(2)}, buffer_size=2, outer=OuterOptimizer(1.0, 0.0), trim=0
     )
-    publisher = Publisher(store, columns, shared, version=0, codec="ternary", checkpoint_every=10)
+    publisher = Publisher(
+        store,
+        columns,
+        shared,
+        version=0,
+        codec="ternary",
+        column_codec="ternary",
+        checkpoint_every=10,
+    )
     columns.apply(0, {"w": torch.tensor([1.0, 0.1, -1.0])}, 0, 0)
 
     # Ternary is lossy here: tau = 0.7 * mean|w| = 0.49 drops the 0.1.

@@ -1,0 +1,59 @@
+"""What participants download: deltas from the version they hold, never a checkpoint again.
+
+The real loop (leasing, intake, publishing) and the participants' own unit trainers run in
+this process (:class:`benchmarks.federation_replay.ReplayDriver` takes Flower's place), so
+every byte a participant fetches is counted by what it is: a join (the first checkpoint),
+a checkpoint reload, a version delta, stage 4's teacher.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.federation_replay import ReplayDriver
+from coordinator.coordinator_process import Coordinator, StageBudget
+from coordinator.federation_settings import FederationSettings
+
+
+@pytest.fixture
+def coordinator(tiny_moe_seed, tmp_path):
+    cfg, corpus, ckpt = tiny_moe_seed
+    coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
+    coord.start()
+    yield coord, ckpt
+    coord.shutdown()
+
+
+def _settings(stage: int) -> FederationSettings:
+    # A checkpoint every 2 versions: participants hold versions older than the newest
+    # checkpoint all the time, the case that used to reload a whole FP32 checkpoint.
+    return FederationSettings(
+        stage=stage, steps_per_unit=3, buffer_size=2, checkpoint_every=2, eval_every=1000,
+        max_in_flight=2,
+    )  # fmt: skip
+
+
+def _run(coord, driver, stage: int, units: int) -> None:
+    settings = _settings(stage)
+    tokens = units * settings.steps_per_unit * coord.cfg.train.batch_size * coord.cfg.train.seq_len
+    loop = coord.federated_stage(driver, StageBudget(tokens=tokens), settings)
+    loop.run(lambda: False)
+
+
+def test_participants_sync_through_deltas_and_build_the_teacher_locally(coordinator, tmp_path):
+    coord, ckpt = coordinator
+    coord.prepare(ckpt, _settings(3))
+    driver = ReplayDriver(
+        coord.cfg, coord.store, coord.corpus.dataset("train"), tmp_path / "nodes", [1.0, 1.3]
+    )
+    _run(coord, driver, 3, units=12)
+    stage3 = driver.traffic()
+    assert coord.state.version >= 5 and len(coord.state.publisher.checkpoints) >= 3
+    # Each participant downloaded one checkpoint (its join) and deltas after that.
+    assert stage3.get("checkpoint", 0) == 0
+    assert stage3["join"] > 0 and stage3["delta"] > 0
+    _run(coord, driver, 4, units=6)
+    stage4 = driver.traffic()
+    assert stage4.get("teacher", 0) == 0  # rebuilt from the replica, digest-checked
+    assert stage4.get("checkpoint", 0) == 0 and stage4["join"] == stage3["join"]
+    assert coord.loop.totals().accepted == 6 and coord.loop.totals().rejected == 0
