@@ -43,7 +43,7 @@ from coordinator.db.types import ParticipantState, RejectReason, utcnow
 from coordinator.metrics import METRICS
 from coordinator.publishing import CoordinatorState
 from shared_model.blobs import BlobCorrupt, BlobError, HashMismatch
-from shared_model.codec import CodecError
+from shared_model.codec import CodecError, ShapeMismatchError
 from shared_model.federated.updates import BundleShapeError, UpdateError, read_bundle
 from shared_model.wire.perspective.v1 import federation_pb2
 
@@ -343,7 +343,7 @@ def _decode(state: CoordinatorState, cid: str, kind: str, expected: dict, max_no
         raise Rejected(RejectReason.MISSING_BLOB, f"{kind} blob {cid[:12]}: {exc}") from exc
     try:
         _, tensors = read_bundle(data, kind=kind, expected=expected)
-    except BundleShapeError as exc:
+    except (BundleShapeError, ShapeMismatchError) as exc:  # container vs. our tensor
         raise Rejected(RejectReason.BAD_SHAPE, f"{kind} bundle: {exc}") from exc
     except (UpdateError, CodecError) as exc:
         raise Rejected(RejectReason.MALFORMED, f"{kind} bundle: {exc}") from exc
