@@ -9,8 +9,11 @@ the same sequence, and the first check that fails decides (:func:`record_result`
 3. it was not answered before (a replay: the stored outcome is returned, nothing changes),
 4. the lease is live (``EXPIRED_LEASE``) and the result is built on the lease's base
    version (``BASE_MISMATCH``) — :func:`coordinator.db.leases.lease_problem`,
-5. the payload (:class:`PayloadCheck`): the base is not too stale (``STALE_BASE``), the
-   referenced blobs exist (``MISSING_BLOB``), are intact (``BAD_CHECKSUM``) and decode
+5. the payload (:class:`PayloadCheck`): the claimed tokens fit the unit (``MALFORMED``),
+   the base is not too stale (``STALE_BASE``), the referenced blobs exist
+   (``MISSING_BLOB``) and were uploaded under this very lease (``FOREIGN_BLOB``: no
+   replays of accepted blobs, no borrowing another node's; :mod:`coordinator.blob_uploads`)
+   — all before any blob is read — then are intact (``BAD_CHECKSUM``) and decode
    (``MALFORMED``), name exactly the unit's columns and the model's tensors with the right
    shapes (``BAD_SHAPE``), contain only finite values (``NON_FINITE``) and have norms
    within a bound (``NORM_OUT_OF_BOUNDS``).
@@ -35,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from coordinator import reply_fields
 from coordinator.aggregation.columns import StaleResultError
+from coordinator.blob_uploads import UploadLedger
 from coordinator.db import leases as db_leases
 from coordinator.db import results as db_results
 from coordinator.db.models import WorkUnit
@@ -307,9 +311,31 @@ class PayloadCheck:
                 RejectReason.STALE_BASE,
                 f"base version {unit.base_version} is {stale} versions old",
             )
+        check_uploads(self.state.store, self.ids, unit.unit_id)
         self.decoded = decode_result(
             self.state, self.ids, unit.base_version, list(unit.columns), self.max_norm
         )
+
+
+def check_uploads(store, ids: dict, lease: str) -> None:
+    """Every blob a result names exists and was first uploaded under its own lease
+    (:mod:`coordinator.blob_uploads`); checked before anything is fetched or decoded.
+
+    Raises:
+        Rejected: ``MISSING_BLOB``, or ``FOREIGN_BLOB`` (a replay of an older result's
+            blobs, or another node's upload).
+    """
+    ledger = UploadLedger.for_store(store)
+    for cid in (*ids.get("columns", {}).values(), ids.get("shared", "")):
+        if not cid or not store.has(cid):
+            raise Rejected(RejectReason.MISSING_BLOB, f"blob {cid[:12]!r} is not in the store")
+        uploader = ledger.uploader(cid)
+        if uploader != lease:
+            whose = "the coordinator" if uploader is None else f"lease {uploader}"
+            raise Rejected(
+                RejectReason.FOREIGN_BLOB,
+                f"blob {cid[:12]} was uploaded by {whose}, not under lease {lease}",
+            )
 
 
 def decode_result(

@@ -367,6 +367,7 @@ class UnitFactory:
             read_all=True,
             upload_quota=quota,
             ttl_s=2 * self.lease_seconds,
+            token_id=unit.unit_id,  # uploads are bound to the lease (coordinator/blob_uploads)
         )
         checkpoint, chain = state.publisher.chain_for(unit.base_version)
         req = control_pb2.ControlRequest(
