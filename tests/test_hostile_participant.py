@@ -37,10 +37,12 @@ from shared_model.codec.container import (
 from shared_model.codec.entropy import zstd_compress
 from shared_model.federated.updates import encode_bundle, make_bundle
 from shared_model.wire.perspective.v1 import control_pb2, federation_pb2
+from tests import test_db
 from tests import test_federation_intake as intake_tests
 from tests.test_federation_intake import NODE, make_loop, upload_as
 
-corpus = intake_tests.corpus  # the shared fixture
+corpus = intake_tests.corpus  # the shared fixtures: the corpus, a throw-away PostgreSQL
+pg_url = test_db.pg_url
 
 OTHER = NODE + 99
 _seed = iter(range(1, 1 << 30))
@@ -224,7 +226,7 @@ def test_naming_another_nodes_lease_costs_nothing(tmp_path, corpus):
     body = control_pb2.ControlReply(results=[victim] * 20)
     start = time.perf_counter()
     loop._handle_reply(reply(NODE, body))
-    assert time.perf_counter() - start < 2.0
+    assert time.perf_counter() - start < 5.0  # was 14 s of decoding before the order changed
     with loop.factory() as s:
         assert s.query(Result).count() == 0
         assert get_unit(s, unit_id=victim.unit_id).state == "leased"
@@ -317,7 +319,7 @@ def test_decoder_bombs_are_refused_cheaply(tmp_path, corpus, bomb, reason):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert outcome.reason == reason, outcome
-    assert elapsed < 2.0 and peak < 64 << 20, (elapsed, peak)
+    assert elapsed < 5.0 and peak < 64 << 20, (elapsed, peak)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 1 << 20  # KiB: < 1 GiB
     assert unchanged(loop, before) and credit(loop, NODE) == 0
     assert stored(loop, result.unit_id).reject_detail
@@ -347,3 +349,49 @@ def test_garbage_replies_never_raise(tmp_path, corpus):
         loop._handle_reply(Reply("g", NODE, "train.unit", payload, None, None, 0.0))
     result = forge(loop, NODE)
     assert loop.receive(NODE, result).accepted
+
+
+# --- PostgreSQL: what SQLite lets through, PostgreSQL refuses (DataError) ----------------
+
+
+def test_poisoned_fields_fit_postgres_columns(pg_url):
+    """A NaN loss/timing (JSON has no NaN), a 5000-character device (VARCHAR(64)), 2^32-1
+    columns (INTEGER), a 2^64-1 token claim and base version (BIGINT), a 100 000-character
+    unit id (VARCHAR(36)): made to fit at the edge, stored on PostgreSQL without error."""
+    from coordinator import reply_fields
+    from coordinator.db import init_db, make_session_factory
+    from coordinator.db.leases import create_lease
+    from coordinator.db.versions import publish_version
+    from coordinator.intake import payload_of, record_result
+
+    factory = make_session_factory(init_db(pg_url))
+    cap = reply_fields.capability(
+        control_pb2.NodeCapability(
+            max_columns=2**32 - 1, threads=2**32 - 1, device="é" * 5000, tokens_per_s=1e9
+        )
+    )
+    poisoned = federation_pb2.WorkResult(
+        tokens=2**64 - 1, base_version=2**64 - 1, train_loss=math.nan, val_loss=math.inf
+    )
+    poisoned.timings.train_s, poisoned.timings.total_s = math.nan, math.inf
+    with factory.begin() as s:
+        publish_version(s, parent=None, checksum="v0", metrics={})
+        row = db_participants.touch_participant(s, node_id=NODE, capability=cap)
+        db_participants.add_traffic(
+            s, participant_id=row.id, bytes_down=reply_fields.bytes_down(1 << 40)
+        )
+        unit = create_lease(s, participant_id=row.id, stage="stage3", base_version=0,
+                            columns=[0], docs=[], steps=1, params={}, lease_seconds=60)  # fmt: skip
+        poisoned.unit_id = unit.unit_id
+        outcome = record_result(s, unit_id=unit.unit_id, node_id=NODE,
+                                payload=payload_of(poisoned, 0))  # fmt: skip
+        assert outcome.reason == "BASE_MISMATCH"  # judged, and stored with its reason
+        poisoned.unit_id = "u" * 100_000
+        outcome = record_result(s, unit_id=poisoned.unit_id, node_id=NODE,
+                                payload=payload_of(poisoned, 0))  # fmt: skip
+        assert outcome.reason == "UNKNOWN_LEASE"
+    with factory() as s:
+        row = db_participants.find_participant(s, node_id=NODE)
+        assert len(row.device) == 64 and row.max_columns == 1 << 16
+        stored_row = s.query(Result).one()
+        assert stored_row.train_loss is None and stored_row.timings.get("train_s") is None
