@@ -2,7 +2,8 @@
 
 ``Get`` streams a blob in ~1 MiB chunks from any offset (resume), ``Put`` receives a
 header (declared sha256 and size) and the bytes, and installs the blob only if both match
-and the size fits the token's quota and the server cap, ``Stat`` says whether a blob
+and the size fits the token's quota and the server cap (recording the token id — the
+lease — of a blob's first upload: :mod:`coordinator.blob_uploads`), ``Stat`` says whether a blob
 exists. Every call must carry ``authorization: Bearer <token>`` metadata with a token from
 :func:`~shared_model.blobs.tokens.issue_token`; the mapping of errors to status codes is
 documented in ``protos/perspective/v1/blobs.proto``.
@@ -28,6 +29,7 @@ from typing import Any
 
 import grpc
 
+from coordinator.blob_uploads import UploadLedger
 from shared_model.blobs.channel import CHUNK_SIZE, GRPC_OPTIONS
 from shared_model.blobs.errors import (
     BlobCorrupt,
@@ -194,6 +196,8 @@ class _Servicer(blobs_pb2_grpc.BlobServiceServicer):
         finally:
             if not committed:
                 self.owner._ledger.release(cap, size)
+        if not already:  # bound to its first uploader's lease (coordinator/blob_uploads.py)
+            self.owner.uploads.record(content_id, cap.token_id)
         return blobs_pb2.PutReply(content_id=content_id, size=size, already_present=already)
 
     @_rpc
@@ -244,6 +248,7 @@ class BlobServer:
         self._requested_port, self._max_workers = port, max_workers
         self._interceptors = list(interceptors)
         self._ledger = _QuotaLedger()
+        self.uploads = UploadLedger.for_store(store)
         self._stats: dict[str, int] = {}
         self._stats_lock = threading.Lock()
         self._server: grpc.Server | None = None

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from coordinator import intake
+from coordinator import intake, reply_fields
 from coordinator.db import events as db_events
 from coordinator.db import leases as db_leases
 from coordinator.db import participants as db_participants
@@ -175,6 +175,21 @@ class FederationLoop:
     # --- replies --------------------------------------------------------------------------
 
     def _handle_reply(self, reply) -> None:
+        """Handle one Flower reply. Nothing a participant sends can raise out of here: an
+        unexpected error (a bug, or ``MemoryError`` from a payload that escaped a check) is
+        logged and stored as a refusal, and the loop goes on (issue 16)."""
+        try:
+            self._handle_reply_body(reply)
+        except Exception as exc:  # noqa: BLE001 - one hostile reply must not stop the loop
+            log.exception("reply from node %s could not be handled", reply.node_id)
+            self._log(
+                "reply.refused",
+                reply_fields.short(
+                    f"node {reply.node_id}: reply could not be handled: {type(exc).__name__}: {exc}"
+                ),
+            )
+
+    def _handle_reply_body(self, reply) -> None:
         unit_id = self._message_units.pop(reply.message_id, None)
         if not reply.ok:
             self._log("unit.failed", f"node {reply.node_id}: {reply.error_reason}", unit_id)
@@ -189,14 +204,27 @@ class FederationLoop:
         except Exception as exc:  # protobuf DecodeError: the node sent garbage
             self._log("reply.malformed", f"node {reply.node_id}: {exc}", unit_id)
             return
-        # A revoked node's results below are still recorded, as refused (WRONG_NODE).
-        with contextlib.suppress(ParticipantRevoked):
-            self._update_capability(reply.node_id, body.capability, body.bytes_down)
-        self._bytes_down += body.bytes_down
-        for failed, why in zip(body.failed_units, body.failure_reasons, strict=False):
-            self._fail(failed, why, node_id=reply.node_id)
+        self._reply_fields(reply.node_id, body)
+        failed = list(zip(body.failed_units, body.failure_reasons, strict=False))
+        if len(failed) > reply_fields.MAX_FAILED_PER_REPLY:
+            self._log("reply.truncated", f"node {reply.node_id}: {len(failed)} failed units")
+        for unit, why in failed[: reply_fields.MAX_FAILED_PER_REPLY]:
+            self._fail(unit, reply_fields.short(why), node_id=reply.node_id)
         for result in body.results:
             self.receive(reply.node_id, result)
+
+    def _reply_fields(self, node_id: int, body) -> None:
+        """Store the capability and traffic a reply reports, if they are sane."""
+        try:
+            capability = reply_fields.capability(body.capability)
+            bytes_down = reply_fields.bytes_down(body.bytes_down)
+        except reply_fields.FieldError as exc:
+            self._log("reply.field_refused", f"node {node_id}: {exc}")
+            return
+        # A revoked node's results are still recorded, as refused (WRONG_NODE).
+        with contextlib.suppress(ParticipantRevoked):
+            self._update_capability(node_id, capability, bytes_down)
+        self._bytes_down += bytes_down
 
     def _node_gone(self, node_id: int) -> None:
         """Stop leasing to a node Flower says is unreachable; it comes back when it replies."""
@@ -231,26 +259,32 @@ class FederationLoop:
         if not mine:
             self._log("unit.failed.refused", f"node {node_id} does not hold {unit_id}")
 
-    def _update_capability(self, node_id: int, cap, bytes_down: int = 0) -> None:
-        if cap.max_columns < 1:
+    def _update_capability(
+        self, node_id: int, capability: db_participants.Capability | None, bytes_down: int = 0
+    ) -> None:
+        if capability is None:
             return  # an old or partial reply: keep what we know
-        capability = db_participants.Capability(
-            max_columns=int(cap.max_columns),
-            threads=int(cap.threads) or None,
-            device=cap.device or None,
-            tokens_per_s=float(cap.tokens_per_s) or None,
-        )
         with self.factory.begin() as s:
             row = db_participants.touch_participant(s, node_id=node_id, capability=capability)
             if bytes_down:
                 db_participants.add_traffic(s, participant_id=row.id, bytes_down=bytes_down)
 
     def receive(self, node_id: int, result) -> db_results.RecordOutcome:
-        """Hand one result to the intake (idempotent on replays of the same unit)."""
-        got = self.intake.receive(node_id, result)
+        """Hand one result to the intake (idempotent on replays of the same unit).
+
+        Never raises for what the result holds: an unexpected error while checking it is
+        stored as its refusal (:meth:`~coordinator.intake.Intake.refuse_unexpected`).
+        """
+        try:
+            got = self.intake.receive(node_id, result)
+        except Exception as exc:  # noqa: BLE001 - incl. MemoryError: a hostile payload
+            log.exception("result %.40r of node %s could not be checked", result.unit_id, node_id)
+            return self.intake.refuse_unexpected(node_id, result, exc)
         if not got.applied:
             return got.outcome
-        self._train_loss.append((self.state.version, float(result.train_loss)))
+        loss = reply_fields.finite(result.train_loss)
+        if loss is not None:  # a version's metrics are JSON: no NaN (PostgreSQL refuses it)
+            self._train_loss.append((self.state.version, loss))
         self._applied_one(result.unit_id, got.stepped)
         return got.outcome
 

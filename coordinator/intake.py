@@ -9,8 +9,11 @@ the same sequence, and the first check that fails decides (:func:`record_result`
 3. it was not answered before (a replay: the stored outcome is returned, nothing changes),
 4. the lease is live (``EXPIRED_LEASE``) and the result is built on the lease's base
    version (``BASE_MISMATCH``) — :func:`coordinator.db.leases.lease_problem`,
-5. the payload (:class:`PayloadCheck`): the base is not too stale (``STALE_BASE``), the
-   referenced blobs exist (``MISSING_BLOB``), are intact (``BAD_CHECKSUM``) and decode
+5. the payload (:class:`PayloadCheck`): the claimed tokens fit the unit (``MALFORMED``),
+   the base is not too stale (``STALE_BASE``), the referenced blobs exist
+   (``MISSING_BLOB``) and were uploaded under this very lease (``FOREIGN_BLOB``: no
+   replays of accepted blobs, no borrowing another node's; :mod:`coordinator.blob_uploads`)
+   — all before any blob is read — then are intact (``BAD_CHECKSUM``) and decode
    (``MALFORMED``), name exactly the unit's columns and the model's tensors with the right
    shapes (``BAD_SHAPE``), contain only finite values (``NON_FINITE``) and have norms
    within a bound (``NORM_OUT_OF_BOUNDS``).
@@ -26,13 +29,16 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from sqlalchemy.orm import Session
 
+from coordinator import reply_fields
 from coordinator.aggregation.columns import StaleResultError
+from coordinator.blob_uploads import UploadLedger
 from coordinator.db import leases as db_leases
 from coordinator.db import results as db_results
 from coordinator.db.models import WorkUnit
@@ -41,7 +47,7 @@ from coordinator.db.types import ParticipantState, RejectReason, utcnow
 from coordinator.metrics import METRICS
 from coordinator.publishing import CoordinatorState
 from shared_model.blobs import BlobCorrupt, BlobError, HashMismatch
-from shared_model.codec import CodecError
+from shared_model.codec import CodecError, ShapeMismatchError
 from shared_model.federated.updates import BundleShapeError, UpdateError, read_bundle
 from shared_model.wire.perspective.v1 import federation_pb2
 
@@ -49,6 +55,7 @@ State = dict[str, torch.Tensor]
 #: A claimed token count is stored clipped to this (BIGINT); over the unit's budget it is
 #: refused anyway.
 MAX_STORED_TOKENS = 2**63 - 1
+_CONTENT_ID = re.compile(r"[0-9a-f]{64}")
 
 
 class Rejected(Exception):
@@ -120,20 +127,23 @@ class Intake:
     def receive(self, node_id: int, result: federation_pb2.WorkResult) -> Received:
         """Check, store and apply one result (idempotent on replays of the same unit).
 
-        Raises:
-            Rejected: (``STALE_BASE``) the aggregator no longer remembers the base version
-                of a result already stored as accepted (cannot happen within the staleness
-                bound that :class:`PayloadCheck` enforces).
+        A result whose application fails after it was stored as accepted (its base is
+        older than the aggregator remembers; cannot happen within the staleness bound
+        that :class:`PayloadCheck` enforces) is stored as rejected instead, so a restart
+        does not try it again.
         """
-        ids = blob_ids(result)
+        problem = result_problem(result, n_columns=len(self.state.columns.masters))
+        ids = blob_ids(result) if problem is None else {"columns": {}, "shared": ""}
         bytes_up = sum(self._blob_size(c) for c in (*ids["columns"].values(), ids["shared"]))
-        check = PayloadCheck(self.state, ids, self.max_update_norm, tokens=int(result.tokens))
+        check = PayloadCheck(
+            self.state, ids, self.max_update_norm, tokens=int(result.tokens), problem=problem
+        )
         with self.session_factory.begin() as s:
             outcome = record_result(
                 s,
                 unit_id=result.unit_id,
                 node_id=node_id,
-                payload=payload_of(result, bytes_up),
+                payload=payload_of(result, bytes_up, ids),
                 check_payload=check,
             )
             scored = self.rescoring.record(s, check.unit, result, outcome)
@@ -141,8 +151,42 @@ class Intake:
         if outcome.duplicate or not outcome.accepted or check.decoded is None:
             return Received(outcome, bytes_up)
         METRICS.observe_staleness(self.state.version - check.decoded.base_version)
-        stepped = apply_result(self.state, check.decoded)
+        try:
+            stepped = apply_result(self.state, check.decoded)
+        except Rejected as exc:
+            return Received(self._unaccept(outcome.unit_id, exc.reason, exc.detail), bytes_up)
         return Received(outcome, bytes_up, applied=True, stepped=stepped)
+
+    def refuse_unexpected(
+        self, node_id: int, result: federation_pb2.WorkResult, error: BaseException
+    ) -> db_results.RecordOutcome:
+        """Store a refusal for a result whose checking failed unexpectedly (a bug, or a
+        hostile payload that escaped a check, e.g. ``MemoryError``): ``MALFORMED`` with
+        the error as the reason, so it is neither lost silently nor tried again.
+
+        The lease checks still run first (an impostor's result is only logged); a result
+        already stored as accepted but never applied is rejected instead.
+        """
+        detail = reply_fields.short(f"could not be checked: {type(error).__name__}: {error}")
+
+        def fail(unit: WorkUnit) -> None:
+            raise Rejected(RejectReason.MALFORMED, detail)
+
+        with self.session_factory.begin() as s:
+            outcome = record_result(
+                s,
+                unit_id=result.unit_id,
+                node_id=node_id,
+                payload=payload_of(result, 0, {"columns": {}, "shared": ""}),
+                check_payload=fail,
+            )
+        if outcome.duplicate and outcome.accepted:
+            return self._unaccept(outcome.unit_id, RejectReason.MALFORMED, detail)
+        return outcome
+
+    def _unaccept(self, unit_id: str, reason: RejectReason, detail: str):
+        with self.session_factory.begin() as s:
+            return db_results.reject_unapplied(s, unit_id=unit_id, reason=reason, detail=detail)
 
     def _blob_size(self, cid: str) -> int:
         try:
@@ -179,12 +223,14 @@ def record_result(
         The :class:`~coordinator.db.results.RecordOutcome` to report to the participant.
     """
     now = now or utcnow()
-    unit = db_leases.find_unit(session, unit_id=unit_id)
+    unit = None
+    if len(unit_id) <= reply_fields.UNIT_ID_CHARS:  # no unit of ours has a longer id
+        unit = db_leases.find_unit(session, unit_id=unit_id)
     if unit is None:
-        detail = f"no lease {unit_id!r} was issued"
+        detail = f"no lease {reply_fields.short(unit_id, 40)!r} was issued"
         return db_results.refuse(
             session,
-            unit_id=unit_id,
+            unit_id=reply_fields.short(unit_id, reply_fields.UNIT_ID_CHARS),
             reason=RejectReason.UNKNOWN_LEASE,
             detail=detail,
             participant_id=None,
@@ -228,6 +274,8 @@ class PayloadCheck:
         state: the masters the updates must fit.
         ids: the result's blob ids (:func:`blob_ids`).
         max_norm: bound on the norm of each update.
+        tokens: the token count the result claims (at most the unit's budget).
+        problem: what :func:`result_problem` found wrong with the result's fields.
         unit: the unit checked against (set when called).
         decoded: the validated updates (set when every check passed).
     """
@@ -236,6 +284,7 @@ class PayloadCheck:
     ids: dict
     max_norm: float
     tokens: int = 0
+    problem: Rejected | None = None
     unit: WorkUnit | None = None
     decoded: DecodedResult | None = None
 
@@ -246,6 +295,8 @@ class PayloadCheck:
             Rejected: with the reason code to store.
         """
         self.unit = unit
+        if self.problem is not None:
+            raise self.problem
         train = self.state.cfg.train
         budget = unit.steps * train.batch_size * train.seq_len
         if self.tokens > budget:  # credit and stage budgets count tokens: no inflated claims
@@ -260,9 +311,31 @@ class PayloadCheck:
                 RejectReason.STALE_BASE,
                 f"base version {unit.base_version} is {stale} versions old",
             )
+        check_uploads(self.state.store, self.ids, unit.unit_id)
         self.decoded = decode_result(
             self.state, self.ids, unit.base_version, list(unit.columns), self.max_norm
         )
+
+
+def check_uploads(store, ids: dict, lease: str) -> None:
+    """Every blob a result names exists and was first uploaded under its own lease
+    (:mod:`coordinator.blob_uploads`); checked before anything is fetched or decoded.
+
+    Raises:
+        Rejected: ``MISSING_BLOB``, or ``FOREIGN_BLOB`` (a replay of an older result's
+            blobs, or another node's upload).
+    """
+    ledger = UploadLedger.for_store(store)
+    for cid in (*ids.get("columns", {}).values(), ids.get("shared", "")):
+        if not cid or not store.has(cid):
+            raise Rejected(RejectReason.MISSING_BLOB, f"blob {cid[:12]!r} is not in the store")
+        uploader = ledger.uploader(cid)
+        if uploader != lease:
+            whose = "the coordinator" if uploader is None else f"lease {uploader}"
+            raise Rejected(
+                RejectReason.FOREIGN_BLOB,
+                f"blob {cid[:12]} was uploaded by {whose}, not under lease {lease}",
+            )
 
 
 def decode_result(
@@ -296,7 +369,7 @@ def _decode(state: CoordinatorState, cid: str, kind: str, expected: dict, max_no
         raise Rejected(RejectReason.MISSING_BLOB, f"{kind} blob {cid[:12]}: {exc}") from exc
     try:
         _, tensors = read_bundle(data, kind=kind, expected=expected)
-    except BundleShapeError as exc:
+    except (BundleShapeError, ShapeMismatchError) as exc:  # container vs. our tensor
         raise Rejected(RejectReason.BAD_SHAPE, f"{kind} bundle: {exc}") from exc
     except (UpdateError, CodecError) as exc:
         raise Rejected(RejectReason.MALFORMED, f"{kind} bundle: {exc}") from exc
@@ -333,25 +406,37 @@ def apply_result(state: CoordinatorState, decoded: DecodedResult, step: bool = T
     return state.shared.add(decoded.shared, decoded.base_version, state.version, step=step)
 
 
-def payload_of(result: federation_pb2.WorkResult, bytes_up: int) -> db_results.ResultPayload:
-    """The DB summary of a result."""
-    t = result.timings
+def result_problem(result: federation_pb2.WorkResult, *, n_columns: int) -> Rejected | None:
+    """What is wrong with a result's blob references before anything is fetched: more
+    column deltas than the model has columns, or ids that are not content ids."""
+    if len(result.column_deltas) > n_columns:
+        return Rejected(
+            RejectReason.MALFORMED,
+            f"result names {len(result.column_deltas)} column deltas; the model has "
+            f"{n_columns} columns",
+        )
+    refs = [d.delta.content_id for d in result.column_deltas]
+    for cid in (*refs, result.shared_update.blob.content_id):
+        if cid and not _CONTENT_ID.fullmatch(cid):  # an empty one is MISSING_BLOB
+            return Rejected(
+                RejectReason.MALFORMED,
+                f"blob reference {reply_fields.short(cid, 70)!r} is not a sha256 content id",
+            )
+    return None
+
+
+def payload_of(
+    result: federation_pb2.WorkResult, bytes_up: int, ids: dict | None = None
+) -> db_results.ResultPayload:
+    """The DB summary of a result, every field made to fit its column
+    (:mod:`coordinator.reply_fields`); ``ids``: the blob ids to store (default: the
+    result's own)."""
     return db_results.ResultPayload(
         tokens=min(int(result.tokens), MAX_STORED_TOKENS),  # fits BIGINT (refused if > unit)
-        train_loss=_finite(result.train_loss),
-        val_loss=_finite(result.val_loss) if result.val_loss else None,
-        blob_ids=blob_ids(result),
-        timings={
-            "sync_s": t.sync_s,
-            "train_s": t.train_s,
-            "encode_s": t.encode_s,
-            "total_s": t.total_s,
-            "score_s": t.score_s,
-        },
-        base_version=int(result.base_version),
+        train_loss=reply_fields.finite(result.train_loss),
+        val_loss=reply_fields.finite(result.val_loss) if result.val_loss else None,
+        blob_ids=blob_ids(result) if ids is None else ids,
+        timings=reply_fields.timings(result.timings),
+        base_version=min(int(result.base_version), MAX_STORED_TOKENS),
         bytes_up=bytes_up,
     )
-
-
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None

@@ -39,6 +39,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
+from coordinator import reply_fields
 from coordinator.db import leases
 from coordinator.db.errors import InvalidArgument, ParticipantRevoked
 from coordinator.db.models import Participant, ParticipantColumn, WorkUnit
@@ -141,10 +142,12 @@ class UnitSizing:
 
         Args:
             tokens_per_s: the participant's last reported training speed (``None`` or 0:
-                not reported yet).
+                not reported yet; NaN, infinite or negative, e.g. stored before replies
+                were checked: treated as not reported).
             tokens_per_step: tokens of one inner step (``batch_size * seq_len``).
         """
-        if not tokens_per_s or tokens_per_s <= 0:
+        tokens_per_s = reply_fields.speed(tokens_per_s)
+        if tokens_per_s is None:
             return self.steps_per_unit
         step_s = tokens_per_step / tokens_per_s
         if self.unit_seconds is None:  # fixed H, but never more than a slow node can do
@@ -179,10 +182,11 @@ def leases_needed(
 
 def _share(participant: Participant, others: list[Participant]) -> float:
     """This participant's fraction of the network's throughput (equal if unmeasured)."""
-    rates = [p.tokens_per_s for p in (participant, *others) if p.tokens_per_s]
+    speeds = [reply_fields.speed(p.tokens_per_s) for p in (participant, *others)]
+    rates = [r for r in speeds if r]
     default = sum(rates) / len(rates) if rates else 1.0
-    mine = participant.tokens_per_s or default
-    total = mine + sum((p.tokens_per_s or default) for p in others)
+    mine = speeds[0] or default
+    total = mine + sum((r or default) for r in speeds[1:])
     return mine / total
 
 
@@ -374,6 +378,7 @@ class UnitFactory:
             read_all=True,
             upload_quota=quota,
             ttl_s=2 * self.lease_seconds,
+            token_id=unit.unit_id,  # uploads are bound to the lease (coordinator/blob_uploads)
         )
         held = _held_version(unit)
         checkpoint, chain = state.publisher.chain_for(unit.base_version, held)

@@ -1,15 +1,23 @@
-"""Bounded-time fuzzing: random and mutated bytes never crash a decoder with a non-CodecError."""
+"""Bounded-time fuzzing: random and mutated bytes never crash a decoder with a non-CodecError,
+and a container's header cannot make a decoder allocate or work beyond what the receiver
+expects (issue 16). The longer run is ``benchmarks/codec_fuzz_bench.py``."""
 
 from __future__ import annotations
 
 import contextlib
+import struct
+import time
+import tracemalloc
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared_model.codec import (
     CodecError,
+    ShapeMismatchError,
+    TruncatedError,
     apply_delta,
     decode_sparse,
     decode_ternary,
@@ -18,7 +26,17 @@ from shared_model.codec import (
     encode_ternary,
     split_containers,
 )
-from shared_model.codec.container import PREFIX_SIZE, pack_container, parse_container
+from shared_model.codec.container import (
+    CODEC_SPARSE_2BIT,
+    CODEC_TRITS_ANS,
+    CODEC_TRITS_ZSTD,
+    KNOWN_CODECS,
+    PREFIX,
+    PREFIX_SIZE,
+    pack_container,
+    write_shape,
+)
+from shared_model.federated.updates import UpdateError, decode_update
 
 _rng = np.random.default_rng(3)
 _OLD = _rng.integers(-1, 2, size=(6, 7)).astype(np.int8)
@@ -38,13 +56,15 @@ def _decode_all(blob: bytes) -> None:
 
 
 def _reseal(blob: bytes) -> bytes:
-    """Recompute the checksum so that mutations reach the codec-specific parsers."""
-    try:
-        box = parse_container(blob, exact=False)
-    except CodecError:
+    """Recompute the checksum (over the header and payload the prefix frames) so that
+    mutations reach the codec-specific parsers instead of stopping at the checksum."""
+    if len(blob) < PREFIX_SIZE:
         return blob
-    cut = PREFIX_SIZE + len(box.header)
-    return pack_container(box.codec, bytes(blob[PREFIX_SIZE:cut]), bytes(blob[cut : box.size]))
+    _, _, codec, _, hlen, plen, _ = PREFIX.unpack_from(blob, 0)
+    if codec not in KNOWN_CODECS:
+        return blob
+    header = blob[PREFIX_SIZE : PREFIX_SIZE + hlen]
+    return pack_container(codec, header, blob[PREFIX_SIZE + hlen : PREFIX_SIZE + hlen + plen])
 
 
 @settings(max_examples=300, deadline=2000, suppress_health_check=list(HealthCheck))
@@ -72,3 +92,80 @@ def test_mutated_containers(case) -> None:
     resealed = _reseal(bytes(blob))
     _decode_all(resealed)
     _decode_all(resealed[: cut % (len(resealed) + 1)])
+
+
+# --- the receiver's element count: header lies are refused before anything is allocated ---
+
+_N = _OLD.size
+
+
+def _decode_expected(blob: bytes) -> None:
+    """The coordinator's path: every decoder told the element count it expects."""
+    for fn in (
+        lambda b: decode_ternary(b, expected=_N),
+        lambda b: decode_sparse(b, expected=50),
+        lambda b: decode_update(b, (50,)),
+        lambda b: decode_update(b, _OLD.shape),
+    ):
+        with contextlib.suppress(CodecError, UpdateError):
+            fn(blob)
+
+
+@settings(max_examples=200, deadline=2000, suppress_health_check=list(HealthCheck))
+@given(mutation, st.sampled_from([0, 1 << 31, (1 << 31) - 1, 1 << 32, (1 << 64) - 1]))
+def test_mutated_containers_with_expected_counts(case, lie) -> None:
+    """Mutations plus a lying u64 header field (an element count, a trit count, a chunk
+    size...) only ever raise CodecError/UpdateError, within the deadline."""
+    which, edits, at = case
+    blob = bytearray(SEEDS[which])
+    for pos, val in edits:
+        blob[pos % len(blob)] = val
+    box_end = len(blob) - 8
+    struct.pack_into("<Q", blob, PREFIX_SIZE + at % max(1, box_end - PREFIX_SIZE), lie)
+    _decode_expected(_reseal(bytes(blob)))
+
+
+def _claims(codec: int, n: int, payload: bytes) -> bytes:
+    """A container whose header claims ``n`` elements, around ``payload``."""
+    if codec == CODEC_SPARSE_2BIT:  # chunk 1, keep 1: one chunk table entry per element
+        header = struct.pack("<H", 0) + write_shape((n,)) + struct.pack("<II", 1, 1)
+    else:  # near-degenerate trit counts: rANS decodes ~0 bits per symbol
+        header = struct.pack("<HB", 0, 0) + write_shape((n,)) + struct.pack("<f3Q", 1, 1, n - 2, 1)
+    return pack_container(codec, header, payload)
+
+
+@pytest.mark.parametrize("codec", [CODEC_SPARSE_2BIT, CODEC_TRITS_ZSTD, CODEC_TRITS_ANS])
+def test_header_lies_are_refused_before_allocating(codec) -> None:
+    """Tiny containers claiming 2^31 elements: refused by the expected count with
+    (almost) nothing allocated — they asked for 16 GiB, 3 GiB and 50 s of rANS before."""
+    blob = _claims(codec, (1 << 31) - 5, bytes(96))
+    decode = decode_sparse if codec == CODEC_SPARSE_2BIT else decode_ternary
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(ShapeMismatchError, match="expects 42"):
+        decode(blob, expected=42)
+    elapsed = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert elapsed < 0.1 and peak < 1 << 20
+
+
+def test_sparse_payload_length_is_checked_before_chunk_tables() -> None:
+    """Without an expected count, a sparse header's chunk count must still be paid for
+    in payload bytes before any per-chunk array exists."""
+    tracemalloc.start()
+    with pytest.raises(TruncatedError, match="need"):
+        decode_sparse(_claims(CODEC_SPARSE_2BIT, 1 << 31, struct.pack("<Q", 0)))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_sparse_decodes_in_blocks_exactly(monkeypatch) -> None:
+    """Block-wise decoding (bounded temporaries) gives exactly the encoder's array."""
+    from shared_model.codec import pseudograd
+
+    x = _rng.normal(size=1001).astype(np.float32)
+    blob, recon = encode_sparse(x, "g", chunk=16, k=5)
+    monkeypatch.setattr(pseudograd, "BLOCK_VALUES", 7)  # many blocks, one odd last chunk
+    assert np.array_equal(decode_sparse(blob, expected=1001)[0], recon)

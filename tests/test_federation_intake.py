@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from coordinator.blob_uploads import UploadLedger
 from coordinator.db import init_db, make_session_factory
 from coordinator.db import leases as db_leases
 from coordinator.db import participants as db_participants
@@ -23,6 +24,7 @@ from coordinator.publishing import CoordinatorState
 from coordinator.routing.assignment import initial_assignment
 from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.blobs import BlobStore
+from shared_model.blobs.store import sha256_hex
 from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.federated.updates import make_bundle
@@ -75,13 +77,29 @@ def lease_and_train(loop, train, tmp_path):
         )
         unit = loop.units.lease(s, p, loop.state)
         req = loop.units.request(unit, loop.state, NODE)
-    store = loop.state.store
-    io = BlobIO(
-        fetch=lambda ref: store.get(ref.content_id),
-        upload=lambda data: tensor_pb2.BlobRef(content_id=store.put_bytes(data), size=len(data)),
-    )
     trainer = UnitTrainer(loop.state.cfg, train, tmp_path / "participant")
-    return req, trainer.run(req, io)
+    return req, trainer.run(req, local_io(loop.state.store, req.unit.unit_id))
+
+
+def upload_as(store, data: bytes, lease: str) -> str:
+    """Store ``data`` as the blob service's ``Put`` does for a token of ``lease``: the
+    blob, and (if it is new) the record that this lease uploaded it."""
+    new = not store.has(sha256_hex(data))
+    cid = store.put_bytes(data)
+    if new:
+        UploadLedger.for_store(store).record(cid, lease)
+    return cid
+
+
+def local_io(store, lease: str) -> BlobIO:
+    """A participant's blob I/O on the coordinator's own store (no gRPC hop), uploading
+    under ``lease`` (see :func:`upload_as`)."""
+    return BlobIO(
+        fetch=lambda ref: store.get(ref.content_id),
+        upload=lambda data: tensor_pb2.BlobRef(
+            content_id=upload_as(store, data, lease), size=len(data)
+        ),
+    )
 
 
 def masters_snapshot(state):
@@ -118,7 +136,7 @@ def test_rejections_store_reason_and_change_nothing(tmp_path, corpus):
     bad_bundle = make_bundle("shared", -1, 0, {name: b"\x00"}, {name: (1, 2, 3)})
     wrong = type(good)()
     wrong.CopyFrom(good)
-    wrong.shared_update.blob.content_id = loop.state.store.put_bytes(bad_bundle)
+    wrong.shared_update.blob.content_id = upload_as(loop.state.store, bad_bundle, good.unit_id)
     outcome = loop.receive(NODE, wrong)
     assert not outcome.accepted and outcome.reason == "BAD_SHAPE", outcome
     assert loop.receive(NODE, cases["UNKNOWN_LEASE"]).reason == "UNKNOWN_LEASE"
@@ -182,11 +200,7 @@ def test_units_are_sized_from_reported_throughput(tmp_path, corpus):
     assert slow_req.unit.shared_sync_every == 10  # H is the unit's own
     assert slow_req.budget_tokens == 10 * 128
     # The participant trains exactly the unit's steps.
-    store = loop.state.store
-    io = BlobIO(
-        fetch=lambda ref: store.get(ref.content_id),
-        upload=lambda data: tensor_pb2.BlobRef(content_id=store.put_bytes(data), size=len(data)),
-    )
+    io = local_io(loop.state.store, slow_req.unit.unit_id)
     result = UnitTrainer(loop.state.cfg, train, tmp_path / "slow").run(slow_req, io)
     assert result.tokens == 10 * 128
     assert loop.receive(slow, result).accepted
@@ -296,7 +310,7 @@ def test_a_node_cannot_fail_another_nodes_lease(tmp_path, corpus):
         assert get_unit(s, unit_id=req.unit.unit_id).state == "failed"
 
 
-def _inf_scale_bundle(store, bundle_id: str) -> str:
+def _inf_scale_bundle(store, bundle_id: str, lease: str) -> str:
     """The bundle with its first tensor's ternary scale patched to +inf, re-checksummed
     (what a hostile participant can send: the container is internally consistent)."""
     import struct
@@ -318,7 +332,7 @@ def _inf_scale_bundle(store, bundle_id: str) -> str:
     assert struct.unpack_from("<f", header, scale_at)[0] == decode_ternary(tensor.payload)[1]
     struct.pack_into("<f", header, scale_at, float("inf"))
     tensor.payload = pack_container(container.codec, bytes(header), bytes(container.payload))
-    return store.put_bytes(bundle.SerializeToString())
+    return upload_as(store, bundle.SerializeToString(), lease)
 
 
 @pytest.mark.parametrize("case", ["norm", "inf_scale", "missing", "malformed", "stale"])
@@ -336,12 +350,14 @@ def test_payload_rejections_through_the_loop(tmp_path, corpus, case):
         assert loop.state.version == 2
     elif case == "inf_scale":
         result.shared_update.blob.content_id = _inf_scale_bundle(
-            store, result.shared_update.blob.content_id
+            store, result.shared_update.blob.content_id, result.unit_id
         )
     elif case == "missing":
         result.shared_update.blob.content_id = "0" * 64
     elif case == "malformed":
-        result.shared_update.blob.content_id = store.put_bytes(b"\x08\x01 not a bundle")
+        result.shared_update.blob.content_id = upload_as(
+            store, b"\x08\x01 not a bundle", result.unit_id
+        )
     before, credit_before = masters_snapshot(loop.state), loop.totals().tokens
     outcome = loop.receive(NODE, result)
     want = {"norm": "NORM_OUT_OF_BOUNDS", "inf_scale": "MALFORMED", "missing": "MISSING_BLOB",

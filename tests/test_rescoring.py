@@ -30,10 +30,9 @@ from coordinator.routing.rescoring import (
     restore_labels,
 )
 from participant.scoring import scoring_sequence
-from participant.unit_trainer import BlobIO, UnitTrainer
+from participant.unit_trainer import UnitTrainer
 from shared_model.model import PerspectiveModel
-from shared_model.wire.perspective.v1 import tensor_pb2
-from tests.test_federation_intake import NODE, corpus, make_loop  # noqa: F401 (fixture)
+from tests.test_federation_intake import NODE, corpus, local_io, make_loop  # noqa: F401
 
 torch.set_num_threads(1)
 
@@ -114,11 +113,7 @@ def lease_scoring_unit(loop, train, tmp_path):
             s, node_id=NODE, capability=db_participants.Capability(max_columns=2)
         )
     _, req = loop.lease_request(NODE)
-    store = loop.state.store
-    io = BlobIO(
-        fetch=lambda ref: store.get(ref.content_id),
-        upload=lambda data: tensor_pb2.BlobRef(content_id=store.put_bytes(data), size=len(data)),
-    )
+    io = local_io(loop.state.store, req.unit.unit_id)
     trainer = UnitTrainer(loop.state.cfg, train, tmp_path / "participant")
     return req, trainer, trainer.run(req, io)
 

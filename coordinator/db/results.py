@@ -168,6 +168,39 @@ def store_result(
     return outcome_of(row, duplicate=False)
 
 
+def reject_unapplied(
+    session: Session, *, unit_id: str, reason: RejectReason, detail: str
+) -> RecordOutcome:
+    """Turn an accepted result that was never applied into a rejected one (it could not be
+    applied: see :meth:`coordinator.intake.Intake.receive`), undoing its credit, so that a
+    restart does not try it again.
+
+    Raises:
+        Conflict: no accepted result of ``unit_id``, or it was already applied.
+    """
+    row = session.scalar(select(Result).where(Result.unit_id == unit_id).with_for_update())
+    if row is None or row.state != ResultState.ACCEPTED or row.applied_in_version is not None:
+        raise Conflict(f"unit {unit_id} has no accepted, unapplied result to reject")
+    row.state, row.reject_reason, row.reject_detail = ResultState.REJECTED, reason.value, detail
+    unit = session.get(WorkUnit, unit_id)
+    if unit is not None:
+        unit.state, unit.state_reason = UnitState.REJECTED, f"{reason.value}: {detail}"
+    participant = session.get(Participant, row.participant_id)
+    if participant is not None:
+        participant.credit = Participant.credit - row.tokens
+        participant.units_done = Participant.units_done - 1
+        participant.units_rejected = Participant.units_rejected + 1
+    session.flush()
+    log_event(
+        session,
+        kind="result.rejected",
+        message=f"{reason.value}: {detail} (accepted, but it could not be applied)",
+        participant_id=row.participant_id,
+        unit_id=unit_id,
+    )
+    return outcome_of(row, duplicate=False)
+
+
 def pending_results(session: Session, *, limit: int | None = None) -> list[Result]:
     """Accepted results not yet applied to a published version, oldest first."""
     query = (

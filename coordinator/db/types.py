@@ -113,6 +113,7 @@ class RejectReason(StrEnum):
     BAD_SHAPE = "BAD_SHAPE"
     BAD_CHECKSUM = "BAD_CHECKSUM"
     MISSING_BLOB = "MISSING_BLOB"
+    FOREIGN_BLOB = "FOREIGN_BLOB"  # a blob not uploaded under the result's own lease
     NON_FINITE = "NON_FINITE"
     SCALE_OUT_OF_BOUNDS = "SCALE_OUT_OF_BOUNDS"
     NORM_OUT_OF_BOUNDS = "NORM_OUT_OF_BOUNDS"

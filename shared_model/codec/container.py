@@ -26,6 +26,7 @@ from shared_model.codec.errors import (
     ChecksumError,
     LimitError,
     MalformedError,
+    ShapeMismatchError,
     TruncatedError,
     VersionError,
 )
@@ -164,8 +165,17 @@ def write_shape(shape: tuple[int, ...]) -> bytes:
     return struct.pack(f"<B{len(shape)}Q", len(shape), *shape)
 
 
-def read_shape(reader: Reader) -> tuple[tuple[int, ...], int]:
-    """Read a shape, reject it if its element count exceeds :data:`MAX_ELEMENTS`."""
+def read_shape(reader: Reader, expected: int | None = None) -> tuple[tuple[int, ...], int]:
+    """Read a shape, reject it if its element count exceeds :data:`MAX_ELEMENTS` or differs
+    from ``expected`` (the receiver's own element count, when it has one).
+
+    Decoders call this before they allocate anything, so what they allocate and the work
+    they do are bounded by what the receiver expects, never by what the container claims.
+
+    Raises:
+        LimitError: more than :data:`MAX_ELEMENTS` elements.
+        ShapeMismatchError: not ``expected`` elements.
+    """
     (ndim,) = reader.unpack("B")
     if ndim > MAX_NDIM:
         raise MalformedError(f"{reader.what}: {ndim} dims (at most {MAX_NDIM})")
@@ -179,4 +189,8 @@ def read_shape(reader: Reader) -> tuple[tuple[int, ...], int]:
             raise LimitError(
                 f"{reader.what}: shape {shape} has more than {MAX_ELEMENTS} elements; refusing"
             )
+    if expected is not None and n != expected:
+        raise ShapeMismatchError(
+            f"{reader.what}: shape {tuple(shape)} has {n} elements; the receiver expects {expected}"
+        )
     return tuple(shape), n

@@ -23,19 +23,13 @@ from shared_model.codec.container import (
     write_shape,
 )
 from shared_model.codec.entropy import zstd_compress, zstd_decompress
-from shared_model.codec.errors import CodecError, MalformedError
+from shared_model.codec.errors import CodecError, MalformedError, TruncatedError
 
 DEFAULT_CHUNK = 4096
 DEFAULT_TOPK = 64
 MAX_CHUNK = 1 << 16
-
-
-def _chunk_ks(n: int, chunk: int, k: int) -> np.ndarray:
-    nc = -(-n // chunk)
-    ks = np.full(nc, min(k, chunk), np.int64)
-    if nc:
-        ks[-1] = min(k, n - (nc - 1) * chunk)
-    return ks
+#: Kept values decoded at once: bounds the decoder's temporaries (~50 B per value).
+BLOCK_VALUES = 1 << 20
 
 
 def _select(flat: np.ndarray, chunk: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,8 +97,19 @@ def encode_sparse(
     return pack_container(CODEC_SPARSE_2BIT, header, payload), recon.reshape(arr.shape)
 
 
-def decode_sparse(data: bytes | memoryview) -> tuple[np.ndarray, str]:
-    """Decode :func:`encode_sparse` output to ``(float32 array, name)``."""
+def decode_sparse(
+    data: bytes | memoryview, *, expected: int | None = None
+) -> tuple[np.ndarray, str]:
+    """Decode :func:`encode_sparse` output to ``(float32 array, name)``.
+
+    Args:
+        data: the container.
+        expected: the element count the receiver expects (checked before anything is
+            allocated; ``None``: any count up to ``MAX_ELEMENTS``).
+
+    Every section's length is checked against the payload before any array is built, so
+    memory and work are bounded by the payload and the expected count, not by the header.
+    """
     box = parse_container(data)
     if box.codec != CODEC_SPARSE_2BIT:
         raise MalformedError(f"container holds codec {box.codec}, not a sparse pseudo-gradient")
@@ -114,35 +119,61 @@ def decode_sparse(data: bytes | memoryview) -> tuple[np.ndarray, str]:
         name = bytes(rd.take(name_len)).decode("utf-8")
     except UnicodeDecodeError:
         raise MalformedError("sparse header: name is not valid UTF-8") from None
-    shape, n = read_shape(rd)
+    shape, n = read_shape(rd, expected)
     chunk, k = rd.unpack("II")
     rd.done()
     if not (1 <= chunk <= MAX_CHUNK and 1 <= k <= chunk):
         raise MalformedError(f"sparse header: bad k={k} / chunk={chunk}")
-    ks = _chunk_ks(n, chunk, k)
-    total = int(ks.sum())
+    nc, total = _kept(n, chunk, k)
     pr = Reader(box.payload, "sparse payload")
     (zlen,) = pr.unpack("Q")
+    need = 8 + zlen + 8 * nc + -(-2 * total // 8)  # before allocating anything per chunk
+    if len(box.payload) != need:
+        error = TruncatedError if len(box.payload) < need else MalformedError
+        raise error(
+            f"sparse payload is {len(box.payload)} bytes; {n} elements in chunks of {chunk} "
+            f"keeping {k} need {need}"
+        )
     zbytes = pr.take(zlen)
-    scales = np.frombuffer(pr.take(8 * ks.size), "<f4").reshape(-1, 2)
+    scales = np.frombuffer(pr.take(8 * nc), "<f4").reshape(-1, 2)
     bits = np.unpackbits(np.frombuffer(pr.take(-(-2 * total // 8)), np.uint8))
     pr.done()
     out = np.zeros(n, np.float32)
     if n == 0:
         return out.reshape(shape), name
+    if not np.all(np.isfinite(scales)):
+        raise MalformedError("sparse payload: non-finite chunk scale")
     gaps = np.frombuffer(zstd_decompress(zbytes, 2 * total, "sparse indices"), "<u2")
-    chunk_of = np.repeat(np.arange(ks.size), ks)
+    kk = min(k, chunk)  # values kept per chunk (the last chunk may keep fewer)
+    per = max(1, BLOCK_VALUES // kk)
+    for c0 in range(0, nc, per):  # in blocks: temporaries stay small whatever n is
+        c1 = min(nc, c0 + per)
+        v0, v1 = c0 * kk, min(total, c1 * kk)
+        _decode_block(out, gaps[v0:v1], bits[2 * v0 : 2 * v1], scales[c0:c1], c0, n, chunk, kk)
+    return out.reshape(shape), name
+
+
+def _decode_block(out, gaps, bits, scales, c0: int, n: int, chunk: int, kk: int) -> None:
+    """Decode the kept values of chunks ``c0 .. c0 + len(scales)`` into ``out``."""
+    nb = scales.shape[0]
+    ks = np.full(nb, kk, np.int64)
+    ks[-1] = gaps.size - (nb - 1) * kk
+    chunk_of = np.repeat(np.arange(nb), ks)
     starts = np.cumsum(ks) - ks
     within = np.cumsum(gaps.astype(np.int64))
     within -= np.repeat(within[starts] - gaps[starts], ks)  # restart the sum per chunk
     within -= 1
-    limit = np.minimum(chunk, n - np.arange(ks.size) * chunk)
-    if np.any(gaps[starts] == 0) or np.any(gaps == 0) or np.any(within >= limit[chunk_of]):
+    limit = np.minimum(chunk, n - (c0 + np.arange(nb)) * chunk)
+    if np.any(gaps == 0) or np.any(within >= limit[chunk_of]):
         raise MalformedError("sparse payload: indices are not strictly increasing within a chunk")
-    if not np.all(np.isfinite(scales)):
-        raise MalformedError("sparse payload: non-finite chunk scale")
-    neg, is_hi = bits[0 : 2 * total : 2].astype(bool), bits[1 : 2 * total : 2].astype(bool)
+    neg, is_hi = bits[0::2].astype(bool), bits[1::2].astype(bool)
     level = np.where(is_hi, scales[chunk_of, 1], scales[chunk_of, 0])
-    val = level * np.where(neg, np.float32(-1), np.float32(1))
-    out[chunk_of * chunk + within] = val
-    return out.reshape(shape), name
+    out[(c0 + chunk_of) * chunk + within] = level * np.where(neg, np.float32(-1), np.float32(1))
+
+
+def _kept(n: int, chunk: int, k: int) -> tuple[int, int]:
+    """``(chunks, values kept in all)`` for ``n`` elements, computed without arrays."""
+    nc = -(-n // chunk)
+    if nc == 0:
+        return 0, 0
+    return nc, (nc - 1) * min(k, chunk) + min(k, n - (nc - 1) * chunk)

@@ -92,8 +92,15 @@ def encode_ternary(
     return pack_container(CODEC_TRITS_ANS, header, ans_encode([(symbols, model)]))
 
 
-def decode_ternary(data: bytes | memoryview) -> tuple[np.ndarray, float, str]:
+def decode_ternary(
+    data: bytes | memoryview, *, expected: int | None = None
+) -> tuple[np.ndarray, float, str]:
     """Decode a container written by :func:`encode_ternary`.
+
+    Args:
+        data: the container.
+        expected: the element count the receiver expects (checked before anything is
+            allocated or decoded; ``None``: any count up to ``MAX_ELEMENTS``).
 
     Returns:
         ``(trits int8 array of the stored shape, scale, name)``.
@@ -101,11 +108,13 @@ def decode_ternary(data: bytes | memoryview) -> tuple[np.ndarray, float, str]:
     Raises:
         CodecError: a subclass naming what is wrong with ``data``.
     """
-    trits, scale, name, _ = decode_ternary_full(data)
+    trits, scale, name, _ = decode_ternary_full(data, expected=expected)
     return trits, scale, name
 
 
-def decode_ternary_full(data: bytes | memoryview) -> tuple[np.ndarray, float, str, str]:
+def decode_ternary_full(
+    data: bytes | memoryview, *, expected: int | None = None
+) -> tuple[np.ndarray, float, str, str]:
     """Like :func:`decode_ternary` but also returns the stored dtype name."""
     box = parse_container(data)
     if box.codec not in (CODEC_TRITS_ZSTD, CODEC_TRITS_ANS):
@@ -119,7 +128,7 @@ def decode_ternary_full(data: bytes | memoryview) -> tuple[np.ndarray, float, st
     (dtype_code,) = rd.unpack("B")
     if dtype_code not in DTYPES:
         raise MalformedError(f"ternary header: unknown dtype code {dtype_code}")
-    shape, n = read_shape(rd)
+    shape, n = read_shape(rd, expected)
     scale, *counts = rd.unpack("f3Q")
     rd.done()
     if sum(counts) != n:

@@ -79,15 +79,17 @@ def decode_update(payload: bytes, shape: Iterable[int]) -> torch.Tensor:
     """Decode an update payload (either update codec) into a float32 tensor of ``shape``.
 
     Raises:
-        UpdateError: wrong element count. Malformed payloads raise ``CodecError``.
+        UpdateError: wrong element count. Malformed payloads raise ``CodecError`` (also a
+            container of another element count: refused before it is decoded).
     """
-    if parse_container(payload).codec == CODEC_SPARSE_2BIT:
-        values, _ = wire.decode_sparse(payload)
-    else:
-        trits, scale, _ = wire.decode_ternary(payload)
-        values = trits.astype(np.float32) * np.float32(scale)
     shape = tuple(int(s) for s in shape)
-    if values.size != int(np.prod(shape, dtype=np.int64)):
+    n = int(np.prod(shape, dtype=np.int64))
+    if parse_container(payload).codec == CODEC_SPARSE_2BIT:
+        values, _ = wire.decode_sparse(payload, expected=n)
+    else:
+        trits, scale, _ = wire.decode_ternary(payload, expected=n)
+        values = trits.astype(np.float32) * np.float32(scale)
+    if values.size != n:
         raise UpdateError(f"update has {values.size} values, expected shape {shape}")
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
 
