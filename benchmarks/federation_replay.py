@@ -26,6 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.blob_uploads import UploadLedger
 from coordinator.flower.driver import Reply
 from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.blobs import BlobStore
@@ -68,6 +69,7 @@ class ReplayDriver:
         overhead: float = 0.0,
     ) -> None:
         self.store, self.overhead = store, overhead
+        self.uploads = UploadLedger.for_store(store)  # what the blob service's Put records
         self.nodes = {
             i + 1: _Node(UnitTrainer(cfg, train, Path(work_dir) / f"node-{i + 1}"), t)
             for i, t in enumerate(step_times)
@@ -145,7 +147,9 @@ class ReplayDriver:
 
         def upload(data: bytes) -> tensor_pb2.BlobRef:
             node.bytes["up"] += len(data)
-            return tensor_pb2.BlobRef(content_id=self.store.put_bytes(data), size=len(data))
+            content_id = self.store.put_bytes(data)
+            self.uploads.record(content_id, req.unit.unit_id)  # as the blob service's Put
+            return tensor_pb2.BlobRef(content_id=content_id, size=len(data))
 
         return BlobIO(fetch=fetch, upload=upload)
 
