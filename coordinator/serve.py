@@ -127,6 +127,7 @@ def serve(
         None, help="Public host:port of the Fleet API (the proxy), told to enrolling volunteers."
     ),
     key_sync_seconds: float = typer.Option(5.0, min=0.5, help="Node-key sync period."),
+    data: fo.Data = "stdlib",
 ) -> None:
     """Serve one federated stage until its budget is used or SIGTERM/SIGINT."""
     from coordinator.coordinator_process import StageBudget
@@ -157,7 +158,7 @@ def serve(
     budget = StageBudget(tokens=tokens, minutes=minutes)
     try:
         run_serve(cfg, work_dir, db, init, security, endpoints, settings, budget, stop,
-                  key_sync_seconds=key_sync_seconds)  # fmt: skip
+                  key_sync_seconds=key_sync_seconds, data=data)  # fmt: skip
     except startup_errors() as exc:
         typer.secho(f"coordinator serve: {type(exc).__name__}: {exc}", err=True, fg="red")
         raise typer.Exit(1) from exc
@@ -171,9 +172,11 @@ def startup_errors() -> tuple[type[Exception], ...]:
     from coordinator.db import DatabaseConfigError
     from coordinator.serve_api import ApiServerError
     from shared_model.blobs import BlobError
+    from shared_model.data import DataError
+    from shared_model.tokenizer import TokenizerError
 
     return (SQLAlchemyError, DatabaseConfigError, ApiServerError, BlobError, CheckpointError,
-            SecurityError)  # fmt: skip
+            SecurityError, DataError, TokenizerError)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -191,17 +194,17 @@ class Endpoints:
 
 def run_serve(
     cfg, work_dir, db_url, init, security: Security, endpoints: Endpoints, settings, budget,
-    stop: threading.Event, *, key_sync_seconds: float,
+    stop: threading.Event, *, key_sync_seconds: float, data: str = "stdlib",
 ) -> None:  # fmt: skip
     """Start the coordinator, run the stage (re-attaching after SuperLink outages), stop."""
     from coordinator.blob_server import TlsConfig
-    from coordinator.coordinator_process import Coordinator, demo_corpus_bytes
+    from coordinator.coordinator_process import Coordinator, stage_corpus
     from coordinator.key_sync import KeySync
-    from shared_model.data import prepare_corpus
 
     secrets = security.secrets
     tls = security.ca is not None
-    corpus = prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=demo_corpus_bytes(cfg.name))
+    corpus = stage_corpus(data, cfg, work_dir)
+    log.info("corpus %s prepared at %s", corpus.manifest["source"], corpus.root)
     coord = Coordinator(
         cfg, work_dir, corpus, db_url=db_url, blob_host=endpoints.blob_host,
         blob_port=endpoints.blob_port,
