@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from coordinator.export import export
 from coordinator.network_init import init as coordinator_init
 from coordinator.serve import serve
 
@@ -30,6 +31,7 @@ app.add_typer(token_app, name="token")
 app.add_typer(stage_app, name="stage")
 app.command("serve")(serve)
 app.command("init")(coordinator_init)
+app.command("export")(export)
 
 DbOpt = Annotated[
     str,
