@@ -219,7 +219,7 @@ def _print_job(job: dict[str, Any]) -> None:
 
 @stage_app.command("start")
 def stage_start(
-    stage: Annotated[str, typer.Argument(help="Stage name, e.g. expert_diff.")],
+    stage: Annotated[str, typer.Argument(help="Federated stage: stage3 or stage4.")],
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = None,
     config: Annotated[str, typer.Option(help="Job config as JSON.")] = "{}",

@@ -200,6 +200,7 @@ def run_serve(
     from coordinator.blob_server import TlsConfig
     from coordinator.coordinator_process import Coordinator, stage_corpus
     from coordinator.key_sync import KeySync
+    from coordinator.stage_control import StageControl
 
     secrets = security.secrets
     tls = security.ca is not None
@@ -234,7 +235,9 @@ def run_serve(
         loop = coord.federated_stage(None, budget, settings)
         replayed = loop.recover()
         log.info("recovered at version %d (%d results replayed)", loop.state.version, replayed)
-        run_attached(loop, connect, stop)
+        control = StageControl(coord.session_factory, settings.stage)
+        control.begin(config={"preset": cfg.name, "data": data})
+        run_attached(loop, connect, stop, control)
     finally:
         if key_sync is not None:
             key_sync.shutdown()
@@ -262,8 +265,11 @@ def _open_driver(address: str, security: Security, stop: threading.Event):
     return None
 
 
-def run_attached(loop, connect: Callable[[], object], stop: threading.Event) -> None:
+def run_attached(loop, connect: Callable[[], object], stop: threading.Event, control) -> None:
     """Run ``loop`` to the end of its budget, re-attaching to a new run if the SuperLink goes.
+
+    ``control`` (:class:`~coordinator.stage_control.StageControl`) applies the operator's
+    pause / resume / cancel of the stage job at every step.
 
     A lost SuperLink (killed, restarted) makes driver calls fail; the leases of the old
     run can never be answered there, so they are re-queued and the loop continues on a
@@ -277,7 +283,9 @@ def run_attached(loop, connect: Callable[[], object], stop: threading.Event) -> 
             return
         loop.attach(driver)
         try:
-            loop.run(stop.is_set)
+            control.tick(loop)  # a stage paused before a restart stays paused
+            loop.run(lambda: stop.is_set() or control.cancelled(), lambda: control.tick(loop))
+            control.finish(loop)
             return
         except FlowerTransportError as exc:
             log.warning("lost the SuperLink (%s); re-attaching when it is back", exc)

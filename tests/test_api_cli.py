@@ -28,8 +28,8 @@ def test_cli_tokens_and_api_commands(tmp_path):
         assert out.exit_code == 0 and "version      2" in out.stdout
         out = runner.invoke(app, ["participants"], env=env)
         assert out.exit_code == 0 and "volunteer-2" in out.stdout
-        out = runner.invoke(app, ["stage", "start", "expert_diff"], env=env)
-        assert out.exit_code == 0 and "job 1 (expert_diff): running" in out.stdout
+        out = runner.invoke(app, ["stage", "start", "stage3"], env=env)
+        assert out.exit_code == 0 and "job 1 (stage3): running" in out.stdout
         assert "paused" in runner.invoke(app, ["stage", "pause", "1"], env=env).stdout
         again = runner.invoke(app, ["stage", "pause", "1"], env=env)
         assert again.exit_code == 1 and "HTTP 409" in again.output
