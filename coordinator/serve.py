@@ -128,6 +128,9 @@ def serve(
     ),
     key_sync_seconds: float = typer.Option(5.0, min=0.5, help="Node-key sync period."),
     data: fo.Data = "stdlib",
+    offline_after: float = typer.Option(
+        120.0, min=1.0, help="Seconds without lease/reply/report before a participant is offline."
+    ),
 ) -> None:
     """Serve one federated stage until its budget is used or SIGTERM/SIGINT."""
     from coordinator.coordinator_process import StageBudget
@@ -158,7 +161,8 @@ def serve(
     budget = StageBudget(tokens=tokens, minutes=minutes)
     try:
         run_serve(cfg, work_dir, db, init, security, endpoints, settings, budget, stop,
-                  key_sync_seconds=key_sync_seconds, data=data)  # fmt: skip
+                  key_sync_seconds=key_sync_seconds, data=data,
+                  offline_after=offline_after)  # fmt: skip
     except startup_errors() as exc:
         typer.secho(f"coordinator serve: {type(exc).__name__}: {exc}", err=True, fg="red")
         raise typer.Exit(1) from exc
@@ -195,11 +199,13 @@ class Endpoints:
 def run_serve(
     cfg, work_dir, db_url, init, security: Security, endpoints: Endpoints, settings, budget,
     stop: threading.Event, *, key_sync_seconds: float, data: str = "stdlib",
+    offline_after: float = 120.0,
 ) -> None:  # fmt: skip
     """Start the coordinator, run the stage (re-attaching after SuperLink outages), stop."""
     from coordinator.blob_server import TlsConfig
     from coordinator.coordinator_process import Coordinator, stage_corpus
     from coordinator.key_sync import KeySync
+    from coordinator.liveness import Liveness
     from coordinator.stage_control import StageControl
 
     secrets = security.secrets
@@ -237,7 +243,8 @@ def run_serve(
         log.info("recovered at version %d (%d results replayed)", loop.state.version, replayed)
         control = StageControl(coord.session_factory, settings.stage)
         control.begin(config={"preset": cfg.name, "data": data})
-        run_attached(loop, connect, stop, control)
+        liveness = Liveness(coord.session_factory, offline_after)
+        run_attached(loop, connect, stop, control, liveness.tick)
     finally:
         if key_sync is not None:
             key_sync.shutdown()
@@ -265,11 +272,15 @@ def _open_driver(address: str, security: Security, stop: threading.Event):
     return None
 
 
-def run_attached(loop, connect: Callable[[], object], stop: threading.Event, control) -> None:
+def run_attached(
+    loop, connect: Callable[[], object], stop: threading.Event, control,
+    tick: Callable[[], object] = lambda: None,
+) -> None:  # fmt: skip
     """Run ``loop`` to the end of its budget, re-attaching to a new run if the SuperLink goes.
 
     ``control`` (:class:`~coordinator.stage_control.StageControl`) applies the operator's
-    pause / resume / cancel of the stage job at every step.
+    pause / resume / cancel of the stage job at every step; ``tick`` runs after each step
+    too (:class:`~coordinator.liveness.Liveness`).
 
     A lost SuperLink (killed, restarted) makes driver calls fail; the leases of the old
     run can never be answered there, so they are re-queued and the loop continues on a
@@ -284,7 +295,10 @@ def run_attached(loop, connect: Callable[[], object], stop: threading.Event, con
         loop.attach(driver)
         try:
             control.tick(loop)  # a stage paused before a restart stays paused
-            loop.run(lambda: stop.is_set() or control.cancelled(), lambda: control.tick(loop))
+            loop.run(
+                lambda: stop.is_set() or control.cancelled(),
+                lambda: (control.tick(loop), tick()),
+            )
             control.finish(loop)
             return
         except FlowerTransportError as exc:

@@ -211,8 +211,9 @@ def test_operator_pauses_resumes_and_cancels_the_running_serve(seed, network, tm
         wait_for(lambda: not any(u["state"] == "leased" for u in _units(api)), 120,
                  "the units in flight to finish")  # fmt: skip
         units = _units(api)
-        late = [u for u in units if u["leased_at"]
-                and dt.datetime.fromisoformat(u["leased_at"]) > at + dt.timedelta(seconds=3)]  # fmt: skip
+        after = at + dt.timedelta(seconds=3)
+        late = [u for u in units if u["leased_at"] and dt.datetime.fromisoformat(u["leased_at"])
+                > after]  # fmt: skip
         assert late == [], late
         resumed = httpx.post(f"{api}/stage-jobs/{job['id']}/resume", headers=op, timeout=10)
         assert resumed.json()["state"] == "running"
