@@ -148,6 +148,7 @@ class Coordinator:
         ca_cert: Path | None = None,
         fleet_address: str | None = None,
         ssl_files: tuple[Path, Path] | None = None,
+        read_requires_token: bool = False,
     ) -> str:
         """Serve the REST API and dashboard on the same database; returns its URL.
 
@@ -157,13 +158,15 @@ class Coordinator:
             ca_cert: The network's CA, handed to enrolling volunteers.
             fleet_address: Public Fleet API address handed to enrolling volunteers.
             ssl_files: ``(certificate, key)`` to serve HTTPS; ``None``: plain HTTP.
+            read_requires_token: reads (API, blobs, ``/metrics``) need a read/operator token.
         """
         from coordinator.api import ApiSettings, create_app
         from coordinator.serve_api import ApiServer
 
         settings = ApiSettings(
-            blob_root=self.store.root, ca_cert_path=ca_cert, fleet_address=fleet_address
-        )
+            blob_root=self.store.root, ca_cert_path=ca_cert, fleet_address=fleet_address,
+            read_requires_token=read_requires_token,
+        )  # fmt: skip
         cert, key = ssl_files or (None, None)
         app = create_app(self.session_factory, settings)
         self.api = ApiServer(app, host=host, port=port, ssl_certfile=cert, ssl_keyfile=key)

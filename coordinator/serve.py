@@ -123,6 +123,9 @@ def serve(
     ),
     api_host: str = typer.Option("127.0.0.1", help="Interface of the REST API."),
     api_port: int | None = typer.Option(None, min=0, help="Serve REST API + dashboard here."),
+    read_requires_token: bool = typer.Option(
+        False, help="Reads (API, dashboard data, blobs, /metrics) need a read or operator token."
+    ),
     fleet_address: str | None = typer.Option(
         None, help="Public host:port of the Fleet API (the proxy), told to enrolling volunteers."
     ),
@@ -156,8 +159,9 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     endpoints = Endpoints(
-        superlink, blob_host, blob_port, public_host, api_host, api_port, fleet_address
-    )
+        superlink, blob_host, blob_port, public_host, api_host, api_port, fleet_address,
+        read_requires_token,
+    )  # fmt: skip
     budget = StageBudget(tokens=tokens, minutes=minutes)
     try:
         run_serve(cfg, work_dir, db, init, security, endpoints, settings, budget, stop,
@@ -194,6 +198,7 @@ class Endpoints:
     api_host: str
     api_port: int | None
     fleet_address: str | None = None
+    read_requires_token: bool = False
 
 
 def run_serve(
@@ -220,6 +225,7 @@ def run_serve(
         token_key=secrets.token_key.read_bytes() if secrets else None,
     )  # fmt: skip
     key_sync = None
+    log.info("database %s", _shown_url(coord.db_url))
     try:
         coord.start()
         if endpoints.api_port is not None:
@@ -228,8 +234,10 @@ def run_serve(
                 ca_cert=secrets.ca_cert if tls else None,
                 fleet_address=endpoints.fleet_address,
                 ssl_files=(secrets.cert, secrets.key) if tls else None,
+                read_requires_token=endpoints.read_requires_token,
             )  # fmt: skip
-            log.info("dashboard and REST API at %s", url)
+            log.info("dashboard and REST API at %s (reads need a token: %s)", url,
+                     endpoints.read_requires_token)  # fmt: skip
         if tls:
             key_sync = KeySync(
                 coord.session_factory, endpoints.superlink,
@@ -249,6 +257,13 @@ def run_serve(
         if key_sync is not None:
             key_sync.shutdown()
         coord.shutdown()
+
+
+def _shown_url(url: str) -> str:
+    """The database URL without its password (for the log)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _open_driver(address: str, security: Security, stop: threading.Event):
