@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from coordinator.export import export
 from coordinator.network_init import init as coordinator_init
 from coordinator.serve import serve
 
@@ -30,6 +31,7 @@ app.add_typer(token_app, name="token")
 app.add_typer(stage_app, name="stage")
 app.command("serve")(serve)
 app.command("init")(coordinator_init)
+app.command("export")(export)
 
 DbOpt = Annotated[
     str,
@@ -55,6 +57,16 @@ TokenOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print raw JSON.")]
+CaOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ca",
+        envvar="PERSPECTIVE_CA",
+        help="CA certificate of an HTTPS coordinator [default: tls/ca.crt in "
+        "$PERSPECTIVE_SECRETS_DIR when set, else the system's CAs].",
+        show_default=False,
+    ),
+]
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
@@ -151,14 +163,35 @@ def enrolment_token(
     typer.echo(plain)
 
 
-def _call(url: str, token: str | None, method: str, path: str, body: Any = None) -> Any:
+def _verify(ca: str | None) -> Any:
+    """What httpx verifies the coordinator's certificate with: ``--ca``, else the secrets
+    directory's CA (``coordinator init`` wrote it), else the system's CAs."""
+    import os
+    import ssl
+    from pathlib import Path
+
+    if ca is None and os.environ.get("PERSPECTIVE_SECRETS_DIR"):
+        default = Path(os.environ["PERSPECTIVE_SECRETS_DIR"]) / "tls" / "ca.crt"
+        ca = str(default) if default.is_file() else None
+    if ca is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise _fail(f"--ca {ca}: cannot load the CA certificate: {exc}") from exc
+
+
+def _call(
+    url: str, token: str | None, method: str, path: str, body: Any = None, ca: str | None = None
+) -> Any:
     import httpx
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         r = httpx.request(
-            method, url.rstrip("/") + "/api/v1" + path, json=body, headers=headers, timeout=30
-        )
+            method, url.rstrip("/") + "/api/v1" + path, json=body, headers=headers, timeout=30,
+            verify=_verify(ca),
+        )  # fmt: skip
     except httpx.HTTPError as exc:
         raise _fail(f"cannot reach the coordinator at {url}: {exc}") from exc
     try:
@@ -171,9 +204,11 @@ def _call(url: str, token: str | None, method: str, path: str, body: Any = None)
 
 
 @app.command("status")
-def status(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+def status(
+    url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, as_json: JsonOpt = False, ca: CaOpt = None
+) -> None:
     """Show the network's status."""
-    s = _call(url, token, "GET", "/status")
+    s = _call(url, token, "GET", "/status", ca=ca)
     if as_json:
         typer.echo(json.dumps(s, indent=2))
         return
@@ -196,10 +231,11 @@ def participants(
     token: TokenOpt = None,
     state: Annotated[str | None, typer.Option(help="Only this state.")] = None,
     as_json: JsonOpt = False,
+    ca: CaOpt = None,
 ) -> None:
     """List participants."""
     query = "/participants?limit=1000" + (f"&state={state}" if state else "")
-    page = _call(url, token, "GET", query)
+    page = _call(url, token, "GET", query, ca=ca)
     if as_json:
         typer.echo(json.dumps(page, indent=2))
         return
@@ -217,10 +253,11 @@ def _print_job(job: dict[str, Any]) -> None:
 
 @stage_app.command("start")
 def stage_start(
-    stage: Annotated[str, typer.Argument(help="Stage name, e.g. expert_diff.")],
+    stage: Annotated[str, typer.Argument(help="Federated stage: stage3 or stage4.")],
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = None,
     config: Annotated[str, typer.Option(help="Job config as JSON.")] = "{}",
+    ca: CaOpt = None,
 ) -> None:
     """Queue a job for STAGE and start it."""
     try:
@@ -228,7 +265,9 @@ def stage_start(
     except json.JSONDecodeError as exc:
         raise _fail(f"--config is not valid JSON: {exc}") from exc
     _print_job(
-        _call(url, token, "POST", "/stage-jobs", {"stage": stage, "config": cfg, "start": True})
+        _call(
+            url, token, "POST", "/stage-jobs", {"stage": stage, "config": cfg, "start": True}, ca=ca
+        )  # fmt: skip
     )
 
 
@@ -238,8 +277,10 @@ def _action(action: str) -> None:
         url: UrlOpt = DEFAULT_URL,
         token: TokenOpt = None,
         reason: Annotated[str | None, typer.Option(help="Recorded with the change.")] = None,
+        ca: CaOpt = None,
     ) -> None:
-        _print_job(_call(url, token, "POST", f"/stage-jobs/{job_id}/{action}", {"reason": reason}))
+        body = {"reason": reason}
+        _print_job(_call(url, token, "POST", f"/stage-jobs/{job_id}/{action}", body, ca=ca))
 
     command.__doc__ = f"{action.capitalize()} stage job JOB_ID."
     stage_app.command(action)(command)
@@ -250,9 +291,9 @@ for _name in ("pause", "resume", "cancel"):
 
 
 @stage_app.command("list")
-def stage_list(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
+def stage_list(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, ca: CaOpt = None) -> None:
     """List stage jobs, newest first."""
-    for job in _call(url, token, "GET", "/stage-jobs?limit=100")["items"]:
+    for job in _call(url, token, "GET", "/stage-jobs?limit=100", ca=ca)["items"]:
         _print_job(job)
 
 

@@ -8,6 +8,7 @@ federated stages, which it drives through a Flower driver. It is used by
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ from shared_model.processes import write_secret_file
 from shared_model.wire.perspective.v1 import tensor_pb2
 
 log = logging.getLogger(__name__)
+NETWORK_FILE = "network.json"  # written by prepare(), read by the export
 
 
 @dataclass
@@ -146,6 +148,7 @@ class Coordinator:
         ca_cert: Path | None = None,
         fleet_address: str | None = None,
         ssl_files: tuple[Path, Path] | None = None,
+        read_requires_token: bool = False,
     ) -> str:
         """Serve the REST API and dashboard on the same database; returns its URL.
 
@@ -155,13 +158,15 @@ class Coordinator:
             ca_cert: The network's CA, handed to enrolling volunteers.
             fleet_address: Public Fleet API address handed to enrolling volunteers.
             ssl_files: ``(certificate, key)`` to serve HTTPS; ``None``: plain HTTP.
+            read_requires_token: reads (API, blobs, ``/metrics``) need a read/operator token.
         """
         from coordinator.api import ApiSettings, create_app
         from coordinator.serve_api import ApiServer
 
         settings = ApiSettings(
-            blob_root=self.store.root, ca_cert_path=ca_cert, fleet_address=fleet_address
-        )
+            blob_root=self.store.root, ca_cert_path=ca_cert, fleet_address=fleet_address,
+            read_requires_token=read_requires_token,
+        )  # fmt: skip
         cert, key = ssl_files or (None, None)
         app = create_app(self.session_factory, settings)
         self.api = ApiServer(app, host=host, port=port, ssl_certfile=cert, ssl_keyfile=key)
@@ -202,6 +207,23 @@ class Coordinator:
         if state_path.exists():
             self.state.load(state_path)
         self._record_initial_version()
+        self._record_network()
+
+    def _record_network(self) -> None:
+        """``work_dir/network.json``: the model config and corpus of this network, what
+        ``perspective coordinator export`` needs to turn a version into a checkpoint."""
+        record = {
+            "config": self.cfg.to_dict(),
+            "corpus": {
+                "source": self.corpus.manifest.get("source"),
+                "root": str(self.corpus.root),
+                "tokenizer_sha256": self.corpus.manifest.get("tokenizer_sha256"),
+            },
+        }
+        path = self.work_dir / NETWORK_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)
 
     def _state_path(self, settings: FederationSettings) -> Path:
         return settings.state_path or self.work_dir / "state.safetensors"
@@ -315,6 +337,27 @@ def _check_state_knobs(prepared: FederationSettings, stage: FederationSettings) 
 def demo_corpus_bytes(preset: str) -> int | None:
     """How much of the stdlib corpus a preset uses (tiny: a few MB are plenty)."""
     return 3_000_000 if preset == "tiny" else None
+
+
+def stage_corpus(source: str, cfg: PerspectiveConfig, work_dir: str | Path) -> PreparedCorpus:
+    """The corpus a federated network trains on, as ``serve --data`` / ``demo --data`` name it.
+
+    ``stdlib`` is the demo corpus (shared cache, a few MB for ``tiny``); anything else is
+    the operator's own data (:data:`shared_model.data.SOURCE_HELP`), prepared once under
+    ``work_dir/corpus`` (tokenizer, shards, held-out split by document) and reused while
+    its documents are unchanged.
+
+    Raises:
+        DataError / TokenizerError: missing, unreadable, empty or unusable source.
+    """
+    from shared_model.data import prepare_corpus
+
+    vocab = cfg.model.vocab_size
+    if source == "stdlib":
+        return prepare_corpus("stdlib", vocab, max_bytes=demo_corpus_bytes(cfg.name))
+    if not source.startswith("hf:"):
+        source = str(Path(source).expanduser().resolve())  # stage jobs re-read it elsewhere
+    return prepare_corpus(source, vocab, data_dir=Path(work_dir) / "corpus")
 
 
 def default_columns_per_participant(n_experts: int, n_participants: int) -> int:

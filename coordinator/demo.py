@@ -1,6 +1,7 @@
 """``perspective demo``: the whole network on one machine, end to end.
 
-1. prepares the offline corpus (the standard library's ``.py`` files) and tokenizer;
+1. prepares the corpus (``--data``; default the offline standard library's ``.py`` files)
+   and tokenizer;
 2. trains the dense seed centrally for a short while (stage 1) and clones its FFNs into
    experts (stage 2) — the seed's order, which the prototype showed matters;
 3. starts a local SuperLink, the coordinator (SQLite, blob service) and N participants
@@ -53,12 +54,13 @@ def demo(
     diversity_lr: fo.DiversityLr = None,
     column_codec: fo.ColumnCodec = None,
     shared_codec: fo.SharedCodec = None,
+    data: fo.Data = "stdlib",
 ) -> None:
     """Run the local federated network (central seed, federated stages 3 and 4)."""
     # One outer step per result of each participant, unless the file or a flag says otherwise.
     defaults = {"buffer_size": participants}
     settings = fo.settings_from_cli(federation_config, locals(), defaults=defaults)
-    run_demo(preset, participants, minutes, work_dir, settings)
+    run_demo(preset, participants, minutes, work_dir, settings, data)
 
 
 def run_demo(
@@ -67,28 +69,34 @@ def run_demo(
     minutes: float,
     work_dir: Path | None,
     settings: FederationSettings,
+    data: str = "stdlib",
 ) -> None:
-    """Seed centrally, then run stages 3 and 4 with ``settings`` (their ``stage`` is set here)."""
+    """Seed centrally, then run stages 3 and 4 with ``settings`` (their ``stage`` is set here)
+    on the corpus ``data`` (:func:`~coordinator.coordinator_process.stage_corpus`)."""
     from coordinator.central.trainer import train_stage
     from coordinator.coordinator_process import (
         Coordinator,
         StageBudget,
         default_columns_per_participant,
-        demo_corpus_bytes,
+        stage_corpus,
     )
     from coordinator.local_network import LocalNetwork
     from shared_model.config_loading import load_config
-    from shared_model.data import prepare_corpus
+    from shared_model.data import DataError
+    from shared_model.tokenizer import TokenizerError
 
     # Laptop-sized units: with the presets' own batches a `small` unit takes minutes on a CPU.
     cfg = load_config(preset, overrides=DEMO_TRAIN.get(preset))
     work = Path(work_dir or tempfile.mkdtemp(prefix="perspective-demo-"))
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        corpus = stage_corpus(data, cfg, work)
+    except (DataError, TokenizerError) as exc:
+        raise typer.BadParameter(f"--data: {exc}") from exc
     view = DemoView(cfg, participants)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    corpus = prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=demo_corpus_bytes(preset))
     seed_minutes = 0.2 * minutes
     view.say(f"stage 1 (dense seed, central) for {seed_minutes:.1f} min ...")
     r1 = train_stage(cfg, 1, work / "central", minutes=seed_minutes, data=corpus)

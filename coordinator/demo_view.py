@@ -136,3 +136,8 @@ class DemoView:
         self.console.print(table)
         self.say(f"database: {work / 'coordinator' / 'coordinator.db'}")
         self.say(f"blobs and checkpoints: {work / 'coordinator'}; summary: {work / 'summary.json'}")
+        self.say(
+            "take the trained model out (then perspective generate / eval / manifold run): "
+            f"perspective coordinator export --work-dir {work / 'coordinator'} "
+            f"--out {work / 'export'}"
+        )

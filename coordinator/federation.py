@@ -89,6 +89,7 @@ class FederationLoop:
         self._online: set[int] = set()  # node ids the SuperLink listed at the last step
         self._budget_leased = False  # no new unit fits the token budget any more
         self.on_checkpoint: Callable[[], None] | None = None  # after each state save (blob GC)
+        self.hold_leases = False  # paused stage (coordinator.stage_control): in flight only
 
     # --- main loop ------------------------------------------------------------------------
 
@@ -128,8 +129,11 @@ class FederationLoop:
 
     def _lease_for(self, node_id: int) -> None:
         with self.factory.begin() as s:
-            db_participants.touch_participant(s, node_id=node_id)  # online from here on
+            row = db_participants.touch_participant(s, node_id=node_id)  # online from here on
             needed = leases_needed(s, node_id=node_id, max_in_flight=self.settings.max_in_flight)
+            if self.hold_leases:  # paused: collect what is in flight, lease nothing
+                busy = db_leases.count_in_flight(s, participant_id=row.id, now=utcnow()) > 0
+                needed = 0 if busy else -1
         for _ in range(needed):
             leased = self.lease_request(node_id)
             if leased is None:

@@ -36,6 +36,15 @@ FederationConfig = Annotated[
         help="YAML file of federation settings (keys = FederationSettings fields; flags win).",
     ),
 ]
+Data = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="Training corpus: 'stdlib' (the demo corpus), a directory of .txt/.jsonl files, "
+        "a .jsonl/.txt file or hf:NAME[:split] (a local Hugging Face dataset; needs the "
+        "'datasets' library). Prepared once under the work dir.",
+    ),
+]
 BufferSize = Annotated[int | None, _option("--buffer-size", "Results per outer step / version.")]
 StepsPerUnit = Annotated[int | None, _option("--steps-per-unit", "Inner steps per unit (H).")]
 UnitSeconds = Annotated[

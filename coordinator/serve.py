@@ -123,10 +123,17 @@ def serve(
     ),
     api_host: str = typer.Option("127.0.0.1", help="Interface of the REST API."),
     api_port: int | None = typer.Option(None, min=0, help="Serve REST API + dashboard here."),
+    read_requires_token: bool = typer.Option(
+        False, help="Reads (API, dashboard data, blobs, /metrics) need a read or operator token."
+    ),
     fleet_address: str | None = typer.Option(
         None, help="Public host:port of the Fleet API (the proxy), told to enrolling volunteers."
     ),
     key_sync_seconds: float = typer.Option(5.0, min=0.5, help="Node-key sync period."),
+    data: fo.Data = "stdlib",
+    offline_after: float = typer.Option(
+        120.0, min=1.0, help="Seconds without lease/reply/report before a participant is offline."
+    ),
 ) -> None:
     """Serve one federated stage until its budget is used or SIGTERM/SIGINT."""
     from coordinator.coordinator_process import StageBudget
@@ -152,12 +159,14 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     endpoints = Endpoints(
-        superlink, blob_host, blob_port, public_host, api_host, api_port, fleet_address
-    )
+        superlink, blob_host, blob_port, public_host, api_host, api_port, fleet_address,
+        read_requires_token,
+    )  # fmt: skip
     budget = StageBudget(tokens=tokens, minutes=minutes)
     try:
         run_serve(cfg, work_dir, db, init, security, endpoints, settings, budget, stop,
-                  key_sync_seconds=key_sync_seconds)  # fmt: skip
+                  key_sync_seconds=key_sync_seconds, data=data,
+                  offline_after=offline_after)  # fmt: skip
     except startup_errors() as exc:
         typer.secho(f"coordinator serve: {type(exc).__name__}: {exc}", err=True, fg="red")
         raise typer.Exit(1) from exc
@@ -171,9 +180,11 @@ def startup_errors() -> tuple[type[Exception], ...]:
     from coordinator.db import DatabaseConfigError
     from coordinator.serve_api import ApiServerError
     from shared_model.blobs import BlobError
+    from shared_model.data import DataError
+    from shared_model.tokenizer import TokenizerError
 
     return (SQLAlchemyError, DatabaseConfigError, ApiServerError, BlobError, CheckpointError,
-            SecurityError)  # fmt: skip
+            SecurityError, DataError, TokenizerError)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -187,21 +198,25 @@ class Endpoints:
     api_host: str
     api_port: int | None
     fleet_address: str | None = None
+    read_requires_token: bool = False
 
 
 def run_serve(
     cfg, work_dir, db_url, init, security: Security, endpoints: Endpoints, settings, budget,
-    stop: threading.Event, *, key_sync_seconds: float,
+    stop: threading.Event, *, key_sync_seconds: float, data: str = "stdlib",
+    offline_after: float = 120.0,
 ) -> None:  # fmt: skip
     """Start the coordinator, run the stage (re-attaching after SuperLink outages), stop."""
     from coordinator.blob_server import TlsConfig
-    from coordinator.coordinator_process import Coordinator, demo_corpus_bytes
+    from coordinator.coordinator_process import Coordinator, stage_corpus
     from coordinator.key_sync import KeySync
-    from shared_model.data import prepare_corpus
+    from coordinator.liveness import Liveness
+    from coordinator.stage_control import StageControl
 
     secrets = security.secrets
     tls = security.ca is not None
-    corpus = prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=demo_corpus_bytes(cfg.name))
+    corpus = stage_corpus(data, cfg, work_dir)
+    log.info("corpus %s prepared at %s", corpus.manifest["source"], corpus.root)
     coord = Coordinator(
         cfg, work_dir, corpus, db_url=db_url, blob_host=endpoints.blob_host,
         blob_port=endpoints.blob_port,
@@ -210,6 +225,7 @@ def run_serve(
         token_key=secrets.token_key.read_bytes() if secrets else None,
     )  # fmt: skip
     key_sync = None
+    log.info("database %s", _shown_url(coord.db_url))
     try:
         coord.start()
         if endpoints.api_port is not None:
@@ -218,8 +234,10 @@ def run_serve(
                 ca_cert=secrets.ca_cert if tls else None,
                 fleet_address=endpoints.fleet_address,
                 ssl_files=(secrets.cert, secrets.key) if tls else None,
+                read_requires_token=endpoints.read_requires_token,
             )  # fmt: skip
-            log.info("dashboard and REST API at %s", url)
+            log.info("dashboard and REST API at %s (reads need a token: %s)", url,
+                     endpoints.read_requires_token)  # fmt: skip
         if tls:
             key_sync = KeySync(
                 coord.session_factory, endpoints.superlink,
@@ -231,11 +249,21 @@ def run_serve(
         loop = coord.federated_stage(None, budget, settings)
         replayed = loop.recover()
         log.info("recovered at version %d (%d results replayed)", loop.state.version, replayed)
-        run_attached(loop, connect, stop)
+        control = StageControl(coord.session_factory, settings.stage)
+        control.begin(config={"preset": cfg.name, "data": data})
+        liveness = Liveness(coord.session_factory, offline_after)
+        run_attached(loop, connect, stop, control, liveness.tick)
     finally:
         if key_sync is not None:
             key_sync.shutdown()
         coord.shutdown()
+
+
+def _shown_url(url: str) -> str:
+    """The database URL without its password (for the log)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _open_driver(address: str, security: Security, stop: threading.Event):
@@ -259,8 +287,15 @@ def _open_driver(address: str, security: Security, stop: threading.Event):
     return None
 
 
-def run_attached(loop, connect: Callable[[], object], stop: threading.Event) -> None:
+def run_attached(
+    loop, connect: Callable[[], object], stop: threading.Event, control,
+    tick: Callable[[], object] = lambda: None,
+) -> None:  # fmt: skip
     """Run ``loop`` to the end of its budget, re-attaching to a new run if the SuperLink goes.
+
+    ``control`` (:class:`~coordinator.stage_control.StageControl`) applies the operator's
+    pause / resume / cancel of the stage job at every step; ``tick`` runs after each step
+    too (:class:`~coordinator.liveness.Liveness`).
 
     A lost SuperLink (killed, restarted) makes driver calls fail; the leases of the old
     run can never be answered there, so they are re-queued and the loop continues on a
@@ -274,7 +309,12 @@ def run_attached(loop, connect: Callable[[], object], stop: threading.Event) -> 
             return
         loop.attach(driver)
         try:
-            loop.run(stop.is_set)
+            control.tick(loop)  # a stage paused before a restart stays paused
+            loop.run(
+                lambda: stop.is_set() or control.cancelled(),
+                lambda: (control.tick(loop), tick()),
+            )
+            control.finish(loop)
             return
         except FlowerTransportError as exc:
             log.warning("lost the SuperLink (%s); re-attaching when it is back", exc)

@@ -2,8 +2,10 @@
 
 * A **corpus** is an ordered list of named text documents: the ``.py`` files of the
   running interpreter's standard library (offline demo corpus; ``site-packages`` and
-  test directories skipped) or any directory of ``.txt`` / ``.jsonl`` files (JSONL: one
-  document per line, its ``text`` field).
+  test directories skipped), any directory of ``.txt`` / ``.jsonl`` files or one such
+  file (JSONL: one document per line, its ``text`` field), or ``hf:NAME[:split]``, a
+  Hugging Face ``datasets`` dataset read from the local cache or a ``save_to_disk``
+  directory (the optional ``datasets`` library; never downloads).
 * Each document goes to ``train`` or ``val`` by a hash of its name (default 5 % val), so
   the split is stable when documents are added or removed.
 * :func:`prepare_corpus` trains the tokenizer, tokenises the documents into
@@ -50,7 +52,10 @@ __all__ = [
     "DocumentDataset",
     "PreparedCorpus",
     "default_data_dir",
+    "SOURCE_HELP",
     "load_corpus",
+    "parse_hf_source",
+    "source_tag",
     "prepare_corpus",
     "split_of",
 ]
@@ -79,47 +84,118 @@ def _stdlib_documents() -> list[Document]:
     ]
 
 
+SOURCE_HELP = "'stdlib', a directory of .txt/.jsonl files, a .jsonl/.txt file or hf:NAME[:split]"
+
+
+def _file_documents(path: Path, rel: str) -> list[Document]:
+    """One ``.txt`` file (one document) or ``.jsonl`` file (one document per line)."""
+    try:
+        text = path.read_text("utf-8", errors="replace")
+    except OSError as exc:
+        raise DataError(f"cannot read corpus file {path}: {exc.strerror or exc}") from exc
+    if path.suffix == ".txt":
+        return [Document(rel, text)]
+    docs: list[Document] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DataError(
+                f"{path}:{lineno}: each JSONL line must be an object with a 'text' string"
+            ) from exc
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{lineno}: 'text' must be a string")
+        docs.append(Document(f"{rel}:{lineno}", value))
+    return docs
+
+
 def _directory_documents(root: Path) -> list[Document]:
     docs: list[Document] = []
     for path in sorted(p for p in root.rglob("*") if p.suffix in (".txt", ".jsonl")):
-        rel = str(path.relative_to(root))
-        if path.suffix == ".txt":
-            docs.append(Document(rel, path.read_text("utf-8", errors="replace")))
-            continue
-        for lineno, line in enumerate(path.read_text("utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise DataError(
-                    f"{path}:{lineno}: each JSONL line must be an object with a 'text' string"
-                ) from exc
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: 'text' must be a string")
-            docs.append(Document(f"{rel}:{lineno}", text))
+        docs += _file_documents(path, str(path.relative_to(root)))
     return docs
+
+
+def parse_hf_source(source: str) -> tuple[str, str]:
+    """``hf:NAME[:split]`` → ``(NAME, split)`` (split defaults to ``train``).
+
+    Raises:
+        DataError: no name after ``hf:``.
+    """
+    name, _, split = source.removeprefix("hf:").partition(":")
+    if not name:
+        raise DataError(f"corpus {source!r}: give hf:NAME[:split], e.g. hf:wikitext:train")
+    return name, split or "train"
+
+
+def _hf_documents(source: str) -> list[Document]:
+    """Documents of a Hugging Face ``datasets`` dataset, from the local cache only.
+
+    ``NAME`` is a dataset directory written by ``Dataset.save_to_disk`` or the name of a
+    dataset already in the local ``datasets`` cache; nothing is downloaded. Each row's
+    ``text`` column is one document.
+    """
+    name, split = parse_hf_source(source)
+    os.environ["HF_DATASETS_OFFLINE"] = "1"  # read before the import: local cache only
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError(
+            f"corpus {source!r} needs the Hugging Face 'datasets' library: "
+            "pip install 'perspective[hf]' (or pip install datasets)"
+        ) from exc
+    try:
+        if Path(name).is_dir():
+            ds = datasets.load_from_disk(name)
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; all mean "not usable"
+        raise DataError(
+            f"corpus {source!r}: cannot load split {split!r} from the local datasets cache "
+            f"({type(exc).__name__}: {exc}); download it first (datasets.load_dataset) or "
+            "give a directory written by Dataset.save_to_disk"
+        ) from exc
+    if "text" not in ds.column_names:
+        raise DataError(f"corpus {source!r} has no 'text' column (columns: {ds.column_names})")
+    docs = []
+    for i, text in enumerate(ds["text"]):
+        if not isinstance(text, str):
+            raise DataError(f"corpus {source!r}: row {i}: 'text' must be a string")
+        docs.append(Document(f"{name}:{split}:{i}", text))
+    return docs
+
+
+def _source_documents(source: str) -> list[Document]:
+    if source == "stdlib":
+        return _stdlib_documents()
+    if source.startswith("hf:"):
+        return _hf_documents(source)
+    path = Path(source)
+    if path.is_dir():
+        return _directory_documents(path)
+    if path.is_file() and path.suffix in (".txt", ".jsonl"):
+        return _file_documents(path, path.name)
+    if path.exists():
+        raise DataError(f"corpus {path} is neither a directory nor a .txt/.jsonl file")
+    raise DataError(f"corpus {path} does not exist: give {SOURCE_HELP}")
 
 
 def load_corpus(source: str | Path = "stdlib", max_bytes: int | None = None) -> list[Document]:
     """Load a corpus in its canonical (sorted) order.
 
     Args:
-        source: ``"stdlib"`` or a directory of ``.txt`` / ``.jsonl`` files.
+        source: ``"stdlib"``, a directory of ``.txt`` / ``.jsonl`` files, one such file, or
+            ``hf:NAME[:split]`` (a local Hugging Face ``datasets`` dataset).
         max_bytes: keep only the first documents up to about this many characters
             (used by the ``tiny`` preset and tests to stay fast).
 
     Raises:
-        DataError: the directory does not exist or holds no non-empty document.
+        DataError: the source does not exist, cannot be read or holds no non-empty document.
     """
-    if str(source) == "stdlib":
-        docs = _stdlib_documents()
-    else:
-        root = Path(source)
-        if not root.is_dir():
-            raise DataError(f"corpus {root} is not a directory: give 'stdlib' or a directory")
-        docs = _directory_documents(root)
-    docs = [d for d in docs if d.text.strip()]
+    docs = [d for d in _source_documents(str(source)) if d.text.strip()]
     if max_bytes is not None:
         kept, total = [], 0
         for d in docs:
@@ -129,8 +205,19 @@ def load_corpus(source: str | Path = "stdlib", max_bytes: int | None = None) -> 
             total += len(d.text)
         docs = kept
     if not docs:
-        raise DataError(f"corpus {source} has no non-empty .txt/.jsonl/.py documents")
+        raise DataError(f"corpus {source} has no non-empty document: give {SOURCE_HELP}")
     return docs
+
+
+def source_tag(source: str | Path) -> str:
+    """A file-name-safe short name of a corpus source (the prepared corpus's directory)."""
+    text = str(source)
+    if text.startswith("hf:"):
+        name, split = parse_hf_source(text)
+        text = f"hf-{Path(name).name}-{split}"
+    elif text != "stdlib":
+        text = Path(text).name
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text) or "corpus"
 
 
 def split_of(name: str, val_fraction: float = VAL_FRACTION) -> str:
@@ -204,7 +291,7 @@ def prepare_corpus(
     """Tokenise and shard a corpus, or reuse the cached result.
 
     Args:
-        source: ``"stdlib"`` or a directory of ``.txt`` / ``.jsonl`` files.
+        source: what :func:`load_corpus` takes (``stdlib``, directory, file, ``hf:``).
         vocab_size: tokenizer vocabulary (``cfg.model.vocab_size``).
         data_dir: cache root (default :func:`default_data_dir`).
         max_bytes: use only the first documents up to this many characters.
@@ -228,8 +315,10 @@ def prepare_corpus(
         "shard_tokens": shard_tokens,
     }
     fingerprint = _fingerprint(docs, settings)
-    tag = "stdlib" if str(source) == "stdlib" else Path(source).name
-    root = Path(data_dir or default_data_dir()) / f"{tag}-{fingerprint[:16]}-v{vocab_size}"
+    root = (
+        Path(data_dir or default_data_dir())
+        / f"{source_tag(source)}-{fingerprint[:16]}-v{vocab_size}"
+    )
     if (root / "manifest.json").exists():
         return PreparedCorpus(root, json.loads((root / "manifest.json").read_text()))
     split = _assign_splits(docs, val_fraction)

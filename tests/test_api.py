@@ -136,9 +136,12 @@ def test_blobs_disabled_without_blob_root(tmp_path):
 
 def test_stage_job_lifecycle_and_illegal_transitions(env):
     _f, client, op, _ro, _feed = env
-    job = client.post("/api/v1/stage-jobs", json={"stage": "expert_diff"}, headers=op)
+    job = client.post("/api/v1/stage-jobs", json={"stage": "stage3"}, headers=op)
     assert job.status_code == 201 and job.json()["state"] == "queued"
     jid = job.json()["id"]
+    # One live job per stage: serve runs the stage as that job.
+    twice = client.post("/api/v1/stage-jobs", json={"stage": "stage3"}, headers=op)
+    assert twice.status_code == 409 and f"already has job {jid} (queued)" in twice.json()["detail"]
     for action, state in [("start", "running"), ("pause", "paused"), ("resume", "running")]:
         r = client.post(f"/api/v1/stage-jobs/{jid}/{action}", json={"reason": "t"}, headers=op)
         assert r.status_code == 200 and r.json()["state"] == state
@@ -157,6 +160,8 @@ def test_stage_job_lifecycle_and_illegal_transitions(env):
     assert [j["id"] for j in listed["items"]] == [jid]
     bad = client.post("/api/v1/stage-jobs", json={"stage": "", "x": 1}, headers=op)
     assert bad.status_code == 422
+    unknown = client.post("/api/v1/stage-jobs", json={"stage": "expert_diff"}, headers=op)
+    assert unknown.status_code == 422 and "'stage3' or 'stage4'" in unknown.text
 
 
 def test_events_cursor(env):
@@ -232,7 +237,9 @@ def test_token_management(env):
     listed = client.get("/api/v1/tokens", headers=op).json()
     assert tid in [t["id"] for t in listed] and all("token" not in t for t in listed)
     assert client.delete(f"/api/v1/tokens/{tid}", headers=op).json()["revoked_at"] is not None
-    r = client.post("/api/v1/stage-jobs", json={"stage": "x"}, headers={"Authorization": secret})
+    r = client.post(
+        "/api/v1/stage-jobs", json={"stage": "stage3"}, headers={"Authorization": secret}
+    )
     assert r.status_code == 401
 
 
@@ -320,7 +327,7 @@ def test_postgres_api(pg_url, tmp_path):  # noqa: F811 - fixture imported from t
         st = client.get("/api/v1/status").json()
         assert st["global_version"] == 3 and st["results"] == {"accepted": 4, "rejected": 2}
         assert client.get("/api/v1/participants/1").json()["rejected_by_reason"]
-        jid = client.post("/api/v1/stage-jobs", json={"stage": "s", "start": True}, headers=op)
+        jid = client.post("/api/v1/stage-jobs", json={"stage": "stage4", "start": True}, headers=op)
         assert client.post(f"/api/v1/stage-jobs/{jid.json()['id']}/pause", headers=op).is_success
         assert client.get("/api/v1/metrics/history").json()["versions"][-1]["version"] == 3
     finally:

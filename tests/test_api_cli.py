@@ -28,8 +28,8 @@ def test_cli_tokens_and_api_commands(tmp_path):
         assert out.exit_code == 0 and "version      2" in out.stdout
         out = runner.invoke(app, ["participants"], env=env)
         assert out.exit_code == 0 and "volunteer-2" in out.stdout
-        out = runner.invoke(app, ["stage", "start", "expert_diff"], env=env)
-        assert out.exit_code == 0 and "job 1 (expert_diff): running" in out.stdout
+        out = runner.invoke(app, ["stage", "start", "stage3"], env=env)
+        assert out.exit_code == 0 and "job 1 (stage3): running" in out.stdout
         assert "paused" in runner.invoke(app, ["stage", "pause", "1"], env=env).stdout
         again = runner.invoke(app, ["stage", "pause", "1"], env=env)
         assert again.exit_code == 1 and "HTTP 409" in again.output
@@ -40,3 +40,28 @@ def test_cli_tokens_and_api_commands(tmp_path):
         assert denied.exit_code == 1 and "HTTP 401" in denied.output
     listed = runner.invoke(app, ["token", "list", "--db", db])
     assert "revoked" in listed.stdout and token not in listed.stdout
+
+
+def test_cli_reaches_an_https_coordinator_with_the_networks_ca(tmp_path):
+    """``--ca`` (or the secrets directory's CA by default) verifies the coordinator's cert."""
+    runner = CliRunner()
+    db = str(tmp_path / "c.db")
+    secrets = tmp_path / "secrets"
+    done = runner.invoke(app, ["init", "--dir", str(secrets), "--host", "127.0.0.1", "--db", db])
+    assert done.exit_code == 0, done.output
+    factory = make_session_factory(init_db(sqlite_url(db)))
+    server_app = create_app(factory, ApiSettings(), metrics=CoordinatorMetrics())
+    tls = secrets / "tls"
+    with ApiServer(server_app, host="127.0.0.1", port=0, ssl_certfile=tls / "server.crt",
+                   ssl_keyfile=tls / "server.key") as server:  # fmt: skip
+        assert server.url.startswith("https://")
+        env = {"PERSPECTIVE_COORDINATOR_URL": server.url, "PERSPECTIVE_SECRETS_DIR": ""}
+        refused = runner.invoke(app, ["status"], env=env)
+        assert refused.exit_code == 1 and "CERTIFICATE_VERIFY_FAILED" in refused.output
+        out = runner.invoke(app, ["status", "--ca", str(tls / "ca.crt")], env=env)
+        assert out.exit_code == 0 and "participants 0 online" in out.stdout, out.output
+        by_default = runner.invoke(app, ["stage", "list"], env={**env, "PERSPECTIVE_SECRETS_DIR":
+                                                              str(secrets)})  # fmt: skip
+        assert by_default.exit_code == 0, by_default.output
+        bad = runner.invoke(app, ["participants", "--ca", str(tmp_path / "nope.crt")], env=env)
+        assert bad.exit_code == 1 and "cannot load the CA certificate" in bad.output

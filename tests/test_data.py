@@ -121,5 +121,5 @@ def test_jsonl_and_txt_directory(tmp_path):
 
 
 def test_missing_corpus_dir(tmp_path):
-    with pytest.raises(DataError, match="not a directory"):
+    with pytest.raises(DataError, match="does not exist: give 'stdlib', a directory"):
         load_corpus(tmp_path / "nope")

@@ -106,7 +106,7 @@ def _accepted(db_path) -> list[tuple[str, int | None]]:
         return []
 
 
-def _serve(seed, network, work):
+def _serve(seed, network, work, *extra: str):
     _, _, ckpt = seed
     argv = [
         sys.executable, "-m", "shared_model.cli", "coordinator", "serve",
@@ -118,7 +118,7 @@ def _serve(seed, network, work):
     ]  # fmt: skip
     config = work.parent / "serve.yaml"
     config.write_text("train:\n  batch_size: 4\n  seq_len: 32\n")
-    argv += ["--config", str(config)]
+    argv += ["--config", str(config), *extra]
     with open(work.parent / f"{work.name}.log", "ab") as log:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -160,6 +160,80 @@ def test_coordinator_sigkill_and_restart_loses_nothing(seed, network, tmp_path):
     # Every result acknowledged before the kill went into exactly one published version.
     applied = dict(rows)
     assert all(applied[u] is not None for u in acknowledged)
+
+
+def _units(api: str) -> list[dict]:
+    import httpx
+
+    return httpx.get(f"{api}/units", params={"limit": 1000}, timeout=10).json()["items"]
+
+
+def _stage_job(api: str) -> dict | None:
+    import httpx
+
+    items = httpx.get(f"{api}/stage-jobs", timeout=10).json()["items"]
+    return items[0] if items else None
+
+
+def test_operator_pauses_resumes_and_cancels_the_running_serve(seed, network, tmp_path):
+    """Stage control through the REST API: serve runs the stage as job ``stage3``."""
+    import datetime as dt
+
+    import httpx
+
+    from shared_model.processes import free_port
+
+    work = tmp_path / "ctl"
+    work.mkdir()
+    port = free_port()
+    proc = _serve(seed, network, work, "--api-port", str(port))
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        wait_for(lambda: _ping(api), 120, "the REST API")
+        job = wait_for(
+            lambda: (j := _stage_job(api)) and j["progress"].get("version", 0) >= 1 and j,
+            300, "stage job stage3 at version 1",
+        )  # fmt: skip
+        assert job["stage"] == "stage3" and job["state"] == "running"
+        made = subprocess.run(
+            [sys.executable, "-m", "shared_model.cli", "coordinator", "token", "create",
+             "--db", f"sqlite:///{work / 'coordinator.db'}", "--name", "op"],
+            capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        op = {"Authorization": f"Bearer {made.stdout.strip().splitlines()[-1]}"}
+        paused = httpx.post(f"{api}/stage-jobs/{job['id']}/pause", headers=op, timeout=10)
+        assert paused.status_code == 200, paused.text
+        at = dt.datetime.fromisoformat(paused.json()["updated_at"])
+        status = httpx.get(f"{api}/status", timeout=10).json()
+        assert (status["stage"], status["stage_job_state"]) == ("stage3", "paused")
+        # Units in flight finish (their results come back); nothing new is leased after
+        # the loop's next poll of the job (1 s) and step.
+        wait_for(lambda: not any(u["state"] == "leased" for u in _units(api)), 120,
+                 "the units in flight to finish")  # fmt: skip
+        units = _units(api)
+        after = at + dt.timedelta(seconds=3)
+        late = [u for u in units if u["leased_at"] and dt.datetime.fromisoformat(u["leased_at"])
+                > after]  # fmt: skip
+        assert late == [], late
+        resumed = httpx.post(f"{api}/stage-jobs/{job['id']}/resume", headers=op, timeout=10)
+        assert resumed.json()["state"] == "running"
+        wait_for(lambda: len(_units(api)) > len(units), 120, "leasing to continue")
+        cancelled = httpx.post(f"{api}/stage-jobs/{job['id']}/cancel", headers=op, timeout=10)
+        assert cancelled.json()["state"] == "cancelled"
+        assert proc.wait(timeout=120) == 0  # the stage ended cleanly; serve exits
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def _ping(api: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{api}/status", timeout=5).is_success
+    except httpx.HTTPError:
+        return False
 
 
 def test_train_and_survive_a_killed_participant(seed, network, tmp_path):

@@ -71,3 +71,32 @@ def test_serve_and_demo_refuse_a_bad_federation_config(tmp_path) -> None:
     assert code == 2 and "outer_momentum = 2.0 is invalid: allowed 0 <= value < 1" in said, said
     code, said = run("demo", "--federation-config", str(bad), "--max-staleness", "-3")
     assert code == 2 and "max_staleness = -3 is invalid" in said, said
+
+
+@pytest.mark.integration
+def test_serve_logs_its_database_and_read_token_setting(tmp_path) -> None:
+    # The API starts before the (here unusable) checkpoint is read: both lines are logged.
+    code, said = serve(tmp_path, "--insecure", "--superexec-secret-file", __file__,
+                       "--api-port", "0", "--read-requires-token")  # fmt: skip
+    assert code == 1 and "CheckpointError" in said
+    assert f"database sqlite:///{tmp_path / 'work' / 'coordinator.db'}" in said
+    assert "(reads need a token: True)" in said
+
+
+def test_read_requires_token_closes_reads_blobs_and_metrics(tmp_path) -> None:
+    import httpx
+
+    from coordinator.coordinator_process import Coordinator
+    from shared_model.config_loading import load_config
+    from shared_model.data import prepare_corpus
+
+    cfg = load_config("tiny")
+    corpus = prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=3_000_000)
+    coord = Coordinator(cfg, tmp_path / "c", corpus)
+    try:
+        url = coord.start_api(read_requires_token=True)
+        cid = coord.store.put_bytes(b"model bytes")
+        for path in ("/api/v1/status", f"/api/v1/blobs/{cid}", "/metrics"):
+            assert httpx.get(url + path, timeout=10).status_code == 401, path
+    finally:
+        coord.shutdown()

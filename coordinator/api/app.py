@@ -18,6 +18,7 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from coordinator.api.deps import Reader
 from coordinator.api.routes import (
     enrolment,
     events,
@@ -148,7 +149,7 @@ def create_app(
         app.add_exception_handler(exc_type, _handler(code_status, code))
     app.include_router(_api_router())
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=[Reader])
     def prometheus() -> Response:
         if settings.metrics_from_db:
             with session_factory() as session:

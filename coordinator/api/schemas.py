@@ -155,7 +155,10 @@ class StageJobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage: str = Field(min_length=1, max_length=32, examples=["expert_diff"])
+    stage: Literal["stage3", "stage4"] = Field(
+        examples=["stage3"],
+        description="the federated stage 'coordinator serve' runs (it reads this job's state)",
+    )
     config: dict[str, Any] = Field(default_factory=dict)
     start: bool = Field(default=False, description="move the new job to running at once")
 

@@ -22,7 +22,7 @@ def convert(
     batch_size: int = typer.Option(4, "--batch-size"),
     distill_steps: int = typer.Option(100, "--distill-steps", help="PDR/FFN regression steps."),
     kd_steps: int = typer.Option(20, "--kd-steps", help="KD fine-tune steps after each step."),
-    data: str = typer.Option("stdlib", "--data", help="'stdlib' or a directory of txt/jsonl."),
+    data: str = typer.Option("stdlib", "--data", help="stdlib, txt/jsonl dir or file, hf:NAME."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Prepared-corpus cache."),
     max_bytes: int | None = typer.Option(None, "--max-bytes", help="Use only this much text."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda."),

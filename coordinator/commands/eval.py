@@ -18,7 +18,7 @@ def eval_command(
     out: Path = typer.Option(Path("eval-report"), "--out", help="Directory for report.json/md."),
     task: list[Path] = typer.Option([], "--task", help="Task JSONL (default: shipped tasks)."),
     spp: Path | None = typer.Option(None, "--spp", help="Stage-6 polytope (default: build one)."),
-    data: str = typer.Option("stdlib", "--data", help="'stdlib' or a directory of txt/jsonl."),
+    data: str = typer.Option("stdlib", "--data", help="stdlib, txt/jsonl dir or file, hf:NAME."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Prepared-corpus cache."),
     max_bytes: int | None = typer.Option(None, "--max-bytes", help="Use only this much text."),
     ppl_batches: int | None = typer.Option(None, "--ppl-batches", help="Validation batches."),

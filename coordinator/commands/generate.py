@@ -22,7 +22,9 @@ def generate(
         None, "--column", help="MoE only: route every token through this expert column."
     ),
     tokenizer: Path | None = typer.Option(
-        None, "--tokenizer", help="tokenizer.json (default: the prepared stdlib corpus's)."
+        None,
+        "--tokenizer",
+        help="tokenizer.json [default: the one beside the checkpoint, else the stdlib corpus's].",
     ),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Prepared-corpus cache."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
@@ -42,6 +44,7 @@ def generate(
         model = PerspectiveModel(ckpt.cfg, moe=moe)
         restore(ckpt, model, rng=False)
         model.eval()
+        tokenizer = tokenizer or _beside(checkpoint)
         tok = _tokenizer(tokenizer, data_dir, ckpt.cfg.model.vocab_size)
         ids = tok.encode(prompt, add_special_tokens=False).ids
         if not ids:
@@ -58,6 +61,12 @@ def generate(
     except (CheckpointError, ModelError, tk.TokenizerError, DataError) as exc:
         _fail(str(exc))
     typer.echo(tok.decode(out[0].tolist()))
+
+
+def _beside(checkpoint: Path) -> Path | None:
+    """``tokenizer.json`` next to the checkpoint (what ``coordinator export`` writes)."""
+    path = checkpoint.parent / "tokenizer.json"
+    return path if path.is_file() else None
 
 
 def _tokenizer(path: Path | None, data_dir: Path | None, vocab_size: int):

@@ -57,7 +57,7 @@ def _run(
 _CKPT = typer.Option(..., "--checkpoint", help="Input checkpoint.")
 _OUT = typer.Option(..., "--out", help="Output directory.")
 _PARAM = typer.Option([], "--param", help="Stage parameter, e.g. steps=200 (repeatable).")
-_DATA = typer.Option("stdlib", "--data", help="'stdlib' or a directory of txt/jsonl.")
+_DATA = typer.Option("stdlib", "--data", help="stdlib, txt/jsonl dir or file, hf:NAME.")
 _DDIR = typer.Option(None, "--data-dir", help="Prepared-corpus cache.")
 _MAXB = typer.Option(None, "--max-bytes", help="Use only this much text.")
 _DEV = typer.Option(None, "--device", help="cpu or cuda.")

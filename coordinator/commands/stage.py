@@ -30,7 +30,7 @@ def run(
     out: Path = typer.Option(DEFAULT_OUT, "--out", help="Work dirs and content-addressed outputs."),
     minutes: float | None = typer.Option(None, "--minutes", help="Wall-clock budget."),
     nproc: int = typer.Option(1, "--nproc", help="Ranks; >1 runs torchrun (FSDP2 + EP)."),
-    data: str = typer.Option("stdlib", "--data", help="'stdlib' or a directory of txt/jsonl."),
+    data: str = typer.Option("stdlib", "--data", help="stdlib, txt/jsonl dir or file, hf:NAME."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Prepared-corpus cache."),
     max_bytes: int | None = typer.Option(None, "--max-bytes", help="Use only this much text."),
 ) -> None:

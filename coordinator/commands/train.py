@@ -35,7 +35,7 @@ def train(
     init: Path | None = typer.Option(None, "--init", help="Checkpoint to start or resume from."),
     minutes: float | None = typer.Option(None, "--minutes", help="Wall-clock budget."),
     overrides: list[str] = typer.Option([], "--set", help="Override, e.g. train.steps=500."),
-    data: str = typer.Option("stdlib", "--data", help="'stdlib' or a directory of txt/jsonl."),
+    data: str = typer.Option("stdlib", "--data", help="stdlib, txt/jsonl dir or file, hf:NAME."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Prepared-corpus cache."),
     max_bytes: int | None = typer.Option(None, "--max-bytes", help="Use only this much text."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: auto)."),

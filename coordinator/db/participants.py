@@ -10,9 +10,9 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.errors import InvalidArgument, NotFound, ParticipantRevoked
 from coordinator.db.events import log_event
-from coordinator.db.models import Participant, ParticipantColumn
+from coordinator.db.models import Participant, ParticipantColumn, WorkUnit
 from coordinator.db.pagination import Page, check_page
-from coordinator.db.types import ParticipantState, utcnow
+from coordinator.db.types import ParticipantState, UnitState, utcnow
 
 
 @dataclass(frozen=True)
@@ -163,10 +163,45 @@ def set_participant_state(
 
 
 def revoke_participant(session: Session, *, participant_id: int, reason: str = "") -> Participant:
-    """Revoke a participant: it gets no more work and its results are refused."""
-    return set_participant_state(
+    """Revoke a participant: it gets no more work, its results are refused and its leases
+    expire at once (their units are queued again for others, not counted as its failure)."""
+    from coordinator.db.leases import requeue_copy  # leases builds on participants
+
+    row = set_participant_state(
         session, participant_id=participant_id, state=ParticipantState.REVOKED, reason=reason
     )
+    now = utcnow()
+    leased = session.scalars(
+        select(WorkUnit)
+        .where(WorkUnit.participant_id == row.id, WorkUnit.state == UnitState.LEASED)
+        .with_for_update()
+    ).all()
+    for unit in leased:
+        unit.state, unit.finished_at, unit.state_reason = UnitState.EXPIRED, now, "revoked"
+        requeue_copy(
+            session, unit=unit, reason="participant revoked", max_attempts=unit.attempt + 1
+        )
+    session.flush()
+    return row
+
+
+def mark_silent_offline(
+    session: Session, *, silence: dt.timedelta, now: dt.datetime | None = None
+) -> list[Participant]:
+    """Mark ``offline`` every online participant not seen (leased to, replied, reported)
+    for longer than ``silence``; returns them."""
+    now = now or utcnow()
+    rows = session.scalars(
+        select(Participant)
+        .where(Participant.state == ParticipantState.ONLINE, Participant.last_seen < now - silence)
+        .with_for_update()
+    ).all()
+    for row in rows:
+        set_participant_state(
+            session, participant_id=row.id, state=ParticipantState.OFFLINE,
+            reason=f"silent for more than {silence.total_seconds():.0f} s",
+        )  # fmt: skip
+    return list(rows)
 
 
 def held_columns(session: Session, *, participant_id: int) -> list[int]:

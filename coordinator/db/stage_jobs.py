@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator.db.errors import IllegalTransition, InvalidArgument, NotFound
+from coordinator.db.errors import Conflict, IllegalTransition, InvalidArgument, NotFound
 from coordinator.db.events import log_event
 from coordinator.db.models import StageJob
 from coordinator.db.pagination import Page, check_page
@@ -36,10 +36,22 @@ def check_transition(current: StageJobState | str, target: StageJobState | str) 
         )
 
 
-def create_stage_job(session: Session, *, stage: str, config: dict[str, Any]) -> StageJob:
-    """Queue a new job for ``stage`` with its JSON ``config``."""
+def create_stage_job(
+    session: Session, *, stage: str, config: dict[str, Any], only_one_live: bool = False
+) -> StageJob:
+    """Queue a new job for ``stage`` with its JSON ``config``.
+
+    Raises:
+        InvalidArgument: empty stage name.
+        Conflict: ``only_one_live`` and the stage already has a queued/running/paused job.
+    """
     if not stage:
         raise InvalidArgument("stage name must be non-empty")
+    if only_one_live and (live := live_stage_job(session, stage=stage)) is not None:
+        raise Conflict(
+            f"stage {stage} already has job {live.id} ({live.state}): pause, resume or "
+            "cancel that one"
+        )
     job = StageJob(stage=stage, config=dict(config), state=StageJobState.QUEUED, progress={})
     session.add(job)
     session.flush()
@@ -50,6 +62,13 @@ def create_stage_job(session: Session, *, stage: str, config: dict[str, Any]) ->
         data={"job_id": job.id},
     )
     return job
+
+
+def live_stage_job(session: Session, *, stage: str) -> StageJob | None:
+    """The newest queued, running or paused job of ``stage`` (locked), if any."""
+    live = (StageJobState.QUEUED, StageJobState.RUNNING, StageJobState.PAUSED)
+    query = select(StageJob).where(StageJob.stage == stage, StageJob.state.in_(live))
+    return session.scalars(query.order_by(StageJob.id.desc()).limit(1).with_for_update()).first()
 
 
 def get_stage_job(session: Session, *, job_id: int) -> StageJob:

@@ -121,9 +121,22 @@ def _current_job(session: Session) -> StageJob | None:
     return job or session.scalar(select(StageJob).order_by(StageJob.id.desc()).limit(1))
 
 
+def _newest_evaluated(session: Session, window: int = 500) -> float | None:
+    """Validation loss of the newest version that was evaluated (every ``eval_every``
+    versions, so the latest one usually has none); looks at the last ``window`` versions."""
+    rows = session.scalars(
+        select(ModelVersion.metrics).order_by(ModelVersion.version.desc()).limit(window)
+    )
+    for metrics in rows:
+        value = (metrics or {}).get("val_loss")
+        if isinstance(value, int | float):
+            return float(value)
+    return None
+
+
 def _latest_losses(session: Session, version: ModelVersion | None) -> tuple[float | None, ...]:
     metrics = version.metrics if version is not None else {}
-    val, train = metrics.get("val_loss"), metrics.get("train_loss")
+    val, train = _newest_evaluated(session), metrics.get("train_loss")
     if val is None or train is None:
         row = session.execute(
             select(Result.val_loss, Result.train_loss)

@@ -71,7 +71,8 @@ def detail(session: DbSession, participant_id: IdPath) -> ParticipantDetailOut:
 def revoke(
     session: DbSession, participant_id: IdPath, body: ReasonIn | None = None
 ) -> ParticipantActionOut:
-    """Revoke a participant: it gets no more work and its results are refused."""
+    """Revoke a participant: it gets no more work, its results are refused and its leases
+    expire at once (their units are queued for others)."""
     reason = (body.reason if body else None) or "revoked by operator"
     row = revoke_participant(session, participant_id=participant_id, reason=reason)
     return ParticipantActionOut(participant=ParticipantOut.model_validate(row))

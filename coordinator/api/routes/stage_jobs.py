@@ -50,10 +50,18 @@ def job(session: DbSession, job_id: IdPath) -> StageJobOut:
     return StageJobOut.model_validate(get_stage_job(session, job_id=job_id))
 
 
-@router.post("", response_model=StageJobOut, status_code=201, dependencies=[Operator])
+@router.post(
+    "",
+    response_model=StageJobOut,
+    status_code=201,
+    dependencies=[Operator],
+    responses={409: {"description": "the stage already has a live job"}},
+)
 def create(session: DbSession, body: StageJobCreate) -> StageJobOut:
-    """Queue a stage job; with ``start: true`` it is moved to running at once."""
-    row = create_stage_job(session, stage=body.stage, config=body.config)
+    """Queue a job for federated stage ``stage3`` or ``stage4`` (one live job per stage);
+    with ``start: true`` it is moved to running at once. ``coordinator serve`` runs the
+    stage as this job: pausing it stops new leases, cancelling it ends the stage."""
+    row = create_stage_job(session, stage=body.stage, config=body.config, only_one_live=True)
     if body.start:
         row = transition_stage_job(session, job_id=row.id, to=StageJobState.RUNNING)
     return StageJobOut.model_validate(row)
