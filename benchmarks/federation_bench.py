@@ -40,9 +40,10 @@ from benchmarks.federation_replay import ReplayDriver
 from coordinator.central.checkpoint import load_checkpoint
 from coordinator.central.trainer import train_stage
 from coordinator.coordinator_process import Coordinator, StageBudget
+from coordinator.db.stats import accepted_unit_columns
 from coordinator.federation_settings import FederationSettings
-from coordinator.plan.params import count_params
 from coordinator.routing.assignment import initial_assignment
+from coordinator.traffic import per_sync_bits
 from shared_model.config_loading import load_config
 from shared_model.data import DocumentDataset, prepare_corpus
 from shared_model.model import PerspectiveModel
@@ -210,10 +211,16 @@ def federated(cfg, corpus, ckpt: str, work: Path, args, participants: int, codec
             rejected=totals.rejected,
             seconds=time.perf_counter() - t0,
         )
-        out.update(per_sync_bits(cfg, out["traffic"], out.pop("unit_columns", None), totals))
+        unit_columns = out.pop("unit_columns", None) or _unit_columns(coord)
+        out.update(per_sync_bits(cfg, out["traffic"], unit_columns, participants))
         return loop.state.published_model(), coord.assignment, out
     finally:
         coord.shutdown()
+
+
+def _unit_columns(coord) -> list[int]:
+    with coord.session_factory() as s:
+        return accepted_unit_columns(s, stage="stage3")
 
 
 def _over_flower(cfg, coord, work: Path, args, participants: int, settings) -> dict:
@@ -235,25 +242,8 @@ def _over_flower(cfg, coord, work: Path, args, participants: int, settings) -> d
         driver.close()
     totals = loop.stats
     return {
-        "traffic": {"up": totals.bytes_up, "down_total": totals.bytes_down},
+        "traffic": coord.traffic(),  # the blob service's split (joins inside "checkpoint")
         "utilisation": {"all": totals.train_s / participants / max(wall, 1e-9)},
-    }
-
-
-def per_sync_bits(cfg, traffic: dict, unit_columns: list[int] | None, totals) -> dict:
-    """Bits per parameter moved per sync (one unit: the shared layers + the unit's columns)."""
-    counts = count_params(cfg)
-    shared = counts.shared + counts.routers
-    if unit_columns is None:  # over Flower: assume every unit holds the same share
-        unit_columns = [max(1, cfg.moe.n_experts // 3)] * max(1, totals.accepted)
-    synced = sum(shared + counts.column * c for c in unit_columns) or 1
-    total = counts.moe_total
-    down = traffic.get("delta", 0) + traffic.get("checkpoint", 0) + traffic.get("teacher", 0)
-    return {
-        "up_bits_per_param": 8 * traffic.get("up", 0) / synced,
-        "down_bits_per_param": 8 * down / synced,
-        "join_bits_per_param": 8 * traffic.get("join", 0) / max(1, total),
-        "data_bytes": traffic.get("data", 0),
     }
 
 

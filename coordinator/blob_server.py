@@ -163,6 +163,7 @@ class _Servicer(blobs_pb2_grpc.BlobServiceServicer):
                 if digest is not None:
                     digest.update(data)
                 self.owner._count("bytes_sent", len(data))
+                self.owner._count(f"bytes_sent.{self.owner.kind_of(content_id)}", len(data))
                 yield blobs_pb2.Chunk(data=data, offset=pos, total_size=size)
                 pos += len(data)
                 first = False
@@ -227,6 +228,9 @@ class BlobServer:
         chunk_size: bytes per ``Get`` chunk.
         max_blob_bytes: refuse uploads larger than this regardless of token quota.
         interceptors: extra ``grpc.ServerInterceptor`` s (logging, metrics, fault injection).
+        kind_of: what a blob is, for the traffic split (``bytes_sent.<kind>`` in
+            :meth:`stats`): the coordinator says ``data``, ``delta``, ``checkpoint``,
+            ``teacher`` (:meth:`coordinator.coordinator_process.Coordinator.blob_kind`).
     """
 
     def __init__(
@@ -240,6 +244,7 @@ class BlobServer:
         chunk_size: int = CHUNK_SIZE,
         max_blob_bytes: int | None = None,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
+        kind_of: Callable[[str], str] | None = None,
     ) -> None:
         if not 0 < chunk_size <= 4 << 20:
             raise BlobError(f"chunk_size must be in (0, 4 MiB], got {chunk_size}")
@@ -249,6 +254,7 @@ class BlobServer:
         self._interceptors = list(interceptors)
         self._ledger = _QuotaLedger()
         self.uploads = UploadLedger.for_store(store)
+        self.kind_of = kind_of or (lambda _cid: "other")
         self._stats: dict[str, int] = {}
         self._stats_lock = threading.Lock()
         self._server: grpc.Server | None = None
@@ -260,7 +266,8 @@ class BlobServer:
             self._stats[key] = self._stats.get(key, 0) + amount
 
     def stats(self) -> dict[str, int]:
-        """Calls per method (``Get``/``Put``/``Stat``) and ``bytes_sent``/``bytes_received``."""
+        """Calls per method (``Get``/``Put``/``Stat``), ``bytes_sent``/``bytes_received`` and
+        ``bytes_sent.<kind>`` per kind of blob (see ``kind_of``)."""
         with self._stats_lock:
             return dict(self._stats)
 

@@ -32,7 +32,7 @@ from shared_model.config import PerspectiveConfig
 from shared_model.data import PreparedCorpus
 from shared_model.model import PerspectiveModel
 from shared_model.processes import write_secret_file
-from shared_model.wire.perspective.v1 import tensor_pb2
+from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 
 log = logging.getLogger(__name__)
 NETWORK_FILE = "network.json"  # written by prepare(), read by the export
@@ -119,14 +119,36 @@ class Coordinator:
         self.store = BlobStore(self.work_dir / "blobs")
         self.token_key = token_key or write_secret_file(self.work_dir / "token.key").read_bytes()
         self.blob_server = BlobServer(
-            self.store, self.token_key, host=blob_host, port=blob_port, tls=blob_tls
+            self.store,
+            self.token_key,
+            host=blob_host,
+            port=blob_port,
+            tls=blob_tls,
+            kind_of=self.blob_kind,
         )
+        self._pinned_kinds: dict[str, str] = {}  # shards ("data"), stage 4's teacher
         self.blob_public_host = blob_public_host
         self.api = None
         self.state: CoordinatorState | None = None
         self.state_settings: FederationSettings | None = None
         self.assignment: ColumnAssignment | None = None
         self.loop: FederationLoop | None = None
+
+    def blob_kind(self, content_id: str) -> str:
+        """What a blob is, for the traffic split: ``data`` (training shards), ``teacher``
+        (stage 4's teacher checkpoint), ``delta`` (versions), ``checkpoint``, ``other``."""
+        kind = self._pinned_kinds.get(content_id)
+        if kind is None and self.state is not None:
+            kind = self.state.publisher.kinds.get(content_id)
+        return kind or "other"
+
+    def traffic(self) -> dict[str, int]:
+        """Bytes the blob service sent per kind of blob (:meth:`blob_kind`) and received
+        (``up``), since this process started."""
+        stats = self.blob_server.stats()
+        out = {k.split(".", 1)[1]: v for k, v in stats.items() if k.startswith("bytes_sent.")}
+        out["up"] = stats.get("bytes_received", 0)
+        return out
 
     def start(self) -> None:
         """Start the blob service."""
@@ -201,6 +223,7 @@ class Coordinator:
         if epoch is not None:
             log.info("document routing: re-scored epoch %d restored", epoch)
         self.shards = [self._put_file(p) for p in self._shard_files("train")]
+        self._pinned_kinds.update({s.content_id: "data" for s in self.shards})
         state_path = self._state_path(settings)
         self.state = CoordinatorState(self.cfg, model, self.store, settings)
         self.state_settings = settings
@@ -260,6 +283,8 @@ class Coordinator:
         _check_state_knobs(self.state_settings, settings)
         stage = settings.stage
         teacher = self.state.publisher.teacher_checkpoint() if stage == 4 else None
+        if teacher is not None:
+            self._pin_teacher(teacher)
         step_tokens = self.cfg.train.batch_size * self.cfg.train.seq_len
         units = UnitFactory(
             cfg=self.cfg,
@@ -291,6 +316,11 @@ class Coordinator:
         )
         self.loop.on_checkpoint = lambda: self.collect_blobs(settings, teacher)
         return self.loop
+
+    def _pin_teacher(self, teacher: tensor_pb2.BlobRef) -> None:
+        manifest = control_pb2.CheckpointManifest.FromString(self.store.get(teacher.content_id))
+        for ref in (teacher, manifest.shared, *manifest.columns.values()):
+            self._pinned_kinds[ref.content_id] = "teacher"
 
     def collect_blobs(
         self, settings: FederationSettings, teacher: tensor_pb2.BlobRef | None = None

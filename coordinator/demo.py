@@ -123,9 +123,12 @@ def run_demo(
             loop = coord.federated_stage(
                 driver, StageBudget(minutes=fed_minutes), replace(settings, stage=stage)
             )
+            if stage == 3:  # the seed, scored on the same validation set as every version
+                view.seed_val_loss = loop.evaluate()
+            traffic = coord.traffic()
             view.start_stage(stage, loop)
             loop.run(stop.is_set, on_tick=view.refresh)
-            view.end_stage(stage, loop)
+            view.end_stage(stage, loop, traffic=_since(coord.traffic(), traffic))
         summary = view.summary(r1, work)
         (work / "summary.json").write_text(json.dumps(summary, indent=1))
     finally:
@@ -138,3 +141,7 @@ def run_demo(
 def register(app: typer.Typer) -> None:
     """Add ``demo``."""
     app.command("demo", help=DEMO_HELP)(demo)
+
+
+def _since(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in now.items()}

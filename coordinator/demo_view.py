@@ -10,6 +10,8 @@ from rich.live import Live
 from rich.table import Table
 
 from coordinator.db import participants as db_participants
+from coordinator.db.stats import accepted_unit_columns
+from coordinator.traffic import per_sync_bits
 from shared_model.config import PerspectiveConfig
 
 
@@ -27,6 +29,7 @@ class DemoView:
         self.loop = None
         self.stage = 0
         self.stages: dict[int, dict] = {}
+        self.seed_val_loss: float | None = None  # stage 1's seed on the stages' val set
         self._last = 0.0
         self._t0 = time.monotonic()
 
@@ -80,14 +83,20 @@ class DemoView:
                 )  # fmt: skip
         return table
 
-    def end_stage(self, stage: int, loop) -> None:
-        """Stop the live view and remember the stage's figures."""
+    def end_stage(self, stage: int, loop, traffic: dict[str, int] | None = None) -> None:
+        """Stop the live view and remember the stage's figures (``traffic``: bytes the
+        blob service moved during the stage, per kind of blob)."""
         if self.live is not None:
             self.live.update(self._table())
             self.live.stop()
             self.live = None
         st = loop.stats
         final_val = loop.evaluate()
+        traffic = dict(traffic or {})
+        # A participant's first checkpoint is its join; later ones would be reloads.
+        traffic["join"] = traffic.pop("checkpoint", 0)
+        with loop.factory() as s:
+            columns = accepted_unit_columns(s, stage=f"stage{stage}")
         self.stages[stage] = {
             "versions_end": loop.state.version,
             "tokens": st.tokens,
@@ -97,6 +106,8 @@ class DemoView:
             "final_val_loss": final_val,
             "bytes_up": st.bytes_up,
             "bytes_down": st.bytes_down,
+            "traffic": traffic,
+            **per_sync_bits(self.cfg, traffic, columns, self.n),
             "utilisation": st.train_s / st.unit_s if st.unit_s else None,
             "seconds": time.monotonic() - self._t0,
         }
@@ -107,6 +118,10 @@ class DemoView:
             "preset": self.cfg.name,
             "participants": self.n,
             "stage1_val_loss": stage1.val_loss,
+            "seed_val_loss": self.seed_val_loss,
+            "validation": "column mode on the coordinator's held-out documents, fixed "
+            "sequences (FederationSettings.eval_batches batches); the seed row is the "
+            "stage-1 model (cloned into experts) on the same sequences",
             "stages": self.stages,
             "work_dir": str(work),
         }
@@ -122,16 +137,23 @@ class DemoView:
         if summary is None:
             self.say(f"stopped early; logs and database under {work}")
             return
-        table = Table(title="Perspective demo summary")
-        for col in ("stage", "val loss (first → last)", "tokens", "versions", "up", "down", "util"):
+        table = Table(title="Perspective demo summary (val: same held-out sequences)")
+        cols = ("stage", "val loss (first → last)", "tokens", "versions", "up", "down")
+        for col in (*cols, "bits/param up·down/sync", "join, data", "util"):
             table.add_column(col)
-        table.add_row("1 (central)", f"{summary['stage1_val_loss']:.4f}", "", "", "", "", "")
+        seed = summary.get("seed_val_loss")
+        seed_val = f"{seed:.4f}" if seed is not None else f"{summary['stage1_val_loss']:.4f}"
+        table.add_row("1 (central seed)", seed_val, *[""] * 7)
         for stage, s in summary["stages"].items():
             first = s["val_loss"][0][1] if s["val_loss"] else float("nan")
             util = f"{s['utilisation']:.0%}" if s["utilisation"] is not None else "-"
+            t = s.get("traffic", {})
             table.add_row(
                 str(stage), f"{first:.4f} → {s['final_val_loss']:.4f}", f"{s['tokens']:,}",
-                str(s["versions_end"]), _mb(s["bytes_up"]), _mb(s["bytes_down"]), util,
+                str(s["versions_end"]), _mb(t.get("up", s["bytes_up"])),
+                _mb(sum(t.get(k, 0) for k in ("delta", "teacher", "other"))),
+                f"{s['up_bits_per_param']:.2f} · {s['down_bits_per_param']:.2f}",
+                f"{_mb(t.get('join', 0))}, {_mb(t.get('data', 0))}", util,
             )  # fmt: skip
         self.console.print(table)
         self.say(f"database: {work / 'coordinator' / 'coordinator.db'}")

@@ -57,6 +57,9 @@ class Publisher:
         self.codec, self.column_codec = codec, column_codec
         self.checkpoint_every = checkpoint_every
         self.version = version
+        #: content id → "delta" (version manifests and bundles) or "checkpoint" (checkpoint
+        #: manifests and parts): the blob service's traffic split.
+        self.kinds: dict[str, str] = {}
         self.manifests: dict[int, tensor_pb2.BlobRef] = {}
         self.checkpoints: dict[int, tensor_pb2.BlobRef] = {version: self._write_checkpoint()}
 
@@ -66,14 +69,14 @@ class Publisher:
         manifest = control_pb2.VersionManifest(version=version, parent=parent)
         blob, published = self._advance(self.shared.master, self.shared.published, -1, parent)
         self.shared.advance(published)
-        manifest.shared.CopyFrom(self._put(blob))
+        manifest.shared.CopyFrom(self._put(blob, "delta"))
         for column in self.columns.changed():
             blob, published = self._advance(
                 self.columns.masters[column], self.columns.published(column), column, parent
             )
             self.columns.advance(column, version, published)
-            manifest.columns[column].CopyFrom(self._put(blob))
-        self.manifests[version] = self._put(manifest.SerializeToString())
+            manifest.columns[column].CopyFrom(self._put(blob, "delta"))
+        self.manifests[version] = self._put(manifest.SerializeToString(), "delta")
         self.version = version
         if version % self.checkpoint_every == 0:
             self.checkpoints[version] = self._write_checkpoint()
@@ -140,14 +143,16 @@ class Publisher:
 
     def _write_checkpoint(self) -> tensor_pb2.BlobRef:
         manifest = control_pb2.CheckpointManifest(version=self.version)
-        manifest.shared.CopyFrom(self._put(save(_contiguous(self.shared.published))))
+        shared = save(_contiguous(self.shared.published))
+        manifest.shared.CopyFrom(self._put(shared, "checkpoint"))
         for column in sorted(self.columns.masters):
             part = save(_contiguous(self.columns.published(column)))
-            manifest.columns[column].CopyFrom(self._put(part))
-        return self._put(manifest.SerializeToString())
+            manifest.columns[column].CopyFrom(self._put(part, "checkpoint"))
+        return self._put(manifest.SerializeToString(), "checkpoint")
 
-    def _put(self, data: bytes) -> tensor_pb2.BlobRef:
+    def _put(self, data: bytes, kind: str) -> tensor_pb2.BlobRef:
         cid = self.store.put_bytes(data)
+        self.kinds.setdefault(cid, kind)
         return tensor_pb2.BlobRef(content_id=cid, size=len(data))
 
     def _refs(self, mapping: dict[str, str]) -> dict[int, tensor_pb2.BlobRef]:

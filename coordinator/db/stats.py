@@ -359,3 +359,13 @@ def metric_totals(session: Session, *, summary: NetworkSummary) -> MetricTotals:
         bytes_up=summary.bytes_up,
         bytes_down=summary.bytes_down,
     )
+
+
+def accepted_unit_columns(session: Session, *, stage: str) -> list[int]:
+    """How many columns each accepted result of ``stage`` carried (what one sync moves)."""
+    rows = session.execute(
+        select(WorkUnit.columns)
+        .join(Result, Result.unit_id == WorkUnit.unit_id)
+        .where(WorkUnit.stage == stage, Result.state == ResultState.ACCEPTED)
+    ).all()
+    return [len(cols or []) for (cols,) in rows]
