@@ -72,8 +72,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-in-flight", type=int, default=None)
     p.add_argument("--outer-lr", type=float, default=None)
     p.add_argument("--outer-momentum", type=float, default=None)
+    p.add_argument(
+        "--lease-base",
+        action="store_true",
+        help="units train from the version current when leased (not the newest at start)",
+    )
     p.add_argument("--codec", default=None, choices=["ternary", "sparse"], help="both parts")
     p.add_argument("--column-codec", default=None, choices=["ternary", "sparse"])
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: arms are compared on equal terms on a shared machine)",
+    )
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--name", default="federation_bench", help="result file stem")
     return p.parse_args()
@@ -193,8 +204,9 @@ def federated(cfg, corpus, ckpt: str, work: Path, args, participants: int, codec
             out = _over_flower(cfg, coord, work, args, participants, settings)
         else:
             driver = ReplayDriver(
-                cfg, coord.store, corpus.dataset("train"), work / "nodes", [1.0] * participants
-            )
+                cfg, coord.store, corpus.dataset("train"), work / "nodes", [1.0] * participants,
+                head=None if args.lease_base else coord.head,
+            )  # fmt: skip
             loop = coord.federated_stage(driver, StageBudget(tokens=args.tokens), settings)
             loop.run(lambda: False)
             out = {
@@ -343,6 +355,7 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> None:
     args = parse_args()
+    torch.set_num_threads(args.threads)
     cfg = load_config(args.preset)
     corpus = prepare_corpus("stdlib", cfg.model.vocab_size)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedbench-"))

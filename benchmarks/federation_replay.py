@@ -32,7 +32,7 @@ from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.blobs import BlobStore
 from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset
-from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
+from shared_model.wire.perspective.v1 import blobs_pb2, control_pb2, tensor_pb2
 
 
 @dataclass
@@ -57,6 +57,8 @@ class ReplayDriver:
         work_dir: each participant's trainer state lives under ``work_dir/node-<id>``.
         step_times: virtual seconds per inner step, one per participant (its speed).
         overhead: virtual seconds per unit for sync, encode and upload.
+        head: the blob service's ``Head`` (``Coordinator.head``): units then start from
+            the newest version, as over the real blob service; ``None``: from the lease's.
     """
 
     def __init__(
@@ -67,8 +69,9 @@ class ReplayDriver:
         work_dir: Path,
         step_times: list[float],
         overhead: float = 0.0,
+        head=None,
     ) -> None:
-        self.store, self.overhead = store, overhead
+        self.store, self.overhead, self._head = store, overhead, head
         self.uploads = UploadLedger.for_store(store)  # what the blob service's Put records
         self.nodes = {
             i + 1: _Node(UnitTrainer(cfg, train, Path(work_dir) / f"node-{i + 1}"), t)
@@ -151,7 +154,11 @@ class ReplayDriver:
             self.uploads.record(content_id, req.unit.unit_id)  # as the blob service's Put
             return tensor_pb2.BlobRef(content_id=content_id, size=len(data))
 
-        return BlobIO(fetch=fetch, upload=upload)
+        def head(from_version: int) -> blobs_pb2.HeadReply:
+            version, checkpoint, chain = self._head(from_version)
+            return blobs_pb2.HeadReply(version=version, checkpoint=checkpoint, versions=chain)
+
+        return BlobIO(fetch=fetch, upload=upload, head=head if self._head else None)
 
     def _kinds(self, req: control_pb2.ControlRequest, node: _Node) -> dict[str, str]:
         """Content id → traffic kind for the blobs this request may make the node fetch.

@@ -77,12 +77,13 @@ def forget_old_versions(state: CoordinatorState, max_staleness: int) -> int:
     the next save has stopped naming them.
     """
     start = oldest_needed_checkpoint(state.publisher.checkpoints, state.version, max_staleness)
-    old_checkpoints = [v for v in state.publisher.checkpoints if v < start]
-    old_manifests = [v for v in state.publisher.manifests if v <= start]
-    for v in old_checkpoints:
-        del state.publisher.checkpoints[v]
-    for v in old_manifests:
-        del state.publisher.manifests[v]
+    with state.publisher.lock:  # the blob service reads the chain (Head) meanwhile
+        old_checkpoints = [v for v in state.publisher.checkpoints if v < start]
+        old_manifests = [v for v in state.publisher.manifests if v <= start]
+        for v in old_checkpoints:
+            del state.publisher.checkpoints[v]
+        for v in old_manifests:
+            del state.publisher.manifests[v]
     return len(old_checkpoints) + len(old_manifests)
 
 

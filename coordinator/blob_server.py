@@ -214,6 +214,14 @@ class _Servicer(blobs_pb2_grpc.BlobServiceServicer):
             return blobs_pb2.StatReply(exists=False, size=0)
         return blobs_pb2.StatReply(exists=True, size=info.size)
 
+    @_rpc
+    def Head(self, request: blobs_pb2.HeadRequest, context):  # noqa: N802
+        self._authenticate(context)  # any unit's token: the chain is what every unit reads
+        if self.owner.head is None:
+            raise BlobNotFound("this blob service publishes no model versions")
+        version, checkpoint, chain = self.owner.head(int(request.from_version))
+        return blobs_pb2.HeadReply(version=version, checkpoint=checkpoint, versions=chain)
+
 
 class BlobServer:
     """The gRPC blob service daemon.
@@ -231,6 +239,9 @@ class BlobServer:
         kind_of: what a blob is, for the traffic split (``bytes_sent.<kind>`` in
             :meth:`stats`): the coordinator says ``data``, ``delta``, ``checkpoint``,
             ``teacher`` (:meth:`coordinator.coordinator_process.Coordinator.blob_kind`).
+        head: ``head(from_version) -> (version, checkpoint, manifests)`` answers ``Head``
+            (:meth:`coordinator.publishing.Publisher.head`; raises ``BlobNotFound`` when
+            nothing is published); ``None``: ``Head`` is NOT_FOUND.
     """
 
     def __init__(
@@ -245,6 +256,7 @@ class BlobServer:
         max_blob_bytes: int | None = None,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
         kind_of: Callable[[str], str] | None = None,
+        head: Callable[[int], tuple[int, Any, list[Any]]] | None = None,
     ) -> None:
         if not 0 < chunk_size <= 4 << 20:
             raise BlobError(f"chunk_size must be in (0, 4 MiB], got {chunk_size}")
@@ -255,6 +267,7 @@ class BlobServer:
         self._ledger = _QuotaLedger()
         self.uploads = UploadLedger.for_store(store)
         self.kind_of = kind_of or (lambda _cid: "other")
+        self.head = head
         self._stats: dict[str, int] = {}
         self._stats_lock = threading.Lock()
         self._server: grpc.Server | None = None

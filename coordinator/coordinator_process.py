@@ -27,7 +27,7 @@ from coordinator.leasing import UnitFactory
 from coordinator.publishing import CoordinatorState
 from coordinator.routing.assignment import ColumnAssignment, initial_assignment
 from coordinator.routing.rescoring import restore_labels
-from shared_model.blobs import BlobStore, GcReport
+from shared_model.blobs import BlobNotFound, BlobStore, GcReport
 from shared_model.config import PerspectiveConfig
 from shared_model.data import PreparedCorpus
 from shared_model.model import PerspectiveModel
@@ -125,6 +125,7 @@ class Coordinator:
             port=blob_port,
             tls=blob_tls,
             kind_of=self.blob_kind,
+            head=self.head,
         )
         self._pinned_kinds: dict[str, str] = {}  # shards ("data"), stage 4's teacher
         self.blob_public_host = blob_public_host
@@ -141,6 +142,13 @@ class Coordinator:
         if kind is None and self.state is not None:
             kind = self.state.publisher.kinds.get(content_id)
         return kind or "other"
+
+    def head(self, from_version: int) -> tuple[int, tensor_pb2.BlobRef, list[tensor_pb2.BlobRef]]:
+        """The blob service's ``Head``: the newest version and its chain from
+        ``from_version`` (:meth:`~coordinator.publishing.Publisher.head`)."""
+        if self.state is None:
+            raise BlobNotFound("no federated stage is prepared: nothing is published yet")
+        return self.state.publisher.head(from_version)
 
     def traffic(self) -> dict[str, int]:
         """Bytes the blob service sent per kind of blob (:meth:`blob_kind`) and received

@@ -145,6 +145,7 @@ class Intake:
                 node_id=node_id,
                 payload=payload_of(result, bytes_up, ids),
                 check_payload=check,
+                newest=self.state.version,
             )
             scored = self.rescoring.record(s, check.unit, result, outcome)
         self.rescoring.observe(scored, self.log)
@@ -203,6 +204,7 @@ def record_result(
     payload: db_results.ResultPayload,
     check_payload: Callable[[WorkUnit], None] | None = None,
     now: dt.datetime | None = None,
+    newest: int | None = None,
 ) -> db_results.RecordOutcome:
     """Decide on a result and store the decision, all in the caller's one transaction.
 
@@ -218,6 +220,8 @@ def record_result(
         payload: token count, losses, blob ids, timings, claimed base version, bytes.
         check_payload: the payload checks (``None``: none, e.g. in database tests).
         now: current time (tests); defaults to ``utcnow()``.
+        newest: the newest published version: a unit may have started from any version
+            between its lease's base and this one (``WorkUnit.start_from_newest``).
 
     Returns:
         The :class:`~coordinator.db.results.RecordOutcome` to report to the participant.
@@ -255,7 +259,13 @@ def record_result(
     existing = db_results.find_result(session, unit_id=unit_id)
     if existing is not None:
         return db_results.outcome_of(existing, duplicate=True)
-    problem = db_leases.lease_problem(unit, base_version=payload.base_version, now=now)
+    problem = db_leases.lease_problem(
+        unit, base_version=payload.base_version, now=now, newest=newest
+    )
+    if problem is None and payload.base_version is not None:
+        # Started from a newer version than leased (start_from_newest): from here on, and
+        # in the log a restart replays, the unit's base is the one it trained from.
+        unit.base_version = payload.base_version
     if problem is None and check_payload is not None:
         try:
             check_payload(unit)

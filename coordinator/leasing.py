@@ -369,6 +369,9 @@ class UnitFactory:
             deadline_unix=int(unit.deadline.timestamp()),
             seed=int(params.get("seed", 0)),
             score_documents=bool(params.get("score", False)),  # routing/rescoring.py
+            # A unit queued behind another would otherwise train from a base one or more
+            # versions old (measured on tiny: +0.09 validation loss at full weight).
+            start_from_newest=True,
         )
         quota = self._upload_quota(len(unit.columns))
         work.upload_quota_bytes = quota

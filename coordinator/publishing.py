@@ -22,6 +22,7 @@ reloads it and re-applies the accepted results recorded after it (DB:
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -60,6 +61,8 @@ class Publisher:
         #: content id → "delta" (version manifests and bundles) or "checkpoint" (checkpoint
         #: manifests and parts): the blob service's traffic split.
         self.kinds: dict[str, str] = {}
+        # Held while the chain changes: the blob service answers Head from its threads.
+        self.lock = threading.Lock()
         self.manifests: dict[int, tensor_pb2.BlobRef] = {}
         self.checkpoints: dict[int, tensor_pb2.BlobRef] = {version: self._write_checkpoint()}
 
@@ -76,11 +79,22 @@ class Publisher:
             )
             self.columns.advance(column, version, published)
             manifest.columns[column].CopyFrom(self._put(blob, "delta"))
-        self.manifests[version] = self._put(manifest.SerializeToString(), "delta")
-        self.version = version
-        if version % self.checkpoint_every == 0:
-            self.checkpoints[version] = self._write_checkpoint()
+        manifest_ref = self._put(manifest.SerializeToString(), "delta")
+        due = version % self.checkpoint_every == 0
+        checkpoint = self._write_checkpoint(version) if due else None
+        with self.lock:
+            self.manifests[version] = manifest_ref
+            self.version = version
+            if checkpoint is not None:
+                self.checkpoints[version] = checkpoint
         return version
+
+    def head(self, from_version: int) -> tuple[int, tensor_pb2.BlobRef, list[tensor_pb2.BlobRef]]:
+        """The newest version and its chain for a replica holding ``from_version`` (the
+        blob service's ``Head``; thread-safe)."""
+        with self.lock:
+            checkpoint, chain = self.chain_for(self.version, held=from_version)
+            return self.version, checkpoint, chain
 
     def _advance(
         self, master: State, published: State, column: int, parent: int
@@ -137,12 +151,14 @@ class Publisher:
 
     def restore(self, meta: dict[str, str]) -> None:
         """Restore what :meth:`metadata` returned (the blobs must be in the store)."""
-        self.version = int(meta["version"])
-        self.manifests = self._refs(json.loads(meta["manifests"]))
-        self.checkpoints = self._refs(json.loads(meta["checkpoints"]))
+        with self.lock:
+            self.version = int(meta["version"])
+            self.manifests = self._refs(json.loads(meta["manifests"]))
+            self.checkpoints = self._refs(json.loads(meta["checkpoints"]))
 
-    def _write_checkpoint(self) -> tensor_pb2.BlobRef:
-        manifest = control_pb2.CheckpointManifest(version=self.version)
+    def _write_checkpoint(self, version: int | None = None) -> tensor_pb2.BlobRef:
+        version = self.version if version is None else version
+        manifest = control_pb2.CheckpointManifest(version=version)
         shared = save(_contiguous(self.shared.published))
         manifest.shared.CopyFrom(self._put(shared, "checkpoint"))
         for column in sorted(self.columns.masters):

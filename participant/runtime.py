@@ -233,6 +233,7 @@ class ParticipantRuntime:
             io = BlobIO(
                 fetch=lambda ref: self._fetch(client, ref.content_id),
                 upload=lambda data: self._upload(client, data),
+                head=client.head,
             )
             trainer = self._trainer_for(req, io)
             result = trainer.run(req, io, progress=self.progress.on_progress)

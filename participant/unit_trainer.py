@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from participant.scoring import document_losses
+from shared_model.blobs import BlobNotFound
 from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset
 from shared_model.federated.replica import Replica
@@ -36,7 +37,7 @@ from shared_model.federated.updates import encode_bundle, send_with_feedback
 from shared_model.model import PerspectiveModel
 from shared_model.schedule import build_optimizer, set_lr
 from shared_model.stage_loss import Distillation, stage_loss
-from shared_model.wire.perspective.v1 import control_pb2, federation_pb2, tensor_pb2
+from shared_model.wire.perspective.v1 import blobs_pb2, control_pb2, federation_pb2, tensor_pb2
 
 State = dict[str, torch.Tensor]
 #: ``progress(phase, step, total_steps, tokens)``: phase is "sync", "train" or "upload".
@@ -49,10 +50,12 @@ class UnitError(RuntimeError):
 
 @dataclass
 class BlobIO:
-    """How the trainer reaches the blob service: fetch by ref, upload bytes -> ref."""
+    """How the trainer reaches the blob service: fetch by ref, upload bytes -> ref, and
+    ``head(from_version)``: the newest version and its chain (``None``: not offered)."""
 
     fetch: Callable[[tensor_pb2.BlobRef], bytes]
     upload: Callable[[bytes], tensor_pb2.BlobRef]
+    head: Callable[[int], blobs_pb2.HeadReply] | None = None
 
 
 @dataclass
@@ -137,7 +140,7 @@ class UnitTrainer:
         report = progress or (lambda *_: None)
         t0 = time.perf_counter()
         report("sync", 0, unit.steps, 0)
-        self._sync(req, columns, io)
+        base = self._sync(req, columns, io)
         model, teacher = self._prepare_models(req, columns, io)
         t_sync = time.perf_counter() - t0
         batches = self._batches(unit, columns, req.batch_size, req.seq_len)
@@ -146,7 +149,7 @@ class UnitTrainer:
         scores = self._score(model, unit, columns, req) if unit.score_documents else []
         t_score = time.perf_counter() - t0 - t_sync - t_train
         report("upload", unit.steps, unit.steps, tokens)
-        result = self._upload(model, unit, columns, req, io)
+        result = self._upload(model, unit, columns, req, io, base)
         result.document_losses.extend(scores)
         self._save_local()
         t_total = time.perf_counter() - t0
@@ -158,19 +161,35 @@ class UnitTrainer:
         result.timings.total_s = t_total
         return result
 
-    def _sync(self, req: control_pb2.ControlRequest, columns: list[int], io: BlobIO) -> None:
-        ckpt = control_pb2.CheckpointManifest.FromString(io.fetch(req.checkpoint))
-        chain = [control_pb2.VersionManifest.FromString(io.fetch(r)) for r in req.versions]
+    def _sync(self, req: control_pb2.ControlRequest, columns: list[int], io: BlobIO) -> int:
+        """Bring the replica to the unit's base (or the newest version); returns it."""
+        checkpoint, versions, base = self._chain(req, io)
+        ckpt = control_pb2.CheckpointManifest.FromString(io.fetch(checkpoint))
+        chain = [control_pb2.VersionManifest.FromString(io.fetch(r)) for r in versions]
         if req.HasField("teacher"):
             self._teacher_on_the_way(req, ckpt, chain, columns, io)
         self.replica.sync(ckpt, chain, columns, io.fetch)
-        if self.replica.version != req.unit.base_version:
-            raise UnitError(
-                f"synced to version {self.replica.version}, unit needs {req.unit.base_version}"
-            )
+        if self.replica.version != base:
+            raise UnitError(f"synced to version {self.replica.version}, unit needs {base}")
         for c in columns:
             if c not in self.local.columns:  # first time we hold it: start from published
                 self.local.columns[c] = {k: v.clone() for k, v in self.replica.columns[c].items()}
+        return base
+
+    def _chain(self, req: control_pb2.ControlRequest, io: BlobIO):
+        """``(checkpoint, manifests, base)``: the lease's chain, or with
+        ``start_from_newest`` the chain to the newest version from the one we hold."""
+        lease = (req.checkpoint, list(req.versions), int(req.unit.base_version))
+        if not req.unit.start_from_newest or io.head is None:
+            return lease
+        held = self.replica.version
+        try:
+            head = io.head(held if held is not None else lease[2])
+        except BlobNotFound:  # a blob service that publishes no versions: the lease's chain
+            return lease
+        if head.version < lease[2]:  # a coordinator that restarted behind its lease
+            return lease
+        return head.checkpoint, list(head.versions), int(head.version)
 
     def _teacher_on_the_way(self, req, ckpt, chain, columns: list[int], io: BlobIO) -> None:
         """Stage 4: take the teacher from our own replica when the sync passes its version.
@@ -268,9 +287,10 @@ class UnitTrainer:
             seq_len=req.seq_len, batch_size=req.batch_size, device=self.device,
         )  # fmt: skip
 
-    def _upload(self, model, unit, columns, req, io: BlobIO) -> federation_pb2.WorkResult:
-        result = federation_pb2.WorkResult(unit_id=unit.unit_id, base_version=unit.base_version)
-        base = unit.base_version
+    def _upload(self, model, unit, columns, req, io: BlobIO, base: int):
+        """Encode and upload the column deltas and the shared pseudo-gradient against the
+        version the unit trained from (``base``); the result without its timings."""
+        result = federation_pb2.WorkResult(unit_id=unit.unit_id, base_version=base)
         for c in columns:
             local = {k: v.detach().to("cpu", copy=True) for k, v in model.expert_state(c).items()}
             self.local.columns[c] = local

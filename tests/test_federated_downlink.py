@@ -12,7 +12,11 @@ import pytest
 
 from benchmarks.federation_replay import ReplayDriver
 from coordinator.coordinator_process import Coordinator, StageBudget
+from coordinator.db import leases as db_leases
+from coordinator.db import participants as db_participants
+from coordinator.db import results as db_results
 from coordinator.federation_settings import FederationSettings
+from shared_model.wire.perspective.v1 import control_pb2
 
 
 @pytest.fixture
@@ -44,8 +48,9 @@ def test_participants_sync_through_deltas_and_build_the_teacher_locally(coordina
     coord, ckpt = coordinator
     coord.prepare(ckpt, _settings(3))
     driver = ReplayDriver(
-        coord.cfg, coord.store, coord.corpus.dataset("train"), tmp_path / "nodes", [1.0, 1.3]
-    )
+        coord.cfg, coord.store, coord.corpus.dataset("train"), tmp_path / "nodes", [1.0, 1.3],
+        head=coord.head,
+    )  # fmt: skip
     _run(coord, driver, 3, units=12)
     stage3 = driver.traffic()
     assert coord.state.version >= 5 and len(coord.state.publisher.checkpoints) >= 3
@@ -57,3 +62,30 @@ def test_participants_sync_through_deltas_and_build_the_teacher_locally(coordina
     assert stage4.get("teacher", 0) == 0  # rebuilt from the replica, digest-checked
     assert stage4.get("checkpoint", 0) == 0 and stage4["join"] == stage3["join"]
     assert coord.loop.totals().accepted == 6 and coord.loop.totals().rejected == 0
+
+
+def test_a_unit_trains_from_the_newest_version_when_it_starts(coordinator, tmp_path):
+    """Leased at version v, started after v + 2 were published: trains from v + 2."""
+    coord, ckpt = coordinator
+    settings = _settings(3)
+    coord.prepare(ckpt, settings)
+    driver = ReplayDriver(
+        coord.cfg, coord.store, coord.corpus.dataset("train"), tmp_path / "nodes", [1.0],
+        head=coord.head,
+    )  # fmt: skip
+    loop = coord.federated_stage(driver, StageBudget(tokens=10**6), settings)
+    with coord.session_factory.begin() as s:
+        db_participants.touch_participant(s, node_id=1)
+    unit_id, request = loop.lease_request(1)
+    leased_at = request.unit.base_version
+    loop.publish()
+    loop.publish()
+    driver.push(1, request.SerializeToString(), "train.unit", 60)
+    (reply,) = driver.wait_any(0)
+    (result,) = control_pb2.ControlReply.FromString(reply.payload).results
+    assert result.base_version == leased_at + 2
+    outcome = loop.receive(1, result)
+    assert outcome.accepted
+    with coord.session_factory() as s:
+        assert db_leases.find_unit(s, unit_id=unit_id).base_version == leased_at + 2
+        assert db_results.find_result(s, unit_id=unit_id).base_version == leased_at + 2

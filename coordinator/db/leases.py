@@ -48,23 +48,29 @@ def get_unit(session: Session, *, unit_id: str) -> WorkUnit:
 
 
 def lease_problem(
-    unit: WorkUnit, *, base_version: int | None, now: dt.datetime
+    unit: WorkUnit, *, base_version: int | None, now: dt.datetime, newest: int | None = None
 ) -> tuple[RejectReason, str] | None:
     """Why a result cannot answer ``unit`` now, or ``None``: the lease is live, same base.
 
     ``EXPIRED_LEASE`` when the unit is no longer leased or its deadline passed;
-    ``BASE_MISMATCH`` when the result was built on another version (``None``: unknown).
+    ``BASE_MISMATCH`` when the result was built on another version (``None``: unknown)
+    than the lease's, or, with ``newest`` (a unit that starts from the newest version
+    when it starts: ``WorkUnit.start_from_newest``), on one outside the lease's base
+    ``..`` ``newest``.
     """
     if unit.state != UnitState.LEASED:
         return RejectReason.EXPIRED_LEASE, f"unit is {unit.state}, no longer leased"
     if unit.deadline is not None and unit.deadline < now:
         return RejectReason.EXPIRED_LEASE, f"lease deadline {unit.deadline.isoformat()} passed"
-    if base_version is not None and base_version != unit.base_version:
-        return (
-            RejectReason.BASE_MISMATCH,
-            f"result built on version {base_version}, lease was for {unit.base_version}",
-        )
-    return None
+    if base_version is None or base_version == unit.base_version:
+        return None
+    if newest is not None and unit.base_version < base_version <= newest:
+        return None
+    allowed = f"{unit.base_version}..{newest}" if newest is not None else str(unit.base_version)
+    return (
+        RejectReason.BASE_MISMATCH,
+        f"result built on version {base_version}, the lease allows {allowed}",
+    )
 
 
 def create_lease(

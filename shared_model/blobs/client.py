@@ -276,6 +276,17 @@ class BlobClient:
                 failures += 1
                 self._backoff(failures, exc, f"stat of {content_id}")
 
+    def head(self, from_version: int) -> blobs_pb2.HeadReply:
+        """The newest published version and its chain from ``from_version`` (``Head``)."""
+        request = blobs_pb2.HeadRequest(from_version=from_version)
+        failures = 0
+        while True:
+            try:
+                return self._stub.Head(request, metadata=self._metadata())
+            except grpc.RpcError as exc:
+                failures += 1
+                self._backoff(failures, exc, "head of the version chain")
+
     # ---------------------------------------------------------------- writing
     def put(self, data: bytes | str | os.PathLike[str]) -> str:
         """Upload bytes or a file; returns its content id once the server has verified it.

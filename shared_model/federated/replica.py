@@ -106,7 +106,6 @@ class Replica:
             raise SyncError(f"chain ended at {self.version}, expected {target}")
         return len(todo)
 
-
     def copy_if_checkpoint(
         self, manifest: control_pb2.CheckpointManifest, columns: list[int]
     ) -> Replica | None:

@@ -1,6 +1,8 @@
+from shared_model.wire.perspective.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -62,3 +64,19 @@ class StatReply(_message.Message):
     exists: bool
     size: int
     def __init__(self, exists: _Optional[bool] = ..., size: _Optional[int] = ...) -> None: ...
+
+class HeadRequest(_message.Message):
+    __slots__ = ("from_version",)
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    from_version: int
+    def __init__(self, from_version: _Optional[int] = ...) -> None: ...
+
+class HeadReply(_message.Message):
+    __slots__ = ("version", "checkpoint", "versions")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    checkpoint: _tensor_pb2.BlobRef
+    versions: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.BlobRef]
+    def __init__(self, version: _Optional[int] = ..., checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ...) -> None: ...

@@ -49,6 +49,11 @@ class BlobServiceStub:
                 request_serializer=perspective_dot_v1_dot_blobs__pb2.StatRequest.SerializeToString,
                 response_deserializer=perspective_dot_v1_dot_blobs__pb2.StatReply.FromString,
                 _registered_method=True)
+        self.Head = channel.unary_unary(
+                '/perspective.v1.BlobService/Head',
+                request_serializer=perspective_dot_v1_dot_blobs__pb2.HeadRequest.SerializeToString,
+                response_deserializer=perspective_dot_v1_dot_blobs__pb2.HeadReply.FromString,
+                _registered_method=True)
 
 
 class BlobServiceServicer:
@@ -72,6 +77,12 @@ class BlobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Head(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_BlobServiceServicer_to_server(servicer, server):
                     servicer.Stat,
                     request_deserializer=perspective_dot_v1_dot_blobs__pb2.StatRequest.FromString,
                     response_serializer=perspective_dot_v1_dot_blobs__pb2.StatReply.SerializeToString,
+            ),
+            'Head': grpc.unary_unary_rpc_method_handler(
+                    servicer.Head,
+                    request_deserializer=perspective_dot_v1_dot_blobs__pb2.HeadRequest.FromString,
+                    response_serializer=perspective_dot_v1_dot_blobs__pb2.HeadReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class BlobService:
             '/perspective.v1.BlobService/Stat',
             perspective_dot_v1_dot_blobs__pb2.StatRequest.SerializeToString,
             perspective_dot_v1_dot_blobs__pb2.StatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Head(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/perspective.v1.BlobService/Head',
+            perspective_dot_v1_dot_blobs__pb2.HeadRequest.SerializeToString,
+            perspective_dot_v1_dot_blobs__pb2.HeadReply.FromString,
             options,
             channel_credentials,
             insecure,
