@@ -351,10 +351,16 @@ class FederationLoop:
         return version
 
     def evaluate(self) -> float:
-        """Validation loss of the published model in column mode."""
+        """Validation loss of the published model in column mode (stage 4: with its expert
+        weights as ternary as the schedule has made them so far, the model it trains)."""
         cfg = self.state.cfg
+        model = self.state.published_model()
+        if self.settings.stage == 4:
+            with self.factory() as s:
+                _, position = db_leases.stage_schedule_position(s, stage="stage4")
+            model.set_ternary_fraction(self.units.ternary_fraction(position))
         loss = column_val_loss(
-            self.state.published_model(),
+            model,
             self.val,
             self.assignment,
             batch_size=cfg.train.batch_size,

@@ -82,7 +82,7 @@ class FederationSettings:
     max_update_norm: float = 1e4
     # evaluation
     eval_every: int = 5
-    eval_batches: int = 4
+    eval_batches: int = 16
     # scoring and re-routing
     score_every: int = 0
     rescore_every_versions: int = 0

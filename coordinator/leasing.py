@@ -336,14 +336,22 @@ class UnitFactory:
     def _params(self, position: int, seed: int) -> dict:
         """Schedules at inner step ``position`` of the stage: what the central trainer uses
         at the same token position (warm-up and cosine counted in optimiser steps)."""
-        total = self.schedule_steps
-        total = total(position) if callable(total) else total
-        step = min(position, total - 1)
+        step, total = self._schedule_step(position)
         params = {"lr": lr_at(step, self.cfg.optim, total), "seed": seed, "position": position}
         if self.stage == 4:
-            params["ternary_fraction"] = ternary_fraction_at(step, total, self.cfg.ternary.schedule)
+            params["ternary_fraction"] = self.ternary_fraction(position)
             params["kd_weight"] = self.cfg.ternary.kd_weight
         return params
+
+    def _schedule_step(self, position: int) -> tuple[int, int]:
+        total = self.schedule_steps
+        total = total(position) if callable(total) else total
+        return min(position, total - 1), total
+
+    def ternary_fraction(self, position: int) -> float:
+        """Stage 4's share of ternary expert weights at inner step ``position``."""
+        step, total = self._schedule_step(position)
+        return ternary_fraction_at(step, total, self.cfg.ternary.schedule)
 
     def request(self, unit, state, node_id: int) -> control_pb2.ControlRequest:
         """The control message for a leased unit (still attached to its session).
