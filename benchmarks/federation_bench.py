@@ -40,7 +40,7 @@ from benchmarks.federation_replay import ReplayDriver
 from coordinator.central.checkpoint import load_checkpoint
 from coordinator.central.trainer import train_stage
 from coordinator.coordinator_process import Coordinator, StageBudget
-from coordinator.db.stats import accepted_unit_columns
+from coordinator.db.stats import accepted_unit_columns, training_seconds_by_participant
 from coordinator.federation_settings import FederationSettings
 from coordinator.routing.assignment import initial_assignment
 from coordinator.traffic import per_sync_bits
@@ -252,10 +252,14 @@ def _over_flower(cfg, coord, work: Path, args, participants: int, settings) -> d
         loop.run(lambda: False)
         wall = time.perf_counter() - t0
         driver.close()
-    totals = loop.stats
+    with coord.session_factory() as s:
+        train_s = training_seconds_by_participant(s, stage="stage3")
+    traffic = coord.traffic()  # the blob service's split: joins are its "checkpoint" bytes
+    traffic["join"] = traffic.pop("checkpoint", 0)
     return {
-        "traffic": coord.traffic(),  # the blob service's split (joins inside "checkpoint")
-        "utilisation": {"all": totals.train_s / participants / max(wall, 1e-9)},
+        "traffic": traffic,
+        "utilisation": {str(p): t / max(wall, 1e-9) for p, t in train_s.items()},
+        "wall_s": wall,
     }
 
 

@@ -369,3 +369,16 @@ def accepted_unit_columns(session: Session, *, stage: str) -> list[int]:
         .where(WorkUnit.stage == stage, Result.state == ResultState.ACCEPTED)
     ).all()
     return [len(cols or []) for (cols,) in rows]
+
+
+def training_seconds_by_participant(session: Session, *, stage: str) -> dict[int, float]:
+    """Seconds each participant reported training (``timings.train_s``) in accepted
+    results of ``stage``: over the stage's wall time, its utilisation."""
+    out: dict[int, float] = {}
+    for pid, t in session.execute(
+        select(Result.participant_id, Result.timings)
+        .join(WorkUnit, WorkUnit.unit_id == Result.unit_id)
+        .where(WorkUnit.stage == stage, Result.state == ResultState.ACCEPTED)
+    ):
+        out[pid] = out.get(pid, 0.0) + float((t or {}).get("train_s", 0.0))
+    return out
