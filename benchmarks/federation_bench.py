@@ -205,7 +205,7 @@ def federated(cfg, corpus, ckpt: str, work: Path, args, participants: int, codec
         else:
             driver = ReplayDriver(
                 cfg, coord.store, corpus.dataset("train"), work / "nodes", [1.0] * participants,
-                head=None if args.lease_base else coord.head,
+                publisher=None if args.lease_base else coord.state.publisher,
             )  # fmt: skip
             loop = coord.federated_stage(driver, StageBudget(tokens=args.tokens), settings)
             loop.run(lambda: False)

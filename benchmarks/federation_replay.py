@@ -57,8 +57,9 @@ class ReplayDriver:
         work_dir: each participant's trainer state lives under ``work_dir/node-<id>``.
         step_times: virtual seconds per inner step, one per participant (its speed).
         overhead: virtual seconds per unit for sync, encode and upload.
-        head: the blob service's ``Head`` (``Coordinator.head``): units then start from
-            the newest version, as over the real blob service; ``None``: from the lease's.
+        publisher: the coordinator's :class:`~coordinator.publishing.Publisher`: units then
+            start from the newest version published by the time they *start* on the virtual
+            clock, as with the real blob service's ``Head``; ``None``: from the lease's.
     """
 
     def __init__(
@@ -69,9 +70,13 @@ class ReplayDriver:
         work_dir: Path,
         step_times: list[float],
         overhead: float = 0.0,
-        head=None,
+        publisher=None,
     ) -> None:
-        self.store, self.overhead, self._head = store, overhead, head
+        self.store, self.overhead, self.publisher = store, overhead, publisher
+        # (virtual time, version) whenever the published version changed: a unit is
+        # trained when it *finishes* on the virtual clock, so Head must answer with the
+        # version as of its start, not the coordinator's newest at that moment.
+        self._versions: list[tuple[float, int]] = []
         self.uploads = UploadLedger.for_store(store)  # what the blob service's Put records
         self.nodes = {
             i + 1: _Node(UnitTrainer(cfg, train, Path(work_dir) / f"node-{i + 1}"), t)
@@ -100,6 +105,10 @@ class ReplayDriver:
 
     def wait_any(self, timeout: float) -> list[Reply]:
         """Handle the message that finishes first on the virtual clock; its reply."""
+        if self.publisher is not None and (
+            not self._versions or self._versions[-1][1] != self.publisher.version
+        ):
+            self._versions.append((self.clock, self.publisher.version))
         heads = [(self._finish_time(n), nid) for nid, n in self.nodes.items() if n.queue]
         if not heads:
             return []
@@ -122,13 +131,14 @@ class ReplayDriver:
     def _handle(self, nid: int) -> Reply:
         node = self.nodes[nid]
         finish = self._finish_time(node)
+        start = max(node.free_at, node.queue[0][3])
         mid, kind, payload, _ = node.queue.pop(0)
         self.clock = max(self.clock, finish)
         node.free_at = finish
         req = control_pb2.ControlRequest.FromString(payload)
         reply = control_pb2.ControlReply()
         if kind == "train.unit":
-            result = node.trainer.run(req, self._io(node, req))
+            result = node.trainer.run(req, self._io(node, req, start))
             node.train_time += req.unit.steps * node.step_time
             self.unit_columns.append(len(req.unit.columns))
             reply.results.append(result)
@@ -137,7 +147,7 @@ class ReplayDriver:
         reply.capability.max_columns = 8
         return Reply(mid, nid, kind, reply.SerializeToString(), None, None, 0.0)
 
-    def _io(self, node: _Node, req: control_pb2.ControlRequest) -> BlobIO:
+    def _io(self, node: _Node, req: control_pb2.ControlRequest, start: float) -> BlobIO:
         kinds = self._kinds(req, node)
 
         def fetch(ref: tensor_pb2.BlobRef) -> bytes:
@@ -155,10 +165,11 @@ class ReplayDriver:
             return tensor_pb2.BlobRef(content_id=content_id, size=len(data))
 
         def head(from_version: int) -> blobs_pb2.HeadReply:
-            version, checkpoint, chain = self._head(from_version)
+            version = max(v for t, v in self._versions if t <= start)
+            checkpoint, chain = self.publisher.chain_for(version, held=from_version)
             return blobs_pb2.HeadReply(version=version, checkpoint=checkpoint, versions=chain)
 
-        return BlobIO(fetch=fetch, upload=upload, head=head if self._head else None)
+        return BlobIO(fetch=fetch, upload=upload, head=head if self.publisher else None)
 
     def _kinds(self, req: control_pb2.ControlRequest, node: _Node) -> dict[str, str]:
         """Content id → traffic kind for the blobs this request may make the node fetch.

@@ -30,7 +30,7 @@ from shared_model.blobs import (
     issue_token,
     sha256_hex,
 )
-from shared_model.wire.perspective.v1 import blobs_pb2, blobs_pb2_grpc
+from shared_model.wire.perspective.v1 import blobs_pb2, blobs_pb2_grpc, tensor_pb2
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -381,3 +381,29 @@ def test_client_dying_mid_put_leaves_nothing(served) -> None:
     wait_for(lambda: store.temp_files() == [], 5, "the temp file to be removed")
     assert list(store.iter_ids()) == []
     assert BlobClient(server.address, token).put(data) == sha256_hex(data)  # quota refunded
+
+
+def test_head_answers_the_newest_version_and_counts_traffic_per_kind(tmp_path: Path) -> None:
+    """``Head`` returns what the coordinator's head callback says (the newest version and
+    its chain from the caller's); bytes sent are split by the kind the coordinator names;
+    a service without versions answers NOT_FOUND, which the client raises as such."""
+    store = BlobStore(tmp_path / "server")
+    data = os.urandom(1000)
+    cid = store.put_bytes(data)
+    refs = [tensor_pb2.BlobRef(content_id=cid, size=len(data))]
+    asked = []
+
+    def head(from_version: int):
+        asked.append(from_version)
+        return 7, refs[0], refs * 2
+
+    with BlobServer(store, KEY, head=head, kind_of=lambda c: "delta") as server:
+        with BlobClient(server.address, _token([cid])) as client:
+            reply = client.head(5)
+            assert asked == [5] and reply.version == 7
+            assert list(reply.versions) == refs * 2 and reply.checkpoint == refs[0]
+            client.get_bytes(cid)
+        assert server.stats()["bytes_sent.delta"] == len(data)
+    with BlobServer(store, KEY) as server, BlobClient(server.address, _token()) as client:
+        with pytest.raises(BlobNotFound):
+            client.head(0)

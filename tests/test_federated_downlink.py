@@ -49,7 +49,7 @@ def test_participants_sync_through_deltas_and_build_the_teacher_locally(coordina
     coord.prepare(ckpt, _settings(3))
     driver = ReplayDriver(
         coord.cfg, coord.store, coord.corpus.dataset("train"), tmp_path / "nodes", [1.0, 1.3],
-        head=coord.head,
+        publisher=coord.state.publisher,
     )  # fmt: skip
     _run(coord, driver, 3, units=12)
     stage3 = driver.traffic()
@@ -71,7 +71,7 @@ def test_a_unit_trains_from_the_newest_version_when_it_starts(coordinator, tmp_p
     coord.prepare(ckpt, settings)
     driver = ReplayDriver(
         coord.cfg, coord.store, coord.corpus.dataset("train"), tmp_path / "nodes", [1.0],
-        head=coord.head,
+        publisher=coord.state.publisher,
     )  # fmt: skip
     loop = coord.federated_stage(driver, StageBudget(tokens=10**6), settings)
     with coord.session_factory.begin() as s:
