@@ -404,6 +404,9 @@ def test_head_answers_the_newest_version_and_counts_traffic_per_kind(tmp_path: P
             assert list(reply.versions) == refs * 2 and reply.checkpoint == refs[0]
             client.get_bytes(cid)
         assert server.stats()["bytes_sent.delta"] == len(data)
-    with BlobServer(store, KEY) as server, BlobClient(server.address, _token()) as client:
-        with pytest.raises(BlobNotFound):
-            client.head(0)
+    with (
+        BlobServer(store, KEY) as server,
+        BlobClient(server.address, _token()) as client,
+        pytest.raises(BlobNotFound),
+    ):
+        client.head(0)
