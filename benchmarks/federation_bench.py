@@ -204,7 +204,8 @@ def federated(cfg, corpus, ckpt: str, work: Path, args, participants: int, codec
             out = _over_flower(cfg, coord, work, args, participants, settings)
         else:
             driver = ReplayDriver(
-                cfg, coord.store, corpus.dataset("train"), work / "nodes", [1.0] * participants,
+                cfg, coord.store, corpus.dataset("train"), work / "nodes",
+                step_times(participants, args.speed_spread),
                 publisher=None if args.lease_base else coord.state.publisher,
             )  # fmt: skip
             loop = coord.federated_stage(driver, StageBudget(tokens=args.tokens), settings)
@@ -228,6 +229,14 @@ def federated(cfg, corpus, ckpt: str, work: Path, args, participants: int, codec
         return loop.state.published_model(), coord.assignment, out
     finally:
         coord.shutdown()
+
+
+def step_times(participants: int, spread: float) -> list[float]:
+    """Virtual seconds per inner step of each participant: evenly spread over
+    ``1 .. 1 + spread`` (equal machines would finish in lockstep, a synchronous loop)."""
+    if participants == 1:
+        return [1.0]
+    return [1.0 + spread * i / (participants - 1) for i in range(participants)]
 
 
 def _unit_columns(coord) -> list[int]:
