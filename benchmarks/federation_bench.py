@@ -73,6 +73,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--outer-lr", type=float, default=None)
     p.add_argument("--outer-momentum", type=float, default=None)
     p.add_argument(
+        "--speed-spread",
+        type=float,
+        default=0.5,
+        help="replay: the slowest participant's step time is 1 + this × the fastest's",
+    )
+    p.add_argument(
         "--lease-base",
         action="store_true",
         help="units train from the version current when leased (not the newest at start)",
