@@ -70,6 +70,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=32_768)
     p.add_argument("--steps-per-unit", type=int, default=None)
     p.add_argument("--max-in-flight", type=int, default=None)
+    p.add_argument("--buffer-size", type=int, default=None, help="default: participants")
     p.add_argument("--outer-lr", type=float, default=None)
     p.add_argument("--outer-momentum", type=float, default=None)
     p.add_argument(
@@ -184,7 +185,7 @@ def central_column(cfg, corpus, ckpt: str, tokens: int, assignment) -> Perspecti
 def fed_settings(args, participants: int, codec: str | None, tokens_per_unit: int):
     values = {
         "stage": 3,
-        "buffer_size": participants,
+        "buffer_size": args.buffer_size or participants,
         "eval_every": 1_000_000,  # scored at the end on the fixed set instead
         "units_hint": max(1, args.tokens // tokens_per_unit),
     }
