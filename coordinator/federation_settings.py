@@ -58,7 +58,7 @@ class FederationSettings:
 
     stage: int = 3
     # units and leases
-    steps_per_unit: int = 20
+    steps_per_unit: int = 10
     unit_seconds: float | None = None
     min_steps_per_unit: int = 5
     max_steps_per_unit: int | None = None
@@ -69,13 +69,13 @@ class FederationSettings:
     docs_per_unit: int = 32
     units_hint: int = 200
     # compression
-    column_codec: str = "ternary"
+    column_codec: str = "sparse"
     shared_codec: str = "ternary"
     # aggregation and publishing
     buffer_size: int = 2
     max_staleness: int = 8
     outer_lr: float = 1.0
-    outer_momentum: float = 0.0
+    outer_momentum: float = 0.5
     trim: int = 0
     diversity_lr: float = 0.0
     checkpoint_every: int = 10
