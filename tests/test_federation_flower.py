@@ -123,11 +123,18 @@ def _serve(seed, network, work, *extra: str):
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def test_coordinator_sigkill_and_restart_loses_nothing(seed, network, tmp_path):
-    work = tmp_path / "coord"
+@pytest.fixture(scope="module")
+def restarted_serve(seed, network, tmp_path_factory):
+    """A ``serve`` (with its REST API) SIGKILLed after 3 accepted results and restarted on
+    the same work dir; yields ``(proc, work, api, acknowledged)`` with the restarted one
+    running. Shared by the restart test and the stage-control test (one serve start less)."""
+    from shared_model.processes import free_port
+
+    work = tmp_path_factory.mktemp("serve") / "coord"
     work.mkdir()
     db_path = work / "coordinator.db"
-    proc = _serve(seed, network, work)
+    port = free_port()
+    proc = _serve(seed, network, work, "--api-port", str(port))
     try:
         wait_for(
             lambda: db_path.exists() and len(_accepted(db_path)) >= 3,
@@ -138,18 +145,26 @@ def test_coordinator_sigkill_and_restart_loses_nothing(seed, network, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         acknowledged = {u for u, _ in _accepted(db_path)}
-        proc = _serve(seed, network, work)
-        wait_for(
-            lambda: len(_accepted(db_path)) >= len(acknowledged) + 2,
-            300,
-            "training to continue",
-            1.0,
-        )
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
+        # Its Flower run is still "running" on the SuperLink: the restart owns it (same
+        # work dir), stops it and starts a new one instead of refusing.
+        proc = _serve(seed, network, work, "--api-port", str(port))
+        yield proc, work, f"http://127.0.0.1:{port}/api/v1", acknowledged
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def test_coordinator_sigkill_and_restart_loses_nothing(restarted_serve):
+    proc, work, _, acknowledged = restarted_serve
+    db_path = work / "coordinator.db"
+    wait_for(
+        lambda: len(_accepted(db_path)) >= len(acknowledged) + 2,
+        300,
+        "training to continue",
+        1.0,
+    )
+    assert proc.poll() is None
     rows = _accepted(db_path)
     units = [u for u, _ in rows]
     assert len(units) == len(set(units))
@@ -175,19 +190,14 @@ def _stage_job(api: str) -> dict | None:
     return items[0] if items else None
 
 
-def test_operator_pauses_resumes_and_cancels_the_running_serve(seed, network, tmp_path):
-    """Stage control through the REST API: serve runs the stage as job ``stage3``."""
+def test_operator_pauses_resumes_and_cancels_the_running_serve(restarted_serve):
+    """Stage control through the REST API: serve runs the stage as job ``stage3`` (the
+    restarted serve of the test above: the job survived the restart)."""
     import datetime as dt
 
     import httpx
 
-    from shared_model.processes import free_port
-
-    work = tmp_path / "ctl"
-    work.mkdir()
-    port = free_port()
-    proc = _serve(seed, network, work, "--api-port", str(port))
-    api = f"http://127.0.0.1:{port}/api/v1"
+    proc, work, api, _ = restarted_serve
     try:
         wait_for(lambda: _ping(api), 120, "the REST API")
         job = wait_for(

@@ -21,11 +21,11 @@ from coordinator.central.checkpoint import save_checkpoint
 from coordinator.coordinator_process import Coordinator, StageBudget, stage_corpus
 from coordinator.db import participants as db_participants
 from coordinator.federation_settings import FederationSettings
-from participant.unit_trainer import BlobIO, UnitTrainer
+from participant.unit_trainer import UnitTrainer
 from shared_model.config_loading import load_config
 from shared_model.data import DataError, load_corpus
 from shared_model.model import PerspectiveModel
-from shared_model.wire.perspective.v1 import tensor_pb2
+from tests.test_federation_intake import local_io
 
 NODE = 1 << 63 | 777
 SYLLABLES = ["ka", "lo", "mi", "re", "su", "ta", "ne", "vo", "di", "pa", "gu", "ri"]
@@ -103,12 +103,7 @@ def lease_and_train(coord: Coordinator, loop, trainer: UnitTrainer):
         )
         unit = loop.units.lease(s, p, loop.state)
         request = loop.units.request(unit, loop.state, NODE)
-    store = coord.store
-    io = BlobIO(
-        fetch=lambda ref: store.get(ref.content_id),
-        upload=lambda data: tensor_pb2.BlobRef(content_id=store.put_bytes(data), size=len(data)),
-    )
-    return loop.receive(NODE, trainer.run(request, io))
+    return loop.receive(NODE, trainer.run(request, local_io(coord.store, request.unit.unit_id)))
 
 
 @pytest.fixture(scope="module")
