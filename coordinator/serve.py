@@ -210,13 +210,15 @@ def run_serve(
     """Start the coordinator, run the stage (re-attaching after SuperLink outages), stop."""
     from coordinator.blob_server import TlsConfig
     from coordinator.coordinator_process import Coordinator, stage_corpus
-    from coordinator.flower.run import owner_id
+    from coordinator.flower.run import check_superlink, owner_id
     from coordinator.key_sync import KeySync
     from coordinator.liveness import Liveness
     from coordinator.stage_control import StageControl
 
     secrets = security.secrets
     tls = security.ca is not None
+    owner = owner_id(work_dir)  # this coordinator's runs on the SuperLink
+    check_superlink(endpoints.superlink, owner, insecure=not tls, root_certificates=security.ca)
     corpus = stage_corpus(data, cfg, work_dir)
     log.info("corpus %s prepared at %s", corpus.manifest["source"], corpus.root)
     coord = Coordinator(
@@ -247,7 +249,6 @@ def run_serve(
             ).start()  # fmt: skip
         coord.prepare(init, settings)
         log.info("blob service at %s (TLS: %s)", coord.blob_address, tls)
-        owner = owner_id(work_dir)  # this coordinator's runs on the SuperLink
         connect = lambda: _open_driver(endpoints.superlink, security, stop, owner)  # noqa: E731
         loop = coord.federated_stage(None, budget, settings)
         replayed = loop.recover()

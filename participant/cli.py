@@ -146,7 +146,7 @@ def run_cmd(
     max_wait_time: float = typer.Option(60.0, help="Reconnect this long before a restart."),
 ) -> None:
     """Run the participant daemon (SuperNode + worker, restarts with back-off) until SIGTERM."""
-    from participant.daemon import DaemonConfig, ParticipantDaemon
+    from participant.daemon import REVOKED_EXIT_CODE, DaemonConfig, ParticipantDaemon
     from participant.join import Enrolment, JoinError
     from participant.limits import Limits
     from participant.report import NodeReporter
@@ -175,9 +175,15 @@ def run_cmd(
         limits=Limits.load(limits_file) if limits_file.is_file() else Limits(),
         max_wait_time=max_wait_time,
     )
-    # Refusals go to the coordinator's event log too, signed with our node key.
+    # Refusals go to the coordinator's event log too, signed with our node key; its answer
+    # says when the operator revoked us (then retrying is pointless: stop for good).
     reporter = NodeReporter(enrolment)
-    ParticipantDaemon(cfg, on_event=reporter.sink).run_forever(install_signals=True)
+    daemon = ParticipantDaemon(cfg, on_event=reporter.sink)
+    reporter.on_revoked = daemon.revoked
+    daemon.run_forever(install_signals=True)
+    if daemon.revocation is not None:
+        typer.secho(f"participant run: stopped: {daemon.revocation}", err=True, fg="red")
+        raise typer.Exit(REVOKED_EXIT_CODE)
 
 
 @app.command("status")

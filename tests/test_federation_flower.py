@@ -207,7 +207,8 @@ def test_operator_pauses_resumes_and_cancels_the_running_serve(restarted_serve):
         assert job["stage"] == "stage3" and job["state"] == "running"
         made = subprocess.run(
             [sys.executable, "-m", "shared_model.cli", "coordinator", "token", "create",
-             "--db", f"sqlite:///{work / 'coordinator.db'}", "--name", "op"],
+             "--db", f"sqlite:///{work / 'coordinator.db'}", "--name", "op", "--role",
+             "operator"],
             capture_output=True, text=True, timeout=120, check=True,
         )  # fmt: skip
         op = {"Authorization": f"Bearer {made.stdout.strip().splitlines()[-1]}"}

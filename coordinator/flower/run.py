@@ -189,6 +189,29 @@ def claim_superlink(address: str, owner: str, **kw: Any) -> list[int]:
     """
     ours = build_fab(owner)[1]
     live = live_runs(address, **kw)
+    refuse_if_held(address, live, ours)
+    stale = [run.run_id for run in live if run.fab_hash == ours]
+    for run_id in stale:
+        stop_run(address, run_id, **kw)
+    return stale
+
+
+def check_superlink(address: str, owner: str, **kw: Any) -> None:
+    """Refuse early (before preparing anything) when another coordinator holds the
+    SuperLink; a SuperLink not reachable yet is not an error here (serve waits for it).
+
+    Raises:
+        SuperLinkBusy: As :func:`claim_superlink`.
+    """
+    try:
+        live = live_runs(address, **kw)
+    except Exception:  # noqa: BLE001 - down or restarting: open_driver checks again
+        return
+    refuse_if_held(address, live, build_fab(owner)[1])
+
+
+def refuse_if_held(address: str, live: list[Any], ours: str) -> None:
+    """Raise :class:`SuperLinkBusy` if a live run in ``live`` is not ours and in the way."""
     for run in live:
         if run.fab_id == FAB_ID and run.fab_hash != ours:
             raise SuperLinkBusy(
@@ -204,10 +227,6 @@ def claim_superlink(address: str, owner: str, **kw: Any) -> list[int]:
                 f"SuperLink at {address}; its ServerApp task would be handed to this "
                 f"coordinator. We never stop runs that are not ours: 'flwr stop {run.run_id}'."
             )
-    stale = [run.run_id for run in live if run.fab_hash == ours]
-    for run_id in stale:
-        stop_run(address, run_id, **kw)
-    return stale
 
 
 def open_driver(
