@@ -11,6 +11,7 @@ over the gRPC blob service, and the coordinator is either in-process (first test
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.federation_settings import FederationSettings
@@ -52,8 +54,15 @@ def step_until(loop, condition, timeout: float, what: str) -> None:
         loop.step()
 
 
-def test_dashboard_follows_a_real_run(seed, network, tmp_path, browser):
-    """The operator dashboard of a coordinator running a real tiny federated run."""
+STAGE4_UNITS = 8
+
+
+def test_dashboard_follows_a_real_stage4_run_which_ends_ternary_and_replays(
+    seed, network, tmp_path, browser
+):
+    """The operator dashboard of a coordinator running a real tiny federated stage 4 (KD
+    from the frozen teacher, progressive ternary experts) to the end of its token budget;
+    the ternary schedule ends at 1.0 and a restarted coordinator replays every version."""
     from playwright.sync_api import expect
 
     cfg, corpus, ckpt = seed
@@ -64,12 +73,13 @@ def test_dashboard_follows_a_real_run(seed, network, tmp_path, browser):
     thread = None
     try:
         settings = FederationSettings(
-            stage=3, steps_per_unit=6, lease_seconds=30, eval_every=2, eval_batches=1,
+            stage=4, steps_per_unit=6, lease_seconds=30, eval_every=2, eval_batches=1,
             buffer_size=1, units_hint=60,
         )  # fmt: skip
         coord.prepare(ckpt, settings)
         driver = network.open_driver()
-        loop = coord.federated_stage(driver, StageBudget(minutes=30), settings)
+        tokens = STAGE4_UNITS * 6 * cfg.train.batch_size * cfg.train.seq_len
+        loop = coord.federated_stage(driver, StageBudget(tokens=tokens), settings)
         thread = threading.Thread(target=loop.run, args=(stop.is_set,), daemon=True)
         thread.start()
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -88,12 +98,43 @@ def test_dashboard_follows_a_real_run(seed, network, tmp_path, browser):
         expect(rows.first.locator("td").nth(2)).to_have_text("online")
         page.screenshot(path=str(ARTIFACTS / "real-run-participants.png"))
         page.close()
-        stop.set()
-        thread.join(timeout=120)
+        thread.join(timeout=300)  # the stage ends by itself: its token budget
+        assert not thread.is_alive(), "stage 4 did not finish its token budget"
         driver.close()
+        _stage4_schedule_ran_to_ternary(coord, cfg)
+        published = loop.state.published_model().state_dict()
+        version = loop.state.version
     finally:
         stop.set()
         coord.shutdown()
+    # Versions replay: a coordinator restarted on the work dir rebuilds the same weights.
+    again = Coordinator(cfg, tmp_path / "coordinator", corpus)
+    again.start()
+    try:
+        again.prepare(ckpt, settings)
+        replay = again.federated_stage(None, StageBudget(tokens=tokens), settings)
+        replay.recover()
+        assert replay.state.version == version
+        rebuilt = replay.state.published_model().state_dict()
+        assert all(torch.equal(rebuilt[k], v) for k, v in published.items())
+    finally:
+        again.shutdown()
+
+
+def _stage4_schedule_ran_to_ternary(coord, cfg) -> None:
+    """Every stage-4 unit carried KD; the ternary fraction rose phase by phase to 1.0 by
+    the end of the budget, and those units' results were accepted."""
+    with _db(coord) as db:
+        rows = db.execute(
+            "select u.params, r.state from work_units u join results r on r.unit_id = u.unit_id "
+            "order by json_extract(u.params, '$.position')"
+        ).fetchall()
+    params = [json.loads(p) for p, _ in rows]
+    assert len(rows) >= STAGE4_UNITS and all(state == "accepted" for _, state in rows), rows
+    assert all(p["kd_weight"] == cfg.ternary.kd_weight > 0 for p in params)
+    fractions = [p["ternary_fraction"] for p in params]
+    assert fractions == sorted(fractions), fractions
+    assert fractions[0] == cfg.ternary.schedule[0] and fractions[-1] == 1.0, fractions
 
 
 def _accepted(db_path) -> list[tuple[str, int | None]]:

@@ -183,11 +183,19 @@ def test_export_gives_the_published_model_to_generate_eval_and_stage5(trained):
     code, said = cli("generate", "--checkpoint", str(out / "model.safetensors"),
                      "--prompt", "The ", "--max-new-tokens", "8")  # fmt: skip
     assert code == 0 and said.startswith("The "), said
-    # Stage 7 (what `perspective eval` runs; small safety-polytope parameters) ...
+    # Stage 7 (what `perspective eval` runs; small safety-polytope parameters, both task
+    # kinds but one generation item: CPU generation is the slow part) ...
+    from coordinator.central.evaluation.report import default_tasks
+
+    mc, gen = sorted(default_tasks(), key=lambda p: "gsm" in p.name)
+    one_gen = out / "gsm_one.jsonl"
+    one_gen.write_text(gen.read_text().splitlines()[0] + "\n")
     params = {"vocab_size": 1000, "anchors": 100, "halfspaces": 100}
     report = run_eval(out / "model.safetensors", out / "eval", data=trained["corpus"],
-                      device="cpu", gen_tokens=8, ppl_batches=2, spp_params=params)  # fmt: skip
+                      device="cpu", gen_tokens=8, ppl_batches=2, spp_params=params,
+                      tasks=[mc, one_gen])  # fmt: skip
     assert report["stage"] == 3 and report["perplexity"]["val_ppl"] > 1
+    assert report["tasks"]["arc_mini"]["n"] == 10 and report["tasks"]["gsm_one"]["n"] == 1
     # ... and stage 5 start from it, with the command the export printed.
     data = ["--data", str(trained["source"]), "--data-dir", str(work / "corpus")]
     params = ["--param", "steps=2", "--param", "init_batches=1", "--out", str(out / "s5")]
