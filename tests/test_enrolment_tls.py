@@ -133,8 +133,16 @@ def host(tmp_path_factory, tiny_moe_seed):
 
 
 def test_volunteer_joins_trains_over_tls_and_stops_for_good_when_revoked(host, tmp_path):
-    volunteer = tmp_path / "alice"
-    out = cli("participant", "join", host.url, "--token", host.enrolment_token(),
+    volunteer, token = tmp_path / "alice", host.enrolment_token()
+    # Without the CA's fingerprint the network's own certificate is not trusted: the join
+    # fails saying what to give, and leaves nothing behind (no fresh key).
+    first = subprocess.run([*CLI, "participant", "join", host.url, "--token", token,
+                            "--name", "alice", "--state-dir", str(volunteer)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    said = " ".join(first.stderr.replace("│", " ").split())
+    assert first.returncode != 0 and "give --ca-fingerprint" in said, said
+    assert not volunteer.exists()
+    out = cli("participant", "join", host.url, "--token", token,
               "--name", "alice", "--state-dir", str(volunteer),
               "--ca-fingerprint", host.fingerprint, "--max-columns", "2")  # fmt: skip
     assert "matches the one you gave" in out, out

@@ -95,7 +95,9 @@ def build_fab(owner: str = "") -> tuple[bytes, str]:
     return fab_bytes, hashlib.sha256(fab_bytes).hexdigest()
 
 
-def _control_client(address: str, insecure: bool, root_certificates: bytes | None) -> Any:
+def _control_client(
+    address: str, insecure: bool, root_certificates: bytes | None, retry_s: float | None = None
+) -> Any:
     from flwr.supercore.control.control_http_client import ControlHttpClient
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 
@@ -106,7 +108,7 @@ def _control_client(address: str, insecure: bool, root_certificates: bytes | Non
         insecure=insecure,
         root_certificates=None if insecure else root_certificates,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="perspective-coordinator")],
-        retry_invoker=make_retry_invoker(),
+        retry_invoker=make_retry_invoker() if retry_s is None else make_retry_invoker(retry_s),
     )
 
 
@@ -168,11 +170,13 @@ def stop_run(
         client.close()
 
 
-def live_runs(address: str, **kw: Any) -> list[Any]:
-    """The SuperLink's unfinished runs (Flower ``Run`` protos), newest first."""
+def live_runs(address: str, retry_s: float | None = None, **kw: Any) -> list[Any]:
+    """The SuperLink's unfinished runs (Flower ``Run`` protos), newest first; connection
+    errors are retried for ``retry_s`` (default: the usual retry time)."""
     from flwr.proto.control_pb2 import ListRunsRequest
 
-    client = _control_client(address, kw.get("insecure", True), kw.get("root_certificates"))
+    insecure, certs = kw.get("insecure", True), kw.get("root_certificates")
+    client = _control_client(address, insecure, certs, retry_s)
     try:
         res = client.ListRuns(ListRunsRequest(limit=500))
     finally:
@@ -204,7 +208,7 @@ def check_superlink(address: str, owner: str, **kw: Any) -> None:
         SuperLinkBusy: As :func:`claim_superlink`.
     """
     try:
-        live = live_runs(address, **kw)
+        live = live_runs(address, retry_s=0.1, **kw)
     except Exception:  # noqa: BLE001 - down or restarting: open_driver checks again
         return
     refuse_if_held(address, live, build_fab(owner)[1])
