@@ -144,6 +144,9 @@ def run_cmd(
     preset: str = typer.Option("tiny", help="Model preset (must match the coordinator)."),
     config: Path | None = typer.Option(None, help="YAML config (must match the coordinator)."),
     max_wait_time: float = typer.Option(60.0, help="Reconnect this long before a restart."),
+    stop_grace_s: float = typer.Option(
+        20.0, min=0, help="On SIGTERM, let a unit in training finish this long (0: stop at once)."
+    ),
 ) -> None:
     """Run the participant daemon (SuperNode + worker, restarts with back-off) until SIGTERM."""
     from participant.daemon import REVOKED_EXIT_CODE, DaemonConfig, ParticipantDaemon
@@ -174,6 +177,7 @@ def run_cmd(
         config=config,
         limits=Limits.load(limits_file) if limits_file.is_file() else Limits(),
         max_wait_time=max_wait_time,
+        stop_grace_s=stop_grace_s,
     )
     # Refusals go to the coordinator's event log too, signed with our node key; its answer
     # says when the operator revoked us (then retrying is pointless: stop for good).
