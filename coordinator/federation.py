@@ -370,10 +370,15 @@ class FederationLoop:
     # --- end of stage and recovery ---------------------------------------------------------
 
     def collect(self, timeout: float) -> None:
-        """Ask every node with units in flight (a message pending, or a leased unit whose
-        result no later reply will bring) for its finished results; bounded wait."""
+        """Ask every node with a message pending for its finished results; bounded wait.
+
+        When the stage ends by its token budget, the nodes holding its last leased units
+        are asked too (those units are part of the budget; no later reply will bring
+        them). A stage whose time is up does not wait for units still training.
+        """
         collect = control_pb2.ControlRequest(collect=True).SerializeToString()
-        for node_id in set(self.driver.pending.values()) | self._holding_leases():
+        holders = self._holding_leases() if self._budget_leased else set()
+        for node_id in set(self.driver.pending.values()) | holders:
             self.driver.push(node_id, collect, "query.collect", timeout)
         deadline = time.monotonic() + timeout
         while self.driver.pending and time.monotonic() < deadline:

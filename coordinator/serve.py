@@ -274,6 +274,8 @@ def _open_driver(address: str, security: Security, stop: threading.Event, owner:
     """A driver on a new Flower run of ``owner``; waits (with back-off) while the SuperLink is
     away. :class:`~coordinator.flower.run.SuperLinkBusy` (another coordinator holds it) is
     not waited out: serve stops and says why."""
+    import httpx
+
     from coordinator.flower.run import open_driver
     from shared_model.flower_runtime import FlowerTransportError
 
@@ -287,7 +289,7 @@ def _open_driver(address: str, security: Security, stop: threading.Event, owner:
                 insecure=security.ca is None,
                 root_certificates=security.ca,
             )
-        except (FlowerTransportError, OSError) as exc:
+        except (FlowerTransportError, OSError, httpx.HTTPError) as exc:
             log.warning("SuperLink %s not available (%s); retrying in %.0f s", address, exc, delay)
             stop.wait(delay)
             delay = min(delay * 2, 30.0)
