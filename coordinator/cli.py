@@ -70,6 +70,11 @@ CaOpt = Annotated[
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
+def shown(text: str) -> str:
+    """``text`` safe for a terminal: control characters (escape sequences) as ``\\xNN``."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _fail(message: str) -> typer.Exit:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(code=1)
@@ -89,7 +94,7 @@ def _factory(db: str) -> Any:
 def token_create(
     db: DbOpt,
     name: Annotated[str, typer.Option(help="Who or what uses the token.")],
-    role: Annotated[str, typer.Option(help="operator or read")] = "operator",
+    role: Annotated[str, typer.Option(help="operator or read (default read, as the API)")] = "read",
 ) -> None:
     """Create an API token and print it once (only its hash is stored)."""
     from coordinator.db import DatabaseError, TokenRole
@@ -141,7 +146,7 @@ def token_list(db: DbOpt, as_json: JsonOpt = False) -> None:
         return
     for t in rows:
         state = f"revoked {t['revoked_at']}" if t["revoked_at"] else "active"
-        typer.echo(f"{t['id']:>4}  {t['role']:<8}  {t['name']:<24}  {state}")
+        typer.echo(f"{t['id']:>4}  {t['role']:<8}  {shown(t['name']):<24}  {state}")
 
 
 @app.command("enrolment-token")
@@ -241,7 +246,7 @@ def participants(
         return
     for p in page["items"]:
         typer.echo(
-            f"{p['id']:>4}  {p['name']:<20}  {p['state']:<8}  done {p['units_done']:>5}  "
+            f"{p['id']:>4}  {shown(p['name']):<20}  {p['state']:<8}  done {p['units_done']:>5}  "
             f"rejected {p['units_rejected']:>4}  credit {p['credit']:,}"
         )
     typer.echo(f"{page['total']} participant(s)", err=True)

@@ -80,7 +80,9 @@ def run_demo(
         default_columns_per_participant,
         stage_corpus,
     )
+    from coordinator.flower.run import owner_id
     from coordinator.local_network import LocalNetwork
+    from coordinator.serve import run_attached
     from shared_model.config_loading import load_config
     from shared_model.data import DataError
     from shared_model.tokenizer import TokenizerError
@@ -115,19 +117,20 @@ def run_demo(
         coord.start()
         view.say(f"dashboard: {coord.start_api()}/")
         coord.prepare(r2.checkpoint, settings)
-        driver = network.open_driver()
+        owner = owner_id(coord.work_dir)
         fed_minutes = (minutes - seed_minutes) / 2
         for stage in (3, 4):
             if stop.is_set():
                 break
             loop = coord.federated_stage(
-                driver, StageBudget(minutes=fed_minutes), replace(settings, stage=stage)
+                None, StageBudget(minutes=fed_minutes), replace(settings, stage=stage)
             )
             if stage == 3:  # the seed, scored on the same validation set as every version
                 view.seed_val_loss = loop.evaluate()
             traffic = coord.traffic()
             view.start_stage(stage, loop)
-            loop.run(stop.is_set, on_tick=view.refresh)
+            # Our Flower run stopped (`flwr stop`) or the SuperLink hiccuped: a new run.
+            run_attached(loop, lambda: network.open_driver(owner), stop, tick=view.refresh)
             view.end_stage(stage, loop, traffic=_since(coord.traffic(), traffic))
         summary = view.summary(r1, work)
         (work / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -146,8 +146,10 @@ class FederationLoop:
             )
             self._message_units[message_id] = unit_id
             self._bytes_down += len(payload)
-        # Online with nothing to lease: all max_in_flight units are in flight.
-        if needed == 0 and node_id not in self.driver.pending.values():
+        # Online with nothing to lease: all max_in_flight units are in flight, or the budget
+        # is fully leased while some are (no next unit's reply will bring their results).
+        in_flight = needed == 0 or (self._budget_leased and needed < self.settings.max_in_flight)
+        if in_flight and node_id not in self.driver.pending.values():
             self._ask_for_results(node_id)
 
     def _ask_for_results(self, node_id: int) -> None:
@@ -374,9 +376,15 @@ class FederationLoop:
     # --- end of stage and recovery ---------------------------------------------------------
 
     def collect(self, timeout: float) -> None:
-        """Ask every node with units in flight for its finished results; bounded wait."""
+        """Ask every node with a message pending for its finished results; bounded wait.
+
+        When the stage ends by its token budget, the nodes holding its last leased units
+        are asked too (those units are part of the budget; no later reply will bring
+        them). A stage whose time is up does not wait for units still training.
+        """
         collect = control_pb2.ControlRequest(collect=True).SerializeToString()
-        for node_id in set(self.driver.pending.values()):
+        holders = self._holding_leases() if self._budget_leased else set()
+        for node_id in set(self.driver.pending.values()) | holders:
             self.driver.push(node_id, collect, "query.collect", timeout)
         deadline = time.monotonic() + timeout
         while self.driver.pending and time.monotonic() < deadline:
@@ -385,6 +393,16 @@ class FederationLoop:
         if self._applied or self.state.shared.has_buffered():
             self.state.shared.flush()
             self.publish()
+
+    def _holding_leases(self) -> set[int]:
+        """Online nodes that hold leased units (their results are still on the node)."""
+        now, holding = utcnow(), set()
+        with self.factory() as s:
+            for node_id in self._online:
+                row = db_participants.find_participant(s, node_id=node_id)
+                if row is not None and db_leases.count_in_flight(s, participant_id=row.id, now=now):
+                    holding.add(node_id)
+        return holding
 
     def attach(self, driver) -> None:
         """Use ``driver`` (a new Flower run) from now on, e.g. after the SuperLink restarted.

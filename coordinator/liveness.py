@@ -12,19 +12,27 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 
 from coordinator.db import participants as db_participants
+from coordinator.db.types import utcnow
 
 log = logging.getLogger(__name__)
 OFFLINE_AFTER_S = 120.0
 
 
 class Liveness:
-    """Marks silent participants offline; call :meth:`tick` from the loop (rate-limited)."""
+    """Marks silent participants offline; call :meth:`tick` from the loop (rate-limited).
 
-    def __init__(self, session_factory, silence_s: float = OFFLINE_AFTER_S, poll_s: float = 2.0):
+    ``clock`` gives the database time "now" (tests pass a later one instead of sleeping).
+    """
+
+    def __init__(
+        self, session_factory, silence_s: float = OFFLINE_AFTER_S, poll_s: float = 2.0,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ):  # fmt: skip
         self.factory, self.silence = session_factory, dt.timedelta(seconds=silence_s)
-        self.poll_s, self._next = poll_s, 0.0
+        self.poll_s, self._next, self.clock = poll_s, 0.0, clock
 
     def tick(self) -> list[int]:
         """Mark participants silent for longer than the silence offline; their ids."""
@@ -33,7 +41,7 @@ class Liveness:
             return []
         self._next = now + self.poll_s
         with self.factory.begin() as s:
-            rows = db_participants.mark_silent_offline(s, silence=self.silence)
+            rows = db_participants.mark_silent_offline(s, silence=self.silence, now=self.clock())
             ids = [r.id for r in rows]
         if ids:
             log.info("offline after %s of silence: participants %s", self.silence, ids)

@@ -10,6 +10,7 @@ processes through the CLI; it never imports participant code.
 
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field
@@ -87,9 +88,14 @@ class LocalNetwork:
         process.start()
         return LocalParticipant(i, process, base)
 
-    def open_driver(self):
-        """A new Flower run on the SuperLink with a driver attached to it."""
-        return open_driver(self.superlink.address, superexec_secret=self.superlink.superexec_secret)
+    def open_driver(self, owner: str | None = None):
+        """A new Flower run of ``owner`` (:func:`~coordinator.flower.run.owner_id`; default a
+        fresh one) on the SuperLink with a driver attached to it."""
+        return open_driver(
+            self.superlink.address,
+            superexec_secret=self.superlink.superexec_secret,
+            owner=owner if owner is not None else secrets.token_hex(8),
+        )
 
     def kill_participant(self, index: int) -> None:
         """SIGKILL a participant's process tree: worker and SuperNode (failure tests)."""

@@ -37,7 +37,12 @@ MIN_INTERVAL_S = 5.0  # one report per participant per this many seconds
 
 
 class TooManyReports(Conflict):
-    """The participant reported less than :data:`MIN_INTERVAL_S` ago (retry later)."""
+    """The participant reported less than the minimum interval ago (retry after
+    ``retry_after`` seconds)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class BadNodeReport(InvalidToken):
@@ -66,6 +71,7 @@ def record_node_report(
     at: float,
     signature: str,
     now: float | None = None,
+    min_interval_s: float = MIN_INTERVAL_S,
 ) -> Event:
     """Verify a daemon's report and append it to the event log.
 
@@ -73,7 +79,7 @@ def record_node_report(
         NotFound: No such participant.
         BadNodeReport: Unknown kind, no enrolled key, bad signature, or older than
             :data:`MAX_SKEW_S` (or from the future).
-        TooManyReports: Another report of this kind came less than :data:`MIN_INTERVAL_S`
+        TooManyReports: Another report of this kind came less than ``min_interval_s``
             ago (a daemon reports once per refusal; this bounds replays and floods).
     """
     if kind not in REPORT_KINDS:
@@ -86,7 +92,7 @@ def record_node_report(
     skew = abs((now or time.time()) - at)
     if skew > MAX_SKEW_S:
         raise BadNodeReport(f"report is {skew:.0f} s off the coordinator's clock (> {MAX_SKEW_S})")
-    _check_rate(session, participant_id, kind)
+    _check_rate(session, participant_id, kind, min_interval_s)
     data: dict[str, Any] = {"reason": reason, "reported_by_node": True, "at": at}
     return log_event(
         session,
@@ -97,14 +103,22 @@ def record_node_report(
     )
 
 
-def _check_rate(session: Session, participant_id: int, kind: str) -> None:
-    since = utcnow() - dt.timedelta(seconds=MIN_INTERVAL_S)
+def _check_rate(session: Session, participant_id: int, kind: str, interval_s: float) -> None:
+    now = utcnow()
     recent = session.scalar(
-        select(Event.id)
-        .where(Event.participant_id == participant_id, Event.kind == kind, Event.ts >= since)
+        select(Event.ts)
+        .where(
+            Event.participant_id == participant_id,
+            Event.kind == kind,
+            Event.ts >= now - dt.timedelta(seconds=interval_s),
+        )
+        .order_by(Event.ts.desc())
         .limit(1)
     )
     if recent is not None:
+        wait = interval_s - (now - recent).total_seconds()
         raise TooManyReports(
-            f"participant {participant_id} reported {kind} less than {MIN_INTERVAL_S:.0f} s ago"
+            f"participant {participant_id} reported {kind} less than {interval_s:g} s ago; "
+            f"retry in {max(wait, 0):.0f} s",
+            retry_after=max(wait, 1.0),
         )

@@ -178,13 +178,14 @@ def startup_errors() -> tuple[type[Exception], ...]:
 
     from coordinator.central.checkpoint import CheckpointError
     from coordinator.db import DatabaseConfigError
+    from coordinator.flower.run import SuperLinkBusy
     from coordinator.serve_api import ApiServerError
     from shared_model.blobs import BlobError
     from shared_model.data import DataError
     from shared_model.tokenizer import TokenizerError
 
     return (SQLAlchemyError, DatabaseConfigError, ApiServerError, BlobError, CheckpointError,
-            SecurityError, DataError, TokenizerError)  # fmt: skip
+            SecurityError, DataError, TokenizerError, SuperLinkBusy)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -209,12 +210,15 @@ def run_serve(
     """Start the coordinator, run the stage (re-attaching after SuperLink outages), stop."""
     from coordinator.blob_server import TlsConfig
     from coordinator.coordinator_process import Coordinator, stage_corpus
+    from coordinator.flower.run import check_superlink, owner_id
     from coordinator.key_sync import KeySync
     from coordinator.liveness import Liveness
     from coordinator.stage_control import StageControl
 
     secrets = security.secrets
     tls = security.ca is not None
+    owner = owner_id(work_dir)  # this coordinator's runs on the SuperLink
+    check_superlink(endpoints.superlink, owner, insecure=not tls, root_certificates=security.ca)
     corpus = stage_corpus(data, cfg, work_dir)
     log.info("corpus %s prepared at %s", corpus.manifest["source"], corpus.root)
     coord = Coordinator(
@@ -245,7 +249,7 @@ def run_serve(
             ).start()  # fmt: skip
         coord.prepare(init, settings)
         log.info("blob service at %s (TLS: %s)", coord.blob_address, tls)
-        connect = lambda: _open_driver(endpoints.superlink, security, stop)  # noqa: E731
+        connect = lambda: _open_driver(endpoints.superlink, security, stop, owner)  # noqa: E731
         loop = coord.federated_stage(None, budget, settings)
         replayed = loop.recover()
         log.info("recovered at version %d (%d results replayed)", loop.state.version, replayed)
@@ -266,8 +270,12 @@ def _shown_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _open_driver(address: str, security: Security, stop: threading.Event):
-    """A driver on a new Flower run; waits (with back-off) while the SuperLink is away."""
+def _open_driver(address: str, security: Security, stop: threading.Event, owner: str):
+    """A driver on a new Flower run of ``owner``; waits (with back-off) while the SuperLink is
+    away. :class:`~coordinator.flower.run.SuperLinkBusy` (another coordinator holds it) is
+    not waited out: serve stops and says why."""
+    import httpx
+
     from coordinator.flower.run import open_driver
     from shared_model.flower_runtime import FlowerTransportError
 
@@ -277,10 +285,11 @@ def _open_driver(address: str, security: Security, stop: threading.Event):
             return open_driver(
                 address,
                 superexec_secret=security.superexec_secret,
+                owner=owner,
                 insecure=security.ca is None,
                 root_certificates=security.ca,
             )
-        except (FlowerTransportError, OSError) as exc:
+        except (FlowerTransportError, OSError, httpx.HTTPError) as exc:
             log.warning("SuperLink %s not available (%s); retrying in %.0f s", address, exc, delay)
             stop.wait(delay)
             delay = min(delay * 2, 30.0)
@@ -288,14 +297,15 @@ def _open_driver(address: str, security: Security, stop: threading.Event):
 
 
 def run_attached(
-    loop, connect: Callable[[], object], stop: threading.Event, control,
+    loop, connect: Callable[[], object], stop: threading.Event, control=None,
     tick: Callable[[], object] = lambda: None,
 ) -> None:  # fmt: skip
-    """Run ``loop`` to the end of its budget, re-attaching to a new run if the SuperLink goes.
+    """Run ``loop`` to the end of its budget, re-attaching to a new run if the SuperLink goes
+    or our run is stopped (``flwr stop``).
 
-    ``control`` (:class:`~coordinator.stage_control.StageControl`) applies the operator's
-    pause / resume / cancel of the stage job at every step; ``tick`` runs after each step
-    too (:class:`~coordinator.liveness.Liveness`).
+    ``control`` (:class:`~coordinator.stage_control.StageControl`, ``None`` for the demo)
+    applies the operator's pause / resume / cancel of the stage job at every step; ``tick``
+    runs after each step too (:class:`~coordinator.liveness.Liveness`).
 
     A lost SuperLink (killed, restarted) makes driver calls fail; the leases of the old
     run can never be answered there, so they are re-queued and the loop continues on a
@@ -309,6 +319,9 @@ def run_attached(
             return
         loop.attach(driver)
         try:
+            if control is None:
+                loop.run(stop.is_set, tick)
+                return
             control.tick(loop)  # a stage paused before a restart stays paused
             loop.run(
                 lambda: stop.is_set() or control.cancelled(),

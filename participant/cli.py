@@ -144,9 +144,12 @@ def run_cmd(
     preset: str = typer.Option("tiny", help="Model preset (must match the coordinator)."),
     config: Path | None = typer.Option(None, help="YAML config (must match the coordinator)."),
     max_wait_time: float = typer.Option(60.0, help="Reconnect this long before a restart."),
+    stop_grace_s: float = typer.Option(
+        20.0, min=0, help="On SIGTERM, let a unit in training finish this long (0: stop at once)."
+    ),
 ) -> None:
     """Run the participant daemon (SuperNode + worker, restarts with back-off) until SIGTERM."""
-    from participant.daemon import DaemonConfig, ParticipantDaemon
+    from participant.daemon import REVOKED_EXIT_CODE, DaemonConfig, ParticipantDaemon
     from participant.join import Enrolment, JoinError
     from participant.limits import Limits
     from participant.report import NodeReporter
@@ -174,10 +177,17 @@ def run_cmd(
         config=config,
         limits=Limits.load(limits_file) if limits_file.is_file() else Limits(),
         max_wait_time=max_wait_time,
+        stop_grace_s=stop_grace_s,
     )
-    # Refusals go to the coordinator's event log too, signed with our node key.
+    # Refusals go to the coordinator's event log too, signed with our node key; its answer
+    # says when the operator revoked us (then retrying is pointless: stop for good).
     reporter = NodeReporter(enrolment)
-    ParticipantDaemon(cfg, on_event=reporter.sink).run_forever(install_signals=True)
+    daemon = ParticipantDaemon(cfg, on_event=reporter.sink)
+    reporter.on_revoked = daemon.revoked
+    daemon.run_forever(install_signals=True)
+    if daemon.revocation is not None:
+        typer.secho(f"participant run: stopped: {daemon.revocation}", err=True, fg="red")
+        raise typer.Exit(REVOKED_EXIT_CODE)
 
 
 @app.command("status")

@@ -19,6 +19,13 @@ port and secret stay the same, and the worker simply retries until it is back.
 
 ``status.json`` in the state directory is rewritten every few seconds (temp + rename) for
 ``perspective participant status``.
+
+Stopping (SIGTERM/SIGINT, :meth:`ParticipantDaemon.shutdown`) signals both children at
+once: the SuperNode gets :data:`NODE_STOP_S` to deregister before it is killed, the worker
+its ``stop_grace_s`` only while a unit is training (an idle worker exits at once), so the
+daemon is gone within 2 s in every state but training. A node refused because the operator
+revoked this participant (the coordinator says so in its answer to our signed report)
+stops the daemon for good (:meth:`ParticipantDaemon.revoked`): retrying cannot help.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ from shared_model.processes import FLOWER_QUIET_ENV, ManagedProcess, free_port, 
 log = logging.getLogger(__name__)
 EventSink = Callable[[str, str, dict[str, Any]], None]
 ACTIVATION_RETRY_MAX_S = 20.0
+NODE_STOP_S = 1.0  # a SuperNode deregisters in well under this; a hung one is killed
+REVOKED_EXIT_CODE = 3  # `participant run` exits with this; systemd must not restart it
 
 #: (substring of the SuperNode log, reason code, explanation for the volunteer).
 REFUSALS = (
@@ -140,6 +149,7 @@ class ParticipantDaemon:
         self._thread: threading.Thread | None = None
         self._ram_strikes = 0
         self._log_offset = 0
+        self.revocation: str | None = None  # why the coordinator revoked us, once it said so
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -179,7 +189,7 @@ class ParticipantDaemon:
                 self._stop.wait(0.25)
         finally:
             self._stop_children()
-            self.state = "stopped"
+            self.state = "revoked" if self.revocation else "stopped"
             self.write_status()
 
     # ------------------------------------------------------------------ supervision
@@ -304,10 +314,36 @@ class ParticipantDaemon:
             self._ram_strikes = 0
 
     def _stop_children(self) -> None:
-        for proc, grace in ((self.worker, self.cfg.stop_grace_s + 10), (self.supernode, 10)):
-            if proc is not None:
-                proc.shutdown(timeout=grace)
+        """SIGTERM both children at once; the worker's grace only while a unit trains."""
+        node, worker = self.supernode, self.worker
+        grace = self.cfg.stop_grace_s + 1 if self._unit_in_progress() else NODE_STOP_S
+        stoppers = [
+            threading.Thread(target=proc.shutdown, kwargs={"timeout": t}, name="stop-child")
+            for proc, t in ((node, NODE_STOP_S), (worker, grace))
+            if proc is not None
+        ]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
         self.worker = self.supernode = None
+
+    def _unit_in_progress(self) -> bool:
+        """Whether the worker says it is training a unit (its ``progress.json``)."""
+        from participant.progress import read_progress
+        from participant.status import WORKER_STATE
+
+        with contextlib.suppress(Exception):  # no or half-written file: not training
+            return bool((read_progress(self.state_dir / WORKER_STATE) or {}).get("unit"))
+        return False
+
+    def revoked(self, message: str) -> None:
+        """The coordinator revoked this participant: record it and stop for good."""
+        if self.revocation is None:
+            self.revocation = message
+            self.event("participant.revoked", message, {})
+        self.state = "revoked"
+        self._stop.set()
 
     # ------------------------------------------------------------------ reporting
     def event(self, kind: str, message: str, data: dict[str, Any]) -> None:

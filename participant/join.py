@@ -17,6 +17,7 @@ starts the SuperNode with that key and CA.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -107,11 +108,28 @@ def join(
 
     Raises:
         JoinError: If the coordinator refuses (bad/used token, key already enrolled) or
-            gives no fleet address.
+            gives no fleet address. Nothing this call wrote is left behind then (no fresh
+            key, no CA): the state directory is as it was, or gone if we created it.
     """
+    state = Path(state_dir)
+    created = not state.exists()
+    before = set(state.iterdir()) if not created else set()
+    try:
+        return _enrol(coordinator_url, token, name, state, limits, device, api_ca,
+                      fleet_address, pinned_fingerprint)  # fmt: skip
+    except BaseException:
+        if created:
+            shutil.rmtree(state, ignore_errors=True)
+        else:
+            for path in set(state.iterdir()) - before:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
+
+
+def _enrol(coordinator_url, token, name, state, limits, device, api_ca, fleet_address,
+           pinned_fingerprint) -> Enrolment:  # fmt: skip
     import httpx
 
-    state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
     limits = limits or Limits()
     device = device or limits.device
@@ -133,7 +151,14 @@ def join(
     try:
         resp = httpx.post(url, json=body, timeout=30.0, verify=api_ca)
     except httpx.HTTPError as err:
-        raise JoinError(f"cannot reach the coordinator at {url}: {err}") from err
+        hint = ""
+        if "CERTIFICATE_VERIFY_FAILED" in str(err) and pinned_fingerprint is None:
+            hint = (
+                ": this machine does not trust the coordinator's certificate. If your operator "
+                "runs the network's own CA, give --ca-fingerprint with the SHA-256 fingerprint "
+                "they published (or --api-ca FILE)"
+            )
+        raise JoinError(f"cannot reach the coordinator at {url}: {err}{hint}") from err
     if resp.status_code != 201:
         raise JoinError(f"enrolment refused ({resp.status_code}): {_detail(resp)}")
     out: dict[str, Any] = resp.json()

@@ -4,7 +4,8 @@ The daemon classifies each SuperNode refusal (:func:`participant.daemon.classify
 :class:`NodeReporter` sends it to ``POST /api/v1/participants/{id}/reports`` signed with
 the enrolled node key, so the operator's event log says why this volunteer cannot
 connect (:mod:`coordinator.node_reports`). Sending happens in a background thread: the
-supervisor never waits on the network.
+supervisor never waits on the network. The answer says the participant's state; when it
+is ``revoked``, ``on_revoked`` is called (the daemon stops for good).
 
 The report is verified with the enrolment CA; if that fails (the very problem being
 reported may be a wrong CA) it is sent once more without verifying the server: the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from participant.join import Enrolment
@@ -33,9 +35,15 @@ class NodeReporter:
         timeout_s: HTTP timeout of one attempt.
     """
 
-    def __init__(self, enrolment: Enrolment, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        enrolment: Enrolment,
+        timeout_s: float = 10.0,
+        on_revoked: Callable[[str], None] | None = None,
+    ) -> None:
         self.enrolment = enrolment
         self.timeout_s = timeout_s
+        self.on_revoked = on_revoked
         self.sent: list[int] = []  # event ids the coordinator assigned (for status and tests)
 
     def sink(self, kind: str, message: str, data: dict[str, Any]) -> None:
@@ -66,7 +74,15 @@ class NodeReporter:
                 log.info("report to %s failed: %s", url, err)
                 return None
             if resp.status_code == 201:
-                self.sent.append(int(resp.json()["event_id"]))
+                answer = resp.json()
+                self.sent.append(int(answer["event_id"]))
+                if answer.get("participant_state") == "revoked" and self.on_revoked:
+                    self.on_revoked(
+                        f"the coordinator at {e.coordinator_url} revoked participant "
+                        f"{e.participant_id} ({e.name}): this machine's enrolment is no longer "
+                        "accepted. To take part again, ask the operator for a new enrolment "
+                        "token and run 'perspective participant join' with a new --state-dir."
+                    )
                 return self.sent[-1]
             log.warning("report refused (%d): %s", resp.status_code, resp.text[:200])
             return None

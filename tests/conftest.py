@@ -45,9 +45,12 @@ def browser():
 TINY_FED_OVERRIDES = ["train.batch_size=4", "train.seq_len=32"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_moe_seed(tmp_path_factory):
-    """``(cfg, corpus, checkpoint)``: a short stage-1 dense seed cloned into experts (stage 2)."""
+    """``(cfg, corpus, checkpoint)``: a short stage-1 dense seed cloned into experts (stage 2).
+
+    Session-scoped: every federated test module starts from the same read-only seed (one
+    stage-1 run for the whole suite instead of one per module)."""
     from coordinator.central.trainer import train_stage
     from shared_model.config_loading import load_config
     from shared_model.data import prepare_corpus

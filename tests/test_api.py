@@ -202,10 +202,14 @@ def test_ca_certificate_is_public_and_absent_without_tls(env, tmp_path):
     assert missing.status_code == 404 and "without a CA" in missing.json()["detail"]
 
 
-def test_signed_node_report_reaches_the_event_log(env, tmp_path):
+def test_signed_node_report_reaches_the_event_log(tmp_path):
     from shared_model.identity import make_node_key, report_payload, sign_report
 
-    _f, client, op, _ro, _feed = env
+    # One report per participant and kind per hour here: the refusal of the second below
+    # does not depend on how fast this machine sends it.
+    engine, _f, client, op, _ro = _setup(
+        sqlite_url(tmp_path / "c.db"), tmp_path, report_interval_s=3600
+    )
     key, public = make_node_key(tmp_path / "node_key")
     tok = client.post("/api/v1/enrolment-tokens", headers=op).json()["token"]
     body = {"token": tok, "name": "bob", "public_key": public}
@@ -219,14 +223,26 @@ def test_signed_node_report_reaches_the_event_log(env, tmp_path):
 
     ok = client.post(f"/api/v1/participants/{pid}/reports", json=report("tls_untrusted", at))
     assert ok.status_code == 201, ok.text
+    assert ok.json()["participant_state"] == "enrolled"
     again = client.post(f"/api/v1/participants/{pid}/reports", json=report("tls_untrusted", at))
-    assert again.status_code == 429  # one report per participant per 5 s: replays are bounded
+    assert again.status_code == 429  # one report per participant and interval: replays bounded
+    assert again.json()["error"] == "too_many_requests"
+    assert 3500 <= int(again.headers["retry-after"]) <= 3600
     events = client.get("/api/v1/events", params={"kind": "participant.refused"}).json()["items"]
     assert [(e["participant_id"], e["data"]["reason"]) for e in events] == [(pid, "tls_untrusted")]
     forged = report("unauthorized", at, signed_reason="tls_untrusted")  # body altered after signing
     assert client.post(f"/api/v1/participants/{pid}/reports", json=forged).status_code == 401
     stale = client.post(f"/api/v1/participants/{pid}/reports", json=report("x", at - 3600))
     assert stale.status_code == 401 and "clock" in stale.json()["detail"]
+    # A revoked participant's daemon is told so in the answer (it then stops for good).
+    assert client.post(f"/api/v1/participants/{pid}/revoke", headers=op).status_code == 200
+    at = time.time()
+    payload = report_payload(pid, "participant.disconnected", "unauthorized", "m", at)
+    told = client.post(f"/api/v1/participants/{pid}/reports", json={
+        "kind": "participant.disconnected", "reason": "unauthorized", "message": "m",
+        "at": at, "signature": sign_report(key, payload)})  # fmt: skip
+    assert told.status_code == 201 and told.json()["participant_state"] == "revoked", told.text
+    engine.dispose()
 
 
 def test_token_management(env):
@@ -333,3 +349,45 @@ def test_postgres_api(pg_url, tmp_path):  # noqa: F811 - fixture imported from t
     finally:
         client.close()
         engine.dispose()
+
+
+def test_api_edges_answer_in_the_documented_error_format(env, tmp_path):
+    """Framework errors, body size, strict types, terminal-safe names, blob HEAD and
+    conditional GET: every error body carries the documented ``error`` field."""
+    _f, client, op, _ro, _feed = env
+    unknown = client.get("/api/v1/no-such-route")
+    assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
+    wrong = client.put("/api/v1/tokens", headers=op)
+    assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
+    assert wrong.headers["allow"] == "GET, POST"  # every route at the path, not the first
+    assert client.delete("/api/v1/stage-jobs").headers["allow"] == "GET, POST"
+    # A 100 MB unauthenticated body is refused before anything parses it ...
+    huge = client.post("/api/v1/enrol", content=b"x" * (100 << 20),
+                       headers={"content-type": "application/json"})  # fmt: skip
+    assert huge.status_code == 413 and huge.json()["error"] == "payload_too_large"
+    bad_length = {"content-type": "application/json", "content-length": "abc"}
+    lying = client.post("/api/v1/enrol", content=b"{}", headers=bad_length)
+    assert lying.status_code == 400 and lying.json()["error"] == "bad_request"
+    # ... and types are exactly the schema's: no true for a number, no NaN, no "5".
+    for body in (b'{"ttl_hours": true}', b'{"ttl_hours": NaN}', b'{"ttl_hours": Infinity}',
+                 b'{"ttl_hours": "5"}'):  # fmt: skip
+        r = client.post("/api/v1/enrolment-tokens", content=body, headers={**op,
+                        "content-type": "application/json"})  # fmt: skip
+        assert r.status_code == 422 and r.json()["error"] == "validation_error", (body, r.text)
+    assert client.post("/api/v1/enrolment-tokens", json={"ttl_hours": 2}, headers=op).is_success
+    # Names reach operators' terminals: escape sequences are refused with the reason.
+    tok = client.post("/api/v1/enrolment-tokens", headers=op).json()["token"]
+    evil = {"token": tok, "name": "eve\x1b[2J\x1b]0;pwned\x07", "public_key": "ssh-x y"}
+    refused = client.post("/api/v1/enrol", json=evil)
+    assert refused.status_code == 422 and "U+001B" in refused.text
+    # Blobs: HEAD, and If-None-Match with the strong tag, a weak one and *.
+    cid = BlobStore(tmp_path / "blobs").put_bytes(b"blob bytes")
+    head = client.head(f"/api/v1/blobs/{cid}")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == "10" and head.headers["etag"] == f'"{cid}"'
+    for tag in (f'"{cid}"', f'W/"{cid}"', "*", f'"other", W/"{cid}"'):
+        r = client.get(f"/api/v1/blobs/{cid}", headers={"If-None-Match": tag})
+        assert r.status_code == 304, tag
+    assert client.get(f"/api/v1/blobs/{cid}", headers={"If-None-Match": '"x"'}).content == (
+        b"blob bytes"
+    )

@@ -15,12 +15,18 @@ from tests.coordinator_feed import NetworkFeed
 def test_cli_tokens_and_api_commands(tmp_path):
     db = str(tmp_path / "c.db")
     runner = CliRunner()
-    made = runner.invoke(app, ["token", "create", "--db", db, "--name", "ops"])
+    args = ["token", "create", "--db", db, "--name", "ops", "--role", "operator"]
+    made = runner.invoke(app, args)
     assert made.exit_code == 0, made.output
     token = made.stdout.strip().splitlines()[-1]
     assert token.startswith("pspk_")
     factory = make_session_factory(init_db(sqlite_url(db)))
     NetworkFeed(factory).run(2)
+    # A name stored before the API refused control characters: printed harmlessly.
+    from coordinator.db.participants import create_participant
+
+    with factory.begin() as s:
+        create_participant(s, name="eve\x1b[2J\x1b]0;pwned\x07")
     server_app = create_app(factory, ApiSettings(), metrics=CoordinatorMetrics())
     with ApiServer(server_app, port=0) as server:
         env = {"PERSPECTIVE_COORDINATOR_URL": server.url, "PERSPECTIVE_TOKEN": token}
@@ -28,6 +34,7 @@ def test_cli_tokens_and_api_commands(tmp_path):
         assert out.exit_code == 0 and "version      2" in out.stdout
         out = runner.invoke(app, ["participants"], env=env)
         assert out.exit_code == 0 and "volunteer-2" in out.stdout
+        assert "\x1b" not in out.stdout and "eve\\x1b[2J\\x1b]0;pwned\\x07" in out.stdout
         out = runner.invoke(app, ["stage", "start", "stage3"], env=env)
         assert out.exit_code == 0 and "job 1 (stage3): running" in out.stdout
         assert "paused" in runner.invoke(app, ["stage", "pause", "1"], env=env).stdout

@@ -2,11 +2,14 @@
 
 A short run (tiny preset, 2 participants) of exactly what `make demo` runs: central seed,
 then federated stages 3 and 4 over a real SuperLink, SuperNodes and participant workers.
+Midway through stage 3 its Flower run is stopped as ``flwr stop`` does (Control API
+``StopRun``): the demo goes on with a new run.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 
@@ -31,8 +34,14 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
     work = tmp_path / "demo"
     cmd = [sys.executable, "-m", "shared_model.cli", "demo", "--preset", "tiny"]
     cmd += ["--minutes", "1.5", "--participants", "2", "--work-dir", str(work)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stopped, at_version = _stop_the_demo_run_at_version_1(work)
+        out, err = proc.communicate(timeout=540)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
     summary = json.loads((work / "summary.json").read_text())
     assert summary["participants"] == 2
     s3, s4 = summary["stages"]["3"], summary["stages"]["4"]
@@ -42,6 +51,38 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
     assert s3["final_val_loss"] < summary["stage1_val_loss"]
     # ... and stage 4 continued from stage 3's versions.
     assert s4["versions_end"] > s3["versions_end"] > 0
-    assert "Perspective demo summary" in proc.stdout
+    # The stopped run stayed stopped; training went on past it on a new run.
+    assert (stopped.status, stopped.sub_status) == ("finished", "stopped")
+    assert s3["versions_end"] > at_version, (s3, at_version)
+    assert "Perspective demo summary" in out
     # Clean exit: nothing the demo started is left running.
     assert _processes_under(work) == []
+
+
+def _stop_the_demo_run_at_version_1(work):
+    """Once stage 3 published version 1: ``flwr stop`` the demo's Flower run. Returns the
+    run's status afterwards and the version it was stopped at."""
+    from coordinator.flower.run import live_runs, run_status, stop_run
+    from tests.conftest import wait_for
+
+    def version() -> int:
+        try:
+            with sqlite3.connect(work / "coordinator" / "coordinator.db") as db:
+                return db.execute("select max(version) from model_versions").fetchone()[0] or 0
+        except sqlite3.Error:
+            return 0
+
+    wait_for(lambda: version() >= 1, 300, "stage 3's version 1", every=0.5)
+    address = wait_for(lambda: _superlink_address(work), 30, "the demo's SuperLink")
+    (run,) = live_runs(address)
+    at = version()
+    stop_run(address, run.run_id)
+    return wait_for(lambda: (s := run_status(address, run.run_id)).finished and s, 30, "stop"), at
+
+
+def _superlink_address(work) -> str | None:
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if any("flower-superlink" in a for a in argv[:2]) and str(work) in " ".join(argv):
+            return f"127.0.0.1:{argv[argv.index('--port') + 1]}"
+    return None

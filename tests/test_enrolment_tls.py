@@ -1,198 +1,240 @@
-"""Enrolment, TLS and SuperNode authentication end to end on 127.0.0.1.
+"""Enrolment, TLS and SuperNode authentication end to end through ``coordinator serve``.
 
-Real processes throughout: a SuperLink with TLS (our own CA from ``coordinator.security``),
-``--enable-supernode-auth`` and a database; the coordinator's REST API (enrolment) on a
-real SQLite database; participant daemons supervising a real ``flower-supernode`` and a
-real ``perspective participant worker``. The coordinator driver exchanges a
-``query.collect`` control message with the enrolled node.
+The secure stack as an operator runs it without Docker or nginx (so this runs on every
+machine; ``test_secure_network.py`` adds the proxy where nginx is installed):
 
-Refusals (unregistered key, wrong CA, no TLS, revoked) must end the SuperNode with exit
-code 305 and the reason must reach the coordinator's event log: the volunteer's daemon
-reports it to the REST API, signed with its enrolled node key (``participant.report``).
+* ``perspective coordinator init`` writes the CA, server certificate, SuperExec secret,
+  blob-token key and the first operator token;
+* ``flower-superlink`` with TLS, ``--enable-supernode-auth``, the SuperExec secret and a
+  database; its Fleet API is what volunteers dial (``serve --fleet-address``);
+* ``perspective coordinator serve --secrets-dir --db --api-port``: TLS REST API and blob
+  service, node-key sync every second, the federation loop;
+* volunteers: ``perspective participant join`` (CA fingerprint pinned) and ``perspective
+  participant run``.
+
+One volunteer trains (a result accepted over TLS), is revoked by the operator, is refused,
+reports it, and its daemon stops for good with exit code 3 and a message saying why.
+Refusals (unregistered key, wrong CA, no TLS) end the SuperNode with exit code 305 and the
+reason reaches the coordinator's event log: the daemon reports it to the REST API, signed
+with its enrolled node key (``participant.report``).
 """
 
 from __future__ import annotations
 
-import time
+import json
+import subprocess
+import sys
 from pathlib import Path
 
+import httpx
 import pytest
+import sqlalchemy
 
-from coordinator.api import ApiSettings, create_app
-from coordinator.db import init_db, make_session_factory, sqlite_url
-from coordinator.db.events import list_events
-from coordinator.db.participants import revoke_participant
-from coordinator.db.tokens import create_enrolment_token
-from coordinator.flower.run import open_driver
 from coordinator.flower.superlink import SuperLinkProcess, TLSFiles
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.security import make_tls, sync_participant_keys
-from coordinator.serve_api import ApiServer
+from coordinator.security import make_tls
 from participant.daemon import DaemonConfig, ParticipantDaemon
 from participant.join import join
 from participant.limits import Limits
 from participant.report import NodeReporter
-from shared_model.wire.perspective.v1 import control_pb2
+from shared_model.identity import make_node_key
+from shared_model.processes import free_port
 from tests.conftest import wait_for
+from tests.test_secure_network import CLI, cli, query, spawn, stop
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
-COLLECT = control_pb2.ControlRequest(collect=True).SerializeToString()
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
 
 
-class Coordinator:
-    """TLS SuperLink with node auth + REST API + DB + driver."""
+class SecureServe:
+    """``coordinator init`` + TLS SuperLink with node auth + ``coordinator serve``."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, ckpt: Path) -> None:
         self.work = work
-        self.tls = make_tls(work / "tls", ["127.0.0.1", "localhost"])
-        self.ca = self.tls.ca_cert.read_bytes()
+        self.secrets = work / "secrets"
+        self.db_url = f"sqlite:///{work / 'coordinator.db'}"
+        out = cli("coordinator", "init", "--dir", str(self.secrets), "--host", "127.0.0.1",
+                  "--db", self.db_url)  # fmt: skip
+        self.operator_token = out.strip().splitlines()[-1]
+        self.fingerprint = next(
+            line.split(":", 1)[1].strip() for line in out.splitlines()
+            if line.startswith("CA fingerprint:")
+        )  # fmt: skip
+        tls = self.secrets / "tls"
+        self.ca = tls / "ca.crt"
         self.superlink = SuperLinkProcess(
-            work / "superlink",
-            database=work / "superlink.db",
-            tls=TLSFiles(self.tls.ca_cert, self.tls.cert, self.tls.key),
+            work / "superlink", database=work / "superlink.db",
+            tls=TLSFiles(self.ca, tls / "server.crt", tls / "server.key"),
+            superexec_secret_file=self.secrets / "superexec.secret",
             enable_supernode_auth=True,
-        )
-        self.factory = make_session_factory(init_db(sqlite_url(work / "coord.db")))
-        settings = ApiSettings(ca_cert_path=self.tls.ca_cert, fleet_address=self.superlink.address)
-        self.api = ApiServer(create_app(self.factory, settings, metrics=CoordinatorMetrics()))
-        self.driver = None
+        )  # fmt: skip
+        self.api_port = free_port()
+        self.url = f"https://127.0.0.1:{self.api_port}"
+        self.config = work / "tiny-units.yaml"
+        self.config.write_text("train:\n  batch_size: 4\n  seq_len: 32\n")
+        self.ckpt = ckpt
+        self.engine = sqlalchemy.create_engine(self.db_url)
+        self.serve: subprocess.Popen | None = None
 
     def start(self) -> None:
         self.superlink.start()
-        self.api.start().wait_until_ready()
+        self.serve = spawn(
+            self.work / "serve.log", "coordinator", "serve",
+            "--secrets-dir", str(self.secrets), "--db", self.db_url,
+            "--superlink", self.superlink.address, "--fleet-address", self.superlink.address,
+            "--init", str(self.ckpt), "--work-dir", str(self.work / "coordinator"),
+            "--preset", "tiny", "--config", str(self.config), "--minutes", "30",
+            "--buffer-size", "1", "--steps-per-unit", "6", "--lease-seconds", "30",
+            "--api-port", str(self.api_port), "--public-host", "127.0.0.1",
+            "--key-sync-seconds", "1",
+        )  # fmt: skip
         self.superlink.wait_until_ready(90)
-        self.driver = open_driver(
-            self.superlink.address,
-            superexec_secret=self.superlink.superexec_secret,
-            insecure=False,
-            root_certificates=self.ca,
-        )
+        wait_for(self._up, 180, "serve's REST API over TLS")
 
-    def sync(self) -> dict[str, list[int]]:
-        return sync_participant_keys(
-            self.factory, self.superlink.address, root_certificates=self.ca
-        )
+    def _up(self) -> bool:
+        assert self.serve.poll() is None, (self.work / "serve.log").read_text()[-3000:]
+        try:
+            return self.api("GET", "/status").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def api(self, method: str, path: str, **kw) -> httpx.Response:
+        """The REST API as the operator, verified with the network's CA."""
+        headers = {"Authorization": f"Bearer {self.operator_token}"}
+        return httpx.request(method, f"{self.url}/api/v1{path}", headers=headers,
+                             verify=str(self.ca), timeout=30, **kw)  # fmt: skip
 
     def enrolment_token(self) -> str:
-        with self.factory.begin() as session:
-            return create_enrolment_token(session, note="test")[0]
+        created = self.api("POST", "/enrolment-tokens", json={"note": "test"})
+        assert created.status_code == 201, created.text
+        return created.json()["token"]
 
-    def events(self, kind: str) -> list:
-        with self.factory() as session:
-            return [e for e in list_events(session, limit=500).items if e.kind == kind]
+    def events(self, kind: str, participant_id: int) -> list[tuple]:
+        sql = "select message, data from events where kind = :kind and participant_id = :pid"
+        return query(self.engine, sql, kind=kind, pid=participant_id)
 
-    def node_id(self, participant_id: int) -> int | None:
-        from coordinator.db.participants import get_participant
+    def accepted(self, participant_id: int) -> int:
+        sql = "select count(*) from results where participant_id = :pid and state = 'accepted'"
+        rows = query(self.engine, sql, pid=participant_id)
+        return rows[0][0] if rows else 0
 
-        with self.factory() as session:
-            return get_participant(session, participant_id=participant_id).node_id
-
-    def stop(self) -> None:
-        if self.driver is not None:
-            self.driver.close()
-        self.api.shutdown()
-        self.superlink.shutdown()
+    def shutdown(self) -> None:
+        stop(self.serve)
+        self.superlink.shutdown(10)
+        self.engine.dispose()
 
 
 @pytest.fixture(scope="module")
-def coord(tmp_path_factory):
-    c = Coordinator(tmp_path_factory.mktemp("tls"))
+def host(tmp_path_factory, tiny_moe_seed):
+    h = SecureServe(tmp_path_factory.mktemp("secure"), tiny_moe_seed[2])
     try:
-        c.start()
-        yield c
+        h.start()
+        yield h
     finally:
-        c.stop()
+        h.shutdown()
 
 
-def exchange(coord: Coordinator, node_id: int, timeout: float = 60) -> control_pb2.ControlReply:
-    """Push a ``query.collect`` to ``node_id`` and wait for its successful reply."""
-    deadline = time.monotonic() + timeout
-    while node_id not in coord.driver.node_ids():
-        assert time.monotonic() < deadline, f"node {node_id} never came online"
-        time.sleep(0.2)
-    coord.driver.push(node_id, COLLECT, "query.collect", ttl=timeout)
-    replies = []
-    while not replies and time.monotonic() < deadline:
-        replies = coord.driver.wait_any(deadline - time.monotonic())
-    assert replies and replies[0].ok, replies
-    return control_pb2.ControlReply.FromString(replies[0].payload)
-
-
-def daemon(coord, state: Path, reporter: NodeReporter, **kw) -> ParticipantDaemon:
-    cfg = DaemonConfig(
-        state_dir=state,
-        superlink_address=coord.superlink.address,
-        backoff_initial=60.0,  # one attempt is enough to see each refusal
-        limits=Limits(threads=1, max_columns=2),
-        **kw,
-    )
-    d = ParticipantDaemon(cfg, on_event=reporter.sink)
-    d.start()
-    return d
-
-
-def reported(coord, participant_id: int) -> list:
-    """``participant.refused`` events the participant's daemon reported to the coordinator."""
-    return [e for e in coord.events("participant.refused")
-            if e.participant_id == participant_id and e.data.get("reported_by_node")]  # fmt: skip
-
-
-def test_enrolled_participant_exchanges_then_revoked_is_refused(coord, tmp_path) -> None:
-    t0 = time.monotonic()
-    enrolment = join(coord.api.url, coord.enrolment_token(), "alice", tmp_path / "alice")
-    assert Path(enrolment.ca_cert).read_bytes() == coord.ca
-    assert coord.sync()["registered"] == [enrolment.participant_id]
-    node_id = coord.node_id(enrolment.participant_id)
-    d = daemon(
-        coord,
-        tmp_path / "alice",
-        NodeReporter(enrolment),
-        root_certificates=Path(enrolment.ca_cert),
-        auth_private_key=Path(enrolment.key),
-    )
+def test_volunteer_joins_trains_over_tls_and_stops_for_good_when_revoked(host, tmp_path):
+    volunteer, token = tmp_path / "alice", host.enrolment_token()
+    # Without the CA's fingerprint the network's own certificate is not trusted: the join
+    # fails saying what to give, and leaves nothing behind (no fresh key).
+    first = subprocess.run([*CLI, "participant", "join", host.url, "--token", token,
+                            "--name", "alice", "--state-dir", str(volunteer)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    said = " ".join(first.stderr.replace("│", " ").split())
+    assert first.returncode != 0 and "give --ca-fingerprint" in said, said
+    assert not volunteer.exists()
+    out = cli("participant", "join", host.url, "--token", token,
+              "--name", "alice", "--state-dir", str(volunteer),
+              "--ca-fingerprint", host.fingerprint, "--max-columns", "2")  # fmt: skip
+    assert "matches the one you gave" in out, out
+    enrolment = json.loads((volunteer / "participant.json").read_text())["enrolment"]
+    pid = int(enrolment["participant_id"])
+    assert enrolment["fleet_address"] == host.superlink.address
+    assert Path(enrolment["ca_cert"]).read_bytes() == host.ca.read_bytes()
+    log = tmp_path / "participant.log"
+    daemon = spawn(log, "participant", "run", "--state-dir", str(volunteer),
+                   "--config", str(host.config), "--max-wait-time", "4")  # fmt: skip
     try:
-        reply = exchange(coord, node_id)
-        print(f"\njoin -> first message exchanged: {time.monotonic() - t0:.1f} s")
-        assert reply.capability.threads == 1 and reply.capability.max_columns == 2
-        # Revoke: the coordinator unregisters the key; the node is thrown out for good.
-        with coord.factory.begin() as session:
-            revoke_participant(session, participant_id=enrolment.participant_id, reason="test")
-        assert coord.sync()["unregistered"] == [enrolment.participant_id]
-        refused = wait_for(
-            lambda: reported(coord, enrolment.participant_id), 90, "the revoked node's report"
-        )
-        assert refused[0].data["reason"] in ("unauthorized", "key_not_registered")
-        assert node_id not in coord.driver.node_ids()
+        wait_for(lambda: host.accepted(pid), 300, "alice's first accepted result (over TLS)")
+        resp = host.api("POST", f"/participants/{pid}/revoke", json={"reason": "test"})
+        assert resp.status_code == 200, resp.text
+        wait_for(lambda: host.events("participant.key_unregistered", pid), 60,
+                 "the key's unregistration")  # fmt: skip
+        # Refused, reported (signed), told it is revoked: the daemon stops for good.
+        code = daemon.wait(timeout=180)
     finally:
-        d.shutdown()
+        stop(daemon)
+    said = log.read_text()
+    assert code == 3, said[-3000:]
+    assert "revoked participant" in said and "participant join" in said, said[-3000:]
+    reports = [m for m, d in host.events("participant.refused", pid) if "reported_by_node" in d]
+    assert reports, "the daemon's signed refusal report is not in the event log"
+    events = (volunteer / "events.jsonl").read_text()
+    assert '"participant.revoked"' in events
+    status = json.loads((volunteer / "status.json").read_text())
+    assert status["state"] == "revoked"
 
 
-@pytest.mark.parametrize("case", ["unregistered_key", "wrong_ca", "no_tls"])
-def test_refused_nodes_exit_305_and_coordinator_logs_why(coord, tmp_path, case) -> None:
-    # An enrolled volunteer whose key the SuperLink does not know (not synced), or who was
-    # given another CA, or who connects without TLS.
-    enrolment = join(coord.api.url, coord.enrolment_token(), f"vol-{case}", tmp_path / case)
-    kw: dict = {
-        "root_certificates": Path(enrolment.ca_cert),
-        "auth_private_key": Path(enrolment.key),
-    }
-    expected = "key_not_registered"
-    if case == "wrong_ca":
-        kw["root_certificates"] = make_tls(tmp_path / "other-ca", ["127.0.0.1"]).ca_cert
-        expected = "tls_untrusted"
-    elif case == "no_tls":
-        # Flower 1.42 retries a plain-HTTP node against a TLS server as if it were down and
-        # only exits (305, "Server disconnected...") after max_wait_time.
-        kw = {"max_wait_time": 8.0}
-        expected = "tls_required"
-    d = daemon(coord, tmp_path / case, NodeReporter(enrolment), **kw)
+def _idle_worker() -> list[str]:
+    # Refusals happen before any message reaches the worker: a placeholder process keeps
+    # three concurrent volunteers cheap (the real worker is exercised in the test above).
+    return [sys.executable, "-c", "import time; time.sleep(600)"]
+
+
+def test_refused_nodes_exit_305_and_coordinator_logs_why(host, tmp_path) -> None:
+    """An enrolled volunteer whose node key the SuperLink does not know, one given another
+    CA, one connecting without TLS: all three at once."""
+    cases = {"unregistered_key": "key_not_registered", "wrong_ca": "tls_untrusted",
+             "no_tls": "tls_required"}  # fmt: skip
+    daemons = {}
     try:
-        events = wait_for(
-            lambda: reported(coord, enrolment.participant_id), 90, f"the node's report ({case})"
-        )
+        for case in cases:
+            state = tmp_path / case
+            enrolment = join(host.url, host.enrolment_token(), f"vol-{case}", state,
+                             pinned_fingerprint=host.fingerprint)  # fmt: skip
+            kw: dict = {"root_certificates": Path(enrolment.ca_cert),
+                        "auth_private_key": Path(enrolment.key)}  # fmt: skip
+            if case == "unregistered_key":  # serve syncs enrolled keys: use another one
+                kw["auth_private_key"] = make_node_key(tmp_path / "stranger.key")[0]
+            elif case == "wrong_ca":
+                kw["root_certificates"] = make_tls(tmp_path / "other-ca", ["127.0.0.1"]).ca_cert
+            else:
+                # Flower 1.42 retries a plain-HTTP node against a TLS server as if it were
+                # down and only exits (305) after max_wait_time.
+                kw = {"max_wait_time": 4.0}
+            cfg = DaemonConfig(state_dir=state, superlink_address=host.superlink.address,
+                               backoff_initial=60.0, limits=Limits(threads=1, max_columns=2),
+                               worker_argv=_idle_worker(), **kw)  # fmt: skip
+            daemons[case] = (
+                enrolment,
+                ParticipantDaemon(cfg, on_event=NodeReporter(enrolment).sink),
+            )
+            daemons[case][1].start()
+        for case, (enrolment, _) in daemons.items():
+            wait_for(lambda e=enrolment: _reported(host, e.participant_id), 120,
+                     f"the node's report ({case})")  # fmt: skip
     finally:
-        d.shutdown()
-    assert d.last_refusal["exit_code"] == 305, d.last_refusal
-    assert d.last_refusal["reason"] == expected
-    assert events[0].data["reason"] == expected, events[0].message
-    assert enrolment.name in events[0].message
+        for _, d in daemons.values():
+            d.shutdown()
+    for case, (enrolment, d) in daemons.items():
+        assert d.last_refusal["exit_code"] == 305, (case, d.last_refusal)
+        assert d.last_refusal["reason"] == cases[case], case
+        message, data = _reported(host, enrolment.participant_id)[0]
+        assert json.loads(data)["reason"] == cases[case] and enrolment.name in message
+
+
+def _reported(host, participant_id: int) -> list[tuple]:
+    events = host.events("participant.refused", participant_id)
+    return [(m, d) for m, d in events if "reported_by_node" in d]
+
+
+def test_serve_refuses_a_second_coordinator_on_its_superlink(host, tmp_path) -> None:
+    """One coordinator per SuperLink: a second ``serve`` exits at once, saying why."""
+    argv = [*CLI, "coordinator", "serve", "--secrets-dir", str(host.secrets),
+            "--db", f"sqlite:///{tmp_path / 'second.db'}", "--superlink", host.superlink.address,
+            "--init", str(host.ckpt), "--work-dir", str(tmp_path / "second"),
+            "--preset", "tiny", "--config", str(host.config), "--minutes", "1"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 1, said[-3000:]
+    assert "another Perspective coordinator holds the SuperLink" in said, said[-3000:]
+    assert host.serve.poll() is None  # the first one goes on

@@ -11,6 +11,7 @@ over the gRPC blob service, and the coordinator is either in-process (first test
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.federation_settings import FederationSettings
@@ -52,8 +54,15 @@ def step_until(loop, condition, timeout: float, what: str) -> None:
         loop.step()
 
 
-def test_dashboard_follows_a_real_run(seed, network, tmp_path, browser):
-    """The operator dashboard of a coordinator running a real tiny federated run."""
+STAGE4_UNITS = 8
+
+
+def test_dashboard_follows_a_real_stage4_run_which_ends_ternary_and_replays(
+    seed, network, tmp_path, browser
+):
+    """The operator dashboard of a coordinator running a real tiny federated stage 4 (KD
+    from the frozen teacher, progressive ternary experts) to the end of its token budget;
+    the ternary schedule ends at 1.0 and a restarted coordinator replays every version."""
     from playwright.sync_api import expect
 
     cfg, corpus, ckpt = seed
@@ -64,12 +73,13 @@ def test_dashboard_follows_a_real_run(seed, network, tmp_path, browser):
     thread = None
     try:
         settings = FederationSettings(
-            stage=3, steps_per_unit=6, lease_seconds=30, eval_every=2, eval_batches=1,
+            stage=4, steps_per_unit=6, lease_seconds=30, eval_every=2, eval_batches=1,
             buffer_size=1, units_hint=60,
         )  # fmt: skip
         coord.prepare(ckpt, settings)
         driver = network.open_driver()
-        loop = coord.federated_stage(driver, StageBudget(minutes=30), settings)
+        tokens = STAGE4_UNITS * 6 * cfg.train.batch_size * cfg.train.seq_len
+        loop = coord.federated_stage(driver, StageBudget(tokens=tokens), settings)
         thread = threading.Thread(target=loop.run, args=(stop.is_set,), daemon=True)
         thread.start()
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -88,12 +98,43 @@ def test_dashboard_follows_a_real_run(seed, network, tmp_path, browser):
         expect(rows.first.locator("td").nth(2)).to_have_text("online")
         page.screenshot(path=str(ARTIFACTS / "real-run-participants.png"))
         page.close()
-        stop.set()
-        thread.join(timeout=120)
+        thread.join(timeout=300)  # the stage ends by itself: its token budget
+        assert not thread.is_alive(), "stage 4 did not finish its token budget"
         driver.close()
+        _stage4_schedule_ran_to_ternary(coord, cfg)
+        published = loop.state.published_model().state_dict()
+        version = loop.state.version
     finally:
         stop.set()
         coord.shutdown()
+    # Versions replay: a coordinator restarted on the work dir rebuilds the same weights.
+    again = Coordinator(cfg, tmp_path / "coordinator", corpus)
+    again.start()
+    try:
+        again.prepare(ckpt, settings)
+        replay = again.federated_stage(None, StageBudget(tokens=tokens), settings)
+        replay.recover()
+        assert replay.state.version == version
+        rebuilt = replay.state.published_model().state_dict()
+        assert all(torch.equal(rebuilt[k], v) for k, v in published.items())
+    finally:
+        again.shutdown()
+
+
+def _stage4_schedule_ran_to_ternary(coord, cfg) -> None:
+    """Every stage-4 unit carried KD; the ternary fraction rose phase by phase to 1.0 by
+    the end of the budget, and those units' results were accepted."""
+    with _db(coord) as db:
+        rows = db.execute(
+            "select u.params, r.state from work_units u join results r on r.unit_id = u.unit_id "
+            "order by json_extract(u.params, '$.position')"
+        ).fetchall()
+    params = [json.loads(p) for p, _ in rows]
+    assert len(rows) >= STAGE4_UNITS and all(state == "accepted" for _, state in rows), rows
+    assert all(p["kd_weight"] == cfg.ternary.kd_weight > 0 for p in params)
+    fractions = [p["ternary_fraction"] for p in params]
+    assert fractions == sorted(fractions), fractions
+    assert fractions[0] == cfg.ternary.schedule[0] and fractions[-1] == 1.0, fractions
 
 
 def _accepted(db_path) -> list[tuple[str, int | None]]:
@@ -123,11 +164,18 @@ def _serve(seed, network, work, *extra: str):
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def test_coordinator_sigkill_and_restart_loses_nothing(seed, network, tmp_path):
-    work = tmp_path / "coord"
+@pytest.fixture(scope="module")
+def restarted_serve(seed, network, tmp_path_factory):
+    """A ``serve`` (with its REST API) SIGKILLed after 3 accepted results and restarted on
+    the same work dir; yields ``(proc, work, api, acknowledged)`` with the restarted one
+    running. Shared by the restart test and the stage-control test (one serve start less)."""
+    from shared_model.processes import free_port
+
+    work = tmp_path_factory.mktemp("serve") / "coord"
     work.mkdir()
     db_path = work / "coordinator.db"
-    proc = _serve(seed, network, work)
+    port = free_port()
+    proc = _serve(seed, network, work, "--api-port", str(port))
     try:
         wait_for(
             lambda: db_path.exists() and len(_accepted(db_path)) >= 3,
@@ -138,18 +186,26 @@ def test_coordinator_sigkill_and_restart_loses_nothing(seed, network, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         acknowledged = {u for u, _ in _accepted(db_path)}
-        proc = _serve(seed, network, work)
-        wait_for(
-            lambda: len(_accepted(db_path)) >= len(acknowledged) + 2,
-            300,
-            "training to continue",
-            1.0,
-        )
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
+        # Its Flower run is still "running" on the SuperLink: the restart owns it (same
+        # work dir), stops it and starts a new one instead of refusing.
+        proc = _serve(seed, network, work, "--api-port", str(port))
+        yield proc, work, f"http://127.0.0.1:{port}/api/v1", acknowledged
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def test_coordinator_sigkill_and_restart_loses_nothing(restarted_serve):
+    proc, work, _, acknowledged = restarted_serve
+    db_path = work / "coordinator.db"
+    wait_for(
+        lambda: len(_accepted(db_path)) >= len(acknowledged) + 2,
+        300,
+        "training to continue",
+        1.0,
+    )
+    assert proc.poll() is None
     rows = _accepted(db_path)
     units = [u for u, _ in rows]
     assert len(units) == len(set(units))
@@ -175,19 +231,14 @@ def _stage_job(api: str) -> dict | None:
     return items[0] if items else None
 
 
-def test_operator_pauses_resumes_and_cancels_the_running_serve(seed, network, tmp_path):
-    """Stage control through the REST API: serve runs the stage as job ``stage3``."""
+def test_operator_pauses_resumes_and_cancels_the_running_serve(restarted_serve):
+    """Stage control through the REST API: serve runs the stage as job ``stage3`` (the
+    restarted serve of the test above: the job survived the restart)."""
     import datetime as dt
 
     import httpx
 
-    from shared_model.processes import free_port
-
-    work = tmp_path / "ctl"
-    work.mkdir()
-    port = free_port()
-    proc = _serve(seed, network, work, "--api-port", str(port))
-    api = f"http://127.0.0.1:{port}/api/v1"
+    proc, work, api, _ = restarted_serve
     try:
         wait_for(lambda: _ping(api), 120, "the REST API")
         job = wait_for(
@@ -197,7 +248,8 @@ def test_operator_pauses_resumes_and_cancels_the_running_serve(seed, network, tm
         assert job["stage"] == "stage3" and job["state"] == "running"
         made = subprocess.run(
             [sys.executable, "-m", "shared_model.cli", "coordinator", "token", "create",
-             "--db", f"sqlite:///{work / 'coordinator.db'}", "--name", "op"],
+             "--db", f"sqlite:///{work / 'coordinator.db'}", "--name", "op", "--role",
+             "operator"],
             capture_output=True, text=True, timeout=120, check=True,
         )  # fmt: skip
         op = {"Authorization": f"Bearer {made.stdout.strip().splitlines()[-1]}"}

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from coordinator.flower.driver import FlowerDriver, Reply, RunLostError
-from coordinator.flower.run import open_driver, run_status, stop_run
+from coordinator.flower.run import SuperLinkBusy, live_runs, open_driver, run_status, stop_run
 from coordinator.flower.superlink import SuperLinkProcess
 from participant.flower.supernode import SuperNodeProcess
 from participant.flower.worker import FlowerWorker
@@ -223,6 +223,55 @@ def test_run_lifecycle_new_run_keeps_node_ids(fed: Federation) -> None:
     new.push(fed.node_of_tag["node-a"], b"again", "train.unit", 60)
     (reply,) = collect(new, 1, 30)
     assert reply.payload == hashlib.sha256(b"again").digest() + b"node-a"
+
+
+def _start_foreign_run(address: str) -> int:
+    """``flwr run`` of another app (stock Flower CLI's request): a pending run, not ours."""
+    from flwr.cli.build import build_fab_from_files
+    from flwr.common.serde import fab_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.supercore.fab import Fab
+
+    from coordinator.flower.run import _control_client
+
+    text = b'[project]\nname = "someone-else"\nversion = "1.0.0"\n[tool.flwr.app]\n'
+    text += b'publisher = "other"\n[tool.flwr.app.components]\nserverapp = "a:b"\n'
+    text += b'clientapp = "a:c"\n'
+    fab, _ = build_fab_from_files({"pyproject.toml": text})
+    client = _control_client(address, True, None)
+    try:
+        fab_hash = hashlib.sha256(fab).hexdigest()
+        req = StartRunRequest(fab=fab_to_proto(Fab(fab_hash, fab, {})))
+        return int(client.StartRun(req).run_id)
+    finally:
+        client.close()
+
+
+def test_one_coordinator_per_superlink_and_foreign_runs_untouched(fed: Federation) -> None:
+    address, secret = fed.superlink.address, fed.superlink.superexec_secret
+    ours = fed.driver.run_id  # the fixture's coordinator (owner "")
+    # A second coordinator is refused while ours holds the SuperLink; nothing is stopped.
+    with pytest.raises(SuperLinkBusy, match=f"another Perspective coordinator.*run {ours}"):
+        open_driver(address, superexec_secret=secret, owner="second-coordinator")
+    assert run_status(address, ours).status == "running"
+    # Another app's pending run: even our own restart refuses rather than stop it (its
+    # ServerApp task would be handed to us), and leaves both runs as they were.
+    foreign = _start_foreign_run(address)
+    with pytest.raises(SuperLinkBusy, match=f"flwr stop {foreign}"):
+        open_driver(address, superexec_secret=secret, owner="")
+    assert {r.run_id: r.status.status for r in live_runs(address)} == {
+        ours: "running",
+        foreign: "pending",
+    }
+    # The operator stops it; our restart then stops only its own leftover run.
+    stop_run(address, foreign)
+    fed.driver = new = open_driver(address, superexec_secret=secret, owner="")
+    old = run_status(address, ours)
+    assert (old.status, old.sub_status) == ("finished", "stopped")
+    assert [r.run_id for r in live_runs(address)] == [new.run_id]
+    new.push(fed.node_of_tag["node-a"], b"owned", "train.unit", 60)
+    (reply,) = collect(new, 1, 30)
+    assert reply.payload == hashlib.sha256(b"owned").digest() + b"node-a"
 
 
 def test_zz_shutdown_leaves_no_processes(fed: Federation) -> None:

@@ -31,6 +31,7 @@ from coordinator.db.results import ResultPayload
 from coordinator.federation_settings import FederationSettings
 from coordinator.intake import record_result
 from coordinator.leasing import assign_columns, leases_needed
+from coordinator.liveness import Liveness
 
 MAX_ATTEMPTS = FederationSettings().max_attempts
 
@@ -99,12 +100,12 @@ def test_leases_needed_keeps_two_in_flight(factory):
     assert _needed(factory, 5) == 1
     # A lease past its deadline no longer counts as in flight.
     assert _needed(factory, 5, now=utcnow() + dt.timedelta(seconds=120)) == 2
-    with factory.begin() as s:
-        set_participant_state(
-            s,
-            participant_id=s.scalar(select(WorkUnit.participant_id)),
-            state=ParticipantState.OFFLINE,
-        )
+    # Silent past the stated time, the node goes offline through the running loop's
+    # liveness check, and nothing more is leased to it.
+    later = lambda: utcnow() + dt.timedelta(seconds=121)  # noqa: E731
+    (offline,) = Liveness(factory, silence_s=120, poll_s=0, clock=later).tick()
+    with factory() as s:
+        assert offline == s.scalar(select(WorkUnit.participant_id))
     assert _needed(factory, 5) == 0
 
 

@@ -21,11 +21,11 @@ from coordinator.central.checkpoint import save_checkpoint
 from coordinator.coordinator_process import Coordinator, StageBudget, stage_corpus
 from coordinator.db import participants as db_participants
 from coordinator.federation_settings import FederationSettings
-from participant.unit_trainer import BlobIO, UnitTrainer
+from participant.unit_trainer import UnitTrainer
 from shared_model.config_loading import load_config
 from shared_model.data import DataError, load_corpus
 from shared_model.model import PerspectiveModel
-from shared_model.wire.perspective.v1 import tensor_pb2
+from tests.test_federation_intake import local_io
 
 NODE = 1 << 63 | 777
 SYLLABLES = ["ka", "lo", "mi", "re", "su", "ta", "ne", "vo", "di", "pa", "gu", "ri"]
@@ -103,12 +103,7 @@ def lease_and_train(coord: Coordinator, loop, trainer: UnitTrainer):
         )
         unit = loop.units.lease(s, p, loop.state)
         request = loop.units.request(unit, loop.state, NODE)
-    store = coord.store
-    io = BlobIO(
-        fetch=lambda ref: store.get(ref.content_id),
-        upload=lambda data: tensor_pb2.BlobRef(content_id=store.put_bytes(data), size=len(data)),
-    )
-    return loop.receive(NODE, trainer.run(request, io))
+    return loop.receive(NODE, trainer.run(request, local_io(coord.store, request.unit.unit_id)))
 
 
 @pytest.fixture(scope="module")
@@ -188,11 +183,19 @@ def test_export_gives_the_published_model_to_generate_eval_and_stage5(trained):
     code, said = cli("generate", "--checkpoint", str(out / "model.safetensors"),
                      "--prompt", "The ", "--max-new-tokens", "8")  # fmt: skip
     assert code == 0 and said.startswith("The "), said
-    # Stage 7 (what `perspective eval` runs; small safety-polytope parameters) ...
+    # Stage 7 (what `perspective eval` runs; small safety-polytope parameters, both task
+    # kinds but one generation item: CPU generation is the slow part) ...
+    from coordinator.central.evaluation.report import default_tasks
+
+    mc, gen = sorted(default_tasks(), key=lambda p: "gsm" in p.name)
+    one_gen = out / "gsm_one.jsonl"
+    one_gen.write_text(gen.read_text().splitlines()[0] + "\n")
     params = {"vocab_size": 1000, "anchors": 100, "halfspaces": 100}
     report = run_eval(out / "model.safetensors", out / "eval", data=trained["corpus"],
-                      device="cpu", gen_tokens=8, ppl_batches=2, spp_params=params)  # fmt: skip
+                      device="cpu", gen_tokens=8, ppl_batches=2, spp_params=params,
+                      tasks=[mc, one_gen])  # fmt: skip
     assert report["stage"] == 3 and report["perplexity"]["val_ppl"] > 1
+    assert report["tasks"]["arc_mini"]["n"] == 10 and report["tasks"]["gsm_one"]["n"] == 1
     # ... and stage 5 start from it, with the command the export printed.
     data = ["--data", str(trained["source"]), "--data-dir", str(work / "corpus")]
     params = ["--param", "steps=2", "--param", "init_batches=1", "--out", str(out / "s5")]

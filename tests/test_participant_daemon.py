@@ -166,3 +166,57 @@ def test_ram_cap_restarts_the_worker_and_schedule_pauses_everything(tmp_path) ->
         assert paused.pids() == []
     finally:
         paused.shutdown()
+
+
+def _enrolled_nowhere(state_dir) -> None:
+    """A ``participant.json`` as ``join`` writes it, for a coordinator without TLS that is
+    not there (the daemon then connects and backs off forever)."""
+    import json
+
+    state_dir.mkdir(parents=True)
+    enrolment = {"participant_id": 1, "name": "v", "fleet_address": f"127.0.0.1:{free_port()}",
+                 "ca_cert": None, "key": str(state_dir / "node.key"),
+                 "coordinator_url": f"http://127.0.0.1:{free_port()}"}  # fmt: skip
+    (state_dir / "participant.json").write_text(json.dumps({"enrolment": enrolment}))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("state", ["connecting", "waiting"])
+def test_participant_run_stops_within_2_s_of_sigterm(tmp_path, state) -> None:
+    """``participant run`` (the real command) while its SuperNode connects, and while it
+    waits out its back-off after the SuperNode gave up: gone within 2 s, children too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    volunteer = tmp_path / "volunteer"
+    _enrolled_nowhere(volunteer)
+    argv = [sys.executable, "-m", "shared_model.cli", "participant", "run",
+            "--state-dir", str(volunteer), "--max-wait-time", "2"]  # fmt: skip
+    with open(tmp_path / "run.log", "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+
+        def children() -> list[int]:
+            status = read_status(volunteer, sample_s=0)
+            pids = [status.get("supernode_pid"), status.get("worker_pid")]
+            return [p for p in pids if p and psutil.pid_exists(p)]
+
+        wait_for(lambda: read_status(volunteer, sample_s=0)["state"].startswith(state)
+                 and len(children()) == (2 if state == "connecting" else 1), 120,
+                 f"the daemon {state} with its children up")  # fmt: skip
+        pids = children()
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert took < 2.0, f"SIGTERM took {took:.1f} s ({state})"
+    assert proc.returncode == 0 and read_status(volunteer, sample_s=0)["state"] == "stopped"
+    assert [p for p in pids if psutil.pid_exists(p)] == []

@@ -1,12 +1,16 @@
 """The coordinator's FastAPI application: REST API, dashboard and Prometheus metrics.
 
 Domain exceptions from the database layer and the blob store are turned into HTTP
-errors here and nowhere else, always as ``{"error": code, "detail": message}``.
+errors here and nowhere else, always as ``{"error": code, "detail": message}`` — the
+framework's own errors too (unknown route 404, wrong method 405 with the route's full
+``Allow``, malformed 400, and 413 for a body over ``ApiSettings.max_body_bytes``, refused
+by :class:`BodyLimit` before anything parses it).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +21,8 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from coordinator.api.deps import Reader
 from coordinator.api.routes import (
@@ -74,6 +80,8 @@ def _handler(status: int, code: str) -> Callable[[Request, Exception], Response]
         else:
             detail = str(exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if isinstance(exc, TooManyReports):
+            headers = {"Retry-After": str(math.ceil(exc.retry_after))}
         return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
     return handle
@@ -87,6 +95,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (403, "the token's role does not allow this"),
         (404, "no such row"),
         (409, "conflicts with the stored state (e.g. an illegal stage transition)"),
+        (413, "request body larger than the API accepts"),
         (422, "invalid request"),
         (503, "database unavailable"),
     ]
@@ -97,6 +106,76 @@ def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     detail = jsonable_encoder(exc.errors(), exclude={"input", "ctx", "url"})
     return JSONResponse({"error": "validation_error", "detail": detail}, status_code=422)
+
+
+# Codes of the framework's own errors (unknown route, wrong method, malformed request).
+HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+              413: "payload_too_large", 416: "range_not_satisfiable"}  # fmt: skip
+
+
+def _allowed_methods(request: Request) -> str | None:
+    """Every method the API's routes accept at this path, from the OpenAPI document
+    (Starlette's 405 names only the first matching route's)."""
+    for template, operations in request.app.openapi()["paths"].items():
+        if compile_path(template)[0].match(request.url.path):
+            return ", ".join(sorted(m.upper() for m in operations))
+    return None
+
+
+def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    detail = exc.detail
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"no route {request.url.path} (the API's routes are listed at /docs)"
+    elif exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
+        detail = f"{request.method} is not allowed on {request.url.path}; use {headers['Allow']}"
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    return JSONResponse({"error": code, "detail": detail}, exc.status_code, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 before the app
+    (and its JSON parser) sees any of it, whether or not ``Content-Length`` says so."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(send, declared.isdigit())
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._refuse(send, True)
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Callable, too_large: bool) -> None:
+        if too_large:
+            status, code = 413, "payload_too_large"
+            detail = f"request body over {self.max_bytes} bytes: this API takes small JSON bodies"
+        else:
+            status, code, detail = 400, "bad_request", "Content-Length is not a number"
+        await JSONResponse({"error": code, "detail": detail}, status)({"type": "http"}, None, send)
 
 
 def _api_router() -> APIRouter:
@@ -145,6 +224,8 @@ def create_app(
     if engine is not None:
         metrics.instrument_engine(engine)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     for exc_type, code_status, code in ERROR_MAP:
         app.add_exception_handler(exc_type, _handler(code_status, code))
     app.include_router(_api_router())

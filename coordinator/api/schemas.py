@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
+
+# Request bodies: exactly the JSON types the schema states ("5" is not 5, true is not 1.0),
+# finite numbers only (NaN/Infinity refused, not stored as null), no unknown fields.
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _printable(text: str | None) -> str | None:
+    """Refuse control characters: names and notes end up in operators' terminals."""
+    bad = next((c for c in text or "" if not c.isprintable()), None)
+    if bad is not None:
+        raise ValueError(
+            f"must be printable text (it is shown in terminals): no control characters or "
+            f"escape sequences; found U+{ord(bad):04X}"
+        )
+    return text
+
+
+Printable = AfterValidator(_printable)
 
 
 class Orm(BaseModel):
@@ -153,7 +171,7 @@ class StageJobOut(Orm):
 class StageJobCreate(BaseModel):
     """Queue a stage job, optionally starting it at once."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     stage: Literal["stage3", "stage4"] = Field(
         examples=["stage3"],
@@ -166,9 +184,9 @@ class StageJobCreate(BaseModel):
 class ReasonIn(BaseModel):
     """Optional reason recorded with a transition."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    reason: str | None = Field(default=None, max_length=1000)
+    reason: Annotated[str | None, Printable] = Field(default=None, max_length=1000)
 
 
 class EventOut(Orm):
@@ -192,9 +210,11 @@ class EventPageOut(PageOut[EventOut]):
 class EnrolmentTokenCreate(BaseModel):
     """Ask for a one-time enrolment token."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    note: str = Field(default="", max_length=256, description="who the token is for")
+    note: Annotated[str, Printable] = Field(
+        default="", max_length=256, description="who the token is for"
+    )
     ttl_hours: float | None = Field(default=None, gt=0, le=24 * 365)
 
 
@@ -210,14 +230,14 @@ class EnrolmentTokenOut(BaseModel):
 class EnrolRequest(BaseModel):
     """A volunteer enrols with a one-time token, a name and its public key."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     token: str = Field(min_length=1, max_length=256)
-    name: str = Field(min_length=1, max_length=128)
+    name: Annotated[str, Printable] = Field(min_length=1, max_length=128)
     public_key: str = Field(min_length=1, max_length=8192, description="PEM or OpenSSH key")
     max_columns: int = Field(default=1, ge=1, le=1024)
     threads: int | None = Field(default=None, ge=1, le=4096)
-    device: str | None = Field(default=None, max_length=64)
+    device: Annotated[str | None, Printable] = Field(default=None, max_length=64)
 
 
 class EnrolOut(BaseModel):
@@ -231,9 +251,9 @@ class EnrolOut(BaseModel):
 class ApiTokenCreate(BaseModel):
     """Create an API bearer token."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    name: str = Field(min_length=1, max_length=128)
+    name: Annotated[str, Printable] = Field(min_length=1, max_length=128)
     role: Literal["operator", "read"] = "read"
 
 
@@ -296,16 +316,18 @@ class ParticipantActionOut(BaseModel):
 class NodeReportIn(BaseModel):
     """A volunteer daemon's signed report (see :mod:`coordinator.node_reports`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     kind: str = Field(max_length=64)
     reason: str = Field(max_length=64)
-    message: str = Field(max_length=1000)
+    message: Annotated[str, Printable] = Field(max_length=1000)
     at: float = Field(description="UNIX time the node made the report")
     signature: str = Field(max_length=512, description="base64 ECDSA-SHA384 by the node key")
 
 
 class NodeReportOut(BaseModel):
-    """The event a report became."""
+    """The event a report became, and the participant's state (a daemon told ``revoked``
+    stops for good instead of retrying)."""
 
     event_id: int
+    participant_state: str = Field(description="enrolled | online | offline | revoked")

@@ -26,6 +26,9 @@ class ApiSettings:
         poll_interval_s: how often dashboard pages poll the JSON API.
         title: name shown in the dashboard header.
         metrics_from_db: refresh the database-mirroring Prometheus gauges on each scrape.
+        max_body_bytes: larger request bodies are refused (413) before they are parsed.
+        report_interval_s: a participant's node reports of one kind at most this often
+            (429 with ``Retry-After`` otherwise).
     """
 
     blob_root: Path | None = None
@@ -37,6 +40,8 @@ class ApiSettings:
     poll_interval_s: float = 3.0
     title: str = "Perspective coordinator"
     metrics_from_db: bool = True
+    max_body_bytes: int = 64 * 1024
+    report_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.ca_cert_pem is not None and self.ca_cert_path is not None:
@@ -47,6 +52,8 @@ class ApiSettings:
             raise ApiSettingsError(f"ca_cert_path {self.ca_cert_path} is not a readable file")
         if not self.poll_interval_s > 0:
             raise ApiSettingsError(f"poll_interval_s must be > 0, got {self.poll_interval_s}")
+        if not self.max_body_bytes > 0:
+            raise ApiSettingsError(f"max_body_bytes must be > 0, got {self.max_body_bytes}")
         if self.enrolment_ttl.total_seconds() <= 0:
             raise ApiSettingsError("enrolment_ttl must be positive")
 

@@ -163,6 +163,7 @@ class FlowerWorker:
             insecure=self._insecure,
             root_certificates=self._certs,
             superexec_secret=self._secret,
+            max_retry_time=1.0,  # this loop retries itself; SIGTERM must not wait on it
         )
         try:
             while not self._stop.is_set():

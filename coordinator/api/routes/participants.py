@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from coordinator.api.deps import DbSession, Operator, Reader
+from coordinator.api.deps import DbSession, Operator, Reader, Settings
 from coordinator.api.routes import IdPath, Limit, Offset, page_out
 from coordinator.api.schemas import (
+    ErrorOut,
     NodeReportIn,
     NodeReportOut,
     PageOut,
@@ -78,12 +79,31 @@ def revoke(
     return ParticipantActionOut(participant=ParticipantOut.model_validate(row))
 
 
-@router.post("/{participant_id}/reports", response_model=NodeReportOut, status_code=201)
-def report(session: DbSession, participant_id: IdPath, body: NodeReportIn) -> NodeReportOut:
+@router.post(
+    "/{participant_id}/reports",
+    response_model=NodeReportOut,
+    status_code=201,
+    responses={
+        429: {
+            "model": ErrorOut,
+            "description": "this participant sent a report of this kind too recently",
+            "headers": {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}},
+        }
+    },
+)
+def report(
+    session: DbSession, settings: Settings, participant_id: IdPath, body: NodeReportIn
+) -> NodeReportOut:
     """A volunteer's daemon reports why its node was refused (signed by its node key).
 
     Needs no API token: the signature by the enrolled key is the credential.
     """
-    event = record_node_report(session, participant_id=participant_id, **body.model_dump())
+    event = record_node_report(
+        session,
+        participant_id=participant_id,
+        min_interval_s=settings.report_interval_s,
+        **body.model_dump(),
+    )
     session.flush()
-    return NodeReportOut(event_id=event.id)
+    state = get_participant(session, participant_id=participant_id).state
+    return NodeReportOut(event_id=event.id, participant_state=str(state))

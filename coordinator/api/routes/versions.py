@@ -41,13 +41,14 @@ def _store(request: Request, settings: Settings) -> BlobStore:
     return store
 
 
-@router.get(
+@router.api_route(
     "/blobs/{content_id}",
+    methods=["GET", "HEAD"],
     response_class=FileResponse,
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "the blob's bytes"},
         206: {"content": {"application/octet-stream": {}}, "description": "a byte range"},
-        304: {"description": "not modified (If-None-Match matched the content id)"},
+        304: {"description": "not modified (If-None-Match: the content id, weak or not, or *)"},
         404: {"model": ErrorOut},
         416: {"description": "range not satisfiable"},
     },
@@ -58,19 +59,27 @@ def blob(
     content_id: Annotated[str, Path(min_length=64, max_length=64, pattern="^[0-9a-f]{64}$")],
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """Download a blob by content id (sha256); supports ``Range`` and ``If-None-Match``.
+    """Download a blob by content id (sha256); supports ``HEAD``, ``Range`` and
+    ``If-None-Match``.
 
-    The ETag is the content id itself: a blob's bytes never change.
+    The ETag is the content id itself: a blob's bytes never change, so a weak tag
+    (``W/"..."``) matches as well as a strong one, and ``*`` matches any blob we have.
     """
     check_content_id(content_id)
     store = _store(request, settings)
     etag = f'"{content_id}"'
     if not store.has(content_id):
         raise NotFound(f"no blob {content_id} in the coordinator's store")
-    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+    if if_none_match is not None and _matches(if_none_match, etag):
         return Response(status_code=304, headers={"etag": etag})
     return FileResponse(
         store.path(content_id),
         media_type="application/octet-stream",
         headers={"etag": etag, "cache-control": "public, max-age=31536000, immutable"},
     )
+
+
+def _matches(if_none_match: str, etag: str) -> bool:
+    """RFC 9110 weak comparison of an ``If-None-Match`` list with our ETag."""
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag in tags
