@@ -94,6 +94,13 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--name", default="federation_bench", help="result file stem")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="only merge the runs of these result files (e.g. one process per seed) into --name",
+    )
     return p.parse_args()
 
 
@@ -373,8 +380,23 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def merge(paths: list[Path], name: str) -> None:
+    """One report from several (same settings, different seeds; e.g. run in parallel)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    report = {k: v for k, v in reports[0].items() if k not in ("summary", "runs")}
+    runs = {int(k): v for r in reports for k, v in r["runs"].items()}
+    report["summary"] = summarise(runs)
+    report["runs"] = {str(k): v for k, v in sorted(runs.items())}
+    report["merged_from"] = [str(p) for p in paths]
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
+    plot(report, RESULTS / f"{name}.png")
+    print(json.dumps(report["summary"], indent=1))
+
+
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        return merge(args.merge, args.name)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.preset)
     corpus = prepare_corpus("stdlib", cfg.model.vocab_size)
