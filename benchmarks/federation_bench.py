@@ -15,7 +15,8 @@ document's column, as the federated model is used). Arms (``--arms``):
 * ``federated``: the real loop (intake, aggregation, publishing, unit trainer) with the
   participants in this process on a virtual clock (:mod:`benchmarks.federation_replay`);
   ``--mode flower`` runs it over a real SuperLink + SuperNodes instead;
-* ``federated_1``: the same with one participant; ``federated_sparse``: sparse codec.
+* ``federated_1``: the same with one participant; ``federated_sparse`` /
+  ``federated_ternary``: every update (columns and shared layers) with that codec.
 
 Reported (``benchmarks/results/<name>.json`` + ``.png``): per arm and seed both scores,
 wall time, traffic per kind (up / down deltas / checkpoint reloads / joins / teacher / data)
@@ -309,7 +310,7 @@ def run_seed(cfg, corpus, ckpt, work: Path, args, seed: int, windows) -> dict:
             model = central_column(cfg, corpus, ckpt, args.tokens, assignment)
         elif arm.startswith("federated"):
             participants = 1 if arm == "federated_1" else n
-            codec = "sparse" if arm == "federated_sparse" else None
+            codec = {"federated_sparse": "sparse", "federated_ternary": "ternary"}.get(arm)
             model, assignment_used, extra = federated(
                 cfg, corpus, ckpt, where, args, participants, codec
             )
@@ -317,7 +318,10 @@ def run_seed(cfg, corpus, ckpt, work: Path, args, seed: int, windows) -> dict:
             print(f"seed {seed} {arm}: {out[arm]['column_mode']:.4f}", flush=True)
             continue
         else:
-            raise SystemExit(f"unknown arm {arm!r}; known: {', '.join(ARMS)}, federated_sparse")
+            raise SystemExit(
+                f"unknown arm {arm!r}; known: {', '.join(ARMS)}, federated_sparse, "
+                "federated_ternary"
+            )
         out[arm] = {**both_scores(model, windows, assignment, val), **extra}
         out[arm]["seconds"] = time.perf_counter() - t0
         print(f"seed {seed} {arm}: {out[arm]['token_level']:.4f}", flush=True)
