@@ -22,6 +22,7 @@ from coordinator.plan.seed import (
     seed_plan,
     stage1_rate_check,
 )
+from coordinator.plan.traffic import CodecBits
 from shared_model.config_loading import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,11 +144,15 @@ def test_stage1_fsdp_shards_shared(full_plan):
 
 
 def test_traffic_per_sync(full_plan):
-    c = count_params(FULL)
+    c, cb, h = count_params(FULL), CodecBits(), PlanSettings().local_steps
     t = full_plan.stage(3).traffic
-    assert t.per_sync_up == pytest.approx((4 * c.column * 0.35 + c.shared * 1.5) / 8)
-    assert t.initial_download == pytest.approx((4 * c.column * 1.6 + c.shared * 16) / 8)
-    assert t.syncs == pytest.approx(2e11 / 128 / (20 * 512 * 4096))
+    assert t.per_sync_up == pytest.approx(
+        (4 * c.column * cb.delta_bits + c.shared * cb.shared_bits) / 8
+    )
+    assert t.initial_download == pytest.approx(
+        (4 * c.column * cb.column_bits + c.shared * cb.shared_initial_bits) / 8
+    )
+    assert t.syncs == pytest.approx(2e11 / 128 / (h * 512 * 4096))
     assert full_plan.stage(1).traffic is None
 
 

@@ -45,10 +45,18 @@ def plan(
     expert_layers: Annotated[int | None, typer.Option(help="layers per column slice")] = None,
     optimizer_bits: Annotated[int, typer.Option(help="AdamW m, v bits: 32 or 8")] = 32,
     master_fp32: Annotated[bool, typer.Option(help="fp32 master weights")] = True,
-    delta_bits: Annotated[float, typer.Option(help="column delta bits/param")] = 0.35,
-    column_bits: Annotated[float, typer.Option(help="full column bits/param")] = 1.6,
-    shared_bits: Annotated[float, typer.Option(help="shared pseudo-grad bits/param")] = 1.5,
-    local_steps: Annotated[int, typer.Option(help="inner steps per shared sync")] = 20,
+    delta_bits: Annotated[
+        float | None, typer.Option(help="column delta bits/param (default: CodecBits)")
+    ] = None,
+    column_bits: Annotated[
+        float | None, typer.Option(help="joined column bits/param (default: CodecBits)")
+    ] = None,
+    shared_bits: Annotated[
+        float | None, typer.Option(help="shared pseudo-grad bits/param (default: CodecBits)")
+    ] = None,
+    local_steps: Annotated[
+        int | None, typer.Option(help="inner steps per shared sync (default: PlanSettings)")
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, json, markdown, errata")] = "table",
     output: Annotated[Path | None, typer.Option(help="write to this file instead")] = None,
 ) -> None:
@@ -82,9 +90,18 @@ def plan(
                 master_fp32=master_fp32,
             ),
             codec=replace(
-                CodecBits(), delta_bits=delta_bits, column_bits=column_bits, shared_bits=shared_bits
+                CodecBits(),
+                **{
+                    k: v
+                    for k, v in (
+                        ("delta_bits", delta_bits),
+                        ("column_bits", column_bits),
+                        ("shared_bits", shared_bits),
+                    )
+                    if v is not None
+                },
             ),
-            local_steps=local_steps,
+            **({} if local_steps is None else {"local_steps": local_steps}),
         )
         text = _render(cfg, build_plan(cfg, settings), settings, fmt, params)
     except (ConfigError, PlanError) as exc:

@@ -84,7 +84,8 @@ class PlanSettings:
         flops_basis: ``params`` or ``per-use`` (which FLOPs the GPU-hours use).
         layout: memory layout per GPU.
         codec: bits per parameter of the federated payloads.
-        local_steps: inner steps between shared syncs (H ≈ 20, DESIGN §3).
+        local_steps: inner steps between shared syncs (H; the federation's default
+            ``steps_per_unit``, ``docs/federated-training.md`` §4).
         step_tokens: tokens per inner step of a participant; ``None`` = the config's
             ``train.batch_size × train.seq_len``.
         stages: which stages to plan.
@@ -100,7 +101,7 @@ class PlanSettings:
     flops_basis: str = "params"
     layout: MemoryLayout = MemoryLayout()
     codec: CodecBits = CodecBits()
-    local_steps: int = 20
+    local_steps: int = 10
     step_tokens: int | None = None
     stages: tuple[int, ...] = (1, 3, 4, 5)
 

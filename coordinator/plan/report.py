@@ -192,7 +192,7 @@ def traffic_section(plan: Plan) -> Section:
             ]
         )
     sec.notes.append(
-        f"bits/param: column {cb.column_bits:g} (full ternary), column delta "
+        f"bits/param: joined column {cb.column_bits:g} (FP32 checkpoint), column delta "
         f"{cb.delta_bits:g}, shared pseudo-gradient {cb.shared_bits:g}, shared join "
         f"{cb.shared_initial_bits:g}"
     )

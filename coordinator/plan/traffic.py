@@ -1,12 +1,14 @@
 """Network traffic of a federated participant (stages 3 and 4, DESIGN §3-§4).
 
-Per shared sync (every ``local_steps`` inner steps) a participant uploads, for each
-column it holds, a compressed delta (``delta_bits`` per parameter; ≈0.34 bits for a 5 %
-trit-flip delta, DESIGN §4) and the shared-layer pseudo-gradient (``shared_bits``; dense
-ternary with error feedback ≈1.5 bits), and downloads the same amount: the new
-version's deltas for its columns and the shared update. Joining costs one download of
-its columns as full ternary (``column_bits`` = 1.6 bits/trit, 5 trits per byte) and
-the shared layers in bf16 (16 bits).
+What travels today (``docs/wire-format.md``, measured in ``docs/federated-training.md``
+§5): per sync (one unit, ``local_steps`` inner steps) a participant uploads, for each column
+it holds, a sparse top-k delta (``delta_bits`` ≈ 0.38 per parameter) and the shared-layer
+pseudo-gradient (``shared_bits``; dense ternary with error feedback ≈ 1.6), and downloads
+about the same: the versions published since the one it holds (their shared part and its
+columns' deltas). Joining downloads its columns and the shared layers as an FP32 checkpoint
+(``column_bits`` = ``shared_initial_bits`` = 32): the replica must be bit-identical to the
+published state for the version chain's digests to hold. The ternary trit-flip delta codec
+(≈ 0.35 bits at 5 % flips) is not on the federated wire yet.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from coordinator.plan.params import ParamCounts
 class CodecBits:
     """Bits per parameter the codec achieves for each kind of payload."""
 
-    column_bits: float = 1.6
-    delta_bits: float = 0.35
-    shared_bits: float = 1.5
-    shared_initial_bits: float = 16.0
+    column_bits: float = 32.0
+    delta_bits: float = 0.38
+    shared_bits: float = 1.6
+    shared_initial_bits: float = 32.0
 
     def validate(self) -> None:
         """Raise :class:`PlanError` on a non-positive value."""
