@@ -290,7 +290,7 @@ def _over_flower(cfg, coord, work: Path, args, participants: int, settings) -> d
 # --- driver ------------------------------------------------------------------------------------
 
 
-def run_seed(cfg, corpus, ckpt, work: Path, args, seed: int, windows) -> dict:
+def run_seed(cfg, corpus, ckpt, work: Path, args, seed: int, windows, on_arm=None) -> dict:
     cfg = replace(cfg, train=replace(cfg.train, seed=seed))
     val = corpus.dataset("val")
     base = load_model(cfg, ckpt)
@@ -316,6 +316,8 @@ def run_seed(cfg, corpus, ckpt, work: Path, args, seed: int, windows) -> dict:
             )
             out[arm] = {**both_scores(model, windows, assignment_used, val), **extra}
             print(f"seed {seed} {arm}: {out[arm]['column_mode']:.4f}", flush=True)
+            if on_arm is not None:
+                on_arm(out)
             continue
         else:
             raise SystemExit(
@@ -325,6 +327,8 @@ def run_seed(cfg, corpus, ckpt, work: Path, args, seed: int, windows) -> dict:
         out[arm] = {**both_scores(model, windows, assignment, val), **extra}
         out[arm]["seconds"] = time.perf_counter() - t0
         print(f"seed {seed} {arm}: {out[arm]['token_level']:.4f}", flush=True)
+        if on_arm is not None:
+            on_arm(out)
     return out
 
 
@@ -356,7 +360,11 @@ def summarise(runs: dict[int, dict]) -> dict:
             down_bits_per_param=statistics.fmean(f["down_bits_per_param"] for f in fed),
             join_bits_per_param=statistics.fmean(f["join_bits_per_param"] for f in fed),
             utilisation_min=min(min(f["utilisation"].values()) for f in fed),
+            # replay: training time over the virtual clock (queueing only: no Flower, no
+            # sharing of cores); over Flower (--mode flower): over the wall clock.
+            utilisation_clock="wall" if all("wall_s" in f for f in fed) else "virtual",
         )
+        summary["seeds"] = len(both)
     return summary
 
 
@@ -408,18 +416,23 @@ def main() -> None:
     ckpt = str(args.seed_checkpoint or seed_checkpoint(cfg, corpus, work, args.seed_steps))
     windows = eval_windows(corpus.dataset("val"), cfg.train.seq_len, args.eval_tokens)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    runs = {s: run_seed(cfg, corpus, ckpt, work, args, s, windows) for s in seeds}
     report = {
         "preset": args.preset,
         "participants": args.participants,
         "tokens": args.tokens,
         "eval_tokens": int(windows[0][:, 1:].numel()),
         "settings": {k: str(v) for k, v in vars(args).items()},
-        "summary": summarise(runs),
-        "runs": {str(k): v for k, v in runs.items()},
+        "runs": {},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+
+    def write(seed: int, out: dict) -> None:  # after every arm: a long run keeps what it did
+        report["runs"][str(seed)] = out
+        report["summary"] = summarise({int(k): v for k, v in report["runs"].items()})
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+
+    for seed in seeds:
+        run_seed(cfg, corpus, ckpt, work, args, seed, windows, lambda out, s=seed: write(s, out))
     plot(report, RESULTS / f"{args.name}.png")
     print(json.dumps(report["summary"], indent=1))
 
