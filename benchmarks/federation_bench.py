@@ -348,11 +348,10 @@ def summarise(runs: dict[int, dict]) -> dict:
         rows = [r[arm] for r in runs.values() if arm in r]
         table[arm] = {k: mean_sd([row[k] for row in rows]) for k in ("token_level", "column_mode")}
     summary: dict = {"seeds": len(runs), "arms": table}
-    if all("federated" in r and "central_token" in r for r in runs.values()):
-        ratios = [
-            r["federated"]["column_mode"] / r["central_token"]["token_level"] for r in runs.values()
-        ]
-        fed = [r["federated"] for r in runs.values()]
+    both = [r for r in runs.values() if "federated" in r and "central_token" in r]
+    if both:
+        ratios = [r["federated"]["column_mode"] / r["central_token"]["token_level"] for r in both]
+        fed = [r["federated"] for r in both]
         summary.update(
             ratio_vs_central_token=statistics.fmean(ratios),
             ratio_sd=statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
