@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 from coordinator import intake, reply_fields
+from coordinator.acks import AckQueue
 from coordinator.db import events as db_events
 from coordinator.db import leases as db_leases
 from coordinator.db import participants as db_participants
@@ -83,6 +84,7 @@ class FederationLoop:
         self._train_loss: list[tuple[int, float]] = []
         self._applied: list[str] = []
         self._message_units: dict[str, str] = {}
+        self.acks = AckQueue()  # decided results, acked with the next message to the node
         # Nodes Flower reported gone get no leases for a while (the SuperLink keeps
         # listing a dead node until its heartbeat times out, ~60 s).
         self._cooldown: dict[int, float] = {}
@@ -140,12 +142,8 @@ class FederationLoop:
                 self._budget_leased = True
                 break
             unit_id, request = leased
-            payload = request.SerializeToString()
-            message_id = self.driver.push(
-                node_id, payload, "train.unit", self.settings.lease_seconds
-            )
+            message_id = self._push(node_id, request, "train.unit")
             self._message_units[message_id] = unit_id
-            self._bytes_down += len(payload)
         # Online with nothing to lease: all max_in_flight units are in flight.
         if needed == 0 and node_id not in self.driver.pending.values():
             self._ask_for_results(node_id)
@@ -156,9 +154,17 @@ class FederationLoop:
         the reply to unit k+1 is what normally brings unit k's result back; with
         ``max_in_flight = 1`` there is no unit k+1). A ``collect`` query is answered when the
         node's queue has run dry, with those results."""
-        collect = control_pb2.ControlRequest(collect=True).SerializeToString()
-        self.driver.push(node_id, collect, "query.collect", self.settings.lease_seconds)
-        self._bytes_down += len(collect)
+        self._push(node_id, control_pb2.ControlRequest(collect=True), "query.collect")
+
+    def _push(
+        self, node_id: int, request: control_pb2.ControlRequest, kind: str, ttl: float = 0.0
+    ) -> str:
+        """Push ``request`` with the acks waiting for the node; returns the message id."""
+        self.acks.attach(node_id, request)
+        payload = request.SerializeToString()
+        message_id = self.driver.push(node_id, payload, kind, ttl or self.settings.lease_seconds)
+        self._bytes_down += len(payload)
+        return message_id
 
     def lease_request(self, node_id: int) -> tuple[str, control_pb2.ControlRequest] | None:
         """Lease one unit to a known node, sized from its last reported tokens/s.
@@ -215,7 +221,8 @@ class FederationLoop:
         for unit, why in failed[: reply_fields.MAX_FAILED_PER_REPLY]:
             self._fail(unit, reply_fields.short(why), node_id=reply.node_id)
         for result in body.results:
-            self.receive(reply.node_id, result)
+            # Acked only now: ``receive`` returns after the decision committed.
+            self.acks.add(reply.node_id, self.receive(reply.node_id, result))
 
     def _reply_fields(self, node_id: int, body) -> None:
         """Store the capability and traffic a reply reports, if they are sane."""
@@ -369,9 +376,8 @@ class FederationLoop:
 
     def collect(self, timeout: float) -> None:
         """Ask every node with units in flight for its finished results; bounded wait."""
-        collect = control_pb2.ControlRequest(collect=True).SerializeToString()
         for node_id in set(self.driver.pending.values()):
-            self.driver.push(node_id, collect, "query.collect", timeout)
+            self._push(node_id, control_pb2.ControlRequest(collect=True), "query.collect", timeout)
         deadline = time.monotonic() + timeout
         while self.driver.pending and time.monotonic() < deadline:
             for reply in self.driver.wait_any(0.2):
