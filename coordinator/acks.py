@@ -55,6 +55,10 @@ class AckQueue:
             del self._waiting[node_id]
         return len(units)
 
+    def nodes(self) -> list[int]:
+        """Nodes with acks waiting."""
+        return list(self._waiting)
+
     def waiting(self, node_id: int) -> int:
         """Acks queued for ``node_id``."""
         return len(self._waiting.get(node_id, {}))

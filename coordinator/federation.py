@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 # the node was removed, 5: node unavailable after missed heartbeats).
 NODE_GONE_CODES = (3, 5)
 NODE_COOLDOWN_S = 90.0
+#: Longest wait for the end-of-stage round that delivers the last acks.
+ACK_ROUND_S = 15.0
 
 
 class FederationLoop:
@@ -385,6 +387,18 @@ class FederationLoop:
         if self._applied or self.state.shared.has_buffered():
             self.state.shared.flush()
             self.publish()
+        self._deliver_acks(min(timeout, ACK_ROUND_S))
+
+    def _deliver_acks(self, timeout: float) -> None:
+        """End of stage: no further unit carries the acks of the results decided last, so one
+        ``collect`` round delivers them (bounded; what is not acked is re-sent next time and
+        answered as already decided)."""
+        for node_id in self.acks.nodes():
+            self._push(node_id, control_pb2.ControlRequest(collect=True), "query.collect", timeout)
+        deadline = time.monotonic() + timeout
+        while self.driver.pending and time.monotonic() < deadline:
+            for reply in self.driver.wait_any(0.2):
+                self._handle_reply(reply)
 
     def attach(self, driver) -> None:
         """Use ``driver`` (a new Flower run) from now on, e.g. after the SuperLink restarted.

@@ -138,6 +138,7 @@ class ParticipantRuntime:
             self.progress.set_credit(req.credit_tokens)
         if kind == "train.unit" and req.WhichOneof("body") == "unit":
             uid = req.unit.unit_id
+            self._drop_orphans(req.blob_address)
             self._queue.put(req)
             with self._cond:
                 self._cond.wait_for(lambda: uid in self._started, timeout=WAIT_S)
@@ -149,6 +150,26 @@ class ParticipantRuntime:
                 f"unsupported message kind {kind!r} with body {req.WhichOneof('body')}"
             )
         return self._reply().SerializeToString()
+
+    def _drop_orphans(self, blob_address: str) -> None:
+        """Drop queued units of a coordinator process that is gone: a unit's blob service
+        moved (a restarted ``serve`` on another port), so they could only fail after
+        retrying a dead address. Reported as failed; the coordinator re-issued them."""
+        keep, dropped = [], []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                req = self._queue.get_nowait()
+                moved = req is not None and req.blob_address != blob_address
+                (dropped if moved else keep).append(req)
+        for req in keep:
+            self._queue.put(req)
+        if not dropped:
+            return
+        why = f"coordinator restarted: its blob service moved to {blob_address}"
+        log.info("dropping %d queued unit(s): %s", len(dropped), why)
+        with self._cond:
+            self._failures.extend((req.unit.unit_id, why) for req in dropped)
+            self._cond.notify_all()
 
     def _take_acks(self, acks) -> None:
         """Forget the results the coordinator has decided (it committed before acking)."""
