@@ -393,12 +393,19 @@ class FederationLoop:
         """End of stage: no further unit carries the acks of the results decided last, so one
         ``collect`` round delivers them (bounded; what is not acked is re-sent next time and
         answered as already decided)."""
-        for node_id in self.acks.nodes():
+        nodes = self.acks.nodes()
+        for node_id in nodes:
             self._push(node_id, control_pb2.ControlRequest(collect=True), "query.collect", timeout)
         deadline = time.monotonic() + timeout
         while self.driver.pending and time.monotonic() < deadline:
             for reply in self.driver.wait_any(0.2):
                 self._handle_reply(reply)
+        if nodes:
+            log.info(
+                "end of stage: acks sent to %d node(s); %d message(s) unanswered",
+                len(nodes),
+                len(self.driver.pending),
+            )
 
     def attach(self, driver) -> None:
         """Use ``driver`` (a new Flower run) from now on, e.g. after the SuperLink restarted.
