@@ -32,7 +32,7 @@ from coordinator.db import participants as db_participants
 from coordinator.db import results as db_results
 from coordinator.db import stats as db_stats
 from coordinator.db import versions as db_versions
-from coordinator.db.errors import Conflict, NotFound, ParticipantRevoked
+from coordinator.db.errors import Conflict, NotFound, ParticipantRevoked, ParticipantUnknown
 from coordinator.db.types import utcnow
 from coordinator.federation_settings import FederationSettings, LoopStats
 from coordinator.leasing import UnitFactory, leases_needed
@@ -94,6 +94,9 @@ class FederationLoop:
         self._budget_leased = False  # no new unit fits the token budget any more
         self.on_checkpoint: Callable[[], None] | None = None  # after each state save (blob GC)
         self.hold_leases = False  # paused stage (coordinator.stage_control): in flight only
+        # Enrolled network (SuperNode auth): a node no enrolled participant owns gets no
+        # participant row and no units (key sync unregisters it; issue 16).
+        self.enrolled_only = False
 
     # --- main loop ------------------------------------------------------------------------
 
@@ -123,17 +126,20 @@ class FederationLoop:
                 continue
             try:
                 self._lease_for(node_id)
-            except ParticipantRevoked as exc:
+            except (ParticipantRevoked, ParticipantUnknown) as exc:
                 # Still connected until the key sync unregisters it and its heartbeat
                 # expires: no work meanwhile (its results would be refused anyway).
                 self._cooldown[node_id] = now + NODE_COOLDOWN_S
-                self._log("participant.revoked_node", f"node {node_id}: {exc}; no units")
+                kind = "revoked" if isinstance(exc, ParticipantRevoked) else "unknown"
+                self._log(f"participant.{kind}_node", f"node {node_id}: {exc}; no units")
         for reply in self.driver.wait_any(wait):
             self._handle_reply(reply)
 
     def _lease_for(self, node_id: int) -> None:
         with self.factory.begin() as s:
-            row = db_participants.touch_participant(s, node_id=node_id)  # online from here on
+            row = db_participants.touch_participant(  # online from here on
+                s, node_id=node_id, create=not self.enrolled_only
+            )
             needed = leases_needed(s, node_id=node_id, max_in_flight=self.settings.max_in_flight)
             if self.hold_leases:  # paused: collect what is in flight, lease nothing
                 busy = db_leases.count_in_flight(s, participant_id=row.id, now=utcnow()) > 0
@@ -235,7 +241,7 @@ class FederationLoop:
             self._log("reply.field_refused", f"node {node_id}: {exc}")
             return
         # A revoked node's results are still recorded, as refused (WRONG_NODE).
-        with contextlib.suppress(ParticipantRevoked):
+        with contextlib.suppress(ParticipantRevoked, ParticipantUnknown):
             self._update_capability(node_id, capability, bytes_down)
         self._bytes_down += bytes_down
 
@@ -278,7 +284,9 @@ class FederationLoop:
         if capability is None:
             return  # an old or partial reply: keep what we know
         with self.factory.begin() as s:
-            row = db_participants.touch_participant(s, node_id=node_id, capability=capability)
+            row = db_participants.touch_participant(
+                s, node_id=node_id, capability=capability, create=not self.enrolled_only
+            )
             if bytes_down:
                 db_participants.add_traffic(s, participant_id=row.id, bytes_down=bytes_down)
 

@@ -176,11 +176,19 @@ def test_events_cursor(env):
     assert kinds["total"] == 3
 
 
-def test_enrolment_flow(env):
+def test_enrolment_flow(env, tmp_path):
+    from shared_model.identity import make_node_key
+
     _f, client, op, _ro, _feed = env
     tok = client.post("/api/v1/enrolment-tokens", json={"note": "alice"}, headers=op)
     assert tok.status_code == 201 and tok.json()["expires_at"] is not None
     body = {"token": tok.json()["token"], "name": "alice", "public_key": "ssh-ed25519 AAAA alice"}
+    bad = client.post("/api/v1/enrol", json=body)  # not a key the SuperLink accepts
+    assert bad.status_code == 422 and "neither OpenSSH nor PEM" in bad.text, bad.text
+    ed25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl x"
+    wrong_curve = client.post("/api/v1/enrol", json=body | {"public_key": ed25519})
+    assert wrong_curve.status_code == 422 and "NIST curve" in wrong_curve.text, wrong_curve.text
+    body["public_key"] = make_node_key(tmp_path / "alice")[1]
     enrolled = client.post("/api/v1/enrol", json=body)
     assert enrolled.status_code == 201
     assert enrolled.json()["ca_cert_pem"] == CA_PEM

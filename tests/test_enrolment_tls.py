@@ -137,6 +137,61 @@ def reported(coord, participant_id: int) -> list:
             if e.participant_id == participant_id and e.data.get("reported_by_node")]  # fmt: skip
 
 
+def test_a_foreign_key_is_unregistered_within_one_key_sync_period(coord, tmp_path) -> None:
+    """Issue 16: a key registered on the SuperLink with stock ``flwr supernode register``
+    (the Control API has no authentication) is unregistered by the running key sync within
+    one period; no participant is created for it and enrolled nodes are left alone."""
+    import os
+    import subprocess
+    import sys
+
+    from coordinator.key_sync import KeySync
+    from coordinator.security import list_nodes
+    from shared_model.identity import make_node_key
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "net"\n\n[superlink.net]\n'
+        f'address = "{coord.superlink.address}"\nroot-certificates = "{coord.tls.ca_cert}"\n'
+    )
+    _, public = make_node_key(tmp_path / "intruder")
+    flwr = Path(sys.executable).with_name("flwr")
+    env = os.environ | {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
+    done = subprocess.run(
+        [str(flwr), "supernode", "register", str(tmp_path / "intruder.pub"), "net"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    nodes = lambda: list_nodes(coord.superlink.address, root_certificates=coord.ca)  # noqa: E731
+    (foreign,) = set(nodes()) - {coord.node_id(p) for p in _participant_ids(coord)}
+    period = 2.0
+    sync = KeySync(
+        coord.factory, coord.superlink.address, root_certificates=coord.ca, period_s=period
+    ).start()
+    try:
+        t0 = time.monotonic()
+        wait_for(lambda: foreign not in nodes(), 30, "the foreign node to be unregistered")
+        took = time.monotonic() - t0
+    finally:
+        sync.shutdown()
+    assert took <= period + 5, took  # the next pass at the latest (+ the pass's own time)
+    assert [e.data["node_id"] for e in coord.events("participant.key_foreign")] == [foreign]
+    from coordinator.db.models import Participant
+    from coordinator.db.participants import find_participant
+
+    with coord.factory() as session:
+        assert find_participant(session, node_id=foreign) is None
+        assert session.query(Participant).filter_by(public_key=public).count() == 0
+
+
+def _participant_ids(coord) -> list[int]:
+    from coordinator.db.models import Participant
+
+    with coord.factory() as session:
+        return [p.id for p in session.query(Participant)]
+
+
 def test_enrolled_participant_exchanges_then_revoked_is_refused(coord, tmp_path) -> None:
     t0 = time.monotonic()
     enrolment = join(coord.api.url, coord.enrolment_token(), "alice", tmp_path / "alice")
