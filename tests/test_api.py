@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 import time
 
@@ -227,14 +228,25 @@ def test_signed_node_report_reaches_the_event_log(env, tmp_path):
 
     ok = client.post(f"/api/v1/participants/{pid}/reports", json=report("tls_untrusted", at))
     assert ok.status_code == 201, ok.text
-    again = client.post(f"/api/v1/participants/{pid}/reports", json=report("tls_untrusted", at))
-    assert again.status_code == 429  # one report per participant per 5 s: replays are bounded
+    again = client.post(f"/api/v1/participants/{pid}/reports", json=report("x", at + 0.5))
+    assert again.status_code == 429  # one report per participant per 5 s: floods are bounded
     events = client.get("/api/v1/events", params={"kind": "participant.refused"}).json()["items"]
     assert [(e["participant_id"], e["data"]["reason"]) for e in events] == [(pid, "tls_untrusted")]
     forged = report("unauthorized", at, signed_reason="tls_untrusted")  # body altered after signing
     assert client.post(f"/api/v1/participants/{pid}/reports", json=forged).status_code == 401
     stale = client.post(f"/api/v1/participants/{pid}/reports", json=report("x", at - 3600))
     assert stale.status_code == 401 and "clock" in stale.json()["detail"]
+    # A captured report replayed once the rate limit has passed: its signed timestamp is
+    # its sequence number, and it is not newer than the last accepted one.
+    from coordinator.db.models import Event
+
+    with _f.begin() as s:  # the rate limit's 5 s pass (the event is dated back)
+        for e in s.query(Event).filter_by(kind="participant.refused"):
+            e.ts = e.ts - dt.timedelta(seconds=60)
+    replay = client.post(f"/api/v1/participants/{pid}/reports", json=report("tls_untrusted", at))
+    assert replay.status_code == 401 and "replay" in replay.json()["detail"], replay.text
+    newer = client.post(f"/api/v1/participants/{pid}/reports", json=report("x", at + 1))
+    assert newer.status_code == 201, newer.text
 
 
 def test_token_management(env):
