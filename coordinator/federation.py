@@ -25,13 +25,14 @@ import time
 from collections.abc import Callable
 
 from coordinator import intake, reply_fields
+from coordinator.acks import AckQueue
 from coordinator.db import events as db_events
 from coordinator.db import leases as db_leases
 from coordinator.db import participants as db_participants
 from coordinator.db import results as db_results
 from coordinator.db import stats as db_stats
 from coordinator.db import versions as db_versions
-from coordinator.db.errors import Conflict, NotFound, ParticipantRevoked
+from coordinator.db.errors import Conflict, NotFound, ParticipantRevoked, ParticipantUnknown
 from coordinator.db.types import utcnow
 from coordinator.federation_settings import FederationSettings, LoopStats
 from coordinator.leasing import UnitFactory, leases_needed
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 # the node was removed, 5: node unavailable after missed heartbeats).
 NODE_GONE_CODES = (3, 5)
 NODE_COOLDOWN_S = 90.0
+#: Longest wait for the end-of-stage round that delivers the last acks.
+ACK_ROUND_S = 15.0
 
 
 class FederationLoop:
@@ -83,6 +86,7 @@ class FederationLoop:
         self._train_loss: list[tuple[int, float]] = []
         self._applied: list[str] = []
         self._message_units: dict[str, str] = {}
+        self.acks = AckQueue()  # decided results, acked with the next message to the node
         # Nodes Flower reported gone get no leases for a while (the SuperLink keeps
         # listing a dead node until its heartbeat times out, ~60 s).
         self._cooldown: dict[int, float] = {}
@@ -90,6 +94,9 @@ class FederationLoop:
         self._budget_leased = False  # no new unit fits the token budget any more
         self.on_checkpoint: Callable[[], None] | None = None  # after each state save (blob GC)
         self.hold_leases = False  # paused stage (coordinator.stage_control): in flight only
+        # Enrolled network (SuperNode auth): a node no enrolled participant owns gets no
+        # participant row and no units (key sync unregisters it; issue 16).
+        self.enrolled_only = False
 
     # --- main loop ------------------------------------------------------------------------
 
@@ -119,17 +126,20 @@ class FederationLoop:
                 continue
             try:
                 self._lease_for(node_id)
-            except ParticipantRevoked as exc:
+            except (ParticipantRevoked, ParticipantUnknown) as exc:
                 # Still connected until the key sync unregisters it and its heartbeat
                 # expires: no work meanwhile (its results would be refused anyway).
                 self._cooldown[node_id] = now + NODE_COOLDOWN_S
-                self._log("participant.revoked_node", f"node {node_id}: {exc}; no units")
+                kind = "revoked" if isinstance(exc, ParticipantRevoked) else "unknown"
+                self._log(f"participant.{kind}_node", f"node {node_id}: {exc}; no units")
         for reply in self.driver.wait_any(wait):
             self._handle_reply(reply)
 
     def _lease_for(self, node_id: int) -> None:
         with self.factory.begin() as s:
-            row = db_participants.touch_participant(s, node_id=node_id)  # online from here on
+            row = db_participants.touch_participant(  # online from here on
+                s, node_id=node_id, create=not self.enrolled_only
+            )
             needed = leases_needed(s, node_id=node_id, max_in_flight=self.settings.max_in_flight)
             if self.hold_leases:  # paused: collect what is in flight, lease nothing
                 busy = db_leases.count_in_flight(s, participant_id=row.id, now=utcnow()) > 0
@@ -140,12 +150,8 @@ class FederationLoop:
                 self._budget_leased = True
                 break
             unit_id, request = leased
-            payload = request.SerializeToString()
-            message_id = self.driver.push(
-                node_id, payload, "train.unit", self.settings.lease_seconds
-            )
+            message_id = self._push(node_id, request, "train.unit")
             self._message_units[message_id] = unit_id
-            self._bytes_down += len(payload)
         # Online with nothing to lease: all max_in_flight units are in flight, or the budget
         # is fully leased while some are (no next unit's reply will bring their results).
         in_flight = needed == 0 or (self._budget_leased and needed < self.settings.max_in_flight)
@@ -158,9 +164,17 @@ class FederationLoop:
         the reply to unit k+1 is what normally brings unit k's result back; with
         ``max_in_flight = 1`` there is no unit k+1). A ``collect`` query is answered when the
         node's queue has run dry, with those results."""
-        collect = control_pb2.ControlRequest(collect=True).SerializeToString()
-        self.driver.push(node_id, collect, "query.collect", self.settings.lease_seconds)
-        self._bytes_down += len(collect)
+        self._push(node_id, control_pb2.ControlRequest(collect=True), "query.collect")
+
+    def _push(
+        self, node_id: int, request: control_pb2.ControlRequest, kind: str, ttl: float = 0.0
+    ) -> str:
+        """Push ``request`` with the acks waiting for the node; returns the message id."""
+        self.acks.attach(node_id, request)
+        payload = request.SerializeToString()
+        message_id = self.driver.push(node_id, payload, kind, ttl or self.settings.lease_seconds)
+        self._bytes_down += len(payload)
+        return message_id
 
     def lease_request(self, node_id: int) -> tuple[str, control_pb2.ControlRequest] | None:
         """Lease one unit to a known node, sized from its last reported tokens/s.
@@ -217,7 +231,8 @@ class FederationLoop:
         for unit, why in failed[: reply_fields.MAX_FAILED_PER_REPLY]:
             self._fail(unit, reply_fields.short(why), node_id=reply.node_id)
         for result in body.results:
-            self.receive(reply.node_id, result)
+            # Acked only now: ``receive`` returns after the decision committed.
+            self.acks.add(reply.node_id, self.receive(reply.node_id, result))
 
     def _reply_fields(self, node_id: int, body) -> None:
         """Store the capability and traffic a reply reports, if they are sane."""
@@ -228,7 +243,7 @@ class FederationLoop:
             self._log("reply.field_refused", f"node {node_id}: {exc}")
             return
         # A revoked node's results are still recorded, as refused (WRONG_NODE).
-        with contextlib.suppress(ParticipantRevoked):
+        with contextlib.suppress(ParticipantRevoked, ParticipantUnknown):
             self._update_capability(node_id, capability, bytes_down)
         self._bytes_down += bytes_down
 
@@ -271,7 +286,9 @@ class FederationLoop:
         if capability is None:
             return  # an old or partial reply: keep what we know
         with self.factory.begin() as s:
-            row = db_participants.touch_participant(s, node_id=node_id, capability=capability)
+            row = db_participants.touch_participant(
+                s, node_id=node_id, capability=capability, create=not self.enrolled_only
+            )
             if bytes_down:
                 db_participants.add_traffic(s, participant_id=row.id, bytes_down=bytes_down)
 
@@ -382,10 +399,9 @@ class FederationLoop:
         are asked too (those units are part of the budget; no later reply will bring
         them). A stage whose time is up does not wait for units still training.
         """
-        collect = control_pb2.ControlRequest(collect=True).SerializeToString()
         holders = self._holding_leases() if self._budget_leased else set()
         for node_id in set(self.driver.pending.values()) | holders:
-            self.driver.push(node_id, collect, "query.collect", timeout)
+            self._push(node_id, control_pb2.ControlRequest(collect=True), "query.collect", timeout)
         deadline = time.monotonic() + timeout
         while self.driver.pending and time.monotonic() < deadline:
             for reply in self.driver.wait_any(0.2):
@@ -393,6 +409,25 @@ class FederationLoop:
         if self._applied or self.state.shared.has_buffered():
             self.state.shared.flush()
             self.publish()
+        self._deliver_acks(min(timeout, ACK_ROUND_S))
+
+    def _deliver_acks(self, timeout: float) -> None:
+        """End of stage: no further unit carries the acks of the results decided last, so one
+        ``collect`` round delivers them (bounded; what is not acked is re-sent next time and
+        answered as already decided)."""
+        nodes = self.acks.nodes()
+        for node_id in nodes:
+            self._push(node_id, control_pb2.ControlRequest(collect=True), "query.collect", timeout)
+        deadline = time.monotonic() + timeout
+        while self.driver.pending and time.monotonic() < deadline:
+            for reply in self.driver.wait_any(0.2):
+                self._handle_reply(reply)
+        if nodes:
+            log.info(
+                "end of stage: acks sent to %d node(s); %d message(s) unanswered",
+                len(nodes),
+                len(self.driver.pending),
+            )
 
     def _holding_leases(self) -> set[int]:
         """Online nodes that hold leased units (their results are still on the node)."""

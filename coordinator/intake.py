@@ -8,7 +8,9 @@ the same sequence, and the first check that fails decides (:func:`record_result`
    so an impostor cannot occupy another node's answer slot),
 3. it was not answered before (a replay: the stored outcome is returned, nothing changes),
 4. the lease is live (``EXPIRED_LEASE``) and the result is built on the lease's base
-   version (``BASE_MISMATCH``) — :func:`coordinator.db.leases.lease_problem`,
+   version (``BASE_MISMATCH``) — :func:`coordinator.db.leases.lease_problem`; a lease
+   that expired (e.g. while the coordinator was down) is still judged when the result
+   is built on its base, and its queued copy is withdrawn if it is accepted,
 5. the payload (:class:`PayloadCheck`): the claimed tokens fit the unit (``MALFORMED``),
    the base is not too stale (``STALE_BASE``), the referenced blobs exist
    (``MISSING_BLOB``) and were uploaded under this very lease (``FOREIGN_BLOB``: no
@@ -43,7 +45,7 @@ from coordinator.db import leases as db_leases
 from coordinator.db import results as db_results
 from coordinator.db.models import WorkUnit
 from coordinator.db.participants import find_participant
-from coordinator.db.types import ParticipantState, RejectReason, utcnow
+from coordinator.db.types import ParticipantState, RejectReason, UnitState, utcnow
 from coordinator.metrics import METRICS
 from coordinator.publishing import CoordinatorState
 from shared_model.blobs import BlobCorrupt, BlobError, HashMismatch
@@ -271,9 +273,13 @@ def record_result(
             check_payload(unit)
         except Rejected as exc:
             problem = (RejectReason(exc.reason), exc.detail)
-    return db_results.store_result(
+    expired = unit.state == UnitState.EXPIRED
+    outcome = db_results.store_result(
         session, unit=unit, participant=participant, payload=payload, problem=problem, now=now
     )
+    if outcome.accepted and expired:  # a late answer, judged and accepted: no redo needed
+        db_leases.withdraw_copy(session, unit=unit)
+    return outcome
 
 
 @dataclass

@@ -2,11 +2,14 @@
 
 With SuperNode authentication on, a volunteer's node can connect only once its public
 key is registered on the SuperLink, and a revoked volunteer must be unregistered so it
-is refused from then on. Enrolment (REST API) and revocation (REST API, CLI) only write
-the database; :class:`KeySync` runs in ``perspective coordinator serve`` and applies the
-difference every ``period_s`` seconds through the SuperLink's Control API (loopback
-only: that API has no authentication in Flower OSS) with
-:func:`coordinator.security.sync_participant_keys`.
+is refused from then on. The database is the only source of truth: any other node the
+SuperLink lists (e.g. a key added with ``flwr supernode register``, since the Control API
+has no authentication) is unregistered at the next pass, and ``serve``'s loop never
+creates a participant from a node (``FederationLoop.enrolled_only``). Enrolment (REST
+API) and revocation (REST API, CLI) only write the database; :class:`KeySync` runs in
+``perspective coordinator serve`` and applies the difference every ``period_s`` seconds
+through the SuperLink's Control API (loopback only: that API has no authentication in
+Flower OSS) with :func:`coordinator.security.sync_participant_keys`.
 
 A SuperLink that is down (restarting) is not an error: the next pass retries.
 """

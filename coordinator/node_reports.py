@@ -6,7 +6,9 @@ inside Flower). Its daemon therefore reports each refusal to the coordinator's R
 signed with the node key that was enrolled, and the coordinator records it in the event
 log the operator watches. The signature (ECDSA over a canonical JSON payload with a
 timestamp) is the credential: no API token is needed, only the enrolled key can speak
-for a participant, and a report older than :data:`MAX_SKEW_S` is refused. The content is
+for a participant, and a report older than :data:`MAX_SKEW_S` is refused. The signed
+timestamp is also the report's sequence number: a report not newer than the last one
+accepted from that participant is a replay and refused (issue 16). The content is
 harmless (a reason code and a sentence), so a daemon whose CA is wrong may send it
 without verifying the server.
 """
@@ -77,8 +79,9 @@ def record_node_report(
 
     Raises:
         NotFound: No such participant.
-        BadNodeReport: Unknown kind, no enrolled key, bad signature, or older than
-            :data:`MAX_SKEW_S` (or from the future).
+        BadNodeReport: Unknown kind, no enrolled key, bad signature, older than
+            :data:`MAX_SKEW_S` (or from the future), or not newer than the last report
+            accepted from this participant (a replay).
         TooManyReports: Another report of this kind came less than ``min_interval_s``
             ago (a daemon reports once per refusal; this bounds replays and floods).
     """
@@ -92,6 +95,7 @@ def record_node_report(
     skew = abs((now or time.time()) - at)
     if skew > MAX_SKEW_S:
         raise BadNodeReport(f"report is {skew:.0f} s off the coordinator's clock (> {MAX_SKEW_S})")
+    _check_sequence(session, participant_id, at)
     _check_rate(session, participant_id, kind, min_interval_s)
     data: dict[str, Any] = {"reason": reason, "reported_by_node": True, "at": at}
     return log_event(
@@ -101,6 +105,25 @@ def record_node_report(
         participant_id=row.id,
         data=data,
     )
+
+
+def _check_sequence(session: Session, participant_id: int, at: float) -> None:
+    """Refuse a report whose signed timestamp is not after the last accepted one's."""
+    rows = session.scalars(
+        select(Event.data)
+        .where(Event.participant_id == participant_id, Event.kind.in_(REPORT_KINDS))
+        .order_by(Event.id.desc())
+        .limit(50)
+    )
+    last = max(
+        (float(d["at"]) for d in rows if d and d.get("reported_by_node") and "at" in d),
+        default=None,
+    )
+    if last is not None and at <= last:
+        raise BadNodeReport(
+            f"report signed at {at:.3f} is not newer than the last one accepted ({last:.3f}): "
+            "a replay"
+        )
 
 
 def _check_rate(session: Session, participant_id: int, kind: str, interval_s: float) -> None:

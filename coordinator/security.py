@@ -172,10 +172,28 @@ def unregister_node(address: str, node_id: int, *, root_certificates: bytes | No
         client.close()
 
 
+def list_nodes(address: str, *, root_certificates: bytes | None) -> dict[int, str]:
+    """The nodes the SuperLink knows (``flwr supernode ls``): node id -> status
+    (``registered``, ``online``, ``offline``; unregistered ones are left out)."""
+    from flwr.proto.control_pb2 import ListNodesRequest
+
+    client = _control(address, root_certificates)
+    try:
+        res = client.ListNodes(ListNodesRequest())
+    finally:
+        client.close()
+    return {int(n.node_id): n.status for n in res.nodes_info if n.status != "unregistered"}
+
+
 def sync_participant_keys(
     session_factory: Any, address: str, *, root_certificates: bytes | None
 ) -> dict[str, list[int]]:
-    """Register enrolled participants' keys and unregister revoked ones on the SuperLink.
+    """Make the SuperLink's node keys exactly those of the database (issue 16): the
+    database is the only source of truth. Enrolled, unrevoked participants' keys are
+    registered (again, if unregistered by hand: Flower refuses a key it has seen, which is
+    logged with the fix); revoked participants' nodes and every node no such participant
+    owns (e.g. a key added with ``flwr supernode register``) are unregistered. No
+    participant is ever created from a node.
 
     Args:
         session_factory: Coordinator DB session factory (``make_session_factory``).
@@ -183,41 +201,22 @@ def sync_participant_keys(
         root_certificates: CA bytes.
 
     Returns:
-        ``{"registered": [participant ids], "unregistered": [...], "failed": [...]}``.
+        ``{"registered": [participant ids], "unregistered": [...], "failed": [...],
+        "foreign": [Flower node ids unregistered]}``.
     """
     from sqlalchemy import select
 
     from coordinator.db.events import log_event
     from coordinator.db.models import Participant
 
-    out: dict[str, list[int]] = {"registered": [], "unregistered": [], "failed": []}
+    out: dict[str, list[int]] = {"registered": [], "unregistered": [], "failed": [], "foreign": []}
+    nodes = list_nodes(address, root_certificates=root_certificates)
+    owned: set[int] = set()
     with session_factory.begin() as session:
         rows = session.scalars(select(Participant).where(Participant.public_key.is_not(None)))
         for row in rows:
-            revoked = row.state == "revoked"
             try:
-                if revoked and row.node_id is not None:
-                    unregister_node(address, row.node_id, root_certificates=root_certificates)
-                    log_event(
-                        session,
-                        kind="participant.key_unregistered",
-                        message=f"{row.name}: node {row.node_id} unregistered (revoked)",
-                        participant_id=row.id,
-                    )
-                    row.node_id = None
-                    out["unregistered"].append(row.id)
-                elif not revoked and row.node_id is None:
-                    row.node_id = register_node_key(
-                        address, row.public_key, root_certificates=root_certificates, name=row.name
-                    )
-                    log_event(
-                        session,
-                        kind="participant.key_registered",
-                        message=f"{row.name}: key registered as Flower node {row.node_id}",
-                        participant_id=row.id,
-                        data={"node_id": row.node_id},
-                    )
-                    out["registered"].append(row.id)
+                _sync_row(session, row, nodes, address, root_certificates, out)
             except SecurityError as err:
                 log_event(
                     session,
@@ -226,4 +225,55 @@ def sync_participant_keys(
                     participant_id=row.id,
                 )
                 out["failed"].append(row.id)
+            if row.state != "revoked" and row.node_id is not None:
+                owned.add(int(row.node_id))
+        for node_id in sorted(set(nodes) - owned):
+            unregister_node(address, node_id, root_certificates=root_certificates)
+            log_event(
+                session,
+                kind="participant.key_foreign",
+                message=f"node {node_id} is registered on the SuperLink but belongs to no "
+                "enrolled participant: unregistered",
+                data={"node_id": node_id},
+            )
+            out["foreign"].append(node_id)
     return out
+
+
+def _sync_row(session, row, nodes: dict[int, str], address: str, certs, out) -> None:
+    """One participant's key: unregister if revoked, (re-)register if missing."""
+    from coordinator.db.events import log_event
+
+    if row.state == "revoked":
+        if row.node_id is not None:
+            if nodes.pop(int(row.node_id), None) is not None:
+                unregister_node(address, row.node_id, root_certificates=certs)
+            log_event(
+                session,
+                kind="participant.key_unregistered",
+                message=f"{row.name}: node {row.node_id} unregistered (revoked)",
+                participant_id=row.id,
+            )
+            row.node_id = None
+            out["unregistered"].append(row.id)
+        return
+    if row.node_id is not None and int(row.node_id) in nodes:
+        return
+    if row.node_id is not None:  # unregistered on the SuperLink by hand
+        log_event(
+            session,
+            kind="participant.key_missing",
+            message=f"{row.name}: node {row.node_id} is not registered on the SuperLink; "
+            "registering its key again (if Flower refuses a key it has seen, the "
+            "volunteer must enrol again with a new key)",
+            participant_id=row.id,
+        )
+    row.node_id = register_node_key(address, row.public_key, root_certificates=certs, name=row.name)
+    log_event(
+        session,
+        kind="participant.key_registered",
+        message=f"{row.name}: key registered as Flower node {row.node_id}",
+        participant_id=row.id,
+        data={"node_id": row.node_id},
+    )
+    out["registered"].append(row.id)

@@ -251,6 +251,7 @@ def run_serve(
         log.info("blob service at %s (TLS: %s)", coord.blob_address, tls)
         connect = lambda: _open_driver(endpoints.superlink, security, stop, owner)  # noqa: E731
         loop = coord.federated_stage(None, budget, settings)
+        loop.enrolled_only = tls  # SuperNode auth: only enrolled participants take part
         replayed = loop.recover()
         log.info("recovered at version %d (%d results replayed)", loop.state.version, replayed)
         control = StageControl(coord.session_factory, settings.stage)

@@ -1,22 +1,30 @@
-"""Finished results waiting to be delivered, kept on disk so a restart does not lose them.
+"""Finished results waiting to be acknowledged, kept on disk so a restart does not lose them.
 
 Units are pipelined (:mod:`participant.runtime`): a finished result travels with the reply
 to the *next* message, so at any moment the worker usually holds one result the
 coordinator has not seen. Its blobs are already uploaded; only the small ``WorkResult``
-message is missing. Writing it here when the unit finishes, and removing it once a reply
-has carried it, means a worker stopped (SIGTERM, reboot, even SIGKILL) delivers it with its
-first reply after the restart. The coordinator accepts it while the lease is valid and
-answers a duplicate idempotently.
+message is missing. It is written here when the unit finishes and removed only when the
+coordinator acknowledges it (a ``WorkAck`` in a later ``ControlRequest``, sent after the
+coordinator's database committed its decision; :mod:`coordinator.acks`). Until then the
+worker re-sends it, so neither a stopped worker (SIGTERM, reboot, even SIGKILL) nor a
+coordinator killed before its commit, nor a reply Flower never delivered, loses it; the
+coordinator answers a re-sent result with the decision it stored.
+
+Every acknowledgement is appended to ``acks.jsonl`` beside the results: what became of
+each result (accepted, or refused with the coordinator's reason), for the volunteer.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
 
 from shared_model.wire.perspective.v1 import federation_pb2
 
 log = logging.getLogger(__name__)
+ACK_LOG = "acks.jsonl"
 
 
 class ResultOutbox:
@@ -36,16 +44,49 @@ class ResultOutbox:
         return self.directory / f"{unit_id}.result"
 
     def put(self, result: federation_pb2.WorkResult) -> None:
-        """Keep ``result`` until :meth:`delivered` (temp file + rename: never half-written)."""
+        """Keep ``result`` until :meth:`acknowledged` (temp file + rename: never half-written)."""
         path = self._path(result.unit_id)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(result.SerializeToString())
         tmp.replace(path)
 
-    def delivered(self, unit_ids: list[str]) -> None:
-        """Forget results a reply has carried."""
-        for unit_id in unit_ids:
-            self._path(unit_id).unlink(missing_ok=True)
+    def acknowledged(self, ack: federation_pb2.WorkAck) -> bool:
+        """Record the coordinator's decision on a result and forget the result.
+
+        Returns:
+            Whether the outbox held that result (an ack of an unknown unit is ignored:
+            the coordinator repeats acks of re-sent results).
+        """
+        try:
+            path = self._path(ack.unit_id)
+        except ValueError:
+            return False
+        if not path.exists():
+            return False
+        entry = {
+            "unit_id": ack.unit_id,
+            "accepted": ack.accepted,
+            "reason": ack.reason_code,
+            "detail": ack.detail,
+            "at": round(time.time(), 3),
+        }
+        with open(self.directory / ACK_LOG, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        path.unlink(missing_ok=True)
+        return True
+
+    def acks(self) -> list[dict]:
+        """Every acknowledgement recorded so far, oldest first (``acks.jsonl``)."""
+        path = self.directory / ACK_LOG
+        if not path.exists():
+            return []
+        entries = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill: its ack comes again
+                continue
+        return entries
 
     def pending(self) -> list[federation_pb2.WorkResult]:
         """Results not delivered yet, oldest first; unreadable files are set aside (logged)."""

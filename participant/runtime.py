@@ -12,6 +12,11 @@ the coordinator keeps two units in flight per participant, and
 So the trainer always has the next unit locally and never waits for the network; a
 result travels one unit later, which the coordinator's staleness weights account for.
 
+Delivery is acknowledged: a result stays in the outbox (:mod:`participant.outbox`) until a
+later ``ControlRequest`` carries its ``WorkAck``, and a reply re-sends every result not
+acknowledged yet, except one sent in the reply just before (its ack is normally on the
+way: that message was pushed before the coordinator saw the result).
+
 Limits enforced here: torch threads (set in the trainer thread, where the work runs), the
 bandwidth cap (one :class:`~participant.limits.TokenBucket` shared by every blob client),
 the cache cap (eviction after each unit) and the device. Progress, traffic and credit go
@@ -41,6 +46,8 @@ from shared_model.wire.perspective.v1 import control_pb2, federation_pb2, tensor
 
 log = logging.getLogger(__name__)
 WAIT_S = 3600.0
+#: Most results one reply carries (the rest go with the next replies).
+MAX_RESULTS_PER_REPLY = 64
 PEM_CERT = b"-----BEGIN CERTIFICATE-----"
 
 
@@ -108,11 +115,13 @@ class ParticipantRuntime:
         self._queue: queue.Queue[control_pb2.ControlRequest | None] = queue.Queue()
         self._cond = threading.Condition()
         self._started: set[str] = set()
-        # Results finished but not yet carried by a reply; the outbox keeps them across restarts.
+        # Results finished but not acknowledged yet; the outbox keeps them across restarts.
         self.outbox = ResultOutbox(self.state_dir / "outbox")
-        self._results: list[federation_pb2.WorkResult] = self.outbox.pending()
-        if self._results:
-            log.info("%d result(s) of the last run go with the next reply", len(self._results))
+        self._unacked = {r.unit_id: r for r in self.outbox.pending()}
+        self._sent_in: dict[str, int] = {}  # unit id -> number of the reply that last carried it
+        self._replies = 0
+        if self._unacked:
+            log.info("%d result(s) of the last run go with the next reply", len(self._unacked))
         self._failures: list[tuple[str, str]] = []
         self._busy = False
         self._bytes_down = 0
@@ -124,10 +133,12 @@ class ParticipantRuntime:
     def handle(self, kind: str, payload: bytes) -> bytes:
         """Handle one Flower message; returns the serialised :class:`ControlReply`."""
         req = control_pb2.ControlRequest.FromString(payload)
+        self._take_acks(req.acks)
         if kind == "train.unit" or req.credit_tokens:  # a bare collect may leave it unset
             self.progress.set_credit(req.credit_tokens)
         if kind == "train.unit" and req.WhichOneof("body") == "unit":
             uid = req.unit.unit_id
+            self._drop_orphans(req.blob_address)
             self._queue.put(req)
             with self._cond:
                 self._cond.wait_for(lambda: uid in self._started, timeout=WAIT_S)
@@ -140,15 +151,60 @@ class ParticipantRuntime:
             )
         return self._reply().SerializeToString()
 
+    def _drop_orphans(self, blob_address: str) -> None:
+        """Drop queued units of a coordinator process that is gone: a unit's blob service
+        moved (a restarted ``serve`` on another port), so they could only fail after
+        retrying a dead address. Reported as failed; the coordinator re-issued them."""
+        keep, dropped = [], []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                req = self._queue.get_nowait()
+                moved = req is not None and req.blob_address != blob_address
+                (dropped if moved else keep).append(req)
+        for req in keep:
+            self._queue.put(req)
+        if not dropped:
+            return
+        why = f"coordinator restarted: its blob service moved to {blob_address}"
+        log.info("dropping %d queued unit(s): %s", len(dropped), why)
+        with self._cond:
+            self._failures.extend((req.unit.unit_id, why) for req in dropped)
+            self._cond.notify_all()
+
+    def _take_acks(self, acks) -> None:
+        """Forget the results the coordinator has decided (it committed before acking)."""
+        for ack in acks:
+            with self._cond:
+                known = self._unacked.pop(ack.unit_id, None) is not None
+                self._sent_in.pop(ack.unit_id, None)
+            if known and self.outbox.acknowledged(ack) and not ack.accepted:
+                log.warning(
+                    "result %s refused by the coordinator: %s %s",
+                    ack.unit_id,
+                    ack.reason_code,
+                    ack.detail,
+                )
+
+    def _results_to_send(self) -> list[federation_pb2.WorkResult]:
+        """Unacknowledged results for this reply (call with ``_cond`` held)."""
+        self._replies += 1
+        due = [
+            result
+            for uid, result in self._unacked.items()
+            if self._sent_in.get(uid, -2) < self._replies - 1
+        ][:MAX_RESULTS_PER_REPLY]
+        for result in due:
+            self._sent_in[result.unit_id] = self._replies
+        return due
+
     def _reply(self) -> control_pb2.ControlReply:
         with self._cond:
-            results, self._results = self._results, []
+            results = self._results_to_send()
             failures, self._failures = self._failures, []
             bytes_down, self._bytes_down = self._bytes_down, 0
         reply = control_pb2.ControlReply(
             results=results, queued_units=self._queue.qsize(), bytes_down=bytes_down
         )
-        self.outbox.delivered([r.unit_id for r in results])
         reply.failed_units.extend(uid for uid, _ in failures)
         reply.failure_reasons.extend(why for _, why in failures)
         reply.capability.max_columns = self.max_columns
@@ -164,7 +220,8 @@ class ParticipantRuntime:
         """Stop: drop queued units, give the unit in progress ``grace_s`` seconds to finish.
 
         Dropped units come back from the coordinator when their leases expire; a finished
-        result waits in the outbox for the first reply after the next start. A unit still
+        result not acknowledged yet waits in the outbox for the first reply after the next
+        start. A unit still
         running after ``grace_s`` is abandoned with the process: the local state on disk is
         that of the last finished unit (it is saved atomically), and its lease expires.
 
@@ -204,7 +261,7 @@ class ParticipantRuntime:
                 result = self._run(req)
                 self.outbox.put(result)
                 with self._cond:
-                    self._results.append(result)
+                    self._unacked[result.unit_id] = result
                 self.progress.finish_unit(ok=True)
             except Exception as exc:  # report the failure; the coordinator re-issues the unit
                 log.exception("unit %s failed", uid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 import time
 
@@ -176,11 +177,19 @@ def test_events_cursor(env):
     assert kinds["total"] == 3
 
 
-def test_enrolment_flow(env):
+def test_enrolment_flow(env, tmp_path):
+    from shared_model.identity import make_node_key
+
     _f, client, op, _ro, _feed = env
     tok = client.post("/api/v1/enrolment-tokens", json={"note": "alice"}, headers=op)
     assert tok.status_code == 201 and tok.json()["expires_at"] is not None
     body = {"token": tok.json()["token"], "name": "alice", "public_key": "ssh-ed25519 AAAA alice"}
+    bad = client.post("/api/v1/enrol", json=body)  # not a key the SuperLink accepts
+    assert bad.status_code == 422 and "neither OpenSSH nor PEM" in bad.text, bad.text
+    ed25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl x"
+    wrong_curve = client.post("/api/v1/enrol", json=body | {"public_key": ed25519})
+    assert wrong_curve.status_code == 422 and "NIST curve" in wrong_curve.text, wrong_curve.text
+    body["public_key"] = make_node_key(tmp_path / "alice")[1]
     enrolled = client.post("/api/v1/enrol", json=body)
     assert enrolled.status_code == 201
     assert enrolled.json()["ca_cert_pem"] == CA_PEM
@@ -224,8 +233,8 @@ def test_signed_node_report_reaches_the_event_log(tmp_path):
     ok = client.post(f"/api/v1/participants/{pid}/reports", json=report("tls_untrusted", at))
     assert ok.status_code == 201, ok.text
     assert ok.json()["participant_state"] == "enrolled"
-    again = client.post(f"/api/v1/participants/{pid}/reports", json=report("tls_untrusted", at))
-    assert again.status_code == 429  # one report per participant and interval: replays bounded
+    again = client.post(f"/api/v1/participants/{pid}/reports", json=report("x", at + 0.5))
+    assert again.status_code == 429  # one report per participant and interval: floods bounded
     assert again.json()["error"] == "too_many_requests"
     assert 3500 <= int(again.headers["retry-after"]) <= 3600
     events = client.get("/api/v1/events", params={"kind": "participant.refused"}).json()["items"]
@@ -234,9 +243,20 @@ def test_signed_node_report_reaches_the_event_log(tmp_path):
     assert client.post(f"/api/v1/participants/{pid}/reports", json=forged).status_code == 401
     stale = client.post(f"/api/v1/participants/{pid}/reports", json=report("x", at - 3600))
     assert stale.status_code == 401 and "clock" in stale.json()["detail"]
+    # A captured report replayed once the rate limit has passed: its signed timestamp is
+    # its sequence number, and it is not newer than the last accepted one.
+    from coordinator.db.models import Event
+
+    with _f.begin() as s:  # the rate limit's interval passes (the event is dated back)
+        for e in s.query(Event).filter_by(kind="participant.refused"):
+            e.ts = e.ts - dt.timedelta(seconds=7200)
+    replay = client.post(f"/api/v1/participants/{pid}/reports", json=report("tls_untrusted", at))
+    assert replay.status_code == 401 and "replay" in replay.json()["detail"], replay.text
+    newer = client.post(f"/api/v1/participants/{pid}/reports", json=report("x", at + 1))
+    assert newer.status_code == 201, newer.text
     # A revoked participant's daemon is told so in the answer (it then stops for good).
     assert client.post(f"/api/v1/participants/{pid}/revoke", headers=op).status_code == 200
-    at = time.time()
+    at = time.time() + 2
     payload = report_payload(pid, "participant.disconnected", "unauthorized", "m", at)
     told = client.post(f"/api/v1/participants/{pid}/reports", json={
         "kind": "participant.disconnected", "reason": "unauthorized", "message": "m",

@@ -92,10 +92,13 @@ def test_every_write_route_needs_an_operator_token(setup):
     assert checked >= 10
 
 
-def test_unauthenticated_writes_check_their_own_credential(setup):
+def test_unauthenticated_writes_check_their_own_credential(setup, tmp_path):
+    from shared_model.identity import make_node_key
+
     factory, _tokens = setup
     client = _client(factory)
-    r = client.post("/api/v1/enrol", json={"token": "pspe_nope", "name": "x", "public_key": "k"})
+    key = make_node_key(tmp_path / "k")[1]
+    r = client.post("/api/v1/enrol", json={"token": "pspe_nope", "name": "x", "public_key": key})
     assert r.status_code == 401 and "enrolment token" in r.json()["detail"]
     report = {"kind": "participant.refused", "reason": "x", "message": "m", "at": 0.0,
               "signature": "AAAA"}  # fmt: skip

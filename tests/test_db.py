@@ -172,6 +172,8 @@ def test_caller_validation_rejection_is_one_call(factory):
 
 
 def test_expired_lease_is_refused_and_replay_stays_refused(factory):
+    """A late result that does not state its base cannot be judged (one that does is:
+    tests/test_acked_delivery.py)."""
     _, unit_id = _lease(factory, lease_seconds=1.0)
     later = utcnow() + dt.timedelta(seconds=5)
     with factory.begin() as s:

@@ -238,3 +238,38 @@ def test_serve_refuses_a_second_coordinator_on_its_superlink(host, tmp_path) -> 
     assert done.returncode == 1, said[-3000:]
     assert "another Perspective coordinator holds the SuperLink" in said, said[-3000:]
     assert host.serve.poll() is None  # the first one goes on
+
+
+def test_a_foreign_key_is_unregistered_within_one_key_sync_period(host, tmp_path) -> None:
+    """Issue 16: a key registered on the SuperLink with stock ``flwr supernode register``
+    (the Control API has no authentication) is unregistered by ``serve``'s key sync within
+    one period; no participant is created for it."""
+    import os
+    import time
+
+    from coordinator.security import list_nodes
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "net"\n\n[superlink.net]\n'
+        f'address = "{host.superlink.address}"\nroot-certificates = "{host.ca}"\n'
+    )
+    _, public = make_node_key(tmp_path / "intruder")
+    nodes = lambda: set(list_nodes(host.superlink.address, root_certificates=host.ca.read_bytes()))  # noqa: E731
+    before = nodes()
+    flwr = Path(sys.executable).with_name("flwr")
+    env = os.environ | {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
+    done = subprocess.run(
+        [str(flwr), "supernode", "register", str(tmp_path / "intruder.pub"), "net"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    (foreign,) = nodes() - before
+    t0 = time.monotonic()
+    wait_for(lambda: foreign not in nodes(), 60, "the foreign node to be unregistered")
+    print(f"\nforeign node unregistered after {time.monotonic() - t0:.1f} s")
+    sql = "select data from events where kind = 'participant.key_foreign'"
+    assert any(str(foreign) in str(row[0]) for row in query(host.engine, sql))
+    sql = "select count(*) from participants where node_id = :n or public_key = :k"
+    assert query(host.engine, sql, n=foreign, k=public)[0][0] == 0

@@ -73,6 +73,28 @@ SYMBOLS: list[tuple[str, str, tuple[str, ...] | None]] = [
     ("flwr.supercore.runtime", "RuntimeHttpClient", None),
     ("flwr.supercore.control.control_http_client", "ControlHttpClient", None),
     ("flwr.supernode.runtime.run_clientapp", "pull_task_input", ("client",)),
+    # participant.flower.worker.pull_task_input: Flower's, with the object pulls bounded
+    ("flwr.common.serde", "context_from_proto", None),
+    ("flwr.common.serde", "message_from_proto", None),
+    ("flwr.proto.node_pb2", "Node", None),
+    ("flwr.proto.runtime_pb2", "PullAppMessagesRequest", None),
+    (
+        "flwr.supercore.inflatable.inflatable_utils",
+        "pull_and_inflate_object_from_tree",
+        ("return_type", "max_time", "max_tries_per_object", "backoff_cap"),
+    ),
+    ("flwr.supercore.inflatable.inflatable_utils", "ObjectPullError", None),
+    (
+        "flwr.supercore.inflatable.inflatable_protobuf_utils",
+        "make_pull_object_fn_protobuf",
+        None,
+    ),
+    (
+        "flwr.supercore.inflatable.inflatable_protobuf_utils",
+        "make_confirm_message_received_fn_protobuf",
+        None,
+    ),
+    ("flwr.supercore.task_identity", "TaskIdentity", None),
     ("flwr.supernode.runtime.run_clientapp", "push_message", ("client", "message", "context")),
     (
         "flwr.supernode.runtime.run_clientapp",

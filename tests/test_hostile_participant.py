@@ -25,7 +25,7 @@ import torch
 from coordinator.blob_uploads import UploadLedger
 from coordinator.db import participants as db_participants
 from coordinator.db.leases import get_unit
-from coordinator.db.models import Event, Participant, Result
+from coordinator.db.models import Event, Participant, Result, WorkUnit
 from coordinator.flower.driver import Reply
 from shared_model.codec.container import (
     CODEC_SPARSE_2BIT,
@@ -395,3 +395,28 @@ def test_poisoned_fields_fit_postgres_columns(pg_url):
         assert len(row.device) == 64 and row.max_columns == 1 << 16
         stored_row = s.query(Result).one()
         assert stored_row.train_loss is None and stored_row.timings.get("train_s") is None
+
+
+# --- enrolment bypass -------------------------------------------------------------------
+
+
+def test_an_enrolled_network_takes_no_unknown_node(tmp_path, corpus):
+    """With SuperNode auth (``serve`` with TLS sets ``enrolled_only``), a node the SuperLink
+    lists but no enrolled participant owns (a key added with ``flwr supernode register``)
+    gets no participant row, no units and no say: its reports and results change nothing."""
+    from coordinator.db.errors import ParticipantUnknown
+
+    loop, _ = make_loop(tmp_path, corpus)
+    loop.enrolled_only = True
+    stranger = NODE + 4242
+    with pytest.raises(ParticipantUnknown, match="no enrolled participant"):
+        loop._lease_for(stranger)
+    body = control_pb2.ControlReply(
+        capability=control_pb2.NodeCapability(max_columns=2, tokens_per_s=500.0),
+        results=[federation_pb2.WorkResult(unit_id="made-up", base_version=0)],
+    )
+    loop._handle_reply(reply(stranger, body))
+    with loop.factory() as s:
+        assert s.query(Participant).count() == 0
+        assert s.query(Result).count() == 0
+        assert s.query(WorkUnit).count() == 0  # nothing leased

@@ -66,12 +66,18 @@ def test_stop_finishes_the_unit_drops_the_queue_and_the_restart_delivers(tmp_pat
         restarted = ParticipantRuntime(loop.state.cfg, state)
         try:
             reply = control_pb2.ControlReply.FromString(restarted.handle("query.collect", COLLECT))
+            (delivered,) = reply.results
+            assert delivered.unit_id == units[0].unit_id and delivered.tokens > 0
+            loop.acks.add(NODE, loop.receive(NODE, delivered))
+            assert outbox.pending() != []  # carried, but kept until the coordinator acks it
+            acked = control_pb2.ControlRequest(collect=True)
+            assert loop.acks.attach(NODE, acked) == 1
+            restarted.handle("query.collect", acked.SerializeToString())
         finally:
             restarted.shutdown()
-    (delivered,) = reply.results
-    assert delivered.unit_id == units[0].unit_id and delivered.tokens > 0
-    assert loop.receive(NODE, delivered).accepted
-    assert outbox.pending() == []  # a reply carried it: not sent twice
+    assert outbox.pending() == []  # acknowledged: never sent again
+    (ack,) = outbox.acks()
+    assert ack["unit_id"] == units[0].unit_id and ack["accepted"]
 
 
 def test_outbox_round_trip_and_damaged_files_set_aside(tmp_path) -> None:
@@ -80,7 +86,8 @@ def test_outbox_round_trip_and_damaged_files_set_aside(tmp_path) -> None:
     (tmp_path / "outbox" / "u-2.result").write_bytes(b"\xff\xff not a protobuf")
     assert [r.unit_id for r in outbox.pending()] == ["u-1"]
     assert (tmp_path / "outbox" / "u-2.damaged").exists()
-    outbox.delivered(["u-1"])
-    assert outbox.pending() == []
+    assert outbox.acknowledged(federation_pb2.WorkAck(unit_id="u-1", accepted=True))
+    assert not outbox.acknowledged(federation_pb2.WorkAck(unit_id="u-1", accepted=True))
+    assert outbox.pending() == [] and [a["unit_id"] for a in outbox.acks()] == ["u-1"]
     with pytest.raises(ValueError, match="cannot name a file"):
         outbox.put(federation_pb2.WorkResult(unit_id="../escape"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 T = TypeVar("T")
 
@@ -238,6 +238,19 @@ class EnrolRequest(BaseModel):
     max_columns: int = Field(default=1, ge=1, le=1024)
     threads: int | None = Field(default=None, ge=1, le=4096)
     device: Annotated[str | None, Printable] = Field(default=None, max_length=64)
+
+    @field_validator("public_key")
+    @classmethod
+    def _node_key(cls, value: str) -> str:
+        """The key must be one the SuperLink accepts (parsed, ECDSA on a NIST curve):
+        a bad one would otherwise be refused by key sync on every pass (issue 16)."""
+        from shared_model.identity import SecurityError, public_key_pem
+
+        try:
+            public_key_pem(value)
+        except SecurityError as err:
+            raise ValueError(f"{err}; 'perspective participant join' makes a valid key") from None
+        return value
 
 
 class EnrolOut(BaseModel):

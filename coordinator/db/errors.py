@@ -35,6 +35,10 @@ class ParticipantRevoked(Conflict):
     """The participant has been revoked and may not take part any more."""
 
 
+class ParticipantUnknown(NotFound):
+    """A Flower node no enrolled participant owns (enrolled networks create none)."""
+
+
 class InvalidToken(DatabaseError):
     """A bearer or enrolment token is unknown, revoked, expired or already used."""
 

@@ -2,7 +2,8 @@
 
 A re-issued unit is a *copy* with a new ``unit_id`` (``attempt + 1``,
 ``reissued_from`` = the original), never the original re-opened: a late answer to
-the original can then only ever be refused, never confused with the new lease.
+the original is judged as the original's (and withdraws the copy if it is still queued),
+never confused with the new lease.
 """
 
 from __future__ import annotations
@@ -52,19 +53,31 @@ def lease_problem(
 ) -> tuple[RejectReason, str] | None:
     """Why a result cannot answer ``unit`` now, or ``None``: the lease is live, same base.
 
-    ``EXPIRED_LEASE`` when the unit is no longer leased or its deadline passed;
-    ``BASE_MISMATCH`` when the result was built on another version (``None``: unknown)
-    than the lease's, or, with ``newest`` (a unit that starts from the newest version
-    when it starts: ``WorkUnit.start_from_newest``), on one outside the lease's base
-    ``..`` ``newest``.
+    ``EXPIRED_LEASE`` when the unit is no longer leased (done, failed, rejected) or its
+    lease expired and the result states no usable base; ``BASE_MISMATCH`` when the result
+    was built on another version (``None``: unknown) than the lease's, or, with ``newest``
+    (a unit that syncs to the newest version when it starts:
+    ``WorkUnit.start_from_newest``), on one outside the lease's base ``..`` ``newest``. An
+    expired lease answered on a usable base is judged like a live one
+    (:func:`withdraw_copy` then drops its queued copy).
     """
-    if unit.state != UnitState.LEASED:
-        return RejectReason.EXPIRED_LEASE, f"unit is {unit.state}, no longer leased"
-    if unit.deadline is not None and unit.deadline < now:
-        return RejectReason.EXPIRED_LEASE, f"lease deadline {unit.deadline.isoformat()} passed"
-    if base_version is None or base_version == unit.base_version:
+    late = unit.state == UnitState.EXPIRED or (
+        unit.state == UnitState.LEASED and unit.deadline is not None and unit.deadline < now
+    )
+    usable = base_version is not None and (
+        base_version == unit.base_version
+        or (newest is not None and unit.base_version < base_version <= newest)
+    )
+    if late and usable:
+        # Issue 16: a result that arrives after its lease expired (the coordinator was down,
+        # or the node was slow) is still judged; the payload checks decide whether its base
+        # is usable (the staleness bound).
         return None
-    if newest is not None and unit.base_version < base_version <= newest:
+    if unit.state not in (UnitState.LEASED, UnitState.EXPIRED):
+        return RejectReason.EXPIRED_LEASE, f"unit is {unit.state}, no longer leased"
+    if late:
+        return RejectReason.EXPIRED_LEASE, "lease expired and the result states no usable base"
+    if base_version is None or usable:
         return None
     allowed = f"{unit.base_version}..{newest}" if newest is not None else str(unit.base_version)
     return (
@@ -171,6 +184,33 @@ def requeue_copy(
         participant_id=unit.participant_id,
         unit_id=unit.unit_id,
         data={"new_unit_id": copy.unit_id, "attempt": copy.attempt},
+    )
+    return copy
+
+
+def withdraw_copy(session: Session, *, unit: WorkUnit) -> WorkUnit | None:
+    """The late answer of expired ``unit`` was accepted: its re-queued copy, if nobody has
+    leased it yet, is not needed any more (marked ``failed``, reason given). A copy already
+    leased is left alone (its documents are then trained twice).
+
+    Returns:
+        The withdrawn copy, or ``None``.
+    """
+    copy = session.scalar(
+        select(WorkUnit)
+        .where(WorkUnit.reissued_from == unit.unit_id, WorkUnit.state == UnitState.QUEUED)
+        .with_for_update()
+    )
+    if copy is None:
+        return None
+    copy.state, copy.finished_at = UnitState.FAILED, utcnow()
+    copy.state_reason = f"withdrawn: the expired lease {unit.unit_id} was answered late"
+    log_event(
+        session,
+        kind="unit.withdrawn",
+        message=copy.state_reason,
+        unit_id=copy.unit_id,
+        data={"answered": unit.unit_id},
     )
     return copy
 

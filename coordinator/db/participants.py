@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator.db.errors import InvalidArgument, NotFound, ParticipantRevoked
+from coordinator.db.errors import InvalidArgument, NotFound, ParticipantRevoked, ParticipantUnknown
 from coordinator.db.events import log_event
 from coordinator.db.models import Participant, ParticipantColumn, WorkUnit
 from coordinator.db.pagination import Page, check_page
@@ -84,14 +84,18 @@ def touch_participant(
     name: str | None = None,
     capability: Capability | None = None,
     now: dt.datetime | None = None,
+    create: bool = True,
 ) -> Participant:
     """Record contact from Flower node ``node_id``: upsert and mark it online.
 
     Lookup order: by ``node_id``; else an enrolled participant with this
-    ``public_key`` that has no node id yet (binds it); else a new participant.
+    ``public_key`` that has no node id yet (binds it); else a new participant, unless
+    ``create`` is false (an enrolled network: the database is the only source of truth
+    for who takes part, never the SuperLink's node list).
 
     Raises:
         ParticipantRevoked: the participant was revoked.
+        ParticipantUnknown: ``create`` is false and no participant owns the node.
     """
     now = now or utcnow()
     row = find_participant(session, node_id=node_id)
@@ -105,6 +109,8 @@ def touch_participant(
                 message=f"{row.name}: node id {row.node_id} -> {node_id}",
                 participant_id=row.id,
             )
+    if row is None and not create:
+        raise ParticipantUnknown(f"Flower node {node_id} belongs to no enrolled participant")
     if row is None:
         row = create_participant(
             session,

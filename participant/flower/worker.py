@@ -21,14 +21,25 @@ run_clientapp.py`` and ``flwr/supercore/superexec/run_superexec.py``, flwr 1.42.
 
 The SuperNode hands out one message at a time and polls the SuperLink every ~3 s
 when idle, so the coordinator keeps two units in flight per node (pipelining).
+
+Every call into Flower is bounded (issue 16: after two quick coordinator restarts both
+workers once blocked for good in ``pull_task_input``, whose object pulls retry an
+unavailable object for up to 2 h). The message's objects are pulled with a time limit
+(:func:`pull_task_input`), each HTTP call has Flower's 30 s timeout and our bounded retry
+invoker, and a watchdog thread restarts the polling loop when one Flower call (acquire,
+pull, push) has not returned after ``call_timeout`` seconds: the stuck task is failed
+towards the SuperNode (so it hands out the next one), its heartbeat stops, and a fresh
+loop takes over; the old thread, if it ever returns, exits without running the handler
+or pushing anything. The handler itself is not bounded here (a unit may take minutes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from shared_model.flower_runtime import (
@@ -43,6 +54,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], bytes]
 COMPONENT = "perspective-worker"
+#: A Flower call (acquire, pull, push) not returned after this long is abandoned.
+CALL_TIMEOUT_S = 150.0
+#: Longest time the objects of one message may take to pull (Flower's default: 2 h).
+PULL_MAX_S = 60.0
 
 
 @dataclass
@@ -58,6 +73,15 @@ class TaskTiming:
     error: str | None = None
 
 
+class MessageUnavailable(FlowerTransportError):
+    """The task's message objects could not be pulled in time; carries the bare message
+    (metadata only) and the context, so an error reply can still answer it."""
+
+    def __init__(self, reason: str, message: object, context: object) -> None:
+        super().__init__(reason)
+        self.message, self.context = message, context
+
+
 class FlowerWorker:
     """Executes ClientApp tasks of one SuperNode with a Python handler.
 
@@ -68,6 +92,9 @@ class FlowerWorker:
         superexec_secret: Secret the SuperNode was started with (``None`` if none).
         insecure: Plain HTTP to the Runtime API (it is on loopback).
         root_certificates: CA bytes if the Runtime API uses TLS.
+        call_timeout: Seconds one Flower call may take before the watchdog restarts the
+            loop (see the module docstring).
+        pull_max_s: Seconds the objects of one message may take to pull.
     """
 
     def __init__(
@@ -78,6 +105,8 @@ class FlowerWorker:
         superexec_secret: bytes | None = None,
         insecure: bool = True,
         root_certificates: bytes | None = None,
+        call_timeout: float = CALL_TIMEOUT_S,
+        pull_max_s: float = PULL_MAX_S,
     ) -> None:
         if not callable(handler):
             raise TypeError("handler must be callable as handler(kind: str, payload: bytes)")
@@ -89,19 +118,42 @@ class FlowerWorker:
         self._secret = superexec_secret
         self._insecure = insecure
         self._certs = root_certificates
+        if call_timeout <= 0 or pull_max_s <= 0:
+            raise ValueError("call_timeout and pull_max_s must be positive seconds")
+        self.call_timeout, self.pull_max_s = call_timeout, pull_max_s
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
         self.fatal_error: BaseException | None = None
         self.timings: list[TaskTiming] = []
+        # Watchdog state, under _lock: the loop generation allowed to act, when its Flower
+        # call began (None: not in a Flower call) and which call, the task it works on.
+        self._lock = threading.Lock()
+        self._gen = 0
+        self._call_since: float | None = None
+        self._call_name = ""
+        self._call_client: object | None = None  # the client of that call
+        self._task: tuple[str, object] | None = None  # token, heartbeat
+        self.restarts = 0  # loops the watchdog replaced
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        """Run :meth:`run_forever` in a daemon thread."""
-        if self._thread is not None:
+        """Start the polling loop and its watchdog in daemon threads."""
+        if self._watchdog is not None:
             raise FlowerTransportError("worker already started")
-        self._thread = threading.Thread(target=self._run_guarded, name=COMPONENT, daemon=True)
-        self._thread.start()
+        self._spawn_loop(0)
+        self._watchdog = threading.Thread(
+            target=self._watch, name=f"{COMPONENT}-watchdog", daemon=True
+        )
+        self._watchdog.start()
+
+    def _spawn_loop(self, gen: int) -> None:
+        thread = threading.Thread(
+            target=self._run_guarded, args=(gen,), name=f"{COMPONENT}-{gen}", daemon=True
+        )
+        self._thread = thread
+        thread.start()
 
     def wait_until_ready(self, timeout: float = 30.0) -> None:
         """Block until one ``AcquireTask`` call succeeded (Runtime API reachable, secret OK).
@@ -125,10 +177,12 @@ class FlowerWorker:
             ``True`` if the loop ended within ``timeout``.
         """
         self._stop.set()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        deadline = time.monotonic() + timeout
+        while (thread := self._thread) is not None and thread.is_alive():
+            thread.join(max(0.0, min(0.5, deadline - time.monotonic())))
+            if time.monotonic() >= deadline:
+                break
+        return self._thread is None or not self._thread.is_alive()
 
     def __enter__(self) -> FlowerWorker:
         self.start()
@@ -138,88 +192,205 @@ class FlowerWorker:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def _run_guarded(self) -> None:
+    def _run_guarded(self, gen: int) -> None:
         try:
-            self.run_forever()
-        except BaseException as err:  # recorded for wait_until_ready / the supervisor
-            self.fatal_error = err
-            log.exception("flower worker loop died")
+            self._loop(gen)
+        except BaseException as err:  # recorded for wait_until_ready / run_forever
+            if self._current(gen):
+                self.fatal_error = err
+                log.exception("flower worker loop died")
 
-    # ---------------------------------------------------------------- main loop
     def run_forever(self) -> None:
-        """Poll for tasks and execute them until :meth:`shutdown` (or SIGTERM in a process).
+        """Poll for tasks and execute them until :meth:`shutdown` (or SIGTERM in a process);
+        returns once the task in progress, if any, has been answered.
 
         Raises:
             httpx.HTTPStatusError: If the Runtime API rejects us (e.g. wrong secret: 401).
         """
+        self.start()
+        while not self._stop.wait(0.5):
+            if self.fatal_error is not None:
+                self._stop.set()
+                raise self.fatal_error
+        while (thread := self._thread) is not None and thread.is_alive():
+            thread.join(0.5)  # a stuck Flower call is abandoned by the watchdog meanwhile
+
+    # ---------------------------------------------------------------- watchdog
+    def _current(self, gen: int) -> bool:
+        with self._lock:
+            return gen == self._gen
+
+    @contextlib.contextmanager
+    def _flower_call(self, gen: int, name: str, client: object) -> Iterator[None]:
+        """Mark a Flower call of loop ``gen`` on ``client`` for the watchdog."""
+        with self._lock:
+            if gen == self._gen:
+                self._call_since, self._call_name = time.monotonic(), name
+                self._call_client = client
+        try:
+            yield
+        finally:
+            with self._lock:
+                if gen == self._gen:
+                    self._call_since = None
+
+    def _watch(self) -> None:
+        """Restart the loop when one Flower call outlives ``call_timeout``; after a stop,
+        keep watching until the loop has ended (a stuck one is then just abandoned)."""
+        interval = min(1.0, self.call_timeout / 4)
+        while True:
+            if self._stop.is_set():
+                thread = self._thread
+                if thread is None or not thread.is_alive():
+                    return
+                time.sleep(interval)
+            else:
+                self._stop.wait(interval)
+            stuck = self._abandon_stuck()
+            if stuck is None:
+                continue
+            gen, name, client, task = stuck
+            with contextlib.suppress(Exception):  # the stuck call fails now, not later
+                client.close()
+            log.warning(
+                "Flower call %s did not return in %.0f s: abandoned, polling loop restarted",
+                name,
+                self.call_timeout,
+            )
+            if task is not None:
+                threading.Thread(target=self._fail_task, args=task, daemon=True).start()
+            if self._stop.is_set():
+                self._thread = None  # nothing left to wait for
+                return
+            self._spawn_loop(gen)
+
+    def _abandon_stuck(self) -> tuple[int, str, object, tuple[str, object] | None] | None:
+        """If the current loop is stuck in a Flower call: retire it (new generation) and
+        return the new generation, the call's name and client, and its task."""
+        with self._lock:
+            since = self._call_since
+            if since is None or time.monotonic() - since <= self.call_timeout:
+                return None
+            self._gen += 1
+            self.restarts += 1
+            stuck = (self._gen, self._call_name, self._call_client, self._task)
+            self._call_since, self._task = None, None
+            return stuck
+
+    def _fail_task(self, token: str, heartbeat) -> None:
+        """Stop an abandoned task's heartbeat and report the task failed, so the SuperNode
+        hands out the next message (bounded: the retry invoker gives up after a few
+        seconds)."""
+        from flwr.common.constant import SubStatus
+        from flwr.supernode.runtime.run_clientapp import push_task_output
+
+        heartbeat.stop()
+        client = self._client(token=token, max_retry_time=5.0)
+        try:
+            push_task_output(client, None, SubStatus.FAILED, "worker watchdog: Flower call stuck")
+        except Exception as err:  # noqa: BLE001 - the SuperNode times the task out anyway
+            log.info("could not report the abandoned task: %s", err)
+        finally:
+            client.close()
+
+    def _client(self, **kwargs):
+        return make_runtime_client(
+            self.runtime_address,
+            component=COMPONENT,
+            insecure=self._insecure,
+            root_certificates=self._certs,
+            **kwargs,
+        )
+
+    # ---------------------------------------------------------------- main loop
+    def _loop(self, gen: int) -> None:
+        """Poll for tasks and execute them while this loop is the current one."""
         import httpx
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
 
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
-        client = make_runtime_client(
-            self.runtime_address,
-            component=COMPONENT,
-            insecure=self._insecure,
-            root_certificates=self._certs,
+        client = self._client(
             superexec_secret=self._secret,
             max_retry_time=1.0,  # this loop retries itself; SIGTERM must not wait on it
         )
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and self._current(gen):
                 try:
-                    res = client.AcquireTask(request)
+                    with self._flower_call(gen, "AcquireTask", client):
+                        res = client.AcquireTask(request)
                 except httpx.TransportError as err:
                     # SuperNode restarting: keep waiting, it comes back on the same port.
                     log.warning("AcquireTask failed (%s); retrying", err)
                     self._stop.wait(1.0)
                     continue
+                if not self._current(gen):
+                    return  # abandoned while acquiring: a newer loop polls now
                 self._ready.set()
                 if res.HasField("task") and res.token:
-                    self._execute(res.token)
+                    self._execute(res.token, gen)
                 else:
                     self._stop.wait(self.poll_interval)
         finally:
             client.close()
 
-    def _execute(self, token: str) -> None:
+    def _execute(self, token: str, gen: int) -> None:
         """Run one task end to end; never raises (a failed task is reported to Flower)."""
         from flwr.common.constant import SubStatus
         from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supernode.runtime.run_clientapp import push_task_output
 
-        client = make_runtime_client(
-            self.runtime_address,
-            component=COMPONENT,
-            insecure=self._insecure,
-            root_certificates=self._certs,
-            token=token,
-        )
+        client = self._client(token=token)
         acquired_at = time.time()
         lost: list[str] = []
         heartbeat = HeartbeatSender(make_heartbeat_fn(client, lost.append))
         heartbeat.start()
+        with self._lock:
+            self._task = (token, heartbeat)
         context = None
         try:
-            context = self._handle_task(client, lost, acquired_at)
+            context = self._handle_task(client, lost, acquired_at, gen)
         except Exception as err:  # stale token, lost SuperNode...: report and move on
-            log.warning("task failed before a reply could be sent: %s", err)
-            push_task_output(client, context, SubStatus.FAILED, f"{type(err).__name__}: {err}")
+            if self._current(gen):
+                log.warning("task failed before a reply could be sent: %s", err)
+                with self._flower_call(gen, "PushTaskOutput", client):
+                    push_task_output(
+                        client, context, SubStatus.FAILED, f"{type(err).__name__}: {err}"
+                    )
         finally:
+            with self._lock:
+                if gen == self._gen:
+                    self._task = None
             heartbeat.stop()
             client.close()
 
-    def _handle_task(self, client: object, lost: list[str], acquired_at: float) -> object:
-        """Pull the input, run the handler, push reply and task output; returns the Context."""
+    def _handle_task(
+        self, client: object, lost: list[str], acquired_at: float, gen: int
+    ) -> object | None:
+        """Pull the input, run the handler, push reply and task output; returns the Context
+        (``None``: the watchdog abandoned this task meanwhile)."""
         from flwr.app import Error, Message
         from flwr.common.constant import ErrorCode, SubStatus
-        from flwr.supernode.runtime.run_clientapp import (
-            pull_task_input,
-            push_message,
-            push_task_output,
-        )
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-        message, context, _run, _fab = pull_task_input(client)  # the FAB is never installed
+        try:
+            with self._flower_call(gen, "pull_task_input", client):
+                message, context = pull_task_input(client, self.pull_max_s)
+        except MessageUnavailable as exc:
+            # Answer with an error at once: without a reply the SuperNode waits ~60 s for
+            # the task to be declared crashed before it hands out the next message.
+            log.warning("task input unavailable: %s", exc)
+            reply = Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)),
+                reply_to=exc.message,
+            )
+            with self._flower_call(gen, "push_message", client):
+                push_message(client, reply, exc.context)
+                push_task_output(client, exc.context, SubStatus.FAILED, str(exc))
+            return exc.context
+        if not self._current(gen):
+            log.info("an abandoned task's input arrived late; dropped")
+            return None
         kind = message.metadata.message_type
         timing = TaskTiming(kind, message.metadata.message_id, acquired_at=acquired_at)
         timing.handler_started_at = time.time()
@@ -238,8 +409,62 @@ class FlowerWorker:
         timing.handler_finished_at = time.time()
         if lost:
             log.warning("task was lost during the handler (%s); its reply may be dropped", lost[0])
-        push_message(client, reply, context)
-        push_task_output(client, context, status, details)
+        with self._flower_call(gen, "push_message", client):
+            push_message(client, reply, context)
+            push_task_output(client, context, status, details)
         timing.replied_at = time.time()
         self.timings.append(timing)
         return context
+
+
+def pull_task_input(client, max_time: float) -> tuple[object, object]:
+    """Flower's ``run_clientapp.pull_task_input`` with the object pulls bounded to
+    ``max_time`` seconds (Flower's own retries an unavailable object for up to 2 h, which
+    wedged workers after coordinator restarts). Returns ``(Message, Context)``; the FAB
+    and Run are not needed (the FAB is never installed).
+
+    Raises:
+        FlowerTransportError: The task has no message.
+        MessageUnavailable: The message's objects could not be pulled in time.
+    """
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, message_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import (
+        ObjectPullError,
+        pull_and_inflate_object_from_tree,
+    )
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context = context_from_proto(res.context)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise FlowerTransportError("the SuperNode handed out a task without a message")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    try:
+        message = pull_and_inflate_object_from_tree(
+            tree,
+            make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+            make_confirm_message_received_fn_protobuf(
+                client.ConfirmMessageReceived, node, context.run_id
+            ),
+            return_type=Message,
+            max_time=max_time,
+            max_tries_per_object=max(2, int(max_time)),
+            backoff_cap=min(10.0, max_time / 4),
+        )
+    except ObjectPullError as exc:
+        bare = message_from_proto(pulled.messages_list[0])
+        bare.metadata.__dict__["_message_id"] = tree.object_id
+        raise MessageUnavailable(str(exc), bare, context) from exc
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's own does
+    return message, context

@@ -167,18 +167,20 @@ class WorkResult(_message.Message):
     def __init__(self, unit_id: _Optional[str] = ..., node_id: _Optional[str] = ..., base_version: _Optional[int] = ..., column_deltas: _Optional[_Iterable[_Union[ColumnDelta, _Mapping]]] = ..., shared_update: _Optional[_Union[_tensor_pb2.SharedUpdate, _Mapping]] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., document_losses: _Optional[_Iterable[_Union[DocumentLoss, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
 class WorkAck(_message.Message):
-    __slots__ = ("unit_id", "accepted", "reason", "detail", "applied_version")
+    __slots__ = ("unit_id", "accepted", "reason", "detail", "applied_version", "reason_code")
     UNIT_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     APPLIED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_CODE_FIELD_NUMBER: _ClassVar[int]
     unit_id: str
     accepted: bool
     reason: RejectReason
     detail: str
     applied_version: int
-    def __init__(self, unit_id: _Optional[str] = ..., accepted: _Optional[bool] = ..., reason: _Optional[_Union[RejectReason, str]] = ..., detail: _Optional[str] = ..., applied_version: _Optional[int] = ...) -> None: ...
+    reason_code: str
+    def __init__(self, unit_id: _Optional[str] = ..., accepted: _Optional[bool] = ..., reason: _Optional[_Union[RejectReason, str]] = ..., detail: _Optional[str] = ..., applied_version: _Optional[int] = ..., reason_code: _Optional[str] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
     __slots__ = ("version", "parent", "checksum", "delta_chain", "checkpoint", "created_unix")

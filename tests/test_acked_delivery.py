@@ -1,0 +1,112 @@
+"""Acknowledged delivery (issue 16): no result a participant delivered is lost silently.
+
+Real pieces: the coordinator's :class:`~coordinator.federation.FederationLoop` (its Flower
+reply path ``_handle_reply`` and its ack queue), real SQLite and blob store, and the real
+:class:`~participant.runtime.ParticipantRuntime` with its on-disk outbox. The results are
+hand-written by :func:`tests.test_hostile_participant.forge` (valid updates, uploaded
+under their lease), so no unit is trained here. The kill -9 run over a real Flower network
+is ``tests/test_federation_flower.py::test_coordinator_sigkill_and_restart_loses_nothing``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from coordinator.db.leases import get_unit
+from coordinator.db.models import Result, WorkUnit
+from coordinator.db.types import utcnow
+from participant.outbox import ResultOutbox
+from participant.runtime import ParticipantRuntime
+from shared_model.wire.perspective.v1 import control_pb2, federation_pb2
+from tests import test_federation_intake as intake_tests
+from tests.test_federation_intake import NODE, make_loop
+from tests.test_hostile_participant import forge, reply
+
+corpus = intake_tests.corpus
+
+
+def acks_for(loop, node: int) -> list[federation_pb2.WorkAck]:
+    """The acks the next message to ``node`` carries."""
+    request = control_pb2.ControlRequest(collect=True)
+    loop.acks.attach(node, request)
+    return list(request.acks)
+
+
+def test_a_result_is_acked_after_commit_and_a_resend_is_already_accepted(tmp_path, corpus):
+    loop, _ = make_loop(tmp_path, corpus)
+    result = forge(loop, NODE)
+    body = control_pb2.ControlReply(results=[result])
+    loop._handle_reply(reply(NODE, body))
+    version = loop.state.version
+    (ack,) = acks_for(loop, NODE)
+    assert (ack.unit_id, ack.accepted, ack.reason_code) == (result.unit_id, True, "")
+    with loop.factory() as s:  # acked only once the decision is in the database
+        assert s.query(Result).filter_by(unit_id=result.unit_id).one().state == "accepted"
+    # The node did not get the ack (the message was lost) and sends the result again.
+    loop._handle_reply(reply(NODE, body))
+    (again,) = acks_for(loop, NODE)
+    assert again.accepted and again.reason_code == ""  # "already accepted", no refusal
+    assert loop.state.version == version and loop._applied == [result.unit_id]  # once
+    with loop.factory() as s:
+        assert s.query(Result).filter_by(unit_id=result.unit_id).count() == 1
+    assert acks_for(loop, NODE) == []  # each ack travels once
+
+
+def test_a_refused_result_is_acked_with_its_reason(tmp_path, corpus):
+    loop, _ = make_loop(tmp_path, corpus)
+    stray = federation_pb2.WorkResult(unit_id="never-leased", base_version=0)
+    loop._handle_reply(reply(NODE, control_pb2.ControlReply(results=[stray])))
+    (ack,) = acks_for(loop, NODE)
+    assert not ack.accepted and ack.reason_code == "UNKNOWN_LEASE" and "never-leased" in ack.detail
+
+
+def test_a_lease_expired_while_the_coordinator_was_down_is_still_judged(tmp_path, corpus):
+    """A restart expires every open lease (their Flower run died); the result arriving on
+    the new run is judged on its base, accepted, and the queued copy is withdrawn."""
+    loop, _ = make_loop(tmp_path, corpus)
+    late, on_old_base = forge(loop, NODE), forge(loop, NODE)
+    loop._expire_leases(utcnow() + dt.timedelta(days=365))  # what recover() does
+    loop._handle_reply(reply(NODE, control_pb2.ControlReply(results=[late])))
+    (ack,) = acks_for(loop, NODE)
+    assert ack.accepted, ack
+    with loop.factory() as s:
+        assert get_unit(s, unit_id=late.unit_id).state == "done"
+        (copy,) = s.query(WorkUnit).filter_by(reissued_from=late.unit_id).all()
+        assert copy.state == "failed" and "answered late" in copy.state_reason
+    # A late result that claims another base than its lease's stays refused.
+    on_old_base.base_version += 1
+    loop._handle_reply(reply(NODE, control_pb2.ControlReply(results=[on_old_base])))
+    (refused,) = acks_for(loop, NODE)
+    assert not refused.accepted and refused.reason_code == "EXPIRED_LEASE"
+
+
+def test_the_participant_resends_until_acked_and_records_the_decision(tmp_path, corpus):
+    loop, _ = make_loop(tmp_path, corpus)
+    state = tmp_path / "participant"
+    kept = federation_pb2.WorkResult(unit_id="u-kept", tokens=7)
+    ResultOutbox(state / "outbox").put(kept)  # finished before a restart, never acked
+    runtime = ParticipantRuntime(loop.state.cfg, state)
+
+    def collect(acks=()) -> list[str]:
+        request = control_pb2.ControlRequest(collect=True, acks=list(acks))
+        body = control_pb2.ControlReply.FromString(
+            runtime.handle("query.collect", request.SerializeToString())
+        )
+        return [r.unit_id for r in body.results]
+
+    try:
+        assert collect() == ["u-kept"]
+        assert collect() == []  # sent in the reply just before: its ack is on the way
+        assert collect() == ["u-kept"]  # no ack came: sent again
+        refused = federation_pb2.WorkAck(
+            unit_id="u-kept", accepted=False, reason_code="UNKNOWN_LEASE", detail="no lease"
+        )
+        assert collect([refused]) == []
+        assert collect() == []
+    finally:
+        runtime.shutdown()
+    outbox = ResultOutbox(state / "outbox")
+    assert outbox.pending() == []
+    assert [(a["unit_id"], a["accepted"], a["reason"]) for a in outbox.acks()] == [
+        ("u-kept", False, "UNKNOWN_LEASE")
+    ]
