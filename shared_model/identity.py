@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -95,7 +95,8 @@ def public_key_pem(public_key: str) -> bytes:
             key = serialization.load_pem_public_key(data)
         else:
             key = serialization.load_ssh_public_key(data)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        # UnsupportedAlgorithm: an OpenSSH line naming a key type cryptography does not know
         raise SecurityError(f"public key is neither OpenSSH nor PEM: {err}") from err
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in (
         "secp256r1",
