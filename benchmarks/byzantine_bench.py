@@ -151,7 +151,9 @@ def _flip_to_bound(kind: str, update: State, reference: State, bounds: UpdateBou
     return out
 
 
-def fed_settings(participants: int, tokens_per_unit: int, tokens: int, defended: bool):
+def fed_settings(
+    participants: int, tokens_per_unit: int, tokens: int, defended: bool, aggregator: str = ""
+):
     values = {
         "stage": 3,
         "buffer_size": participants,
@@ -160,13 +162,15 @@ def fed_settings(participants: int, tokens_per_unit: int, tokens: int, defended:
     }
     if not defended:
         values.update(OFF)
+    elif aggregator:
+        values["aggregator"] = aggregator
     return FederationSettings(**values)
 
 
 def run_arm(cfg, corpus, ckpt, work: Path, args, participants: int, attack: str | None,
-            defended: bool, windows) -> dict:  # fmt: skip
+            defended: bool, windows, aggregator: str = "") -> dict:  # fmt: skip
     step_tokens = cfg.train.batch_size * cfg.train.seq_len
-    settings = fed_settings(participants, step_tokens * 20, args.tokens, defended)
+    settings = fed_settings(participants, step_tokens * 20, args.tokens, defended, aggregator)
     coord = Coordinator(cfg, work / "coordinator", corpus)
     coord.start()
     t0 = time.perf_counter()
@@ -189,8 +193,9 @@ def run_arm(cfg, corpus, ckpt, work: Path, args, participants: int, attack: str 
             "seconds": time.perf_counter() - t0,
             **_outcomes(coord, attackers),
         }
-        if attack is None and defended:
+        if defended:
             out["calibration"] = _calibration(loop)
+            out["refusals"] = _refusals(coord, attackers)
         return out
     finally:
         coord.shutdown()
@@ -218,6 +223,18 @@ def _outcomes(coord, attackers: set[int]) -> dict:
         "attacker_accepted": sum(r.state == "accepted" for r in hostile),
         "reject_reasons": reasons,
     }
+
+
+def _refusals(coord, attackers: set[int]) -> list[str]:
+    """``attacker|honest: reason: detail`` of every refused result."""
+    with coord.session_factory() as s:
+        rows = s.execute(
+            select(Participant.node_id, Result.reject_reason, Result.reject_detail)
+            .join(Participant, Participant.id == Result.participant_id)
+            .where(Result.state == "rejected")
+        ).all()
+    who = {True: "attacker", False: "honest"}
+    return [f"{who[r.node_id in attackers]}: {r.reject_reason}: {r.reject_detail}" for r in rows]
 
 
 def _calibration(loop) -> dict:
@@ -285,6 +302,45 @@ def summarise(fleets: dict[int, dict]) -> list[dict]:
     return table
 
 
+def defence_cost(cfg, buffers: list[int]) -> dict:
+    """Coordinator time per result spent in the defences, with ``n`` results per outer
+    step (``buffer_size`` = n simulated participants): the per-tensor bounds of one result
+    (a column and the shared layers), the robust mean per result, and the held-out
+    forward passes of one column check."""
+    from coordinator.aggregation.robust import robust_reducer
+    from shared_model.model import PerspectiveModel
+
+    torch.manual_seed(0)
+    model = PerspectiveModel(cfg, moe=True).eval()
+    shared, column = model.shared_state(), model.expert_state(0)
+    settings = FederationSettings()
+    bounds = UpdateBounds.from_settings(settings)
+
+    def noise(st):
+        return {k: 0.01 * v.norm() * torch.randn_like(v) / v.numel() ** 0.5 for k, v in st.items()}
+
+    t0 = time.perf_counter()
+    for _ in range(20):
+        bounds.record(bounds.check("column", noise(column), column))
+        bounds.record(bounds.check("shared", noise(shared), shared))
+    out: dict = {"bounds_ms_per_result": 1000 * (time.perf_counter() - t0) / 20}
+    seq = torch.randint(0, cfg.model.vocab_size, (8, cfg.train.seq_len + 1))
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for _ in range(5):
+            model(seq[:, :-1], targets=seq[:, 1:], columns=torch.zeros(8, dtype=torch.long))
+    out["column_check_ms_per_column"] = 2 * 1000 * (time.perf_counter() - t0) / 5
+    for name in ("centered_clip", "median", "mean"):
+        reduce = robust_reducer(name, trim=0, clip_factor=1.0)
+        for n in buffers:
+            grads = [noise(shared) for _ in range(n)]
+            t0 = time.perf_counter()
+            for key in shared:
+                reduce(torch.stack([g[key] for g in grads]), torch.ones(n))
+            out[f"{name}_ms_per_result_at_{n}"] = 1000 * (time.perf_counter() - t0) / n
+    return out
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
@@ -295,15 +351,26 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--override", action="append", default=[], help="config key=value")
     p.add_argument("--seed-checkpoint", type=Path, default=None)
     p.add_argument("--attacks", default=",".join(ATTACKS))
+    p.add_argument("--arms", default="", help="only these arms (comma list; default all)")
+    p.add_argument("--compare", default="", help="aggregators also run defended (comma list)")
     p.add_argument("--eval-tokens", type=int, default=16_384)
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--name", default="byzantine_bench")
+    p.add_argument("--cost", default="", help="only measure the defences' cost at these "
+                   "buffer sizes (comma list), into <name>_cost.json")  # fmt: skip
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     cfg = load_config(args.preset, overrides=args.override)
+    if args.cost:
+        cost = defence_cost(cfg, [int(x) for x in args.cost.split(",")])
+        cost["preset"] = args.preset
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{args.name}_cost.json").write_text(json.dumps(cost, indent=1))
+        print(json.dumps(cost, indent=1))
+        return
     corpus = prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=args.corpus_bytes)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="byzbench-"))
     ckpt = str(args.seed_checkpoint or seed_checkpoint(cfg, corpus, work, args.seed_steps))
@@ -312,17 +379,24 @@ def main() -> None:
     fleets: dict[int, dict] = {}
     report = {"preset": args.preset, "tokens": args.tokens, "off_settings": OFF}
     for n in (int(x) for x in args.participants.split(",")):
-        arms = [("clean_off", None, False), ("clean_on", None, True)]
-        arms += [(f"{a}_{d}", a, d == "on") for a in attacks for d in ("on", "off")]
+        arms = [("clean_off", None, False, ""), ("clean_on", None, True, "")]
+        arms += [(f"{a}_{d}", a, d == "on", "") for a in attacks for d in ("on", "off")]
+        for agg in (x for x in args.compare.split(",") if x):  # other aggregators, defended
+            arms += [(f"clean_on_{agg}", None, True, agg)]
+            arms += [(f"{a}_on_{agg}", a, True, agg) for a in attacks if a == "sign_flip_bound"]
         fleets[n] = {}
-        for name, attack, defended in arms:
+        for name, attack, defended, agg in arms:
+            if args.arms and name not in args.arms.split(","):
+                continue
             out = run_arm(cfg, corpus, ckpt, work / f"n{n}" / name, args, n, attack, defended,
-                          windows)  # fmt: skip
+                          windows, agg)  # fmt: skip
             fleets[n][name] = out
             print(f"{n} participants, {name}: val {out['val_loss']:.4f} "
                   f"honest rejected {out['honest_rejected']}/{out['honest_results']} "
                   f"attacker accepted {out['attacker_accepted']}/{out['attacker_results']} "
                   f"({out['seconds']:.0f} s)", flush=True)  # fmt: skip
+            for line in out.get("refusals", []):
+                print("   ", line[:160], flush=True)
             report["fleets"] = {str(k): v for k, v in fleets.items()}
             report["attacks"] = summarise(fleets)
             RESULTS.mkdir(exist_ok=True)

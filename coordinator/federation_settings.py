@@ -96,12 +96,12 @@ class FederationSettings:
     diversity_lr: float = 0.0
     checkpoint_every: int = 10
     # defences against hostile results (docs/federated-training.md §3.3)
-    max_update_ratio: float = 0.5
+    max_update_ratio: float = 2.0
     update_norm_tolerance: float = 4.0
     update_norm_window: int = 64
     max_update_norm: float = math.inf
     column_check_sequences: int = 8
-    column_loss_tolerance: float = 0.02
+    column_loss_tolerance: float = 0.05
     quarantine_after: int = 3
     reputation_window: int = 10
     quarantine_seconds: float = 3600.0
