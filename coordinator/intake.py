@@ -18,8 +18,8 @@ the same sequence, and the first check that fails decides (:func:`record_result`
    shapes (``BAD_SHAPE``), contain only finite values (``NON_FINITE``), have every
    tensor's norm within its bounds (``NORM_OUT_OF_BOUNDS``,
    :mod:`coordinator.aggregation.bounds`: relative to the tensor's own norm and to the
-   median of recent accepted updates), and every column would not make the loss on
-   held-out documents of that column clearly worse (``LOSS_INCREASE``,
+   median of recent accepted updates), and the participant's model must not be clearly
+   worse than its base on held-out documents of each of its columns (``LOSS_INCREASE``,
    :mod:`coordinator.column_validation`).
 
 The result row (with its blob ids, and a scoring unit's document losses) is committed
@@ -335,7 +335,7 @@ class PayloadCheck:
         if self.validator is not None:
             for column, delta in decoded.columns.items():
                 try:
-                    self.validator.check(column, delta, unit.base_version)
+                    self.validator.check(column, delta, unit.base_version, decoded.shared)
                 except ColumnWorse as exc:
                     raise Rejected(RejectReason.LOSS_INCREASE, str(exc)) from exc
         self.decoded = decoded

@@ -102,19 +102,20 @@ def test_an_attacker_in_the_fleet_is_refused_and_quarantined_and_honest_nodes_ar
 ):
     """The real loop with 3 in-process participants, one of them hostile (each attack in
     turn), the defaults' defences: every hostile result is refused, the attacker is
-    quarantined after ``quarantine_after`` strikes, no honest result is refused (not even
-    the honest owner of a column the attacker shares, which was refused every round when
-    a poisoned column could reach the master)."""
+    quarantined after ``quarantine_after`` strikes and gets no 4th unit, and no honest
+    result is refused."""
     cfg, corpus, ckpt = tiny_moe_seed
     coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
     coord.start()
     try:
-        settings = FederationSettings(stage=3, steps_per_unit=10, buffer_size=3, eval_every=1000)
+        settings = FederationSettings(
+            stage=3, steps_per_unit=5, buffer_size=3, eval_every=1000, max_in_flight=1
+        )
         coord.prepare(ckpt, settings)
         train = corpus.dataset("train")
         driver = AttackDriver(cfg, coord.store, train, tmp_path / "nodes", [1.0, 1.0, 1.0],
                               attackers={3}, attack="cycle", coordinator=coord)  # fmt: skip
-        tokens = 15 * 10 * cfg.train.batch_size * cfg.train.seq_len
+        tokens = 12 * 5 * cfg.train.batch_size * cfg.train.seq_len  # 4 units each
         coord.federated_stage(driver, StageBudget(tokens=tokens), settings).run(lambda: False)
         with coord.session_factory() as s:
             rows = s.execute(

@@ -61,21 +61,6 @@ class ColumnAggregator:
         Returns:
             The staleness weight used.
         """
-        weight, moved = self._pulled(column, delta, base_version, current_version)
-        for name, value in moved.items():
-            self.masters[column][name].copy_(value)
-        self._dirty.add(column)
-        return weight
-
-    def candidate(
-        self, column: int, delta: State, base_version: int, current_version: int
-    ) -> State:
-        """What the master of ``column`` would be after :meth:`apply` (it is not changed)."""
-        return self._pulled(column, delta, base_version, current_version)[1]
-
-    def _pulled(
-        self, column: int, delta: State, base_version: int, current_version: int
-    ) -> tuple[float, State]:
         if column not in self.masters:
             raise KeyError(f"unknown column {column}")
         stale = current_version - base_version
@@ -84,11 +69,11 @@ class ColumnAggregator:
         weight = staleness_weight(stale)
         base = self.published_at(column, base_version)
         master = self.masters[column]
-        moved = {}
-        for name, m in master.items():
-            target = base[name] + delta[name].to(m.dtype) if name in delta else m
-            moved[name] = m + weight * (target - m)
-        return weight, moved
+        for name, d in delta.items():
+            target = base[name] + d.to(master[name].dtype)
+            master[name].add_(target - master[name], alpha=weight)
+        self._dirty.add(column)
+        return weight
 
     def changed(self) -> list[int]:
         """Columns whose master moved since they were last published, in order."""
