@@ -69,7 +69,7 @@ State = dict[str, torch.Tensor]
 
 class AttackDriver(ReplayDriver):
     """A :class:`ReplayDriver` whose ``attackers`` rewrite their results with ``attack``
-    (one of :data:`ATTACKS`, or ``cycle``: each in turn).
+    (one of :data:`ATTACKS`, or several separated by commas: each in turn).
 
     ``coordinator`` is read for what an omniscient attacker knows: the weights an update
     is measured against and the intake's bounds (set after the loop is built).
@@ -86,9 +86,8 @@ class AttackDriver(ReplayDriver):
             return reply
         msg = control_pb2.ControlReply.FromString(reply.payload)
         for result in msg.results:
-            attack = self.attack
-            if attack == "cycle":  # every attack in turn
-                attack = ATTACKS[len(self.sent) % len(ATTACKS)]
+            cycle = self.attack.split(",")  # several: each in turn
+            attack = cycle[len(self.sent) % len(cycle)]
             self.sent.append((result.unit_id, attack))
             poison(result, attack, self.coordinator.state, self.coordinator.loop.intake.bounds)
         return replace(reply, payload=msg.SerializeToString())
@@ -246,7 +245,9 @@ def _calibration(loop) -> dict:
         values = list(history)
         ratios.extend(values)
         for i in range(8, len(values)):
-            to_median.append(values[i] / statistics.median(values[max(0, i - 64) : i]))
+            median = statistics.median(values[max(0, i - 64) : i])
+            if median > 0:  # a tensor never moved is not checked against its median
+                to_median.append(values[i] / median)
     checked = loop.intake.validator.checked if loop.intake.validator else []
     changes = [(after - before) / before for _, before, after in checked]
     return {

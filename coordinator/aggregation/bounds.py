@@ -8,7 +8,8 @@ against the tensor ``W`` it applies to, as the ratio ``r = ‖u‖ / ‖W‖``, 
 1. ``r > max_ratio`` (the tensor's own scale: an honest unit moves a tensor by a few %), or
 2. ``r > tolerance × median`` of the ratios of the last ``window`` *accepted* updates of
    the same tensor (the robust statistics of recent honest updates; used once
-   :data:`MIN_HISTORY` are known). The same weight of every column shares one history
+   :data:`MIN_HISTORY` are known, and not for a tensor whose median update is 0, e.g. one
+   the participants' trainer never changes). The same weight of every column shares one history
    (``experts.<n>.`` is one key), so a column's only owner cannot set its own bar.
 
 Only accepted results enter the history, and the median ignores a minority of outliers,
@@ -109,7 +110,7 @@ class UpdateBounds:
                 f"is {self.max_ratio:.3g} (max_update_ratio)"
             )
         median = self._median(key)
-        if median is not None and ratio > self.tolerance * median:
+        if median and ratio > self.tolerance * median:  # 0: a tensor honest units never move
             raise OutOfBounds(
                 f"{kind} tensor {name}: update ratio {ratio:.3g} is {ratio / median:.3g} × the "
                 f"median of the last {len(self._history[key])} accepted ({median:.3g}); the "
@@ -125,7 +126,7 @@ class UpdateBounds:
     def bar(self, kind: str, name: str) -> float:
         """The largest ratio ``‖u‖ / ‖W‖`` tensor ``name`` may have now (``inf``: none)."""
         median = self._median(history_key(kind, name))
-        return self.max_ratio if median is None else min(self.max_ratio, self.tolerance * median)
+        return min(self.max_ratio, self.tolerance * median) if median else self.max_ratio
 
     def record(self, ratios: list[tuple[str, float]]) -> None:
         """Remember the ratios of an accepted update (from :meth:`check`)."""
