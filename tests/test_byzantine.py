@@ -97,6 +97,7 @@ def test_a_node_whose_results_keep_failing_is_quarantined_and_gets_no_units(tmp_
     assert len(events) == 1 and "2 of its last 2 results refused (NORM_OUT_OF_BOUNDS)" in events[0]
 
 
+@pytest.mark.slow  # a real 12-unit federated run: 133 s on the shared 2-core machine
 def test_an_attacker_in_the_fleet_is_refused_and_quarantined_and_honest_nodes_are_not(
     tiny_moe_seed, tmp_path
 ):
