@@ -359,6 +359,8 @@ STATE_KNOBS = (
     "outer_lr",
     "outer_momentum",
     "trim",
+    "aggregator",
+    "clip_factor",
     "diversity_lr",
 )
 

@@ -26,6 +26,9 @@ from collections.abc import Callable
 
 from coordinator import intake, reply_fields
 from coordinator.acks import AckQueue
+from coordinator.aggregation.bounds import UpdateBounds
+from coordinator.aggregation.robust import robust_reducer
+from coordinator.column_validation import ColumnValidator
 from coordinator.db import events as db_events
 from coordinator.db import leases as db_leases
 from coordinator.db import participants as db_participants
@@ -38,6 +41,7 @@ from coordinator.federation_settings import FederationSettings, LoopStats
 from coordinator.leasing import UnitFactory, leases_needed
 from coordinator.metrics import METRICS
 from coordinator.publishing import CoordinatorState
+from coordinator.reputation import Reputation
 from coordinator.routing.assignment import ColumnAssignment
 from coordinator.routing.rescoring import Rescoring
 from coordinator.validation import column_val_loss
@@ -72,13 +76,28 @@ class FederationLoop:
         self.assignment, self.progress = assignment, progress
         self.sizing = settings.sizing()
         self.rescoring = Rescoring(settings, assignment)  # off unless settings.score_every
+        state.shared.reducer = robust_reducer(
+            settings.aggregator, trim=settings.trim, clip_factor=settings.clip_factor
+        )
+        validator = None
+        if settings.column_check_sequences > 0:
+            validator = ColumnValidator(
+                state,
+                val,
+                assignment,
+                sequences=settings.column_check_sequences,
+                tolerance=settings.column_loss_tolerance,
+            )
         self.intake = intake.Intake(
             state,
             session_factory,
             self.rescoring,
-            max_update_norm=settings.max_update_norm,
+            bounds=UpdateBounds.from_settings(settings),
+            validator=validator,
             log=self._log,
         )
+        self.reputation = Reputation.from_settings(settings)
+        self._quarantined: set[int] = set()  # node ids quarantined at their last check
         self._step_tokens = state.cfg.train.batch_size * state.cfg.train.seq_len
         # Only what the result log does not hold; counts come from it (see ``totals``).
         self._bytes_down = 0  # control messages pushed + downloads nodes reported
@@ -122,7 +141,7 @@ class FederationLoop:
             self._cooldown.pop(node_id, None)  # (re)activated since the last step: try it now
         self._online = set(nodes)
         for node_id in nodes:
-            if self._cooldown.get(node_id, 0.0) > now:
+            if self._cooldown.get(node_id, 0.0) > now or self._is_quarantined(node_id):
                 continue
             try:
                 self._lease_for(node_id)
@@ -134,6 +153,20 @@ class FederationLoop:
                 self._log(f"participant.{kind}_node", f"node {node_id}: {exc}; no units")
         for reply in self.driver.wait_any(wait):
             self._handle_reply(reply)
+
+    def _is_quarantined(self, node_id: int) -> bool:
+        """Whether the node's results keep failing the defences (:mod:`coordinator.reputation`);
+        logged when it enters and leaves quarantine."""
+        if self.reputation.after <= 0:
+            return False
+        with self.factory() as s:
+            row = db_participants.find_participant(s, node_id=node_id)
+            why = None if row is None else self.reputation.quarantined(s, participant_id=row.id)
+        if (why is not None) != (node_id in self._quarantined):
+            self._quarantined.symmetric_difference_update({node_id})
+            what = f"node {node_id}: {why}" if why else f"node {node_id}: on probation"
+            self._log("participant.quarantined" if why else "participant.released", what)
+        return why is not None
 
     def _lease_for(self, node_id: int) -> None:
         with self.factory.begin() as s:
@@ -473,7 +506,7 @@ class FederationLoop:
         replayed = 0
         for target, unit_id, ids, unit in rows:
             decoded = intake.decode_result(
-                self.state, ids, unit.base_version, list(unit.columns), float("inf")
+                self.state, ids, unit.base_version, list(unit.columns), None
             )
             if target is not None:
                 intake.apply_result(self.state, decoded, step=False)

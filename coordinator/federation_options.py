@@ -88,6 +88,42 @@ CheckpointEvery = Annotated[
 Trim = Annotated[
     int | None, _option("--trim", "Results trimmed at each end of the shared-layer mean.")
 ]
+Aggregator = Annotated[
+    str | None,
+    _option(
+        "--aggregator",
+        "Robust mean of the shared layers' buffer: centered_clip | trimmed_mean | median | mean.",
+    ),
+]
+ClipFactor = Annotated[
+    float | None,
+    _option("--clip-factor", "centered_clip radius, x the median update norm of the buffer."),
+]
+MaxUpdateRatio = Annotated[
+    float | None,
+    _option("--max-update-ratio", "Refuse an update tensor over this x the tensor's own norm."),
+]
+UpdateNormTolerance = Annotated[
+    float | None,
+    _option(
+        "--update-norm-tolerance",
+        "Refuse an update tensor over this x the median of recent accepted ones.",
+    ),
+]
+ColumnLossTolerance = Annotated[
+    float | None,
+    _option(
+        "--column-loss-tolerance",
+        "Refuse a column result raising its held-out loss by more than this (relative).",
+    ),
+]
+QuarantineAfter = Annotated[
+    int | None,
+    _option(
+        "--quarantine-after",
+        "Quarantine a node with this many refused-as-hostile results in its recent ones (0: off).",
+    ),
+]
 DiversityLr = Annotated[
     float | None,
     _option("--diversity-lr", "Diversity-term step on the expert masters (0: off)."),

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from coordinator.leasing import UnitSizing
 
 CODECS = ("ternary", "sparse")
+#: :data:`coordinator.aggregation.robust.AGGREGATORS` (not imported: torch at CLI start-up)
+AGGREGATORS = ("centered_clip", "trimmed_mean", "median", "mean")
 
 
 class FederationSettingsError(ValueError):
@@ -42,12 +44,24 @@ class FederationSettings:
     ``units_hint`` × ``steps_per_unit`` steps (``StageBudget.schedule_steps``).
 
     Aggregation: every ``buffer_size`` accepted results the shared layers take one outer
-    step (``outer_lr``, Nesterov ``outer_momentum``; the staleness-weighted mean trims
-    ``trim`` results at each end per coordinate); results based more than
+    step (``outer_lr``, Nesterov ``outer_momentum``) on the ``aggregator``'s robust mean of
+    the staleness-weighted pseudo-gradients (``centered_clip`` with radius ``clip_factor``
+    × the median update norm; ``trimmed_mean`` trims ``trim`` results at each end per
+    coordinate; ``median``; ``mean``); results based more than
     ``max_staleness`` versions back are refused; every ``checkpoint_every`` versions a
     full checkpoint is published (and the blob store is garbage-collected);
     ``diversity_lr`` > 0 applies the diversity term on the expert masters before each
     publication. Versions are published with ``shared_codec``.
+
+    Defences (:mod:`coordinator.aggregation.bounds`, :mod:`coordinator.column_validation`,
+    :mod:`coordinator.reputation`): each update tensor must be within ``max_update_ratio``
+    × the tensor's norm and ``update_norm_tolerance`` × the median ratio of the last
+    ``update_norm_window`` accepted updates of it (``max_update_norm``: an absolute bound
+    on a whole update, off by default); a column result must not raise the loss of
+    ``column_check_sequences`` held-out sequences of its column by more than
+    ``column_loss_tolerance`` (relative; 0 sequences: off); a participant with
+    ``quarantine_after`` such failures among its last ``reputation_window`` results gets no
+    units for ``quarantine_seconds`` after the last one (0: off).
 
     Scoring (:mod:`coordinator.routing.rescoring`, off by default): every ``score_every``-th unit
     leased also reports its documents' losses under each of its columns; every
@@ -77,9 +91,20 @@ class FederationSettings:
     outer_lr: float = 1.0
     outer_momentum: float = 0.5
     trim: int = 0
+    aggregator: str = "centered_clip"
+    clip_factor: float = 1.0
     diversity_lr: float = 0.0
     checkpoint_every: int = 10
-    max_update_norm: float = 1e4
+    # defences against hostile results (docs/federated-training.md §3.3)
+    max_update_ratio: float = 2.0
+    update_norm_tolerance: float = 4.0
+    update_norm_window: int = 64
+    max_update_norm: float = math.inf
+    column_check_sequences: int = 8
+    column_loss_tolerance: float = 0.1
+    quarantine_after: int = 3
+    reputation_window: int = 10
+    quarantine_seconds: float = 3600.0
     # evaluation
     eval_every: int = 5
     eval_batches: int = 16
@@ -98,6 +123,11 @@ class FederationSettings:
             rule = RANGES.get(f.name)
             if rule is not None and value is not None and not rule[0](value):
                 raise FederationSettingsError(f"{f.name} = {value!r} is invalid: allowed {rule[1]}")
+        if self.quarantine_after > self.reputation_window:
+            raise FederationSettingsError(
+                f"quarantine_after = {self.quarantine_after} is invalid: allowed 0 (off) to "
+                f"reputation_window = {self.reputation_window}"
+            )
         if 2 * self.trim >= self.buffer_size:  # robust.trimmed_mean would silently not trim
             raise FederationSettingsError(
                 f"trim = {self.trim} is invalid: allowed 0 <= trim < buffer_size / 2 "
@@ -143,9 +173,19 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "outer_lr": ((lambda v: 0 <= v < math.inf), "a finite value >= 0"),
     "outer_momentum": ((lambda v: 0 <= v < 1), "0 <= value < 1"),
     "trim": _at_least(0),
+    "aggregator": ((lambda v: v in AGGREGATORS), " or ".join(AGGREGATORS)),
+    "clip_factor": ((lambda v: 0 < v < math.inf), "a finite value > 0"),
     "diversity_lr": ((lambda v: 0 <= v < math.inf), "a finite value >= 0 (0: off)"),
     "checkpoint_every": _at_least(1),
     "max_update_norm": ((lambda v: v > 0), "a value > 0 (inf: no limit)"),
+    "max_update_ratio": ((lambda v: v > 0), "a value > 0 (inf: no limit)"),
+    "update_norm_tolerance": ((lambda v: v >= 1), "a value >= 1 (inf: off)"),
+    "update_norm_window": _at_least(1),
+    "column_check_sequences": _at_least(0),
+    "column_loss_tolerance": ((lambda v: v >= 0), "a value >= 0 (inf: never refuse)"),
+    "quarantine_after": _at_least(0),
+    "reputation_window": _at_least(1),
+    "quarantine_seconds": ((lambda v: v >= 0), "a value >= 0"),
     "eval_every": _at_least(1),
     "eval_batches": _at_least(1),
 }

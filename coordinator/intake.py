@@ -17,8 +17,12 @@ the same sequence, and the first check that fails decides (:func:`record_result`
    replays of accepted blobs, no borrowing another node's; :mod:`coordinator.blob_uploads`)
    — all before any blob is read — then are intact (``BAD_CHECKSUM``) and decode
    (``MALFORMED``), name exactly the unit's columns and the model's tensors with the right
-   shapes (``BAD_SHAPE``), contain only finite values (``NON_FINITE``) and have norms
-   within a bound (``NORM_OUT_OF_BOUNDS``).
+   shapes (``BAD_SHAPE``), contain only finite values (``NON_FINITE``), have every
+   tensor's norm within its bounds (``NORM_OUT_OF_BOUNDS``,
+   :mod:`coordinator.aggregation.bounds`: relative to the tensor's own norm and to the
+   median of recent accepted updates), and the participant's model must not be clearly
+   worse than its base on held-out documents of each of its columns (``LOSS_INCREASE``,
+   :mod:`coordinator.column_validation`).
 
 The result row (with its blob ids, and a scoring unit's document losses) is committed
 before the result is applied or acknowledged (:mod:`coordinator.db.results` writes it); a
@@ -30,7 +34,6 @@ what lets a restarted coordinator replay the log exactly (:mod:`coordinator.fede
 from __future__ import annotations
 
 import datetime as dt
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,8 +42,10 @@ import torch
 from sqlalchemy.orm import Session
 
 from coordinator import reply_fields
+from coordinator.aggregation.bounds import OutOfBounds, UpdateBounds
 from coordinator.aggregation.columns import StaleResultError
 from coordinator.blob_uploads import UploadLedger
+from coordinator.column_validation import ColumnValidator, ColumnWorse
 from coordinator.db import leases as db_leases
 from coordinator.db import results as db_results
 from coordinator.db.models import WorkUnit
@@ -75,6 +80,8 @@ class DecodedResult:
     base_version: int
     columns: dict[int, State] = field(default_factory=dict)
     shared: State = field(default_factory=dict)
+    #: per-tensor update ratios (:meth:`UpdateBounds.check`), remembered once applied
+    ratios: list[tuple[str, float]] = field(default_factory=list)
 
 
 def blob_ids(result: federation_pb2.WorkResult) -> dict:
@@ -110,7 +117,8 @@ class Intake:
         session_factory: ``sessionmaker``; each result is decided in one transaction.
         rescoring: the loop's :class:`~coordinator.routing.rescoring.Rescoring` (stores a scoring
             unit's document losses with its result).
-        max_update_norm: bound on the norm of each decoded update.
+        bounds: the per-tensor update bounds (it remembers accepted updates' sizes).
+        validator: checks each column result on held-out documents (``None``: off).
         log: ``log(kind, message)`` for events outside the result's transaction.
     """
 
@@ -120,11 +128,12 @@ class Intake:
         session_factory,
         rescoring,
         *,
-        max_update_norm: float,
+        bounds: UpdateBounds,
+        validator: ColumnValidator | None,
         log: Callable[[str, str], None],
     ) -> None:
         self.state, self.session_factory, self.rescoring = state, session_factory, rescoring
-        self.max_update_norm, self.log = max_update_norm, log
+        self.bounds, self.validator, self.log = bounds, validator, log
 
     def receive(self, node_id: int, result: federation_pb2.WorkResult) -> Received:
         """Check, store and apply one result (idempotent on replays of the same unit).
@@ -138,7 +147,12 @@ class Intake:
         ids = blob_ids(result) if problem is None else {"columns": {}, "shared": ""}
         bytes_up = sum(self._blob_size(c) for c in (*ids["columns"].values(), ids["shared"]))
         check = PayloadCheck(
-            self.state, ids, self.max_update_norm, tokens=int(result.tokens), problem=problem
+            self.state,
+            ids,
+            self.bounds,
+            self.validator,
+            tokens=int(result.tokens),
+            problem=problem,
         )
         with self.session_factory.begin() as s:
             outcome = record_result(
@@ -158,6 +172,7 @@ class Intake:
             stepped = apply_result(self.state, check.decoded)
         except Rejected as exc:
             return Received(self._unaccept(outcome.unit_id, exc.reason, exc.detail), bytes_up)
+        self.bounds.record(check.decoded.ratios)  # only accepted updates set the bar
         return Received(outcome, bytes_up, applied=True, stepped=stepped)
 
     def refuse_unexpected(
@@ -289,7 +304,8 @@ class PayloadCheck:
     Attributes:
         state: the masters the updates must fit.
         ids: the result's blob ids (:func:`blob_ids`).
-        max_norm: bound on the norm of each update.
+        bounds: the per-tensor update bounds.
+        validator: the held-out check of column results (``None``: off).
         tokens: the token count the result claims (at most the unit's budget).
         problem: what :func:`result_problem` found wrong with the result's fields.
         unit: the unit checked against (set when called).
@@ -298,7 +314,8 @@ class PayloadCheck:
 
     state: CoordinatorState
     ids: dict
-    max_norm: float
+    bounds: UpdateBounds | None
+    validator: ColumnValidator | None = None
     tokens: int = 0
     problem: Rejected | None = None
     unit: WorkUnit | None = None
@@ -328,9 +345,16 @@ class PayloadCheck:
                 f"base version {unit.base_version} is {stale} versions old",
             )
         check_uploads(self.state.store, self.ids, unit.unit_id)
-        self.decoded = decode_result(
-            self.state, self.ids, unit.base_version, list(unit.columns), self.max_norm
+        decoded = decode_result(
+            self.state, self.ids, unit.base_version, list(unit.columns), self.bounds
         )
+        if self.validator is not None:
+            for column, delta in decoded.columns.items():
+                try:
+                    self.validator.check(column, delta, unit.base_version, decoded.shared)
+                except ColumnWorse as exc:
+                    raise Rejected(RejectReason.LOSS_INCREASE, str(exc)) from exc
+        self.decoded = decoded
 
 
 def check_uploads(store, ids: dict, lease: str) -> None:
@@ -355,9 +379,16 @@ def check_uploads(store, ids: dict, lease: str) -> None:
 
 
 def decode_result(
-    state: CoordinatorState, ids: dict, base_version: int, unit_columns: list[int], max_norm: float
+    state: CoordinatorState,
+    ids: dict,
+    base_version: int,
+    unit_columns: list[int],
+    bounds: UpdateBounds | None,
 ) -> DecodedResult:
     """Fetch and decode a result's blobs from the coordinator's store, validating everything.
+
+    ``bounds`` checks every tensor's size (``None``: not checked, for the replay of
+    results accepted before a restart).
 
     Raises:
         Rejected: with the reason code to store.
@@ -370,13 +401,32 @@ def decode_result(
     out = DecodedResult(base_version)
     for column, cid in cols.items():
         expected = {k: tuple(v.shape) for k, v in state.columns.masters[column].items()}
-        out.columns[column] = _decode(state, cid, "column", expected, max_norm)
+        out.columns[column] = _decode(state, cid, "column", expected)
     expected = {k: tuple(v.shape) for k, v in state.shared.master.items()}
-    out.shared = _decode(state, ids.get("shared", ""), "shared", expected, max_norm)
+    out.shared = _decode(state, ids.get("shared", ""), "shared", expected)
+    if bounds is not None:
+        parts = [
+            ("column", d, _column_reference(state, c, base_version)) for c, d in out.columns.items()
+        ]  # noqa: E501
+        parts.append(("shared", out.shared, state.shared.published))
+        for kind, update, reference in parts:
+            try:
+                ratios = bounds.check(kind, update, reference)
+            except OutOfBounds as exc:
+                raise Rejected(RejectReason.NORM_OUT_OF_BOUNDS, str(exc)) from exc
+            out.ratios.extend(ratios)
     return out
 
 
-def _decode(state: CoordinatorState, cid: str, kind: str, expected: dict, max_norm: float) -> State:
+def _column_reference(state: CoordinatorState, column: int, base_version: int) -> State:
+    """The weights a column delta is measured against: the column as of its base."""
+    try:
+        return state.columns.published_at(column, base_version)
+    except StaleResultError as exc:
+        raise Rejected(RejectReason.STALE_BASE, str(exc)) from exc
+
+
+def _decode(state: CoordinatorState, cid: str, kind: str, expected: dict) -> State:
     try:
         data = state.store.get(cid, verify=True)
     except (BlobCorrupt, HashMismatch) as exc:
@@ -392,16 +442,9 @@ def _decode(state: CoordinatorState, cid: str, kind: str, expected: dict, max_no
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise Rejected(RejectReason.BAD_SHAPE, f"{kind} bundle lacks {missing[:3]}")
-    sq = 0.0
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
             raise Rejected(RejectReason.NON_FINITE, f"{kind} tensor {name} has NaN/Inf")
-        sq += float((t.double() ** 2).sum())
-    if math.sqrt(sq) > max_norm:
-        raise Rejected(
-            RejectReason.NORM_OUT_OF_BOUNDS,
-            f"{kind} update norm {math.sqrt(sq):.3g} exceeds the bound {max_norm:.3g}",
-        )
     return tensors
 
 

@@ -147,3 +147,20 @@ def test_schedule_length_follows_the_stage_budget():
     assert 190 <= total(100) <= 210  # 100 steps in half the time: about 200 in all
     over = StageBudget(minutes=1, started=time.monotonic() - 120)
     assert over.schedule_steps(1000, settings)(100) == 101  # past the budget: at the end
+
+
+def test_defence_flags_reach_the_settings_of_both_commands(monkeypatch, tmp_path):
+    flags = ("--aggregator", "median", "--clip-factor", "2", "--max-update-ratio", "1.5",
+             "--update-norm-tolerance", "3", "--column-loss-tolerance", "0.1",
+             "--quarantine-after", "2")  # fmt: skip
+    by_serve = parsed_by_serve(monkeypatch, tmp_path, *flags)
+    by_demo = parsed_by_demo(monkeypatch, *flags)
+    picked = (by_serve.aggregator, by_serve.clip_factor, by_serve.max_update_ratio,
+              by_serve.update_norm_tolerance, by_serve.column_loss_tolerance,
+              by_serve.quarantine_after)  # fmt: skip
+    assert picked == ("median", 2.0, 1.5, 3.0, 0.1, 2)
+    assert (by_demo.aggregator, by_demo.quarantine_after) == ("median", 2)
+    with pytest.raises(FederationSettingsError, match="aggregator = 'krum' is invalid: allowed"):
+        FederationSettings(aggregator="krum")
+    with pytest.raises(FederationSettingsError, match="quarantine_after = 5 is invalid"):
+        FederationSettings(quarantine_after=5, reputation_window=4)

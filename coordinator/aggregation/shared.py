@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from coordinator.aggregation.robust import trimmed_mean
+from coordinator.aggregation.robust import Reducer, trimmed_mean
 from coordinator.aggregation.staleness import staleness_weight
 
 State = dict[str, torch.Tensor]
@@ -54,6 +54,8 @@ class SharedAggregator:
         self.buffer_size = buffer_size
         self.outer = outer
         self.trim = trim
+        # The robust mean; FederationSettings.aggregator's choice is set by Coordinator.prepare.
+        self.reducer: Reducer = lambda stack, w: trimmed_mean(stack, w, self.trim)
         self._buffer: list[tuple[State, float]] = []
         self.published: State = {k: v.clone() for k, v in self.master.items()}
         self.steps = 0
@@ -85,7 +87,7 @@ class SharedAggregator:
         mean: State = {}
         for name in self.master:
             stack = torch.stack([g[name].float() * w for g, w in self._buffer])
-            mean[name] = trimmed_mean(stack, ones, self.trim)
+            mean[name] = self.reducer(stack, ones)
         self.outer.step(self.master, mean)
         self._buffer.clear()
         self.steps += 1

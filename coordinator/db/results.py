@@ -252,3 +252,14 @@ def applied_results_after(session: Session, *, version: int) -> list[Result]:
         .order_by(Result.applied_in_version, Result.received_at, Result.id)
     )
     return list(session.scalars(query).all())
+
+
+def recent_results(session: Session, *, participant_id: int, limit: int) -> list[Result]:
+    """The participant's last ``limit`` answered units, newest first (its reputation)."""
+    query = (
+        select(Result)
+        .where(Result.participant_id == participant_id)
+        .order_by(Result.id.desc())
+        .limit(limit)
+    )
+    return list(session.scalars(query).all())

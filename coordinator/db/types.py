@@ -117,6 +117,7 @@ class RejectReason(StrEnum):
     NON_FINITE = "NON_FINITE"
     SCALE_OUT_OF_BOUNDS = "SCALE_OUT_OF_BOUNDS"
     NORM_OUT_OF_BOUNDS = "NORM_OUT_OF_BOUNDS"
+    LOSS_INCREASE = "LOSS_INCREASE"  # a column result worsens held-out loss of its column
     OVER_QUOTA = "OVER_QUOTA"
     LOSS_CHECK = "LOSS_CHECK"
     REPLICA_MISMATCH = "REPLICA_MISMATCH"

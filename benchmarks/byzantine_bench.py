@@ -1,0 +1,409 @@
+"""Hostile participants against the real federation loop, with the defences on and off.
+
+The loop, intake, aggregation and publishing are the real ones; the participants are the
+in-process ones of :mod:`benchmarks.federation_replay`. :class:`AttackDriver` lets the
+attackers train honestly, then rewrites each of their results before it goes back to the
+loop: every update tensor (column deltas and the shared pseudo-gradient) is transformed,
+re-encoded with the same codec, uploaded under the attacker's own lease and named in its
+reply, so it passes every format check and must be stopped by the defences:
+
+* ``sign_flip`` — ``-u`` at its normal scale;
+* ``sign_flip_bound`` — ``-u`` scaled to 0.999 × the largest size the coordinator accepts
+  (an omniscient attacker: it reads the coordinator's bounds and their recent medians;
+  undefended, that is the old global ``max_update_norm`` of 1e4);
+* ``x1000`` — ``1000 × u``.
+
+Arms: ``clean_off`` (no attacker, defences off: the reference every ratio divides by),
+``clean_on`` (no attacker, defences on: the honest cost of the defences), and every attack
+with the defences on and off. Each run starts from the same stage-2 checkpoint and is
+scored on the same validation windows in column mode. Reported in
+``benchmarks/results/byzantine_bench.json``: per fleet size, per arm the val loss,
+accepted/rejected counts and the honest participants' reject rate; the summary
+``attacks: [{name, participants, fraction, defended_ratio, undefended_ratio,
+honest_reject_rate}]`` and the calibration data of the defaults (honest update ratios
+relative to the running median, honest held-out loss changes).
+
+Usage: ``python -m benchmarks.byzantine_bench --participants 3,5 --tokens 150000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from sqlalchemy import select
+
+from benchmarks.federation_bench import both_scores, eval_windows, seed_checkpoint
+from benchmarks.federation_replay import ReplayDriver
+from coordinator.aggregation.bounds import UpdateBounds
+from coordinator.blob_uploads import UploadLedger
+from coordinator.coordinator_process import Coordinator, StageBudget
+from coordinator.db.models import Participant, Result
+from coordinator.federation_settings import FederationSettings
+from shared_model.config_loading import load_config
+from shared_model.data import prepare_corpus
+from shared_model.federated.updates import encode_bundle, read_bundle
+from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ATTACKS = ("sign_flip", "sign_flip_bound", "x1000")
+#: Defences off: plain mean, no per-tensor bounds, no column check, no quarantine, and the
+#: old global norm bound (1e4) that the defaults replaced.
+OFF = {
+    "aggregator": "mean",
+    "max_update_ratio": math.inf,
+    "update_norm_tolerance": math.inf,
+    "max_update_norm": 1e4,
+    "column_check_sequences": 0,
+    "quarantine_after": 0,
+}
+State = dict[str, torch.Tensor]
+
+
+class AttackDriver(ReplayDriver):
+    """A :class:`ReplayDriver` whose ``attackers`` rewrite their results with ``attack``
+    (one of :data:`ATTACKS`, or several separated by commas: each in turn).
+
+    ``coordinator`` is read for what an omniscient attacker knows: the weights an update
+    is measured against and the intake's bounds (set after the loop is built).
+    """
+
+    def __init__(self, *args, attackers: set[int], attack: str, coordinator, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attackers, self.attack, self.coordinator = attackers, attack, coordinator
+        self.sent: list[tuple[str, str]] = []  # (unit id, attack) of every poisoned result
+
+    def _handle(self, nid: int):
+        reply = super()._handle(nid)
+        if nid not in self.attackers or reply.kind != "train.unit":
+            return reply
+        msg = control_pb2.ControlReply.FromString(reply.payload)
+        for result in msg.results:
+            cycle = self.attack.split(",")  # several: each in turn
+            attack = cycle[len(self.sent) % len(cycle)]
+            self.sent.append((result.unit_id, attack))
+            poison(result, attack, self.coordinator.state, self.coordinator.loop.intake.bounds)
+        return replace(reply, payload=msg.SerializeToString())
+
+
+def poison(result, attack: str, state, bounds: UpdateBounds) -> None:
+    """Rewrite every update of ``result`` with ``attack``, uploaded to ``state``'s store
+    under the result's own lease (so only the defences can stop it)."""
+    for d in result.column_deltas:
+        reference = state.columns.published_at(d.column, result.base_version)
+        d.delta.CopyFrom(
+            _rewrite(d.delta, "column", d.column, reference, result, attack, state, bounds)
+        )
+    shared = _rewrite(result.shared_update.blob, "shared", -1, state.shared.published, result,
+                      attack, state, bounds)  # fmt: skip
+    result.shared_update.blob.CopyFrom(shared)
+
+
+def _rewrite(ref, kind: str, column: int, reference: State, result, attack, state, bounds):
+    expected = {k: tuple(v.shape) for k, v in reference.items()}
+    bundle, tensors = read_bundle(state.store.get(ref.content_id), kind=kind, expected=expected)
+    bad = transform(attack, kind, tensors, reference, bounds)
+    codec = "sparse" if _is_sparse(bundle) else "ternary"
+    data, _ = encode_bundle(bad, codec, kind=kind, column=column, base_version=result.base_version)
+    cid = state.store.put_bytes(data)
+    UploadLedger.for_store(state.store).record(cid, result.unit_id)  # under its own lease
+    return tensor_pb2.BlobRef(content_id=cid, size=len(data))
+
+
+def _is_sparse(bundle) -> bool:
+    from shared_model.codec.container import CODEC_SPARSE_2BIT, parse_container
+
+    return parse_container(bundle.tensors[0].payload).codec == CODEC_SPARSE_2BIT
+
+
+def transform(attack: str, kind: str, update: State, reference: State, bounds) -> State:
+    """The attacker's version of an honest update."""
+    if attack == "sign_flip":
+        return {k: -u for k, u in update.items()}
+    if attack == "x1000":
+        return {k: 1000.0 * u for k, u in update.items()}
+    if attack == "sign_flip_bound":
+        return _flip_to_bound(kind, update, reference, bounds)
+    raise ValueError(f"unknown attack {attack!r}")
+
+
+def _flip_to_bound(kind: str, update: State, reference: State, bounds: UpdateBounds) -> State:
+    """``-u`` with each tensor scaled to 0.999 × the ratio the bounds allow it now, and the
+    whole part to 0.999 × the absolute bound when that binds (or is the only bound)."""
+    out, capped = {}, True
+    for name, u in update.items():
+        bar, norm = bounds.bar(kind, name), float(u.norm())
+        capped = capped and math.isfinite(bar)
+        scale = 0.999 * bar * float(reference[name].norm()) / norm if capped and norm else 1.0
+        out[name] = -u * scale
+    total = math.sqrt(sum(float(t.norm()) ** 2 for t in out.values()))
+    if math.isfinite(bounds.max_norm) and total > 0:
+        factor = 0.999 * bounds.max_norm / total
+        out = {k: t * (min(1.0, factor) if capped else factor) for k, t in out.items()}
+    return out
+
+
+def fed_settings(
+    participants: int, tokens_per_unit: int, tokens: int, defended: bool, aggregator: str = ""
+):
+    values = {
+        "stage": 3,
+        "buffer_size": participants,
+        "eval_every": 1_000_000,  # scored at the end on the fixed windows instead
+        "units_hint": max(1, tokens // tokens_per_unit),
+    }
+    if not defended:
+        values.update(OFF)
+    elif aggregator:
+        values["aggregator"] = aggregator
+    return FederationSettings(**values)
+
+
+def run_arm(cfg, corpus, ckpt, work: Path, args, participants: int, attack: str | None,
+            defended: bool, windows, aggregator: str = "") -> dict:  # fmt: skip
+    step_tokens = cfg.train.batch_size * cfg.train.seq_len
+    settings = fed_settings(participants, step_tokens * 20, args.tokens, defended, aggregator)
+    coord = Coordinator(cfg, work / "coordinator", corpus)
+    coord.start()
+    t0 = time.perf_counter()
+    try:
+        coord.prepare(ckpt, settings)
+        attackers = {participants} if attack else set()  # the last one: 1 of N
+        driver = AttackDriver(
+            cfg, coord.store, corpus.dataset("train"), work / "nodes", [1.0] * participants,
+            attackers=attackers, attack=attack or "", coordinator=coord,
+        )  # fmt: skip
+        loop = coord.federated_stage(driver, StageBudget(tokens=args.tokens), settings)
+        loop.run(lambda: False)
+        scores = both_scores(
+            loop.state.published_model(), windows, coord.assignment, corpus.dataset("val")
+        )
+        out = {
+            "val_loss": scores["column_mode"],
+            "val_loss_token_level": scores["token_level"],
+            "versions": loop.state.version,
+            "seconds": time.perf_counter() - t0,
+            **_outcomes(coord, attackers),
+        }
+        if defended:
+            out["calibration"] = _calibration(loop)
+            out["refusals"] = _refusals(coord, attackers)
+        return out
+    finally:
+        coord.shutdown()
+
+
+def _outcomes(coord, attackers: set[int]) -> dict:
+    with coord.session_factory() as s:
+        rows = s.execute(
+            select(Participant.node_id, Result.state, Result.reject_reason).join(
+                Participant, Participant.id == Result.participant_id
+            )
+        ).all()
+    honest = [r for r in rows if r.node_id not in attackers]
+    hostile = [r for r in rows if r.node_id in attackers]
+    reasons: dict[str, int] = {}
+    for r in rows:
+        if r.reject_reason:
+            key = f"{'attacker' if r.node_id in attackers else 'honest'}:{r.reject_reason}"
+            reasons[key] = reasons.get(key, 0) + 1
+    return {
+        "honest_results": len(honest),
+        "honest_rejected": sum(r.state == "rejected" for r in honest),
+        "honest_reject_rate": sum(r.state == "rejected" for r in honest) / max(1, len(honest)),
+        "attacker_results": len(hostile),
+        "attacker_accepted": sum(r.state == "accepted" for r in hostile),
+        "reject_reasons": reasons,
+    }
+
+
+def _refusals(coord, attackers: set[int]) -> list[str]:
+    """``attacker|honest: reason: detail`` of every refused result."""
+    with coord.session_factory() as s:
+        rows = s.execute(
+            select(Participant.node_id, Result.reject_reason, Result.reject_detail)
+            .join(Participant, Participant.id == Result.participant_id)
+            .where(Result.state == "rejected")
+        ).all()
+    who = {True: "attacker", False: "honest"}
+    return [f"{who[r.node_id in attackers]}: {r.reject_reason}: {r.reject_detail}" for r in rows]
+
+
+def _calibration(loop) -> dict:
+    """Honest update sizes (ratio to the running median and to the tensor) and held-out
+    loss changes: what the defaults of the bounds and the column check are set from."""
+    bounds = loop.intake.bounds
+    to_median, ratios = [], []
+    for history in bounds.history().values():
+        values = list(history)
+        ratios.extend(values)
+        for i in range(8, len(values)):
+            median = statistics.median(values[max(0, i - 64) : i])
+            if median > 0:  # a tensor never moved is not checked against its median
+                to_median.append(values[i] / median)
+    checked = loop.intake.validator.checked if loop.intake.validator else []
+    changes = [(after - before) / before for _, before, after in checked]
+    return {
+        "max_ratio_to_tensor": max(ratios, default=0.0),
+        "p99_ratio_to_tensor": _quantile(ratios, 0.99),
+        "max_ratio_to_median": max(to_median, default=0.0),
+        "p99_ratio_to_median": _quantile(to_median, 0.99),
+        "max_loss_change": max(changes, default=0.0),
+        "p99_loss_change": _quantile(changes, 0.99),
+        "median_loss_change": _quantile(changes, 0.5),
+        "column_checks": len(changes),
+    }
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarise(fleets: dict[int, dict]) -> list[dict]:
+    """The ``attacks`` table: each attack's val loss ÷ the clean, undefended run."""
+    table = []
+    for n, arms in fleets.items():
+        if "clean_off" not in arms or "clean_on" not in arms:
+            continue
+        clean = arms["clean_off"]["val_loss"]
+        table.append(
+            {
+                "name": "none (honest cost of the defences)",
+                "participants": n,
+                "fraction": 0.0,
+                "defended_ratio": arms["clean_on"]["val_loss"] / clean,
+                "undefended_ratio": 1.0,
+                "honest_reject_rate": arms["clean_on"]["honest_reject_rate"],
+            }
+        )
+        for attack in ATTACKS:
+            on, off = arms.get(f"{attack}_on"), arms.get(f"{attack}_off")
+            if on is None or off is None:
+                continue
+            table.append(
+                {
+                    "name": attack,
+                    "participants": n,
+                    "fraction": 1 / n,
+                    "defended_ratio": on["val_loss"] / clean,
+                    "undefended_ratio": off["val_loss"] / clean,
+                    "honest_reject_rate": on["honest_reject_rate"],
+                }
+            )
+    return table
+
+
+def defence_cost(cfg, buffers: list[int]) -> dict:
+    """Coordinator time per result spent in the defences, with ``n`` results per outer
+    step (``buffer_size`` = n simulated participants): the per-tensor bounds of one result
+    (a column and the shared layers), the robust mean per result, and the held-out
+    forward passes of one column check."""
+    from coordinator.aggregation.robust import robust_reducer
+    from shared_model.model import PerspectiveModel
+
+    torch.manual_seed(0)
+    model = PerspectiveModel(cfg, moe=True).eval()
+    shared, column = model.shared_state(), model.expert_state(0)
+    settings = FederationSettings()
+    bounds = UpdateBounds.from_settings(settings)
+
+    def noise(st):
+        return {k: 0.01 * v.norm() * torch.randn_like(v) / v.numel() ** 0.5 for k, v in st.items()}
+
+    t0 = time.perf_counter()
+    for _ in range(20):
+        bounds.record(bounds.check("column", noise(column), column))
+        bounds.record(bounds.check("shared", noise(shared), shared))
+    out: dict = {"bounds_ms_per_result": 1000 * (time.perf_counter() - t0) / 20}
+    seq = torch.randint(0, cfg.model.vocab_size, (8, cfg.train.seq_len + 1))
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for _ in range(5):
+            model(seq[:, :-1], targets=seq[:, 1:], columns=torch.zeros(8, dtype=torch.long))
+    out["column_check_ms_per_column"] = 2 * 1000 * (time.perf_counter() - t0) / 5
+    for name in ("centered_clip", "median", "mean"):
+        reduce = robust_reducer(name, trim=0, clip_factor=1.0)
+        for n in buffers:
+            grads = [noise(shared) for _ in range(n)]
+            t0 = time.perf_counter()
+            for key in shared:
+                reduce(torch.stack([g[key] for g in grads]), torch.ones(n))
+            out[f"{name}_ms_per_result_at_{n}"] = 1000 * (time.perf_counter() - t0) / n
+    return out
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--participants", default="3,5", help="comma-separated fleet sizes")
+    p.add_argument("--tokens", type=int, default=150_000, help="stage-3 token budget per run")
+    p.add_argument("--seed-steps", type=int, default=300)
+    p.add_argument("--corpus-bytes", type=int, default=3_000_000, help="of the stdlib corpus")
+    p.add_argument("--override", action="append", default=[], help="config key=value")
+    p.add_argument("--seed-checkpoint", type=Path, default=None)
+    p.add_argument("--attacks", default=",".join(ATTACKS))
+    p.add_argument("--arms", default="", help="only these arms (comma list; default all)")
+    p.add_argument("--compare", default="", help="aggregators also run defended (comma list)")
+    p.add_argument("--eval-tokens", type=int, default=16_384)
+    p.add_argument("--work-dir", type=Path, default=None)
+    p.add_argument("--name", default="byzantine_bench")
+    p.add_argument("--cost", default="", help="only measure the defences' cost at these "
+                   "buffer sizes (comma list), into <name>_cost.json")  # fmt: skip
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = load_config(args.preset, overrides=args.override)
+    if args.cost:
+        cost = defence_cost(cfg, [int(x) for x in args.cost.split(",")])
+        cost["preset"] = args.preset
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{args.name}_cost.json").write_text(json.dumps(cost, indent=1))
+        print(json.dumps(cost, indent=1))
+        return
+    corpus = prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=args.corpus_bytes)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="byzbench-"))
+    ckpt = str(args.seed_checkpoint or seed_checkpoint(cfg, corpus, work, args.seed_steps))
+    windows = eval_windows(corpus.dataset("val"), cfg.train.seq_len, args.eval_tokens)
+    attacks = [a for a in args.attacks.split(",") if a]
+    fleets: dict[int, dict] = {}
+    report = {"preset": args.preset, "tokens": args.tokens, "off_settings": OFF}
+    for n in (int(x) for x in args.participants.split(",")):
+        arms = [("clean_off", None, False, ""), ("clean_on", None, True, "")]
+        arms += [(f"{a}_{d}", a, d == "on", "") for a in attacks for d in ("on", "off")]
+        for agg in (x for x in args.compare.split(",") if x):  # other aggregators, defended
+            arms += [(f"clean_on_{agg}", None, True, agg)]
+            arms += [(f"{a}_on_{agg}", a, True, agg) for a in attacks if a == "sign_flip_bound"]
+        fleets[n] = {}
+        for name, attack, defended, agg in arms:
+            if args.arms and name not in args.arms.split(","):
+                continue
+            out = run_arm(cfg, corpus, ckpt, work / f"n{n}" / name, args, n, attack, defended,
+                          windows, agg)  # fmt: skip
+            fleets[n][name] = out
+            print(f"{n} participants, {name}: val {out['val_loss']:.4f} "
+                  f"honest rejected {out['honest_rejected']}/{out['honest_results']} "
+                  f"attacker accepted {out['attacker_accepted']}/{out['attacker_results']} "
+                  f"({out['seconds']:.0f} s)", flush=True)  # fmt: skip
+            for line in out.get("refusals", []):
+                print("   ", line[:160], flush=True)
+            report["fleets"] = {str(k): v for k, v in fleets.items()}
+            report["attacks"] = summarise(fleets)
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report["attacks"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
