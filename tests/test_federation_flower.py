@@ -288,7 +288,7 @@ def test_operator_pauses_resumes_and_cancels_the_running_serve(killed_serve):
             proc.wait(timeout=30)
 
 
-def test_coordinator_sigkill_and_restart_loses_nothing(killed_serve):
+def test_coordinator_sigkill_and_restart_loses_nothing(killed_serve, network):
     """After ``KILLS`` kill -9s (``killed_serve``) and the end of the stage: every result a
     participant delivered and forgot was acknowledged after the coordinator's database
     decided it — accepted and applied exactly once, or refused with the reason the
