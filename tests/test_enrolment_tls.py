@@ -132,6 +132,50 @@ def host(tmp_path_factory, tiny_moe_seed):
         h.shutdown()
 
 
+def test_a_foreign_key_is_unregistered_within_one_key_sync_period(host, tmp_path) -> None:
+    """Issue 16: a key registered on the SuperLink with stock ``flwr supernode register``
+    (the Control API has no authentication) is unregistered by ``serve``'s key sync within
+    one period; no participant is created for it. First in the module, while ``serve``
+    still runs its stage."""
+    import os
+    import time
+
+    from coordinator.security import list_nodes
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "net"\n\n[superlink.net]\n'
+        f'address = "{host.superlink.address}"\nroot-certificates = "{host.ca}"\n'
+    )
+    _, public = make_node_key(tmp_path / "intruder")
+    nodes = lambda: set(list_nodes(host.superlink.address, root_certificates=host.ca.read_bytes()))  # noqa: E731
+    before = nodes()
+    (last_event,) = query(host.engine, "select coalesce(max(id), 0) from events")[0]
+    flwr = Path(sys.executable).with_name("flwr")
+    env = os.environ | {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
+    done = subprocess.run(
+        [str(flwr), "supernode", "register", str(tmp_path / "intruder.pub"), "net"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    # serve's key sync may unregister it before we list the nodes again: its event names it.
+    sql = "select data from events where kind = 'participant.key_foreign' and id > :after"
+
+    def unregistered() -> list[int]:
+        rows = query(host.engine, sql, after=last_event)
+        ids = [json.loads(d)["node_id"] if isinstance(d, str) else d["node_id"] for (d,) in rows]
+        return [i for i in ids if i not in before]
+
+    t0 = time.monotonic()
+    (foreign,) = wait_for(unregistered, 60, "the foreign node to be unregistered")
+    print(f"\nforeign node {foreign} unregistered {time.monotonic() - t0:.1f} s after register")
+    assert foreign not in nodes()
+    # (node ids are uint64, beyond SQLite's integers: the key names the would-be row)
+    sql = "select count(*) from participants where public_key = :k"
+    assert query(host.engine, sql, k=public)[0][0] == 0
+
+
 def test_volunteer_joins_trains_over_tls_and_stops_for_good_when_revoked(host, tmp_path):
     volunteer, token = tmp_path / "alice", host.enrolment_token()
     # Without the CA's fingerprint the network's own certificate is not trusted: the join
@@ -238,45 +282,3 @@ def test_serve_refuses_a_second_coordinator_on_its_superlink(host, tmp_path) -> 
     assert done.returncode == 1, said[-3000:]
     assert "another Perspective coordinator holds the SuperLink" in said, said[-3000:]
     assert host.serve.poll() is None  # the first one goes on
-
-
-def test_a_foreign_key_is_unregistered_within_one_key_sync_period(host, tmp_path) -> None:
-    """Issue 16: a key registered on the SuperLink with stock ``flwr supernode register``
-    (the Control API has no authentication) is unregistered by ``serve``'s key sync within
-    one period; no participant is created for it."""
-    import os
-    import time
-
-    from coordinator.security import list_nodes
-
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "net"\n\n[superlink.net]\n'
-        f'address = "{host.superlink.address}"\nroot-certificates = "{host.ca}"\n'
-    )
-    _, public = make_node_key(tmp_path / "intruder")
-    nodes = lambda: set(list_nodes(host.superlink.address, root_certificates=host.ca.read_bytes()))  # noqa: E731
-    before = nodes()
-    (last_event,) = query(host.engine, "select coalesce(max(id), 0) from events")[0]
-    flwr = Path(sys.executable).with_name("flwr")
-    env = os.environ | {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
-    done = subprocess.run(
-        [str(flwr), "supernode", "register", str(tmp_path / "intruder.pub"), "net"],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    # serve's key sync may unregister it before we list the nodes again: its event names it.
-    sql = "select data from events where kind = 'participant.key_foreign' and id > :after"
-
-    def unregistered() -> list[int]:
-        rows = query(host.engine, sql, after=last_event)
-        ids = [json.loads(d)["node_id"] if isinstance(d, str) else d["node_id"] for (d,) in rows]
-        return [i for i in ids if i not in before]
-
-    t0 = time.monotonic()
-    (foreign,) = wait_for(unregistered, 60, "the foreign node to be unregistered")
-    print(f"\nforeign node {foreign} unregistered {time.monotonic() - t0:.1f} s after register")
-    assert foreign not in nodes()
-    sql = "select count(*) from participants where node_id = :n or public_key = :k"
-    assert query(host.engine, sql, n=foreign, k=public)[0][0] == 0
