@@ -173,15 +173,18 @@ def revoke_participant(session: Session, *, participant_id: int, reason: str = "
     expire at once (their units are queued again for others, not counted as its failure)."""
     from coordinator.db.leases import requeue_copy  # leases builds on participants
 
+    # Units first, then the participant: the intake locks a result's unit and then its
+    # participant, and the opposite order here deadlocked on PostgreSQL.
+    leased = session.scalars(
+        select(WorkUnit)
+        .where(WorkUnit.participant_id == participant_id, WorkUnit.state == UnitState.LEASED)
+        .order_by(WorkUnit.unit_id)
+        .with_for_update()
+    ).all()
     row = set_participant_state(
         session, participant_id=participant_id, state=ParticipantState.REVOKED, reason=reason
     )
     now = utcnow()
-    leased = session.scalars(
-        select(WorkUnit)
-        .where(WorkUnit.participant_id == row.id, WorkUnit.state == UnitState.LEASED)
-        .with_for_update()
-    ).all()
     for unit in leased:
         unit.state, unit.finished_at, unit.state_reason = UnitState.EXPIRED, now, "revoked"
         requeue_copy(
