@@ -33,10 +33,9 @@ from shared_model.codec.container import (  # noqa: E402
     CODEC_SPARSE_2BIT,
     CODEC_TRITS_ANS,
     CODEC_TRITS_ZSTD,
-    KNOWN_CODECS,
-    PREFIX,
     PREFIX_SIZE,
     pack_container,
+    reseal,
     write_shape,
 )
 from shared_model.codec.entropy import zstd_compress  # noqa: E402
@@ -89,18 +88,6 @@ def bombs(n: int) -> list[bytes]:
         pack_container(CODEC_TRITS_ZSTD, zstd_hdr, zstd_compress(bytes([121]) * (zstd_n // 5))),
         pack_container(CODEC_SPARSE_2BIT, dense_hdr, dense),
     ]  # fmt: skip
-
-
-def reseal(blob: bytes) -> bytes:
-    """Recompute the checksum (over the header and payload the prefix frames) so that
-    mutations reach the codec-specific parsers instead of stopping at the checksum."""
-    if len(blob) < PREFIX_SIZE:
-        return blob
-    _, _, codec, _, hlen, plen, _ = PREFIX.unpack_from(blob, 0)
-    if codec not in KNOWN_CODECS:
-        return blob
-    header = blob[PREFIX_SIZE : PREFIX_SIZE + hlen]
-    return pack_container(codec, header, blob[PREFIX_SIZE + hlen : PREFIX_SIZE + hlen + plen])
 
 
 def mutate(blob: bytes, rnd: random.Random) -> bytes:

@@ -194,3 +194,16 @@ def read_shape(reader: Reader, expected: int | None = None) -> tuple[tuple[int, 
             f"{reader.what}: shape {tuple(shape)} has {n} elements; the receiver expects {expected}"
         )
     return tuple(shape), n
+
+
+def reseal(blob: bytes) -> bytes:
+    """``blob`` with its checksum recomputed over the header and payload its prefix frames
+    (fuzzing: mutations then reach the codec-specific parsers instead of stopping at the
+    checksum). Blobs too short for a prefix or of an unknown codec come back unchanged."""
+    if len(blob) < PREFIX_SIZE:
+        return blob
+    _, _, codec, _, hlen, plen, _ = PREFIX.unpack_from(blob, 0)
+    if codec not in KNOWN_CODECS:
+        return blob
+    header = blob[PREFIX_SIZE : PREFIX_SIZE + hlen]
+    return pack_container(codec, header, blob[PREFIX_SIZE + hlen : PREFIX_SIZE + hlen + plen])
