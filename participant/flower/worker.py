@@ -182,7 +182,11 @@ class FlowerWorker:
             thread.join(max(0.0, min(0.5, deadline - time.monotonic())))
             if time.monotonic() >= deadline:
                 break
-        return self._thread is None or not self._thread.is_alive()
+        stopped = self._thread is None or not self._thread.is_alive()
+        if stopped and (watchdog := self._watchdog) is not None:
+            # The watchdog returns once it sees the loop ended (it polls every <= 1 s).
+            watchdog.join(max(0.0, deadline - time.monotonic()))
+        return stopped
 
     def __enter__(self) -> FlowerWorker:
         self.start()
