@@ -1,0 +1,55 @@
+"""A participant's stage-4 unit trains its experts through the ternariser the unit names.
+
+The real :class:`UnitTrainer` on units leased by the in-process federation loop of
+test_federation_intake.py (no transport), turned into stage-4 units whose frozen teacher
+is the unit's own base checkpoint. Over Flower, test_federation_flower.py checks the
+coordinator's side (every unit carries KD and the fraction rises to 1.0); this checks that
+the participant obeys the fraction it is sent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from coordinator.db import participants as db_participants
+from participant.unit_trainer import UnitTrainer
+from shared_model.wire.perspective.v1 import federation_pb2
+from tests.test_federation_intake import NODE, corpus, local_io, make_loop  # noqa: F401
+
+torch.set_num_threads(1)
+
+
+def _stage4_request(loop, fraction: float):
+    """A leased unit, re-labelled stage 4 with ``fraction`` and its base as teacher."""
+    with loop.factory.begin() as s:
+        p = db_participants.touch_participant(
+            s, node_id=NODE, capability=db_participants.Capability(max_columns=2)
+        )
+        unit = loop.units.lease(s, p, loop.state)
+        req = loop.units.request(unit, loop.state, NODE)
+    req.unit.stage = federation_pb2.STAGE_TERNARY_DISTILLATION
+    req.unit.ternary_fraction = fraction
+    req.unit.kd_weight = loop.state.cfg.ternary.kd_weight
+    req.teacher.CopyFrom(req.checkpoint)
+    return req
+
+
+def _column_deltas(loop, train, req, work) -> dict[int, bytes]:
+    trainer = UnitTrainer(loop.state.cfg, train, work)
+    store = loop.state.store
+    result = trainer.run(req, local_io(store, req.unit.unit_id))
+    assert result.train_loss > 0 and len(result.column_deltas) > 0
+    return {d.column: store.get(d.delta.content_id) for d in result.column_deltas}
+
+
+def test_stage4_unit_trains_through_the_ternary_fraction_it_is_sent(tmp_path, corpus):  # noqa: F811
+    loop, train = make_loop(tmp_path, corpus)
+    req = _stage4_request(loop, 0.25)
+    quarter = _column_deltas(loop, train, req, tmp_path / "a")
+    # Same unit, same participant state: training is deterministic ...
+    assert _column_deltas(loop, train, req, tmp_path / "b") == quarter
+    # ... so a different fraction can only change the deltas through the ternariser.
+    req.unit.ternary_fraction = 1.0
+    full = _column_deltas(loop, train, req, tmp_path / "c")
+    assert full.keys() == quarter.keys()
+    assert all(full[c] != quarter[c] for c in full), "the ternary fraction changed nothing"
