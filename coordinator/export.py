@@ -22,8 +22,6 @@ from pathlib import Path
 
 import typer
 
-from coordinator.coordinator_process import NETWORK_FILE
-
 CHECKPOINT_NAME = "model.safetensors"
 
 
@@ -43,6 +41,10 @@ class Exported:
 
 
 def _network_record(work_dir: Path) -> dict:
+    # Imported here: the coordinator process pulls in torch, which every CLI call (even
+    # `--help` or a refused argument) would otherwise pay for (~2 s).
+    from coordinator.coordinator_process import NETWORK_FILE
+
     path = work_dir / NETWORK_FILE
     try:
         return json.loads(path.read_text())
