@@ -22,11 +22,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db.errors import Conflict, InvalidToken
+from coordinator.db.errors import Conflict, InvalidToken, ParticipantRevoked
 from coordinator.db.events import log_event
 from coordinator.db.models import Event
 from coordinator.db.participants import get_participant
-from coordinator.db.types import utcnow
+from coordinator.db.types import ParticipantState, utcnow
 from shared_model.identity import (
     MAX_SKEW_S,
     REPORT_KINDS,
@@ -79,6 +79,7 @@ def record_node_report(
 
     Raises:
         NotFound: No such participant.
+        ParticipantRevoked: The participant is revoked (checked after the signature).
         BadNodeReport: Unknown kind, no enrolled key, bad signature, older than
             :data:`MAX_SKEW_S` (or from the future), or not newer than the last report
             accepted from this participant (a replay).
@@ -92,6 +93,11 @@ def record_node_report(
         raise BadNodeReport(f"participant {participant_id} has no enrolled key")
     verify_report(row.public_key, report_payload(participant_id, kind, reason, message, at),
                   signature)  # fmt: skip
+    if row.state == ParticipantState.REVOKED:
+        # Nothing a revoked node says is logged (issue 16); only its key holder learns why.
+        raise ParticipantRevoked(
+            f"participant {row.id} ({row.name}) is revoked: its reports are not recorded"
+        )
     skew = abs((now or time.time()) - at)
     if skew > MAX_SKEW_S:
         raise BadNodeReport(f"report is {skew:.0f} s off the coordinator's clock (> {MAX_SKEW_S})")

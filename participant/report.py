@@ -4,8 +4,8 @@ The daemon classifies each SuperNode refusal (:func:`participant.daemon.classify
 :class:`NodeReporter` sends it to ``POST /api/v1/participants/{id}/reports`` signed with
 the enrolled node key, so the operator's event log says why this volunteer cannot
 connect (:mod:`coordinator.node_reports`). Sending happens in a background thread: the
-supervisor never waits on the network. The answer says the participant's state; when it
-is ``revoked``, ``on_revoked`` is called (the daemon stops for good).
+supervisor never waits on the network. A revoked participant's report is refused
+(``409 participant_revoked``): then ``on_revoked`` is called (the daemon stops for good).
 
 The report is verified with the enrolment CA; if that fails (the very problem being
 reported may be a wrong CA) it is sent once more without verifying the server: the
@@ -74,16 +74,24 @@ class NodeReporter:
                 log.info("report to %s failed: %s", url, err)
                 return None
             if resp.status_code == 201:
-                answer = resp.json()
-                self.sent.append(int(answer["event_id"]))
-                if answer.get("participant_state") == "revoked" and self.on_revoked:
-                    self.on_revoked(
-                        f"the coordinator at {e.coordinator_url} revoked participant "
-                        f"{e.participant_id} ({e.name}): this machine's enrolment is no longer "
-                        "accepted. To take part again, ask the operator for a new enrolment "
-                        "token and run 'perspective participant join' with a new --state-dir."
-                    )
+                self.sent.append(int(resp.json()["event_id"]))
                 return self.sent[-1]
+            if _error_code(resp) == "participant_revoked" and self.on_revoked:
+                self.on_revoked(
+                    f"the coordinator at {e.coordinator_url} revoked participant "
+                    f"{e.participant_id} ({e.name}): this machine's enrolment is no longer "
+                    "accepted. To take part again, ask the operator for a new enrolment "
+                    "token and run 'perspective participant join' with a new --state-dir."
+                )
             log.warning("report refused (%d): %s", resp.status_code, resp.text[:200])
             return None
         return None
+
+
+def _error_code(resp) -> str | None:
+    """The API's error code (``{"error": code, "detail": ...}``), if the body has one."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    return body.get("error") if isinstance(body, dict) else None

@@ -254,14 +254,21 @@ def test_signed_node_report_reaches_the_event_log(tmp_path):
     assert replay.status_code == 401 and "replay" in replay.json()["detail"], replay.text
     newer = client.post(f"/api/v1/participants/{pid}/reports", json=report("x", at + 1))
     assert newer.status_code == 201, newer.text
-    # A revoked participant's daemon is told so in the answer (it then stops for good).
+    # A revoked participant's report is refused and not recorded; the answer tells its
+    # daemon why (it then stops for good). Forged ones learn nothing: the signature first.
     assert client.post(f"/api/v1/participants/{pid}/revoke", headers=op).status_code == 200
     at = time.time() + 2
     payload = report_payload(pid, "participant.disconnected", "unauthorized", "m", at)
-    told = client.post(f"/api/v1/participants/{pid}/reports", json={
-        "kind": "participant.disconnected", "reason": "unauthorized", "message": "m",
-        "at": at, "signature": sign_report(key, payload)})  # fmt: skip
-    assert told.status_code == 201 and told.json()["participant_state"] == "revoked", told.text
+    body = {"kind": "participant.disconnected", "reason": "unauthorized", "message": "m",
+            "at": at, "signature": sign_report(key, payload)}  # fmt: skip
+    told = client.post(f"/api/v1/participants/{pid}/reports", json=body)
+    assert told.status_code == 409 and told.json()["error"] == "participant_revoked", told.text
+    forged = client.post(f"/api/v1/participants/{pid}/reports", json={**body, "reason": "x"})
+    assert forged.status_code == 401
+    kinds = ("participant.refused", "participant.disconnected")
+    logged = [e for k in kinds for e in client.get("/api/v1/events", params={"kind": k})
+              .json()["items"] if e["participant_id"] == pid]  # fmt: skip
+    assert len(logged) == 2, logged  # the two accepted before the revocation
     engine.dispose()
 
 

@@ -203,15 +203,17 @@ def test_volunteer_joins_trains_over_tls_and_stops_for_good_when_revoked(host, t
         assert resp.status_code == 200, resp.text
         wait_for(lambda: host.events("participant.key_unregistered", pid), 60,
                  "the key's unregistration")  # fmt: skip
-        # Refused, reported (signed), told it is revoked: the daemon stops for good.
+        # Refused, reported (signed), the report refused as a revoked node's: the daemon
+        # stops for good.
         code = daemon.wait(timeout=180)
     finally:
         stop(daemon)
     said = log.read_text()
     assert code == 3, said[-3000:]
     assert "revoked participant" in said and "participant join" in said, said[-3000:]
+    assert "participant_revoked" in said, said[-3000:]  # the answer to its report
     reports = [m for m, d in host.events("participant.refused", pid) if "reported_by_node" in d]
-    assert reports, "the daemon's signed refusal report is not in the event log"
+    assert reports == [], "a revoked node's report was logged"
     events = (volunteer / "events.jsonl").read_text()
     assert '"participant.revoked"' in events
     status = json.loads((volunteer / "status.json").read_text())

@@ -416,6 +416,7 @@ def test_zz_shutdown_leaves_no_processes(fed: Federation) -> None:
         if any(port in arg for arg in (p.info["cmdline"] or []))
     ]
     assert stray == [], f"processes still referring to the SuperLink port: {stray}"
+
     # An abandoned stuck call's thread ends once its connection fails (the watchdog closed
     # its client; the stalling proxy has closed): wait for that, never assume it.
     def worker_threads() -> list[str]:

@@ -45,6 +45,7 @@ from coordinator.db import (
     InvalidToken,
     NotFound,
 )
+from coordinator.db.errors import ParticipantRevoked
 from coordinator.metrics import METRICS, CoordinatorMetrics
 from coordinator.node_reports import TooManyReports
 from shared_model.blobs import BlobError, BlobNotFound, BlobStore, InvalidContentId
@@ -59,6 +60,7 @@ ERROR_MAP: list[tuple[type[Exception], int, str]] = [
     (Forbidden, 403, "forbidden"),
     (NotFound, 404, "not_found"),
     (BlobNotFound, 404, "not_found"),
+    (ParticipantRevoked, 409, "participant_revoked"),
     (IllegalTransition, 409, "illegal_transition"),
     (Conflict, 409, "conflict"),
     (InvalidArgument, 422, "invalid_argument"),

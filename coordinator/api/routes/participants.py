@@ -96,7 +96,8 @@ def report(
 ) -> NodeReportOut:
     """A volunteer's daemon reports why its node was refused (signed by its node key).
 
-    Needs no API token: the signature by the enrolled key is the credential.
+    Needs no API token: the signature by the enrolled key is the credential. A revoked
+    participant's report is refused (409 ``participant_revoked``) and not recorded.
     """
     event = record_node_report(
         session,
