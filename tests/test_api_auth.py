@@ -124,3 +124,20 @@ def test_reads_need_a_token_when_configured(setup):
         assert r.status_code == 401, (method, path, r.text)
         assert locked.request(method, url, headers=read).status_code != 401
         assert open_client.request(method, url).status_code not in (401, 403), (method, path)
+
+
+def test_openapi_declares_what_reads_need(setup):
+    """The OpenAPI document tells clients the truth: reads are public (security optional)
+    unless ``read_requires_token``; writes always need the operator's bearer token."""
+    factory, _ = setup
+    for required in (False, True):
+        paths = _client(factory, read_requires_token=required).app.openapi()["paths"]
+        reads = [(m, p) for m, p in _routes(_client(factory).app, writes=False)
+                 if (m, p) not in PUBLIC_READS and not p.startswith("/api/v1/tokens")]  # fmt: skip
+        assert reads
+        for method, path in reads:
+            security = paths[path][method.lower()]["security"]
+            assert security == ([{"ReadToken": []}] if required else [{}, {"ReadToken": []}])
+        for method, path in _routes(_client(factory).app, writes=True):
+            security = paths[path][method.lower()].get("security")
+            assert security == (None if (method, path) in PUBLIC_WRITES else [{"HTTPBearer": []}])

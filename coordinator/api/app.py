@@ -241,4 +241,23 @@ def create_app(
         return Response(body, media_type=content_type)
 
     mount_dashboard(app, settings)
+    _declare_read_access(app, settings.read_requires_token)
     return app
+
+
+def _declare_read_access(app: FastAPI, read_requires_token: bool) -> None:
+    """Make the OpenAPI document say what reads need: with ``read_requires_token`` a
+    ``ReadToken``; without it nothing (``security: [{}, ReadToken]``, auth optional)."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operations in schema.get("paths", {}).values():
+                for op in operations.values():
+                    security = op.get("security", []) if isinstance(op, dict) else []
+                    if not read_requires_token and {"ReadToken": []} in security:
+                        op["security"] = [{}, *security]
+        return app.openapi_schema
+
+    app.openapi = openapi

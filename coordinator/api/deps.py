@@ -24,6 +24,14 @@ BEARER = HTTPBearer(
     auto_error=False,
     description="API token from `perspective coordinator token create` (Authorization: Bearer)",
 )
+#: The credential of reads: its own scheme, so the OpenAPI document can say that reads are
+#: public unless the coordinator runs with ``--read-requires-token`` (see ``create_app``).
+READ_BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="ReadToken",
+    description="A read or operator API token (Authorization: Bearer); needed only when the "
+    "coordinator runs with `serve --read-requires-token`",
+)
 
 
 def session_factory(request: Request) -> sessionmaker[Session]:
@@ -82,7 +90,7 @@ def require_operator(
 
 def require_reader(
     request: Request,
-    creds: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+    creds: Annotated[HTTPAuthorizationCredentials | None, Security(READ_BEARER)],
 ) -> ApiToken | None:
     """Allow reads; with ``read_requires_token`` a valid read or operator token is needed."""
     if not settings(request).read_requires_token:
