@@ -59,9 +59,13 @@ from shared_model.federated.updates import BundleShapeError, UpdateError, read_b
 from shared_model.wire.perspective.v1 import federation_pb2
 
 State = dict[str, torch.Tensor]
-#: A claimed token count is stored clipped to this (BIGINT); over the unit's budget it is
-#: refused anyway.
-MAX_STORED_TOKENS = 2**63 - 1
+#: A claimed token count is stored clipped to this (over the unit's budget it is refused
+#: anyway): far above any unit, and small enough that the totals summed over millions of
+#: refused results still fit a BIGINT (a clip at 2^63 - 1 made SQLite's SUM overflow and
+#: stopped serve, found by tests/test_hostile_serve.py).
+MAX_STORED_TOKENS = 1 << 40
+#: A claimed base version is stored clipped to this (BIGINT).
+MAX_STORED_VERSION = 2**63 - 1
 _CONTENT_ID = re.compile(r"[0-9a-f]{64}")
 
 
@@ -496,6 +500,6 @@ def payload_of(
         val_loss=reply_fields.finite(result.val_loss) if result.val_loss else None,
         blob_ids=blob_ids(result) if ids is None else ids,
         timings=reply_fields.timings(result.timings),
-        base_version=min(int(result.base_version), MAX_STORED_TOKENS),
+        base_version=min(int(result.base_version), MAX_STORED_VERSION),
         bytes_up=bytes_up,
     )

@@ -198,6 +198,24 @@ def test_absurd_ids_and_references_are_refused_with_reasons(tmp_path, corpus):
     assert stored(loop, result.unit_id).blob_ids == {"columns": {}, "shared": ""}
 
 
+def test_inflated_token_claims_are_refused_and_the_totals_still_add_up(tmp_path, corpus):
+    """Results claiming 2^64 - 1 tokens are refused and credit nothing; the stage totals
+    summed over their stored rows still fit the database's integers (SQLite's SUM over
+    claims clipped at 2^63 - 1 overflowed and stopped serve)."""
+    loop, _ = make_loop(tmp_path, corpus)
+    honest = forge(loop, NODE)
+    assert loop.receive(NODE, honest).accepted
+    earned = credit(loop, NODE)
+    for _ in range(3):
+        inflated = forge(loop, NODE)
+        inflated.tokens = 2**64 - 1
+        outcome = loop.receive(NODE, inflated)
+        assert outcome.reason == "MALFORMED" and "tokens" in outcome.detail, outcome
+    totals = loop.totals()
+    assert (totals.accepted, totals.rejected, totals.tokens) == (1, 3, honest.tokens)
+    assert credit(loop, NODE) == earned
+
+
 def test_failure_reports_are_bounded_and_only_for_own_leases(tmp_path, corpus):
     loop, _ = make_loop(tmp_path, corpus)
     mine = lease(loop, NODE).unit.unit_id

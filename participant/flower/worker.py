@@ -56,8 +56,13 @@ Handler = Callable[[str, bytes], bytes]
 COMPONENT = "perspective-worker"
 #: A Flower call (acquire, pull, push) not returned after this long is abandoned.
 CALL_TIMEOUT_S = 150.0
-#: Longest time the objects of one message may take to pull (Flower's default: 2 h).
-PULL_MAX_S = 60.0
+#: Longest time the objects of one message may take to pull (Flower's default: 2 h). Our
+#: messages are a few kB (blobs travel over the blob service), pushed right after the
+#: message itself; an object still missing after this long belongs to a message whose
+#: sender died mid-push (a coordinator killed as it leased) and will never arrive. Each
+#: such message costs its node this long (60 s made 5 quick coordinator kills cost the
+#: test network ~2 minutes of idle participants).
+PULL_MAX_S = 20.0
 
 
 @dataclass
