@@ -145,7 +145,7 @@ class _Servicer(blobs_pb2_grpc.BlobServiceServicer):
     def Get(self, request: blobs_pb2.GetRequest, context: grpc.ServicerContext):  # noqa: N802
         cap = self._authenticate(context)
         content_id = check_content_id(request.content_id)
-        cap.check_read(content_id)
+        cap.check_read(content_id, self.owner.published(content_id))
         store, chunk_size = self.owner.store, self.owner.chunk_size
         with store.open(content_id) as fh:
             size = os.fstat(fh.fileno()).st_size
@@ -206,8 +206,9 @@ class _Servicer(blobs_pb2_grpc.BlobServiceServicer):
         cap = self._authenticate(context)
         content_id = check_content_id(request.content_id)
         # An uploader may ask whether its result is already stored (deduplication).
-        if not (cap.can_read(content_id) or cap.upload_quota > 0):
-            cap.check_read(content_id)
+        published = self.owner.published(content_id)
+        if not (cap.can_read(content_id, published) or cap.upload_quota > 0):
+            cap.check_read(content_id, published)
         try:
             info = self.owner.store.stat(content_id)
         except BlobNotFound:
@@ -239,6 +240,8 @@ class BlobServer:
         kind_of: what a blob is, for the traffic split (``bytes_sent.<kind>`` in
             :meth:`stats`): the coordinator says ``data``, ``delta``, ``checkpoint``,
             ``teacher`` (:meth:`coordinator.coordinator_process.Coordinator.blob_kind`).
+        published: whether the coordinator published a blob (``read_published`` tokens
+            may read it); ``None``: none is.
         head: ``head(from_version) -> (version, checkpoint, manifests)`` answers ``Head``
             (:meth:`coordinator.publishing.Publisher.head`; raises ``BlobNotFound`` when
             nothing is published); ``None``: ``Head`` is NOT_FOUND.
@@ -257,6 +260,7 @@ class BlobServer:
         interceptors: Sequence[grpc.ServerInterceptor] = (),
         kind_of: Callable[[str], str] | None = None,
         head: Callable[[int], tuple[int, Any, list[Any]]] | None = None,
+        published: Callable[[str], bool] | None = None,
     ) -> None:
         if not 0 < chunk_size <= 4 << 20:
             raise BlobError(f"chunk_size must be in (0, 4 MiB], got {chunk_size}")
@@ -267,6 +271,7 @@ class BlobServer:
         self._ledger = _QuotaLedger()
         self.uploads = UploadLedger.for_store(store)
         self.kind_of = kind_of or (lambda _cid: "other")
+        self.published = published or (lambda _cid: False)
         self.head = head
         self._stats: dict[str, int] = {}
         self._stats_lock = threading.Lock()

@@ -126,6 +126,7 @@ class Coordinator:
             tls=blob_tls,
             kind_of=self.blob_kind,
             head=self.head,
+            published=self.is_published,
         )
         self._pinned_kinds: dict[str, str] = {}  # shards ("data"), stage 4's teacher
         self.blob_public_host = blob_public_host
@@ -142,6 +143,12 @@ class Coordinator:
         if kind is None and self.state is not None:
             kind = self.state.publisher.kinds.get(content_id)
         return kind or "other"
+
+    def is_published(self, content_id: str) -> bool:
+        """Whether participants may read the blob with their units' tokens: the versions
+        and checkpoints the coordinator published, the training shards and stage 4's
+        teacher; never another participant's upload."""
+        return self.blob_kind(content_id) != "other"
 
     def head(self, from_version: int) -> tuple[int, tensor_pb2.BlobRef, list[tensor_pb2.BlobRef]]:
         """The blob service's ``Head``: the newest version and its chain from

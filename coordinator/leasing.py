@@ -386,7 +386,7 @@ class UnitFactory:
         work.capability_token = issue_token(
             self.token_key,
             str(node_id),
-            read_all=True,
+            read_published=True,  # versions, shards, teacher; not others' uploads
             upload_quota=quota,
             ttl_s=2 * self.lease_seconds,
             token_id=unit.unit_id,  # uploads are bound to the lease (coordinator/blob_uploads)

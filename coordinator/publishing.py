@@ -155,6 +155,20 @@ class Publisher:
             self.version = int(meta["version"])
             self.manifests = self._refs(json.loads(meta["manifests"]))
             self.checkpoints = self._refs(json.loads(meta["checkpoints"]))
+            self._remember_kinds()
+
+    def _remember_kinds(self) -> None:
+        """Classify the restored chain's blobs as a publishing process would have: they are
+        what participants may read (``Coordinator.is_published``) and count in the traffic
+        split."""
+        for kind, refs, message in (
+            ("delta", self.manifests, control_pb2.VersionManifest),
+            ("checkpoint", self.checkpoints, control_pb2.CheckpointManifest),
+        ):
+            for ref in refs.values():
+                manifest = message.FromString(self.store.get(ref.content_id))
+                for part in (ref, manifest.shared, *manifest.columns.values()):
+                    self.kinds.setdefault(part.content_id, kind)
 
     def _write_checkpoint(self, version: int | None = None) -> tensor_pb2.BlobRef:
         version = self.version if version is None else version

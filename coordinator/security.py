@@ -218,12 +218,7 @@ def sync_participant_keys(
             try:
                 _sync_row(session, row, nodes, address, root_certificates, out)
             except SecurityError as err:
-                log_event(
-                    session,
-                    kind="participant.key_refused",
-                    message=f"{row.name}: {err}",
-                    participant_id=row.id,
-                )
+                _log_key_problem(session, row, "participant.key_refused", f"{row.name}: {err}")
                 out["failed"].append(row.id)
             if row.state != "revoked" and row.node_id is not None:
                 owned.add(int(row.node_id))
@@ -260,14 +255,12 @@ def _sync_row(session, row, nodes: dict[int, str], address: str, certs, out) -> 
     if row.node_id is not None and int(row.node_id) in nodes:
         return
     if row.node_id is not None:  # unregistered on the SuperLink by hand
-        log_event(
-            session,
-            kind="participant.key_missing",
-            message=f"{row.name}: node {row.node_id} is not registered on the SuperLink; "
-            "registering its key again (if Flower refuses a key it has seen, the "
-            "volunteer must enrol again with a new key)",
-            participant_id=row.id,
-        )
+        _log_key_problem(
+            session, row, "participant.key_missing",
+            f"{row.name}: node {row.node_id} is not registered on the SuperLink; registering "
+            "its key again (Flower 1.42 refuses a key it has seen: then the volunteer must "
+            "enrol again with a new key)",
+        )  # fmt: skip
     row.node_id = register_node_key(address, row.public_key, root_certificates=certs, name=row.name)
     log_event(
         session,
@@ -277,3 +270,22 @@ def _sync_row(session, row, nodes: dict[int, str], address: str, certs, out) -> 
         data={"node_id": row.node_id},
     )
     out["registered"].append(row.id)
+
+
+def _log_key_problem(session, row, kind: str, message: str) -> None:
+    """Log a key problem once, not at every pass: again only after the key was registered
+    since, or when the problem changes. (A key Flower refuses for good, e.g. one it has
+    seen before, would otherwise log two events every ``period_s`` forever.)"""
+    from sqlalchemy import select
+
+    from coordinator.db.events import log_event
+    from coordinator.db.models import Event
+
+    last = session.scalars(
+        select(Event)
+        .where(Event.participant_id == row.id, Event.kind.in_([kind, "participant.key_registered"]))
+        .order_by(Event.id.desc())
+        .limit(1)
+    ).first()
+    if last is None or last.kind != kind or last.message != message:
+        log_event(session, kind=kind, message=message, participant_id=row.id)

@@ -66,7 +66,12 @@ REFUSALS = (
      "the coordinator's TLS certificate is not signed by the CA we were given"),
     ("Server disconnected without sending a response", "tls_required",
      "the coordinator speaks TLS but this node connected without it"),
-    ("401", "unauthorized", "the coordinator no longer accepts this node (revoked or reset)"),
+    # httpx's words for a 401 (a bare "401" also matched run, node and message ids in the
+    # log, and a SuperLink outage was once taken for a revocation).
+    ("401 Unauthorized", "unauthorized",
+     "the coordinator no longer accepts this node (revoked or reset)"),
+    ("UNAUTHENTICATED", "unauthorized",
+     "the coordinator no longer accepts this node (revoked or reset)"),
 )  # fmt: skip
 
 

@@ -176,6 +176,33 @@ def test_a_foreign_key_is_unregistered_within_one_key_sync_period(host, tmp_path
     assert query(host.engine, sql, k=public)[0][0] == 0
 
 
+def test_a_key_unregistered_by_hand_is_reported_once_not_at_every_key_sync(host, tmp_path):
+    """Key sync re-registers a key someone unregistered on the SuperLink by hand; Flower
+    1.42 refuses a key it has seen ("Public key already in use": its node table keeps the
+    key, unique, with the node marked unregistered), so the volunteer must enrol again.
+    The event log says so once, not at every pass (every second here)."""
+    from coordinator.db import make_session_factory
+    from coordinator.key_sync import KeySync
+    from coordinator.security import list_nodes, unregister_node
+
+    enrolment = join(host.url, host.enrolment_token(), "vol-unregistered", tmp_path / "v",
+                     pinned_fingerprint=host.fingerprint)  # fmt: skip
+    pid, certs = enrolment.participant_id, host.ca.read_bytes()
+    (_, data), *_ = wait_for(lambda: host.events("participant.key_registered", pid), 60,
+                             "the volunteer's key registered")  # fmt: skip
+    node_id = json.loads(data)["node_id"]
+    unregister_node(host.superlink.address, node_id, root_certificates=certs)
+    refused = wait_for(lambda: host.events("participant.key_refused", pid), 60, "key sync")
+    assert "already in use" in refused[0][0], refused
+    assert node_id not in list_nodes(host.superlink.address, root_certificates=certs)
+    sync = KeySync(make_session_factory(host.engine), host.superlink.address,
+                   root_certificates=certs)  # fmt: skip
+    for _ in range(3):  # three more passes (serve's own run every second too)
+        assert sync.sync_once() is not None, sync.last_error
+    assert len(host.events("participant.key_missing", pid)) == 1
+    assert len(host.events("participant.key_refused", pid)) == 1
+
+
 def test_volunteer_joins_trains_over_tls_and_stops_for_good_when_revoked(host, tmp_path):
     volunteer, token = tmp_path / "alice", host.enrolment_token()
     # Without the CA's fingerprint the network's own certificate is not trusted: the join

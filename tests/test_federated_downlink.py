@@ -89,3 +89,54 @@ def test_a_unit_trains_from_the_newest_version_when_it_starts(coordinator, tmp_p
     with coord.session_factory() as s:
         assert db_leases.find_unit(s, unit_id=unit_id).base_version == leased_at + 2
         assert db_results.find_result(s, unit_id=unit_id).base_version == leased_at + 2
+
+
+def _lease(coord, node_id: int) -> control_pb2.ControlRequest:
+    loop = coord.loop
+    with loop.factory.begin() as s:
+        cap = db_participants.Capability(max_columns=2)
+        p = db_participants.touch_participant(s, node_id=node_id, capability=cap)
+        return loop.units.request(loop.units.lease(s, p, loop.state), loop.state, node_id)
+
+
+def test_unit_tokens_read_what_was_published_never_anothers_upload(coordinator, tmp_path):
+    """A unit's capability token reads the published chain, the training shards and
+    the checkpoints over the real blob service, and nothing another participant uploaded
+    (issue 16: tokens read only what units need). A restart's restored chain is still
+    readable."""
+    from shared_model.blobs.client import BlobClient
+    from shared_model.blobs.errors import ScopeDenied
+
+    coord, ckpt = coordinator
+    coord.prepare(ckpt, _settings(3))
+    driver = ReplayDriver(
+        coord.cfg, coord.store, coord.corpus.dataset("train"), tmp_path / "nodes", [1.0, 1.3],
+        publisher=coord.state.publisher,
+    )  # fmt: skip
+    loop = coord.federated_stage(driver, StageBudget(minutes=30), _settings(3))
+    loop.run(lambda: coord.state.version >= 3)  # a chain with a checkpoint after v0
+    mine, theirs = _lease(coord, 1), _lease(coord, 2)
+    published = [mine.checkpoint, *mine.versions]
+    assert len(published) >= 2
+    with (
+        BlobClient(mine.blob_address, token=mine.unit.capability_token) as me,
+        BlobClient(theirs.blob_address, token=theirs.unit.capability_token) as other,
+    ):
+        manifest = control_pb2.CheckpointManifest.FromString(
+            me.get_bytes(mine.checkpoint.content_id)
+        )
+        for ref in (*published, manifest.shared, *manifest.columns.values()):
+            assert me.get_bytes(ref.content_id)
+        for cid in mine.unit.shard_ids:
+            assert me.get_bytes(cid)
+        upload = me.put(b"node 1's pseudo-gradient")
+        assert me.stat(upload).exists  # the uploader may ask whether it is stored
+        with pytest.raises(ScopeDenied):
+            other.get_bytes(upload)
+    # What a restarted coordinator restores from its state file is published again.
+    publisher = coord.state.publisher
+    meta = publisher.metadata()
+    publisher.kinds.clear()
+    publisher.restore(meta)
+    assert all(coord.is_published(ref.content_id) for ref in published)
+    assert not coord.is_published(upload)

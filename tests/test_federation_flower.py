@@ -102,6 +102,7 @@ def test_dashboard_follows_a_real_stage4_run_which_ends_ternary_and_replays(
         assert not thread.is_alive(), "stage 4 did not finish its token budget"
         driver.close()
         _stage4_schedule_ran_to_ternary(coord, cfg)
+        _scored_as_trained(loop)
         published = loop.state.published_model().state_dict()
         version = loop.state.version
     finally:
@@ -135,6 +136,24 @@ def _stage4_schedule_ran_to_ternary(coord, cfg) -> None:
     fractions = [p["ternary_fraction"] for p in params]
     assert fractions == sorted(fractions), fractions
     assert fractions[0] == cfg.ternary.schedule[0] and fractions[-1] == 1.0, fractions
+
+
+def _scored_as_trained(loop) -> None:
+    """Stage 4's validation loss is the model it trains: at the end of the schedule, with
+    every expert weight ternary (not the full-precision latent weights)."""
+    from coordinator.validation import column_val_loss
+
+    def score(fraction: float | None) -> float:
+        model = loop.state.published_model()
+        model.set_ternary_fraction(fraction)
+        train = loop.state.cfg.train
+        return column_val_loss(
+            model, loop.val, loop.assignment, batch_size=train.batch_size,
+            seq_len=train.seq_len, batches=loop.settings.eval_batches,
+        )  # fmt: skip
+
+    scored = loop.evaluate()
+    assert scored == score(1.0) and scored != score(None), (scored, score(1.0), score(None))
 
 
 def _accepted(db_path) -> list[tuple[str, int | None]]:
@@ -351,9 +370,13 @@ def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
     coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
     coord.start()
     try:
+        # Plain averaging (momentum 0): the check below is that training goes on around a
+        # killed participant. With the default outer momentum the first versions after the
+        # seed overshoot (the re-warmed lr's bump, docs/federated-training.md §5.1) and
+        # version 5 can score above version 0; that is measured in the benchmark.
         settings = FederationSettings(
             stage=3, steps_per_unit=8, lease_seconds=30, eval_every=1000, eval_batches=4,
-            buffer_size=2, units_hint=60,
+            buffer_size=2, units_hint=60, outer_momentum=0.0,
         )  # fmt: skip
         coord.prepare(ckpt, settings)
         driver = network.open_driver()

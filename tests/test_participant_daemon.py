@@ -127,6 +127,11 @@ def test_classify_exit_reasons() -> None:
         "tls_untrusted"
     )
     assert classify_exit(0, "SuperNode terminated gracefully.")[0] == "coordinator_unreachable"
+    said = "Client error '401 Unauthorized' for url 'https://127.0.0.1:9093/v1/fleet/pull-messages'"
+    assert classify_exit(1, said)[0] == "unauthorized"
+    # Ids that happen to contain "401" are not a refusal (an outage was once taken for one).
+    outage = "[RUN 14016455301708971284]\nSuperNode ID: 4401\nSuperNode terminated gracefully."
+    assert classify_exit(0, outage)[0] == "coordinator_unreachable"
 
 
 def _events(state_dir) -> list[str]:

@@ -15,10 +15,22 @@ CLI = [sys.executable, "-m", "shared_model.cli"]
 
 
 def run(*args: str) -> tuple[int, str]:
-    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
-    # typer draws errors in a box; join the wrapped lines back into one sentence
-    said = " ".join((done.stdout + done.stderr).replace("│", " ").split())
-    return done.returncode, said
+    return run_all([args])[0]
+
+
+def run_all(calls: list[tuple[str, ...]]) -> list[tuple[int, str]]:
+    """Run CLI calls side by side (each is mostly interpreter start-up); their exit codes
+    and what they said, in order."""
+    procs = [
+        subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for args in calls
+    ]
+    out = []
+    for proc in procs:
+        text, _ = proc.communicate(timeout=120)
+        # typer draws errors in a box; join the wrapped lines back into one sentence
+        out.append((proc.returncode, " ".join(text.replace("│", " ").split())))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -31,28 +43,40 @@ def secrets(tmp_path_factory) -> Path:
 
 
 def serve(tmp_path: Path, *extra: str) -> tuple[int, str]:
+    return run(*serve_args(tmp_path, *extra))
+
+
+def serve_args(tmp_path: Path, *extra: str, work: str = "work") -> tuple[str, ...]:
     ckpt = tmp_path / "stage2.safetensors"
     if not ckpt.exists():
         ckpt.write_bytes(b"not a checkpoint")
-    return run("coordinator", "serve", "--superlink", "127.0.0.1:9", "--init", str(ckpt),
-               "--work-dir", str(tmp_path / "work"), "--minutes", "1", *extra)  # fmt: skip
+    return ("coordinator", "serve", "--superlink", "127.0.0.1:9", "--init", str(ckpt),
+            "--work-dir", str(tmp_path / work), "--minutes", "1", *extra)  # fmt: skip
 
 
 @pytest.mark.integration
 def test_serve_refuses_bad_settings_clearly(secrets, tmp_path) -> None:
-    code, said = serve(tmp_path)
-    assert code == 2 and "secure by default" in said and "--insecure" in said
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, said = serve(tmp_path, "--secrets-dir", str(empty))
-    assert code == 2 and "is missing or empty" in said and "coordinator init" in said
-    code, said = serve(tmp_path, "--secrets-dir", str(secrets), "--unit-seconds", "1000")
-    assert code == 2 and "lease_seconds" in said
-    code, said = serve(tmp_path, "--secrets-dir", str(secrets), "--db", f"sqlite:///{secrets}/c.db")
-    assert code == 1 and "CheckpointError" in said and "not safetensors" in said
     missing = tmp_path / "missing.safetensors"
-    code, said = run("coordinator", "serve", "--superlink", "127.0.0.1:9", "--init", str(missing),
-                     "--work-dir", str(tmp_path / "w"), "--minutes", "1", "--insecure")  # fmt: skip
+    insecure, no_secrets, lease, bad_ckpt, no_ckpt = run_all([
+        serve_args(tmp_path, work="w1"),
+        serve_args(tmp_path, "--secrets-dir", str(empty), work="w2"),
+        serve_args(tmp_path, "--secrets-dir", str(secrets), "--unit-seconds", "1000", work="w3"),
+        serve_args(tmp_path, "--secrets-dir", str(secrets), "--db", f"sqlite:///{secrets}/c.db",
+                   work="w4"),
+        ("coordinator", "serve", "--superlink", "127.0.0.1:9", "--init", str(missing),
+         "--work-dir", str(tmp_path / "w5"), "--minutes", "1", "--insecure"),
+    ])  # fmt: skip
+    code, said = insecure
+    assert code == 2 and "secure by default" in said and "--insecure" in said
+    code, said = no_secrets
+    assert code == 2 and "is missing or empty" in said and "coordinator init" in said
+    code, said = lease
+    assert code == 2 and "lease_seconds" in said
+    code, said = bad_ckpt
+    assert code == 1 and "CheckpointError" in said and "not safetensors" in said
+    code, said = no_ckpt
     assert code == 2 and "does not exist" in said
 
 
@@ -60,10 +84,10 @@ def test_serve_refuses_bad_settings_clearly(secrets, tmp_path) -> None:
 def test_serve_and_demo_refuse_a_bad_federation_config(tmp_path) -> None:
     bad = tmp_path / "federation.yaml"
     bad.write_text("outer_lr: 1.0\nmax_stalenes: 4\n")  # a typo in a key
-    for code, said in (
-        serve(tmp_path, "--insecure", "--federation-config", str(bad)),
-        run("demo", "--federation-config", str(bad)),
-    ):
+    for code, said in run_all([
+        serve_args(tmp_path, "--insecure", "--federation-config", str(bad)),
+        ("demo", "--federation-config", str(bad)),
+    ]):  # fmt: skip
         assert code == 2 and "unknown federation setting(s) max_stalenes" in said, said
         assert "max_staleness" in said  # the allowed keys are listed
     bad.write_text("outer_momentum: 2\n")

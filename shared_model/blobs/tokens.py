@@ -1,7 +1,9 @@
 """Capability tokens for the blob service, signed by the coordinator (HMAC-SHA256).
 
-A token grants one node (``subject``) read access to a list of blobs (or to every blob,
-``read_all``, for public model versions) and an upload quota in bytes, until ``expires_at``.
+A token grants one node (``subject``) read access to a list of blobs, to every blob the
+coordinator has published (``read_published``: model versions, checkpoints, training
+shards, the stage-4 teacher; the blob service asks the coordinator which those are), or to
+every blob (``read_all``), and an upload quota in bytes, until ``expires_at``.
 Each work unit carries a short-lived token (DESIGN §4), so the coordinator never needs a
 per-node ACL in the blob service.
 
@@ -10,8 +12,9 @@ Encoding (compact, URL-safe, fits in a gRPC metadata value)::
     pv1.<base64url(JSON payload)>.<base64url(HMAC-SHA256(key, "pv1." + payload part))>
 
 The payload keys are ``jti`` (token id), ``sub``, ``ids`` (base64url of the concatenated
-32-byte sha256 digests: 43 characters per blob instead of 64 hex), ``all``, ``quota``,
-``iat`` and ``exp`` (unix seconds). Signatures are compared in constant time.
+32-byte sha256 digests: 43 characters per blob instead of 64 hex), ``all``, ``pub``
+(optional, default false), ``quota``, ``iat`` and ``exp`` (unix seconds). Signatures are
+compared in constant time.
 """
 
 from __future__ import annotations
@@ -51,14 +54,16 @@ class Capability:
     upload_quota: int
     issued_at: int
     expires_at: int
+    read_published: bool = False
 
-    def can_read(self, content_id: str) -> bool:
-        """Whether the blob is in this token's read scope."""
-        return self.read_all or content_id in self.blob_ids
+    def can_read(self, content_id: str, published: bool = False) -> bool:
+        """Whether the blob is in this token's read scope (``published``: the coordinator
+        published it, so a ``read_published`` token may read it)."""
+        return self.read_all or content_id in self.blob_ids or (self.read_published and published)
 
-    def check_read(self, content_id: str) -> None:
+    def check_read(self, content_id: str, published: bool = False) -> None:
         """Raise :class:`ScopeDenied` unless the blob is readable with this token."""
-        if not self.can_read(content_id):
+        if not self.can_read(content_id, published):
             raise ScopeDenied(
                 f"token {self.token_id} of {self.subject!r} does not grant read access to blob "
                 f"{content_id}; ask the coordinator for a token naming it"
@@ -106,6 +111,7 @@ def issue_token(
     blob_ids: Iterable[str] = (),
     *,
     read_all: bool = False,
+    read_published: bool = False,
     upload_quota: int = 0,
     ttl_s: float = 3600.0,
     now: float | None = None,
@@ -117,7 +123,9 @@ def issue_token(
         key: the coordinator's signing key (>= 16 bytes).
         subject: node id the token is issued to.
         blob_ids: content ids the holder may read.
-        read_all: let the holder read every blob (public model versions).
+        read_all: let the holder read every blob.
+        read_published: let the holder read every blob the coordinator published (not
+            other participants' uploads).
         upload_quota: total bytes the holder may upload with this token (0: none).
         ttl_s: lifetime in seconds from ``now``.
         now: issue time in unix seconds (defaults to the current time).
@@ -138,6 +146,7 @@ def issue_token(
         "sub": subject,
         "ids": _b64e(b"".join(bytes.fromhex(cid) for cid in ids)),
         "all": bool(read_all),
+        "pub": bool(read_published),
         "quota": int(upload_quota),
         "iat": issued,
         "exp": int(issued + ttl_s),
@@ -181,8 +190,13 @@ def _decode_payload(text: str) -> Capability:
         payload = json.loads(_b64d(text))
         raw_ids = _b64d(payload["ids"])
         fields = (payload["jti"], payload["sub"], payload["quota"], payload["iat"], payload["exp"])
-        types_ok = isinstance(payload["all"], bool) and all(
-            isinstance(v, t) for v, t in zip(fields, (str, str, int, int, int), strict=True)
+        published = payload.get("pub", False)
+        types_ok = (
+            isinstance(payload["all"], bool)
+            and isinstance(published, bool)
+            and all(
+                isinstance(v, t) for v, t in zip(fields, (str, str, int, int, int), strict=True)
+            )
         )
     except (binascii.Error, ValueError, KeyError, TypeError) as exc:
         raise TokenMalformed(f"token payload is unreadable: {exc}") from None
@@ -194,6 +208,7 @@ def _decode_payload(text: str) -> Capability:
         subject=payload["sub"],
         blob_ids=ids,
         read_all=payload["all"],
+        read_published=published,
         upload_quota=payload["quota"],
         issued_at=payload["iat"],
         expires_at=payload["exp"],
