@@ -128,13 +128,13 @@ def test_header_lies_are_refused_before_allocating(codec) -> None:
     blob = _claims(codec, (1 << 31) - 5, bytes(96))
     decode = decode_sparse if codec == CODEC_SPARSE_2BIT else decode_ternary
     tracemalloc.start()
-    start = time.perf_counter()
+    start = time.process_time()  # this process's CPU time: other load does not count
     with pytest.raises(ShapeMismatchError, match="expects 42"):
         decode(blob, expected=42)
-    elapsed = time.perf_counter() - start
+    cpu = time.process_time() - start
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert elapsed < 0.1 and peak < 1 << 20
+    assert cpu < 0.5 and peak < 1 << 20, (cpu, peak)
 
 
 def test_sparse_payload_length_is_checked_before_chunk_tables() -> None:
