@@ -205,7 +205,7 @@ class Coordinator:
             read_requires_token=read_requires_token,
         )  # fmt: skip
         cert, key = ssl_files or (None, None)
-        app = create_app(self.session_factory, settings)
+        app = create_app(self.session_factory, settings, blob_published=self.is_published)
         self.api = ApiServer(app, host=host, port=port, ssl_certfile=cert, ssl_keyfile=key)
         self.api.start()
         self.api.wait_until_ready()

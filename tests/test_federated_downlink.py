@@ -102,8 +102,10 @@ def _lease(coord, node_id: int) -> control_pb2.ControlRequest:
 def test_unit_tokens_read_what_was_published_never_anothers_upload(coordinator, tmp_path):
     """A unit's capability token reads the published chain, the training shards and
     the checkpoints over the real blob service, and nothing another participant uploaded
-    (issue 16: tokens read only what units need). A restart's restored chain is still
-    readable."""
+    (issue 16: tokens read only what units need), nor through the REST API. A restart's
+    restored chain is still readable."""
+    import httpx
+
     from shared_model.blobs.client import BlobClient
     from shared_model.blobs.errors import ScopeDenied
 
@@ -133,6 +135,10 @@ def test_unit_tokens_read_what_was_published_never_anothers_upload(coordinator, 
         assert me.stat(upload).exists  # the uploader may ask whether it is stored
         with pytest.raises(ScopeDenied):
             other.get_bytes(upload)
+    # The REST API's blob route serves the same: published blobs, not uploads.
+    api = coord.start_api()
+    assert httpx.get(f"{api}/api/v1/blobs/{mine.checkpoint.content_id}").status_code == 200
+    assert httpx.get(f"{api}/api/v1/blobs/{upload}").status_code == 404
     # What a restarted coordinator restores from its state file is published again.
     publisher = coord.state.publisher
     meta = publisher.metadata()

@@ -192,6 +192,7 @@ def create_app(
     settings: ApiSettings | None = None,
     *,
     metrics: CoordinatorMetrics | None = None,
+    blob_published: Callable[[str], bool] | None = None,
 ) -> FastAPI:
     """Build the coordinator's web application.
 
@@ -200,6 +201,9 @@ def create_app(
         settings: API settings; defaults to :class:`ApiSettings()`.
         metrics: Prometheus metrics to expose at ``/metrics``; defaults to the process-wide
             :data:`coordinator.metrics.METRICS` the federation loop reports to.
+        blob_published: which blobs ``GET /api/v1/blobs/{id}`` serves (the coordinator's
+            :meth:`~coordinator.coordinator_process.Coordinator.is_published`: never a
+            participant's upload); ``None``: every blob in ``settings.blob_root``.
 
     Returns:
         The FastAPI app: ``/api/v1/...`` (OpenAPI at ``/docs``), the dashboard at ``/``,
@@ -222,6 +226,7 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.blob_store = None if settings.blob_root is None else BlobStore(settings.blob_root)
+    app.state.blob_published = blob_published
     engine = session_factory.kw.get("bind")
     if engine is not None:
         metrics.instrument_engine(engine)

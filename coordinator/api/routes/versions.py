@@ -61,7 +61,8 @@ def blob(
     content_id: Annotated[str, Path(min_length=64, max_length=64, pattern="^[0-9a-f]{64}$")],
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """Download a blob by content id (sha256); supports ``HEAD``, ``Range`` and
+    """Download a published blob (versions, checkpoints, shards, the teacher; never a
+    participant's upload) by content id (sha256); supports ``HEAD``, ``Range`` and
     ``If-None-Match``.
 
     The ETag is the content id itself: a blob's bytes never change, so a weak tag
@@ -70,8 +71,11 @@ def blob(
     check_content_id(content_id)
     store = _store(request, settings)
     etag = f'"{content_id}"'
-    if not store.has(content_id):
-        raise NotFound(f"no blob {content_id} in the coordinator's store")
+    published = request.app.state.blob_published
+    # A participant's upload is not served (the same answer as a missing blob: its
+    # existence is not told either); only what the coordinator published.
+    if not store.has(content_id) or (published is not None and not published(content_id)):
+        raise NotFound(f"no published blob {content_id} in the coordinator's store")
     if if_none_match is not None and _matches(if_none_match, etag):
         return Response(status_code=304, headers={"etag": etag})
     return FileResponse(
