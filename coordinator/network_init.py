@@ -20,12 +20,16 @@ from typing import Annotated
 import typer
 
 from coordinator.security import make_tls
-from shared_model.identity import SecurityError, ca_fingerprint
+from shared_model.identity import SecurityError, ca_fingerprint, write_atomic
 from shared_model.processes import write_secret_file
 
 # Names the coordinator's own components dial each other by: nginx verifies its upstreams
 # as "localhost"; in deploy/compose.yaml the coordinator reaches "superlink".
 INTERNAL_NAMES = ("localhost", "127.0.0.1", "superlink", "coordinator")
+
+
+#: Where ``init`` records its database URL for ``serve``.
+DATABASE_FILE = "database.url"
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class CoordinatorSecrets:
         ca_cert: The network's CA (handed to volunteers); ``None`` without TLS.
         cert: Server certificate (SAN = every ``--host``); ``None`` without TLS.
         key: Server private key; ``None`` without TLS.
+        database: The database URL ``init`` created the first operator token in (the file
+            ``database.url``); ``serve`` uses it when given no ``--db``.
     """
 
     directory: Path
@@ -47,6 +53,7 @@ class CoordinatorSecrets:
     ca_cert: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+    database: str | None = None
 
     @property
     def tls(self) -> bool:
@@ -74,7 +81,10 @@ class CoordinatorSecrets:
             if not path.is_file() or path.stat().st_size == 0:
                 raise SecurityError(f"{path} is missing or empty; {fix}")
         tls_dir = directory / "tls"
+        recorded = directory / DATABASE_FILE
+        database = recorded.read_text().strip() if recorded.is_file() else ""
         return cls(
+            database=database or None,
             directory=directory,
             superexec_secret=directory / "superexec.secret",
             token_key=directory / "blob-token.key",
@@ -118,9 +128,13 @@ def init(
     from coordinator.db import init_db, make_session_factory, sqlite_url
     from coordinator.db.tokens import create_api_token
 
-    factory = make_session_factory(init_db(url if "://" in url else sqlite_url(url)))
+    url = url if "://" in url else sqlite_url(url)
+    factory = make_session_factory(init_db(url))
     with factory.begin() as session:
         plain, _row = create_api_token(session, name="first-operator", role="operator")
-    typer.echo(f"database:           {url}")
+    # serve --secrets-dir without --db uses this one: the token above lives there (it may
+    # hold a PostgreSQL password: owner-only).
+    write_atomic(directory / DATABASE_FILE, url.encode() + b"\n", mode=0o600)
+    typer.echo(f"database:           {url}  (recorded in {directory / DATABASE_FILE})")
     typer.echo("first operator token (shown once; store it now):")
     typer.echo(plain)

@@ -90,7 +90,12 @@ def serve(
     superexec_secret_file: Path | None = typer.Option(
         None, help="SuperLink's SuperExec secret (default: the one in --secrets-dir)."
     ),
-    db: str | None = typer.Option(None, envvar="PERSPECTIVE_DB", help="Database URL."),
+    db: str | None = typer.Option(
+        None,
+        envvar="PERSPECTIVE_DB",
+        help="Database URL [default: the one 'coordinator init' recorded in --secrets-dir, "
+        "else <work-dir>/coordinator.db].",
+    ),  # fmt: skip
     preset: str = typer.Option("tiny", help="Model preset."),
     config: Path | None = typer.Option(None, help="YAML config overriding the preset."),
     stage: int | None = typer.Option(None, help="Federated stage: 3 or 4 [default: 3]."),
@@ -153,6 +158,10 @@ def serve(
     column_codec, shared_codec = column_codec or codec, shared_codec or codec
     settings = fo.settings_from_cli(federation_config, locals())
     security = resolve_security(secrets_dir, insecure, superexec_secret_file)
+    if db is None and security.secrets is not None:
+        # The database init created the first operator token in (a fresh one under
+        # --work-dir would answer that token 401).
+        db = security.secrets.database
     if insecure:
         typer.secho(INSECURE_WARNING, err=True, fg=typer.colors.RED, bold=True)
     if security.ca is not None and blob_host in ("0.0.0.0", "::") and not public_host:

@@ -59,7 +59,7 @@ def test_serve_refuses_bad_settings_clearly(secrets, tmp_path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     missing = tmp_path / "missing.safetensors"
-    insecure, no_secrets, lease, bad_ckpt, no_ckpt = run_all([
+    insecure, no_secrets, lease, bad_ckpt, no_ckpt, init_db = run_all([
         serve_args(tmp_path, work="w1"),
         serve_args(tmp_path, "--secrets-dir", str(empty), work="w2"),
         serve_args(tmp_path, "--secrets-dir", str(secrets), "--unit-seconds", "1000", work="w3"),
@@ -67,6 +67,7 @@ def test_serve_refuses_bad_settings_clearly(secrets, tmp_path) -> None:
                    work="w4"),
         ("coordinator", "serve", "--superlink", "127.0.0.1:9", "--init", str(missing),
          "--work-dir", str(tmp_path / "w5"), "--minutes", "1", "--insecure"),
+        serve_args(tmp_path, "--secrets-dir", str(secrets), work="w6"),
     ])  # fmt: skip
     code, said = insecure
     assert code == 2 and "secure by default" in said and "--insecure" in said
@@ -78,6 +79,11 @@ def test_serve_refuses_bad_settings_clearly(secrets, tmp_path) -> None:
     assert code == 1 and "CheckpointError" in said and "not safetensors" in said
     code, said = no_ckpt
     assert code == 2 and "does not exist" in said
+    # Without --db: the database init created the first operator token in, not a fresh one.
+    code, said = init_db
+    assert code == 1 and "CheckpointError" in said
+    assert f"database sqlite:///{secrets.parent / 'c.db'}" in said, said
+    assert not (tmp_path / "w6" / "coordinator.db").exists()
 
 
 @pytest.mark.integration
