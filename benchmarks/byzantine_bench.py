@@ -45,8 +45,10 @@ from benchmarks.federation_replay import ReplayDriver
 from coordinator.aggregation.bounds import UpdateBounds
 from coordinator.blob_uploads import UploadLedger
 from coordinator.coordinator_process import Coordinator, StageBudget
+from coordinator.db import leases as db_leases
 from coordinator.db.models import Participant, Result
 from coordinator.federation_settings import FederationSettings
+from coordinator.intake import unit_lr_steps
 from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.federated.updates import encode_bundle, read_bundle
@@ -89,27 +91,33 @@ class AttackDriver(ReplayDriver):
             cycle = self.attack.split(",")  # several: each in turn
             attack = cycle[len(self.sent) % len(cycle)]
             self.sent.append((result.unit_id, attack))
-            poison(result, attack, self.coordinator.state, self.coordinator.loop.intake.bounds)
+            loop = self.coordinator.loop
+            with loop.factory() as s:  # the bounds' bar is per unit step size (lr × steps)
+                unit = db_leases.find_unit(s, unit_id=result.unit_id)
+                step = loop.intake.bounds.step_size(*unit_lr_steps(unit))
+            poison(result, attack, self.coordinator.state, loop.intake.bounds, step)
         return replace(reply, payload=msg.SerializeToString())
 
 
-def poison(result, attack: str, state, bounds: UpdateBounds) -> None:
+def poison(result, attack: str, state, bounds: UpdateBounds, step: float = 1.0) -> None:
     """Rewrite every update of ``result`` with ``attack``, uploaded to ``state``'s store
-    under the result's own lease (so only the defences can stop it)."""
+    under the result's own lease (so only the defences can stop it); ``step``: the unit's
+    step size (the bounds allow more for a bigger one)."""
     for d in result.column_deltas:
         reference = state.columns.published_at(d.column, result.base_version)
         d.delta.CopyFrom(
-            _rewrite(d.delta, "column", d.column, reference, result, attack, state, bounds)
+            _rewrite(d.delta, "column", d.column, reference, result, attack, state, bounds, step)
         )
     shared = _rewrite(result.shared_update.blob, "shared", -1, state.shared.published, result,
-                      attack, state, bounds)  # fmt: skip
+                      attack, state, bounds, step)  # fmt: skip
     result.shared_update.blob.CopyFrom(shared)
 
 
-def _rewrite(ref, kind: str, column: int, reference: State, result, attack, state, bounds):
+def _rewrite(ref, kind: str, column: int, reference: State, result, attack, state, bounds,
+             step: float):  # fmt: skip
     expected = {k: tuple(v.shape) for k, v in reference.items()}
     bundle, tensors = read_bundle(state.store.get(ref.content_id), kind=kind, expected=expected)
-    bad = transform(attack, kind, tensors, reference, bounds)
+    bad = transform(attack, kind, tensors, reference, bounds, step)
     codec = "sparse" if _is_sparse(bundle) else "ternary"
     data, _ = encode_bundle(bad, codec, kind=kind, column=column, base_version=result.base_version)
     cid = state.store.put_bytes(data)
@@ -123,23 +131,27 @@ def _is_sparse(bundle) -> bool:
     return parse_container(bundle.tensors[0].payload).codec == CODEC_SPARSE_2BIT
 
 
-def transform(attack: str, kind: str, update: State, reference: State, bounds) -> State:
-    """The attacker's version of an honest update."""
+def transform(
+    attack: str, kind: str, update: State, reference: State, bounds, step: float = 1.0
+) -> State:
+    """The attacker's version of an honest update (``step``: its unit's step size)."""
     if attack == "sign_flip":
         return {k: -u for k, u in update.items()}
     if attack == "x1000":
         return {k: 1000.0 * u for k, u in update.items()}
     if attack == "sign_flip_bound":
-        return _flip_to_bound(kind, update, reference, bounds)
+        return _flip_to_bound(kind, update, reference, bounds, step)
     raise ValueError(f"unknown attack {attack!r}")
 
 
-def _flip_to_bound(kind: str, update: State, reference: State, bounds: UpdateBounds) -> State:
+def _flip_to_bound(
+    kind: str, update: State, reference: State, bounds: UpdateBounds, step: float = 1.0
+) -> State:
     """``-u`` with each tensor scaled to 0.999 × the ratio the bounds allow it now, and the
     whole part to 0.999 × the absolute bound when that binds (or is the only bound)."""
     out, capped = {}, True
     for name, u in update.items():
-        bar, norm = bounds.bar(kind, name), float(u.norm())
+        bar, norm = bounds.bar(kind, name, step), float(u.norm())
         capped = capped and math.isfinite(bar)
         scale = 0.999 * bar * float(reference[name].norm()) / norm if capped and norm else 1.0
         out[name] = -u * scale

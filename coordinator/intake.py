@@ -176,7 +176,7 @@ class Intake:
             stepped = apply_result(self.state, check.decoded)
         except Rejected as exc:
             return Received(self._unaccept(outcome.unit_id, exc.reason, exc.detail), bytes_up)
-        self.bounds.record(check.decoded.ratios)  # only accepted updates set the bar
+        self.bounds.record(check.decoded.ratios)  # with rule-2 refusals (bounds.py)
         return Received(outcome, bytes_up, applied=True, stepped=stepped)
 
     def refuse_unexpected(
@@ -350,8 +350,9 @@ class PayloadCheck:
             )
         check_uploads(self.state.store, self.ids, unit.unit_id)
         decoded = decode_result(
-            self.state, self.ids, unit.base_version, list(unit.columns), self.bounds
-        )
+            self.state, self.ids, unit.base_version, list(unit.columns), self.bounds,
+            step_size=self.bounds.step_size(*unit_lr_steps(unit)) if self.bounds else 1.0,
+        )  # fmt: skip
         if self.validator is not None:
             for column, delta in decoded.columns.items():
                 try:
@@ -388,11 +389,13 @@ def decode_result(
     base_version: int,
     unit_columns: list[int],
     bounds: UpdateBounds | None,
+    step_size: float = 1.0,
 ) -> DecodedResult:
     """Fetch and decode a result's blobs from the coordinator's store, validating everything.
 
     ``bounds`` checks every tensor's size (``None``: not checked, for the replay of
-    results accepted before a restart).
+    results accepted before a restart), relative to the unit's ``step_size``
+    (:meth:`UpdateBounds.step_size`).
 
     Raises:
         Rejected: with the reason code to store.
@@ -415,11 +418,18 @@ def decode_result(
         parts.append(("shared", out.shared, state.shared.published))
         for kind, update, reference in parts:
             try:
-                ratios = bounds.check(kind, update, reference)
+                ratios = bounds.check(kind, update, reference, step_size)
             except OutOfBounds as exc:
                 raise Rejected(RejectReason.NORM_OUT_OF_BOUNDS, str(exc)) from exc
             out.ratios.extend(ratios)
     return out
+
+
+def unit_lr_steps(unit: WorkUnit) -> tuple[float | None, int]:
+    """The unit's lr (``None`` if it has none) and steps: what an honest update's size
+    grows with (:meth:`UpdateBounds.step_size`)."""
+    lr = (unit.params or {}).get("lr")
+    return (float(lr) if isinstance(lr, int | float) else None), int(unit.steps)
 
 
 def _column_reference(state: CoordinatorState, column: int, base_version: int) -> State:

@@ -46,6 +46,38 @@ def test_bounds_refuse_a_tensor_against_its_own_norm_and_the_recent_median():
     )
 
 
+def test_the_relative_bound_follows_the_lr_warm_up_and_unit_length():
+    """Updates grow with the unit's lr: a history of warm-up units (lr 10× below the peak)
+    must not refuse honest units at the peak (on ``small`` it once did, and quarantined
+    every honest participant of the demo). After the peak the bar stays (updates carrying
+    error feedback shrink more slowly than the lr). And a history that has gone stale moves:
+    updates refused by the relative rule alone enter it."""
+    bounds = UpdateBounds(max_ratio=0.5, tolerance=4.0, window=16, min_history=8)
+    name = "layers.1.ffn_norm.weight"
+    weight = {name: torch.ones(16)}  # norm 4
+    for _ in range(8):  # warm-up: lr 1e-4, ratio 0.001
+        step = bounds.step_size(1e-4, 9)
+        bounds.record(bounds.check("shared", {name: torch.full((16,), 0.001)}, weight, step))
+    at_peak = {name: torch.full((16,), 0.007)}  # lr 1e-3: 7 × the warm-up ratio
+    assert bounds.check("shared", at_peak, weight, bounds.step_size(1e-3, 9))
+    # Decay: lr 1e-4 again, the update still large: measured against the peak, accepted.
+    assert bounds.check("shared", at_peak, weight, bounds.step_size(1e-4, 9))
+    assert math.isclose(bounds.bar("shared", name, bounds.step_size(1e-4, 9)), 0.04, rel_tol=1e-6)
+    # Four times as many steps: twice the bar, not four times.
+    assert math.isclose(bounds.bar("shared", name, bounds.step_size(1e-4, 36)), 0.08, rel_tol=1e-6)
+    # 5 × the bar is refused, but a run of such updates moves the median: then accepted.
+    big = {name: torch.full((16,), 0.05)}
+    step = bounds.step_size(1e-3, 9)
+    refused = 0
+    for _ in range(12):
+        try:
+            bounds.record(bounds.check("shared", big, weight, step))
+        except OutOfBounds as exc:
+            assert "per step size" in str(exc)
+            refused += 1
+    assert 0 < refused < 12
+
+
 def test_robust_means_keep_a_sign_flipped_update_from_reversing_the_step():
     torch.manual_seed(0)
     honest = torch.randn(4096) * 0.1 + 0.05

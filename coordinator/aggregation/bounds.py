@@ -6,15 +6,25 @@ decoded tensor ``u`` of an update (a column delta or a shared pseudo-gradient) i
 against the tensor ``W`` it applies to, as the ratio ``r = ‖u‖ / ‖W‖``, and refused when
 
 1. ``r > max_ratio`` (the tensor's own scale: an honest unit moves a tensor by a few %), or
-2. ``r > tolerance × median`` of the ratios of the last ``window`` *accepted* updates of
-   the same tensor (the robust statistics of recent honest updates; used once
+2. ``r / s > tolerance × median`` of the same quantity over the last ``window``
+   updates of the same tensor (see below), where ``s`` is the unit's step size
+   (:meth:`UpdateBounds.step_size`: the highest lr so far × √steps). Honest updates grow
+   with the lr, so the warm-up's first updates do not set a bar ten times too low for the
+   peak lr (on ``small`` they once refused every honest result after them and quarantined
+   the whole network); after the peak the bar stays put, because updates carrying error
+   feedback shrink more slowly than the lr. Adam's updates grow between √steps and steps:
+   √steps keeps units of different lengths within √(length ratio) of each other
+   (the robust statistics of recent honest updates; used once
    :data:`MIN_HISTORY` are known, and not for a tensor whose median update is 0, e.g. one
    the participants' trainer never changes). The same weight of every column shares one history
    (``experts.<n>.`` is one key), so a column's only owner cannot set its own bar.
 
-Only accepted results enter the history, and the median ignores a minority of outliers,
-so an attacker at 20 % of the results cannot raise the bar. The history is in memory: a
-restarted coordinator starts with rule 1 alone until ``min_history`` results are in.
+The history holds the accepted updates and those refused by rule 2 alone (within rule 1):
+honest updates that outgrow a stale bar (the schedule changes what honest is, and error
+feedback makes updates shrink more slowly than the lr) move the median along instead of
+being refused for ever. The median ignores a minority of outliers, so an attacker at 20 %
+of the results cannot raise the bar, and rule 1 bounds what it can enter. The history is in
+memory: a restarted coordinator starts with rule 1 alone until ``min_history`` are in.
 """
 
 from __future__ import annotations
@@ -64,6 +74,7 @@ class UpdateBounds:
         max_norm: float = math.inf,
     ) -> None:
         self.max_ratio, self.tolerance = max_ratio, tolerance
+        self._peak_lr = 0.0
         self.window, self.min_history, self.max_norm = window, min_history, max_norm
         self._history: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
 
@@ -78,14 +89,25 @@ class UpdateBounds:
             max_norm=settings.max_update_norm,
         )
 
-    def check(self, kind: str, update: State, reference: State) -> list[tuple[str, float]]:
-        """``[(key, ‖u‖ / ‖W‖)]`` for every tensor of ``update`` (to :meth:`record` once
-        accepted).
+    def step_size(self, lr: float | None, steps: int) -> float:
+        """The step size ``s`` of a unit of ``steps`` at ``lr`` (rule 2): the highest lr
+        seen so far × √steps; 1 without a usable lr (a unit not leased with one)."""
+        if lr is None or not math.isfinite(lr) or lr <= 0:
+            return 1.0
+        self._peak_lr = max(self._peak_lr, float(lr))
+        return self._peak_lr * math.sqrt(max(int(steps), 1))
+
+    def check(
+        self, kind: str, update: State, reference: State, step_size: float = 1.0
+    ) -> list[tuple[str, float]]:
+        """``[(key, ‖u‖ / ‖W‖ / step_size)]`` for every tensor of ``update`` (to
+        :meth:`record` once accepted); ``step_size``: from :meth:`step_size` (rule 2).
 
         Raises:
             OutOfBounds: a tensor breaks rule 1 or 2, or the whole norm ``max_norm``.
         """
         ratios: list[tuple[str, float]] = []
+        measured: list[tuple[str, str, float]] = []
         total_sq = 0.0
         for name, u in update.items():
             norm = float(u.double().norm())
@@ -93,28 +115,36 @@ class UpdateBounds:
             ref = reference[name]
             floor = _NORM_FLOOR * math.sqrt(ref.numel())
             ratio = norm / max(float(ref.double().norm()), floor)
-            key = history_key(kind, name)
-            self._check_one(kind, name, ratio, key)
-            ratios.append((key, ratio))
+            if ratio > self.max_ratio:  # rule 1
+                raise OutOfBounds(
+                    f"{kind} tensor {name}: update is {ratio:.3g} × the tensor's norm; the "
+                    f"bound is {self.max_ratio:.3g} (max_update_ratio)"
+                )
+            measured.append((name, history_key(kind, name), ratio))
+            ratios.append((measured[-1][1], ratio / step_size))
         if math.sqrt(total_sq) > self.max_norm:
             raise OutOfBounds(
                 f"{kind} update norm {math.sqrt(total_sq):.3g} exceeds the bound "
                 f"{self.max_norm:.3g} (max_update_norm)"
             )
+        try:
+            for name, key, ratio in measured:
+                self._check_relative(kind, name, ratio, key, step_size)
+        except OutOfBounds:
+            self.record(ratios)  # within rule 1: it moves the median (see the module doc)
+            raise
         return ratios
 
-    def _check_one(self, kind: str, name: str, ratio: float, key: str) -> None:
-        if ratio > self.max_ratio:
+    def _check_relative(
+        self, kind: str, name: str, ratio: float, key: str, step_size: float
+    ) -> None:
+        median, scaled = self._median(key), ratio / step_size
+        if median and scaled > self.tolerance * median:  # 0: a tensor honest units never move
             raise OutOfBounds(
-                f"{kind} tensor {name}: update is {ratio:.3g} × the tensor's norm; the bound "
-                f"is {self.max_ratio:.3g} (max_update_ratio)"
-            )
-        median = self._median(key)
-        if median and ratio > self.tolerance * median:  # 0: a tensor honest units never move
-            raise OutOfBounds(
-                f"{kind} tensor {name}: update ratio {ratio:.3g} is {ratio / median:.3g} × the "
-                f"median of the last {len(self._history[key])} accepted ({median:.3g}); the "
-                f"bound is {self.tolerance:.3g} × (update_norm_tolerance)"
+                f"{kind} tensor {name}: update ratio {ratio:.3g} per step size "
+                f"({step_size:.3g}) is {scaled / median:.3g} × the median of the last "
+                f"{len(self._history[key])} accepted; the bound is {self.tolerance:.3g} × "
+                "(update_norm_tolerance)"
             )
 
     def _median(self, key: str) -> float | None:
@@ -123,13 +153,16 @@ class UpdateBounds:
             return None
         return statistics.median(recent)
 
-    def bar(self, kind: str, name: str) -> float:
-        """The largest ratio ``‖u‖ / ‖W‖`` tensor ``name`` may have now (``inf``: none)."""
+    def bar(self, kind: str, name: str, step_size: float = 1.0) -> float:
+        """The largest ratio ``‖u‖ / ‖W‖`` tensor ``name`` may have now, for a unit of
+        ``step_size`` (:meth:`step_size`) (``inf``: none)."""
         median = self._median(history_key(kind, name))
-        return min(self.max_ratio, self.tolerance * median) if median else self.max_ratio
+        if not median:
+            return self.max_ratio
+        return min(self.max_ratio, self.tolerance * median * step_size)
 
     def record(self, ratios: list[tuple[str, float]]) -> None:
-        """Remember the ratios of an accepted update (from :meth:`check`)."""
+        """Remember the ratios (per step size) of an accepted update (from :meth:`check`)."""
         for key, ratio in ratios:
             self._history[key].append(ratio)
 
