@@ -81,6 +81,13 @@ def lease_and_train(loop, train, tmp_path):
     return req, trainer.run(req, local_io(loop.state.store, req.unit.unit_id))
 
 
+def published_by(loop):
+    """What the coordinator's blob service lets a unit's token read for this in-process
+    loop (``Coordinator.is_published``): its published chain and the training shards."""
+    shards = {ref.content_id for ref in loop.units.shards}
+    return lambda cid: cid in shards or cid in loop.state.publisher.kinds
+
+
 def upload_as(store, data: bytes, lease: str) -> str:
     """Store ``data`` as the blob service's ``Put`` does for a token of ``lease``: the
     blob, and (if it is new) the record that this lease uploaded it."""

@@ -239,7 +239,7 @@ def test_runtime_trains_a_real_unit_over_the_blob_service(tmp_path: Path) -> Non
     """Coordinator lease -> runtime (real blob service, capped) -> result the loop accepts."""
     from coordinator.db import participants as db_participants
     from shared_model.data import prepare_corpus
-    from tests.test_federation_intake import NODE, make_loop
+    from tests.test_federation_intake import NODE, make_loop, published_by
 
     corpus = prepare_corpus("stdlib", load_config("tiny").model.vocab_size, max_bytes=3_000_000)
     loop, _ = make_loop(tmp_path, corpus)
@@ -255,7 +255,7 @@ def test_runtime_trains_a_real_unit_over_the_blob_service(tmp_path: Path) -> Non
         loop.state.cfg, state, device="cpu", bandwidth_mbps=400, cache_cap_bytes=cap
     )
     try:
-        with BlobServer(loop.state.store, b"k" * 32) as server:
+        with BlobServer(loop.state.store, b"k" * 32, published=published_by(loop)) as server:
             req.blob_address = server.address
             first = control_pb2.ControlReply.FromString(
                 runtime.handle("train.unit", req.SerializeToString())

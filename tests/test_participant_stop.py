@@ -20,7 +20,7 @@ from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.wire.perspective.v1 import control_pb2, federation_pb2
 from tests.conftest import wait_for
-from tests.test_federation_intake import NODE, make_loop
+from tests.test_federation_intake import NODE, make_loop, published_by
 
 COLLECT = control_pb2.ControlRequest(collect=True).SerializeToString()
 
@@ -36,7 +36,7 @@ def test_stop_finishes_the_unit_drops_the_queue_and_the_restart_delivers(tmp_pat
         units = [loop.units.lease(s, participant, loop.state) for _ in "ab"]
         requests = [loop.units.request(u, loop.state, NODE) for u in units]
     state = tmp_path / "participant"
-    with BlobServer(loop.state.store, b"k" * 32) as server:
+    with BlobServer(loop.state.store, b"k" * 32, published=published_by(loop)) as server:
         for req in requests:
             req.blob_address = server.address
         # A bandwidth cap keeps unit a busy (fetching its checkpoint) for seconds, so unit b
