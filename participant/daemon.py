@@ -66,6 +66,10 @@ REFUSALS = (
      "the coordinator's TLS certificate is not signed by the CA we were given"),
     ("Server disconnected without sending a response", "tls_required",
      "the coordinator speaks TLS but this node connected without it"),
+    # The same mismatch, as some attempts end (the TLS server resets the plain connection).
+    ("Connection reset by peer", "tls_required",
+     "the coordinator reset the connection: it speaks TLS and this node connected without "
+     "it (or a proxy in between refused the connection)"),
     # httpx's words for a 401 (a bare "401" also matched run, node and message ids in the
     # log, and a SuperLink outage was once taken for a revocation).
     ("401 Unauthorized", "unauthorized",

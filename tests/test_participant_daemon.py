@@ -127,6 +127,10 @@ def test_classify_exit_reasons() -> None:
         "tls_untrusted"
     )
     assert classify_exit(0, "SuperNode terminated gracefully.")[0] == "coordinator_unreachable"
+    plain_to_tls = "Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n" + (
+        "[Errno 104] Connection reset by peer"
+    )
+    assert classify_exit(-15, plain_to_tls)[0] == "tls_required"
     said = "Client error '401 Unauthorized' for url 'https://127.0.0.1:9093/v1/fleet/pull-messages'"
     assert classify_exit(1, said)[0] == "unauthorized"
     # Ids that happen to contain "401" are not a refusal (an outage was once taken for one).
