@@ -375,7 +375,7 @@ def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
         # seed overshoot (the re-warmed lr's bump, docs/federated-training.md §5.1) and
         # version 5 can score above version 0; that is measured in the benchmark.
         settings = FederationSettings(
-            stage=3, steps_per_unit=8, lease_seconds=30, eval_every=1000, eval_batches=4,
+            stage=3, steps_per_unit=8, lease_seconds=15, eval_every=1000, eval_batches=4,
             buffer_size=2, units_hint=60, outer_momentum=0.0,
         )  # fmt: skip
         coord.prepare(ckpt, settings)
