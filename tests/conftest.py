@@ -63,6 +63,18 @@ def tiny_moe_seed(tmp_path_factory):
     return cfg, corpus, r2.checkpoint
 
 
+@pytest.fixture(scope="module")
+def network_of_one(tmp_path_factory):
+    """A local Flower network (SuperLink + one participant, ``tiny``) for one module."""
+    from coordinator.local_network import LocalNetwork
+
+    net = LocalNetwork(
+        tmp_path_factory.mktemp("net"), n_participants=1, preset="tiny", max_columns=4
+    )
+    with net:
+        yield net
+
+
 def wait_for(predicate, timeout: float, what: str, every: float = 0.25):
     """Poll ``predicate`` until it returns something truthy (returned) or fail the test."""
     deadline = time.monotonic() + timeout

@@ -44,13 +44,18 @@ def _run(coord, driver, stage: int, units: int) -> None:
     loop.run(lambda: False)
 
 
-def test_participants_sync_through_deltas_and_build_the_teacher_locally(coordinator, tmp_path):
-    coord, ckpt = coordinator
+def _prepared(coord, ckpt, tmp_path) -> ReplayDriver:
+    """Stage 3 prepared from the seed, and two in-process participants (speeds 1.0, 1.3)."""
     coord.prepare(ckpt, _settings(3))
-    driver = ReplayDriver(
+    return ReplayDriver(
         coord.cfg, coord.store, coord.corpus.dataset("train"), tmp_path / "nodes", [1.0, 1.3],
         publisher=coord.state.publisher,
     )  # fmt: skip
+
+
+def test_participants_sync_through_deltas_and_build_the_teacher_locally(coordinator, tmp_path):
+    coord, ckpt = coordinator
+    driver = _prepared(coord, ckpt, tmp_path)
     _run(coord, driver, 3, units=12)
     stage3 = driver.traffic()
     assert coord.state.version >= 5 and len(coord.state.publisher.checkpoints) >= 3
@@ -110,11 +115,7 @@ def test_unit_tokens_read_what_was_published_never_anothers_upload(coordinator, 
     from shared_model.blobs.errors import ScopeDenied
 
     coord, ckpt = coordinator
-    coord.prepare(ckpt, _settings(3))
-    driver = ReplayDriver(
-        coord.cfg, coord.store, coord.corpus.dataset("train"), tmp_path / "nodes", [1.0, 1.3],
-        publisher=coord.state.publisher,
-    )  # fmt: skip
+    driver = _prepared(coord, ckpt, tmp_path)
     loop = coord.federated_stage(driver, StageBudget(minutes=30), _settings(3))
     loop.run(lambda: coord.state.version >= 3)  # a chain with a checkpoint after v0
     mine, theirs = _lease(coord, 1), _lease(coord, 2)

@@ -12,24 +12,15 @@ import pytest
 
 from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.federation_settings import FederationSettings
-from coordinator.local_network import LocalNetwork
 from tests.test_federation_flower import _db, _leased_units, step_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def network(tmp_path_factory):
-    net = LocalNetwork(
-        tmp_path_factory.mktemp("net"), n_participants=1, preset="tiny", max_columns=4
-    )
-    with net:
-        yield net
-
-
-def test_one_unit_in_flight_still_completes_units(tiny_moe_seed, network, tmp_path):
+def test_one_unit_in_flight_still_completes_units(tiny_moe_seed, network_of_one, tmp_path):
     """``max_in_flight = 1``: with no next unit whose reply would bring a result back, the
     loop asks the node for its results, so units complete without waiting for expiry."""
+    network = network_of_one
     cfg, corpus, ckpt = tiny_moe_seed
     coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
     coord.start()

@@ -23,7 +23,6 @@ import uuid
 
 import pytest
 
-from coordinator.local_network import LocalNetwork
 from participant.flower.supernode import SuperNodeProcess
 from participant.flower.worker import FlowerWorker
 from shared_model.blobs.client import BlobClient
@@ -38,15 +37,6 @@ from tests.test_federation_flower import _accepted, _last_lease, _serve
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 GiB = 1 << 30
-
-
-@pytest.fixture(scope="module")
-def network(tmp_path_factory):
-    net = LocalNetwork(
-        tmp_path_factory.mktemp("net"), n_participants=1, preset="tiny", max_columns=4
-    )
-    with net:
-        yield net
 
 
 def _bomb(nonce: int) -> bytes:
@@ -155,7 +145,8 @@ def _peak_rss(pid: int) -> int:
     return int(line.split()[1]) << 10
 
 
-def test_a_hostile_node_cannot_stop_poison_or_cheat_serve(tiny_moe_seed, network, tmp_path):
+def test_a_hostile_node_cannot_stop_poison_or_cheat_serve(tiny_moe_seed, network_of_one, tmp_path):
+    network = network_of_one
     hostile = HostileNode()
     node = SuperNodeProcess(tmp_path / "hostile", network.superlink.address,
                             node_config={"participant": 99})  # fmt: skip
