@@ -107,7 +107,7 @@ UpdateNormTolerance = Annotated[
     float | None,
     _option(
         "--update-norm-tolerance",
-        "Refuse an update tensor over this x the median of recent accepted ones.",
+        "Refuse an update tensor over this x the median of recent ones, per step size.",
     ),
 ]
 ColumnLossTolerance = Annotated[

@@ -20,7 +20,7 @@ the same sequence, and the first check that fails decides (:func:`record_result`
    shapes (``BAD_SHAPE``), contain only finite values (``NON_FINITE``), have every
    tensor's norm within its bounds (``NORM_OUT_OF_BOUNDS``,
    :mod:`coordinator.aggregation.bounds`: relative to the tensor's own norm and to the
-   median of recent accepted updates), and the participant's model must not be clearly
+   median of recent updates per step size), and the participant's model must not be clearly
    worse than its base on held-out documents of each of its columns (``LOSS_INCREASE``,
    :mod:`coordinator.column_validation`).
 

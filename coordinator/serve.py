@@ -95,7 +95,7 @@ def serve(
         envvar="PERSPECTIVE_DB",
         help="Database URL [default: the one 'coordinator init' recorded in --secrets-dir, "
         "else <work-dir>/coordinator.db].",
-    ),  # fmt: skip
+    ),
     preset: str = typer.Option("tiny", help="Model preset."),
     config: Path | None = typer.Option(None, help="YAML config overriding the preset."),
     stage: int | None = typer.Option(None, help="Federated stage: 3 or 4 [default: 3]."),

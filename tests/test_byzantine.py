@@ -39,7 +39,7 @@ def test_bounds_refuse_a_tensor_against_its_own_norm_and_the_recent_median():
     for _ in range(8):  # column 5's updates set the bar of column 3 as well
         ratios = bounds.check("column", {other: torch.full((4, 4), 0.01)}, {other: weight_5})
         bounds.record(ratios)
-    with pytest.raises(OutOfBounds, match="median of the last 8 accepted"):
+    with pytest.raises(OutOfBounds, match="median of the last 8 updates"):
         bounds.check("column", {k: v * 10 for k, v in honest.items()}, weight)
     assert math.isclose(
         bounds.bar("column", "layers.0.ffn.experts.3.w1.weight"), 0.04, rel_tol=1e-6

@@ -54,7 +54,7 @@ def history_key(kind: str, name: str) -> str:
 
 
 class UpdateBounds:
-    """Checks update tensors against their own weights and against recent accepted updates.
+    """Checks update tensors against their own weights and against recent updates (per step size).
 
     Args:
         max_ratio: bound on ``‖u‖ / ‖W‖`` per tensor (``inf``: off).
@@ -143,8 +143,8 @@ class UpdateBounds:
             raise OutOfBounds(
                 f"{kind} tensor {name}: update ratio {ratio:.3g} per step size "
                 f"({step_size:.3g}) is {scaled / median:.3g} × the median of the last "
-                f"{len(self._history[key])} accepted; the bound is {self.tolerance:.3g} × "
-                "(update_norm_tolerance)"
+                f"{len(self._history[key])} updates (accepted, or refused by this rule alone); "
+                f"the bound is {self.tolerance:.3g} × (update_norm_tolerance)"
             )
 
     def _median(self, key: str) -> float | None:
@@ -162,7 +162,8 @@ class UpdateBounds:
         return min(self.max_ratio, self.tolerance * median * step_size)
 
     def record(self, ratios: list[tuple[str, float]]) -> None:
-        """Remember the ratios (per step size) of an accepted update (from :meth:`check`)."""
+        """Remember the ratios (per step size) of an accepted update (from :meth:`check`;
+        :meth:`check` itself remembers those it refuses by rule 2 alone)."""
         for key, ratio in ratios:
             self._history[key].append(ratio)
 
