@@ -130,6 +130,28 @@ def parse_hf_source(source: str) -> tuple[str, str]:
     return name, split or "train"
 
 
+def _offline_datasets(source: str):
+    """The ``datasets`` module, switched to the local cache only.
+
+    ``datasets`` reads ``HF_DATASETS_OFFLINE`` but fetches through ``huggingface_hub``,
+    which reads ``HF_HUB_OFFLINE`` once, at its import: without both, a name missing from
+    the cache costs five retried requests to the Hub (about 25 s) before the error. Either
+    may have been imported already (e.g. by ``transformers``), hence their flags too.
+    """
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import datasets
+        import huggingface_hub.constants
+    except ImportError as exc:
+        raise DataError(
+            f"corpus {source!r} needs the Hugging Face 'datasets' library: "
+            "pip install 'perspective[hf]' (or pip install datasets)"
+        ) from exc
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    return datasets
+
+
 def _hf_documents(source: str) -> list[Document]:
     """Documents of a Hugging Face ``datasets`` dataset, from the local cache only.
 
@@ -138,14 +160,7 @@ def _hf_documents(source: str) -> list[Document]:
     ``text`` column is one document.
     """
     name, split = parse_hf_source(source)
-    os.environ["HF_DATASETS_OFFLINE"] = "1"  # read before the import: local cache only
-    try:
-        import datasets
-    except ImportError as exc:
-        raise DataError(
-            f"corpus {source!r} needs the Hugging Face 'datasets' library: "
-            "pip install 'perspective[hf]' (or pip install datasets)"
-        ) from exc
+    datasets = _offline_datasets(source)
     try:
         if Path(name).is_dir():
             ds = datasets.load_from_disk(name)

@@ -3,7 +3,8 @@
 A short run (tiny preset, 2 participants) of exactly what `make demo` runs: central seed,
 then federated stages 3 and 4 over a real SuperLink, SuperNodes and participant workers.
 Midway through stage 3 its Flower run is stopped as ``flwr stop`` does (Control API
-``StopRun``): the demo goes on with a new run.
+``StopRun``): the demo goes on with a new run. Then the operator guide's export block takes
+the trained model out and runs stages 5, 6 and 7 on it: the pipeline, stages 1 to 7.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _processes_under(path) -> list[str]:
 
 @pytest.mark.timeout(600)
 def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
-    work = tmp_path / "demo"
+    work = tmp_path / "runs"  # the operator guide's name for it
     cmd = [sys.executable, "-m", "shared_model.cli", "demo", "--preset", "tiny"]
     cmd += ["--minutes", "1.25", "--participants", "2", "--work-dir", str(work)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -63,6 +64,24 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
     assert "Perspective demo summary" in out
     # Clean exit: nothing the demo started is left running.
     assert _processes_under(work) == []
+    _stages_5_to_7_on_the_export(tmp_path, s4)
+
+
+def _stages_5_to_7_on_the_export(cwd, s4: dict) -> None:
+    """The operator guide's export block, verbatim, on the demo's ``runs/``: the newest
+    version out as a checkpoint, then stages 5, 6 and 7 on it (with stages 1 to 4 above, the
+    whole pipeline through the real commands)."""
+    from coordinator.central.checkpoint import load_checkpoint
+    from tests.operator_guide import run_guide_block
+
+    said = run_guide_block("Taking the trained model out (`coordinator export`)", {}, cwd=cwd)
+    runs = cwd / "runs"
+    exported = load_checkpoint(runs / "export" / "model.safetensors")
+    assert exported.stage == 4 and exported.step == s4["versions_end"], said
+    assert load_checkpoint(runs / "stage5" / "stage5.safetensors").stage == 5
+    report = json.loads((runs / "eval" / "report.json").read_text())
+    assert report["stage"] == 5 and report["perplexity"]["val_ppl"] > 1, report
+    assert report["safety"]["polytope"] == "runs/stage6/spp.safetensors", report["safety"]
 
 
 def _traffic_split(s3: dict, s4: dict) -> None:

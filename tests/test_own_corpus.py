@@ -66,17 +66,18 @@ def test_sources_and_clear_errors(tmp_path):
         load_corpus("hf:")
 
 
-def test_hf_source_needs_the_datasets_library_or_reads_a_local_dataset(tmp_path):
-    try:
-        import datasets
-    except ImportError:
-        with pytest.raises(DataError, match=r"needs the Hugging Face 'datasets' library: pip"):
-            load_corpus("hf:some/dataset:train")
-        return
+def test_hf_source_reads_a_local_dataset_and_never_downloads(tmp_path):
+    import datasets
+
     texts = [f"document {i} " * 20 for i in range(4)]
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "ds"))
     docs = load_corpus(f"hf:{tmp_path / 'ds'}")
     assert [d.text for d in docs] == texts
+    with pytest.raises(DataError, match=r"local datasets cache \(.*OfflineModeIsEnabled"):
+        load_corpus("hf:perspective-no-such/dataset")  # offline: refused, not fetched
+    datasets.Dataset.from_dict({"body": texts}).save_to_disk(str(tmp_path / "notext"))
+    with pytest.raises(DataError, match=r"has no 'text' column \(columns: \['body'\]\)"):
+        load_corpus(f"hf:{tmp_path / 'notext'}")
 
 
 @pytest.mark.integration
@@ -106,17 +107,13 @@ def lease_and_train(coord: Coordinator, loop, trainer: UnitTrainer):
     return loop.receive(NODE, trainer.run(request, local_io(coord.store, request.unit.unit_id)))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A federated stage 3 on an operator's JSONL corpus: 4 units, 4 versions."""
-    tmp = tmp_path_factory.mktemp("own")
+def federate(source: str, tmp) -> dict:
+    """A federated stage 3 on an operator's corpus (``serve --data`` source): 4 units, 4
+    versions, through ``stage_corpus`` as ``serve`` prepares it."""
     torch.manual_seed(0)
     cfg = load_config("tiny", overrides=["train.batch_size=4", "train.seq_len=32"])
-    source = tmp / "operator" / "corpus.jsonl"
-    source.parent.mkdir()
-    write_jsonl(source)
     work = tmp / "coordinator"
-    corpus = stage_corpus(str(source), cfg, work)
+    corpus = stage_corpus(source, cfg, work)
     seed = tmp / "stage2.safetensors"
     save_checkpoint(seed, PerspectiveModel(cfg, moe=True), cfg, stage=2, step=0)
     settings = FederationSettings(
@@ -137,16 +134,47 @@ def trained(tmp_path_factory):
             "accepted": accepted, "stats": stats, "published": published, "tmp": tmp}  # fmt: skip
 
 
+def assert_val_loss_fell(run: dict) -> None:
+    """Every unit accepted, and 4 versions later the held-out loss is well below the seed's."""
+    assert run["accepted"] == [True] * 4
+    version, after = run["stats"].val_loss[-1]
+    assert version == 4 and after < run["before"] - 0.5, (run["before"], after)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A federated stage 3 on an operator's JSONL corpus."""
+    tmp = tmp_path_factory.mktemp("own")
+    source = tmp / "operator" / "corpus.jsonl"
+    source.parent.mkdir()
+    write_jsonl(source)
+    return federate(str(source), tmp)
+
+
 def test_federated_stage_on_a_jsonl_corpus_lowers_val_loss(trained):
     work, source, corpus = trained["work"], trained["source"], trained["corpus"]
     # Prepared once, under the work dir, with a document-level held-out split.
     assert corpus.root.parent == work / "corpus" and corpus.manifest["source"] == str(source)
     assert corpus.documents("val") and corpus.documents("train")
-    assert trained["accepted"] == [True] * 4
-    version, after = trained["stats"].val_loss[-1]
-    assert version == 4 and after < trained["before"] - 0.5, (trained["before"], after)
+    assert_val_loss_fell(trained)
     network = json.loads((work / "network.json").read_text())
     assert network["corpus"]["source"] == str(source)
+
+
+def test_federated_stage_on_a_local_datasets_dataset_lowers_val_loss(tmp_path):
+    """``--data hf:DIR``: a Hugging Face ``datasets`` dataset written by ``save_to_disk`` (made
+    here from the same kind of text; nothing is downloaded), split ``train``."""
+    import datasets
+
+    jsonl = tmp_path / "texts.jsonl"
+    write_jsonl(jsonl, seed=1)
+    texts = [json.loads(line)["text"] for line in jsonl.read_text().splitlines()]
+    splits = {"train": datasets.Dataset.from_dict({"text": texts}),
+              "other": datasets.Dataset.from_dict({"text": ["unused"]})}  # fmt: skip
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "ds"))
+    run = federate(f"hf:{tmp_path / 'ds'}:train", tmp_path)
+    assert len(run["corpus"].documents("train")) + len(run["corpus"].documents("val")) == 160
+    assert_val_loss_fell(run)
 
 
 def cli(*args: str, timeout: float = 300) -> tuple[int, str]:

@@ -41,6 +41,7 @@ import sqlalchemy
 from coordinator.flower.superlink import SuperLinkProcess, TLSFiles
 from shared_model.processes import ManagedProcess, free_port
 from tests.conftest import wait_for
+from tests.operator_guide import run_guide_block
 from tests.postgres_server import PostgresUnavailable, postgres_server
 from tests.test_deploy_proxy import NGINX, render_nginx
 
@@ -251,6 +252,26 @@ def test_volunteer_enrols_trains_survives_an_outage_and_is_revoked(host, tmp_pat
         _revoked_is_refused(host, pid, volunteer, daemon)
     finally:
         stop(daemon)
+    _the_operator_guide_verbatim(host)
+
+
+def _the_operator_guide_verbatim(host: Host) -> None:
+    """The guide's token and operator-CLI blocks, as written, against this stack; the last
+    command cancels stage 3, and ``serve`` ends it and exits 0."""
+    said = run_guide_block("Tokens", {"PERSPECTIVE_DB": host.db_url}, cwd=host.work)
+    assert "pspk_" in said and "grafana" in said, said
+    env = {
+        "PERSPECTIVE_COORDINATOR_URL": host.public_url,
+        "PERSPECTIVE_TOKEN": host.operator_token,
+        "PERSPECTIVE_SECRETS_DIR": str(host.secrets),
+    }
+    said = run_guide_block("Command line against a running coordinator", env, cwd=host.work)
+    revoked = json.loads(said.split("--state revoked --json\n", 1)[1].split("\n$ ", 1)[0])
+    assert [p["name"] for p in revoked["items"]] == ["alice"], said
+    assert host.serve.wait(timeout=120) == 0, (host.work / "serve.log").read_text()[-3000:]
+    jobs = query(host.engine, "select stage, state from stage_jobs order by id")
+    # stage 4's job waits for a `serve --stage 4` to continue it
+    assert jobs == [("stage3", "cancelled"), ("stage4", "running")], jobs
 
 
 def _control_api_unreachable_through_proxy(host: Host) -> None:
