@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from coordinator import intake, reply_fields
@@ -53,6 +55,9 @@ log = logging.getLogger(__name__)
 # the node was removed, 5: node unavailable after missed heartbeats).
 NODE_GONE_CODES = (3, 5)
 NODE_COOLDOWN_S = 90.0
+#: A node busy with all the units it may hold is touched (marked seen) this often, not at
+#: every step: liveness counts in minutes (``serve --offline-after``).
+TOUCH_EVERY_S = 5.0
 #: Longest wait for the end-of-stage round that delivers the last acks.
 ACK_ROUND_S = 15.0
 
@@ -110,6 +115,7 @@ class FederationLoop:
         # listing a dead node until its heartbeat times out, ~60 s).
         self._cooldown: dict[int, float] = {}
         self._online: set[int] = set()  # node ids the SuperLink listed at the last step
+        self._touched: dict[int, float] = {}  # node id -> monotonic time of its last touch
         self._budget_leased = False  # no new unit fits the token budget any more
         self.on_checkpoint: Callable[[], None] | None = None  # after each state save (blob GC)
         self.hold_leases = False  # paused stage (coordinator.stage_control): in flight only
@@ -140,19 +146,54 @@ class FederationLoop:
         for node_id in set(nodes) - self._online:
             self._cooldown.pop(node_id, None)  # (re)activated since the last step: try it now
         self._online = set(nodes)
+        # One look at what is in flight per step, not per node (a fleet of N nodes made
+        # this N² work, and a DB transaction per node every 0.2 s: a 2.5 s step at 700
+        # nodes; benchmarks/fleet_soak.py).
+        pending = self.driver.pending
+        busy = set(pending.values())
+        units_out = Counter(n for mid, n in pending.items() if mid in self._message_units)
+        due_touch = []  # busy nodes due a liveness touch: one transaction for all of them
         for node_id in nodes:
-            if self._cooldown.get(node_id, 0.0) > now or self._is_quarantined(node_id):
+            if self._cooldown.get(node_id, 0.0) > now:
                 continue
+            full = units_out[node_id] >= self.settings.max_in_flight  # all it may hold is out
+            if full or (self._budget_leased and node_id in busy):  # or all there is to lease
+                if now - self._touched.get(node_id, -math.inf) >= TOUCH_EVERY_S:
+                    due_touch.append(node_id)
+                continue
+            if self._is_quarantined(node_id):
+                continue
+            self._touched[node_id] = now
             try:
-                self._lease_for(node_id)
+                self._lease_for(node_id, busy)
             except (ParticipantRevoked, ParticipantUnknown) as exc:
-                # Still connected until the key sync unregisters it and its heartbeat
-                # expires: no work meanwhile (its results would be refused anyway).
-                self._cooldown[node_id] = now + NODE_COOLDOWN_S
-                kind = "revoked" if isinstance(exc, ParticipantRevoked) else "unknown"
-                self._log(f"participant.{kind}_node", f"node {node_id}: {exc}; no units")
+                self._no_units(node_id, exc, now)
+        self._touch_busy(due_touch, now)
         for reply in self.driver.wait_any(wait):
             self._handle_reply(reply)
+
+    def _touch_busy(self, node_ids: list[int], now: float) -> None:
+        """Mark nodes that hold all the units they may as seen (liveness), in one
+        transaction; they need nothing else from a step."""
+        refused = []
+        with self.factory.begin() as s:
+            for node_id in node_ids:
+                self._touched[node_id] = now
+                try:
+                    db_participants.touch_participant(
+                        s, node_id=node_id, create=not self.enrolled_only
+                    )
+                except (ParticipantRevoked, ParticipantUnknown) as exc:
+                    refused.append((node_id, exc))
+        for node_id, exc in refused:
+            self._no_units(node_id, exc, now)
+
+    def _no_units(self, node_id: int, exc: Exception, now: float) -> None:
+        """A revoked or unknown node: still connected until the key sync unregisters it and
+        its heartbeat expires; no work meanwhile (its results would be refused anyway)."""
+        self._cooldown[node_id] = now + NODE_COOLDOWN_S
+        kind = "revoked" if isinstance(exc, ParticipantRevoked) else "unknown"
+        self._log(f"participant.{kind}_node", f"node {node_id}: {exc}; no units")
 
     def _is_quarantined(self, node_id: int) -> bool:
         """Whether the node's results keep failing the defences (:mod:`coordinator.reputation`);
@@ -168,15 +209,19 @@ class FederationLoop:
             self._log("participant.quarantined" if why else "participant.released", what)
         return why is not None
 
-    def _lease_for(self, node_id: int) -> None:
+    def _lease_for(self, node_id: int, busy: set[int] | None = None) -> None:
+        """Touch the node (online), lease it what it lacks of ``max_in_flight`` units, and
+        ask for results when it has all it may and no message of ours to answer (``busy``:
+        the nodes with a message pending, as of this step)."""
         with self.factory.begin() as s:
             row = db_participants.touch_participant(  # online from here on
                 s, node_id=node_id, create=not self.enrolled_only
             )
             needed = leases_needed(s, node_id=node_id, max_in_flight=self.settings.max_in_flight)
             if self.hold_leases:  # paused: collect what is in flight, lease nothing
-                busy = db_leases.count_in_flight(s, participant_id=row.id, now=utcnow()) > 0
-                needed = 0 if busy else -1
+                out = db_leases.count_in_flight(s, participant_id=row.id, now=utcnow()) > 0
+                needed = 0 if out else -1
+        pushed = False
         for _ in range(needed):
             leased = self.lease_request(node_id)
             if leased is None:
@@ -185,10 +230,13 @@ class FederationLoop:
             unit_id, request = leased
             message_id = self._push(node_id, request, "train.unit")
             self._message_units[message_id] = unit_id
+            pushed = True
         # Online with nothing to lease: all max_in_flight units are in flight, or the budget
         # is fully leased while some are (no next unit's reply will bring their results).
         in_flight = needed == 0 or (self._budget_leased and needed < self.settings.max_in_flight)
-        if in_flight and node_id not in self.driver.pending.values():
+        if busy is None:
+            busy = set(self.driver.pending.values())
+        if in_flight and not pushed and node_id not in busy:
             self._ask_for_results(node_id)
 
     def _ask_for_results(self, node_id: int) -> None:
