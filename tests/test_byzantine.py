@@ -129,6 +129,28 @@ def test_a_node_whose_results_keep_failing_is_quarantined_and_gets_no_units(tmp_
     assert len(events) == 1 and "2 of its last 2 results refused (NORM_OUT_OF_BOUNDS)" in events[0]
 
 
+def test_quarantine_never_takes_the_whole_network(tmp_path, corpus):
+    """Three nodes whose results all keep failing: two are quarantined, the last keeps
+    getting units, and the operator is told the defences are the likelier culprit."""
+    loop, train = make_loop(tmp_path, corpus, quarantine_after=2, reputation_window=4)
+    nodes = [NODE, NODE + 1, NODE + 2]
+    for node in nodes:
+        for i in range(2):
+            _, result = lease_and_train(loop, train, tmp_path / f"n{node}-{i}", node=node)
+            poison(result, "x1000", loop.state, loop.intake.bounds)
+            assert not loop.receive(node, result).accepted
+    driver = ReplayDriver(loop.state.cfg, loop.state.store, train, tmp_path / "n", [1.0] * 3)
+    driver.nodes = dict(zip(nodes, driver.nodes.values(), strict=True))  # they speak as these
+    loop.driver = driver
+    loop.step(wait=0)
+    loop.step(wait=0)  # the decision holds: nobody released, nobody else leased
+    assert set(loop.driver.pending.values()) == {nodes[-1]}
+    with loop.factory() as s:
+        kinds = [e.kind for e in s.query(Event).order_by(Event.id)]
+    assert kinds.count("participant.quarantined") == 2 and "participant.released" not in kinds
+    assert kinds.count("defence.quarantine_suspended") == 1
+
+
 @pytest.mark.slow  # a real 12-unit federated run: 133 s on the shared 2-core machine
 def test_an_attacker_in_the_fleet_is_refused_and_quarantined_and_honest_nodes_are_not(
     tiny_moe_seed, tmp_path

@@ -70,13 +70,13 @@ def make_loop(tmp_path, corpus, state_seed=0, **settings):
     return loop, train
 
 
-def lease_and_train(loop, train, tmp_path):
+def lease_and_train(loop, train, tmp_path, node: int = NODE):
     with loop.factory.begin() as s:
         p = db_participants.touch_participant(
-            s, node_id=NODE, capability=db_participants.Capability(max_columns=2)
+            s, node_id=node, capability=db_participants.Capability(max_columns=2)
         )
         unit = loop.units.lease(s, p, loop.state)
-        req = loop.units.request(unit, loop.state, NODE)
+        req = loop.units.request(unit, loop.state, node)
     trainer = UnitTrainer(loop.state.cfg, train, tmp_path / "participant")
     return req, trainer.run(req, local_io(loop.state.store, req.unit.unit_id))
 

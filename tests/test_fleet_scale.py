@@ -35,8 +35,10 @@ def fleet(tmp_path):
     corpus = prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=3_000_000)
     seed = tmp_path / "stage2.safetensors"
     save_checkpoint(seed, PerspectiveModel(cfg, moe=True), cfg, stage=2, step=0)
-    settings = FederationSettings(stage=3, steps_per_unit=2, min_steps_per_unit=1,
-                                  max_in_flight=1, lease_seconds=3600, eval_every=10**6)  # fmt: skip
+    settings = FederationSettings(
+        stage=3, steps_per_unit=2, min_steps_per_unit=1, max_in_flight=1, lease_seconds=3600,
+        eval_every=10**6,
+    )  # fmt: skip
     coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
     driver = None
     try:
