@@ -11,7 +11,13 @@ reply, so it passes every format check and must be stopped by the defences:
 * ``sign_flip_bound`` — ``-u`` scaled to 0.999 × the largest size the coordinator accepts
   (an omniscient attacker: it reads the coordinator's bounds and their recent medians;
   undefended, that is the old global ``max_update_norm`` of 1e4);
-* ``x1000`` — ``1000 × u``.
+* ``x1000`` — ``1000 × u``;
+* ``noise`` — Gaussian noise with each tensor's own update norm (every size check passes);
+* ``stale`` — the attacker's previous honest update again (computed on an older base),
+  scaled by 1 + 1e-4 (new bytes) and uploaded under the new lease: double-counted old
+  gradients;
+* ``replay`` — the previous result's blobs named again as they are (another lease's
+  uploads).
 
 Arms: ``clean_off`` (no attacker, defences off: the reference every ratio divides by),
 ``clean_on`` (no attacker, defences on: the honest cost of the defences), and every attack
@@ -55,7 +61,7 @@ from shared_model.federated.updates import encode_bundle, read_bundle
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ATTACKS = ("sign_flip", "sign_flip_bound", "x1000")
+ATTACKS = ("sign_flip", "sign_flip_bound", "x1000", "noise", "stale", "replay")
 #: Defences off: plain mean, no per-tensor bounds, no column check, no quarantine, and the
 #: old global norm bound (1e4) that the defaults replaced.
 OFF = {
@@ -81,6 +87,7 @@ class AttackDriver(ReplayDriver):
         super().__init__(*args, **kwargs)
         self.attackers, self.attack, self.coordinator = attackers, attack, coordinator
         self.sent: list[tuple[str, str]] = []  # (unit id, attack) of every poisoned result
+        self.memory: dict = {}  # per attacker: its previous updates (stale, replay)
 
     def _handle(self, nid: int):
         reply = super()._handle(nid)
@@ -95,29 +102,47 @@ class AttackDriver(ReplayDriver):
             with loop.factory() as s:  # the bounds' bar is per unit step size (lr × steps)
                 unit = db_leases.find_unit(s, unit_id=result.unit_id)
                 step = loop.intake.bounds.step_size(*unit_lr_steps(unit))
-            poison(result, attack, self.coordinator.state, loop.intake.bounds, step)
+            memory = self.memory.setdefault(nid, {})
+            poison(result, attack, self.coordinator.state, loop.intake.bounds, step, memory)
         return replace(reply, payload=msg.SerializeToString())
 
 
-def poison(result, attack: str, state, bounds: UpdateBounds, step: float = 1.0) -> None:
+def poison(
+    result, attack: str, state, bounds: UpdateBounds, step: float = 1.0, memory=None
+) -> None:
     """Rewrite every update of ``result`` with ``attack``, uploaded to ``state``'s store
     under the result's own lease (so only the defences can stop it); ``step``: the unit's
-    step size (the bounds allow more for a bigger one)."""
-    for d in result.column_deltas:
-        reference = state.columns.published_at(d.column, result.base_version)
-        d.delta.CopyFrom(
-            _rewrite(d.delta, "column", d.column, reference, result, attack, state, bounds, step)
-        )
-    shared = _rewrite(result.shared_update.blob, "shared", -1, state.shared.published, result,
-                      attack, state, bounds, step)  # fmt: skip
-    result.shared_update.blob.CopyFrom(shared)
+    step size (the bounds allow more for a bigger one); ``memory``: the attacker's own
+    record of its earlier updates (``stale``, ``replay``)."""
+    memory = {} if memory is None else memory
+    parts = [(d.delta, "column", d.column) for d in result.column_deltas]
+    parts.append((result.shared_update.blob, "shared", -1))
+    for ref, kind, column in parts:
+        if kind == "column":
+            reference = state.columns.published_at(column, result.base_version)
+        else:
+            reference = state.shared.published
+        previous = memory.get(("ref", kind, column))
+        memory[("ref", kind, column)] = tensor_pb2.BlobRef.FromString(ref.SerializeToString())
+        if attack == "replay":
+            if previous is not None:  # the first result goes out honest
+                ref.CopyFrom(previous)
+            continue
+        ref.CopyFrom(_rewrite(ref, kind, column, reference, result, attack, state, bounds, step,
+                              memory))  # fmt: skip
 
 
 def _rewrite(ref, kind: str, column: int, reference: State, result, attack, state, bounds,
-             step: float):  # fmt: skip
+             step: float, memory: dict):  # fmt: skip
     expected = {k: tuple(v.shape) for k, v in reference.items()}
     bundle, tensors = read_bundle(state.store.get(ref.content_id), kind=kind, expected=expected)
-    bad = transform(attack, kind, tensors, reference, bounds, step)
+    if attack == "stale":
+        # scaled by 1 + 1e-4 so its bytes differ from the first time (the intake refuses a
+        # blob another lease uploaded: an identical re-send is a replay)
+        bad = {k: v * (1 + 1e-4) for k, v in memory.get(("update", kind, column), tensors).items()}
+        memory[("update", kind, column)] = tensors
+    else:
+        bad = transform(attack, kind, tensors, reference, bounds, step)
     codec = "sparse" if _is_sparse(bundle) else "ternary"
     data, _ = encode_bundle(bad, codec, kind=kind, column=column, base_version=result.base_version)
     cid = state.store.put_bytes(data)
@@ -141,6 +166,8 @@ def transform(
         return {k: 1000.0 * u for k, u in update.items()}
     if attack == "sign_flip_bound":
         return _flip_to_bound(kind, update, reference, bounds, step)
+    if attack == "noise":
+        return {k: torch.randn_like(u) * (u.norm() / u.numel() ** 0.5) for k, u in update.items()}
     raise ValueError(f"unknown attack {attack!r}")
 
 
@@ -163,10 +190,12 @@ def _flip_to_bound(
 
 
 def fed_settings(
-    participants: int, tokens_per_unit: int, tokens: int, defended: bool, aggregator: str = ""
-):
+    participants: int, tokens_per_unit: int, tokens: int, defended: bool, aggregator: str = "",
+    steps_per_unit: int | None = None,
+):  # fmt: skip
     values = {
         "stage": 3,
+        **({"steps_per_unit": steps_per_unit} if steps_per_unit else {}),
         "buffer_size": participants,
         "eval_every": 1_000_000,  # scored at the end on the fixed windows instead
         "units_hint": max(1, tokens // tokens_per_unit),
@@ -181,7 +210,8 @@ def fed_settings(
 def run_arm(cfg, corpus, ckpt, work: Path, args, participants: int, attack: str | None,
             defended: bool, windows, aggregator: str = "") -> dict:  # fmt: skip
     step_tokens = cfg.train.batch_size * cfg.train.seq_len
-    settings = fed_settings(participants, step_tokens * 20, args.tokens, defended, aggregator)
+    settings = fed_settings(participants, step_tokens * 20, args.tokens, defended, aggregator,
+                            args.steps_per_unit)  # fmt: skip
     coord = Coordinator(cfg, work / "coordinator", corpus)
     coord.start()
     t0 = time.perf_counter()
@@ -367,6 +397,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--arms", default="", help="only these arms (comma list; default all)")
     p.add_argument("--compare", default="", help="aggregators also run defended (comma list)")
     p.add_argument("--eval-tokens", type=int, default=16_384)
+    p.add_argument("--steps-per-unit", type=int, default=None, help="default: the setting's")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (arms on equal terms)")
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--name", default="byzantine_bench")
     p.add_argument("--cost", default="", help="only measure the defences' cost at these "
@@ -376,6 +408,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    torch.set_num_threads(args.threads)
     cfg = load_config(args.preset, overrides=args.override)
     if args.cost:
         cost = defence_cost(cfg, [int(x) for x in args.cost.split(",")])
