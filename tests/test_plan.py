@@ -156,6 +156,32 @@ def test_traffic_per_sync(full_plan):
     assert full_plan.stage(1).traffic is None
 
 
+def test_coordinator_host_at_1000_and_100000_participants(full_plan):
+    """The full model's coordinator, as built: what one process would hold and move."""
+    c, cb = count_params(FULL), CodecBits()
+    hs = PlanSettings().host
+    for number in (3, 4):
+        stage = full_plan.stage(number)
+        small, big = stage.hosts
+        assert (small.participants, big.participants) == (1_000, 100_000)
+        assert (small.buffer_size, big.buffer_size) == (250, 25_000)
+        # Masters + (max_staleness + 1) published copies of every column, in FP32: ~41.6 TB.
+        assert small.ram_columns == 4 * c.experts_total * (2 + hs.max_staleness)
+        assert small.ram_columns > 40e12
+        # The shared buffer grows with the fleet: 683 TB of pseudo-gradients at 100k.
+        assert big.ram_shared == 4 * c.shared * (3 + 25_000)
+        assert big.results_per_s == pytest.approx(100 * small.results_per_s)
+        assert big.ingress_bps == pytest.approx(big.results_per_s * stage.traffic.per_sync_up)
+        assert small.join_bytes == pytest.approx(1_000 * stage.traffic.initial_download)
+        # A checkpoint is the whole model in FP32; stage 4 also keeps the teacher's.
+        checkpoint = 4 * (c.experts_total + c.shared)
+        per_version = (c.shared * cb.shared_bits + c.n_experts * c.column * cb.delta_bits) / 8
+        keep = 3 if number == 4 else 2
+        assert small.disk_checkpoints == checkpoint * keep
+        assert small.disk_versions == pytest.approx(per_version * hs.checkpoint_every)
+    assert full_plan.stage(1).hosts == []
+
+
 def test_overrides_and_other_gpus():
     base = build_plan(FULL)
     h100 = build_plan(FULL, PlanSettings(gpu=gpu_spec("h100"), tokens={3: 4e11}))
@@ -222,6 +248,9 @@ def test_cli_json(cli):
     assert [s["stage"]["number"] for s in data["stages"]] == [1, 3, 4, 5]
     seed = {s["key"]: s for s in data["seed"]}
     assert round_sig(seed["stage1_flops"]["computed"], 2) == 4.1e22
+    hosts = data["stages"][1]["coordinator_host"]
+    assert [h["participants"] for h in hosts] == [1_000, 100_000]
+    assert all(h["ram"] > 40e12 and h["disk"] > 0 for h in hosts)
 
 
 def test_cli_markdown_small(cli):
@@ -238,6 +267,8 @@ def test_cli_markdown_small(cli):
         (["--format", "xml"], "--format"),
         (["--tokens", "3:5"], "STAGE=COUNT"),
         (["--preset", "huge"], "unknown preset"),
+        (["--fleets", "1000,lots"], "--fleets"),
+        (["--fleets", "0"], "fleet size = 0"),
     ],
 )
 def test_cli_bad_args(cli, args, message):

@@ -26,6 +26,15 @@ def _parse_tokens(items: list[str]) -> dict[int, float]:
     return out
 
 
+def _parse_fleets(text: str) -> tuple[int, ...]:
+    from coordinator.plan.hardware import PlanError
+
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise PlanError(f"--fleets {text!r} must be participant counts, e.g. 1000,100000") from exc
+
+
 def plan(
     preset: Annotated[str, typer.Option(help="tiny, small or full")] = "full",
     config: Annotated[Path | None, typer.Option(help="YAML config file")] = None,
@@ -57,6 +66,9 @@ def plan(
     local_steps: Annotated[
         int | None, typer.Option(help="inner steps per shared sync (default: PlanSettings)")
     ] = None,
+    fleets: Annotated[
+        str, typer.Option(help="fleet sizes for the coordinator-host figures, comma list")
+    ] = "1000,100000",
     fmt: Annotated[str, typer.Option("--format", help="table, json, markdown, errata")] = "table",
     output: Annotated[Path | None, typer.Option(help="write to this file instead")] = None,
 ) -> None:
@@ -64,6 +76,7 @@ def plan(
     from dataclasses import replace
 
     from coordinator.plan.compute import PlanSettings, build_plan
+    from coordinator.plan.coordinator_host import HostSettings
     from coordinator.plan.hardware import PlanError, gpu_spec
     from coordinator.plan.memory import MemoryLayout
     from coordinator.plan.traffic import CodecBits
@@ -102,6 +115,7 @@ def plan(
                 },
             ),
             **({} if local_steps is None else {"local_steps": local_steps}),
+            host=HostSettings(fleets=_parse_fleets(fleets)),
         )
         text = _render(cfg, build_plan(cfg, settings), settings, fmt, params)
     except (ConfigError, PlanError) as exc:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from coordinator.plan.coordinator_host import HostEstimate, HostSettings, estimate_host
 from coordinator.plan.hardware import GPUS, GpuSpec, PlanError, require_positive
 from coordinator.plan.memory import MemoryEstimate, MemoryLayout, estimate_memory
 from coordinator.plan.params import ParamCounts, count_params
@@ -89,6 +90,7 @@ class PlanSettings:
         step_tokens: tokens per inner step of a participant; ``None`` = the config's
             ``train.batch_size × train.seq_len``.
         stages: which stages to plan.
+        host: the coordinator host's assumptions (fleet sizes to plan it for).
     """
 
     gpu: GpuSpec = GPUS["a100"]
@@ -104,6 +106,7 @@ class PlanSettings:
     local_steps: int = 10
     step_tokens: int | None = None
     stages: tuple[int, ...] = (1, 3, 4, 5)
+    host: HostSettings = HostSettings()
 
     def validate(self, cfg: PerspectiveConfig) -> None:
         """Raise :class:`PlanError` naming the first invalid setting."""
@@ -125,6 +128,7 @@ class PlanSettings:
             require_positive(f"stage {n} tokens", t)
         self.layout.validate(cfg)
         self.codec.validate()
+        self.host.validate()
 
     def stage_tokens(self, number: int) -> float:
         """Tokens of stage ``number`` (override or default)."""
@@ -148,6 +152,7 @@ class StagePlan:
     cost_usd: float
     memory: MemoryEstimate
     traffic: TrafficEstimate | None
+    hosts: list[HostEstimate] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -247,6 +252,11 @@ def _plan_stage(
             flops_per_second=sustained,
             link_mbps=st.volunteer_mbps,
         )
+    hosts = [] if traffic is None else [
+        estimate_host(counts, traffic, st.codec, stage=stage.number, participants=n,
+                      stage_gpu_hours=gpu_hours, settings=st.host)
+        for n in st.host.fleets
+    ]  # fmt: skip
     dense = stage.mode == "dense"
     trained = {"all": counts.dense_total if dense else counts.moe_active, "router": counts.routers}
     return StagePlan(
@@ -263,6 +273,7 @@ def _plan_stage(
         cost_usd=gpu_hours * st.price_per_gpu_hour,
         memory=estimate_memory(cfg, counts, stage.number, st.gpu, st.layout, st.gpus),
         traffic=traffic,
+        hosts=hosts,
     )
 
 

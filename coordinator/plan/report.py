@@ -199,6 +199,44 @@ def traffic_section(plan: Plan) -> Section:
     return sec
 
 
+def host_section(plan: Plan) -> Section:
+    """The coordinator's own RAM, disk and bandwidth per federated stage and fleet size."""
+    sec = Section(
+        "Coordinator host per federated stage (one process, as built)",
+        ["stage", "participants", "results/s", "buffer", "RAM columns", "RAM shared",
+         "disk blobs", "DB / day", "in", "out", "joins", "sync period", "stage wall"],
+    )  # fmt: skip
+    for s in plan.stages:
+        for h in s.hosts:
+            sec.rows.append(
+                [
+                    str(s.stage.number),
+                    f"{h.participants:,}",
+                    f"{h.results_per_s:,.1f}",
+                    f"{h.buffer_size:,}",
+                    fmt_gb(h.ram_columns),
+                    fmt_gb(h.ram_shared),
+                    fmt_gb(h.disk),
+                    f"{h.db_bytes_per_day / 1e6:,.0f} MB",
+                    f"{h.ingress_bps * 8 / 1e9:,.2f} Gbit/s",
+                    f"{h.egress_bps * 8 / 1e9:,.2f} Gbit/s",
+                    fmt_gb(h.join_bytes),
+                    fmt_hours(h.participants / h.results_per_s / 3600),
+                    fmt_hours(h.stage_days * 24),
+                ]
+            )
+    hs = plan.settings.host
+    sec.notes.append(
+        f"RAM: FP32 column masters + {hs.max_staleness + 1} published copies each (staleness "
+        f"window); shared master, published copy, momentum + a buffer of FP32 pseudo-gradients "
+        f"({hs.buffer_fraction:g} × the fleet). Disk: FP32 checkpoints (newest, previous, "
+        f"stage 4's teacher), {hs.checkpoint_every} versions of deltas, one checkpoint period "
+        f"of uploads. DB: {hs.db_bytes_per_result:g} B per result (fleet soak). Past one host: "
+        "docs/architecture.md §6.1."
+    )
+    return sec
+
+
 def seed_section(comparisons: list[Comparison]) -> Section:
     """The seed's stated figures next to the planner's."""
     sec = Section(
@@ -262,6 +300,8 @@ def build_sections(
     secs = [params_section(plan, param_cmp), stages_section(plan), memory_section(plan)]
     if any(s.traffic for s in plan.stages):
         secs.append(traffic_section(plan))
+    if any(s.hosts for s in plan.stages):
+        secs.append(host_section(plan))
     if fits:
         secs.append(fit_section(plan, fits))
     if comparisons:
@@ -319,6 +359,8 @@ def stage_dict(s: StagePlan) -> dict[str, Any]:
             "per_sync": s.traffic.per_sync,
             "per_stage": s.traffic.per_stage,
         }
+    if s.hosts:
+        out["coordinator_host"] = [{**asdict(h), "ram": h.ram, "disk": h.disk} for h in s.hosts]
     return out
 
 
@@ -343,6 +385,7 @@ def to_json_dict(
             "codec": asdict(st.codec),
             "local_steps": st.local_steps,
             "step_tokens": st.step_tokens,
+            "host": asdict(st.host),
         },
         "params": plan.counts.as_dict(),
         "stages": [stage_dict(s) for s in plan.stages],
