@@ -10,7 +10,8 @@ loop the same interface (``node_ids``, ``push``, ``pending``, ``wait_any``, ``cl
   the previous one; the result itself is real: a small pool of the participant's own
   :class:`~participant.unit_trainer.UnitTrainer` (one thread, one torch thread) trains the
   unit's steps on the coordinator's blob store when it falls due and uploads its update,
-  so every result goes through the intake's checks like a volunteer's;
+  so every result goes through the intake's checks like a volunteer's (each unit as a
+  participant's first on its columns: the pool holds no node's local state);
 * churn: every node alternates online and offline sessions (exponential, mean
   ``--session-minutes`` online); ``--churn`` of the fleet is offline at any time. A node
   that goes offline loses its queue (a SuperNode that died): the loop sees its messages
@@ -224,6 +225,12 @@ class FleetDriver:
         while (job := self._todo.get()) is not None:
             nid, session, m = job
             req = control_pb2.ControlRequest.FromString(m.payload)
+            # Each unit as a participant holding nothing of its own yet (columns from the
+            # published state, no error-feedback residual): one trainer serves many nodes,
+            # and carrying its local columns over would pile up every node's training in
+            # one copy (updates of 2.5 × the weights' norm, refused; no real node does so).
+            trainer.local.columns.clear()
+            trainer.local.residual.clear()
             result = trainer.run(req, self._io(req))
             with self._lock:
                 self._training.pop(m.message_id, None)
