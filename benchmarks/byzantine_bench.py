@@ -17,7 +17,15 @@ reply, so it passes every format check and must be stopped by the defences:
   scaled by 1 + 1e-4 (new bytes) and uploaded under the new lease: double-counted old
   gradients;
 * ``replay`` — the previous result's blobs named again as they are (another lease's
-  uploads).
+  uploads);
+* ``column_poison`` — a column owner's subtle poison: its column deltas reversed and
+  tripled (inside the relative bounds while the median is honest), the shared part honest;
+* ``collude`` — every attacker sends the same shared update (the first one's, reversed
+  and scaled to the bound, re-encoded under each one's lease) and reversed columns.
+
+``--attackers K`` makes the last K participants hostile (default 1); ``--repeat R`` runs
+every arm R times with training seeds ``train.seed + r`` (mean ± sd of the val loss; the
+ratios divide the means).
 
 Arms: ``clean_off`` (no attacker, defences off: the reference every ratio divides by),
 ``clean_on`` (no attacker, defences on: the honest cost of the defences), and every attack
@@ -61,7 +69,8 @@ from shared_model.federated.updates import encode_bundle, read_bundle
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ATTACKS = ("sign_flip", "sign_flip_bound", "x1000", "noise", "stale", "replay")
+ATTACKS = ("sign_flip", "sign_flip_bound", "x1000", "noise", "stale", "replay",
+           "column_poison", "collude")  # fmt: skip
 #: Defences off: plain mean, no per-tensor bounds, no column check, no quarantine, and the
 #: old global norm bound (1e4) that the defaults replaced.
 OFF = {
@@ -102,7 +111,8 @@ class AttackDriver(ReplayDriver):
             with loop.factory() as s:  # the bounds' bar is per unit step size (lr × steps)
                 unit = db_leases.find_unit(s, unit_id=result.unit_id)
                 step = loop.intake.bounds.step_size(*unit_lr_steps(unit))
-            memory = self.memory.setdefault(nid, {})
+            # colluders share one memory: the first one's shared update goes out from all
+            memory = self.memory.setdefault("all" if attack == "collude" else nid, {})
             poison(result, attack, self.coordinator.state, loop.intake.bounds, step, memory)
         return replace(reply, payload=msg.SerializeToString())
 
@@ -136,7 +146,12 @@ def _rewrite(ref, kind: str, column: int, reference: State, result, attack, stat
              step: float, memory: dict):  # fmt: skip
     expected = {k: tuple(v.shape) for k, v in reference.items()}
     bundle, tensors = read_bundle(state.store.get(ref.content_id), kind=kind, expected=expected)
-    if attack == "stale":
+    if attack == "collude" and kind == "shared":  # one update from every colluder
+        key = ("collude", result.base_version)
+        bad = memory.setdefault(key, _flip_to_bound(kind, tensors, reference, bounds, step))
+    elif attack == "collude":
+        bad = {k: -u for k, u in tensors.items()}
+    elif attack == "stale":
         # scaled by 1 + 1e-4 so its bytes differ from the first time (the intake refuses a
         # blob another lease uploaded: an identical re-send is a replay)
         bad = {k: v * (1 + 1e-4) for k, v in memory.get(("update", kind, column), tensors).items()}
@@ -168,6 +183,8 @@ def transform(
         return _flip_to_bound(kind, update, reference, bounds, step)
     if attack == "noise":
         return {k: torch.randn_like(u) * (u.norm() / u.numel() ** 0.5) for k, u in update.items()}
+    if attack == "column_poison":
+        return {k: -3.0 * u for k, u in update.items()} if kind == "column" else update
     raise ValueError(f"unknown attack {attack!r}")
 
 
@@ -217,7 +234,8 @@ def run_arm(cfg, corpus, ckpt, work: Path, args, participants: int, attack: str 
     t0 = time.perf_counter()
     try:
         coord.prepare(ckpt, settings)
-        attackers = {participants} if attack else set()  # the last one: 1 of N
+        hostile = range(participants - args.attackers + 1, participants + 1)
+        attackers = set(hostile) if attack else set()  # the last K of N
         driver = AttackDriver(
             cfg, coord.store, corpus.dataset("train"), work / "nodes", [1.0] * participants,
             attackers=attackers, attack=attack or "", coordinator=coord,
@@ -228,6 +246,7 @@ def run_arm(cfg, corpus, ckpt, work: Path, args, participants: int, attack: str 
             loop.state.published_model(), windows, coord.assignment, corpus.dataset("val")
         )
         out = {
+            "attackers": len(attackers),
             "val_loss": scores["column_mode"],
             "val_loss_token_level": scores["token_level"],
             "versions": loop.state.version,
@@ -240,6 +259,26 @@ def run_arm(cfg, corpus, ckpt, work: Path, args, participants: int, attack: str 
         return out
     finally:
         coord.shutdown()
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """One arm's repeated runs: the val loss as mean (``val_loss``), sd and every run's;
+    result counts summed (the reject rate over all runs); the last run's details."""
+    out = dict(runs[-1])
+    losses = [r["val_loss"] for r in runs]
+    out["val_loss"] = statistics.fmean(losses)
+    out["val_loss_sd"] = statistics.stdev(losses) if len(losses) > 1 else 0.0
+    out["val_loss_runs"] = losses
+    for key in ("honest_results", "honest_rejected", "attacker_results", "attacker_accepted",
+                "seconds"):  # fmt: skip
+        out[key] = sum(r[key] for r in runs)
+    out["honest_reject_rate"] = out["honest_rejected"] / max(1, out["honest_results"])
+    reasons: dict[str, int] = {}
+    for r in runs:
+        for k, v in r["reject_reasons"].items():
+            reasons[k] = reasons.get(k, 0) + v
+    out["reject_reasons"] = reasons
+    return out
 
 
 def _outcomes(coord, attackers: set[int]) -> dict:
@@ -336,7 +375,9 @@ def summarise(fleets: dict[int, dict]) -> list[dict]:
                 {
                     "name": attack,
                     "participants": n,
-                    "fraction": 1 / n,
+                    "fraction": on["attackers"] / n,
+                    "defended_sd": on.get("val_loss_sd", 0.0) / clean,
+                    "undefended_sd": off.get("val_loss_sd", 0.0) / clean,
                     "defended_ratio": on["val_loss"] / clean,
                     "undefended_ratio": off["val_loss"] / clean,
                     "honest_reject_rate": on["honest_reject_rate"],
@@ -397,6 +438,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--arms", default="", help="only these arms (comma list; default all)")
     p.add_argument("--compare", default="", help="aggregators also run defended (comma list)")
     p.add_argument("--eval-tokens", type=int, default=16_384)
+    p.add_argument("--attackers", type=int, default=1, help="the last K participants")
+    p.add_argument("--repeat", type=int, default=1, help="runs per arm (mean ± sd)")
     p.add_argument("--steps-per-unit", type=int, default=None, help="default: the setting's")
     p.add_argument("--threads", type=int, default=1, help="torch threads (arms on equal terms)")
     p.add_argument("--work-dir", type=Path, default=None)
@@ -423,7 +466,9 @@ def main() -> None:
     windows = eval_windows(corpus.dataset("val"), cfg.train.seq_len, args.eval_tokens)
     attacks = [a for a in args.attacks.split(",") if a]
     fleets: dict[int, dict] = {}
-    report = {"preset": args.preset, "tokens": args.tokens, "off_settings": OFF}
+    report = {"preset": args.preset, "tokens": args.tokens, "off_settings": OFF,
+              "attackers": args.attackers, "repeat": args.repeat,
+              "steps_per_unit": args.steps_per_unit}  # fmt: skip
     for n in (int(x) for x in args.participants.split(",")):
         arms = [("clean_off", None, False, ""), ("clean_on", None, True, "")]
         arms += [(f"{a}_{d}", a, d == "on", "") for a in attacks for d in ("on", "off")]
@@ -434,10 +479,15 @@ def main() -> None:
         for name, attack, defended, agg in arms:
             if args.arms and name not in args.arms.split(","):
                 continue
-            out = run_arm(cfg, corpus, ckpt, work / f"n{n}" / name, args, n, attack, defended,
-                          windows, agg)  # fmt: skip
+            runs = [
+                run_arm(replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + r)), corpus,
+                        ckpt, work / f"n{n}" / name / str(r), args, n, attack, defended, windows,
+                        agg)
+                for r in range(args.repeat)
+            ]  # fmt: skip
+            out = merge_runs(runs)
             fleets[n][name] = out
-            print(f"{n} participants, {name}: val {out['val_loss']:.4f} "
+            print(f"{n} participants, {name}: val {out['val_loss']:.4f} ± {out['val_loss_sd']:.4f} "
                   f"honest rejected {out['honest_rejected']}/{out['honest_results']} "
                   f"attacker accepted {out['attacker_accepted']}/{out['attacker_results']} "
                   f"({out['seconds']:.0f} s)", flush=True)  # fmt: skip
