@@ -144,6 +144,10 @@ class FederationLoop:
 
     def step(self, wait: float = 0.2) -> None:
         """One iteration: expire, lease, pull replies and handle them."""
+        with METRICS.timed(METRICS.loop_step):
+            self._step(wait)
+
+    def _step(self, wait: float) -> None:
         self._expire_leases(utcnow())
         now = time.monotonic()
         nodes = self.driver.node_ids()
@@ -290,7 +294,7 @@ class FederationLoop:
             The unit id and the ``ControlRequest`` that carries it (not sent yet), or
             ``None`` when the stage's token budget is fully leased.
         """
-        with self.factory.begin() as s:
+        with METRICS.timed(METRICS.lease), self.factory.begin() as s:
             participant = db_participants.find_participant(s, node_id=node_id)
             steps = self.sizing.steps_for(participant.tokens_per_s, self._step_tokens)
             unit = self.units.lease(s, participant, self.state, steps)
@@ -306,7 +310,11 @@ class FederationLoop:
         unexpected error (a bug, or ``MemoryError`` from a payload that escaped a check) is
         logged and stored as a refusal, and the loop goes on (issue 16)."""
         try:
-            self._handle_reply_body(reply)
+            if reply.kind == "train.unit" and reply.ok:
+                with METRICS.timed(METRICS.intake):
+                    self._handle_reply_body(reply)
+            else:
+                self._handle_reply_body(reply)
         except Exception as exc:  # noqa: BLE001 - one hostile reply must not stop the loop
             log.exception("reply from node %s could not be handled", reply.node_id)
             self._log(

@@ -7,7 +7,8 @@ and exported as counters, so they equal the database's totals and survive a rest
 Gauges (participants and units by state, the global version) are refreshed the same way.
 What the database does not hold is observed as it happens through the module-level
 :data:`METRICS` object: the staleness of each applied result (intake), the time of each
-aggregation + publish (the federation loop) and database statement latency.
+aggregation + publish, each lease, each unit reply's intake and each loop step (the
+federation loop) and database statement latency.
 Each :class:`CoordinatorMetrics` owns its own registry: tests and several apps in one
 process never collide.
 """
@@ -54,6 +55,24 @@ class CoordinatorMetrics:
             buckets=SECONDS_BUCKETS,
             registry=r,
         )
+        self.lease = Histogram(
+            "perspective_lease_seconds",
+            "Time to lease one unit to a node (database and unit construction)",
+            buckets=DB_BUCKETS,
+            registry=r,
+        )
+        self.intake = Histogram(
+            "perspective_intake_seconds",
+            "Time to take one unit's reply (decode, checks, aggregation, database)",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.loop_step = Histogram(
+            "perspective_loop_step_seconds",
+            "One federation loop iteration (leases, liveness, waiting for replies up to 0.2 s)",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
         self.db_latency = Histogram(
             "perspective_db_query_seconds",
             "Latency of database statements",
@@ -83,11 +102,18 @@ class CoordinatorMetrics:
     @contextmanager
     def time_aggregation(self) -> Iterator[None]:
         """``with METRICS.time_aggregation(): ...`` records the block's duration."""
+        with self.timed(self.aggregation):
+            yield
+
+    @staticmethod
+    @contextmanager
+    def timed(histogram: Histogram) -> Iterator[None]:
+        """``with METRICS.timed(METRICS.lease): ...`` records the block's duration."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.aggregation.observe(time.perf_counter() - start)
+            histogram.observe(time.perf_counter() - start)
 
     def observe_db(self, *, operation: str, seconds: float) -> None:
         """Record one database statement's latency."""

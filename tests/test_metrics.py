@@ -53,6 +53,26 @@ def test_metrics_equal_the_database_totals_after_a_real_stage(tmp_path, corpus):
     assert loop.stats.tokens == _value(text, "perspective_tokens_trained_total")
 
 
+def test_the_loop_times_its_leases_steps_and_intake(tmp_path, corpus):  # noqa: F811
+    """Through the loop's own step (one node on the replay driver): a lease, the reply's
+    intake and every step land in their histograms."""
+    from benchmarks.federation_replay import ReplayDriver
+
+    loop, train = make_loop(tmp_path, corpus)
+    driver = ReplayDriver(loop.state.cfg, loop.state.store, train, tmp_path / "n", [1.0])
+    driver.nodes = {NODE: driver.nodes.pop(1)}  # the replay node speaks as NODE
+    loop.driver = driver
+    names = ("perspective_lease_seconds_count", "perspective_intake_seconds_count",
+             "perspective_loop_step_seconds_count")  # fmt: skip
+    before = [_count(METRICS, n) for n in names]
+    loop.step(wait=0)  # leases (and the replay node trains and replies) ...
+    loop.step(wait=0)  # ... the reply is taken
+    leases, intakes, steps = (_count(METRICS, n) - b for n, b in zip(names, before, strict=True))
+    with loop.factory() as s:
+        taken = s.query(Result).count()
+    assert steps == 2 and leases >= 1 and intakes == taken >= 1, (leases, intakes, steps, taken)
+
+
 def _count(metrics, sample: str) -> float:
     for family in metrics.registry.collect():
         for s in family.samples:
