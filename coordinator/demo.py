@@ -32,7 +32,9 @@ DEMO_HELP = "Run the local federated network: central seed, then federated stage
 
 def demo(
     preset: str = typer.Option("tiny", help="Model preset: tiny (quick) or small."),
-    participants: int = typer.Option(3, min=1, max=16, help="Number of local participants."),
+    participants: int = typer.Option(
+        3, min=1, max=32, help="Number of local participants (each ~300 MB of RAM)."
+    ),
     minutes: float = typer.Option(4.0, min=0.5, help="Total wall-clock budget."),
     work_dir: Path | None = typer.Option(None, help="Where DB, blobs and logs go."),
     federation_config: fo.FederationConfig = None,

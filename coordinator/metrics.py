@@ -63,7 +63,8 @@ class CoordinatorMetrics:
         )
         self.intake = Histogram(
             "perspective_intake_seconds",
-            "Time to take one unit's reply (decode, checks, aggregation, database)",
+            "Time to take one unit's reply (decode, checks, aggregation, database, and the "
+            "version it completes: publishing, evaluation, checkpoint)",
             buckets=SECONDS_BUCKETS,
             registry=r,
         )
