@@ -375,7 +375,7 @@ def summarise(fleets: dict[int, dict]) -> list[dict]:
                 {
                     "name": attack,
                     "participants": n,
-                    "fraction": on["attackers"] / n,
+                    "fraction": on.get("attackers", 1) / n,  # older runs: 1 attacker
                     "defended_sd": on.get("val_loss_sd", 0.0) / clean,
                     "undefended_sd": off.get("val_loss_sd", 0.0) / clean,
                     "defended_ratio": on["val_loss"] / clean,
@@ -444,13 +444,36 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (arms on equal terms)")
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--name", default="byzantine_bench")
+    p.add_argument("--merge", default="", help="only merge these result files' fleets (comma "
+                   "list, later files win) into --name")  # fmt: skip
     p.add_argument("--cost", default="", help="only measure the defences' cost at these "
                    "buffer sizes (comma list), into <name>_cost.json")  # fmt: skip
     return p.parse_args()
 
 
+def merge_reports(paths: list[Path], name: str) -> None:
+    """One report from several runs (e.g. one per fleet size): their fleets, each with the
+    run's own settings, and the ``attacks`` table over all of them."""
+    merged: dict = {"runs": {}, "fleets": {}}
+    for path in paths:
+        report = json.loads(path.read_text())
+        settings = {k: v for k, v in report.items() if k not in ("fleets", "attacks", "runs")}
+        merged["runs"][path.name] = settings
+        for n, arms in report["fleets"].items():
+            merged["fleets"][n] = {**arms, "run": path.name}
+    fleets = {
+        int(n): {k: v for k, v in arms.items() if k != "run"}
+        for n, arms in merged["fleets"].items()
+    }
+    merged["attacks"] = summarise(fleets)
+    (RESULTS / f"{name}.json").write_text(json.dumps(merged, indent=1))
+    print(json.dumps(merged["attacks"], indent=1))
+
+
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        return merge_reports([Path(f) for f in args.merge.split(",")], args.name)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.preset, overrides=args.override)
     if args.cost:
