@@ -21,7 +21,8 @@ reply, so it passes every format check and must be stopped by the defences:
 * ``column_poison`` — a column owner's subtle poison: its column deltas reversed and
   tripled (inside the relative bounds while the median is honest), the shared part honest;
 * ``collude`` — every attacker sends the same shared update (the first one's, reversed
-  and scaled to the bound, re-encoded under each one's lease) and reversed columns.
+  and scaled to the bound; × 1 + 1e-4 per copy so the bytes differ, re-encoded under each
+  one's lease) and reversed columns.
 
 ``--attackers K`` makes the last K participants hostile (default 1); ``--repeat R`` runs
 every arm R times with training seeds ``train.seed + r`` (mean ± sd of the val loss; the
@@ -148,7 +149,10 @@ def _rewrite(ref, kind: str, column: int, reference: State, result, attack, stat
     bundle, tensors = read_bundle(state.store.get(ref.content_id), kind=kind, expected=expected)
     if attack == "collude" and kind == "shared":  # one update from every colluder
         key = ("collude", result.base_version)
-        bad = memory.setdefault(key, _flip_to_bound(kind, tensors, reference, bounds, step))
+        first = memory.setdefault(key, _flip_to_bound(kind, tensors, reference, bounds, step))
+        uses = memory[("uses", key)] = memory.get(("uses", key), 0) + 1
+        # 1 + 1e-4 per use: new bytes each time (an identical blob would be a replay)
+        bad = {k: v * (1 + 1e-4 * uses) for k, v in first.items()}
     elif attack == "collude":
         bad = {k: -u for k, u in tensors.items()}
     elif attack == "stale":
@@ -452,19 +456,18 @@ def parse_args() -> argparse.Namespace:
 
 
 def merge_reports(paths: list[Path], name: str) -> None:
-    """One report from several runs (e.g. one per fleet size): their fleets, each with the
-    run's own settings, and the ``attacks`` table over all of them."""
+    """One report from several runs (e.g. one per fleet size, or arms re-run): their arms by
+    fleet size, each naming its run (whose settings ``runs`` lists; a later file's arm
+    replaces an earlier one's), and the ``attacks`` table over all of them."""
     merged: dict = {"runs": {}, "fleets": {}}
     for path in paths:
         report = json.loads(path.read_text())
         settings = {k: v for k, v in report.items() if k not in ("fleets", "attacks", "runs")}
         merged["runs"][path.name] = settings
         for n, arms in report["fleets"].items():
-            merged["fleets"][n] = {**arms, "run": path.name}
-    fleets = {
-        int(n): {k: v for k, v in arms.items() if k != "run"}
-        for n, arms in merged["fleets"].items()
-    }
+            for arm, out in arms.items():  # a later file's arm replaces an earlier one's
+                merged["fleets"].setdefault(n, {})[arm] = {**out, "run": path.name}
+    fleets = {int(n): arms for n, arms in merged["fleets"].items()}
     merged["attacks"] = summarise(fleets)
     (RESULTS / f"{name}.json").write_text(json.dumps(merged, indent=1))
     print(json.dumps(merged["attacks"], indent=1))
