@@ -143,7 +143,9 @@ def serve(
     key_sync_seconds: float = typer.Option(5.0, min=0.5, help="Node-key sync period."),
     data: fo.Data = "stdlib",
     offline_after: float = typer.Option(
-        120.0, min=1.0, help="Seconds without lease/reply/report before a participant is offline."
+        120.0,
+        min=15.0,  # a node busy with its units is seen every TOUCH_EVERY_S (5 s)
+        help="Seconds without lease/reply/report before a participant is offline (≥ 15).",
     ),
 ) -> None:
     """Serve one federated stage until its budget is used or SIGTERM/SIGINT."""
