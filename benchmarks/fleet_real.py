@@ -103,8 +103,12 @@ def watch(proc: subprocess.Popen, work: Path, every: float, samples: list, url_b
 
 
 def count_stalls(samples: list[dict], seconds: float) -> int:
-    """Stretches of at least ``seconds`` with neither a lease nor a reply taken (a small
-    fleet's units take longer than one sample window: a quiet window alone is not one)."""
+    """Stretches of at least ``seconds`` with neither a lease nor a reply taken, between the
+    first and the last activity (a small fleet's units take longer than one sample window:
+    a quiet window alone is not one; after the last stage's budget the demo only shuts
+    down)."""
+    active = [i for i, s in enumerate(samples) if not s["idle"]]
+    samples = samples[: active[-1] + 1] if active else []
     stalls, since = 0, None
     for s in samples:
         if not s["idle"]:
