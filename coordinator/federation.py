@@ -164,8 +164,9 @@ class FederationLoop:
         for node_id in nodes:
             if self._cooldown.get(node_id, 0.0) > now:
                 continue
-            full = units_out[node_id] >= self.settings.max_in_flight  # all it may hold is out
-            if full or (self._budget_leased and node_id in busy):  # or all there is to lease
+            # All it may hold is out. (Not "all there is to lease": an expired lease's unit
+            # is re-issued after the budget is fully leased, and must find a taker.)
+            if units_out[node_id] >= self.settings.max_in_flight:
                 if now - self._touched.get(node_id, -math.inf) >= TOUCH_EVERY_S:
                     due_touch.append(node_id)
                 continue
