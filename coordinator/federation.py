@@ -120,6 +120,7 @@ class FederationLoop:
         self._cooldown: dict[int, float] = {}
         self._online: set[int] = set()  # node ids the SuperLink listed at the last step
         self._touched: dict[int, float] = {}  # node id -> monotonic time of its last touch
+        self._expired_messages: set[str] = set()  # pending unit messages whose lease expired
         self._budget_leased = False  # no new unit fits the token budget any more
         self.on_checkpoint: Callable[[], None] | None = None  # after each state save (blob GC)
         self.hold_leases = False  # paused stage (coordinator.stage_control): in flight only
@@ -159,7 +160,12 @@ class FederationLoop:
         # nodes; benchmarks/fleet_soak.py).
         pending = self.driver.pending
         busy = set(pending.values())
-        units_out = Counter(n for mid, n in pending.items() if mid in self._message_units)
+        self._expired_messages &= pending.keys()
+        units_out = Counter(
+            n
+            for mid, n in pending.items()
+            if mid in self._message_units and mid not in self._expired_messages
+        )
         due_touch = []  # busy nodes due a liveness touch: one transaction for all of them
         for node_id in nodes:
             if self._cooldown.get(node_id, 0.0) > now:
@@ -606,7 +612,13 @@ class FederationLoop:
     def _expire_leases(self, now: dt.datetime) -> None:
         """Expire leases past their deadline at ``now``; their units are re-queued as copies."""
         with self.factory.begin() as s:
-            db_leases.expire_leases(s, now=now, max_attempts=self.settings.max_attempts)
+            expired = db_leases.expire_leases(s, now=now, max_attempts=self.settings.max_attempts)
+            gone = {u.unit_id for u in expired}
+        # Their messages may still be pending: they no longer fill the node's slots (the
+        # step leases to a node with a free slot at once, as the DB's count says).
+        for message_id, unit_id in list(self._message_units.items()):
+            if unit_id in gone:
+                self._expired_messages.add(message_id)
 
     def _log(self, kind: str, message: str, unit_id: str | None = None) -> None:
         log.info("%s: %s", kind, message)
