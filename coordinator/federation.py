@@ -100,7 +100,7 @@ class FederationLoop:
             state,
             session_factory,
             self.rescoring,
-            bounds=UpdateBounds.from_settings(settings),
+            bounds=_restored_bounds(state, settings),
             validator=validator,
             log=self._log,
         )
@@ -484,7 +484,8 @@ class FederationLoop:
                 db_results.mark_applied(s, unit_ids=self._applied, version=version)
         self._applied = []
         if self.settings.state_path and version in self.state.publisher.checkpoints:
-            self.state.save(self.settings.state_path)
+            bounds = {"stage": self.settings.stage, **self.intake.bounds.state_dict()}
+            self.state.save(self.settings.state_path, bounds=bounds)
             if self.on_checkpoint is not None:
                 self.on_checkpoint()
         if self.rescoring.due(version):
@@ -624,6 +625,16 @@ class FederationLoop:
         log.info("%s: %s", kind, message)
         with self.factory.begin() as s:
             db_events.log_event(s, kind=kind, message=message, unit_id=unit_id)
+
+
+def _restored_bounds(state: CoordinatorState, settings: FederationSettings) -> UpdateBounds:
+    """The stage's update bounds, with the history a restarted coordinator's state file saved
+    for the same stage (another stage's updates have other sizes: it starts afresh)."""
+    bounds = UpdateBounds.from_settings(settings)
+    saved = state.saved_bounds
+    if saved is not None and saved.get("stage") == settings.stage:
+        bounds.load_state_dict(saved)
+    return bounds
 
 
 def _last_of_version(rows, index: int, target: int) -> bool:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
-    from coordinator.leasing import UnitSizing
+    from coordinator.unit_sizing import UnitSizing
 
 CODECS = ("ternary", "sparse")
 #: :data:`coordinator.aggregation.robust.AGGREGATORS` (not imported: torch at CLI start-up)
@@ -133,7 +133,7 @@ class FederationSettings:
                 f"trim = {self.trim} is invalid: allowed 0 <= trim < buffer_size / 2 "
                 f"(buffer_size = {self.buffer_size})"
             )
-        from coordinator.routing.rescoring import check_rescoring  # (torch: not at CLI start-up)
+        from coordinator.routing.scoring_settings import check_rescoring
 
         self.sizing()  # fail at construction, not at the first lease
         check_rescoring(
@@ -142,7 +142,7 @@ class FederationSettings:
 
     def sizing(self) -> UnitSizing:
         """The unit-sizing policy these settings describe."""
-        from coordinator.leasing import UnitSizing  # (torch: not at CLI start-up)
+        from coordinator.unit_sizing import UnitSizing
 
         return UnitSizing(
             steps_per_unit=self.steps_per_unit,

@@ -231,6 +231,9 @@ class CoordinatorState:
             column_codec=settings.column_codec,
             checkpoint_every=settings.checkpoint_every,
         )
+        #: the update bounds saved with the state :meth:`load` read (``None``: none); the
+        #: stage's loop restores them (:class:`~coordinator.aggregation.bounds.UpdateBounds`)
+        self.saved_bounds: dict | None = None
 
     @property
     def version(self) -> int:
@@ -265,8 +268,9 @@ class CoordinatorState:
 
     # --- durability ------------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> None:
-        """Write the whole state to ``path`` atomically."""
+    def save(self, path: str | Path, *, bounds: dict | None = None) -> None:
+        """Write the whole state to ``path`` atomically, with the stage's update ``bounds``
+        (JSON-able, read back as :attr:`saved_bounds`) if given."""
         flat: State = {}
         for prefix, state in (
             ("shared.master", self.shared.master),
@@ -281,7 +285,10 @@ class CoordinatorState:
         path = Path(path)
         tmp = path.with_suffix(".tmp")
         contiguous = {k: v.detach().contiguous() for k, v in flat.items()}
-        save_file(contiguous, str(tmp), metadata=self.publisher.metadata())
+        meta = self.publisher.metadata()
+        if bounds is not None:
+            meta[_BOUNDS_KEY] = json.dumps(bounds)
+        save_file(contiguous, str(tmp), metadata=meta)
         tmp.replace(path)
 
     def load(self, path: str | Path) -> None:
@@ -291,6 +298,7 @@ class CoordinatorState:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
         flat = load_file(str(path))
+        self.saved_bounds = _saved_bounds(path, meta)
         self.publisher.restore(meta)
         self.shared.master = _section(flat, "shared.master")
         self.shared.published = _section(flat, "shared.published")
@@ -304,6 +312,22 @@ class CoordinatorState:
             self.columns.restore_history(
                 c, [(v, _section(flat, f"{prefix}{v}")) for v in sorted(versions)]
             )
+
+
+_BOUNDS_KEY = "update_bounds"
+
+
+def _saved_bounds(path: str | Path, meta: dict[str, str]) -> dict | None:
+    if _BOUNDS_KEY not in meta:  # saved before the bounds were, or by a test
+        return None
+    try:
+        saved = json.loads(meta[_BOUNDS_KEY])
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{path}: its {_BOUNDS_KEY!r} metadata is not JSON ({exc}); restore the state "
+            "file from a backup, or delete the key to restart the bounds' history"
+        ) from exc
+    return saved if isinstance(saved, dict) else None
 
 
 def _section(flat: State, prefix: str) -> State:

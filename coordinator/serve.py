@@ -149,7 +149,6 @@ def serve(
     ),
 ) -> None:
     """Serve one federated stage until its budget is used or SIGTERM/SIGINT."""
-    from coordinator.coordinator_process import StageBudget
     from shared_model.config import ConfigError
     from shared_model.config_loading import load_config
 
@@ -179,6 +178,9 @@ def serve(
         superlink, blob_host, blob_port, public_host, api_host, api_port, fleet_address,
         read_requires_token,
     )  # fmt: skip
+    # torch comes with the coordinator: bad settings above are refused without it (seconds)
+    from coordinator.coordinator_process import StageBudget
+
     budget = StageBudget(tokens=tokens, minutes=minutes)
     try:
         run_serve(cfg, work_dir, db, init, security, endpoints, settings, budget, stop,

@@ -10,6 +10,7 @@ the quarantine of participants whose results keep failing.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -192,3 +193,43 @@ def test_an_attacker_in_the_fleet_is_refused_and_quarantined_and_honest_nodes_ar
     assert all(refused), (driver.sent, hostile, checked)
     assert quarantined == 1 and len(driver.sent) == settings.quarantine_after
     assert honest and all(r.state == "accepted" for r in honest), honest
+
+
+def test_a_restarted_coordinator_keeps_its_update_bounds(tmp_path, corpus):
+    """The relative bound's history and peak lr go into the state file at every state
+    checkpoint, and the loop a restarted coordinator builds on that state goes on with the
+    same bars: a restart (a kill -9 included) reopens no window in which rule 1 alone holds."""
+    from coordinator.aggregation.bounds import MIN_HISTORY
+    from coordinator.federation import FederationLoop
+    from coordinator.publishing import CoordinatorState
+    from shared_model.model import PerspectiveModel
+
+    path = tmp_path / "state.safetensors"
+    loop, train = make_loop(tmp_path, corpus, checkpoint_every=1, state_path=path)
+    loop.state.shared.buffer_size = 1  # a version (and a state checkpoint) per result
+    for i in range(MIN_HISTORY + 1):
+        _, result = lease_and_train(loop, train, tmp_path / f"u{i}")
+        assert loop.receive(NODE, result).accepted
+    before = loop.intake.bounds
+    name = next(iter(loop.state.shared.master))
+    step = before._peak_lr * math.sqrt(3)  # a unit of 3 steps at the peak lr so far
+    assert before._peak_lr > 0
+    assert before.bar("shared", name, step) < before.max_ratio  # rule 2 holds
+
+    cfg = loop.state.cfg
+    state = CoordinatorState(cfg, PerspectiveModel(cfg, moe=True), loop.state.store, loop.settings)
+    state.load(path)  # what ``Coordinator.prepare`` does on a restart
+    restarted = FederationLoop(
+        state, loop.settings, loop.factory, None, loop.units, loop.val, loop.assignment,
+        lambda s: 0.0,
+    )  # fmt: skip
+    after = restarted.intake.bounds
+    assert after.history() == before.history()
+    assert after.bar("shared", name, step) == before.bar("shared", name, step)
+    assert after._peak_lr == before._peak_lr
+    # Another stage's loop on the same state starts afresh (its updates have other sizes).
+    stage4 = FederationLoop(
+        state, replace(loop.settings, stage=4), loop.factory, None, loop.units, loop.val,
+        loop.assignment, lambda s: 0.0,
+    )  # fmt: skip
+    assert stage4.intake.bounds.history() == {}

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from coordinator.federation_settings import FederationSettings
-from coordinator.leasing import UnitSizing, UnitSizingError
+from coordinator.unit_sizing import UnitSizing, UnitSizingError
 
 STEP_TOKENS = 8 * 64  # batch_size x seq_len of the federation benchmark
 
@@ -52,7 +52,7 @@ def test_lease_bounds_a_very_slow_machine(caplog):
     sizing = sizing_of(
         steps_per_unit=20, unit_seconds=10.0, min_steps=5, lease_seconds=60.0, max_in_flight=2
     )
-    with caplog.at_level(logging.INFO, logger="coordinator.leasing"):
+    with caplog.at_level(logging.INFO, logger="coordinator.unit_sizing"):
         assert sizing.steps_for(STEP_TOKENS / 20, STEP_TOKENS) == 1
     assert "clamped to 1 steps" in caplog.text and "60 s lease" in caplog.text
     # At 1 s per step: 15 fit per unit, and unit_seconds asks for 10.

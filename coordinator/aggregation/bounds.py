@@ -23,8 +23,11 @@ The history holds the accepted updates and those refused by rule 2 alone (within
 honest updates that outgrow a stale bar (the schedule changes what honest is, and error
 feedback makes updates shrink more slowly than the lr) move the median along instead of
 being refused for ever. The median ignores a minority of outliers, so an attacker at 20 %
-of the results cannot raise the bar, and rule 1 bounds what it can enter. The history is in
-memory: a restarted coordinator starts with rule 1 alone until ``min_history`` are in.
+of the results cannot raise the bar, and rule 1 bounds what it can enter. The history and
+the peak lr are saved with the coordinator state at every state checkpoint
+(:meth:`UpdateBounds.state_dict`), so a restart (a kill -9 included) goes on with the same
+bars instead of reopening a window in which rule 1 alone holds; what was recorded after the
+last state checkpoint is lost, at most ``checkpoint_every`` versions' worth.
 """
 
 from __future__ import annotations
@@ -170,3 +173,23 @@ class UpdateBounds:
     def history(self) -> dict[str, list[float]]:
         """The remembered ratios per statistics key, oldest first (calibration)."""
         return {key: list(values) for key, values in self._history.items()}
+
+    def state_dict(self) -> dict:
+        """What a restart needs to go on with the same bars (JSON-able; floats round-trip)."""
+        return {"peak_lr": self._peak_lr, "history": self.history()}
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Restore :meth:`state_dict` (a longer saved history keeps its newest ``window``).
+
+        Raises:
+            ValueError: ``saved`` is not what :meth:`state_dict` writes.
+        """
+        try:
+            peak = float(saved["peak_lr"])
+            history = {str(k): [float(v) for v in vs] for k, vs in saved["history"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"saved update bounds are malformed: {exc!r}") from exc
+        self._peak_lr = peak
+        self._history.clear()
+        for key, values in history.items():
+            self._history[key].extend(values)

@@ -32,10 +32,7 @@ from coordinator.db import doc_routing
 from coordinator.db.errors import Conflict
 from coordinator.routing import unit_documents
 from coordinator.routing.assignment import ColumnAssignment
-
-
-class RescoringError(ValueError):
-    """Re-scoring settings or stored routing that cannot be used (says what and the fix)."""
+from coordinator.routing.scoring_settings import RescoringError, check_rescoring
 
 
 @dataclass
@@ -66,21 +63,6 @@ def capacity_bounds(n_docs: int, n_columns: int, slack: float) -> tuple[int, int
     """``(floor(D/C / slack), ceil(D/C · slack))``: fewest and most documents per column."""
     mean = n_docs / n_columns
     return math.floor(mean / slack), max(1, math.ceil(mean * slack))
-
-
-def check_rescoring(
-    score_every: int, rescore_every_versions: int, margin: float, slack: float
-) -> None:
-    """Raise :class:`RescoringError` unless the scoring settings make sense."""
-    if score_every < 0 or rescore_every_versions < 0:
-        raise RescoringError(
-            "score_every and rescore_every_versions must be >= 0 (0 = off); got "
-            f"{score_every} and {rescore_every_versions}"
-        )
-    if not 0.0 <= margin < 1.0:
-        raise RescoringError(f"rescore_margin must be in [0, 1) (e.g. 0.02), got {margin}")
-    if not slack >= 1.0:
-        raise RescoringError(f"rescore_slack must be >= 1 (e.g. 1.1), got {slack}")
 
 
 def rescore(
