@@ -11,7 +11,8 @@ loop the same interface (``node_ids``, ``push``, ``pending``, ``wait_any``, ``cl
   :class:`~participant.unit_trainer.UnitTrainer` (one thread, one torch thread) trains the
   unit's steps on the coordinator's blob store when it falls due and uploads its update,
   so every result goes through the intake's checks like a volunteer's (each unit as a
-  participant's first on its columns: the pool holds no node's local state);
+  participant's first on its columns: the pool holds no node's local state or optimiser
+  moments);
 * churn: every node alternates online and offline sessions (exponential, mean
   ``--session-minutes`` online); ``--churn`` of the fleet is offline at any time. A node
   that goes offline loses its queue (a SuperNode that died): the loop sees its messages
@@ -26,7 +27,7 @@ Output: ``benchmarks/results/fleet_soak[_<db>].json`` (``participants``, ``hours
 ``stalls``, ``rss_mb_start``, ``rss_mb_end``, ``lease_p99_ms``, the samples and trends)
 and a PNG. Usage::
 
-    python -m benchmarks.fleet_soak --participants 1000 --minutes 60 [--db postgres]
+    python -m benchmarks.fleet_soak --participants 1000 --minutes 60 [--db postgres] [--init CKPT]
 """
 
 from __future__ import annotations
@@ -231,6 +232,7 @@ class FleetDriver:
             # one copy (updates of 2.5 × the weights' norm, refused; no real node does so).
             trainer.local.columns.clear()
             trainer.local.residual.clear()
+            trainer.model = None  # and no other node's AdamW moments: a fresh optimiser
             result = trainer.run(req, self._io(req))
             with self._lock:
                 self._training.pop(m.message_id, None)
@@ -461,6 +463,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sample-seconds", type=float, default=10.0)
     p.add_argument("--buffer-size", type=int, default=0, help="0: results per unit period / 4")
     p.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
+    p.add_argument(
+        "--init", type=Path, default=None,
+        help="stage-2 checkpoint to start from (default: a random tiny model); the column "
+        "check's tolerance is calibrated on trained seeds",
+    )  # fmt: skip
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--name", default=None, help="result file name (default fleet_soak[_db])")
     return p.parse_args()
@@ -485,9 +492,11 @@ def main() -> None:
     cfg = load_config("tiny", overrides=["train.batch_size=4", "train.seq_len=32"])
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fleetsoak-"))
     corpus = prepare_corpus("stdlib", cfg.model.vocab_size, max_bytes=3_000_000)
-    torch.manual_seed(0)
-    seed = work / "stage2.safetensors"
-    save_checkpoint(seed, PerspectiveModel(cfg, moe=True), cfg, stage=2, step=0)
+    seed = args.init
+    if seed is None:
+        torch.manual_seed(0)
+        seed = work / "stage2.safetensors"
+        save_checkpoint(seed, PerspectiveModel(cfg, moe=True), cfg, stage=2, step=0)
     with _database(args.db) as db_url:
         coord = Coordinator(cfg, work / "coordinator", corpus, db_url=db_url)
         coord.start()
@@ -537,6 +546,7 @@ def run(args, cfg, corpus, seed: Path, work: Path, coord, db_url) -> None:
     summary = summarise(args, sampler.samples, driver, coord, everything)
     knobs = ("buffer_size", "lease_seconds", "max_in_flight", "steps_per_unit")
     summary["settings"] = {k: getattr(settings, k) for k in knobs}
+    summary["init"] = str(seed) if args.init else "random tiny model"
     summary["samples"] = sampler.samples
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
