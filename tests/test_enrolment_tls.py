@@ -39,6 +39,7 @@ from participant.report import NodeReporter
 from shared_model.identity import make_node_key
 from shared_model.processes import free_port
 from tests.conftest import wait_for
+from tests.test_deploy_proxy import NGINX
 from tests.test_secure_network import CLI, cli, query, spawn, stop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
@@ -203,6 +204,11 @@ def test_a_key_unregistered_by_hand_is_reported_once_not_at_every_key_sync(host,
     assert len(host.events("participant.key_refused", pid)) == 1
 
 
+@pytest.mark.skipif(
+    NGINX is not None,
+    reason="test_secure_network runs this volunteer (join refusals, training over TLS, "
+    "revocation: exit 3) through nginx",
+)
 def test_volunteer_joins_trains_over_tls_and_stops_for_good_when_revoked(host, tmp_path):
     volunteer, token = tmp_path / "alice", host.enrolment_token()
     # Without the CA's fingerprint the network's own certificate is not trusted: the join

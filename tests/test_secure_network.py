@@ -223,14 +223,17 @@ def test_volunteer_enrols_trains_survives_an_outage_and_is_revoked(host, tmp_pat
     created = host.api("POST", "/enrolment-tokens", json={"note": "alice"})
     assert created.status_code == 201, created.text
     token = created.json()["token"]
-    # A wrong pinned fingerprint: refused before the token is sent, nothing written.
+    # Without a pinned fingerprint the network's own CA is not trusted; with a wrong one
+    # the join is refused before the token is sent. Either way nothing is written.
     wrong = "AB:" * 31 + "AB"
-    done = subprocess.run([*CLI, "participant", "join", host.public_url, "--token", token,
-                           "--name", "alice", "--state-dir", str(volunteer),
-                           "--ca-fingerprint", wrong], capture_output=True, text=True)  # fmt: skip
-    said = " ".join(done.stderr.replace("│", " ").split())  # typer wraps errors in a box
-    assert done.returncode != 0 and "do not enrol" in said, done.stderr
-    assert not (volunteer / "participant.json").exists()
+    for pin, refusal in (([], "give --ca-fingerprint"), (["--ca-fingerprint", wrong],
+                                                          "do not enrol")):  # fmt: skip
+        done = subprocess.run([*CLI, "participant", "join", host.public_url, "--token", token,
+                               "--name", "alice", "--state-dir", str(volunteer), *pin],
+                              capture_output=True, text=True)  # fmt: skip
+        said = " ".join(done.stderr.replace("│", " ").split())  # typer wraps errors in a box
+        assert done.returncode != 0 and refusal in said, done.stderr
+        assert not (volunteer / "participant.json").exists()
     t_join = time.time()
     out = cli("participant", "join", host.public_url, "--token", token, "--name", "alice",
               "--state-dir", str(volunteer), "--ca-fingerprint", host.fingerprint,
@@ -320,4 +323,8 @@ def _revoked_is_refused(host: Host, pid: int, volunteer: Path, daemon) -> None:
     assert daemon.wait(timeout=120) == 3
     assert [e for e in host.events("participant.refused") if e[1] == pid] == reported_before
     assert '"participant.revoked"' in _events_text(volunteer)
+    said = (volunteer.parent / "participant.log").read_text()
+    assert "revoked participant" in said and "participant join" in said, said[-3000:]
+    assert "participant_revoked" in said, said[-3000:]  # the coordinator's answer to its report
+    assert json.loads((volunteer / "status.json").read_text())["state"] == "revoked"
     assert host.accepted(pid, after_id=last) == 0, "a revoked participant's result was accepted"
