@@ -71,10 +71,10 @@ def test_daemon_resumes_after_superlink_outage(tmp_path) -> None:
         progress = read_status(tmp_path / "participant", sample_s=0.0)["progress"]
         assert progress["threads"] == 1 and progress["device"] == reply.capability.device
         node_id = driver.node_ids()[0]
-        usage = tree_usage(daemon.pids(), interval=5.0)
+        usage = tree_usage(daemon.pids(), interval=2.0)
         print(
             f"\nidle participant (SuperNode + worker): RSS {usage['rss_bytes'] / 1e6:.0f} MB, "
-            f"CPU {usage['cpu_percent']:.1f} % over 5 s, {usage['processes']:.0f} processes"
+            f"CPU {usage['cpu_percent']:.1f} % over 2 s, {usage['processes']:.0f} processes"
         )
         driver.close()
         driver = None
