@@ -322,12 +322,15 @@ def _saved_bounds(path: str | Path, meta: dict[str, str]) -> dict | None:
         return None
     try:
         saved = json.loads(meta[_BOUNDS_KEY])
+        problem = None if isinstance(saved, dict) else f"a {type(saved).__name__}, not an object"
     except json.JSONDecodeError as exc:
+        problem = f"not JSON ({exc})"
+    if problem is not None:
         raise ValueError(
-            f"{path}: its {_BOUNDS_KEY!r} metadata is not JSON ({exc}); restore the state "
-            "file from a backup, or delete the key to restart the bounds' history"
-        ) from exc
-    return saved if isinstance(saved, dict) else None
+            f"{path}: its {_BOUNDS_KEY!r} metadata is {problem}; restore the state file from "
+            "a backup, or delete the key to restart the bounds' history"
+        )
+    return saved
 
 
 def _section(flat: State, prefix: str) -> State:

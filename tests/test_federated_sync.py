@@ -111,6 +111,22 @@ def test_state_save_load_roundtrip(state, tmp_path):
     assert theirs.content_id == ours.content_id
 
 
+@pytest.mark.parametrize("bad", ["{not json", "[1, 2]"])
+def test_state_with_malformed_update_bounds_is_refused(state, tmp_path, bad):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "state.safetensors"
+    state.save(path, bounds={"stage": 3, "peak_lr": 1e-3, "history": {}})
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(path)), str(path), metadata={**meta, "update_bounds": bad})
+    cfg = load_config("tiny")
+    other = CoordinatorState(cfg, PerspectiveModel(cfg, moe=True), state.store, OLD_STATE_KNOBS)
+    with pytest.raises(ValueError, match="'update_bounds' metadata is .*restore the state file"):
+        other.load(path)
+
+
 def test_diversity_step_pushes_the_column_masters_apart(tmp_path):
     """``diversity_lr > 0``: publishing first steps every expert weight of every column down
     the gradient of the diversity term (the masters' mean pairwise cosine falls)."""
