@@ -26,7 +26,15 @@ from shared_model.codec import (
     encode_sparse,
     encode_ternary,
 )
-from shared_model.codec.container import CODEC_TRITS_ANS, CODEC_TRITS_ZSTD, pack_container
+from shared_model.codec.container import (
+    BASE,
+    CODEC_TRITS_ANS,
+    CODEC_TRITS_ZSTD,
+    FLAG_UNHASHED,
+    PREFIX_SIZE,
+    pack_container,
+    parse_container,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 shapes = st.lists(st.integers(0, 13), min_size=0, max_size=3).map(tuple)
@@ -103,6 +111,7 @@ def _sample() -> bytes:
         (lambda b: b"XXXX" + b[4:], BadMagicError, "magic"),
         (lambda b: b[:4] + b"\x09" + b[5:], VersionError, "version"),
         (lambda b: b[:5] + b"\x63" + b[6:], VersionError, "codec"),
+        (lambda b: b[:6] + b"\x02\x00" + b[8:], MalformedError, "unknown container flags"),
         (lambda b: b[:-1] + bytes([b[-1] ^ 1]), ChecksumError, "sha256"),
         (lambda b: b + b"\x00", MalformedError, "trailing"),
     ],
@@ -110,6 +119,31 @@ def _sample() -> bytes:
 def test_malformed_containers(mutate, error, message) -> None:
     with pytest.raises(error, match=message):
         decode_ternary(mutate(_sample()))
+
+
+@pytest.mark.parametrize("codec", [CODEC_TRITS_ZSTD, CODEC_TRITS_ANS, "sparse"])
+def test_unhashed_container_is_the_hashed_one_without_its_digest(codec) -> None:
+    """Byte-exact: flag 0x1 set and the 32 digest bytes left out, nothing else changes;
+    both decode to the same tensor. (Bundles carry these: the blob is content-addressed.)"""
+    rng = np.random.default_rng(5)
+    if codec == "sparse":
+        values = rng.normal(size=300).astype(np.float32)
+        hashed, _ = encode_sparse(values, "g", chunk=64, k=8)
+        unhashed, _ = encode_sparse(values, "g", chunk=64, k=8, hashed=False)
+        decode = decode_sparse
+    else:
+        trits = _trits(rng, (7, 9), 0.6)
+        hashed = encode_ternary(trits, 0.25, "w", codec=codec)
+        unhashed = encode_ternary(trits, 0.25, "w", codec=codec, hashed=False)
+        decode = decode_ternary
+    flags = struct.pack("<H", FLAG_UNHASHED)
+    assert unhashed == hashed[:6] + flags + hashed[8 : BASE.size] + hashed[PREFIX_SIZE:]
+    assert len(hashed) - len(unhashed) == 32
+    for a, b in zip(decode(hashed), decode(unhashed), strict=True):
+        assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
+    assert parse_container(unhashed).size == len(unhashed)
+    with pytest.raises(TruncatedError, match="needs"):
+        decode(unhashed[:-1])
 
 
 def _ternary_header(shape, counts, scale=1.0) -> bytes:

@@ -45,6 +45,9 @@ SEEDS = [
     encode_ternary(_OLD, 0.5, "a", codec=2),
     encode_delta(_OLD, _NEW, 0.5, 0.6),
     encode_sparse(_rng.normal(size=50).astype(np.float32), "g", chunk=16, k=3)[0],
+    # Unhashed, as bundles carry them: mutations reach the parsers without a reseal.
+    encode_ternary(_OLD, 0.5, "a", codec=2, hashed=False),
+    encode_sparse(_rng.normal(size=50).astype(np.float32), "g", chunk=16, k=3, hashed=False)[0],
 ]
 
 

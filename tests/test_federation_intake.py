@@ -25,11 +25,12 @@ from coordinator.routing.assignment import initial_assignment
 from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.blobs import BlobStore
 from shared_model.blobs.store import sha256_hex
+from shared_model.codec.container import BASE, parse_container
 from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.federated.updates import make_bundle
 from shared_model.model import PerspectiveModel
-from shared_model.wire.perspective.v1 import tensor_pb2
+from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 
 NODE = 1 << 63 | 12345  # Flower node ids use the full unsigned 64-bit range
 
@@ -127,6 +128,34 @@ def test_accept_apply_publish_and_duplicate(tmp_path, corpus):
     with loop.factory() as s:
         rows = s.query(Result).all()
     assert len(rows) == 2 and {r.applied_in_version for r in rows} == {1}
+
+
+def _bundle_containers(store, ref) -> list:
+    bundle = control_pb2.TensorBundle.FromString(store.get(ref.content_id))
+    return [parse_container(t.payload) for t in bundle.tensors]
+
+
+def test_bundles_up_and_down_carry_unhashed_containers(tmp_path, corpus):
+    """The participant's uploads and the coordinator's versions frame each tensor without
+    the container's own sha256 (the blob's content id already covers it: 32 bytes a
+    tensor saved on the wire), and what they carry is applied as before."""
+    loop, train = make_loop(tmp_path, corpus)
+    for _ in range(2):
+        _, result = lease_and_train(loop, train, tmp_path)
+        assert loop.receive(NODE, result).accepted
+        refs = [d.delta for d in result.column_deltas] + [result.shared_update.blob]
+        for ref in refs:
+            for item in _bundle_containers(loop.state.store, ref):
+                assert item.size == BASE.size + len(item.header) + len(item.payload)
+    assert loop.state.version == 1
+    manifest = control_pb2.VersionManifest.FromString(
+        loop.state.store.get(loop.state.publisher.manifests[1].content_id)
+    )
+    down = [manifest.shared, *manifest.columns.values()]
+    assert all(_bundle_containers(loop.state.store, ref) for ref in down)
+    for ref in down:
+        for item in _bundle_containers(loop.state.store, ref):
+            assert item.size == BASE.size + len(item.header) + len(item.payload)
 
 
 def test_rejections_store_reason_and_change_nothing(tmp_path, corpus):
@@ -297,7 +326,6 @@ def test_inflated_token_claims_are_refused_and_credit_untouched(tmp_path, corpus
 def test_a_node_cannot_fail_another_nodes_lease(tmp_path, corpus):
     """``failed_units`` in a reply only fail the sender's own leases."""
     from coordinator.flower.driver import Reply
-    from shared_model.wire.perspective.v1 import control_pb2
 
     loop, train = make_loop(tmp_path, corpus)
     req, _ = lease_and_train(loop, train, tmp_path)  # leased to NODE
@@ -323,8 +351,7 @@ def _inf_scale_bundle(store, bundle_id: str, lease: str) -> str:
     import struct
 
     from shared_model.codec import decode_ternary
-    from shared_model.codec.container import Reader, pack_container, parse_container, read_shape
-    from shared_model.wire.perspective.v1 import control_pb2
+    from shared_model.codec.container import Reader, pack_container, read_shape
 
     bundle = control_pb2.TensorBundle.FromString(store.get(bundle_id))
     tensor = bundle.tensors[0]

@@ -5,14 +5,17 @@ Layout (little-endian)::
     0   4  magic b"PTRN"
     4   1  format version (1)
     5   1  codec id
-    6   2  flags (must be 0)
+    6   2  flags: bit 0 = unhashed (no digest field), other bits must be 0
     8   4  header length H
     12  8  payload length P
-    20 32  sha256(header || payload)
-    52  H  codec header
-    52+H P payload
+    20 32  sha256(header || payload), absent when unhashed
+    D   H  codec header (D = 52, or 20 when unhashed)
+    D+H P  payload
 
 Parsing checks every length against the real buffer before anything is allocated.
+Unhashed containers are for content-addressed transport only (the tensors of a
+``TensorBundle``, whose blob digest is checked by the blob service on upload and
+download): there a second digest per tensor is 32 bytes of pure overhead.
 """
 
 from __future__ import annotations
@@ -33,8 +36,11 @@ from shared_model.codec.errors import (
 
 MAGIC = b"PTRN"
 FORMAT_VERSION = 1
-PREFIX = struct.Struct("<4sBBHIQ32s")
-PREFIX_SIZE = PREFIX.size  # 52
+BASE = struct.Struct("<4sBBHIQ")  # magic, version, codec, flags, H, P: 20 bytes
+DIGEST_SIZE = 32
+PREFIX_SIZE = BASE.size + DIGEST_SIZE  # 52: the prefix of a hashed container
+FLAG_UNHASHED = 0x0001
+KNOWN_FLAGS = FLAG_UNHASHED
 
 CODEC_TRITS_ZSTD = 1
 CODEC_TRITS_ANS = 2
@@ -64,16 +70,22 @@ class Container:
     size: int  # total bytes this container occupies
 
 
-def pack_container(codec: int, header: bytes, payload: bytes) -> bytes:
-    """Frame ``header`` and ``payload`` for ``codec``; returns the container bytes."""
+def pack_container(codec: int, header: bytes, payload: bytes, *, hashed: bool = True) -> bytes:
+    """Frame ``header`` and ``payload`` for ``codec``; returns the container bytes.
+
+    Args:
+        hashed: carry sha256(header || payload). Pass ``False`` only for containers whose
+            transport already checks a digest over them (the tensors of a bundle blob).
+    """
     if codec not in KNOWN_CODECS:
         raise VersionError(f"unknown codec id {codec}")
-    digest = hashlib.sha256(header)
-    digest.update(payload)
-    prefix = PREFIX.pack(
-        MAGIC, FORMAT_VERSION, codec, 0, len(header), len(payload), digest.digest()
-    )
-    return b"".join((prefix, header, payload))
+    flags = 0 if hashed else FLAG_UNHASHED
+    parts = [BASE.pack(MAGIC, FORMAT_VERSION, codec, flags, len(header), len(payload))]
+    if hashed:
+        digest = hashlib.sha256(header)
+        digest.update(payload)
+        parts.append(digest.digest())
+    return b"".join((*parts, header, payload))
 
 
 def parse_container(data: bytes | bytearray | memoryview, *, exact: bool = True) -> Container:
@@ -83,11 +95,11 @@ def parse_container(data: bytes | bytearray | memoryview, *, exact: bool = True)
         TruncatedError, BadMagicError, VersionError, ChecksumError, MalformedError.
     """
     view = memoryview(data).cast("B")
-    if len(view) < PREFIX_SIZE:
+    if len(view) < BASE.size:
         if bytes(view[:4]) != MAGIC[: len(view[:4])]:
             raise BadMagicError(f"not a codec container: starts with {bytes(view[:4])!r}")
-        raise TruncatedError(f"container prefix needs {PREFIX_SIZE} bytes, got {len(view)}")
-    magic, version, codec, flags, hlen, plen, digest = PREFIX.unpack_from(view, 0)
+        raise TruncatedError(f"container prefix needs {BASE.size} bytes, got {len(view)}")
+    magic, version, codec, flags, hlen, plen = BASE.unpack_from(view, 0)
     if magic != MAGIC:
         raise BadMagicError(f"not a codec container: magic {magic!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
@@ -96,23 +108,28 @@ def parse_container(data: bytes | bytearray | memoryview, *, exact: bool = True)
         )
     if codec not in KNOWN_CODECS:
         raise VersionError(f"unknown codec id {codec} (known: {sorted(KNOWN_CODECS)})")
-    if flags != 0:
-        raise MalformedError(f"reserved flags must be 0, got {flags:#x}")
+    if flags & ~KNOWN_FLAGS:
+        raise MalformedError(f"unknown container flags {flags & ~KNOWN_FLAGS:#x} (known: 0x1)")
     if hlen > MAX_HEADER:
         raise LimitError(f"codec header claims {hlen} bytes (limit {MAX_HEADER})")
-    total = PREFIX_SIZE + hlen + plen
+    hashed = not flags & FLAG_UNHASHED
+    start = PREFIX_SIZE if hashed else BASE.size
+    if len(view) < start:
+        raise TruncatedError(f"container prefix needs {start} bytes, got {len(view)}")
+    total = start + hlen + plen
     if len(view) < total:
         raise TruncatedError(
             f"container needs {total} bytes (header {hlen}, payload {plen}), got {len(view)}"
         )
     if exact and len(view) != total:
         raise MalformedError(f"{len(view) - total} trailing bytes after the container")
-    header = view[PREFIX_SIZE : PREFIX_SIZE + hlen]
-    payload = view[PREFIX_SIZE + hlen : total]
-    check = hashlib.sha256(header)
-    check.update(payload)
-    if check.digest() != digest:
-        raise ChecksumError("sha256 of container contents does not match its header")
+    header = view[start : start + hlen]
+    payload = view[start + hlen : total]
+    if hashed:
+        check = hashlib.sha256(header)
+        check.update(payload)
+        if check.digest() != bytes(view[BASE.size : PREFIX_SIZE]):
+            raise ChecksumError("sha256 of container contents does not match its header")
     return Container(codec=codec, header=header, payload=payload, size=total)
 
 
@@ -199,11 +216,12 @@ def read_shape(reader: Reader, expected: int | None = None) -> tuple[tuple[int, 
 def reseal(blob: bytes) -> bytes:
     """``blob`` with its checksum recomputed over the header and payload its prefix frames
     (fuzzing: mutations then reach the codec-specific parsers instead of stopping at the
-    checksum). Blobs too short for a prefix or of an unknown codec come back unchanged."""
+    checksum). Blobs too short for a prefix, of an unknown codec or unhashed (nothing to
+    recompute) come back unchanged."""
     if len(blob) < PREFIX_SIZE:
         return blob
-    _, _, codec, _, hlen, plen, _ = PREFIX.unpack_from(blob, 0)
-    if codec not in KNOWN_CODECS:
+    _, _, codec, flags, hlen, plen = BASE.unpack_from(blob, 0)
+    if codec not in KNOWN_CODECS or flags & FLAG_UNHASHED:
         return blob
     header = blob[PREFIX_SIZE : PREFIX_SIZE + hlen]
     return pack_container(codec, header, blob[PREFIX_SIZE + hlen : PREFIX_SIZE + hlen + plen])

@@ -61,9 +61,18 @@ def _levels(mags: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def encode_sparse(
-    values: np.ndarray, name: str = "", *, chunk: int = DEFAULT_CHUNK, k: int = DEFAULT_TOPK
+    values: np.ndarray,
+    name: str = "",
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    k: int = DEFAULT_TOPK,
+    hashed: bool = True,
 ) -> tuple[bytes, np.ndarray]:
-    """Compress ``values``; returns ``(container bytes, the float32 array it decodes to)``."""
+    """Compress ``values``; returns ``(container bytes, the float32 array it decodes to)``.
+
+    ``hashed=False`` leaves out the container's sha256, for content-addressed blobs only
+    (:func:`~shared_model.codec.container.pack_container`).
+    """
     arr = np.asarray(values, np.float32)
     if not np.all(np.isfinite(arr)):
         raise CodecError(f"pseudo-gradient {name!r} contains NaN or Inf")
@@ -94,7 +103,8 @@ def encode_sparse(
         struct.pack("<H", len(raw)) + raw + write_shape(arr.shape) + struct.pack("<II", chunk, k)
     )
     payload = struct.pack("<Q", len(parts[0])) + b"".join(parts)
-    return pack_container(CODEC_SPARSE_2BIT, header, payload), recon.reshape(arr.shape)
+    container = pack_container(CODEC_SPARSE_2BIT, header, payload, hashed=hashed)
+    return container, recon.reshape(arr.shape)
 
 
 def decode_sparse(

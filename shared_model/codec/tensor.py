@@ -58,7 +58,13 @@ def _header(name: str, dtype: str, shape: tuple[int, ...], scale: float, counts)
 
 
 def encode_ternary(
-    trits: np.ndarray, scale: float, name: str = "", *, dtype: str = "float32", codec: int = 0
+    trits: np.ndarray,
+    scale: float,
+    name: str = "",
+    *,
+    dtype: str = "float32",
+    codec: int = 0,
+    hashed: bool = True,
 ) -> bytes:
     """Encode a ternary tensor ``trits * scale`` into one container.
 
@@ -69,6 +75,8 @@ def encode_ternary(
         dtype: dtype the dense tensor stands for (float32, float16, bfloat16).
         codec: 0 = choose (zstd if within 0.8 % of the entropy bound, else rANS),
             or force ``CODEC_TRITS_ZSTD`` / ``CODEC_TRITS_ANS``.
+        hashed: carry the container's sha256; ``False`` only inside a content-addressed
+            blob (:func:`~shared_model.codec.container.pack_container`).
 
     Returns:
         Container bytes.
@@ -86,10 +94,11 @@ def encode_ternary(
         payload = zstd_compress(symbols)
         bound = entropy_bits(counts) / 8 + 64  # 64 bytes: frame + rANS state overhead
         if codec == CODEC_TRITS_ZSTD or len(payload) <= ZSTD_SLACK * bound:
-            return pack_container(CODEC_TRITS_ZSTD, header, payload)
+            return pack_container(CODEC_TRITS_ZSTD, header, payload, hashed=hashed)
     n_pad = symbols.size * 5
     model = product_model((counts[0], counts[1] + n_pad - arr.size, counts[2]), max(n_pad, 1))
-    return pack_container(CODEC_TRITS_ANS, header, ans_encode([(symbols, model)]))
+    payload = ans_encode([(symbols, model)])
+    return pack_container(CODEC_TRITS_ANS, header, payload, hashed=hashed)
 
 
 def decode_ternary(

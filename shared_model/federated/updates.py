@@ -12,7 +12,9 @@ A :class:`~shared_model.wire.perspective.v1.control_pb2.TensorBundle` carries se
 named updates plus, per tensor, the sha256 of the float32 tensor the receiver must end up
 with, so a replica can prove it is bit-identical to the coordinator's published state.
 :func:`encode_bundle` is the one sender (participant uploads and coordinator versions);
-:func:`read_bundle` the one receiver.
+:func:`read_bundle` the one receiver. A bundle travels as a content-addressed blob (its
+sha256 checked on store and on fetch), so its tensors' containers go unhashed
+(docs/wire-format.md §2).
 """
 
 from __future__ import annotations
@@ -65,10 +67,11 @@ def encode_update(
     if codec == "ternary":
         trits, scale = ternarize(flat)
         trits8 = trits.to(torch.int8)  # int8 first: a -0.0 trit must decode as +0.0
-        payload = wire.encode_ternary(trits8.numpy().reshape(-1), float(scale[0]), name)
+        trits_np = trits8.numpy().reshape(-1)
+        payload = wire.encode_ternary(trits_np, float(scale[0]), name, hashed=False)
         values = trits8.to(torch.float32) * scale[0]
     elif codec == "sparse":
-        payload, sparse = wire.encode_sparse(flat.numpy().reshape(-1), name)
+        payload, sparse = wire.encode_sparse(flat.numpy().reshape(-1), name, hashed=False)
         values = torch.from_numpy(np.ascontiguousarray(sparse, np.float32))
     else:
         raise UpdateError(f"unknown update codec {codec!r}: allowed {', '.join(UPDATE_CODECS)}")
