@@ -392,10 +392,15 @@ def plot(report: dict, path: Path) -> None:
 
 
 def merge(paths: list[Path], name: str) -> None:
-    """One report from several (same settings, different seeds; e.g. run in parallel)."""
+    """One report from several (same settings, different seeds or arms; e.g. run in
+    parallel). Per seed, an arm in a later file replaces the same arm of an earlier one:
+    a re-run of one arm merges with the other arms of its seed."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
     report = {k: v for k, v in reports[0].items() if k not in ("summary", "runs")}
-    runs = {int(k): v for r in reports for k, v in r["runs"].items()}
+    runs: dict[int, dict] = {}
+    for r in reports:
+        for k, arms in r["runs"].items():
+            runs.setdefault(int(k), {}).update(arms)
     report["summary"] = summarise(runs)
     report["runs"] = {str(k): v for k, v in sorted(runs.items())}
     report["merged_from"] = [str(p) for p in paths]
