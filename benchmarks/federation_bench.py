@@ -93,6 +93,14 @@ def parse_args() -> argparse.Namespace:
         default=1,
         help="torch threads (1: arms are compared on equal terms on a shared machine)",
     )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every arm, e.g. train.batch_size=4 (repeatable)",
+    )
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--name", default="federation_bench", help="result file stem")
     p.add_argument(
@@ -414,7 +422,7 @@ def main() -> None:
     if args.merge:
         return merge(args.merge, args.name)
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.preset)
+    cfg = load_config(args.preset, overrides=args.overrides)
     corpus = prepare_corpus("stdlib", cfg.model.vocab_size)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedbench-"))
     ckpt = str(args.seed_checkpoint or seed_checkpoint(cfg, corpus, work, args.seed_steps))
