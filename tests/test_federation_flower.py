@@ -397,15 +397,15 @@ def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
 
         step_until(loop, both_hold, 120, "both participants to hold leases")
         network.kill_participant(1)
+
         # Any of the victim's leases counts, not only those held at the kill: a result it
         # sent just before dying can still be accepted (its unit is then not redone), and
         # until Flower marks the node offline the loop may lease it more, which expire too.
-        step_until(
-            loop,
-            lambda: any(_redone_by_other(coord, _expired_units(coord, n), n) for n in nodes),
-            300,
-            "an expired unit re-issued and done by the other participant",
-        )
+        def redone() -> bool:
+            expired = {n: _leased_units(coord, n, "expired") for n in nodes}
+            return any(_redone_by_other(coord, expired[n], n) for n in nodes)
+
+        step_until(loop, redone, 300, "an expired unit re-issued and done by the other participant")
         driver.close()
     finally:
         coord.shutdown()
@@ -415,25 +415,15 @@ def _db(coord):
     return sqlite3.connect(coord.work_dir / "coordinator.db")
 
 
-def _leased_units(coord, node_id):
+def _leased_units(coord, node_id, state: str = "leased") -> set[str]:
+    """Units leased to ``node_id`` that are now in ``state`` (``expired``: each has a
+    re-queued copy)."""
     signed = node_id - (1 << 64) if node_id >= 1 << 63 else node_id
     with _db(coord) as db:
         rows = db.execute(
             "select u.unit_id from work_units u join participants p on p.id = u.participant_id "
-            "where p.node_id = ? and u.state = 'leased'",
-            (signed,),
-        ).fetchall()
-    return {r[0] for r in rows}
-
-
-def _expired_units(coord, node_id) -> set[str]:
-    """Units whose lease to ``node_id`` expired (each has a re-queued copy)."""
-    signed = node_id - (1 << 64) if node_id >= 1 << 63 else node_id
-    with _db(coord) as db:
-        rows = db.execute(
-            "select u.unit_id from work_units u join participants p on p.id = u.participant_id "
-            "where p.node_id = ? and u.state = 'expired'",
-            (signed,),
+            "where p.node_id = ? and u.state = ?",
+            (signed, state),
         ).fetchall()
     return {r[0] for r in rows}
 
