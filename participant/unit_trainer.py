@@ -243,11 +243,21 @@ class UnitTrainer:
         return model, teacher
 
     def _batches(self, unit, columns: list[int], batch_size: int, seq_len: int):
-        """Deterministic batches: each sequence is drawn from one column's documents."""
+        """Deterministic batches: each sequence is drawn from one column's documents.
+
+        A column whose documents in this unit hold less than one sequence is not trained in
+        it (its delta is zero): with many columns per unit a column may get one short
+        document, and the unit's other columns must not fail with it.
+        """
         by_column = _documents_by_column(unit, columns)
-        datasets = {c: self.data.subset(ids) for c, ids in by_column.items() if ids}
+        subsets = {c: self.data.subset(ids) for c, ids in by_column.items() if ids}
+        datasets = {c: d for c, d in subsets.items() if d.n_tokens > seq_len}
         if not datasets:
-            raise UnitError(f"unit {unit.unit_id} has no documents for columns {columns}")
+            raise UnitError(
+                f"unit {unit.unit_id} has no column with a sequence's worth of documents "
+                f"({seq_len + 1} tokens) among columns {columns}: the coordinator must send "
+                "more documents per unit or a shorter seq_len"
+            )
         order = sorted(datasets)
         for step in range(unit.steps):
             rows, cols = [], []

@@ -158,6 +158,42 @@ def test_bundles_up_and_down_carry_unhashed_containers(tmp_path, corpus):
             assert item.size == BASE.size + len(item.header) + len(item.payload)
 
 
+def test_a_column_with_less_than_a_sequence_of_documents_trains_nothing(tmp_path, corpus):
+    """A unit whose documents for one column are shorter than a sequence trains its other
+    columns (that column's delta is zero) and is accepted; with no column long enough the
+    participant refuses the unit and says why (the benchmark's 1-participant `small` run
+    had crashed on such a unit)."""
+    from participant.unit_trainer import UnitError
+    from shared_model.federated.updates import read_bundle
+
+    loop, train = make_loop(tmp_path, corpus)
+    with loop.factory.begin() as s:
+        p = db_participants.touch_participant(
+            s, node_id=NODE, capability=db_participants.Capability(max_columns=2)
+        )
+        req = loop.units.request(loop.units.lease(s, p, loop.state), loop.state, NODE)
+    short = next(int(d) for d in train.doc_ids if train.subset([int(d)]).n_tokens <= req.seq_len)
+    first = req.unit.documents[0].column
+    kept = [r for r in req.unit.documents if r.column != first]
+    del req.unit.documents[:]
+    req.unit.documents.add(column=first, doc=short)
+    req.unit.documents.extend(kept)
+    trainer = UnitTrainer(loop.state.cfg, train, tmp_path / "participant")
+    result = trainer.run(req, local_io(loop.state.store, req.unit.unit_id))
+    deltas = {d.column: d.delta for d in result.column_deltas}
+    for column, ref in deltas.items():
+        shapes = {k: tuple(v.shape) for k, v in loop.state.columns.published(column).items()}
+        _, decoded = read_bundle(loop.state.store.get(ref.content_id), kind="column",
+                                 expected=shapes)  # fmt: skip
+        moved = any(bool(t.abs().sum() > 0) for t in decoded.values())
+        assert moved == (column != first), column
+    assert loop.receive(NODE, result).accepted
+    del req.unit.documents[:]
+    req.unit.documents.add(column=first, doc=short)
+    with pytest.raises(UnitError, match="no column with a sequence's worth"):
+        trainer.run(req, local_io(loop.state.store, req.unit.unit_id))
+
+
 def test_rejections_store_reason_and_change_nothing(tmp_path, corpus):
     loop, train = make_loop(tmp_path, corpus)
     req, good = lease_and_train(loop, train, tmp_path)
