@@ -412,6 +412,8 @@ def merge(paths: list[Path], name: str) -> None:
     report["summary"] = summarise(runs)
     report["runs"] = {str(k): v for k, v in sorted(runs.items())}
     report["merged_from"] = [str(p) for p in paths]
+    arms = {a for seed in runs.values() for a in seed if a != "seed_checkpoint"}
+    report["settings"] = {**report.get("settings", {}), "arms": ",".join(sorted(arms))}
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
     plot(report, RESULTS / f"{name}.png")
     print(json.dumps(report["summary"], indent=1))
