@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.blob_uploads import UploadLedger
+from coordinator.coordinator_process import default_columns_per_participant
 from coordinator.flower.driver import Reply
 from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.blobs import BlobStore
@@ -60,6 +61,9 @@ class ReplayDriver:
         publisher: the coordinator's :class:`~coordinator.publishing.Publisher`: units then
             start from the newest version published by the time they *start* on the virtual
             clock, as with the real blob service's ``Head``; ``None``: from the lease's.
+        max_columns: the columns each participant offers to hold; default what ``serve``'s
+            local network and the demo give theirs (every column trained, no more), so the
+            columns per unit, and with them the traffic mix, are the real network's.
     """
 
     def __init__(
@@ -71,8 +75,12 @@ class ReplayDriver:
         step_times: list[float],
         overhead: float = 0.0,
         publisher=None,
+        max_columns: int | None = None,
     ) -> None:
         self.store, self.overhead, self.publisher = store, overhead, publisher
+        if max_columns is None:
+            max_columns = default_columns_per_participant(cfg.moe.n_experts, len(step_times))
+        self.max_columns = max_columns
         # (virtual time, version) whenever the published version changed: a unit is
         # trained when it *finishes* on the virtual clock, so Head must answer with the
         # version as of its start, not the coordinator's newest at that moment.
@@ -144,7 +152,7 @@ class ReplayDriver:
             reply.results.append(result)
             reply.bytes_down, node.down = node.down, 0
             reply.synced_version = node.trainer.replica.version or 0
-        reply.capability.max_columns = 8
+        reply.capability.max_columns = self.max_columns
         return Reply(mid, nid, kind, reply.SerializeToString(), None, None, 0.0)
 
     def _io(self, node: _Node, req: control_pb2.ControlRequest, start: float) -> BlobIO:
