@@ -89,8 +89,12 @@ def test_stage4_ends_fully_ternary(pipeline, cfg, data):
     ternary = evaluate(model, data.dataset("val"), t.eval_batches, t.batch_size, t.seq_len)
     model.set_ternary_fraction(None)
     fp = evaluate(model, data.dataset("val"), t.eval_batches, t.batch_size, t.seq_len)
-    assert results[4].val_loss == pytest.approx(ternary, abs=1e-5)
-    assert abs(fp - ternary) > 1e-3  # the two differ, so the check above means something
+    tol = 1e-5
+    assert results[4].val_loss == pytest.approx(ternary, abs=tol)
+    # The two differ by far more than that tolerance, so the check above means something.
+    # (Not a fixed 1e-3: on 6 steps of tiny the gap is ~1e-3 and varied across runs; one
+    # full run saw 0.00096 and failed a guard that was never about the size of the gap.)
+    assert abs(fp - ternary) > 10 * tol
 
 
 def _losses(history):
