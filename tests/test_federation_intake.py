@@ -130,9 +130,15 @@ def test_accept_apply_publish_and_duplicate(tmp_path, corpus):
     assert len(rows) == 2 and {r.applied_in_version for r in rows} == {1}
 
 
-def _bundle_containers(store, ref) -> list:
-    bundle = control_pb2.TensorBundle.FromString(store.get(ref.content_id))
-    return [parse_container(t.payload) for t in bundle.tensors]
+def _assert_unhashed(store, refs) -> None:
+    """Every tensor of every bundle in ``refs`` is framed without a digest (and there are
+    tensors to check)."""
+    for ref in refs:
+        bundle = control_pb2.TensorBundle.FromString(store.get(ref.content_id))
+        assert bundle.tensors, ref.content_id
+        for t in bundle.tensors:
+            item = parse_container(t.payload)
+            assert item.size == BASE.size + len(item.header) + len(item.payload)
 
 
 def test_bundles_up_and_down_carry_unhashed_containers(tmp_path, corpus):
@@ -143,19 +149,13 @@ def test_bundles_up_and_down_carry_unhashed_containers(tmp_path, corpus):
     for _ in range(2):
         _, result = lease_and_train(loop, train, tmp_path)
         assert loop.receive(NODE, result).accepted
-        refs = [d.delta for d in result.column_deltas] + [result.shared_update.blob]
-        for ref in refs:
-            for item in _bundle_containers(loop.state.store, ref):
-                assert item.size == BASE.size + len(item.header) + len(item.payload)
+        up = [d.delta for d in result.column_deltas] + [result.shared_update.blob]
+        _assert_unhashed(loop.state.store, up)
     assert loop.state.version == 1
     manifest = control_pb2.VersionManifest.FromString(
         loop.state.store.get(loop.state.publisher.manifests[1].content_id)
     )
-    down = [manifest.shared, *manifest.columns.values()]
-    assert all(_bundle_containers(loop.state.store, ref) for ref in down)
-    for ref in down:
-        for item in _bundle_containers(loop.state.store, ref):
-            assert item.size == BASE.size + len(item.header) + len(item.payload)
+    _assert_unhashed(loop.state.store, [manifest.shared, *manifest.columns.values()])
 
 
 def test_a_column_with_less_than_a_sequence_of_documents_trains_nothing(tmp_path, corpus):
