@@ -205,7 +205,7 @@ def test_rejections_store_reason_and_change_nothing(tmp_path, corpus):
     cases["UNKNOWN_LEASE"] = unknown
     # Wrong shapes: a shared bundle whose first tensor has the wrong shape.
     name = sorted(loop.state.shared.master)[0]
-    bad_bundle = make_bundle("shared", -1, 0, {name: b"\x00"}, {name: (1, 2, 3)})
+    bad_bundle = make_bundle("shared", -1, 0, {name: b"\x00"}, {name: (1, 2, 3)}, named=True)
     wrong = type(good)()
     wrong.CopyFrom(good)
     wrong.shared_update.blob.content_id = upload_as(loop.state.store, bad_bundle, good.unit_id)

@@ -328,7 +328,7 @@ def test_decoder_bombs_are_refused_cheaply(tmp_path, corpus, bomb, reason):
     loop, _ = make_loop(tmp_path, corpus)
     name, master = max(loop.state.shared.master.items(), key=lambda kv: kv[1].numel())
     payload = bomb(master.numel())
-    shared = make_bundle("shared", -1, 0, {name: payload}, {name: tuple(master.shape)})
+    shared = make_bundle("shared", -1, 0, {name: payload}, {name: tuple(master.shape)}, named=True)
     result = forge(loop, NODE, shared=shared)
     before = snapshot(loop)
     # ru_maxrss is the process's lifetime peak (earlier tests of a whole suite may have

@@ -99,7 +99,7 @@ class HostileNode:
         shapes = self.shapes["shared" if column < 0 else column]
         name = max(shapes, key=lambda k: len(shapes[k]))
         return make_bundle(kind, column, unit.base_version, {name: _bomb(next(self._nonce))},
-                           {name: shapes[name]})  # fmt: skip
+                           {name: shapes[name]}, named=True)  # fmt: skip
 
 
 def _results(db_path, units) -> dict[str, tuple[str, str | None, int | None]]:

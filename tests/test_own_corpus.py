@@ -10,6 +10,7 @@ test_federation_intake.py; the transports have their own tests).
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -89,7 +90,9 @@ def test_serve_and_demo_refuse_a_missing_corpus_before_starting(tmp_path):
              "--work-dir", str(tmp_path / "w"), "--data", missing]  # fmt: skip
     demo = [*cli, "demo", "--work-dir", str(tmp_path / "d"), "--data", missing]
     for argv, code in ((serve, 1), (demo, 2)):
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        # typer boxes errors at the terminal's width: wide enough that the path is not cut
+        env = {**os.environ, "COLUMNS": "400"}
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
         said = " ".join((done.stdout + done.stderr).replace("│", " ").split())
         assert done.returncode == code, said
         assert "missing.jsonl does not exist: give 'stdlib', a directory" in said, said

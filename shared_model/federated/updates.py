@@ -8,8 +8,9 @@ Two update codecs, both from :mod:`shared_model.codec`:
 * ``sparse`` — SparseLoCo-style top-k per chunk with 2-bit values (≈0.3 bits/param),
   cheaper on the wire, costlier in quality for the shared layers.
 
-A :class:`~shared_model.wire.perspective.v1.control_pb2.TensorBundle` carries several
-named updates plus, per tensor, the sha256 of the float32 tensor the receiver must end up
+A :class:`~shared_model.wire.perspective.v1.control_pb2.TensorBundle` carries every
+update its receiver expects, in sorted-name order (names left out: the receiver knows
+them), plus, per tensor, the sha256 of the float32 tensor the receiver must end up
 with, so a replica can prove it is bit-identical to the coordinator's published state.
 :func:`encode_bundle` is the one sender (participant uploads and coordinator versions);
 :func:`read_bundle` the one receiver. A bundle travels as a content-addressed blob (its
@@ -138,12 +139,22 @@ def make_bundle(
     payloads: dict[str, bytes],
     shapes: dict[str, tuple[int, ...]],
     results: dict[str, torch.Tensor] | None = None,
+    *,
+    named: bool = False,
 ) -> bytes:
-    """Serialise a bundle of named payloads; ``results`` adds per-tensor target digests."""
+    """Serialise a bundle of payloads, in sorted-name order; ``results`` adds per-tensor
+    target digests.
+
+    A bundle always holds every tensor its receiver expects (a whole column, all the
+    shared layers), and the receiver knows their names, so by default the names are left
+    out and the position in sorted-name order says which tensor is which: on ``tiny``
+    the names were ~2 % of a shared upload and 7 % of a sparse column upload.
+    ``named=True`` writes them (what older senders did; :func:`read_bundle` reads both).
+    """
     bundle = control_pb2.TensorBundle(kind=kind, column=column, base_version=base_version)
     for name in sorted(payloads):
         bundle.tensors.add(
-            name=name,
+            name=name if named else "",
             shape=list(shapes[name]),
             payload=payloads[name],
             sha256=tensor_digest(results[name]) if results is not None else "",
@@ -155,6 +166,9 @@ def read_bundle(
     data: bytes, *, kind: str, expected: dict[str, tuple[int, ...]]
 ) -> tuple[control_pb2.TensorBundle, dict[str, torch.Tensor]]:
     """Parse and decode a bundle, checking names and shapes against ``expected``.
+
+    Unnamed tensors (what :func:`make_bundle` writes) are the expected ones in sorted-name
+    order; the names are filled in on the returned bundle.
 
     Returns:
         ``(bundle, {name: decoded float32 tensor})``.
@@ -169,6 +183,7 @@ def read_bundle(
         raise UpdateError(f"not a TensorBundle: {exc}") from exc
     if bundle.kind != kind:
         raise UpdateError(f"bundle kind {bundle.kind!r}, expected {kind!r}")
+    _name_positional(bundle, expected)
     names = [t.name for t in bundle.tensors]
     if len(set(names)) != len(names):
         raise UpdateError("bundle names a tensor twice")
@@ -182,6 +197,25 @@ def read_bundle(
             raise BundleShapeError(f"{t.name}: shape {shape} != expected {tuple(expected[t.name])}")
         out[t.name] = decode_update(t.payload, shape)
     return bundle, out
+
+
+def _name_positional(bundle: control_pb2.TensorBundle, expected: dict) -> None:
+    """Give unnamed tensors their names: the expected ones, in sorted order, all of them."""
+    unnamed = sum(1 for t in bundle.tensors if not t.name)
+    if unnamed == 0:
+        return
+    if unnamed != len(bundle.tensors):
+        raise UpdateError(
+            f"bundle names {len(bundle.tensors) - unnamed} of its {len(bundle.tensors)} tensors:"
+            " a bundle names all of its tensors or none"
+        )
+    if unnamed != len(expected):
+        raise BundleShapeError(
+            f"bundle has {unnamed} unnamed tensors, expected {len(expected)} (an unnamed"
+            " bundle holds every expected tensor, in sorted-name order)"
+        )
+    for t, name in zip(bundle.tensors, sorted(expected), strict=True):
+        t.name = name
 
 
 # --- error feedback ------------------------------------------------------------------
