@@ -3,9 +3,9 @@
 Tolerance: per-step losses within 1e-4 relative of the single-process run on the same
 global batches (measured: equal to ~1e-7 on tiny), final weights within 1e-4 absolute.
 
-The torchrun tests are marked ``integration`` (they start a TCPStore and gloo ranks on
-127.0.0.1), so ``make test`` runs them in its serial phase: in CI, beside a second
-pytest-xdist worker, both once had rank 0 abort after its work was done.
+The torchrun tests are marked ``serial`` (they start a TCPStore and gloo ranks on
+127.0.0.1), so ``make test`` runs them alone, outside pytest-xdist: in CI, under an
+xdist worker, both once had rank 0 abort after its work was done.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _weights_close(a: str, b: str, atol: float = 1e-4):
 
 
 @pytest.mark.slow
-@pytest.mark.integration  # torchrun: a TCPStore and gloo ranks on 127.0.0.1
+@pytest.mark.serial  # torchrun: a TCPStore and gloo ranks on 127.0.0.1
 def test_stage1_two_ranks_match_one_and_resume_across_world_sizes(tmp_path, cfg, data_dir):
     ref, ref_result = _reference(cfg, 1, tmp_path / "ref", data_dir)
     # 2 ranks write the step-2 checkpoint, 1 rank resumes it to the end ...
@@ -123,7 +123,7 @@ def test_stage1_two_ranks_match_one_and_resume_across_world_sizes(tmp_path, cfg,
 
 
 @pytest.mark.slow
-@pytest.mark.integration  # torchrun: a TCPStore and gloo ranks on 127.0.0.1
+@pytest.mark.serial  # torchrun: a TCPStore and gloo ranks on 127.0.0.1
 def test_stage3_two_ranks_expert_parallel_match_one(tmp_path, cfg, data_dir):
     short = load_config("tiny", overrides=[*OVERRIDES, "train.steps=1"])
     _reference(short, 1, tmp_path / "s1", data_dir)
