@@ -101,6 +101,12 @@ def parse_args() -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="config override for every arm, e.g. train.batch_size=4 (repeatable)",
     )
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=None,
+        help="flower mode: cap on the SuperNodes' poll (participant local --poll-interval)",
+    )
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--name", default="federation_bench", help="result file stem")
     p.add_argument(
@@ -276,6 +282,7 @@ def _over_flower(cfg, coord, work: Path, args, participants: int, settings) -> d
         participants,
         preset=cfg.name,
         max_columns=default_columns_per_participant(cfg.moe.n_experts, participants),
+        poll_interval=args.poll_interval,
     )
     with net:
         driver = net.open_driver()

@@ -10,7 +10,7 @@ from rich.live import Live
 from rich.table import Table
 
 from coordinator.db import participants as db_participants
-from coordinator.db.stats import accepted_unit_columns
+from coordinator.db.stats import accepted_unit_columns, training_seconds_by_participant
 from coordinator.traffic import per_sync_bits
 from shared_model.config import PerspectiveConfig
 
@@ -91,12 +91,17 @@ class DemoView:
             self.live.stop()
             self.live = None
         st = loop.stats
+        wall = time.monotonic() - self._t0
         final_val = loop.evaluate()
         traffic = dict(traffic or {})
         # A participant's first checkpoint is its join; later ones would be reloads.
         traffic["join"] = traffic.pop("checkpoint", 0)
         with loop.factory() as s:
             columns = accepted_unit_columns(s, stage=f"stage{stage}")
+            trained = training_seconds_by_participant(s, stage=f"stage{stage}")
+        # Training / wall per participant over the whole stage (joins and the first lease
+        # included): how busy the network keeps each machine.
+        busy = {str(p): t / wall for p, t in sorted(trained.items())} if wall > 0 else {}
         self.stages[stage] = {
             "versions_end": loop.state.version,
             "tokens": st.tokens,
@@ -108,8 +113,10 @@ class DemoView:
             "bytes_down": st.bytes_down,
             "traffic": traffic,
             **per_sync_bits(self.cfg, traffic, columns, self.n),
-            "utilisation": st.train_s / st.unit_s if st.unit_s else None,
-            "seconds": time.monotonic() - self._t0,
+            "utilisation": min(busy.values()) if busy else None,
+            "utilisation_by_participant": busy,
+            "train_share_of_unit_time": st.train_s / st.unit_s if st.unit_s else None,
+            "seconds": wall,
         }
 
     def summary(self, stage1, work: Path) -> dict:
@@ -139,7 +146,7 @@ class DemoView:
             return
         table = Table(title="Perspective demo summary (val: same held-out sequences)")
         cols = ("stage", "val loss (first → last)", "tokens", "versions", "up", "down")
-        for col in (*cols, "bits/param up·down/sync", "join, data", "util"):
+        for col in (*cols, "bits/param up·down/sync", "join, data", "train/wall (min)"):
             table.add_column(col)
         seed = summary.get("seed_val_loss")
         seed_val = f"{seed:.4f}" if seed is not None else f"{summary['stage1_val_loss']:.4f}"

@@ -55,6 +55,8 @@ class LocalNetwork:
     config: Path | None = None
     threads: int = 1
     max_columns: int = 4
+    #: Cap on the SuperNodes' poll (``participant local --poll-interval``; None: Flower's 3 s)
+    poll_interval: float | None = None
     superlink: SuperLinkProcess | None = None
     participants: list[LocalParticipant] = field(default_factory=list)
 
@@ -82,6 +84,8 @@ class LocalNetwork:
         ]  # fmt: skip
         if self.config is not None:
             argv += ["--config", str(self.config)]
+        if self.poll_interval is not None:
+            argv += ["--poll-interval", str(self.poll_interval)]
         process = ManagedProcess(
             f"participant-{i}", argv, FLOWER_QUIET_ENV, base / "participant.log", health_url=None
         )

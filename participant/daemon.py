@@ -114,6 +114,8 @@ class DaemonConfig:
         stable_s: A SuperNode up this long resets the back-off.
         stop_grace_s: On shutdown the worker may finish its unit this long (result kept).
         worker_argv: Replace the worker command (``None``: ``perspective participant worker``).
+        poll_interval: Cap on the SuperNode's poll sleeps (``None``: Flower's 3 s;
+            :mod:`participant.flower.supernode_main`).
     """
 
     state_dir: Path
@@ -129,6 +131,7 @@ class DaemonConfig:
     stable_s: float = 60.0
     worker_argv: list[str] | None = None
     stop_grace_s: float = 20.0
+    poll_interval: float | None = None
 
 
 class ParticipantDaemon:
@@ -236,6 +239,7 @@ class ParticipantDaemon:
             auth_private_key=cfg.auth_private_key,
             superexec_secret_file=self.secret_file,
             max_wait_time=cfg.max_wait_time,
+            poll_interval=cfg.poll_interval,
         )
         log_path = self.supernode.log_path
         self._log_offset = log_path.stat().st_size if log_path.exists() else 0

@@ -48,6 +48,10 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
     s3, s4 = summary["stages"]["3"], summary["stages"]["4"]
     for stage in (s3, s4):
         assert stage["tokens"] > 0 and stage["bytes_up"] > 0 and stage["bytes_down"] > 0
+        # training / wall of each participant (one trainer each: at most the whole stage)
+        busy = stage["utilisation_by_participant"]
+        assert len(busy) == 2 and all(0 < b <= 1 for b in busy.values()), busy
+        assert stage["utilisation"] == min(busy.values())
     # The network improved on the central seed it started from, both scored on the same
     # held-out sequences (stage 1's own val loss is on other sequences: not comparable),
     # and with its experts fully ternary by the end of stage 4. Stage 3 alone gets ~30 s

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+from participant.flower.supernode_main import check_poll_interval
 from shared_model.processes import (
     FLOWER_QUIET_ENV,
     ManagedProcess,
@@ -73,6 +74,9 @@ class SuperNodeProcess(ManagedProcess):
         superexec_secret_file: Secret guarding ``AcquireTask``; generated if ``None``
             in process isolation (pass the same file to the worker).
         max_wait_time: Give up reconnecting after this many seconds (``None``: forever).
+        poll_interval: Cap on the SuperNode's sleeps between pulls (Flower's are 3 s idle,
+            0.5 s while waiting for a reply; :mod:`participant.flower.supernode_main`);
+            ``None``: Flower's own.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class SuperNodeProcess(ManagedProcess):
         isolation: str = "process",
         superexec_secret_file: Path | None = None,
         max_wait_time: float | None = None,
+        poll_interval: float | None = None,
     ) -> None:
         if isolation not in ("process", "subprocess"):
             raise ValueError(f"isolation must be 'process' or 'subprocess', got {isolation!r}")
@@ -99,7 +104,12 @@ class SuperNodeProcess(ManagedProcess):
         if isolation == "process" and superexec_secret_file is None:
             superexec_secret_file = write_secret_file(self.work_dir / "runtime.secret")
         self.superexec_secret_file = superexec_secret_file
-        argv = [console_script("flower-supernode"), "--superlink", superlink_address]
+        argv = [console_script("flower-supernode")]
+        if poll_interval is not None:
+            check_poll_interval(poll_interval)
+            argv = [sys.executable, "-m", "participant.flower.supernode_main"]
+            argv += ["--poll-interval", str(poll_interval)]
+        argv += ["--superlink", superlink_address]
         argv += ["--host", "127.0.0.1", "--port", str(self.runtime_port), "--isolation", isolation]
         if node_config:
             argv += ["--node-config", format_node_config(node_config)]
@@ -160,18 +170,20 @@ def run_local_participant(
     config: Path | None,
     threads: int,
     max_columns: int,
+    poll_interval: float | None = None,
 ) -> None:
     """Run a SuperNode and a ``participant worker`` attached to it until SIGTERM/SIGINT.
 
     The process behind ``perspective participant local``: the laptop network of
     ``perspective demo`` starts one per participant (insecure, loopback only), so the
-    coordinator side never imports participant code.
+    coordinator side never imports participant code. ``poll_interval`` caps its
+    SuperNode's poll (``None``: Flower's 3 s; :mod:`participant.flower.supernode_main`).
     """
     base = Path(base_dir)
     secret = write_secret_file(base / "superexec.secret")
     node = SuperNodeProcess(
         base / "supernode", superlink, node_config={"participant": index},
-        superexec_secret_file=secret,
+        superexec_secret_file=secret, poll_interval=poll_interval,
     )  # fmt: skip
     argv = worker_command(node.runtime_address, base / "state", preset, secret, config)
     argv += ["--threads", str(threads), "--max-columns", str(max_columns)]
