@@ -2,7 +2,7 @@
 
 Every participant is kept busy with column affinity (DESIGN §3):
 
-* A participant never has fewer than ``max_in_flight`` (2) units in flight
+* A participant never has fewer than ``max_in_flight`` (3) units in flight
   (:func:`leases_needed`), so it trains on the next unit while the previous result uploads.
 * Affinity (:func:`assign_columns`): a participant keeps the expert columns it holds, so
   after the first download only deltas travel. New participants get the least-held

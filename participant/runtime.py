@@ -2,7 +2,7 @@
 
 A SuperNode hands its worker one message at a time and polls the SuperLink every 3 s.
 If the participant trained inside the handler, every unit would pay that poll. Instead
-the coordinator keeps two units in flight per participant, and
+the coordinator keeps several units in flight per participant (``max_in_flight``), and
 
 * ``train.unit``: the handler queues the unit, waits until the trainer thread has
   *started* it (immediately when idle, else when the previous unit finishes) and replies
