@@ -41,7 +41,11 @@ from benchmarks.federation_replay import ReplayDriver
 from coordinator.central.checkpoint import load_checkpoint
 from coordinator.central.trainer import train_stage
 from coordinator.coordinator_process import Coordinator, StageBudget
-from coordinator.db.stats import accepted_unit_columns, training_seconds_by_participant
+from coordinator.db.stats import (
+    accepted_unit_columns,
+    reject_counts,
+    training_seconds_by_participant,
+)
 from coordinator.federation_settings import FederationSettings
 from coordinator.routing.assignment import initial_assignment
 from coordinator.traffic import per_sync_bits
@@ -251,6 +255,7 @@ def federated(cfg, corpus, ckpt: str, work: Path, args, participants: int, codec
             versions=loop.state.version,
             results=totals.accepted,
             rejected=totals.rejected,
+            reject_reasons=_reject_reasons(coord),
             seconds=time.perf_counter() - t0,
         )
         unit_columns = out.pop("unit_columns", None) or _unit_columns(coord)
@@ -266,6 +271,12 @@ def step_times(participants: int, spread: float) -> list[float]:
     if participants == 1:
         return [1.0]
     return [1.0 + spread * i / (participants - 1) for i in range(participants)]
+
+
+def _reject_reasons(coord) -> dict[str, int]:
+    """Refused results per reason: an honest run should have none, and when it has, why."""
+    with coord.session_factory() as s:
+        return reject_counts(s)
 
 
 def _unit_columns(coord) -> list[int]:
