@@ -57,6 +57,7 @@ def test_daemon_resumes_after_superlink_outage(tmp_path) -> None:
         max_wait_time=3.0,  # the node gives up quickly; the daemon's back-off takes over
         backoff_initial=1.0,
         backoff_max=4.0,
+        poll_interval=0.5,  # participant run --poll-interval: through the launcher
     )
     daemon = ParticipantDaemon(cfg)
     driver = None
@@ -92,6 +93,10 @@ def test_daemon_resumes_after_superlink_outage(tmp_path) -> None:
         reply = exchange(driver, avoid=node_id)
         print(f"outage -> first answered message: {time.monotonic() - t_down:.1f} s")
         assert reply.capability.threads == 1
+        # The restarted SuperNode is Flower's own, run with its poll capped.
+        argv = daemon.supernode.argv
+        assert "participant.flower.supernode_main" in argv, argv
+        assert argv[argv.index("--poll-interval") + 1] == "0.5"
         events = (tmp_path / "participant" / "events.jsonl").read_text()
         assert "participant.disconnected" in events and "coordinator_unreachable" in events
     finally:
