@@ -569,7 +569,7 @@ class FederationLoop:
         on this one, so they are expired and re-queued (their units are redone).
         """
         if self.driver is not None:
-            self._expire_leases(utcnow() + dt.timedelta(days=365))
+            self._expire_leases(utcnow() + dt.timedelta(days=365), hold_back=False)
         self.driver = driver
         self._cooldown.clear()
 
@@ -579,7 +579,7 @@ class FederationLoop:
         Leases still open belong to the Flower run that died with the previous process
         (their replies cannot reach this run): they are expired now and re-queued.
         """
-        self._expire_leases(utcnow() + dt.timedelta(days=365))
+        self._expire_leases(utcnow() + dt.timedelta(days=365), hold_back=False)
         with self.factory.begin() as s:
             self.rescoring.restore(s)  # the re-scored routing, not the initial k-means one
             done = db_results.applied_results_after(s, version=self.state.version)
@@ -610,16 +610,37 @@ class FederationLoop:
             replayed += 1
         return replayed  # the stage's budget continues: its totals are in the result log
 
-    def _expire_leases(self, now: dt.datetime) -> None:
-        """Expire leases past their deadline at ``now``; their units are re-queued as copies."""
+    def _expire_leases(self, now: dt.datetime, hold_back: bool = True) -> None:
+        """Expire leases past their deadline at ``now``; their units are re-queued as copies.
+        With ``hold_back``, their nodes get no new units until they answer again."""
         with self.factory.begin() as s:
             expired = db_leases.expire_leases(s, now=now, max_attempts=self.settings.max_attempts)
             gone = {u.unit_id for u in expired}
+            late = {u.participant_id for u in expired} if hold_back else set()
+            nodes = {db_participants.get_participant(s, participant_id=p).node_id for p in late}
+        for node_id in nodes - {None}:
+            self._hold_back(node_id)
         # Their messages may still be pending: they no longer fill the node's slots (the
         # step leases to a node with a free slot at once, as the DB's count says).
         for message_id, unit_id in list(self._message_units.items()):
             if unit_id in gone:
                 self._expired_messages.add(message_id)
+
+    def _hold_back(self, node_id: int) -> None:
+        """A node that missed a deadline is dead, stuck or swamped: no new units until it
+        answers (any reply lifts this), rather than refilling the slots its expired leases
+        freed until Flower drops a dead node (up to a minute). A node with no message of
+        ours to answer is sent a ``collect``, which a live one answers once its queue is
+        done; a dead one's expires, and Flower's error marks it gone."""
+        now = time.monotonic()
+        if self._cooldown.get(node_id, 0.0) <= now:
+            self._log(
+                "participant.held_back",
+                f"node {node_id}: a lease expired; no units until it answers",
+            )
+        self._cooldown[node_id] = max(self._cooldown.get(node_id, 0.0), now + NODE_COOLDOWN_S)
+        if self.driver is not None and node_id not in set(self.driver.pending.values()):
+            self._ask_for_results(node_id)
 
     def _log(self, kind: str, message: str, unit_id: str | None = None) -> None:
         log.info("%s: %s", kind, message)

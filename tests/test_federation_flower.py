@@ -406,9 +406,38 @@ def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
             return any(_redone_by_other(coord, expired[n], n) for n in nodes)
 
         step_until(loop, redone, 300, "an expired unit re-issued and done by the other participant")
+        (victim,) = [n for n in nodes if _leased_units(coord, n, "expired")]
+        _no_new_leases_after_its_first_expiry(coord, victim)
         driver.close()
     finally:
         coord.shutdown()
+
+
+def _no_new_leases_after_its_first_expiry(coord, node_id) -> None:
+    """Once a lease of the dead node expired, the loop leased it nothing more (for the
+    hold-back period: Flower lists a dead node for up to a minute)."""
+    import datetime as dt
+
+    from coordinator.federation import NODE_COOLDOWN_S
+
+    signed = node_id - (1 << 64) if node_id >= 1 << 63 else node_id
+    with _db(coord) as db:
+        (pid,) = db.execute("select id from participants where node_id = ?", (signed,)).fetchone()
+        rows = db.execute(
+            "select kind, ts from events where participant_id = ? and kind in "
+            "('lease.expired', 'lease.created') order by id",
+            (pid,),
+        ).fetchall()
+        held = db.execute(
+            "select count(*) from events where kind = 'participant.held_back' and message like ?",
+            (f"node {node_id}:%",),
+        ).fetchone()[0]
+    stamps = [(kind, dt.datetime.fromisoformat(ts)) for kind, ts in rows]
+    first = min(t for kind, t in stamps if kind == "lease.expired")
+    window = dt.timedelta(seconds=NODE_COOLDOWN_S)
+    later = [t for kind, t in stamps if kind == "lease.created" and first < t < first + window]
+    assert not later, (first, later)
+    assert held >= 1
 
 
 def _db(coord):
