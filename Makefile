@@ -24,7 +24,8 @@ demo: $(STAMP)
 # which start real networks on 127.0.0.1 and spend much of their time waiting on them (a
 # SuperLink's heartbeat floor, lease expiry), also two at a time, whole files each (a
 # module's network fixture starts once): 7.7 min instead of 12. Last, alone, the `serial`
-# tests (torchrun ranks, which once aborted under an xdist worker in CI).
+# tests: torchrun ranks (they once aborted under an xdist worker in CI) and the demo, whose
+# stages are budgeted in minutes (beside another test it trains less than its check needs).
 # With PYTEST_ARGS (a selection): one plain pytest run.
 test: $(STAMP)
 	$(BIN)/lint-imports

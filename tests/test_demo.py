@@ -17,7 +17,10 @@ import sys
 import psutil
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# serial: make test runs it alone. Its stages are budgeted in minutes, so beside another
+# test it trains less, and its quality check (the network ends below the seed) is about
+# training, not about sharing two cores.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serial]
 
 
 def _processes_under(path) -> list[str]:
