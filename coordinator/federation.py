@@ -370,7 +370,11 @@ class FederationLoop:
         self._bytes_down += bytes_down
 
     def _node_gone(self, node_id: int) -> None:
-        """Stop leasing to a node Flower says is unreachable; it comes back when it replies."""
+        """Stop leasing to a node Flower says is unreachable; it comes back when it replies.
+
+        Flower says so also when a live node merely left our messages unpulled past their
+        TTL (slow to start, swamped): it is asked to answer a ``collect``, so that it need
+        not sit out the whole cooldown."""
         self._cooldown[node_id] = time.monotonic() + NODE_COOLDOWN_S
         with self.factory.begin() as s:
             row = db_participants.find_participant(s, node_id=node_id)
@@ -378,6 +382,16 @@ class FederationLoop:
                 db_participants.set_participant_state(
                     s, participant_id=row.id, state="offline", reason="Flower: node unavailable"
                 )
+        self._ask_if_silent(node_id)
+
+    def _ask_if_silent(self, node_id: int) -> None:
+        """A node held back with no message of ours to answer gets a ``collect``: a live one
+        answers it once its queue is done (any reply lifts the hold); a dead one's expires
+        (and Flower's error holds it back again, until Flower stops listing it)."""
+        if self.driver is None or node_id not in self._online:
+            return
+        if node_id not in set(self.driver.pending.values()):
+            self._ask_for_results(node_id)
 
     def _fail(self, unit_id: str, reason: str, node_id: int | None = None) -> None:
         """Re-queue a unit a participant could not do (unknown ids: a previous run's).
@@ -639,8 +653,7 @@ class FederationLoop:
                 f"node {node_id}: a lease expired; no units until it answers",
             )
         self._cooldown[node_id] = max(self._cooldown.get(node_id, 0.0), now + NODE_COOLDOWN_S)
-        if self.driver is not None and node_id not in set(self.driver.pending.values()):
-            self._ask_for_results(node_id)
+        self._ask_if_silent(node_id)
 
     def _log(self, kind: str, message: str, unit_id: str | None = None) -> None:
         log.info("%s: %s", kind, message)
