@@ -44,7 +44,7 @@ from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.db.stats import (
     accepted_unit_columns,
     reject_counts,
-    training_seconds_by_participant,
+    utilisation_by_participant,
 )
 from coordinator.federation_settings import FederationSettings
 from coordinator.routing.assignment import initial_assignment
@@ -303,12 +303,12 @@ def _over_flower(cfg, coord, work: Path, args, participants: int, settings) -> d
         wall = time.perf_counter() - t0
         driver.close()
     with coord.session_factory() as s:
-        train_s = training_seconds_by_participant(s, stage="stage3")
+        utilisation = utilisation_by_participant(s, stage="stage3", wall_s=wall)
     traffic = coord.traffic()  # the blob service's split: joins are its "checkpoint" bytes
     traffic["join"] = traffic.pop("checkpoint", 0)
     return {
         "traffic": traffic,
-        "utilisation": {str(p): t / max(wall, 1e-9) for p, t in train_s.items()},
+        "utilisation": utilisation,
         "wall_s": wall,
     }
 

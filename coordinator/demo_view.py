@@ -10,7 +10,7 @@ from rich.live import Live
 from rich.table import Table
 
 from coordinator.db import participants as db_participants
-from coordinator.db.stats import accepted_unit_columns, training_seconds_by_participant
+from coordinator.db.stats import accepted_unit_columns, utilisation_by_participant
 from coordinator.traffic import per_sync_bits
 from shared_model.config import PerspectiveConfig
 
@@ -98,10 +98,9 @@ class DemoView:
         traffic["join"] = traffic.pop("checkpoint", 0)
         with loop.factory() as s:
             columns = accepted_unit_columns(s, stage=f"stage{stage}")
-            trained = training_seconds_by_participant(s, stage=f"stage{stage}")
-        # Training / wall per participant over the whole stage (joins and the first lease
-        # included): how busy the network keeps each machine.
-        busy = {str(p): t / wall for p, t in sorted(trained.items())} if wall > 0 else {}
+            # over the whole stage (joins and the first lease included): how busy the
+            # network keeps each machine
+            busy = utilisation_by_participant(s, stage=f"stage{stage}", wall_s=wall)
         self.stages[stage] = {
             "versions_end": loop.state.version,
             "tokens": st.tokens,

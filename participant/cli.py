@@ -95,7 +95,7 @@ def local(
     """
     from participant.flower.supernode import run_local_participant
 
-    poll_interval = None if poll_interval is None else _poll_interval(poll_interval)
+    poll_interval = _poll_interval(poll_interval)
     run_local_participant(
         superlink, base_dir, index, preset=preset, config=config, threads=threads,
         max_columns=max_columns, poll_interval=poll_interval,
@@ -166,7 +166,7 @@ def run_cmd(
     from participant.limits import Limits
     from participant.report import NodeReporter
 
-    poll = None if poll_interval is None else _poll_interval(poll_interval)
+    poll = _poll_interval(poll_interval)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         enrolment = Enrolment.load(state_dir)
@@ -204,9 +204,12 @@ def run_cmd(
         raise typer.Exit(REVOKED_EXIT_CODE)
 
 
-def _poll_interval(seconds: float) -> float:
+def _poll_interval(seconds: float | None) -> float | None:
+    """``--poll-interval`` checked (``None``: Flower's own poll), as a typer error."""
     from participant.flower.supernode_main import PollError, check_poll_interval
 
+    if seconds is None:
+        return None
     try:
         return check_poll_interval(seconds)
     except PollError as exc:

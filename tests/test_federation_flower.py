@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from coordinator.coordinator_process import Coordinator, StageBudget
+from coordinator.db.types import UInt64
 from coordinator.federation_settings import FederationSettings
 from coordinator.local_network import LocalNetwork
 from tests.conftest import ARTIFACTS, wait_for
@@ -420,7 +421,7 @@ def _no_new_leases_after_its_first_expiry(coord, node_id) -> None:
 
     from coordinator.federation import NODE_COOLDOWN_S
 
-    signed = node_id - (1 << 64) if node_id >= 1 << 63 else node_id
+    signed = _stored(node_id)
     with _db(coord) as db:
         (pid,) = db.execute("select id from participants where node_id = ?", (signed,)).fetchone()
         rows = db.execute(
@@ -440,6 +441,11 @@ def _no_new_leases_after_its_first_expiry(coord, node_id) -> None:
     assert held >= 1
 
 
+def _stored(node_id: int) -> int:
+    """A Flower node id as the coordinator's database stores it (``UInt64``)."""
+    return UInt64().process_bind_param(node_id, None)
+
+
 def _db(coord):
     return sqlite3.connect(coord.work_dir / "coordinator.db")
 
@@ -447,7 +453,7 @@ def _db(coord):
 def _leased_units(coord, node_id, state: str = "leased") -> set[str]:
     """Units leased to ``node_id`` that are now in ``state`` (``expired``: each has a
     re-queued copy)."""
-    signed = node_id - (1 << 64) if node_id >= 1 << 63 else node_id
+    signed = _stored(node_id)
     with _db(coord) as db:
         rows = db.execute(
             "select u.unit_id from work_units u join participants p on p.id = u.participant_id "
@@ -460,7 +466,7 @@ def _leased_units(coord, node_id, state: str = "leased") -> set[str]:
 def _redone_by_other(coord, units, victim) -> bool:
     if not units:
         return False
-    signed = victim - (1 << 64) if victim >= 1 << 63 else victim
+    signed = _stored(victim)
     marks = ",".join("?" * len(units))
     with _db(coord) as db:
         rows = db.execute(

@@ -371,9 +371,12 @@ def accepted_unit_columns(session: Session, *, stage: str) -> list[int]:
     return [len(cols or []) for (cols,) in rows]
 
 
-def training_seconds_by_participant(session: Session, *, stage: str) -> dict[int, float]:
-    """Seconds each participant reported training (``timings.train_s``) in accepted
-    results of ``stage``: over the stage's wall time, its utilisation."""
+def utilisation_by_participant(session: Session, *, stage: str, wall_s: float) -> dict[str, float]:
+    """Training / wall per participant (id as a string, sorted): the seconds it reported
+    training (``timings.train_s``) in accepted results of ``stage``, over ``wall_s``, the
+    stage's wall time. Empty when ``wall_s`` is not positive."""
+    if wall_s <= 0:
+        return {}
     out: dict[int, float] = {}
     for pid, t in session.execute(
         select(Result.participant_id, Result.timings)
@@ -381,4 +384,4 @@ def training_seconds_by_participant(session: Session, *, stage: str) -> dict[int
         .where(WorkUnit.stage == stage, Result.state == ResultState.ACCEPTED)
     ):
         out[pid] = out.get(pid, 0.0) + float((t or {}).get("train_s", 0.0))
-    return out
+    return {str(p): t / wall_s for p, t in sorted(out.items())}
