@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 EventSink = Callable[[str, str, dict[str, Any]], None]
 ACTIVATION_RETRY_MAX_S = 20.0
 NODE_STOP_S = 1.0  # a SuperNode deregisters in well under this; a hung one is killed
+#: Flower force-exits 5 s after its exit message; a SuperNode alive past this hangs.
+GIVE_UP_GRACE_S = 6.0
 REVOKED_EXIT_CODE = 3  # `participant run` exits with this; systemd must not restart it
 
 #: (substring of the SuperNode log, reason code, explanation for the volunteer).
@@ -157,6 +159,7 @@ class ParticipantDaemon:
         self._delay = cfg.backoff_initial
         self._next_start = 0.0
         self._node_started = 0.0
+        self._gave_up_at: float | None = None  # when the SuperNode logged giving up
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ram_strikes = 0
@@ -215,7 +218,7 @@ class ParticipantDaemon:
         if self.worker is None or not self.worker.is_alive():
             self._restart_worker()
         node = self.supernode
-        if node is not None and node.is_alive() and "Giving up reconnection" in self._node_log():
+        if node is not None and node.is_alive() and self._gave_up_and_hangs():
             # Flower 1.42 logs "terminated gracefully" but the process can hang in
             # threading shutdown: stop it ourselves so the back-off restart happens.
             node.shutdown(timeout=2)
@@ -228,6 +231,16 @@ class ParticipantDaemon:
             self._delay = self.cfg.backoff_initial  # a stable node resets the back-off
             self.state = "running"
         self._check_ram()
+
+    def _gave_up_and_hangs(self) -> bool:
+        """Whether the SuperNode gave up reconnecting and is still alive after Flower's own
+        exit had time to run. Stopping it at once raced that exit: our SIGTERM turned its
+        "Exit Code: 305" (the refusal volunteers are told about) into a graceful exit 0."""
+        if "Giving up reconnection" not in self._node_log():
+            return False
+        if self._gave_up_at is None:
+            self._gave_up_at = time.monotonic()
+        return time.monotonic() - self._gave_up_at > GIVE_UP_GRACE_S
 
     def _start_node(self) -> None:
         cfg = self.cfg
@@ -245,6 +258,7 @@ class ParticipantDaemon:
         self._log_offset = log_path.stat().st_size if log_path.exists() else 0
         self.supernode.start()
         self._node_started = time.monotonic()
+        self._gave_up_at = None
         self.state = "connecting"
 
     def _node_log(self) -> str:
