@@ -38,6 +38,7 @@ from shared_model.blobs.errors import (
     HashMismatch,
     InvalidContentId,
     InvalidRequest,
+    NotAccepting,
     QuotaExceeded,
     ScopeDenied,
     TokenError,
@@ -58,6 +59,7 @@ _STATUS_OF: list[tuple[type[BlobError], grpc.StatusCode]] = [
     (BlobNotFound, grpc.StatusCode.NOT_FOUND),
     (InvalidContentId, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotAccepting, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 
@@ -223,6 +225,25 @@ class _Servicer(blobs_pb2_grpc.BlobServiceServicer):
         version, checkpoint, chain = self.owner.head(int(request.from_version))
         return blobs_pb2.HeadReply(version=version, checkpoint=checkpoint, versions=chain)
 
+    @_rpc
+    def Submit(self, request: blobs_pb2.SubmitRequest, context):  # noqa: N802
+        cap = self._authenticate(context)
+        if self.owner.submit is None:
+            raise NotAccepting("this blob service takes no results; send it with the reply")
+        unit_id = request.result.unit_id
+        # The lease's token names its unit and its node: a result goes in only under the
+        # token of its own unit, so nobody submits for another node or another unit.
+        if unit_id != cap.token_id:
+            raise ScopeDenied(
+                f"token {cap.token_id} was leased with unit {cap.token_id}, not "
+                f"{unit_id[:80]!r}: submit each result with its own unit's token"
+            )
+        try:
+            node_id = int(cap.subject)
+        except ValueError:
+            raise ScopeDenied(f"token {cap.token_id} names no node: it leased no unit") from None
+        return blobs_pb2.SubmitReply(queued=self.owner.submit(node_id, request.result))
+
 
 class BlobServer:
     """The gRPC blob service daemon.
@@ -245,6 +266,9 @@ class BlobServer:
         head: ``head(from_version) -> (version, checkpoint, manifests)`` answers ``Head``
             (:meth:`coordinator.publishing.Publisher.head`; raises ``BlobNotFound`` when
             nothing is published); ``None``: ``Head`` is NOT_FOUND.
+        submit: ``submit(node_id, result) -> waiting`` takes a result ``Submit`` received
+            under its unit's token (:meth:`coordinator.result_inbox.ResultInbox.put`; raises
+            ``NotAccepting`` or ``QuotaExceeded`` to refuse); ``None``: FAILED_PRECONDITION.
     """
 
     def __init__(
@@ -261,6 +285,7 @@ class BlobServer:
         kind_of: Callable[[str], str] | None = None,
         head: Callable[[int], tuple[int, Any, list[Any]]] | None = None,
         published: Callable[[str], bool] | None = None,
+        submit: Callable[[int, Any], int] | None = None,
     ) -> None:
         if not 0 < chunk_size <= 4 << 20:
             raise BlobError(f"chunk_size must be in (0, 4 MiB], got {chunk_size}")
@@ -272,7 +297,7 @@ class BlobServer:
         self.uploads = UploadLedger.for_store(store)
         self.kind_of = kind_of or (lambda _cid: "other")
         self.published = published or (lambda _cid: False)
-        self.head = head
+        self.head, self.submit = head, submit
         self._stats: dict[str, int] = {}
         self._stats_lock = threading.Lock()
         self._server: grpc.Server | None = None

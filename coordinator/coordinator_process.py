@@ -25,9 +25,10 @@ from coordinator.federation import FederationLoop
 from coordinator.federation_settings import FederationSettings, FederationSettingsError, LoopStats
 from coordinator.leasing import UnitFactory
 from coordinator.publishing import CoordinatorState
+from coordinator.result_inbox import ResultInbox
 from coordinator.routing.assignment import ColumnAssignment, initial_assignment
 from coordinator.routing.rescoring import restore_labels
-from shared_model.blobs import BlobNotFound, BlobStore, GcReport
+from shared_model.blobs import BlobNotFound, BlobStore, GcReport, NotAccepting
 from shared_model.config import PerspectiveConfig
 from shared_model.data import PreparedCorpus
 from shared_model.model import PerspectiveModel
@@ -127,7 +128,9 @@ class Coordinator:
             kind_of=self.blob_kind,
             head=self.head,
             published=self.is_published,
+            submit=self.submit,
         )
+        self.inbox = ResultInbox()  # results from Submit, for the running stage's loop
         self._pinned_kinds: dict[str, str] = {}  # shards ("data"), stage 4's teacher
         self.blob_public_host = blob_public_host
         self.api = None
@@ -156,6 +159,13 @@ class Coordinator:
         if self.state is None:
             raise BlobNotFound("no federated stage is prepared: nothing is published yet")
         return self.state.publisher.head(from_version)
+
+    def submit(self, node_id: int, result) -> int:
+        """The blob service's ``Submit``: queue a result for the running stage's intake
+        (:mod:`coordinator.result_inbox`); returns the node's results waiting there."""
+        if self.loop is None:
+            raise NotAccepting("no federated stage runs: send the result with the reply")
+        return self.inbox.put(node_id, result)  # InboxFull: RESOURCE_EXHAUSTED
 
     def traffic(self) -> dict[str, int]:
         """Bytes the blob service sent per kind of blob (:meth:`blob_kind`) and received
@@ -328,6 +338,7 @@ class Coordinator:
             self.val,
             self.assignment,
             budget.progress,
+            inbox=self.inbox,
         )
         self.loop.on_checkpoint = lambda: self.collect_blobs(settings, teacher)
         return self.loop

@@ -44,6 +44,7 @@ from coordinator.leasing import UnitFactory, leases_needed
 from coordinator.metrics import METRICS
 from coordinator.publishing import CoordinatorState
 from coordinator.reputation import Reputation
+from coordinator.result_inbox import ResultInbox
 from coordinator.routing.assignment import ColumnAssignment
 from coordinator.routing.rescoring import Rescoring
 from coordinator.validation import column_val_loss
@@ -78,6 +79,7 @@ class FederationLoop:
         val: DocumentDataset,
         assignment: ColumnAssignment,
         progress: Callable[[LoopStats], float],
+        inbox: ResultInbox | None = None,
     ) -> None:
         self.state, self.settings, self.factory = state, settings, session_factory
         self.driver, self.units, self.val = driver, units, val
@@ -127,6 +129,13 @@ class FederationLoop:
         # Enrolled network (SuperNode auth): a node no enrolled participant owns gets no
         # participant row and no units (key sync unregisters it; issue 16).
         self.enrolled_only = False
+        # Results participants submit through the blob service (coordinator.result_inbox).
+        # Such a node answers a unit as soon as it is queued, so no pending message says
+        # it is busy: ``_full`` remembers when it last had all the units it may hold (no
+        # lease attempt, a DB transaction, at every step until its next result).
+        self.inbox = inbox
+        self._submitters: set[int] = set()  # nodes whose last reply said they submit
+        self._full: dict[int, float] = {}  # submitting node -> monotonic time found full
 
     # --- main loop ------------------------------------------------------------------------
 
@@ -172,7 +181,8 @@ class FederationLoop:
                 continue
             # All it may hold is out. (Not "all there is to lease": an expired lease's unit
             # is re-issued after the budget is fully leased, and must find a taker.)
-            if units_out[node_id] >= self.settings.max_in_flight:
+            full = now - self._full.get(node_id, -math.inf) < TOUCH_EVERY_S
+            if units_out[node_id] >= self.settings.max_in_flight or full:
                 if now - self._touched.get(node_id, -math.inf) >= TOUCH_EVERY_S:
                     due_touch.append(node_id)
                 continue
@@ -184,8 +194,15 @@ class FederationLoop:
             except (ParticipantRevoked, ParticipantUnknown) as exc:
                 self._no_units(node_id, exc, now)
         self._touch_busy(due_touch, now)
-        for reply in self.driver.wait_any(wait):
+        self._take_replies(wait)
+
+    def _take_replies(self, wait: float) -> None:
+        """Handle the Flower replies that come within ``wait`` s, then the submitted results."""
+        for reply in self.driver.wait_any(wait) if self.driver is not None else ():
             self._handle_reply(reply)
+        if self.inbox is not None:
+            for node_id, result in self.inbox.drain():
+                self._handle_submitted(node_id, result)
 
     def _touch_busy(self, node_ids: list[int], now: float) -> None:
         """Mark nodes that hold all the units they may as seen (liveness), in one
@@ -265,12 +282,16 @@ class FederationLoop:
                 self._budget_leased = True
                 break
             unit_id, request = leased
+            request.submit_results = self.inbox is not None
             message_id = self._push(node_id, request, "train.unit")
             self._message_units[message_id] = unit_id
             pushed = True
         # Online with nothing to lease: all max_in_flight units are in flight, or the budget
         # is fully leased while some are (no next unit's reply will bring their results).
         in_flight = needed == 0 or (self._budget_leased and needed < self.settings.max_in_flight)
+        if in_flight and not pushed and node_id in self._submitters:
+            self._full[node_id] = time.monotonic()  # its results come by themselves
+            return
         if busy is None:
             busy = set(self.driver.pending.values())
         if in_flight and not pushed and node_id not in busy:
@@ -341,11 +362,16 @@ class FederationLoop:
                 self._fail(unit_id, str(reply.error_reason))
             return
         self._cooldown.pop(reply.node_id, None)
+        self._full.pop(reply.node_id, None)
         try:
             body = control_pb2.ControlReply.FromString(reply.payload)
         except Exception as exc:  # protobuf DecodeError: the node sent garbage
             self._log("reply.malformed", f"node {reply.node_id}: {exc}", unit_id)
             return
+        if body.submits_results and self.inbox is not None:
+            self._submitters.add(reply.node_id)
+        else:
+            self._submitters.discard(reply.node_id)
         self._reply_fields(reply.node_id, body)
         failed = list(zip(body.failed_units, body.failure_reasons, strict=False))
         if len(failed) > reply_fields.MAX_FAILED_PER_REPLY:
@@ -355,6 +381,14 @@ class FederationLoop:
         for result in body.results:
             # Acked only now: ``receive`` returns after the decision committed.
             self.acks.add(reply.node_id, self.receive(reply.node_id, result))
+
+    def _handle_submitted(self, node_id: int, result) -> None:
+        """One result a node submitted through the blob service (under its unit's token):
+        the same intake as a reply's, acked with the node's next message."""
+        self._cooldown.pop(node_id, None)  # it is alive and working
+        self._full.pop(node_id, None)  # a slot is free: lease at the next step
+        with METRICS.timed(METRICS.intake):
+            self.acks.add(node_id, self.receive(node_id, result))
 
     def _reply_fields(self, node_id: int, body) -> None:
         """Store the capability and traffic a reply reports, if they are sane."""
@@ -541,8 +575,8 @@ class FederationLoop:
             self._push(node_id, control_pb2.ControlRequest(collect=True), "query.collect", timeout)
         deadline = time.monotonic() + timeout
         while self.driver.pending and time.monotonic() < deadline:
-            for reply in self.driver.wait_any(0.2):
-                self._handle_reply(reply)
+            self._take_replies(0.2)
+        self._take_replies(0.0)  # submitted just before the last reply
         if self._applied or self.state.shared.has_buffered():
             self.state.shared.flush()
             self.publish()

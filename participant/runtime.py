@@ -12,6 +12,13 @@ the coordinator keeps several units in flight per participant (``max_in_flight``
 So the trainer always has the next unit locally and never waits for the network; a
 result travels one unit later, which the coordinator's staleness weights account for.
 
+When the coordinator asks for it (``ControlRequest.submit_results``), each result goes to
+the blob service's ``Submit`` the moment it is finished, under its unit's token, and a
+``train.unit`` is answered as soon as it is queued: the SuperNode fetches the next message
+while this one trains, and no result waits for Flower's next poll. A submitted result is
+left out of replies for ``RESEND_AFTER_S`` (its ack normally comes first); one the blob
+service refused goes with the next reply, as before.
+
 Delivery is acknowledged: a result stays in the outbox (:mod:`participant.outbox`) until a
 later ``ControlRequest`` carries its ``WorkAck``, and a reply re-sends every result not
 acknowledged yet, except one sent in the reply just before (its ack is normally on the
@@ -27,8 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -38,7 +47,7 @@ from participant.limits import TokenBucket
 from participant.outbox import ResultOutbox
 from participant.progress import ProgressWriter
 from participant.unit_trainer import BlobIO, UnitTrainer
-from shared_model.blobs import BlobClient, BlobStore
+from shared_model.blobs import BlobClient, BlobError, BlobStore
 from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset
 from shared_model.shards import decode_shard
@@ -48,6 +57,8 @@ log = logging.getLogger(__name__)
 WAIT_S = 3600.0
 #: Most results one reply carries (the rest go with the next replies).
 MAX_RESULTS_PER_REPLY = 64
+#: A submitted result not acknowledged this long after goes with the replies again.
+RESEND_AFTER_S = 30.0
 PEM_CERT = b"-----BEGIN CERTIFICATE-----"
 
 
@@ -119,6 +130,7 @@ class ParticipantRuntime:
         self.outbox = ResultOutbox(self.state_dir / "outbox")
         self._unacked = {r.unit_id: r for r in self.outbox.pending()}
         self._sent_in: dict[str, int] = {}  # unit id -> number of the reply that last carried it
+        self._submitted: dict[str, float] = {}  # unit id -> monotonic time of its Submit
         self._replies = 0
         if self._unacked:
             log.info("%d result(s) of the last run go with the next reply", len(self._unacked))
@@ -140,8 +152,9 @@ class ParticipantRuntime:
             uid = req.unit.unit_id
             self._drop_orphans(req.blob_address)
             self._queue.put(req)
-            with self._cond:
-                self._cond.wait_for(lambda: uid in self._started, timeout=WAIT_S)
+            if not req.submit_results:  # else its result does not need this message's reply
+                with self._cond:
+                    self._cond.wait_for(lambda: uid in self._started, timeout=WAIT_S)
         elif kind == "query.collect":
             with self._cond:
                 self._cond.wait_for(lambda: self._queue.empty() and not self._busy, timeout=WAIT_S)
@@ -177,6 +190,7 @@ class ParticipantRuntime:
             with self._cond:
                 known = self._unacked.pop(ack.unit_id, None) is not None
                 self._sent_in.pop(ack.unit_id, None)
+                self._submitted.pop(ack.unit_id, None)
             if known and self.outbox.acknowledged(ack) and not ack.accepted:
                 log.warning(
                     "result %s refused by the coordinator: %s %s",
@@ -188,10 +202,12 @@ class ParticipantRuntime:
     def _results_to_send(self) -> list[federation_pb2.WorkResult]:
         """Unacknowledged results for this reply (call with ``_cond`` held)."""
         self._replies += 1
+        resend = time.monotonic() - RESEND_AFTER_S
         due = [
             result
             for uid, result in self._unacked.items()
             if self._sent_in.get(uid, -2) < self._replies - 1
+            and self._submitted.get(uid, -math.inf) < resend
         ][:MAX_RESULTS_PER_REPLY]
         for result in due:
             self._sent_in[result.unit_id] = self._replies
@@ -207,6 +223,7 @@ class ParticipantRuntime:
         )
         reply.failed_units.extend(uid for uid, _ in failures)
         reply.failure_reasons.extend(why for _, why in failures)
+        reply.submits_results = True
         reply.capability.max_columns = self.max_columns
         reply.capability.threads = self.threads
         reply.capability.device = self.device
@@ -258,10 +275,7 @@ class ParticipantRuntime:
                 self._cond.notify_all()
             self.progress.start_unit(uid, req.unit.stage, req.unit.steps)
             try:
-                result = self._run(req)
-                self.outbox.put(result)
-                with self._cond:
-                    self._unacked[result.unit_id] = result
+                self._run(req)
                 self.progress.finish_unit(ok=True)
             except Exception as exc:  # report the failure; the coordinator re-issues the unit
                 log.exception("unit %s failed", uid)
@@ -294,12 +308,34 @@ class ParticipantRuntime:
             )
             trainer = self._trainer_for(req, io)
             result = trainer.run(req, io, progress=self.progress.on_progress)
+            self.outbox.put(result)  # kept on disk before anyone hears of it
+            with self._cond:
+                self._unacked[result.unit_id] = result
+            if req.submit_results:
+                self._submit(client, result)
         finally:
             client.close()
         if self.cache_cap_bytes is not None:
             keep = {s for s in req.unit.shard_ids}
             self.cache.evict_to(self.cache_cap_bytes, keep=keep)
         return result
+
+    def _submit(self, client: BlobClient, result: federation_pb2.WorkResult) -> None:
+        """Send the result to the coordinator's intake now (``Submit``); if the blob
+        service refuses or cannot be reached, it goes with the next reply instead."""
+        uid = result.unit_id
+        with self._cond:  # before the call: a reply meanwhile must not carry it too
+            self._submitted[uid] = time.monotonic()
+        try:
+            client.submit(result)
+        except BlobError as exc:
+            log.info("result %s goes with the next reply: %s", uid, exc)
+            with self._cond:
+                self._submitted.pop(uid, None)
+            return
+        with self._cond:  # the wait for its ack starts now (it may have come already)
+            if uid in self._unacked:
+                self._submitted[uid] = time.monotonic()
 
     def _fetch(self, client: BlobClient, content_id: str) -> bytes:
         cached = self.cache.has(content_id)

@@ -11,12 +11,15 @@ is ``tests/test_federation_flower.py::test_coordinator_sigkill_and_restart_loses
 from __future__ import annotations
 
 import datetime as dt
+import socket
 
 from coordinator.db.leases import get_unit
 from coordinator.db.models import Result, WorkUnit
 from coordinator.db.types import utcnow
+from coordinator.result_inbox import ResultInbox
 from participant.outbox import ResultOutbox
 from participant.runtime import ParticipantRuntime
+from shared_model.config_loading import load_config
 from shared_model.wire.perspective.v1 import control_pb2, federation_pb2
 from tests import test_federation_intake as intake_tests
 from tests.test_federation_intake import NODE, make_loop
@@ -110,3 +113,45 @@ def test_the_participant_resends_until_acked_and_records_the_decision(tmp_path, 
     assert [(a["unit_id"], a["accepted"], a["reason"]) for a in outbox.acks()] == [
         ("u-kept", False, "UNKNOWN_LEASE")
     ]
+
+
+def test_a_submitted_result_is_judged_once_and_acked_with_the_next_message(tmp_path, corpus):
+    """A result a node submitted through the blob service (the coordinator's inbox) goes
+    through the same intake as a replied one: applied once even when the call was retried,
+    and acked with the node's next message."""
+    loop, _ = make_loop(tmp_path, corpus)
+    loop.inbox = ResultInbox()
+    result = forge(loop, NODE)
+    loop.inbox.put(NODE, result)
+    loop.inbox.put(NODE, result)  # a Submit retried after a lost answer
+    loop._take_replies(0.0)
+    (ack,) = acks_for(loop, NODE)  # one ack per unit, however often it came
+    assert (ack.unit_id, ack.accepted, ack.reason_code) == (result.unit_id, True, "")
+    assert loop._applied == [result.unit_id] and len(loop.inbox) == 0
+    with loop.factory() as s:
+        assert s.query(Result).filter_by(unit_id=result.unit_id).one().state == "accepted"
+
+
+def test_a_unit_whose_result_is_submitted_is_answered_while_another_trains(tmp_path):
+    """With ``submit_results`` the handler answers a unit as soon as it is queued, not when
+    the trainer starts it, so the SuperNode can fetch the next message meanwhile."""
+    with socket.socket() as sock:  # a port nobody listens on: the first unit keeps retrying
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    runtime = ParticipantRuntime(load_config("tiny"), tmp_path / "participant")
+
+    def unit(uid: str, submit: bool) -> bytes:
+        work = federation_pb2.WorkUnit(unit_id=uid, columns=[0], steps=1, shard_ids=["a" * 64])
+        request = control_pb2.ControlRequest(unit=work, blob_address=dead, submit_results=submit)
+        return request.SerializeToString()
+
+    try:
+        runtime.handle("train.unit", unit("busy", submit=False))  # answered once started
+        reply = control_pb2.ControlReply.FromString(
+            runtime.handle("train.unit", unit("queued", submit=True))
+        )
+        with runtime._cond:  # the first still fetches its shard: the second only waits
+            assert runtime._busy and "queued" not in runtime._started
+        assert reply.queued_units == 1 and reply.submits_results
+    finally:
+        runtime.shutdown(grace_s=30)

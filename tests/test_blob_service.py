@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from coordinator.blob_server import BlobServer, TlsConfig
+from coordinator.result_inbox import ResultInbox
 from shared_model.blobs import (
     BlobClient,
     BlobCorrupt,
@@ -24,13 +25,14 @@ from shared_model.blobs import (
     BlobUnavailable,
     HashMismatch,
     InvalidRequest,
+    NotAccepting,
     QuotaExceeded,
     ScopeDenied,
     TokenError,
     issue_token,
     sha256_hex,
 )
-from shared_model.wire.perspective.v1 import blobs_pb2, blobs_pb2_grpc, tensor_pb2
+from shared_model.wire.perspective.v1 import blobs_pb2, blobs_pb2_grpc, federation_pb2, tensor_pb2
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -410,3 +412,37 @@ def test_head_answers_the_newest_version_and_counts_traffic_per_kind(tmp_path: P
         pytest.raises(BlobNotFound),
     ):
         client.head(0)
+
+
+def test_submit_takes_a_result_only_under_its_units_token(tmp_path: Path) -> None:
+    """``Submit`` queues a result for the coordinator's intake under the token leased with
+    that unit (node = the token's subject); another unit's token, no token, a service that
+    takes no results and a node with too many results waiting are refused, each with its
+    own status, and nothing is queued for them."""
+    inbox = ResultInbox(per_node=2)
+    result = federation_pb2.WorkResult(unit_id="unit-a", tokens=128)
+    store = BlobStore(tmp_path / "server")
+    with BlobServer(store, KEY, submit=inbox.put) as server:
+
+        def client(subject: str, unit: str, **kw) -> BlobClient:
+            return BlobClient(server.address, issue_token(KEY, subject, token_id=unit, **kw))
+
+        with client("7", "unit-a") as mine:
+            assert mine.submit(result) == 1
+            assert mine.submit(result) == 2  # a retried call: the intake is idempotent
+            with pytest.raises(QuotaExceeded, match="node 7 has 2 results waiting"):
+                mine.submit(result)
+        with client("8", "unit-b") as other, pytest.raises(ScopeDenied, match="not 'unit-a'"):
+            other.submit(result)  # a valid token, but leased with another unit
+        with client("publisher", "unit-a") as nobody, pytest.raises(ScopeDenied):
+            nobody.submit(result)  # a token that names no node
+        with BlobClient(server.address, None) as anonymous, pytest.raises(TokenError):
+            anonymous.submit(result)
+        assert [(n, r.unit_id) for n, r in inbox.drain()] == [(7, "unit-a"), (7, "unit-a")]
+        assert len(inbox) == 0 and server.stats()["Submit"] == 6
+    with (
+        BlobServer(store, KEY) as server,
+        BlobClient(server.address, issue_token(KEY, "7", token_id="unit-a")) as mine,
+        pytest.raises(NotAccepting, match="takes no results"),
+    ):
+        mine.submit(result)

@@ -1,9 +1,10 @@
-"""``max_in_flight = 1`` over a real local Flower network (one participant of its own).
+"""Results that do not wait for Flower, over a real local Flower network (one participant
+of its own: a participant shared with other tests' runs may still be busy with their units).
 
-With one unit in flight there is no next unit whose reply would bring a result back; the
-loop asks the node for its results instead, so units complete without waiting for their
-leases to expire. A network of its own: a participant shared with other tests' runs may
-still be busy with their units.
+A participant submits each result through the blob service the moment it is finished
+(``BlobService.Submit``) and answers a unit as soon as it is queued; so with one unit in
+flight, where no next unit's reply could bring a result back, units still complete without
+waiting for their leases to expire.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_one_unit_in_flight_still_completes_units(tiny_moe_seed, network_of_one, tmp_path):
-    """``max_in_flight = 1``: with no next unit whose reply would bring a result back, the
-    loop asks the node for its results, so units complete without waiting for expiry."""
+    """``max_in_flight = 1``: with no next unit whose reply would bring a result back,
+    units complete without waiting for their leases to expire."""
     network = network_of_one
     cfg, corpus, ckpt = tiny_moe_seed
     coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
@@ -44,6 +45,30 @@ def test_one_unit_in_flight_still_completes_units(tiny_moe_seed, network_of_one,
                 "select count(*) from work_units where reissued_from is not null"
             ).fetchone()
         assert max(most) == 1 and reissued == 0  # no unit waited for its lease to expire
+        driver.close()
+    finally:
+        coord.shutdown()
+
+
+def test_results_come_through_submit(tiny_moe_seed, network_of_one, tmp_path):
+    """Every accepted result reached the intake through the blob service's ``Submit`` (the
+    coordinator's inbox), not with a Flower reply."""
+    network = network_of_one
+    cfg, corpus, ckpt = tiny_moe_seed
+    coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
+    coord.start()
+    try:
+        settings = FederationSettings(
+            stage=3, steps_per_unit=4, lease_seconds=120, max_in_flight=3, eval_every=1000,
+            buffer_size=2, units_hint=60,
+        )  # fmt: skip
+        coord.prepare(ckpt, settings)
+        driver = network.open_driver()
+        loop = coord.federated_stage(driver, StageBudget(minutes=30), settings)
+        step_until(loop, lambda: loop.totals().accepted >= 4, 240, "4 accepted results")
+        accepted = loop.totals().accepted
+        assert coord.inbox.received >= accepted >= 4
+        assert coord.blob_server.stats()["Submit"] >= accepted
         driver.close()
     finally:
         coord.shutdown()

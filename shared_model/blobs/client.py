@@ -28,12 +28,13 @@ from shared_model.blobs.errors import (
     BlobUnavailable,
     HashMismatch,
     InvalidRequest,
+    NotAccepting,
     QuotaExceeded,
     ScopeDenied,
     TokenError,
 )
 from shared_model.blobs.store import BlobStore, check_content_id, sha256_file, sha256_hex
-from shared_model.wire.perspective.v1 import blobs_pb2, blobs_pb2_grpc
+from shared_model.wire.perspective.v1 import blobs_pb2, blobs_pb2_grpc, federation_pb2
 
 TokenSource = str | Callable[[], str] | None
 
@@ -49,6 +50,7 @@ _ERROR_OF = {
     grpc.StatusCode.NOT_FOUND: BlobNotFound,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.UNAVAILABLE: BlobUnavailable,
+    grpc.StatusCode.FAILED_PRECONDITION: NotAccepting,
 }
 # Reconnect quickly after a cut: the default first back-off is a full second.
 _CHANNEL_OPTIONS = [
@@ -286,6 +288,24 @@ class BlobClient:
             except grpc.RpcError as exc:
                 failures += 1
                 self._backoff(failures, exc, "head of the version chain")
+
+    def submit(self, result: federation_pb2.WorkResult) -> int:
+        """Send a finished unit's result to the coordinator's intake (``Submit``; the token
+        must be the unit's own). Returns how many of this node's results wait there.
+
+        Raises:
+            NotAccepting: no federated stage takes results now.
+            QuotaExceeded: too many of this node's results wait already.
+            ScopeDenied: the token is not this unit's.
+        """
+        request = blobs_pb2.SubmitRequest(result=result)
+        failures = 0
+        while True:
+            try:
+                return self._stub.Submit(request, metadata=self._metadata()).queued
+            except grpc.RpcError as exc:
+                failures += 1
+                self._backoff(failures, exc, f"submit of the result of {result.unit_id}")
 
     # ---------------------------------------------------------------- writing
     def put(self, data: bytes | str | os.PathLike[str]) -> str:

@@ -62,3 +62,8 @@ class TokenExpired(TokenError):
 
 class ScopeDenied(BlobError, PermissionError):
     """A valid token does not grant this operation (blob not in scope, no upload quota)."""
+
+
+class NotAccepting(BlobError):
+    """The blob service takes no results now (``Submit``: no federated stage is running);
+    the participant sends the result with its next reply instead."""

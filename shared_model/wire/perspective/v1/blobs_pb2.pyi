@@ -1,3 +1,4 @@
+from shared_model.wire.perspective.v1 import federation_pb2 as _federation_pb2
 from shared_model.wire.perspective.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -80,3 +81,15 @@ class HeadReply(_message.Message):
     checkpoint: _tensor_pb2.BlobRef
     versions: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.BlobRef]
     def __init__(self, version: _Optional[int] = ..., checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ...) -> None: ...
+
+class SubmitRequest(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: _federation_pb2.WorkResult
+    def __init__(self, result: _Optional[_Union[_federation_pb2.WorkResult, _Mapping]] = ...) -> None: ...
+
+class SubmitReply(_message.Message):
+    __slots__ = ("queued",)
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    queued: int
+    def __init__(self, queued: _Optional[int] = ...) -> None: ...

@@ -54,6 +54,11 @@ class BlobServiceStub:
                 request_serializer=perspective_dot_v1_dot_blobs__pb2.HeadRequest.SerializeToString,
                 response_deserializer=perspective_dot_v1_dot_blobs__pb2.HeadReply.FromString,
                 _registered_method=True)
+        self.Submit = channel.unary_unary(
+                '/perspective.v1.BlobService/Submit',
+                request_serializer=perspective_dot_v1_dot_blobs__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=perspective_dot_v1_dot_blobs__pb2.SubmitReply.FromString,
+                _registered_method=True)
 
 
 class BlobServiceServicer:
@@ -83,6 +88,12 @@ class BlobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Submit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_BlobServiceServicer_to_server(servicer, server):
                     servicer.Head,
                     request_deserializer=perspective_dot_v1_dot_blobs__pb2.HeadRequest.FromString,
                     response_serializer=perspective_dot_v1_dot_blobs__pb2.HeadReply.SerializeToString,
+            ),
+            'Submit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Submit,
+                    request_deserializer=perspective_dot_v1_dot_blobs__pb2.SubmitRequest.FromString,
+                    response_serializer=perspective_dot_v1_dot_blobs__pb2.SubmitReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class BlobService:
             '/perspective.v1.BlobService/Head',
             perspective_dot_v1_dot_blobs__pb2.HeadRequest.SerializeToString,
             perspective_dot_v1_dot_blobs__pb2.HeadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Submit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/perspective.v1.BlobService/Submit',
+            perspective_dot_v1_dot_blobs__pb2.SubmitRequest.SerializeToString,
+            perspective_dot_v1_dot_blobs__pb2.SubmitReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -87,7 +87,7 @@ class NodeCapability(_message.Message):
     def __init__(self, max_columns: _Optional[int] = ..., max_params: _Optional[int] = ..., threads: _Optional[int] = ..., device: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., ram_bytes: _Optional[int] = ...) -> None: ...
 
 class ControlRequest(_message.Message):
-    __slots__ = ("unit", "collect", "checkpoint", "versions", "teacher", "blob_address", "budget_tokens", "batch_size", "seq_len", "column_codec", "shared_codec", "eot_id", "credit_tokens", "acks")
+    __slots__ = ("unit", "collect", "checkpoint", "versions", "teacher", "blob_address", "budget_tokens", "batch_size", "seq_len", "column_codec", "shared_codec", "eot_id", "credit_tokens", "acks", "submit_results")
     UNIT_FIELD_NUMBER: _ClassVar[int]
     COLLECT_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class ControlRequest(_message.Message):
     EOT_ID_FIELD_NUMBER: _ClassVar[int]
     CREDIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACKS_FIELD_NUMBER: _ClassVar[int]
+    SUBMIT_RESULTS_FIELD_NUMBER: _ClassVar[int]
     unit: _federation_pb2.WorkUnit
     collect: bool
     checkpoint: _tensor_pb2.BlobRef
@@ -116,10 +117,11 @@ class ControlRequest(_message.Message):
     eot_id: int
     credit_tokens: int
     acks: _containers.RepeatedCompositeFieldContainer[_federation_pb2.WorkAck]
-    def __init__(self, unit: _Optional[_Union[_federation_pb2.WorkUnit, _Mapping]] = ..., collect: _Optional[bool] = ..., checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ..., teacher: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., blob_address: _Optional[str] = ..., budget_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., column_codec: _Optional[str] = ..., shared_codec: _Optional[str] = ..., eot_id: _Optional[int] = ..., credit_tokens: _Optional[int] = ..., acks: _Optional[_Iterable[_Union[_federation_pb2.WorkAck, _Mapping]]] = ...) -> None: ...
+    submit_results: bool
+    def __init__(self, unit: _Optional[_Union[_federation_pb2.WorkUnit, _Mapping]] = ..., collect: _Optional[bool] = ..., checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ..., teacher: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., blob_address: _Optional[str] = ..., budget_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., column_codec: _Optional[str] = ..., shared_codec: _Optional[str] = ..., eot_id: _Optional[int] = ..., credit_tokens: _Optional[int] = ..., acks: _Optional[_Iterable[_Union[_federation_pb2.WorkAck, _Mapping]]] = ..., submit_results: _Optional[bool] = ...) -> None: ...
 
 class ControlReply(_message.Message):
-    __slots__ = ("results", "capability", "queued_units", "synced_version", "failed_units", "failure_reasons", "bytes_down")
+    __slots__ = ("results", "capability", "queued_units", "synced_version", "failed_units", "failure_reasons", "bytes_down", "submits_results")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     QUEUED_UNITS_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +129,7 @@ class ControlReply(_message.Message):
     FAILED_UNITS_FIELD_NUMBER: _ClassVar[int]
     FAILURE_REASONS_FIELD_NUMBER: _ClassVar[int]
     BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
+    SUBMITS_RESULTS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[_federation_pb2.WorkResult]
     capability: NodeCapability
     queued_units: int
@@ -134,4 +137,5 @@ class ControlReply(_message.Message):
     failed_units: _containers.RepeatedScalarFieldContainer[str]
     failure_reasons: _containers.RepeatedScalarFieldContainer[str]
     bytes_down: int
-    def __init__(self, results: _Optional[_Iterable[_Union[_federation_pb2.WorkResult, _Mapping]]] = ..., capability: _Optional[_Union[NodeCapability, _Mapping]] = ..., queued_units: _Optional[int] = ..., synced_version: _Optional[int] = ..., failed_units: _Optional[_Iterable[str]] = ..., failure_reasons: _Optional[_Iterable[str]] = ..., bytes_down: _Optional[int] = ...) -> None: ...
+    submits_results: bool
+    def __init__(self, results: _Optional[_Iterable[_Union[_federation_pb2.WorkResult, _Mapping]]] = ..., capability: _Optional[_Union[NodeCapability, _Mapping]] = ..., queued_units: _Optional[int] = ..., synced_version: _Optional[int] = ..., failed_units: _Optional[_Iterable[str]] = ..., failure_reasons: _Optional[_Iterable[str]] = ..., bytes_down: _Optional[int] = ..., submits_results: _Optional[bool] = ...) -> None: ...
