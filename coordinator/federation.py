@@ -115,14 +115,15 @@ class FederationLoop:
         self._val_loss: list[tuple[int, float]] = []
         self._train_loss: list[tuple[int, float]] = []
         self._applied: list[str] = []
-        self._message_units: dict[str, str] = {}
+        # Flower message id -> the units it carries still leased (several for a submitting
+        # node; an expired lease's unit is dropped from its list).
+        self._message_units: dict[str, list[str]] = {}
         self.acks = AckQueue()  # decided results, acked with the next message to the node
         # Nodes Flower reported gone get no leases for a while (the SuperLink keeps
         # listing a dead node until its heartbeat times out, ~60 s).
         self._cooldown: dict[int, float] = {}
         self._online: set[int] = set()  # node ids the SuperLink listed at the last step
         self._touched: dict[int, float] = {}  # node id -> monotonic time of its last touch
-        self._expired_messages: set[str] = set()  # pending unit messages whose lease expired
         self._budget_leased = False  # no new unit fits the token budget any more
         self.on_checkpoint: Callable[[], None] | None = None  # after each state save (blob GC)
         self.hold_leases = False  # paused stage (coordinator.stage_control): in flight only
@@ -169,12 +170,9 @@ class FederationLoop:
         # nodes; benchmarks/fleet_soak.py).
         pending = self.driver.pending
         busy = set(pending.values())
-        self._expired_messages &= pending.keys()
-        units_out = Counter(
-            n
-            for mid, n in pending.items()
-            if mid in self._message_units and mid not in self._expired_messages
-        )
+        units_out: Counter[int] = Counter()
+        for mid, n in pending.items():
+            units_out[n] += len(self._message_units.get(mid, ()))
         due_touch = []  # busy nodes due a liveness touch: one transaction for all of them
         for node_id in nodes:
             if self._cooldown.get(node_id, 0.0) > now:
@@ -275,27 +273,60 @@ class FederationLoop:
             if self.hold_leases:  # paused: collect what is in flight, lease nothing
                 out = db_leases.count_in_flight(s, participant_id=row.id, now=utcnow()) > 0
                 needed = 0 if out else -1
-        pushed = False
-        for _ in range(needed):
-            leased = self.lease_request(node_id)
-            if leased is None:
-                self._budget_leased = True
-                break
-            unit_id, request = leased
-            request.submit_results = self.inbox is not None
-            message_id = self._push(node_id, request, "train.unit")
-            self._message_units[message_id] = unit_id
-            pushed = True
+        submits = node_id in self._submitters
+        if submits and 0 < needed < self._refill_at(needed):
+            needed = 0  # wait for a batch's worth of free slots (see _refill_at)
+        leased = self._lease_units(node_id, needed)
+        pushed = bool(leased)
+        if pushed and submits:  # one Flower message for the whole batch
+            self._push_units(node_id, leased)
+        else:
+            for request in leased:
+                self._push_units(node_id, [request])
         # Online with nothing to lease: all max_in_flight units are in flight, or the budget
         # is fully leased while some are (no next unit's reply will bring their results).
         in_flight = needed == 0 or (self._budget_leased and needed < self.settings.max_in_flight)
-        if in_flight and not pushed and node_id in self._submitters:
+        if in_flight and not pushed and submits:
             self._full[node_id] = time.monotonic()  # its results come by themselves
             return
         if busy is None:
             busy = set(self.driver.pending.values())
         if in_flight and not pushed and node_id not in busy:
             self._ask_for_results(node_id)
+
+    def _refill_at(self, free: int) -> int:
+        """Free slots a submitting node waits for before it is leased more: half of
+        ``max_in_flight`` (rounded up), or every slot while nothing is in flight.
+
+        Flower hands a SuperNode one message at a time, ~1.5 s each on a busy machine
+        (SuperLink, SuperNode and our worker all poll), longer than a ``tiny`` unit
+        trains: one message per unit starved the trainer. A submitting node takes its
+        units in batches, one message each, leased while the other half still trains."""
+        if free >= self.settings.max_in_flight:
+            return 1
+        return math.ceil(self.settings.max_in_flight / 2)
+
+    def _lease_units(self, node_id: int, n: int) -> list[control_pb2.ControlRequest]:
+        """Lease up to ``n`` units to the node (fewer once the token budget is leased)."""
+        requests = []
+        for _ in range(n):
+            leased = self.lease_request(node_id)
+            if leased is None:
+                self._budget_leased = True
+                break
+            requests.append(leased[1])
+        return requests
+
+    def _push_units(self, node_id: int, requests: list[control_pb2.ControlRequest]) -> None:
+        """Push leased units in one ``train.unit`` message: the first, and the rest queued
+        behind it (``more_units``, only to a node that submits its results)."""
+        first = requests[0]
+        first.submit_results = self.inbox is not None
+        for request in requests[1:]:
+            request.submit_results = first.submit_results
+            first.more_units.append(request)
+        message_id = self._push(node_id, first, "train.unit")
+        self._message_units[message_id] = [r.unit.unit_id for r in requests]
 
     def _ask_for_results(self, node_id: int) -> None:
         """A node training its last leased unit with no message of ours to answer would keep
@@ -353,12 +384,13 @@ class FederationLoop:
             )
 
     def _handle_reply_body(self, reply) -> None:
-        unit_id = self._message_units.pop(reply.message_id, None)
+        unit_ids = self._message_units.pop(reply.message_id, [])
         if not reply.ok:
-            self._log("unit.failed", f"node {reply.node_id}: {reply.error_reason}", unit_id)
+            first = unit_ids[0] if unit_ids else None
+            self._log("unit.failed", f"node {reply.node_id}: {reply.error_reason}", first)
             if reply.error_code in NODE_GONE_CODES:
                 self._node_gone(reply.node_id)
-            if unit_id is not None:
+            for unit_id in unit_ids:
                 self._fail(unit_id, str(reply.error_reason))
             return
         self._cooldown.pop(reply.node_id, None)
@@ -366,7 +398,7 @@ class FederationLoop:
         try:
             body = control_pb2.ControlReply.FromString(reply.payload)
         except Exception as exc:  # protobuf DecodeError: the node sent garbage
-            self._log("reply.malformed", f"node {reply.node_id}: {exc}", unit_id)
+            self._log("reply.malformed", f"node {reply.node_id}: {exc}")
             return
         if body.submits_results and self.inbox is not None:
             self._submitters.add(reply.node_id)
@@ -670,9 +702,9 @@ class FederationLoop:
             self._hold_back(node_id)
         # Their messages may still be pending: they no longer fill the node's slots (the
         # step leases to a node with a free slot at once, as the DB's count says).
-        for message_id, unit_id in list(self._message_units.items()):
-            if unit_id in gone:
-                self._expired_messages.add(message_id)
+        for message_id, unit_ids in self._message_units.items():
+            if gone.intersection(unit_ids):
+                self._message_units[message_id] = [u for u in unit_ids if u not in gone]
 
     def _hold_back(self, node_id: int) -> None:
         """A node that missed a deadline is dead, stuck or swamped: no new units until it

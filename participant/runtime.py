@@ -152,6 +152,9 @@ class ParticipantRuntime:
             uid = req.unit.unit_id
             self._drop_orphans(req.blob_address)
             self._queue.put(req)
+            for more in req.more_units:  # a batch: queued in order behind the first
+                if more.WhichOneof("body") == "unit" and not more.more_units:
+                    self._queue.put(more)
             if not req.submit_results:  # else its result does not need this message's reply
                 with self._cond:
                     self._cond.wait_for(lambda: uid in self._started, timeout=WAIT_S)

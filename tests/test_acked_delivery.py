@@ -132,9 +132,10 @@ def test_a_submitted_result_is_judged_once_and_acked_with_the_next_message(tmp_p
         assert s.query(Result).filter_by(unit_id=result.unit_id).one().state == "accepted"
 
 
-def test_a_unit_whose_result_is_submitted_is_answered_while_another_trains(tmp_path):
+def test_a_batch_whose_results_are_submitted_is_answered_while_another_unit_trains(tmp_path):
     """With ``submit_results`` the handler answers a unit as soon as it is queued, not when
-    the trainer starts it, so the SuperNode can fetch the next message meanwhile."""
+    the trainer starts it, so the SuperNode can fetch the next message meanwhile; a
+    batch's further units (``more_units``) are queued behind it."""
     with socket.socket() as sock:  # a port nobody listens on: the first unit keeps retrying
         sock.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{sock.getsockname()[1]}"
@@ -147,11 +148,13 @@ def test_a_unit_whose_result_is_submitted_is_answered_while_another_trains(tmp_p
 
     try:
         runtime.handle("train.unit", unit("busy", submit=False))  # answered once started
+        batch = control_pb2.ControlRequest.FromString(unit("queued", submit=True))
+        batch.more_units.append(control_pb2.ControlRequest.FromString(unit("next", True)))
         reply = control_pb2.ControlReply.FromString(
-            runtime.handle("train.unit", unit("queued", submit=True))
+            runtime.handle("train.unit", batch.SerializeToString())
         )
-        with runtime._cond:  # the first still fetches its shard: the second only waits
-            assert runtime._busy and "queued" not in runtime._started
-        assert reply.queued_units == 1 and reply.submits_results
+        with runtime._cond:  # the first still fetches its shard: the batch only waits
+            assert runtime._busy and not {"queued", "next"} & runtime._started
+        assert reply.queued_units == 2 and reply.submits_results
     finally:
         runtime.shutdown(grace_s=30)

@@ -50,9 +50,10 @@ def test_one_unit_in_flight_still_completes_units(tiny_moe_seed, network_of_one,
         coord.shutdown()
 
 
-def test_results_come_through_submit(tiny_moe_seed, network_of_one, tmp_path):
+def test_results_come_through_submit_and_units_in_batches(tiny_moe_seed, network_of_one, tmp_path):
     """Every accepted result reached the intake through the blob service's ``Submit`` (the
-    coordinator's inbox), not with a Flower reply."""
+    coordinator's inbox), not with a Flower reply; and once the node said it submits, its
+    units came in batches, several in one Flower message."""
     network = network_of_one
     cfg, corpus, ckpt = tiny_moe_seed
     coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
@@ -65,10 +66,17 @@ def test_results_come_through_submit(tiny_moe_seed, network_of_one, tmp_path):
         coord.prepare(ckpt, settings)
         driver = network.open_driver()
         loop = coord.federated_stage(driver, StageBudget(minutes=30), settings)
-        step_until(loop, lambda: loop.totals().accepted >= 4, 240, "4 accepted results")
+        batches = []  # units per Flower message in flight, at each step
+
+        def enough() -> bool:
+            batches.extend(len(units) for units in loop._message_units.values())
+            return loop.totals().accepted >= 6
+
+        step_until(loop, enough, 240, "6 accepted results")
         accepted = loop.totals().accepted
-        assert coord.inbox.received >= accepted >= 4
+        assert coord.inbox.received >= accepted >= 6
         assert coord.blob_server.stats()["Submit"] >= accepted
+        assert max(batches) >= 2  # refills travel as batches, one message each
         driver.close()
     finally:
         coord.shutdown()
