@@ -9,6 +9,8 @@ waiting for their leases to expire.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from coordinator.coordinator_process import Coordinator, StageBudget
@@ -18,25 +20,35 @@ from tests.test_federation_flower import _db, _leased_units, step_until
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_one_unit_in_flight_still_completes_units(tiny_moe_seed, network_of_one, tmp_path):
-    """``max_in_flight = 1``: with no next unit whose reply would bring a result back,
-    units complete without waiting for their leases to expire."""
-    network = network_of_one
+@contextlib.contextmanager
+def stage3(tiny_moe_seed, network, tmp_path, max_in_flight: int):
+    """A coordinator running stage 3 on ``network`` (4-step units); yields it and its loop."""
     cfg, corpus, ckpt = tiny_moe_seed
     coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
     coord.start()
     try:
         settings = FederationSettings(
-            stage=3, steps_per_unit=4, lease_seconds=120, max_in_flight=1, eval_every=1000,
-            buffer_size=2, units_hint=60,
+            stage=3, steps_per_unit=4, lease_seconds=120, max_in_flight=max_in_flight,
+            eval_every=1000, buffer_size=2, units_hint=60,
         )  # fmt: skip
         coord.prepare(ckpt, settings)
         driver = network.open_driver()
-        loop = coord.federated_stage(driver, StageBudget(minutes=30), settings)
+        try:
+            yield coord, coord.federated_stage(driver, StageBudget(minutes=30), settings)
+        finally:
+            driver.close()
+    finally:
+        coord.shutdown()
+
+
+def test_one_unit_in_flight_still_completes_units(tiny_moe_seed, network_of_one, tmp_path):
+    """``max_in_flight = 1``: with no next unit whose reply would bring a result back,
+    units complete without waiting for their leases to expire."""
+    with stage3(tiny_moe_seed, network_of_one, tmp_path, max_in_flight=1) as (coord, loop):
         most = []
 
         def enough() -> bool:
-            most.append(max(len(_leased_units(coord, n)) for n in driver.node_ids()))
+            most.append(max(len(_leased_units(coord, n)) for n in loop.driver.node_ids()))
             return loop.totals().accepted >= 3
 
         step_until(loop, enough, 240, "3 accepted results")
@@ -45,27 +57,13 @@ def test_one_unit_in_flight_still_completes_units(tiny_moe_seed, network_of_one,
                 "select count(*) from work_units where reissued_from is not null"
             ).fetchone()
         assert max(most) == 1 and reissued == 0  # no unit waited for its lease to expire
-        driver.close()
-    finally:
-        coord.shutdown()
 
 
 def test_results_come_through_submit_and_units_in_batches(tiny_moe_seed, network_of_one, tmp_path):
     """Every accepted result reached the intake through the blob service's ``Submit`` (the
     coordinator's inbox), not with a Flower reply; and once the node said it submits, its
     units came in batches, several in one Flower message."""
-    network = network_of_one
-    cfg, corpus, ckpt = tiny_moe_seed
-    coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
-    coord.start()
-    try:
-        settings = FederationSettings(
-            stage=3, steps_per_unit=4, lease_seconds=120, max_in_flight=3, eval_every=1000,
-            buffer_size=2, units_hint=60,
-        )  # fmt: skip
-        coord.prepare(ckpt, settings)
-        driver = network.open_driver()
-        loop = coord.federated_stage(driver, StageBudget(minutes=30), settings)
+    with stage3(tiny_moe_seed, network_of_one, tmp_path, max_in_flight=3) as (coord, loop):
         batches = []  # units per Flower message in flight, at each step
 
         def enough() -> bool:
@@ -77,6 +75,3 @@ def test_results_come_through_submit_and_units_in_batches(tiny_moe_seed, network
         assert coord.inbox.received >= accepted >= 6
         assert coord.blob_server.stats()["Submit"] >= accepted
         assert max(batches) >= 2  # refills travel as batches, one message each
-        driver.close()
-    finally:
-        coord.shutdown()
