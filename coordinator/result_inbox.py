@@ -10,8 +10,11 @@ here and the federation loop, the only one that touches the intake, takes it on 
 step (:meth:`coordinator.federation.FederationLoop.step`).
 
 Bounded: a node may have at most ``per_node`` results waiting and the inbox ``capacity``
-in all; beyond that :meth:`ResultInbox.put` raises :class:`InboxFull` (the node keeps the
-result and sends it with its next reply instead).
+results and ``capacity_bytes`` in all; beyond that :meth:`ResultInbox.put` raises
+:class:`InboxFull` (the node keeps the result and sends it with its next reply instead).
+A result is a few kB (blob ids, counts, a scoring unit's per-document losses): one over
+``max_result_bytes`` is refused as malformed, so a hostile node cannot park gRPC's 8 MiB
+messages in the coordinator's memory.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from __future__ import annotations
 import threading
 from collections import Counter, deque
 
-from shared_model.blobs import QuotaExceeded
+from shared_model.blobs import InvalidRequest, QuotaExceeded
 from shared_model.wire.perspective.v1 import federation_pb2
 
 #: Results one node may have waiting: more than ``max_in_flight`` allows honestly.
 PER_NODE = 16
 CAPACITY = 4096
+CAPACITY_BYTES = 64 << 20
+MAX_RESULT_BYTES = 1 << 20
 
 
 class InboxFull(QuotaExceeded):
@@ -35,32 +40,51 @@ class InboxFull(QuotaExceeded):
 class ResultInbox:
     """Thread-safe queue of ``(node_id, WorkResult)`` from the blob service's ``Submit``."""
 
-    def __init__(self, per_node: int = PER_NODE, capacity: int = CAPACITY) -> None:
-        if per_node < 1 or capacity < per_node:
-            raise ValueError(f"need 1 <= per_node <= capacity, got {per_node}, {capacity}")
+    def __init__(
+        self,
+        per_node: int = PER_NODE,
+        capacity: int = CAPACITY,
+        capacity_bytes: int = CAPACITY_BYTES,
+        max_result_bytes: int = MAX_RESULT_BYTES,
+    ) -> None:
+        if per_node < 1 or capacity < per_node or capacity_bytes < max_result_bytes:
+            raise ValueError(
+                "need 1 <= per_node <= capacity and max_result_bytes <= capacity_bytes, got "
+                f"{per_node}, {capacity}, {max_result_bytes}, {capacity_bytes}"
+            )
         self.per_node, self.capacity = per_node, capacity
+        self.capacity_bytes, self.max_result_bytes = capacity_bytes, max_result_bytes
         self._lock = threading.Lock()
         self._items: deque[tuple[int, federation_pb2.WorkResult]] = deque()
         self._by_node: Counter[int] = Counter()
+        self._bytes = 0
         self.received = 0  # results ever queued (the demo's summary and tests read it)
 
     def put(self, node_id: int, result: federation_pb2.WorkResult) -> int:
         """Queue one node's result; returns how many of its results now wait.
 
         Raises:
+            InvalidRequest: the result is larger than ``max_result_bytes``.
             InboxFull: the node already has ``per_node`` results waiting, or the inbox
-                holds ``capacity``.
+                holds ``capacity`` results or ``capacity_bytes``.
         """
+        size = result.ByteSize()
+        if size > self.max_result_bytes:
+            raise InvalidRequest(
+                f"a result of {size} bytes is over the {self.max_result_bytes} a result may "
+                "have (it names blobs; the updates travel as blobs)"
+            )
         with self._lock:
             if self._by_node[node_id] >= self.per_node:
                 raise InboxFull(
                     f"node {node_id} has {self._by_node[node_id]} results waiting for the "
                     "intake already; send this one with the next reply"
                 )
-            if len(self._items) >= self.capacity:
+            if len(self._items) >= self.capacity or self._bytes + size > self.capacity_bytes:
                 raise InboxFull(f"{len(self._items)} results wait for the intake; try later")
             self._items.append((node_id, result))
             self._by_node[node_id] += 1
+            self._bytes += size
             self.received += 1
             return self._by_node[node_id]
 
@@ -70,6 +94,7 @@ class ResultInbox:
             items = list(self._items)
             self._items.clear()
             self._by_node.clear()
+            self._bytes = 0
         return items
 
     def __len__(self) -> int:

@@ -416,9 +416,9 @@ def test_head_answers_the_newest_version_and_counts_traffic_per_kind(tmp_path: P
 
 def test_submit_takes_a_result_only_under_its_units_token(tmp_path: Path) -> None:
     """``Submit`` queues a result for the coordinator's intake under the token leased with
-    that unit (node = the token's subject); another unit's token, no token, a service that
-    takes no results and a node with too many results waiting are refused, each with its
-    own status, and nothing is queued for them."""
+    that unit (node = the token's subject); another unit's token, no token, an oversized
+    result, a service that takes no results and a node with too many results waiting are
+    refused, each with its own status, and nothing is queued for them."""
     inbox = ResultInbox(per_node=2)
     result = federation_pb2.WorkResult(unit_id="unit-a", tokens=128)
     store = BlobStore(tmp_path / "server")
@@ -438,8 +438,13 @@ def test_submit_takes_a_result_only_under_its_units_token(tmp_path: Path) -> Non
             nobody.submit(result)  # a token that names no node
         with BlobClient(server.address, None) as anonymous, pytest.raises(TokenError):
             anonymous.submit(result)
+        big = federation_pb2.WorkResult(unit_id="unit-c", train_loss=1.0)
+        big.document_losses.add(doc=1, column=0, loss=1.0)
+        big.document_losses.extend([big.document_losses[0]] * 200_000)  # ~2 MiB
+        with client("7", "unit-c") as hostile, pytest.raises(InvalidRequest, match="over the"):
+            hostile.submit(big)
         assert [(n, r.unit_id) for n, r in inbox.drain()] == [(7, "unit-a"), (7, "unit-a")]
-        assert len(inbox) == 0 and server.stats()["Submit"] == 6
+        assert len(inbox) == 0 and server.stats()["Submit"] == 7
     with (
         BlobServer(store, KEY) as server,
         BlobClient(server.address, issue_token(KEY, "7", token_id="unit-a")) as mine,
