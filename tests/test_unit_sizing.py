@@ -40,7 +40,10 @@ def test_steps_follow_throughput():
 
 
 def test_clamped_at_both_ends():
-    sizing = sizing_of(steps_per_unit=20, unit_seconds=10.0, min_steps=5, max_steps=50)
+    # 3 in flight: at 10 s per step the lease (150 s for 3 units) leaves room for min_steps.
+    sizing = sizing_of(
+        steps_per_unit=20, unit_seconds=10.0, min_steps=5, max_steps=50, max_in_flight=3
+    )
     assert sizing.steps_for(STEP_TOKENS / 10, STEP_TOKENS) == 5  # wants 1 step
     assert sizing.steps_for(STEP_TOKENS * 100, STEP_TOKENS) == 50  # wants 1000
     assert sizing_of(steps_per_unit=20).max_steps == 160  # default 8 x steps_per_unit
@@ -82,7 +85,7 @@ def test_settings_describe_the_sizing():
     sizing = settings.sizing()
     assert (sizing.steps_per_unit, sizing.unit_seconds) == (10, 8.0)
     assert (sizing.min_steps, sizing.max_steps) == (3, 80)
-    assert (sizing.lease_seconds, sizing.max_in_flight) == (120.0, 3)
+    assert (sizing.lease_seconds, sizing.max_in_flight) == (120.0, 6)
 
 
 def test_fixed_units_are_cut_for_a_node_too_slow_for_its_lease() -> None:
