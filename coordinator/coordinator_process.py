@@ -163,7 +163,7 @@ class Coordinator:
     def submit(self, node_id: int, result) -> int:
         """The blob service's ``Submit``: queue a result for the running stage's intake
         (:mod:`coordinator.result_inbox`); returns the node's results waiting there."""
-        if self.loop is None:
+        if self.loop is None or self.loop.ended:
             raise NotAccepting("no federated stage runs: send the result with the reply")
         return self.inbox.put(node_id, result)  # InboxFull: RESOURCE_EXHAUSTED
 

@@ -135,8 +135,10 @@ class FederationLoop:
         # it is busy: ``_full`` remembers when it last had all the units it may hold (no
         # lease attempt, a DB transaction, at every step until its next result).
         self.inbox = inbox
+        self.ended = False  # collect() ran: the stage takes no more submitted results
         self._submitters: set[int] = set()  # nodes whose last reply said they submit
         self._full: dict[int, float] = {}  # submitting node -> monotonic time found full
+        self._held: set[int] = set()  # held back after an expiry, until they answer
 
     # --- main loop ------------------------------------------------------------------------
 
@@ -393,8 +395,7 @@ class FederationLoop:
             for unit_id in unit_ids:
                 self._fail(unit_id, str(reply.error_reason))
             return
-        self._cooldown.pop(reply.node_id, None)
-        self._full.pop(reply.node_id, None)
+        self._answered(reply.node_id)
         try:
             body = control_pb2.ControlReply.FromString(reply.payload)
         except Exception as exc:  # protobuf DecodeError: the node sent garbage
@@ -417,10 +418,16 @@ class FederationLoop:
     def _handle_submitted(self, node_id: int, result) -> None:
         """One result a node submitted through the blob service (under its unit's token):
         the same intake as a reply's, acked with the node's next message."""
-        self._cooldown.pop(node_id, None)  # it is alive and working
-        self._full.pop(node_id, None)  # a slot is free: lease at the next step
+        self._answered(node_id)
         with METRICS.timed(METRICS.intake):
             self.acks.add(node_id, self.receive(node_id, result))
+
+    def _answered(self, node_id: int) -> None:
+        """A node replied or submitted a result: it is alive, and lifts any hold on it; a
+        submitting node has a slot free (lease at the next step)."""
+        self._cooldown.pop(node_id, None)
+        self._held.discard(node_id)
+        self._full.pop(node_id, None)
 
     def _reply_fields(self, node_id: int, body) -> None:
         """Store the capability and traffic a reply reports, if they are sane."""
@@ -609,6 +616,7 @@ class FederationLoop:
         while self.driver.pending and time.monotonic() < deadline:
             self._take_replies(0.2)
         self._take_replies(0.0)  # submitted just before the last reply
+        self.ended = True  # later results wait for the next stage's replies, as before
         if self._applied or self.state.shared.has_buffered():
             self.state.shared.flush()
             self.publish()
@@ -713,7 +721,11 @@ class FederationLoop:
         ours to answer is sent a ``collect``, which a live one answers once its queue is
         done; a dead one's expires, and Flower's error marks it gone."""
         now = time.monotonic()
-        if self._cooldown.get(node_id, 0.0) <= now:
+        # Logged once until the node answers, also when Flower's error put it in cooldown
+        # first (a node that submits has no message of ours pending: that error often
+        # comes before its leases expire).
+        if node_id not in self._held:
+            self._held.add(node_id)
             self._log(
                 "participant.held_back",
                 f"node {node_id}: a lease expired; no units until it answers",

@@ -15,6 +15,8 @@ import pytest
 
 from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.federation_settings import FederationSettings
+from shared_model.blobs import NotAccepting
+from shared_model.wire.perspective.v1 import federation_pb2
 from tests.test_federation_flower import _db, _leased_units, step_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -62,7 +64,8 @@ def test_one_unit_in_flight_still_completes_units(tiny_moe_seed, network_of_one,
 def test_results_come_through_submit_and_units_in_batches(tiny_moe_seed, network_of_one, tmp_path):
     """Every accepted result reached the intake through the blob service's ``Submit`` (the
     coordinator's inbox), not with a Flower reply; and once the node said it submits, its
-    units came in batches, several in one Flower message."""
+    units came in batches, several in one Flower message. Once the stage has ended, the
+    coordinator takes no more (they go with the next stage's replies)."""
     with stage3(tiny_moe_seed, network_of_one, tmp_path, max_in_flight=3) as (coord, loop):
         batches = []  # units per Flower message in flight, at each step
 
@@ -75,3 +78,6 @@ def test_results_come_through_submit_and_units_in_batches(tiny_moe_seed, network
         assert coord.inbox.received >= accepted >= 6
         assert coord.blob_server.stats()["Submit"] >= accepted
         assert max(batches) >= 2  # refills travel as batches, one message each
+        loop.collect(timeout=60)  # the stage ends: results wait for the next one's replies
+        with pytest.raises(NotAccepting, match="no federated stage runs"):
+            coord.submit(loop.driver.node_ids()[0], federation_pb2.WorkResult(unit_id="late"))
