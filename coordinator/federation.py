@@ -105,6 +105,7 @@ class FederationLoop:
             bounds=_restored_bounds(state, settings),
             validator=validator,
             log=self._log,
+            stage=f"stage{settings.stage}",
         )
         self.reputation = Reputation.from_settings(settings)
         self._quarantined: set[int] = set()  # node ids quarantined at their last check

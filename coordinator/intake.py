@@ -7,10 +7,11 @@ the same sequence, and the first check that fails decides (:func:`record_result`
 2. it is leased to this node and the node is not revoked (``WRONG_NODE``; nothing stored,
    so an impostor cannot occupy another node's answer slot),
 3. it was not answered before (a replay: the stored outcome is returned, nothing changes),
-4. the lease is live (``EXPIRED_LEASE``) and the result is built on the lease's base
-   version (``BASE_MISMATCH``) — :func:`coordinator.db.leases.lease_problem`; a lease
-   that expired (e.g. while the coordinator was down) is still judged when the result
-   is built on its base, and its queued copy is withdrawn if it is accepted,
+4. the lease is live and of the running stage (``EXPIRED_LEASE``) and the result is built
+   on the lease's base version (``BASE_MISMATCH``) —
+   :func:`coordinator.db.leases.lease_problem`; a lease that expired (e.g. while the
+   coordinator was down) is still judged when the result is built on its base, and its
+   queued copy is withdrawn if it is accepted,
 5. the payload (:class:`PayloadCheck`): the claimed tokens fit the unit (``MALFORMED``),
    the base is not too stale (``STALE_BASE``), the referenced blobs exist
    (``MISSING_BLOB``) and were uploaded under this very lease (``FOREIGN_BLOB``: no
@@ -124,6 +125,8 @@ class Intake:
         bounds: the per-tensor update bounds (it remembers accepted updates' sizes).
         validator: checks each column result on held-out documents (``None``: off).
         log: ``log(kind, message)`` for events outside the result's transaction.
+        stage: the stage this intake serves (``"stage3"``): another stage's units are
+            refused (``None``: any).
     """
 
     def __init__(
@@ -135,9 +138,11 @@ class Intake:
         bounds: UpdateBounds,
         validator: ColumnValidator | None,
         log: Callable[[str, str], None],
+        stage: str | None = None,
     ) -> None:
         self.state, self.session_factory, self.rescoring = state, session_factory, rescoring
         self.bounds, self.validator, self.log = bounds, validator, log
+        self.stage = stage
 
     def receive(self, node_id: int, result: federation_pb2.WorkResult) -> Received:
         """Check, store and apply one result (idempotent on replays of the same unit).
@@ -166,6 +171,7 @@ class Intake:
                 payload=payload_of(result, bytes_up, ids),
                 check_payload=check,
                 newest=self.state.version,
+                stage=self.stage,
             )
             scored = self.rescoring.record(s, check.unit, result, outcome)
         self.rescoring.observe(scored, self.log)
@@ -226,6 +232,7 @@ def record_result(
     check_payload: Callable[[WorkUnit], None] | None = None,
     now: dt.datetime | None = None,
     newest: int | None = None,
+    stage: str | None = None,
 ) -> db_results.RecordOutcome:
     """Decide on a result and store the decision, all in the caller's one transaction.
 
@@ -243,6 +250,8 @@ def record_result(
         now: current time (tests); defaults to ``utcnow()``.
         newest: the newest published version: a unit may have started from any version
             between its lease's base and this one (``WorkUnit.start_from_newest``).
+        stage: the running stage (``"stage3"``); a unit of another one is refused as
+            ``EXPIRED_LEASE`` (``None``: not checked, e.g. in database tests).
 
     Returns:
         The :class:`~coordinator.db.results.RecordOutcome` to report to the participant.
@@ -283,6 +292,13 @@ def record_result(
     problem = db_leases.lease_problem(
         unit, base_version=payload.base_version, now=now, newest=newest
     )
+    if problem is None and stage is not None and unit.stage != stage:
+        # A late answer from the stage before (re-sent until acked): its update was trained
+        # for that stage's model (no distillation, another ternary fraction).
+        problem = (
+            RejectReason.EXPIRED_LEASE,
+            f"a {unit.stage} unit answered while {stage} runs",
+        )
     if problem is None and payload.base_version is not None:
         # Started from a newer version than leased (start_from_newest): from here on, and
         # in the log a restart replays, the unit's base is the one it trained from.

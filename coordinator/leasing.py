@@ -192,6 +192,7 @@ class UnitFactory:
             lease_seconds=self.lease_seconds,
             now=utcnow(),
             allow_foreign=True,
+            stage=f"stage{self.stage}",
         )
         if queued is not None:
             # Redone from the current version: the same columns, documents and steps.

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+from dataclasses import replace
 
 from coordinator.db.leases import get_unit
 from coordinator.db.models import Result, WorkUnit
 from coordinator.db.types import utcnow
+from coordinator.federation import FederationLoop
 from coordinator.result_inbox import ResultInbox
 from participant.outbox import ResultOutbox
 from participant.runtime import ParticipantRuntime
@@ -158,3 +160,21 @@ def test_a_batch_whose_results_are_submitted_is_answered_while_another_unit_trai
         assert reply.queued_units == 2 and reply.submits_results
     finally:
         runtime.shutdown(grace_s=30)
+
+
+def test_a_result_of_the_stage_before_is_refused_and_acked(tmp_path, corpus):
+    """A stage-3 result that reaches the coordinator once stage 4 runs (re-sent with a
+    reply until acked) is refused, not applied to the stage-4 model, and acked so the node
+    forgets it."""
+    stage3, _ = make_loop(tmp_path, corpus)
+    late = forge(stage3, NODE)
+    stage4 = FederationLoop(
+        stage3.state, replace(stage3.settings, stage=4), stage3.factory, None, stage3.units,
+        stage3.val, stage3.assignment, lambda s: 0.0,
+    )  # fmt: skip
+    version = stage4.state.version
+    stage4._handle_reply(reply(NODE, control_pb2.ControlReply(results=[late])))
+    (ack,) = acks_for(stage4, NODE)
+    assert not ack.accepted and ack.reason_code == "EXPIRED_LEASE"
+    assert "stage3 unit answered while stage4 runs" in ack.detail
+    assert stage4._applied == [] and stage4.state.version == version

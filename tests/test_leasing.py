@@ -152,6 +152,23 @@ def test_expired_sized_unit_keeps_its_steps(factory):
         assert (got.reissued_from, got.steps, got.attempt) == (unit_id, 137, 2)
 
 
+def test_a_queued_unit_of_another_stage_is_not_leased(factory):
+    """A lease of the stage before that expired after it ended is re-queued, but the next
+    stage does not hand it out: its update would be trained for the other stage's model."""
+    _join(factory, 1)
+    _join(factory, 2)
+    t0 = utcnow()
+    unit_id = _lease(factory, 1, now=t0, lease_seconds=10)  # stage "expert_diff"
+    _expire(factory, t0 + dt.timedelta(seconds=11))
+    with factory.begin() as s:
+        p2 = touch_participant(s, node_id=2)
+        assign_columns(s, participant=p2, n_columns=1)
+        kw = dict(participant_id=p2.id, held_columns=[0], lease_seconds=10, now=utcnow())
+        assert leases.lease_queued(s, stage="ternary_distill", **kw) is None
+        got = leases.lease_queued(s, stage="expert_diff", **kw)
+        assert got.reissued_from == unit_id
+
+
 def test_fail_and_reissue(factory):
     _join(factory, 1)
     unit_id = _lease(factory, 1)

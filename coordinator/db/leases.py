@@ -286,17 +286,21 @@ def lease_queued(
     lease_seconds: float,
     now: dt.datetime,
     allow_foreign: bool = False,
+    stage: str | None = None,
 ) -> WorkUnit | None:
     """Lease the oldest queued unit this participant may take, or ``None``.
 
-    Skips units the participant already failed. Prefers units whose columns the
-    participant holds (affinity: no download); units touching other columns are
+    Skips units the participant already failed, and with ``stage`` units of other stages
+    (a lease of the stage before that expired after it ended is not redone in the next:
+    its update would be trained for the other stage's model). Prefers units whose columns
+    the participant holds (affinity: no download); units touching other columns are
     taken only with ``allow_foreign``.
     """
     held = set(held_columns)
-    queued = session.scalars(
-        select(WorkUnit).where(WorkUnit.state == UnitState.QUEUED).order_by(WorkUnit.created_at)
-    ).all()
+    query = select(WorkUnit).where(WorkUnit.state == UnitState.QUEUED)
+    if stage is not None:
+        query = query.where(WorkUnit.stage == stage)
+    queued = session.scalars(query.order_by(WorkUnit.created_at)).all()
     eligible = [u for u in queued if participant_id not in (u.excluded_participants or [])]
     own = [u for u in eligible if set(u.columns) <= held]
     pool = own or (eligible if allow_foreign else [])
