@@ -310,6 +310,7 @@ def _over_flower(cfg, coord, work: Path, args, participants: int, settings) -> d
         "traffic": traffic,
         "utilisation": utilisation,
         "wall_s": wall,
+        "units_per_message": dict(sorted(loop.units_per_message.items())),
     }
 
 

@@ -78,7 +78,7 @@ class FederationSettings:
     max_steps_per_unit: int | None = None
     lease_seconds: float = 300.0
     lease_fraction: float = 0.5
-    max_in_flight: int = 6
+    max_in_flight: int = 3
     max_attempts: int = 3
     docs_per_unit: int = 32
     units_hint: int = 200

@@ -159,6 +159,8 @@ class ParticipantRuntime:
                 with self._cond:
                     self._cond.wait_for(lambda: uid in self._started, timeout=WAIT_S)
         elif kind == "query.collect":
+            if req.drop_queued:
+                self._drop_queued("stage ended: its time is up")
             with self._cond:
                 self._cond.wait_for(lambda: self._queue.empty() and not self._busy, timeout=WAIT_S)
         else:
@@ -171,17 +173,21 @@ class ParticipantRuntime:
         """Drop queued units of a coordinator process that is gone: a unit's blob service
         moved (a restarted ``serve`` on another port), so they could only fail after
         retrying a dead address. Reported as failed; the coordinator re-issued them."""
+        why = f"coordinator restarted: its blob service moved to {blob_address}"
+        self._drop_queued(why, lambda req: req.blob_address != blob_address)
+
+    def _drop_queued(self, why: str, which=lambda req: True) -> None:
+        """Take the queued units ``which`` selects off the queue; each is reported as a
+        failed unit with ``why`` in the next reply."""
         keep, dropped = [], []
         with contextlib.suppress(queue.Empty):
             while True:
                 req = self._queue.get_nowait()
-                moved = req is not None and req.blob_address != blob_address
-                (dropped if moved else keep).append(req)
+                (dropped if req is not None and which(req) else keep).append(req)
         for req in keep:
             self._queue.put(req)
         if not dropped:
             return
-        why = f"coordinator restarted: its blob service moved to {blob_address}"
         log.info("dropping %d queued unit(s): %s", len(dropped), why)
         with self._cond:
             self._failures.extend((req.unit.unit_id, why) for req in dropped)

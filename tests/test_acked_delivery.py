@@ -134,24 +134,29 @@ def test_a_submitted_result_is_judged_once_and_acked_with_the_next_message(tmp_p
         assert s.query(Result).filter_by(unit_id=result.unit_id).one().state == "accepted"
 
 
+def _dead_address() -> str:
+    """A port nobody listens on: a unit sent there keeps retrying its first fetch (~3 s)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _unit(address: str, uid: str, submit: bool) -> bytes:
+    work = federation_pb2.WorkUnit(unit_id=uid, columns=[0], steps=1, shard_ids=["a" * 64])
+    request = control_pb2.ControlRequest(unit=work, blob_address=address, submit_results=submit)
+    return request.SerializeToString()
+
+
 def test_a_batch_whose_results_are_submitted_is_answered_while_another_unit_trains(tmp_path):
     """With ``submit_results`` the handler answers a unit as soon as it is queued, not when
     the trainer starts it, so the SuperNode can fetch the next message meanwhile; a
     batch's further units (``more_units``) are queued behind it."""
-    with socket.socket() as sock:  # a port nobody listens on: the first unit keeps retrying
-        sock.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    dead = _dead_address()
     runtime = ParticipantRuntime(load_config("tiny"), tmp_path / "participant")
-
-    def unit(uid: str, submit: bool) -> bytes:
-        work = federation_pb2.WorkUnit(unit_id=uid, columns=[0], steps=1, shard_ids=["a" * 64])
-        request = control_pb2.ControlRequest(unit=work, blob_address=dead, submit_results=submit)
-        return request.SerializeToString()
-
     try:
-        runtime.handle("train.unit", unit("busy", submit=False))  # answered once started
-        batch = control_pb2.ControlRequest.FromString(unit("queued", submit=True))
-        batch.more_units.append(control_pb2.ControlRequest.FromString(unit("next", True)))
+        runtime.handle("train.unit", _unit(dead, "busy", submit=False))  # answered once started
+        batch = control_pb2.ControlRequest.FromString(_unit(dead, "queued", submit=True))
+        batch.more_units.append(control_pb2.ControlRequest.FromString(_unit(dead, "next", True)))
         reply = control_pb2.ControlReply.FromString(
             runtime.handle("train.unit", batch.SerializeToString())
         )
@@ -178,3 +183,26 @@ def test_a_result_of_the_stage_before_is_refused_and_acked(tmp_path, corpus):
     assert not ack.accepted and ack.reason_code == "EXPIRED_LEASE"
     assert "stage3 unit answered while stage4 runs" in ack.detail
     assert stage4._applied == [] and stage4.state.version == version
+
+
+def test_a_collect_at_the_end_of_a_stage_drops_the_queued_units(tmp_path):
+    """``collect`` with ``drop_queued`` (the stage's time is up): the units still queued
+    are reported failed ("stage ended") instead of being trained before the next stage's,
+    and the answer comes once the unit in progress is done."""
+    dead = _dead_address()
+    runtime = ParticipantRuntime(load_config("tiny"), tmp_path / "participant")
+    try:
+        runtime.handle("train.unit", _unit(dead, "busy", submit=False))
+        batch = control_pb2.ControlRequest.FromString(_unit(dead, "queued", submit=True))
+        batch.more_units.append(control_pb2.ControlRequest.FromString(_unit(dead, "next", True)))
+        runtime.handle("train.unit", batch.SerializeToString())
+        ask = control_pb2.ControlRequest(collect=True, drop_queued=True)
+        reply = control_pb2.ControlReply.FromString(
+            runtime.handle("query.collect", ask.SerializeToString())
+        )
+        failed = dict(zip(reply.failed_units, reply.failure_reasons, strict=True))
+        assert "stage ended" in failed["queued"] and "stage ended" in failed["next"]
+        assert "busy" in failed and "stage ended" not in failed["busy"]  # it ran, and failed
+        assert reply.queued_units == 0 and not runtime._busy
+    finally:
+        runtime.shutdown(grace_s=30)

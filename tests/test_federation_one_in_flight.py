@@ -64,20 +64,18 @@ def test_one_unit_in_flight_still_completes_units(tiny_moe_seed, network_of_one,
 def test_results_come_through_submit_and_units_in_batches(tiny_moe_seed, network_of_one, tmp_path):
     """Every accepted result reached the intake through the blob service's ``Submit`` (the
     coordinator's inbox), not with a Flower reply; and once the node said it submits, its
-    units came in batches, several in one Flower message. Once the stage has ended, the
-    coordinator takes no more (they go with the next stage's replies)."""
-    with stage3(tiny_moe_seed, network_of_one, tmp_path, max_in_flight=3) as (coord, loop):
-        batches = []  # units per Flower message in flight, at each step
-
-        def enough() -> bool:
-            batches.extend(len(units) for units in loop._message_units.values())
-            return loop.totals().accepted >= 6
-
-        step_until(loop, enough, 240, "6 accepted results")
+    units came in batches, several in one Flower message. When the stage's time is up, the
+    node drops what it has queued and finishes the unit in progress; then the coordinator
+    takes no more results (they go with the next stage's replies)."""
+    with stage3(tiny_moe_seed, network_of_one, tmp_path, max_in_flight=6) as (coord, loop):
+        step_until(loop, lambda: loop.totals().accepted >= 6, 240, "6 accepted results")
         accepted = loop.totals().accepted
         assert coord.inbox.received >= accepted >= 6
         assert coord.blob_server.stats()["Submit"] >= accepted
-        assert max(batches) >= 2  # refills travel as batches, one message each
-        loop.collect(timeout=60)  # the stage ends: results wait for the next one's replies
+        assert max(loop.units_per_message) >= 2  # refills travel as batches, one message each
+        (node,) = loop.driver.node_ids()
+        step_until(loop, lambda: _leased_units(coord, node), 60, "the node to hold units")
+        loop.collect(timeout=60)  # the stage's time is up: queued units are dropped
+        assert not _leased_units(coord, node)  # each finished, or dropped and failed
         with pytest.raises(NotAccepting, match="no federated stage runs"):
-            coord.submit(loop.driver.node_ids()[0], federation_pb2.WorkResult(unit_id="late"))
+            coord.submit(node, federation_pb2.WorkResult(unit_id="late"))

@@ -85,7 +85,7 @@ def test_settings_describe_the_sizing():
     sizing = settings.sizing()
     assert (sizing.steps_per_unit, sizing.unit_seconds) == (10, 8.0)
     assert (sizing.min_steps, sizing.max_steps) == (3, 80)
-    assert (sizing.lease_seconds, sizing.max_in_flight) == (120.0, 6)
+    assert (sizing.lease_seconds, sizing.max_in_flight) == (120.0, 3)
 
 
 def test_fixed_units_are_cut_for_a_node_too_slow_for_its_lease() -> None:
