@@ -1,9 +1,10 @@
 """Finished results waiting to be acknowledged, kept on disk so a restart does not lose them.
 
-Units are pipelined (:mod:`participant.runtime`): a finished result travels with the reply
-to the *next* message, so at any moment the worker usually holds one result the
-coordinator has not seen. Its blobs are already uploaded; only the small ``WorkResult``
-message is missing. It is written here when the unit finishes and removed only when the
+A finished result goes to the blob service's ``Submit`` at once, or, when that is not
+offered or refused, with the reply to the *next* message (:mod:`participant.runtime`); so
+at any moment the worker may hold results whose decision it has not heard. Their blobs are
+already uploaded; only the small ``WorkResult`` message matters. It is written here when
+the unit finishes (before it is submitted) and removed only when the
 coordinator acknowledges it (a ``WorkAck`` in a later ``ControlRequest``, sent after the
 coordinator's database committed its decision; :mod:`coordinator.acks`). Until then the
 worker re-sends it, so neither a stopped worker (SIGTERM, reboot, even SIGKILL) nor a

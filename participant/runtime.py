@@ -7,7 +7,9 @@ the coordinator keeps several units in flight per participant (``max_in_flight``
 * ``train.unit``: the handler queues the unit, waits until the trainer thread has
   *started* it (immediately when idle, else when the previous unit finishes) and replies
   with every result finished since the last reply — usually the previous unit's;
-* ``query.collect``: waits until the queue is drained and replies with what is left.
+* ``query.collect``: waits until the queue is drained and replies with what is left;
+  with ``drop_queued`` (the stage's time is up) it first drops the queued units, reported
+  as failed, and waits only for the unit in progress.
 
 So the trainer always has the next unit locally and never waits for the network; a
 result travels one unit later, which the coordinator's staleness weights account for.
