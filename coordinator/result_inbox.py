@@ -58,7 +58,7 @@ class ResultInbox:
         self._items: deque[tuple[int, federation_pb2.WorkResult]] = deque()
         self._by_node: Counter[int] = Counter()
         self._bytes = 0
-        self.received = 0  # results ever queued (the demo's summary and tests read it)
+        self.received = 0  # results ever queued (tests read it)
 
     def put(self, node_id: int, result: federation_pb2.WorkResult) -> int:
         """Queue one node's result; returns how many of its results now wait.

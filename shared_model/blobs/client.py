@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
@@ -184,6 +184,16 @@ class BlobClient:
             ) from None
         time.sleep(min(5.0, self.backoff_s * 2 ** (failures - 1)))
 
+    def _unary(self, method: Callable[..., Any], request: Any, what: str) -> Any:
+        """One unary call with this client's token, retried on transient failures."""
+        failures = 0
+        while True:
+            try:
+                return method(request, metadata=self._metadata())
+            except grpc.RpcError as exc:
+                failures += 1
+                self._backoff(failures, exc, what)
+
     # ---------------------------------------------------------------- reading
     def get(self, content_id: str) -> Path:
         """Path of the blob in the cache, downloading (and verifying) it if missing.
@@ -269,25 +279,13 @@ class BlobClient:
     def stat(self, content_id: str) -> RemoteStat:
         """Whether the service holds the blob, and its size."""
         request = blobs_pb2.StatRequest(content_id=check_content_id(content_id))
-        failures = 0
-        while True:
-            try:
-                reply = self._stub.Stat(request, metadata=self._metadata())
-                return RemoteStat(reply.exists, reply.size)
-            except grpc.RpcError as exc:
-                failures += 1
-                self._backoff(failures, exc, f"stat of {content_id}")
+        reply = self._unary(self._stub.Stat, request, f"stat of {content_id}")
+        return RemoteStat(reply.exists, reply.size)
 
     def head(self, from_version: int) -> blobs_pb2.HeadReply:
         """The newest published version and its chain from ``from_version`` (``Head``)."""
         request = blobs_pb2.HeadRequest(from_version=from_version)
-        failures = 0
-        while True:
-            try:
-                return self._stub.Head(request, metadata=self._metadata())
-            except grpc.RpcError as exc:
-                failures += 1
-                self._backoff(failures, exc, "head of the version chain")
+        return self._unary(self._stub.Head, request, "head of the version chain")
 
     def submit(self, result: federation_pb2.WorkResult) -> int:
         """Send a finished unit's result to the coordinator's intake (``Submit``; the token
@@ -299,13 +297,8 @@ class BlobClient:
             ScopeDenied: the token is not this unit's.
         """
         request = blobs_pb2.SubmitRequest(result=result)
-        failures = 0
-        while True:
-            try:
-                return self._stub.Submit(request, metadata=self._metadata()).queued
-            except grpc.RpcError as exc:
-                failures += 1
-                self._backoff(failures, exc, f"submit of the result of {result.unit_id}")
+        what = f"submit of the result of {result.unit_id}"
+        return self._unary(self._stub.Submit, request, what).queued
 
     # ---------------------------------------------------------------- writing
     def put(self, data: bytes | str | os.PathLike[str]) -> str:
