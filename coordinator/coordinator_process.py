@@ -58,13 +58,17 @@ class StageBudget:
 
     def schedule_steps(
         self, tokens_per_step: int, settings: FederationSettings
-    ) -> int | Callable[[int], int]:
+    ) -> int | Callable[[int, int], int]:
         """Length of the stage's lr / ternary schedules in inner optimiser steps.
 
         With a token budget: its steps (the central trainer's schedule over the same
-        tokens). With only minutes: extrapolated at each lease from the steps leased so
-        far and the share of the time gone, so the schedule ends with the stage (warm-up
-        still counts steps). With neither: ``units_hint`` units of ``steps_per_unit``.
+        tokens). With only minutes: a function of ``(position, in_flight)``, the steps
+        leased so far and those of them not yet answered, extrapolating the steps
+        *answered* at the share of the time gone, so the schedule ends with the last unit
+        trained. (Extrapolating the steps leased overshot by the units in flight, which
+        the end of the stage drops: on ``small`` that was 40 % of stage 4's schedule,
+        its whole all-ternary phase.) With neither: ``units_hint`` units of
+        ``steps_per_unit``.
         """
         if self.tokens:
             return max(1, math.ceil(self.tokens / tokens_per_step))
@@ -72,11 +76,12 @@ class StageBudget:
         if not self.minutes:
             return fallback
 
-        def extrapolated(position: int) -> int:
+        def extrapolated(position: int, in_flight: int = 0) -> int:
             gone = (time.monotonic() - self.started) / (60 * self.minutes)
-            if position == 0 or gone <= 0:
+            answered = position - in_flight
+            if answered <= 0 or gone <= 0:
                 return fallback
-            return max(position + 1, round(position / min(gone, 1.0)))
+            return max(position + 1, round(answered / min(gone, 1.0)))
 
         return extrapolated
 

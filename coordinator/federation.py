@@ -595,7 +595,7 @@ class FederationLoop:
         if self.settings.stage == 4:
             with self.factory() as s:
                 _, position = db_leases.stage_schedule_position(s, stage="stage4")
-            model.set_ternary_fraction(self.units.ternary_fraction(position))
+                model.set_ternary_fraction(self.units.ternary_fraction(s, position))
         loss = column_val_loss(
             model,
             self.val,

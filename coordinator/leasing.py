@@ -153,9 +153,9 @@ class UnitFactory:
     lease_seconds: float
     column_codec: str
     shared_codec: str
-    #: Schedule length in inner steps, or a function of the unit's position giving it
-    #: (a time budget extrapolates it: ``StageBudget.schedule_steps``).
-    schedule_steps: int | Callable[[int], int]
+    #: Schedule length in inner steps, or a function of the unit's position and the steps
+    #: in flight giving it (a time budget extrapolates it: ``StageBudget.schedule_steps``).
+    schedule_steps: int | Callable[[int, int], int]
     teacher: tensor_pb2.BlobRef | None = None
     #: Inner steps the stage's token budget allows (``None``: no token budget). No new
     #: unit is created past it and the last one is cut to fit, so the network trains the
@@ -217,7 +217,7 @@ class UnitFactory:
             columns=columns,
             docs=self._documents(columns, seed),
             steps=steps,
-            params=self._params(position, seed),
+            params=self._params(position, seed, session),
             lease_seconds=self.lease_seconds,
         )
 
@@ -233,24 +233,26 @@ class UnitFactory:
                 pairs += [(c, int(d)) for d in sorted(pick)]
         return unit_documents.stored(pairs)
 
-    def _params(self, position: int, seed: int) -> dict:
+    def _params(self, position: int, seed: int, session: Session) -> dict:
         """Schedules at inner step ``position`` of the stage: what the central trainer uses
         at the same token position (warm-up and cosine counted in optimiser steps)."""
-        step, total = self._schedule_step(position)
+        step, total = self._schedule_step(position, session)
         params = {"lr": lr_at(step, self.cfg.optim, total), "seed": seed, "position": position}
         if self.stage == 4:
-            params["ternary_fraction"] = self.ternary_fraction(position)
+            params["ternary_fraction"] = ternary_fraction_at(step, total, self.cfg.ternary.schedule)
             params["kd_weight"] = self.cfg.ternary.kd_weight
         return params
 
-    def _schedule_step(self, position: int) -> tuple[int, int]:
+    def _schedule_step(self, position: int, session: Session) -> tuple[int, int]:
         total = self.schedule_steps
-        total = total(position) if callable(total) else total
+        if callable(total):
+            in_flight = leases.stage_steps_in_flight(session, stage=f"stage{self.stage}")
+            total = total(position, in_flight)
         return min(position, total - 1), total
 
-    def ternary_fraction(self, position: int) -> float:
+    def ternary_fraction(self, session: Session, position: int) -> float:
         """Stage 4's share of ternary expert weights at inner step ``position``."""
-        step, total = self._schedule_step(position)
+        step, total = self._schedule_step(position, session)
         return ternary_fraction_at(step, total, self.cfg.ternary.schedule)
 
     def request(self, unit, state, node_id: int) -> control_pb2.ControlRequest:

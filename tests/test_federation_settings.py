@@ -131,9 +131,9 @@ def test_bad_keys_and_values_are_refused_by_both_commands(monkeypatch, tmp_path)
 
 
 def test_schedule_length_follows_the_stage_budget():
-    """Token budget: its inner steps. Minutes only: extrapolated from the steps leased so
-    far and the share of the time gone, so the schedule ends with the stage. Neither:
-    units_hint x steps_per_unit."""
+    """Token budget: its inner steps. Minutes only: extrapolated from the steps answered so
+    far (leased minus in flight) and the share of the time gone, so the schedule ends with
+    the last unit trained. Neither: units_hint x steps_per_unit."""
     import time
 
     from coordinator.coordinator_process import StageBudget
@@ -145,6 +145,9 @@ def test_schedule_length_follows_the_stage_budget():
     total = half_gone.schedule_steps(1000, settings)
     assert total(0) == 1000  # nothing leased yet: the fallback
     assert 190 <= total(100) <= 210  # 100 steps in half the time: about 200 in all
+    # 150 leased, 50 of them in flight: 100 answered in half the time, not 150.
+    assert 190 <= total(150, 50) <= 210
+    assert total(100, 100) == 1000  # nothing answered yet: the fallback
     over = StageBudget(minutes=1, started=time.monotonic() - 120)
     assert over.schedule_steps(1000, settings)(100) == 101  # past the budget: at the end
 

@@ -169,6 +169,22 @@ def test_a_queued_unit_of_another_stage_is_not_leased(factory):
         assert got.reissued_from == unit_id
 
 
+def test_steps_in_flight_count_leased_and_queued_units_of_the_stage(factory):
+    """What a time-budgeted schedule subtracts from the steps leased: units not answered
+    yet. A re-queued copy stands for its expired original; a failed unit is not in flight."""
+    _join(factory, 1)
+    t0 = utcnow()
+    expired = _lease(factory, 1, now=t0, steps=7, lease_seconds=10)  # -> a queued copy
+    _lease(factory, 1, now=t0, steps=5, lease_seconds=60)  # still leased
+    failed = _lease(factory, 1, now=t0, steps=11, lease_seconds=60)
+    _expire(factory, t0 + dt.timedelta(seconds=11))
+    with factory.begin() as s:
+        leases.fail_unit(s, unit_id=failed, reason="stage ended", requeue=False, max_attempts=3)
+        assert s.get(WorkUnit, expired).state == UnitState.EXPIRED
+        assert leases.stage_steps_in_flight(s, stage="expert_diff") == 7 + 5
+        assert leases.stage_steps_in_flight(s, stage="ternary_distill") == 0
+
+
 def test_fail_and_reissue(factory):
     _join(factory, 1)
     unit_id = _lease(factory, 1)

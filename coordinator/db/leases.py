@@ -343,6 +343,20 @@ def stage_schedule_position(session: Session, *, stage: str) -> tuple[int, int]:
     return int(units), int(steps)
 
 
+def stage_steps_in_flight(session: Session, *, stage: str) -> int:
+    """Inner steps of ``stage``'s units leased or queued and not yet answered.
+
+    A re-queued copy stands for its expired original (it keeps the original's position),
+    so copies count and expired originals do not.
+    """
+    steps = session.execute(
+        select(func.coalesce(func.sum(WorkUnit.steps), 0)).where(
+            WorkUnit.stage == stage, WorkUnit.state.in_((UnitState.QUEUED, UnitState.LEASED))
+        )
+    ).scalar_one()
+    return int(steps)
+
+
 def previous_base_version(session: Session, *, participant_id: int, before: str) -> int | None:
     """Base version of the unit leased to ``participant_id`` most recently before ``before``."""
     this = session.get(WorkUnit, before)
