@@ -41,7 +41,12 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stopped, at_version = _stop_the_demo_run_at_version_1(work)
-        out, err = proc.communicate(timeout=540)
+        try:
+            out, err = proc.communicate(timeout=540)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the demo did not end in 540 s\n{_where_it_was(work, out, err)}")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -72,6 +77,16 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
     # Clean exit: nothing the demo started is left running.
     assert _processes_under(work) == []
     _stages_5_to_7_on_the_export(tmp_path, s4)
+
+
+def _where_it_was(work, out: str, err: str) -> str:
+    """The tails of the demo's own output and of every log its network wrote: where a
+    demo that did not end was stuck."""
+    parts = [f"--- demo stdout\n{out[-3000:]}", f"--- demo stderr\n{err[-4000:]}"]
+    for log in sorted((work / "network").rglob("*.log")):
+        text = log.read_text(errors="replace")
+        parts.append(f"--- {log.relative_to(work)}\n{text[-1500:]}")
+    return "\n".join(parts)
 
 
 def _stages_5_to_7_on_the_export(cwd, s4: dict) -> None:

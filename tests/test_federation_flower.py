@@ -389,8 +389,10 @@ def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
         nodes = sorted(driver.node_ids())
         assert len(nodes) == 2
 
-        # Kill participant 1 while both hold leases: the victim's leases must expire and
-        # be redone by the survivor (whose own leases are never re-issued).
+        # Kill participant 1 while both hold leases: the victim's units must be taken back and
+        # redone by the survivor (whose own leases are never re-issued). They come back by
+        # one of two roads, whichever is first: the lease expires, or Flower reports the
+        # node's messages undeliverable (the units fail and are re-queued at once).
         # Both must hold leases at the moment of the kill; a node between two units holds
         # none for an instant, so wait for that moment rather than assert on any instant.
         def both_hold() -> bool:
@@ -401,22 +403,22 @@ def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
 
         # Any of the victim's leases counts, not only those held at the kill: a result it
         # sent just before dying can still be accepted (its unit is then not redone), and
-        # until Flower marks the node offline the loop may lease it more, which expire too.
+        # until Flower marks the node offline the loop may lease it more, which are lost too.
         def redone() -> bool:
-            expired = {n: _leased_units(coord, n, "expired") for n in nodes}
-            return any(_redone_by_other(coord, expired[n], n) for n in nodes)
+            return any(_redone_by_other(coord, _lost_units(coord, n), n) for n in nodes)
 
-        step_until(loop, redone, 300, "an expired unit re-issued and done by the other participant")
-        (victim,) = [n for n in nodes if _leased_units(coord, n, "expired")]
-        _no_new_leases_after_its_first_expiry(coord, victim)
+        step_until(loop, redone, 300, "a lost unit re-issued and done by the other participant")
+        (victim,) = [n for n in nodes if _lost_units(coord, n)]
+        _no_new_leases_once_lost(coord, victim)
         driver.close()
     finally:
         coord.shutdown()
 
 
-def _no_new_leases_after_its_first_expiry(coord, node_id) -> None:
-    """Once a lease of the dead node expired, the loop leased it nothing more (for the
-    hold-back period: Flower lists a dead node for up to a minute)."""
+def _no_new_leases_once_lost(coord, node_id) -> None:
+    """Once a unit of the dead node was lost (its lease expired, or Flower reported its
+    message undeliverable), the loop leased it nothing more for the hold-back period
+    (Flower lists a dead node for up to a minute), and said why it held the node back."""
     import datetime as dt
 
     from coordinator.federation import NODE_COOLDOWN_S
@@ -426,19 +428,25 @@ def _no_new_leases_after_its_first_expiry(coord, node_id) -> None:
         (pid,) = db.execute("select id from participants where node_id = ?", (signed,)).fetchone()
         rows = db.execute(
             "select kind, ts from events where participant_id = ? and kind in "
-            "('lease.expired', 'lease.created') order by id",
+            "('lease.expired', 'unit.failed', 'lease.created') order by id",
             (pid,),
         ).fetchall()
         held = db.execute(
-            "select count(*) from events where kind = 'participant.held_back' and message like ?",
-            (f"node {node_id}:%",),
+            "select count(*) from events where (kind = 'participant.held_back' and message like ?)"
+            " or (kind = 'participant.offline' and participant_id = ?)",
+            (f"node {node_id}:%", pid),
         ).fetchone()[0]
     stamps = [(kind, dt.datetime.fromisoformat(ts)) for kind, ts in rows]
-    first = min(t for kind, t in stamps if kind == "lease.expired")
+    first = min(t for kind, t in stamps if kind != "lease.created")
     window = dt.timedelta(seconds=NODE_COOLDOWN_S)
     later = [t for kind, t in stamps if kind == "lease.created" and first < t < first + window]
     assert not later, (first, later)
     assert held >= 1
+
+
+def _lost_units(coord, node_id) -> set[str]:
+    """Units leased to ``node_id`` and taken back: expired, or failed by Flower's error."""
+    return _leased_units(coord, node_id, "expired") | _leased_units(coord, node_id, "failed")
 
 
 def _stored(node_id: int) -> int:
