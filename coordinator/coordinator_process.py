@@ -67,8 +67,10 @@ class StageBudget:
         *answered* at the share of the time gone, so the schedule ends with the last unit
         trained. (Extrapolating the steps leased overshot by the units in flight, which
         the end of the stage drops: on ``small`` that was 40 % of stage 4's schedule,
-        its whole all-ternary phase.) With neither: ``units_hint`` units of
-        ``steps_per_unit``.
+        its whole all-ternary phase.) Until as many steps are answered as are in flight,
+        the rate is mostly the stage's start-up (joins, first syncs, the teacher) and
+        would end the schedule far too early, so the fallback holds. With neither:
+        ``units_hint`` units of ``steps_per_unit``.
         """
         if self.tokens:
             return max(1, math.ceil(self.tokens / tokens_per_step))
@@ -79,7 +81,7 @@ class StageBudget:
         def extrapolated(position: int, in_flight: int = 0) -> int:
             gone = (time.monotonic() - self.started) / (60 * self.minutes)
             answered = position - in_flight
-            if answered <= 0 or gone <= 0:
+            if answered <= 0 or answered < in_flight or gone <= 0:
                 return fallback
             return max(position + 1, round(answered / min(gone, 1.0)))
 

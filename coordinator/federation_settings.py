@@ -89,7 +89,7 @@ class FederationSettings:
     buffer_size: int = 2
     max_staleness: int = 8
     outer_lr: float = 1.0
-    outer_momentum: float = 0.5
+    outer_momentum: float = 0.0
     trim: int = 0
     aggregator: str = "centered_clip"
     clip_factor: float = 1.0

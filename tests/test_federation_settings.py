@@ -85,7 +85,7 @@ def test_serve_and_demo_parse_one_file_into_the_same_settings(monkeypatch, tmp_p
 def test_command_defaults():
     # serve's defaults are the settings' own; the demo buffers one result per participant.
     assert load_federation_settings(None) == FederationSettings()
-    assert (FederationSettings().outer_lr, FederationSettings().outer_momentum) == (1.0, 0.5)
+    assert (FederationSettings().outer_lr, FederationSettings().outer_momentum) == (1.0, 0.0)
     demo = load_federation_settings(None, {"outer_lr": None}, defaults={"buffer_size": 5})
     assert demo.buffer_size == 5 and demo.outer_lr == 1.0
 
@@ -148,6 +148,7 @@ def test_schedule_length_follows_the_stage_budget():
     # 150 leased, 50 of them in flight: 100 answered in half the time, not 150.
     assert 190 <= total(150, 50) <= 210
     assert total(100, 100) == 1000  # nothing answered yet: the fallback
+    assert total(100, 60) == 1000  # fewer answered than in flight: still the start-up
     over = StageBudget(minutes=1, started=time.monotonic() - 120)
     assert over.schedule_steps(1000, settings)(100) == 101  # past the budget: at the end
 
