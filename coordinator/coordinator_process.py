@@ -20,6 +20,7 @@ from coordinator.blob_gc import collect_blobs
 from coordinator.blob_server import BlobServer, TlsConfig
 from coordinator.central.checkpoint import load_checkpoint
 from coordinator.db import init_db, make_session_factory
+from coordinator.db import leases as db_leases
 from coordinator.db import versions as db_versions
 from coordinator.federation import FederationLoop
 from coordinator.federation_settings import FederationSettings, FederationSettingsError, LoopStats
@@ -57,7 +58,10 @@ class StageBudget:
         return max(parts) if parts else 0.0
 
     def schedule_steps(
-        self, tokens_per_step: int, settings: FederationSettings
+        self,
+        tokens_per_step: int,
+        settings: FederationSettings,
+        prior_steps_per_minute: float | None = None,
     ) -> int | Callable[[int, int], int]:
         """Length of the stage's lr / ternary schedules in inner optimiser steps.
 
@@ -69,14 +73,20 @@ class StageBudget:
         the end of the stage drops: on ``small`` that was 40 % of stage 4's schedule,
         its whole all-ternary phase.) Until as many steps are answered as are in flight,
         the rate is mostly the stage's start-up (joins, first syncs, the teacher) and
-        would end the schedule far too early, so the fallback holds. With neither:
-        ``units_hint`` units of ``steps_per_unit``.
+        would end the schedule far too early, so the fallback holds: the minutes at
+        ``prior_steps_per_minute`` (the previous stage's measured rate), else, as with
+        neither budget, ``units_hint`` units of ``steps_per_unit``. (On ``small``, the
+        units of the first half of stage 4 are leased before that many are answered; with
+        ``units_hint`` they all ran at the schedule's start, and the ternary ramp jumped
+        from its first phase to its last.)
         """
         if self.tokens:
             return max(1, math.ceil(self.tokens / tokens_per_step))
         fallback = settings.units_hint * settings.steps_per_unit
         if not self.minutes:
             return fallback
+        if prior_steps_per_minute:
+            fallback = max(1, round(prior_steps_per_minute * self.minutes))
 
         def extrapolated(position: int, in_flight: int = 0) -> int:
             gone = (time.monotonic() - self.started) / (60 * self.minutes)
@@ -332,7 +342,9 @@ class Coordinator:
             column_codec=settings.column_codec,
             shared_codec=settings.shared_codec,
             teacher=teacher,
-            schedule_steps=budget.schedule_steps(step_tokens, settings),
+            schedule_steps=budget.schedule_steps(
+                step_tokens, settings, self._previous_stage_rate(stage)
+            ),
             step_budget=math.ceil(budget.tokens / step_tokens) if budget.tokens else None,
         )
         settings = replace(settings, state_path=self._state_path(settings))
@@ -349,6 +361,12 @@ class Coordinator:
         )
         self.loop.on_checkpoint = lambda: self.collect_blobs(settings, teacher)
         return self.loop
+
+    def _previous_stage_rate(self, stage: int) -> float | None:
+        """Inner steps a minute the network answered in federated stage ``stage - 1``
+        (``None``: it did not run here): the prior of a time-budgeted schedule."""
+        with self.session_factory() as s:
+            return db_leases.stage_step_rate(s, stage=f"stage{stage - 1}")
 
     def _pin_teacher(self, teacher: tensor_pb2.BlobRef) -> None:
         manifest = control_pb2.CheckpointManifest.FromString(self.store.get(teacher.content_id))

@@ -133,7 +133,8 @@ def test_bad_keys_and_values_are_refused_by_both_commands(monkeypatch, tmp_path)
 def test_schedule_length_follows_the_stage_budget():
     """Token budget: its inner steps. Minutes only: extrapolated from the steps answered so
     far (leased minus in flight) and the share of the time gone, so the schedule ends with
-    the last unit trained. Neither: units_hint x steps_per_unit."""
+    the last unit trained; until then the previous stage's rate, if known. Neither:
+    units_hint x steps_per_unit."""
     import time
 
     from coordinator.coordinator_process import StageBudget
@@ -151,6 +152,10 @@ def test_schedule_length_follows_the_stage_budget():
     assert total(100, 60) == 1000  # fewer answered than in flight: still the start-up
     over = StageBudget(minutes=1, started=time.monotonic() - 120)
     assert over.schedule_steps(1000, settings)(100) == 101  # past the budget: at the end
+    # The previous stage's rate (steps a minute) over this stage's minutes is the fallback.
+    primed = half_gone.schedule_steps(1000, settings, prior_steps_per_minute=18.0)
+    assert primed(0) == primed(100, 60) == 180
+    assert 190 <= primed(150, 50) <= 210  # then the extrapolation, as without a prior
 
 
 def test_defence_flags_reach_the_settings_of_both_commands(monkeypatch, tmp_path):

@@ -185,6 +185,23 @@ def test_steps_in_flight_count_leased_and_queued_units_of_the_stage(factory):
         assert leases.stage_steps_in_flight(s, stage="ternary_distill") == 0
 
 
+def test_step_rate_of_a_stage_counts_its_done_units_from_first_lease_to_last_answer(factory):
+    """The prior of the next time-budgeted stage's schedule: steps answered per minute."""
+    _join(factory, 1)
+    t0 = utcnow()
+    done = [_lease(factory, 1, now=t0, steps=10, lease_seconds=600) for _ in range(3)]
+    _lease(factory, 1, now=t0, steps=50, lease_seconds=600)  # not answered: not counted
+    with factory.begin() as s:
+        assert leases.stage_step_rate(s, stage="expert_diff") is None  # nothing answered
+        for i, unit_id in enumerate(done):
+            unit = s.get(WorkUnit, unit_id)
+            unit.state, unit.finished_at = UnitState.DONE, t0 + dt.timedelta(seconds=20 * (i + 1))
+    with factory.begin() as s:
+        # 30 steps from the first lease (t0) to the last answer (t0 + 60 s): 30 a minute.
+        assert leases.stage_step_rate(s, stage="expert_diff") == pytest.approx(30.0, rel=1e-3)
+        assert leases.stage_step_rate(s, stage="ternary_distill") is None
+
+
 def test_fail_and_reissue(factory):
     _join(factory, 1)
     unit_id = _lease(factory, 1)

@@ -357,6 +357,19 @@ def stage_steps_in_flight(session: Session, *, stage: str) -> int:
     return int(steps)
 
 
+def stage_step_rate(session: Session, *, stage: str) -> float | None:
+    """Inner steps a minute answered in ``stage``: the steps of its done units over the
+    minutes from its first lease to its last answer (``None`` without a done unit)."""
+    steps, first, last = session.execute(
+        select(
+            func.sum(WorkUnit.steps), func.min(WorkUnit.leased_at), func.max(WorkUnit.finished_at)
+        ).where(WorkUnit.stage == stage, WorkUnit.state == UnitState.DONE)
+    ).one()
+    if not steps or first is None or last is None or last <= first:
+        return None
+    return float(steps) / ((last - first).total_seconds() / 60)
+
+
 def previous_base_version(session: Session, *, participant_id: int, before: str) -> int | None:
     """Base version of the unit leased to ``participant_id`` most recently before ``before``."""
     this = session.get(WorkUnit, before)
