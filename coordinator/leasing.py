@@ -238,6 +238,7 @@ class UnitFactory:
         at the same token position (warm-up and cosine counted in optimiser steps)."""
         step, total = self._schedule_step(position, session)
         params = {"lr": lr_at(step, self.cfg.optim, total), "seed": seed, "position": position}
+        params["schedule_steps"] = total  # the length it was leased under (an estimate on time)
         if self.stage == 4:
             params["ternary_fraction"] = ternary_fraction_at(step, total, self.cfg.ternary.schedule)
             params["kd_weight"] = self.cfg.ternary.kd_weight

@@ -70,6 +70,7 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
     _traffic_split(s3, s4)
     # ... and stage 4 continued from stage 3's versions.
     assert s4["versions_end"] > s3["versions_end"] > 0
+    _stage4_scheduled_from_stage3s_rate(work)
     # The stopped run stayed stopped; training went on past it on a new run.
     assert (stopped.status, stopped.sub_status) == ("finished", "stopped")
     assert s3["versions_end"] > at_version, (s3, at_version)
@@ -77,6 +78,20 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
     # Clean exit: nothing the demo started is left running.
     assert _processes_under(work) == []
     _stages_5_to_7_on_the_export(tmp_path, s4)
+
+
+def _stage4_scheduled_from_stage3s_rate(work) -> None:
+    """Stage 4's first unit is leased before any of its steps are answered: its schedule's
+    length is stage 3's measured rate over stage 4's minutes, not ``units_hint`` units."""
+    from coordinator.federation_settings import FederationSettings
+
+    with sqlite3.connect(work / "coordinator" / "coordinator.db") as db:
+        (first,) = db.execute(
+            "select params from work_units where stage = 'stage4' and reissued_from is null "
+            "order by json_extract(params, '$.position') limit 1"
+        ).fetchone()
+    hint = FederationSettings()
+    assert json.loads(first)["schedule_steps"] != hint.units_hint * hint.steps_per_unit, first
 
 
 def _where_it_was(work, out: str, err: str) -> str:

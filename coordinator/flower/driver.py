@@ -41,6 +41,13 @@ from shared_model.flower_runtime import (
 
 log = logging.getLogger(__name__)
 COMPONENT = "perspective-coordinator"
+#: How long one reply's objects may take to arrive before the reply counts as lost. Our
+#: replies are small control messages (results travel through the blob service), so one
+#: whose objects are not there within seconds was cut off mid-upload: its node died or was
+#: stopped. Flower's own pull waits up to 500 tries at up to 10 s each (in practice until
+#: the SuperLink expires the upload, minutes), and the whole loop waited with it: no
+#: leases, no operator pause or cancel.
+REPLY_PULL_MAX_S = 10.0
 
 
 class RunLostError(FlowerTransportError):
@@ -293,7 +300,7 @@ class FlowerDriver:
         if not ids:
             return []
         replies = []
-        for msg in self._call(self._grid.pull_messages, ids):
+        for msg in self._call(pull_replies, self._grid, ids):
             mid = msg.metadata.reply_to_message_id
             with self._lock:
                 pend = self._pending.pop(mid, None)
@@ -350,3 +357,55 @@ class FlowerDriver:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close(failed=exc_type is not None)
+
+
+def pull_replies(grid: Any, message_ids: list[str], max_s: float = REPLY_PULL_MAX_S) -> list:
+    """``HttpGrid.pull_messages`` of Flower 1.42, with each reply's objects pulled within
+    ``max_s`` seconds (:data:`REPLY_PULL_MAX_S`); a reply whose objects do not arrive in
+    time becomes an error reply (``MESSAGE_UNAVAILABLE``), as Flower makes one that never
+    arrives."""
+    from flwr.app import Metadata
+    from flwr.app.error import Error
+    from flwr.app.message import make_message
+    from flwr.common.constant import ErrorCode
+    from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest
+    from flwr.supercore.constant import SYSTEM_MESSAGE_TYPE
+    from flwr.supercore.date import now
+    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
+    from flwr.supercore.inflatable.inflatable_utils import (
+        ObjectPullError,
+        inflate_object_from_contents,
+        pull_objects,
+    )
+
+    client, node, run_id = grid._runtime_client, grid.node, grid._run.run_id
+    res = client.PullMessages(PullAppMessagesRequest(message_ids=message_ids))
+    pulled = []
+    for proto, tree in zip(res.messages_list, res.message_object_trees, strict=True):
+        msg_id = proto.metadata.message_id
+        try:
+            contents = pull_objects(
+                [t.object_id for t in iterate_object_tree(tree)],
+                make_pull_object_fn_protobuf(client.PullObject, node, run_id),
+                max_time=max_s,
+                backoff_cap=1.0,
+            )
+        except ObjectPullError as err:
+            meta = Metadata(
+                run_id=run_id, message_id="", src_node_id=node.node_id,
+                dst_node_id=node.node_id, message_type=SYSTEM_MESSAGE_TYPE, group_id="",
+                ttl=0, reply_to_message_id=proto.metadata.reply_to_message_id,
+                created_at=now().timestamp(),
+            )  # fmt: skip
+            reason = f"reply objects not uploaded within {max_s:.0f} s (node cut off?): {err}"
+            pulled.append(make_message(meta, error=Error(ErrorCode.MESSAGE_UNAVAILABLE, reason)))
+            continue
+        client.ConfirmMessageReceived(
+            ConfirmMessageReceivedRequest(node=node, run_id=run_id, message_object_id=msg_id)
+        )
+        message = inflate_object_from_contents(msg_id, contents)
+        message.metadata.__dict__["_message_id"] = msg_id
+        pulled.append(message)
+    return pulled
