@@ -71,6 +71,21 @@ def demo(
     run_demo(preset, participants, minutes, work_dir, settings, data)
 
 
+def _refuse_used_work_dir(work: Path) -> None:
+    """A demo trains a new seed: in a directory that holds an earlier demo's network the
+    coordinator would resume that network's state (its database, checkpoint, Flower
+    state and participants) and silently drop the new seed, and the summary would mix
+    the two runs. Refused, so nothing of the earlier run is overwritten."""
+    used = [p for p in ("coordinator", "network") if (work / p).exists()]
+    if used:
+        raise typer.BadParameter(
+            f"{work} already holds an earlier demo's network ({', '.join(used)}/); a demo "
+            "starts a new one. Pass a new or empty --work-dir, or remove that one "
+            f"(rm -r {work}).",
+            param_hint="--work-dir",
+        )
+
+
 def run_demo(
     preset: str,
     participants: int,
@@ -98,6 +113,7 @@ def run_demo(
     # Laptop-sized units: with the presets' own batches a `small` unit takes minutes on a CPU.
     cfg = load_config(preset, overrides=DEMO_TRAIN.get(preset))
     work = Path(work_dir or tempfile.mkdtemp(prefix="perspective-demo-"))
+    _refuse_used_work_dir(work)
     work.mkdir(parents=True, exist_ok=True)
     try:
         corpus = stage_corpus(data, cfg, work)

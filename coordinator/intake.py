@@ -369,12 +369,11 @@ class PayloadCheck:
             self.state, self.ids, unit.base_version, list(unit.columns), self.bounds,
             step_size=self.bounds.step_size(*unit_lr_steps(unit)) if self.bounds else 1.0,
         )  # fmt: skip
-        if self.validator is not None:
-            for column, delta in decoded.columns.items():
-                try:
-                    self.validator.check(column, delta, unit.base_version, decoded.shared)
-                except ColumnWorse as exc:
-                    raise Rejected(RejectReason.LOSS_INCREASE, str(exc)) from exc
+        if self.validator is not None and decoded.columns:
+            try:
+                self.validator.check_all(decoded.columns, unit.base_version, decoded.shared)
+            except ColumnWorse as exc:
+                raise Rejected(RejectReason.LOSS_INCREASE, str(exc)) from exc
         self.decoded = decoded
 
 

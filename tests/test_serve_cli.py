@@ -104,6 +104,20 @@ def test_serve_and_demo_refuse_a_bad_federation_config(tmp_path) -> None:
 
 
 @pytest.mark.integration
+def test_demo_refuses_a_work_dir_holding_an_earlier_network(tmp_path) -> None:
+    # It would resume that network's state and drop the seed it has just trained.
+    used = tmp_path / "used"
+    (used / "coordinator").mkdir(parents=True)
+    db = used / "coordinator" / "coordinator.db"
+    db.write_bytes(b"an earlier run's database")
+    code, said = run("demo", "--work-dir", str(used))
+    assert code == 2 and f"{used} already holds an earlier demo's network" in said, said
+    assert "Pass a new or empty --work-dir" in said
+    assert db.read_bytes() == b"an earlier run's database"  # nothing of it touched
+    assert sorted(p.name for p in used.iterdir()) == ["coordinator"]
+
+
+@pytest.mark.integration
 def test_serve_logs_its_database_and_read_token_setting(tmp_path) -> None:
     # The API starts before the (here unusable) checkpoint is read: both lines are logged.
     code, said = serve(tmp_path, "--insecure", "--superexec-secret-file", __file__,

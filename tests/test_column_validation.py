@@ -1,0 +1,66 @@
+"""The coordinator's held-out column check (:mod:`coordinator.column_validation`): all the
+columns of a result are scored in one forward each for base and result, and that must
+score every column exactly as a forward of that column alone does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coordinator.central.checkpoint import load_checkpoint
+from coordinator.column_validation import ColumnValidator, ColumnWorse
+from coordinator.federation_settings import FederationSettings
+from coordinator.publishing import CoordinatorState
+from coordinator.routing.assignment import initial_assignment
+from shared_model.blobs import BlobStore
+from shared_model.model import PerspectiveModel
+
+
+@pytest.fixture(scope="module")
+def validator(tmp_path_factory, tiny_moe_seed):
+    """A validator over the suite's trained ``tiny`` seed (an untrained model scores every
+    column alike: its head is near uniform)."""
+    cfg, corpus, ckpt = tiny_moe_seed
+    model = PerspectiveModel(cfg, moe=True)
+    model.load_state_dict(load_checkpoint(ckpt).model_state, strict=True)
+    store = BlobStore(tmp_path_factory.mktemp("blobs"))
+    state = CoordinatorState(cfg, model, store, FederationSettings(stage=3))
+    assignment = initial_assignment(model, corpus.dataset("train"), cfg.moe.n_experts)
+    return ColumnValidator(state, corpus.dataset("val"), assignment, sequences=4, tolerance=0.1)
+
+
+def _deltas(validator, columns, scale: float, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        c: {
+            k: scale * torch.randn(v.shape, generator=gen)
+            for k, v in validator.state.columns.published_at(c, 0).items()
+        }
+        for c in columns
+    }
+
+
+def _no_shared_change(validator):
+    return {k: torch.zeros_like(v) for k, v in validator.state.shared.published.items()}
+
+
+def test_columns_checked_together_score_as_each_column_alone(validator) -> None:
+    columns = [0, 1, 2]
+    deltas = _deltas(validator, columns, scale=0.02)
+    together = validator.check_all(deltas, 0, _no_shared_change(validator))
+    scored = validator.checked[-3:]
+    for c in columns:
+        alone = validator.check_all({c: deltas[c]}, 0, _no_shared_change(validator))
+        assert alone[c] == pytest.approx(together[c], abs=1e-5)
+        assert validator.checked[-1][1:] == pytest.approx(
+            next(s for s in scored if s[0] == c)[1:], abs=1e-5
+        )
+    assert len({round(together[c], 6) for c in columns}) == 3  # really per column
+
+
+def test_a_column_made_much_worse_is_refused_by_name(validator) -> None:
+    deltas = _deltas(validator, [1, 3], scale=0.0)
+    deltas[3] = {k: -2 * v for k, v in validator.state.columns.published_at(3, 0).items()}
+    with pytest.raises(ColumnWorse, match=r"^column 3: held-out loss of the result's model"):
+        validator.check_all(deltas, 0, _no_shared_change(validator))
+    assert validator.check_all({1: deltas[1]}, 0, _no_shared_change(validator))[1] == 0.0
