@@ -59,8 +59,6 @@ NODE_COOLDOWN_S = 90.0
 #: A node busy with all the units it may hold is touched (marked seen) this often, not at
 #: every step: liveness counts in minutes (``serve --offline-after``).
 TOUCH_EVERY_S = 5.0
-#: Seconds of submitted results one loop step takes in before it leases again.
-INTAKE_SLICE_S = 0.5
 #: Quarantine never takes the last node of a network of at least this many online nodes
 #: whose others are all quarantined (see ``FederationLoop._is_quarantined``).
 QUARANTINE_QUORUM = 3
@@ -186,8 +184,6 @@ class FederationLoop:
             # All it may hold is out. (Not "all there is to lease": an expired lease's unit
             # is re-issued after the budget is fully leased, and must find a taker.)
             full = now - self._full.get(node_id, -math.inf) < TOUCH_EVERY_S
-            if full and self.inbox is not None and self.inbox.waiting(node_id):
-                full = False  # it finished units the intake has not taken in yet
             if units_out[node_id] >= self.settings.max_in_flight or full:
                 if now - self._touched.get(node_id, -math.inf) >= TOUCH_EVERY_S:
                     due_touch.append(node_id)
@@ -203,25 +199,12 @@ class FederationLoop:
         self._take_replies(wait)
 
     def _take_replies(self, wait: float) -> None:
-        """Handle the Flower replies that come within ``wait`` s (none while submitted
-        results wait), then submitted results for up to ``INTAKE_SLICE_S`` (at least one).
-
-        The slice keeps the loop leasing while the intake works through a backlog: a
-        backlog of results is a backlog of participants whose queues run dry (the intake's
-        held-out checks take longer than a ``tiny`` unit trains on a 2-core laptop), and
-        their slots are free already (:meth:`_lease_for` counts waiting results as
-        answered)."""
-        if self.driver is not None:
-            backlog = self.inbox is not None and len(self.inbox) > 0
-            for reply in self.driver.wait_any(0.0 if backlog else wait):
-                self._handle_reply(reply)
-        if self.inbox is None:
-            return
-        until = time.monotonic() + INTAKE_SLICE_S
-        while taken := self.inbox.drain(limit=1):
-            self._handle_submitted(*taken[0])
-            if time.monotonic() >= until:
-                return
+        """Handle the Flower replies that come within ``wait`` s, then the submitted results."""
+        for reply in self.driver.wait_any(wait) if self.driver is not None else ():
+            self._handle_reply(reply)
+        if self.inbox is not None:
+            for node_id, result in self.inbox.drain():
+                self._handle_submitted(node_id, result)
 
     def _touch_busy(self, node_ids: list[int], now: float) -> None:
         """Mark nodes that hold all the units they may as seen (liveness), in one
@@ -290,11 +273,7 @@ class FederationLoop:
             row = db_participants.touch_participant(  # online from here on
                 s, node_id=node_id, create=not self.enrolled_only
             )
-            # A result waiting in the inbox is a unit its node has finished: its slot is free.
-            waiting = self.inbox.waiting(node_id) if self.inbox is not None else 0
-            needed = leases_needed(
-                s, node_id=node_id, max_in_flight=self.settings.max_in_flight + waiting
-            )
+            needed = leases_needed(s, node_id=node_id, max_in_flight=self.settings.max_in_flight)
             if self.hold_leases:  # paused: collect what is in flight, lease nothing
                 out = db_leases.count_in_flight(s, participant_id=row.id, now=utcnow()) > 0
                 needed = 0 if out else -1

@@ -88,21 +88,14 @@ class ResultInbox:
             self.received += 1
             return self._by_node[node_id]
 
-    def drain(self, limit: int | None = None) -> list[tuple[int, federation_pb2.WorkResult]]:
-        """Take the waiting results (at most ``limit``; ``None``: all), oldest first."""
+    def drain(self) -> list[tuple[int, federation_pb2.WorkResult]]:
+        """Take every waiting result, in the order they came."""
         with self._lock:
-            n = len(self._items) if limit is None else min(limit, len(self._items))
-            items = [self._items.popleft() for _ in range(n)]
-            for node_id, result in items:
-                self._by_node[node_id] -= 1
-                self._bytes -= result.ByteSize()
-            self._by_node = +self._by_node  # drop the zero counts
+            items = list(self._items)
+            self._items.clear()
+            self._by_node.clear()
+            self._bytes = 0
         return items
-
-    def waiting(self, node_id: int) -> int:
-        """How many of ``node_id``'s results wait for the intake."""
-        with self._lock:
-            return self._by_node[node_id]
 
     def __len__(self) -> int:
         with self._lock:
