@@ -27,6 +27,12 @@ from coordinator.demo_view import DemoView
 from coordinator.federation_settings import FederationSettings
 
 DEMO_TRAIN = {"small": ["train.batch_size=4", "train.seq_len=128"]}
+#: The demo's own federation defaults per preset (a file or a flag overrides them). A
+#: ``tiny`` unit of 10 steps trains ~1 s, shorter than what each result costs the
+#: coordinator (held-out check, aggregation, publishing) on the same 2 cores: units of 20
+#: steps trained 1.3-1.7x the tokens in the same minutes and ended lower (§5.1,
+#: "Utilisation"). A ``small`` unit of 10 steps already trains ~15 s.
+DEMO_FEDERATION = {"tiny": {"steps_per_unit": 20}}
 DEMO_HELP = "Run the local federated network: central seed, then federated stages 3 and 4."
 
 
@@ -66,7 +72,7 @@ def demo(
 ) -> None:
     """Run the local federated network (central seed, federated stages 3 and 4)."""
     # One outer step per result of each participant, unless the file or a flag says otherwise.
-    defaults = {"buffer_size": participants}
+    defaults = {"buffer_size": participants, **DEMO_FEDERATION.get(preset, {})}
     settings = fo.settings_from_cli(federation_config, locals(), defaults=defaults)
     run_demo(preset, participants, minutes, work_dir, settings, data)
 
@@ -96,6 +102,8 @@ def run_demo(
 ) -> None:
     """Seed centrally, then run stages 3 and 4 with ``settings`` (their ``stage`` is set here)
     on the corpus ``data`` (:func:`~coordinator.coordinator_process.stage_corpus`)."""
+    import torch
+
     from coordinator.central.trainer import train_stage
     from coordinator.coordinator_process import (
         Coordinator,
@@ -138,6 +146,8 @@ def run_demo(
     try:
         view.say("starting SuperLink, coordinator and participants ...")
         network.start()
+        torch.set_num_threads(network.cores_left())  # the cores are the participants' now
+        view.say(f"coordinator: {torch.get_num_threads()} torch thread(s) beside the participants")
         coord.start()
         view.say(f"dashboard: {coord.start_api()}/")
         coord.prepare(r2.checkpoint, settings)

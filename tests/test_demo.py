@@ -10,12 +10,15 @@ the trained model out and runs stages 5, 6 and 7 on it: the pipeline, stages 1 t
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
 
 import psutil
 import pytest
+
+from coordinator.demo import DEMO_FEDERATION
 
 # serial: make test runs it alone. Its stages are budgeted in minutes, so beside another
 # test it trains less, and its quality check (the network ends below the seed) is about
@@ -75,6 +78,11 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
     assert (stopped.status, stopped.sub_status) == ("finished", "stopped")
     assert s3["versions_end"] > at_version, (s3, at_version)
     assert "Perspective demo summary" in out
+    # The coordinator left the cores to the 2 one-thread participants, and tiny units have
+    # the demo's own length.
+    cores = len(os.sched_getaffinity(0))
+    assert f"coordinator: {max(1, cores - 2)} torch thread(s)" in " ".join(out.split()), out
+    assert _unit_lengths(work) == {DEMO_FEDERATION["tiny"]["steps_per_unit"]}
     # Clean exit: nothing the demo started is left running.
     assert _processes_under(work) == []
     _stages_5_to_7_on_the_export(tmp_path, s4)
@@ -91,7 +99,13 @@ def _stage4_scheduled_from_stage3s_rate(work) -> None:
             "order by json_extract(params, '$.position') limit 1"
         ).fetchone()
     hint = FederationSettings()
-    assert json.loads(first)["schedule_steps"] != hint.units_hint * hint.steps_per_unit, first
+    steps = DEMO_FEDERATION["tiny"]["steps_per_unit"]
+    assert json.loads(first)["schedule_steps"] != hint.units_hint * steps, first
+
+
+def _unit_lengths(work) -> set[int]:
+    with sqlite3.connect(work / "coordinator" / "coordinator.db") as db:
+        return {n for (n,) in db.execute("select distinct steps from work_units")}
 
 
 def _where_it_was(work, out: str, err: str) -> str:
