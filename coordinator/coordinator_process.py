@@ -62,23 +62,23 @@ class StageBudget:
         tokens_per_step: int,
         settings: FederationSettings,
         prior_steps_per_minute: float | None = None,
-    ) -> int | Callable[[int, int], int]:
+    ) -> int | Callable[[int, int, tuple[int, float] | None], int]:
         """Length of the stage's lr / ternary schedules in inner optimiser steps.
 
         With a token budget: its steps (the central trainer's schedule over the same
-        tokens). With only minutes: a function of ``(position, in_flight)``, the steps
-        leased so far and those of them not yet answered, extrapolating the steps
-        *answered* at the share of the time gone, so the schedule ends with the last unit
-        trained. (Extrapolating the steps leased overshot by the units in flight, which
-        the end of the stage drops: on ``small`` that was 40 % of stage 4's schedule,
-        its whole all-ternary phase.) Until as many steps are answered as are in flight,
-        the rate is mostly the stage's start-up (joins, first syncs, the teacher) and
-        would end the schedule far too early, so the fallback holds: the minutes at
-        ``prior_steps_per_minute`` (the previous stage's measured rate), else, as with
-        neither budget, ``units_hint`` units of ``steps_per_unit``. (On ``small``, the
-        units of the first half of stage 4 are leased before that many are answered; with
-        ``units_hint`` they all ran at the schedule's start, and the ternary ramp jumped
-        from its first phase to its last.)
+        tokens). With only minutes: a function of ``(position, in_flight, answers)``: the
+        steps leased so far, those of them not yet answered, and ``(steps answered, steps
+        a second since the first answer)`` (:func:`coordinator.db.leases.stage_answer_rate`).
+        It is the steps answered plus what that rate answers in the time left, so the
+        schedule ends with the last unit trained. (Extrapolating the steps leased overshot
+        by the units in flight, which the end of the stage drops: on ``small`` that was 40 %
+        of stage 4's schedule, its whole all-ternary phase. Extrapolating the steps
+        answered over the share of the time gone counted the start-up in the rate, and
+        ended the schedule early: on ``small`` stage 4's ternary ramp skipped its 0.75
+        phase.) Until as many steps are answered as are in flight, or before two answers,
+        the fallback holds: the minutes at ``prior_steps_per_minute`` (the previous stage's
+        measured rate), else, as with neither budget, ``units_hint`` units of
+        ``steps_per_unit``.
         """
         if self.tokens:
             return max(1, math.ceil(self.tokens / tokens_per_step))
@@ -88,12 +88,15 @@ class StageBudget:
         if prior_steps_per_minute:
             fallback = max(1, round(prior_steps_per_minute * self.minutes))
 
-        def extrapolated(position: int, in_flight: int = 0) -> int:
-            gone = (time.monotonic() - self.started) / (60 * self.minutes)
+        def extrapolated(
+            position: int, in_flight: int = 0, answers: tuple[int, float] | None = None
+        ) -> int:
             answered = position - in_flight
-            if answered <= 0 or answered < in_flight or gone <= 0:
+            if answers is None or answered <= 0 or answered < in_flight:
                 return fallback
-            return max(position + 1, round(answered / min(gone, 1.0)))
+            done, per_s = answers
+            left = self.started + 60 * self.minutes - time.monotonic()
+            return max(position + 1, round(done + per_s * max(0.0, left)))
 
         return extrapolated
 

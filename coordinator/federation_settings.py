@@ -40,7 +40,8 @@ class FederationSettings:
     :class:`~coordinator.leasing.UnitSizing`, whose ``UnitSizingError`` bad values raise.
     The lr and ternary schedules are counted in inner optimiser steps, indexed by the steps
     leased before a unit; they last the token budget's steps, or with only a time budget
-    are extrapolated from the steps leased so far and the time gone, or otherwise last
+    the steps answered plus what the rate since the first answer adds in the time left,
+    or otherwise last
     ``units_hint`` × ``steps_per_unit`` steps (``StageBudget.schedule_steps``).
 
     Aggregation: every ``buffer_size`` accepted results the shared layers take one outer

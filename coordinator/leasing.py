@@ -154,8 +154,9 @@ class UnitFactory:
     column_codec: str
     shared_codec: str
     #: Schedule length in inner steps, or a function of the unit's position and the steps
-    #: in flight giving it (a time budget extrapolates it: ``StageBudget.schedule_steps``).
-    schedule_steps: int | Callable[[int, int], int]
+    #: in flight and the answer rate giving it (a time budget extrapolates it:
+    #: ``StageBudget.schedule_steps``).
+    schedule_steps: int | Callable[[int, int, tuple[int, float] | None], int]
     teacher: tensor_pb2.BlobRef | None = None
     #: Inner steps the stage's token budget allows (``None``: no token budget). No new
     #: unit is created past it and the last one is cut to fit, so the network trains the
@@ -247,8 +248,9 @@ class UnitFactory:
     def _schedule_step(self, position: int, session: Session) -> tuple[int, int]:
         total = self.schedule_steps
         if callable(total):
-            in_flight = leases.stage_steps_in_flight(session, stage=f"stage{self.stage}")
-            total = total(position, in_flight)
+            stage = f"stage{self.stage}"
+            in_flight = leases.stage_steps_in_flight(session, stage=stage)
+            total = total(position, in_flight, leases.stage_answer_rate(session, stage=stage))
         return min(position, total - 1), total
 
     def ternary_fraction(self, session: Session, position: int) -> float:

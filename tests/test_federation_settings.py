@@ -131,9 +131,9 @@ def test_bad_keys_and_values_are_refused_by_both_commands(monkeypatch, tmp_path)
 
 
 def test_schedule_length_follows_the_stage_budget():
-    """Token budget: its inner steps. Minutes only: extrapolated from the steps answered so
-    far (leased minus in flight) and the share of the time gone, so the schedule ends with
-    the last unit trained; until then the previous stage's rate, if known. Neither:
+    """Token budget: its inner steps. Minutes only: the steps answered plus what the rate
+    since the first answer answers in the time left, so the schedule ends with the last
+    unit trained; until then the previous stage's rate, if known. Neither:
     units_hint x steps_per_unit."""
     import time
 
@@ -145,17 +145,18 @@ def test_schedule_length_follows_the_stage_budget():
     half_gone = StageBudget(minutes=10, started=time.monotonic() - 300)
     total = half_gone.schedule_steps(1000, settings)
     assert total(0) == 1000  # nothing leased yet: the fallback
-    assert 190 <= total(100) <= 210  # 100 steps in half the time: about 200 in all
-    # 150 leased, 50 of them in flight: 100 answered in half the time, not 150.
-    assert 190 <= total(150, 50) <= 210
-    assert total(100, 100) == 1000  # nothing answered yet: the fallback
-    assert total(100, 60) == 1000  # fewer answered than in flight: still the start-up
+    # 100 steps answered, at 0.5 a second since the first answer: 150 more in the 300 s
+    # left. (The share of the time gone would say 200: the start-up counted in the rate.)
+    assert 248 <= total(150, 50, (100, 0.5)) <= 252
+    assert total(150, 50, None) == 1000  # fewer than two answers: no rate yet
+    assert total(100, 100, (0, 0.5)) == 1000  # nothing answered yet: the fallback
+    assert total(100, 60, (40, 0.5)) == 1000  # fewer answered than in flight: start-up
     over = StageBudget(minutes=1, started=time.monotonic() - 120)
-    assert over.schedule_steps(1000, settings)(100) == 101  # past the budget: at the end
+    assert over.schedule_steps(1000, settings)(100, 0, (100, 1.0)) == 101  # past the budget
     # The previous stage's rate (steps a minute) over this stage's minutes is the fallback.
     primed = half_gone.schedule_steps(1000, settings, prior_steps_per_minute=18.0)
-    assert primed(0) == primed(100, 60) == 180
-    assert 190 <= primed(150, 50) <= 210  # then the extrapolation, as without a prior
+    assert primed(0) == primed(100, 60, (40, 0.5)) == 180
+    assert 248 <= primed(150, 50, (100, 0.5)) <= 252  # then the extrapolation
 
 
 def test_defence_flags_reach_the_settings_of_both_commands(monkeypatch, tmp_path):

@@ -202,6 +202,29 @@ def test_step_rate_of_a_stage_counts_its_done_units_from_first_lease_to_last_ans
         assert leases.stage_step_rate(s, stage="ternary_distill") is None
 
 
+def test_answer_rate_of_a_stage_runs_from_its_first_answer(factory):
+    """What a time-budgeted schedule extrapolates: the steps answered, and their rate from
+    the first answer on (the stage's start-up before it left out)."""
+    _join(factory, 1)
+    t0 = utcnow()
+    done = [_lease(factory, 1, now=t0, steps=10, lease_seconds=600) for _ in range(3)]
+    _lease(factory, 1, now=t0, steps=50, lease_seconds=600)  # not answered: not counted
+    with factory.begin() as s:
+        assert leases.stage_answer_rate(s, stage="expert_diff") is None  # nothing answered
+        s.get(WorkUnit, done[0]).state = UnitState.DONE
+        s.get(WorkUnit, done[0]).finished_at = t0 + dt.timedelta(seconds=100)  # start-up
+    with factory.begin() as s:
+        assert leases.stage_answer_rate(s, stage="expert_diff") is None  # one answer: no rate
+        for i, unit_id in enumerate(done[1:]):
+            unit = s.get(WorkUnit, unit_id)
+            unit.state, unit.finished_at = UnitState.DONE, t0 + dt.timedelta(seconds=110 + 10 * i)
+    with factory.begin() as s:
+        # 30 answered; 20 of them in the 20 s after the first answer: 1 a second.
+        steps, per_s = leases.stage_answer_rate(s, stage="expert_diff")
+        assert steps == 30 and per_s == pytest.approx(1.0, rel=1e-3)
+        assert leases.stage_answer_rate(s, stage="ternary_distill") is None
+
+
 def test_fail_and_reissue(factory):
     _join(factory, 1)
     unit_id = _lease(factory, 1)

@@ -370,6 +370,26 @@ def stage_step_rate(session: Session, *, stage: str) -> float | None:
     return float(steps) / ((last - first).total_seconds() / 60)
 
 
+def stage_answer_rate(session: Session, *, stage: str) -> tuple[int, float] | None:
+    """``(steps, steps a second)``: the inner steps of ``stage``'s done units, and the
+    rate they were answered at from its first answer to its last (the first answer's own
+    steps excluded: they were trained before it). ``None`` until two answers are apart in
+    time. Measured from the first answer, the rate leaves out the stage's start-up (joins,
+    first syncs, stage 4's teacher), which a rate from the stage's start counts in."""
+    done = (WorkUnit.stage == stage, WorkUnit.state == UnitState.DONE)
+    steps, first, last = session.execute(
+        select(
+            func.sum(WorkUnit.steps), func.min(WorkUnit.finished_at), func.max(WorkUnit.finished_at)
+        ).where(*done)
+    ).one()
+    if not steps or first is None or last is None or last <= first:
+        return None
+    first_steps = session.execute(
+        select(func.sum(WorkUnit.steps)).where(*done, WorkUnit.finished_at == first)
+    ).scalar_one()
+    return int(steps), float(steps - first_steps) / (last - first).total_seconds()
+
+
 def previous_base_version(session: Session, *, participant_id: int, before: str) -> int | None:
     """Base version of the unit leased to ``participant_id`` most recently before ``before``."""
     this = session.get(WorkUnit, before)
