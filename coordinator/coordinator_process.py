@@ -75,10 +75,10 @@ class StageBudget:
         of stage 4's schedule, its whole all-ternary phase. Extrapolating the steps
         answered over the share of the time gone counted the start-up in the rate, and
         ended the schedule early: on ``small`` stage 4's ternary ramp skipped its 0.75
-        phase.) Until as many steps are answered as are in flight, or before two answers,
-        the fallback holds: the minutes at ``prior_steps_per_minute`` (the previous stage's
-        measured rate), else, as with neither budget, ``units_hint`` units of
-        ``steps_per_unit``.
+        phase.) Until as many steps are answered as are in flight for the first time, or
+        before two answers, the fallback holds: the minutes at ``prior_steps_per_minute``
+        (the previous stage's measured rate), else, as with neither budget, ``units_hint``
+        units of ``steps_per_unit``.
         """
         if self.tokens:
             return max(1, math.ceil(self.tokens / tokens_per_step))
@@ -88,12 +88,18 @@ class StageBudget:
         if prior_steps_per_minute:
             fallback = max(1, round(prior_steps_per_minute * self.minutes))
 
+        started_up = []  # one entry once the start-up guard has let the extrapolation in
+
         def extrapolated(
             position: int, in_flight: int = 0, answers: tuple[int, float] | None = None
         ) -> int:
             answered = position - in_flight
-            if answers is None or answered <= 0 or answered < in_flight:
+            if answers is None or answered <= 0 or (answered < in_flight and not started_up):
                 return fallback
+            # Past the start-up for good: a batch of leases later raises in_flight above
+            # the steps answered again, and falling back then sent the schedule backwards
+            # (a small demo's stage 4 went 1.0 -> 0.75 -> 1.0 ternary).
+            started_up.append(True)
             done, per_s = answers
             left = self.started + 60 * self.minutes - time.monotonic()
             return max(position + 1, round(done + per_s * max(0.0, left)))

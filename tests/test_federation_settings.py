@@ -145,18 +145,20 @@ def test_schedule_length_follows_the_stage_budget():
     half_gone = StageBudget(minutes=10, started=time.monotonic() - 300)
     total = half_gone.schedule_steps(1000, settings)
     assert total(0) == 1000  # nothing leased yet: the fallback
-    # 100 steps answered, at 0.5 a second since the first answer: 150 more in the 300 s
-    # left. (The share of the time gone would say 200: the start-up counted in the rate.)
-    assert 248 <= total(150, 50, (100, 0.5)) <= 252
     assert total(150, 50, None) == 1000  # fewer than two answers: no rate yet
     assert total(100, 100, (0, 0.5)) == 1000  # nothing answered yet: the fallback
     assert total(100, 60, (40, 0.5)) == 1000  # fewer answered than in flight: start-up
+    # 100 steps answered, at 0.5 a second since the first answer: 150 more in the 300 s
+    # left. (The share of the time gone would say 200: the start-up counted in the rate.)
+    assert 248 <= total(150, 50, (100, 0.5)) <= 252
     over = StageBudget(minutes=1, started=time.monotonic() - 120)
     assert over.schedule_steps(1000, settings)(100, 0, (100, 1.0)) == 101  # past the budget
     # The previous stage's rate (steps a minute) over this stage's minutes is the fallback.
     primed = half_gone.schedule_steps(1000, settings, prior_steps_per_minute=18.0)
     assert primed(0) == primed(100, 60, (40, 0.5)) == 180
-    assert 248 <= primed(150, 50, (100, 0.5)) <= 252  # then the extrapolation
+    assert 248 <= primed(150, 50, (100, 0.5)) <= 252  # then the extrapolation ...
+    assert primed(200, 120, (80, 0.5)) > 200  # ... for good: a batch of leases later is
+    # more in flight than answered again, and the schedule does not fall back to 180
 
 
 def test_defence_flags_reach_the_settings_of_both_commands(monkeypatch, tmp_path):
