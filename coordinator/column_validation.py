@@ -86,6 +86,7 @@ class ColumnValidator:
         Raises:
             ColumnWorse: a column's change is above ``tolerance`` (the first such column).
         """
+        self._sync_routing()
         columns = sorted(deltas)
         bases = {c: self.state.columns.published_at(c, base_version) for c in columns}
         before = self._before(bases, base_version)
@@ -107,7 +108,6 @@ class ColumnValidator:
 
     def _before(self, bases: dict[int, State], base_version: int) -> dict[int, float]:
         """The base model's loss of each column (published shared layers), cached."""
-        self._batch(min(bases))  # brings the routing up to date before it keys the cache
         shared_id = id(self.state.shared.published)
         key = {c: (c, base_version, shared_id, self._routing) for c in bases}
         missing = {c: w for c, w in bases.items() if key[c] not in self._base_loss}
@@ -151,11 +151,16 @@ class ColumnValidator:
             self.model.load_state_dict(published, strict=False)
             self._shared_id = id(published)
 
-    def _batch(self, column: int) -> torch.Tensor:
-        """The fixed held-out sequences of ``column`` (rebuilt when the routing changes)."""
+    def _sync_routing(self) -> None:
+        """Drop the held-out batches (and so the cached base losses' key) when the
+        document routing has changed since the last check (re-scoring)."""
         routing = hashlib.sha1(self.assignment.labels.tobytes()).hexdigest()
         if routing != self._routing:
             self._batches, self._routing = {}, routing
+
+    def _batch(self, column: int) -> torch.Tensor:
+        """The fixed held-out sequences of ``column`` under the routing of the last
+        :meth:`_sync_routing`."""
         if column not in self._batches:
             seq_len = self.state.cfg.train.seq_len
             cols = self.assignment.route(self.val)

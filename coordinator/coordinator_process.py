@@ -88,18 +88,19 @@ class StageBudget:
         if prior_steps_per_minute:
             fallback = max(1, round(prior_steps_per_minute * self.minutes))
 
-        started_up = []  # one entry once the start-up guard has let the extrapolation in
+        started_up = False  # the start-up guard has let the extrapolation in
 
         def extrapolated(
             position: int, in_flight: int = 0, answers: tuple[int, float] | None = None
         ) -> int:
+            nonlocal started_up
             answered = position - in_flight
             if answers is None or answered <= 0 or (answered < in_flight and not started_up):
                 return fallback
             # Past the start-up for good: a batch of leases later raises in_flight above
             # the steps answered again, and falling back then sent the schedule backwards
             # (a small demo's stage 4 went 1.0 -> 0.75 -> 1.0 ternary).
-            started_up.append(True)
+            started_up = True
             done, per_s = answers
             left = self.started + 60 * self.minutes - time.monotonic()
             return max(position + 1, round(done + per_s * max(0.0, left)))

@@ -10,7 +10,6 @@ processes through the CLI; it never imports participant code.
 
 from __future__ import annotations
 
-import os
 import secrets
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from coordinator.flower.run import open_driver
 from coordinator.flower.superlink import SuperLinkProcess
-from shared_model.processes import FLOWER_QUIET_ENV, ManagedProcess, ProcessError
+from shared_model.processes import FLOWER_QUIET_ENV, ManagedProcess, ProcessError, usable_cores
 
 
 @dataclass
@@ -67,8 +66,7 @@ class LocalNetwork:
         core) beside 3 one-thread participants on 2 cores, the coordinator's idle OpenMP
         threads spun against theirs: ``make demo`` trained 0.46-0.67 of the wall time
         instead of 0.56-0.85 (docs/federated-training.md §5.1, "Utilisation")."""
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(1, int(cores or 1) - self.n_participants * self.threads)
+        return max(1, usable_cores() - self.n_participants * self.threads)
 
     def start(self) -> None:
         """Start the SuperLink and every participant; wait until all are up."""

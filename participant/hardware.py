@@ -8,12 +8,13 @@ there is refused with a clear error rather than failing later inside torch.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
+
+from shared_model.processes import usable_cores
 
 DEVICES = ("cpu", "cuda", "mps")
 
@@ -92,11 +93,10 @@ def detect(state_dir: Path | None = None, device: str | None = None) -> Hardware
     while not where.exists():
         where = where.parent
     vm = psutil.virtual_memory()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return HardwareReport(
         device=chosen,
         devices=devices,
-        cpu_cores=int(cores or 1),
+        cpu_cores=usable_cores(),
         ram_bytes=int(vm.total),
         ram_available_bytes=int(vm.available),
         disk_free_bytes=int(shutil.disk_usage(where).free),

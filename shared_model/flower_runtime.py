@@ -152,6 +152,44 @@ def make_heartbeat_fn(
     return heartbeat
 
 
+def pull_message(
+    client: Any,
+    node: Any,
+    run_id: int,
+    tree: Any,
+    *,
+    max_s: float,
+    backoff_cap: float,
+    max_tries_per_object: int | None,
+) -> Any:
+    """One message's object tree pulled from a Runtime API within ``max_s`` seconds,
+    confirmed received and inflated (Flower's own pulls wait up to hours for an object a
+    dead sender never pushes; both sides bound theirs). ``client`` is the Runtime API
+    client, ``node`` the ``Node`` proto that pulls.
+
+    Raises:
+        flwr.supercore.inflatable.inflatable_utils.ObjectPullError: not all in time.
+    """
+    from flwr.app import Message
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, run_id),
+        return_type=Message,
+        max_time=max_s,
+        max_tries_per_object=max_tries_per_object,
+        backoff_cap=backoff_cap,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's own does
+    return message
+
+
 def payload_record(payload: bytes) -> RecordDict:
     """Wrap raw bytes in the ``RecordDict`` layout both sides agree on."""
     from flwr.app import Array, ArrayRecord, RecordDict

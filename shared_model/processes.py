@@ -1,6 +1,7 @@
 """Small process helpers shared by the Flower wrappers and the demo.
 
 * :func:`free_port` — a TCP port on 127.0.0.1 that nothing listens on right now.
+* :func:`usable_cores` — the CPU cores this process may run on.
 * :func:`wait_http_ok` — poll an HTTP health URL until it answers 2xx, failing fast
   if the process that should serve it has died.
 * :func:`terminate_tree` — SIGTERM then SIGKILL a process *and everything it started*.
@@ -52,6 +53,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS has one), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return int(cores or 1)
 
 
 def console_script(name: str) -> str:

@@ -185,12 +185,19 @@ def test_steps_in_flight_count_leased_and_queued_units_of_the_stage(factory):
         assert leases.stage_steps_in_flight(s, stage="ternary_distill") == 0
 
 
-def test_step_rate_of_a_stage_counts_its_done_units_from_first_lease_to_last_answer(factory):
-    """The prior of the next time-budgeted stage's schedule: steps answered per minute."""
+def _three_units_and_one_never_answered(factory):
+    """Leased at one moment ``t0`` to one node: three units of 10 steps (returned, for the
+    test to answer) and one of 50 that is never answered (no rate may count it)."""
     _join(factory, 1)
     t0 = utcnow()
     done = [_lease(factory, 1, now=t0, steps=10, lease_seconds=600) for _ in range(3)]
-    _lease(factory, 1, now=t0, steps=50, lease_seconds=600)  # not answered: not counted
+    _lease(factory, 1, now=t0, steps=50, lease_seconds=600)
+    return t0, done
+
+
+def test_step_rate_of_a_stage_counts_its_done_units_from_first_lease_to_last_answer(factory):
+    """The prior of the next time-budgeted stage's schedule: steps answered per minute."""
+    t0, done = _three_units_and_one_never_answered(factory)
     with factory.begin() as s:
         assert leases.stage_step_rate(s, stage="expert_diff") is None  # nothing answered
         for i, unit_id in enumerate(done):
@@ -205,10 +212,7 @@ def test_step_rate_of_a_stage_counts_its_done_units_from_first_lease_to_last_ans
 def test_answer_rate_of_a_stage_runs_from_its_first_answer(factory):
     """What a time-budgeted schedule extrapolates: the steps answered, and their rate from
     the first answer on (the stage's start-up before it left out)."""
-    _join(factory, 1)
-    t0 = utcnow()
-    done = [_lease(factory, 1, now=t0, steps=10, lease_seconds=600) for _ in range(3)]
-    _lease(factory, 1, now=t0, steps=50, lease_seconds=600)  # not answered: not counted
+    t0, done = _three_units_and_one_never_answered(factory)
     with factory.begin() as s:
         assert leases.stage_answer_rate(s, stage="expert_diff") is None  # nothing answered
         s.get(WorkUnit, done[0]).state = UnitState.DONE

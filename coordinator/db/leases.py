@@ -357,13 +357,18 @@ def stage_steps_in_flight(session: Session, *, stage: str) -> int:
     return int(steps)
 
 
+def _done_in(stage: str) -> tuple:
+    """Where-clauses of ``stage``'s answered (done) units."""
+    return WorkUnit.stage == stage, WorkUnit.state == UnitState.DONE
+
+
 def stage_step_rate(session: Session, *, stage: str) -> float | None:
     """Inner steps a minute answered in ``stage``: the steps of its done units over the
     minutes from its first lease to its last answer (``None`` without a done unit)."""
     steps, first, last = session.execute(
         select(
             func.sum(WorkUnit.steps), func.min(WorkUnit.leased_at), func.max(WorkUnit.finished_at)
-        ).where(WorkUnit.stage == stage, WorkUnit.state == UnitState.DONE)
+        ).where(*_done_in(stage))
     ).one()
     if not steps or first is None or last is None or last <= first:
         return None
@@ -376,7 +381,7 @@ def stage_answer_rate(session: Session, *, stage: str) -> tuple[int, float] | No
     steps excluded: they were trained before it). ``None`` until two answers are apart in
     time. Measured from the first answer, the rate leaves out the stage's start-up (joins,
     first syncs, stage 4's teacher), which a rate from the stage's start counts in."""
-    done = (WorkUnit.stage == stage, WorkUnit.state == UnitState.DONE)
+    done = _done_in(stage)
     steps, first, last = session.execute(
         select(
             func.sum(WorkUnit.steps), func.min(WorkUnit.finished_at), func.max(WorkUnit.finished_at)

@@ -36,6 +36,7 @@ from shared_model.flower_runtime import (
     make_runtime_client,
     payload_from_record,
     payload_record,
+    pull_message,
     validate_kind,
 )
 
@@ -48,6 +49,8 @@ COMPONENT = "perspective-coordinator"
 #: the SuperLink expires the upload, minutes), and the whole loop waited with it: no
 #: leases, no operator pause or cancel.
 REPLY_PULL_MAX_S = 10.0
+#: Tries per reply object within that time (Flower's own default, 500: the time bounds it).
+PULL_MAX_TRIES = 500
 
 
 class RunLostError(FlowerTransportError):
@@ -368,29 +371,26 @@ def pull_replies(grid: Any, message_ids: list[str], max_s: float = REPLY_PULL_MA
     from flwr.app.error import Error
     from flwr.app.message import make_message
     from flwr.common.constant import ErrorCode
-    from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest
     from flwr.proto.runtime_pb2 import PullAppMessagesRequest
     from flwr.supercore.constant import SYSTEM_MESSAGE_TYPE
     from flwr.supercore.date import now
-    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
-    from flwr.supercore.inflatable.inflatable_utils import (
-        ObjectPullError,
-        inflate_object_from_contents,
-        pull_objects,
-    )
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
 
     client, node, run_id = grid._runtime_client, grid.node, grid._run.run_id
     res = client.PullMessages(PullAppMessagesRequest(message_ids=message_ids))
     pulled = []
     for proto, tree in zip(res.messages_list, res.message_object_trees, strict=True):
-        msg_id = proto.metadata.message_id
         try:
-            contents = pull_objects(
-                [t.object_id for t in iterate_object_tree(tree)],
-                make_pull_object_fn_protobuf(client.PullObject, node, run_id),
-                max_time=max_s,
-                backoff_cap=1.0,
+            pulled.append(
+                pull_message(
+                    client,
+                    node,
+                    run_id,
+                    tree,
+                    max_s=max_s,
+                    backoff_cap=1.0,
+                    max_tries_per_object=PULL_MAX_TRIES,
+                )  # fmt: skip
             )
         except ObjectPullError as err:
             meta = Metadata(
@@ -401,11 +401,4 @@ def pull_replies(grid: Any, message_ids: list[str], max_s: float = REPLY_PULL_MA
             )  # fmt: skip
             reason = f"reply objects not uploaded within {max_s:.0f} s (node cut off?): {err}"
             pulled.append(make_message(meta, error=Error(ErrorCode.MESSAGE_UNAVAILABLE, reason)))
-            continue
-        client.ConfirmMessageReceived(
-            ConfirmMessageReceivedRequest(node=node, run_id=run_id, message_object_id=msg_id)
-        )
-        message = inflate_object_from_contents(msg_id, contents)
-        message.metadata.__dict__["_message_id"] = msg_id
-        pulled.append(message)
     return pulled

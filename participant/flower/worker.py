@@ -48,6 +48,7 @@ from shared_model.flower_runtime import (
     make_runtime_client,
     payload_from_record,
     payload_record,
+    pull_message,
 )
 
 log = logging.getLogger(__name__)
@@ -436,18 +437,10 @@ def pull_task_input(client, max_time: float) -> tuple[object, object]:
         FlowerTransportError: The task has no message.
         MessageUnavailable: The message's objects could not be pulled in time.
     """
-    from flwr.app import Message
     from flwr.common.serde import context_from_proto, message_from_proto
     from flwr.proto.node_pb2 import Node
     from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-        make_confirm_message_received_fn_protobuf,
-        make_pull_object_fn_protobuf,
-    )
-    from flwr.supercore.inflatable.inflatable_utils import (
-        ObjectPullError,
-        pull_and_inflate_object_from_tree,
-    )
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
     from flwr.supercore.task_identity import TaskIdentity
 
     res = client.PullTaskInput(PullTaskInputRequest())
@@ -460,20 +453,14 @@ def pull_task_input(client, max_time: float) -> tuple[object, object]:
         raise FlowerTransportError("the SuperNode handed out a task without a message")
     node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
     try:
-        message = pull_and_inflate_object_from_tree(
-            tree,
-            make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-            make_confirm_message_received_fn_protobuf(
-                client.ConfirmMessageReceived, node, context.run_id
-            ),
-            return_type=Message,
-            max_time=max_time,
+        message = pull_message(
+            client, node, context.run_id, tree,
+            max_s=max_time,
             max_tries_per_object=max(2, int(max_time)),
             backoff_cap=min(10.0, max_time / 4),
-        )
+        )  # fmt: skip
     except ObjectPullError as exc:
         bare = message_from_proto(pulled.messages_list[0])
         bare.metadata.__dict__["_message_id"] = tree.object_id
         raise MessageUnavailable(str(exc), bare, context) from exc
-    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's own does
     return message, context
