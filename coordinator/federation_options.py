@@ -71,6 +71,13 @@ RescoreEveryVersions = Annotated[
 ColumnCodec = Annotated[
     str | None, _option("--column-codec", "Column upload codec: ternary | sparse.")
 ]
+Stage4ColumnCodec = Annotated[
+    str | None,
+    _option(
+        "--stage4-column-codec",
+        "Stage 4's column codec: trits (ternary values, trit flips) | ternary | sparse.",
+    ),
+]
 SharedCodec = Annotated[
     str | None,
     _option("--shared-codec", "Shared pseudo-gradient and version codec: ternary | sparse."),

@@ -421,15 +421,15 @@ def decode_result(
             RejectReason.BAD_SHAPE, f"result has columns {sorted(cols)}, unit has {unit_columns}"
         )
     out = DecodedResult(base_version)
+    references = {c: _column_reference(state, c, base_version) for c in cols}
     for column, cid in cols.items():
         expected = {k: tuple(v.shape) for k, v in state.columns.masters[column].items()}
-        out.columns[column] = _decode(state, cid, "column", expected)
+        # A trits (stage 4) column decodes against the column as of the result's base.
+        out.columns[column] = _decode(state, cid, "column", expected, references[column])
     expected = {k: tuple(v.shape) for k, v in state.shared.master.items()}
     out.shared = _decode(state, ids.get("shared", ""), "shared", expected)
     if bounds is not None:
-        parts = [
-            ("column", d, _column_reference(state, c, base_version)) for c, d in out.columns.items()
-        ]  # noqa: E501
+        parts = [("column", d, references[c]) for c, d in out.columns.items()]
         parts.append(("shared", out.shared, state.shared.published))
         for kind, update, reference in parts:
             try:
@@ -455,7 +455,9 @@ def _column_reference(state: CoordinatorState, column: int, base_version: int) -
         raise Rejected(RejectReason.STALE_BASE, str(exc)) from exc
 
 
-def _decode(state: CoordinatorState, cid: str, kind: str, expected: dict) -> State:
+def _decode(
+    state: CoordinatorState, cid: str, kind: str, expected: dict, base: State | None = None
+) -> State:
     try:
         data = state.store.get(cid, verify=True)
     except (BlobCorrupt, HashMismatch) as exc:
@@ -463,7 +465,7 @@ def _decode(state: CoordinatorState, cid: str, kind: str, expected: dict) -> Sta
     except BlobError as exc:
         raise Rejected(RejectReason.MISSING_BLOB, f"{kind} blob {cid[:12]}: {exc}") from exc
     try:
-        _, tensors = read_bundle(data, kind=kind, expected=expected)
+        _, tensors = read_bundle(data, kind=kind, expected=expected, base=base)
     except (BundleShapeError, ShapeMismatchError) as exc:  # container vs. our tensor
         raise Rejected(RejectReason.BAD_SHAPE, f"{kind} bundle: {exc}") from exc
     except (UpdateError, CodecError) as exc:

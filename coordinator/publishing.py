@@ -35,6 +35,7 @@ from shared_model.blobs import BlobStore
 from shared_model.config import PerspectiveConfig
 from shared_model.federated.updates import send_with_feedback
 from shared_model.model import PerspectiveModel, expert_param_names
+from shared_model.ternary import is_ternary
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 
 State = dict[str, torch.Tensor]
@@ -239,6 +240,28 @@ class CoordinatorState:
     def version(self) -> int:
         """The newest published version."""
         return self.publisher.version
+
+    def use_column_codec(self, codec: str) -> bool:
+        """Publish expert columns with ``codec`` from the next version on (a stage's own).
+
+        With ``trits`` (stage 4) a published column is its ternary value; every column not
+        ternary yet is marked for the next version, which publishes all of them as trits
+        (the stage's first results, based on the FP columns, travel as their ternary values
+        like the rest).
+
+        Returns:
+            Whether columns were marked.
+        """
+        self.publisher.column_codec = codec
+        if codec != "trits":
+            return False
+        fp = [
+            c
+            for c in sorted(self.columns.masters)
+            if not all(is_ternary(t) for t in self.columns.published(c).values())
+        ]
+        self.columns.mark_dirty(fp)
+        return bool(fp)
 
     def publish(self) -> int:
         """Take the diversity step (if any) and publish the masters as the next version."""

@@ -304,9 +304,15 @@ class UnitTrainer:
         for c in columns:
             local = {k: v.detach().to("cpu", copy=True) for k, v in model.expert_state(c).items()}
             self.local.columns[c] = local
-            delta = {k: local[k] - self.replica.columns[c][k] for k in local}
+            published = self.replica.columns[c]
+            delta = {k: local[k] - published[k] for k in local}
             codec = req.column_codec or "ternary"
-            blob, _ = encode_bundle(delta, codec, kind="column", column=c, base_version=base)
+            # trits (stage 4): ternarize(local) as flips from the published trits; the FP
+            # latent stays here, in self.local, and the next unit trains on from it.
+            blob, _ = encode_bundle(
+                delta, codec, kind="column", column=c, base_version=base, base=published,
+                digests=False,
+            )  # fmt: skip
             result.column_deltas.add(column=c, delta=io.upload(blob))
         shared_now = {
             k: v.detach().cpu() for k, v in model.state_dict().items() if k in self.replica.shared

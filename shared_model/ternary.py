@@ -123,6 +123,16 @@ def dequantize(trits: Tensor, scale: float, dtype: torch.dtype = torch.float32) 
     return trits.to(dtype) * float(scale)
 
 
+def is_ternary(w: Tensor, rtol: float = 1e-6) -> bool:
+    """Whether ``w`` is its own ternary value ``scale * trits`` (within ``rtol`` × scale).
+
+    A tensor that travelled as trits (``base + (trits·scale − base)`` in float32) may sit
+    an ulp away from ``trits·scale``; the tolerance covers that, not a real FP tensor.
+    """
+    trits, scale = ternary_round(w)
+    return bool(((dequantize(trits, scale) - w.float()).abs() <= rtol * scale).all())
+
+
 def progressive_mask(w: Tensor, fraction: float) -> Tensor:
     """Boolean mask selecting exactly ``round(fraction * numel)`` entries with largest ``|w|``.
 

@@ -123,12 +123,17 @@ def _stages_5_to_7_on_the_export(cwd, s4: dict) -> None:
     version out as a checkpoint, then stages 5, 6 and 7 on it (with stages 1 to 4 above, the
     whole pipeline through the real commands)."""
     from coordinator.central.checkpoint import load_checkpoint
+    from shared_model.ternary import is_ternary
     from tests.operator_guide import run_guide_block
 
     said = run_guide_block("Taking the trained model out (`coordinator export`)", {}, cwd=cwd)
     runs = cwd / "runs"
     exported = load_checkpoint(runs / "export" / "model.safetensors")
     assert exported.stage == 4 and exported.step == s4["versions_end"], said
+    # Stage 4's experts travelled as trits (the FP latents stayed with the participants):
+    # the published model's experts are ternary values.
+    experts = [v for k, v in exported.model_state.items() if ".experts." in k]
+    assert experts and all(is_ternary(v) for v in experts)
     assert load_checkpoint(runs / "stage5" / "stage5.safetensors").stage == 5
     report = json.loads((runs / "eval" / "report.json").read_text())
     assert report["stage"] == 5 and report["perplexity"]["val_ppl"] > 1, report

@@ -9,6 +9,7 @@ a checkpoint reload, a version delta, stage 4's teacher.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmarks.federation_replay import ReplayDriver
 from coordinator.coordinator_process import Coordinator, StageBudget
@@ -147,3 +148,82 @@ def test_unit_tokens_read_what_was_published_never_anothers_upload(coordinator, 
     publisher.restore(meta)
     assert all(coord.is_published(ref.content_id) for ref in published)
     assert not coord.is_published(upload)
+
+
+def _versions_after(coord, boundary: int) -> list[control_pb2.VersionManifest]:
+    publisher = coord.state.publisher
+    return [
+        control_pb2.VersionManifest.FromString(coord.store.get(publisher.manifests[v].content_id))
+        for v in range(boundary + 1, publisher.version + 1)
+    ]
+
+
+def _check_trit_flips(bundle_bytes: bytes, before: dict, after: dict) -> None:
+    """Every tensor of a column bundle is a trit-flip delta from ``ternarize(before)`` to
+    ``after``'s trits, and re-encodes to the same bytes."""
+    from shared_model.codec import apply_delta, encode_delta
+    from shared_model.codec.container import CODEC_DELTA, parse_container
+    from shared_model.ternary import ternary_round
+
+    bundle = control_pb2.TensorBundle.FromString(bundle_bytes)
+    for name, t in zip(sorted(before), bundle.tensors, strict=True):
+        assert parse_container(t.payload).codec == CODEC_DELTA
+        old, old_scale = ternary_round(before[name])
+        new, new_scale = apply_delta(old.numpy().reshape(-1), t.payload)
+        again = encode_delta(old.numpy().reshape(-1), new, old_scale, new_scale, hashed=False)
+        assert again == t.payload  # bit-exact round trip
+        trits, scale = ternary_round(after[name])
+        assert torch.equal(trits.reshape(-1), torch.from_numpy(new)), name
+        assert abs(scale - new_scale) <= 1e-6 * new_scale, name
+
+
+def test_stage4_columns_travel_as_trit_flips_that_replay_to_the_published_digests(
+    coordinator, tmp_path
+):
+    """Stage 4's columns go both ways as trit-flip deltas (codec 3): each re-encodes to
+    the same bytes from the trits it decodes to, a replica that syncs the stage's chain
+    from the boundary checkpoint reaches every published digest with ternary columns equal
+    to the coordinator's, and the FP latent stays with the participant that trains it."""
+    from coordinator.db.models import Result, WorkUnit
+    from shared_model.codec.container import CODEC_DELTA, parse_container
+    from shared_model.federated.replica import Replica
+    from shared_model.ternary import is_ternary
+
+    coord, ckpt = coordinator
+    driver = _prepared(coord, ckpt, tmp_path)
+    _run(coord, driver, 3, units=4)
+    boundary = coord.state.version
+    start = control_pb2.CheckpointManifest.FromString(
+        coord.store.get(coord.state.publisher.teacher_checkpoint().content_id)
+    )
+    _run(coord, driver, 4, units=6)
+    assert coord.loop.totals().accepted == 6 and coord.loop.totals().rejected == 0
+    # Down: the version chain, replayed from the boundary with every tensor checked.
+    fetch = lambda ref: coord.store.get(ref.content_id)  # noqa: E731
+    replica, columns = Replica(), sorted(coord.state.columns.masters)
+    replica.load_checkpoint(start, columns, fetch)
+    changed = set()
+    for manifest in _versions_after(coord, boundary):
+        before = {c: {k: v.clone() for k, v in s.items()} for c, s in replica.columns.items()}
+        replica.apply(manifest, fetch)  # every tensor's digest checked
+        for c, ref in manifest.columns.items():
+            _check_trit_flips(fetch(ref), before[c], replica.columns[c])
+            changed.add(c)
+    assert changed == set(columns)  # the stage's first version ternarised every column
+    assert replica.version == coord.state.version
+    for c in columns:
+        published = coord.state.columns.published(c)
+        assert all(torch.equal(replica.columns[c][k], v) for k, v in published.items())
+        assert all(is_ternary(v) for v in published.values())
+    # Up: the participants' stage-4 column uploads are trit flips too ...
+    with coord.session_factory() as s:
+        rows = s.query(Result).join(WorkUnit, WorkUnit.unit_id == Result.unit_id)
+        ids = [r.blob_ids for r in rows.filter(WorkUnit.stage == "stage4")]
+    assert len(ids) == 6
+    for blob_ids in ids:
+        for cid in blob_ids["columns"].values():
+            bundle = control_pb2.TensorBundle.FromString(coord.store.get(cid))
+            assert {parse_container(t.payload).codec for t in bundle.tensors} == {CODEC_DELTA}
+    # ... while the FP latent they came from stays with its owner.
+    latents = [s for node in driver.nodes.values() for s in node.trainer.local.columns.values()]
+    assert latents and not any(is_ternary(v) for s in latents for v in s.values())

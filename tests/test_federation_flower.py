@@ -140,9 +140,11 @@ def _stage4_schedule_ran_to_ternary(coord, cfg) -> None:
 
 
 def _scored_as_trained(loop) -> None:
-    """Stage 4's validation loss is the model it trains: at the end of the schedule, with
-    every expert weight ternary (not the full-precision latent weights)."""
+    """Stage 4's published experts are ternary values (they travel as trits; the FP latents
+    stay with the participants that train them), and its validation loss is that model's:
+    with every expert weight ternary, as at the end of the schedule."""
     from coordinator.validation import column_val_loss
+    from shared_model.ternary import is_ternary
 
     def score(fraction: float | None) -> float:
         model = loop.state.published_model()
@@ -153,8 +155,10 @@ def _scored_as_trained(loop) -> None:
             seq_len=train.seq_len, batches=loop.settings.eval_batches,
         )  # fmt: skip
 
+    columns = [loop.state.columns.published(c) for c in loop.state.columns.masters]
+    assert all(is_ternary(t) for column in columns for t in column.values())
     scored = loop.evaluate()
-    assert scored == score(1.0) and scored != score(None), (scored, score(1.0), score(None))
+    assert scored == score(1.0) and abs(scored - score(None)) < 1e-4, (scored, score(None))
 
 
 def _accepted(db_path) -> list[tuple[str, int | None]]:

@@ -39,9 +39,17 @@ def golomb_m(k: int, n: int) -> int:
 
 
 def encode_delta(
-    old_trits: np.ndarray, new_trits: np.ndarray, old_scale: float, new_scale: float
+    old_trits: np.ndarray,
+    new_trits: np.ndarray,
+    old_scale: float,
+    new_scale: float,
+    *,
+    hashed: bool = True,
 ) -> bytes:
     """Encode the change from ``old_trits*old_scale`` to ``new_trits*new_scale``.
+
+    ``hashed=False`` leaves out the container's sha256 (a bundle's tensors: the blob that
+    carries them is content-addressed; docs/wire-format.md §2).
 
     Returns:
         Container bytes; :func:`apply_delta` on ``old_trits`` reproduces the target exactly.
@@ -80,7 +88,7 @@ def encode_delta(
     payload = b"".join(
         (struct.pack("<Q", len(words)), words, escapes.tobytes(), np.packbits(bits).tobytes())
     )
-    return pack_container(CODEC_DELTA, header, payload)
+    return pack_container(CODEC_DELTA, header, payload, hashed=hashed)
 
 
 def _read_header(rd: Reader):

@@ -135,7 +135,10 @@ class Replica:
 def _advance(state: State, data: bytes, what: str) -> State:
     try:
         bundle, deltas = read_bundle(
-            data, kind="version", expected={k: tuple(v.shape) for k, v in state.items()}
+            data,
+            kind="version",
+            expected={k: tuple(v.shape) for k, v in state.items()},
+            base=state,
         )
     except UpdateError as exc:
         raise SyncError(f"{what}: {exc}") from exc

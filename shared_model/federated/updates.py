@@ -6,7 +6,13 @@ Two update codecs, both from :mod:`shared_model.codec`:
   bits/param after entropy coding), the ternariser of :mod:`shared_model.ternary`; what
   the prototype found nearly free in quality;
 * ``sparse`` — SparseLoCo-style top-k per chunk with 2-bit values (≈0.3 bits/param),
-  cheaper on the wire, costlier in quality for the shared layers.
+  cheaper on the wire, costlier in quality for the shared layers;
+* ``trits`` — stage 4's expert columns: not the update but the tensor's new *ternary
+  value* ``ternarize(base + update)``, sent as the trit flips from ``ternarize(base)``
+  (the delta codec, codec 3; ≈ h(f) + f bits/param at flip rate f). Both sides need the
+  base: the sender to encode, the receiver to decode. The decoded update is
+  ``trits·scale − base``, so ``base + update`` is the ternary value (within an ulp where
+  the float subtraction rounds) and a version's digests hold as for the other codecs.
 
 A :class:`~shared_model.wire.perspective.v1.control_pb2.TensorBundle` carries every
 update its receiver expects, in sorted-name order (names left out: the receiver knows
@@ -28,11 +34,11 @@ import numpy as np
 import torch
 
 from shared_model import codec as wire
-from shared_model.codec.container import CODEC_SPARSE_2BIT, parse_container
+from shared_model.codec.container import CODEC_DELTA, CODEC_SPARSE_2BIT, parse_container
 from shared_model.ternary import ternarize
 from shared_model.wire.perspective.v1 import control_pb2
 
-UPDATE_CODECS = ("ternary", "sparse")
+UPDATE_CODECS = ("ternary", "sparse", "trits")
 State = dict[str, torch.Tensor]
 
 
@@ -51,16 +57,20 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 
 def encode_update(
-    t: torch.Tensor, codec: str = "ternary", name: str = ""
+    t: torch.Tensor, codec: str = "ternary", name: str = "", base: torch.Tensor | None = None
 ) -> tuple[bytes, torch.Tensor]:
     """Compress one FP update (error feedback is :mod:`shared_model.federated.updates`'s).
+
+    Args:
+        base: the tensor the update applies to; the ``trits`` codec needs it (it sends the
+            new ternary value as trit flips from ``ternarize(base)``), the others ignore it.
 
     Returns:
         ``(payload, decoded)`` where ``decoded`` is bit-exactly what the receiver decodes.
 
     Raises:
         CodecError: the update holds NaN or Inf.
-        UpdateError: unknown codec.
+        UpdateError: unknown codec, or ``trits`` without a base of the update's shape.
     """
     flat = t.detach().to(torch.float32).contiguous().reshape(1, -1)
     if not torch.isfinite(flat).all():
@@ -74,22 +84,66 @@ def encode_update(
     elif codec == "sparse":
         payload, sparse = wire.encode_sparse(flat.numpy().reshape(-1), name, hashed=False)
         values = torch.from_numpy(np.ascontiguousarray(sparse, np.float32))
+    elif codec == "trits":
+        payload, values = _encode_trits(flat, _flat_base(base, t.shape, name))
     else:
         raise UpdateError(f"unknown update codec {codec!r}: allowed {', '.join(UPDATE_CODECS)}")
     return payload, values.reshape(t.shape)
 
 
-def decode_update(payload: bytes, shape: Iterable[int]) -> torch.Tensor:
-    """Decode an update payload (either update codec) into a float32 tensor of ``shape``.
+def _flat_base(base: torch.Tensor | None, shape, name: str) -> torch.Tensor:
+    if base is None or tuple(base.shape) != tuple(shape):
+        got = "none" if base is None else tuple(base.shape)
+        raise UpdateError(
+            f"{name or 'tensor'}: the trits codec codes a new value against its base tensor;"
+            f" needs a base of shape {tuple(shape)}, got {got}"
+        )
+    return base.detach().to(torch.float32).contiguous().reshape(1, -1)
+
+
+def _base_trits(base: torch.Tensor) -> tuple[np.ndarray, float]:
+    """``ternarize(base)`` as int8 trits and its scale: what a trit-flip delta starts from."""
+    trits, scale = ternarize(base)
+    return trits.to(torch.int8).numpy().reshape(-1), float(scale[0])
+
+
+def _trits_update(trits: np.ndarray, scale: float, base: torch.Tensor) -> torch.Tensor:
+    """``trits·scale − base`` in float32: the one computation both sides of ``trits`` run."""
+    value = torch.from_numpy(trits.astype(np.float32)) * torch.tensor(scale, dtype=torch.float32)
+    return value - base.reshape(-1)
+
+
+def _encode_trits(flat: torch.Tensor, base: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+    old, old_scale = _base_trits(base)
+    trits, scale = ternarize(base + flat)
+    new = trits.to(torch.int8).numpy().reshape(-1)
+    # The scale is float32 already (base's dtype), so the header's f32 holds it exactly.
+    payload = wire.encode_delta(old, new, old_scale, float(scale[0]), hashed=False)
+    return payload, _trits_update(new, float(scale[0]), base)
+
+
+def decode_update(
+    payload: bytes, shape: Iterable[int], base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Decode an update payload (any update codec) into a float32 tensor of ``shape``.
+
+    ``base`` (the tensor the update applies to) is needed for a trit-flip delta (the
+    ``trits`` codec) and ignored otherwise.
 
     Raises:
-        UpdateError: wrong element count. Malformed payloads raise ``CodecError`` (also a
-            container of another element count: refused before it is decoded).
+        UpdateError: wrong element count, or a trit-flip delta without a base. Malformed
+            payloads raise ``CodecError`` (also a container of another element count:
+            refused before it is decoded; a delta made against another base).
     """
     shape = tuple(int(s) for s in shape)
     n = int(np.prod(shape, dtype=np.int64))
-    if parse_container(payload).codec == CODEC_SPARSE_2BIT:
+    codec = parse_container(payload).codec
+    if codec == CODEC_SPARSE_2BIT:
         values, _ = wire.decode_sparse(payload, expected=n)
+    elif codec == CODEC_DELTA:
+        flat_base = _flat_base(base, shape, "trit-flip delta")
+        trits, scale = wire.apply_delta(_base_trits(flat_base)[0], payload)
+        return _trits_update(trits, scale, flat_base).reshape(shape)
     else:
         trits, scale, _ = wire.decode_ternary(payload, expected=n)
         values = trits.astype(np.float32) * np.float32(scale)
@@ -106,6 +160,7 @@ def encode_bundle(
     column: int,
     base_version: int,
     base: State | None = None,
+    digests: bool = True,
 ) -> tuple[bytes, State]:
     """Encode every tensor of ``updates`` and bundle them: the one way updates are sent.
 
@@ -115,8 +170,10 @@ def encode_bundle(
         kind: ``"column"``/``"shared"`` (participant uploads) or ``"version"``.
         column: the column the bundle is about, -1 for the shared layers.
         base_version: the version the updates are relative to.
-        base: for versions, the receiver's tensors before applying: each tensor then
-            carries the sha256 of ``base + decoded``, which the replica must reproduce.
+        base: the receiver's tensors before applying (the ``trits`` codec codes against
+            them); with ``digests`` each tensor then carries the sha256 of
+            ``base + decoded``, which a replica must reproduce (versions).
+        digests: add those digests (an upload to the coordinator passes ``False``).
 
     Returns:
         ``(bundle bytes, {name: decoded update})``, the latter bit-exactly what the
@@ -126,9 +183,12 @@ def encode_bundle(
     for name, update in updates.items():
         # The bundle names each tensor; a second copy in its container costs ~0.04
         # bits/param on tiny's small tensors, so the containers go unnamed.
-        payloads[name], decoded[name] = encode_update(update, codec)
+        ref = None if base is None else base[name]
+        payloads[name], decoded[name] = encode_update(update, codec, base=ref)
     shapes = {name: tuple(t.shape) for name, t in updates.items()}
-    results = None if base is None else {name: base[name] + d for name, d in decoded.items()}
+    results = None
+    if base is not None and digests:
+        results = {name: base[name] + d for name, d in decoded.items()}
     return make_bundle(kind, column, base_version, payloads, shapes, results), decoded
 
 
@@ -163,9 +223,16 @@ def make_bundle(
 
 
 def read_bundle(
-    data: bytes, *, kind: str, expected: dict[str, tuple[int, ...]]
+    data: bytes,
+    *,
+    kind: str,
+    expected: dict[str, tuple[int, ...]],
+    base: State | None = None,
 ) -> tuple[control_pb2.TensorBundle, dict[str, torch.Tensor]]:
     """Parse and decode a bundle, checking names and shapes against ``expected``.
+
+    ``base`` holds the receiver's tensors the updates apply to (what a trit-flip delta of
+    the ``trits`` codec decodes against; a bundle of the other codecs does not need it).
 
     Unnamed tensors (what :func:`make_bundle` writes) are the expected ones in sorted-name
     order; the names are filled in on the returned bundle.
@@ -195,7 +262,8 @@ def read_bundle(
         shape = tuple(int(s) for s in t.shape)
         if shape != tuple(expected[t.name]):
             raise BundleShapeError(f"{t.name}: shape {shape} != expected {tuple(expected[t.name])}")
-        out[t.name] = decode_update(t.payload, shape)
+        ref = None if base is None else base[t.name]
+        out[t.name] = decode_update(t.payload, shape, ref)
     return bundle, out
 
 
