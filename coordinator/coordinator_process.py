@@ -349,7 +349,8 @@ class Coordinator:
             blob_address=self.blob_address,
             token_key=self.token_key,
             lease_seconds=settings.lease_seconds,
-            column_codec=settings.stage_column_codec,
+            column_codec=settings.column_codec,
+            ternary_column_codec=settings.ternary_column_codec,
             shared_codec=settings.shared_codec,
             teacher=teacher,
             schedule_steps=budget.schedule_steps(
@@ -370,9 +371,6 @@ class Coordinator:
             inbox=self.inbox,
         )
         self.loop.on_checkpoint = lambda: self.collect_blobs(settings, teacher)
-        # Stage 4: its first version publishes every column as trits (a restart's replay
-        # marks the same columns again: the state it loads is the one the run had).
-        self.state.use_column_codec(settings.stage_column_codec)
         return self.loop
 
     def _previous_stage_rate(self, stage: int) -> float | None:

@@ -67,7 +67,7 @@ def demo(
     quarantine_after: fo.QuarantineAfter = None,
     diversity_lr: fo.DiversityLr = None,
     column_codec: fo.ColumnCodec = None,
-    stage4_column_codec: fo.Stage4ColumnCodec = None,
+    ternary_column_codec: fo.TernaryColumnCodec = None,
     shared_codec: fo.SharedCodec = None,
     data: fo.Data = "stdlib",
 ) -> None:

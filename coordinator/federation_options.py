@@ -71,11 +71,12 @@ RescoreEveryVersions = Annotated[
 ColumnCodec = Annotated[
     str | None, _option("--column-codec", "Column upload codec: ternary | sparse.")
 ]
-Stage4ColumnCodec = Annotated[
+TernaryColumnCodec = Annotated[
     str | None,
     _option(
-        "--stage4-column-codec",
-        "Stage 4's column codec: trits (ternary values, trit flips) | ternary | sparse.",
+        "--ternary-column-codec",
+        "Column codec once the experts are all ternary (stage 4 at fraction 1): "
+        "trits (their ternary values, as trit flips) | ternary | sparse.",
     ),
 ]
 SharedCodec = Annotated[

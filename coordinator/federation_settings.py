@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from coordinator.unit_sizing import UnitSizing
 
 CODECS = ("ternary", "sparse")
-#: Stage 4's experts may also travel as their ternary values (trit flips version to version).
-STAGE4_COLUMN_CODECS = (*CODECS, "trits")
+#: All-ternary experts (stage 4 at fraction 1) may also travel as their ternary values.
+TERNARY_COLUMN_CODECS = (*CODECS, "trits")
 #: :data:`coordinator.aggregation.robust.AGGREGATORS` (not imported: torch at CLI start-up)
 AGGREGATORS = ("centered_clip", "trimmed_mean", "median", "mean")
 
@@ -54,10 +54,11 @@ class FederationSettings:
     ``max_staleness`` versions back are refused; every ``checkpoint_every`` versions a
     full checkpoint is published (and the blob store is garbage-collected);
     ``diversity_lr`` > 0 applies the diversity term on the expert masters before each
-    publication. The shared layers travel with ``shared_codec``; expert columns with
-    ``column_codec`` in stage 3 and ``stage4_column_codec`` in stage 4 (``trits``: the
-    experts' ternary values, version to version as trit flips, the FP latent staying with
-    its owner), both ways.
+    publication. The shared layers travel with ``shared_codec`` and expert columns with
+    ``column_codec``, both ways, until the experts are all ternary (stage-4 units at
+    ternary fraction 1): from then on columns travel with ``ternary_column_codec``
+    (``trits``: their ternary values, version to version as trit flips; the FP latent
+    stays with its owner).
 
     Defences (:mod:`coordinator.aggregation.bounds`, :mod:`coordinator.column_validation`,
     :mod:`coordinator.reputation`): each update tensor must be within ``max_update_ratio``
@@ -90,7 +91,7 @@ class FederationSettings:
     units_hint: int = 200
     # compression
     column_codec: str = "sparse"
-    stage4_column_codec: str = "trits"
+    ternary_column_codec: str = "trits"
     shared_codec: str = "ternary"
     # aggregation and publishing
     buffer_size: int = 2
@@ -161,12 +162,6 @@ class FederationSettings:
             lease_fraction=self.lease_fraction,
         )
 
-    @property
-    def stage_column_codec(self) -> str:
-        """The codec this stage's expert columns travel with, both ways (stage 4:
-        ``stage4_column_codec``, by default their ternary values as trit flips)."""
-        return self.stage4_column_codec if self.stage == 4 else self.column_codec
-
 
 def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v >= low), f"a value >= {low}"
@@ -180,9 +175,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "docs_per_unit": _at_least(1),
     "units_hint": _at_least(1),
     "column_codec": ((lambda v: v in CODECS), " or ".join(CODECS)),
-    "stage4_column_codec": (
-        (lambda v: v in STAGE4_COLUMN_CODECS),
-        " or ".join(STAGE4_COLUMN_CODECS),
+    "ternary_column_codec": (
+        (lambda v: v in TERNARY_COLUMN_CODECS),
+        " or ".join(TERNARY_COLUMN_CODECS),
     ),
     "shared_codec": ((lambda v: v in CODECS), " or ".join(CODECS)),
     "buffer_size": _at_least(1),

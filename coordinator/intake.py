@@ -56,7 +56,12 @@ from coordinator.metrics import METRICS
 from coordinator.publishing import CoordinatorState
 from shared_model.blobs import BlobCorrupt, BlobError, HashMismatch
 from shared_model.codec import CodecError, ShapeMismatchError
-from shared_model.federated.updates import BundleShapeError, UpdateError, read_bundle
+from shared_model.federated.updates import (
+    UPDATE_CODECS,
+    BundleShapeError,
+    UpdateError,
+    read_bundle,
+)
 from shared_model.wire.perspective.v1 import federation_pb2
 
 State = dict[str, torch.Tensor]
@@ -85,6 +90,8 @@ class DecodedResult:
     base_version: int
     columns: dict[int, State] = field(default_factory=dict)
     shared: State = field(default_factory=dict)
+    #: the codec the unit's columns travelled with (``None``: not known, any accepted)
+    column_codec: str | None = None
     #: per-tensor update ratios (:meth:`UpdateBounds.check`), remembered once applied
     ratios: list[tuple[str, float]] = field(default_factory=list)
 
@@ -368,10 +375,14 @@ class PayloadCheck:
         decoded = decode_result(
             self.state, self.ids, unit.base_version, list(unit.columns), self.bounds,
             step_size=self.bounds.step_size(*unit_lr_steps(unit)) if self.bounds else 1.0,
+            column_codec=unit_column_codec(unit),
         )  # fmt: skip
         if self.validator is not None and decoded.columns:
+            fraction = (unit.params or {}).get("ternary_fraction")  # stage 4: as trained
             try:
-                self.validator.check_all(decoded.columns, unit.base_version, decoded.shared)
+                self.validator.check_all(
+                    decoded.columns, unit.base_version, decoded.shared, fraction=fraction
+                )
             except ColumnWorse as exc:
                 raise Rejected(RejectReason.LOSS_INCREASE, str(exc)) from exc
         self.decoded = decoded
@@ -405,12 +416,15 @@ def decode_result(
     unit_columns: list[int],
     bounds: UpdateBounds | None,
     step_size: float = 1.0,
+    column_codec: str | None = None,
 ) -> DecodedResult:
     """Fetch and decode a result's blobs from the coordinator's store, validating everything.
 
     ``bounds`` checks every tensor's size (``None``: not checked, for the replay of
     results accepted before a restart), relative to the unit's ``step_size``
-    (:meth:`UpdateBounds.step_size`).
+    (:meth:`UpdateBounds.step_size`). ``column_codec`` is the codec the unit named for its
+    columns (:func:`unit_column_codec`): column tensors coded otherwise are refused, and
+    trit-flip updates (``trits``) are measured against their own history.
 
     Raises:
         Rejected: with the reason code to store.
@@ -420,16 +434,20 @@ def decode_result(
         raise Rejected(
             RejectReason.BAD_SHAPE, f"result has columns {sorted(cols)}, unit has {unit_columns}"
         )
-    out = DecodedResult(base_version)
+    out = DecodedResult(base_version, column_codec=column_codec)
     references = {c: _column_reference(state, c, base_version) for c in cols}
     for column, cid in cols.items():
         expected = {k: tuple(v.shape) for k, v in state.columns.masters[column].items()}
-        # A trits (stage 4) column decodes against the column as of the result's base.
-        out.columns[column] = _decode(state, cid, "column", expected, references[column])
+        # A trits column decodes against the column as of the result's base.
+        out.columns[column] = _decode(
+            state, cid, "column", expected, references[column], column_codec
+        )
     expected = {k: tuple(v.shape) for k, v in state.shared.master.items()}
     out.shared = _decode(state, ids.get("shared", ""), "shared", expected)
     if bounds is not None:
-        parts = [("column", d, references[c]) for c, d in out.columns.items()]
+        # Trit flips move a weight by its whole scale: not comparable with FP updates.
+        kind = "ternary column" if column_codec == "trits" else "column"
+        parts = [(kind, d, references[c]) for c, d in out.columns.items()]
         parts.append(("shared", out.shared, state.shared.published))
         for kind, update, reference in parts:
             try:
@@ -438,6 +456,13 @@ def decode_result(
                 raise Rejected(RejectReason.NORM_OUT_OF_BOUNDS, str(exc)) from exc
             out.ratios.extend(ratios)
     return out
+
+
+def unit_column_codec(unit: WorkUnit) -> str | None:
+    """The codec the unit asked for its columns (``None``: a unit leased before units
+    named it; any update codec is read)."""
+    codec = (unit.params or {}).get("column_codec")
+    return codec if codec in UPDATE_CODECS else None
 
 
 def unit_lr_steps(unit: WorkUnit) -> tuple[float | None, int]:
@@ -456,7 +481,12 @@ def _column_reference(state: CoordinatorState, column: int, base_version: int) -
 
 
 def _decode(
-    state: CoordinatorState, cid: str, kind: str, expected: dict, base: State | None = None
+    state: CoordinatorState,
+    cid: str,
+    kind: str,
+    expected: dict,
+    base: State | None = None,
+    codec: str | None = None,
 ) -> State:
     try:
         data = state.store.get(cid, verify=True)
@@ -465,7 +495,7 @@ def _decode(
     except BlobError as exc:
         raise Rejected(RejectReason.MISSING_BLOB, f"{kind} blob {cid[:12]}: {exc}") from exc
     try:
-        _, tensors = read_bundle(data, kind=kind, expected=expected, base=base)
+        _, tensors = read_bundle(data, kind=kind, expected=expected, base=base, codec=codec)
     except (BundleShapeError, ShapeMismatchError) as exc:  # container vs. our tensor
         raise Rejected(RejectReason.BAD_SHAPE, f"{kind} bundle: {exc}") from exc
     except (UpdateError, CodecError) as exc:
@@ -488,6 +518,8 @@ def apply_result(state: CoordinatorState, decoded: DecodedResult, step: bool = T
     Raises:
         Rejected: the base version is older than the aggregator remembers.
     """
+    if decoded.column_codec == "trits":  # the experts are ternary from now on
+        state.use_column_codec("trits")
     try:
         for column, delta in decoded.columns.items():
             state.columns.apply(column, delta, decoded.base_version, state.version)

@@ -162,6 +162,9 @@ class UnitFactory:
     #: unit is created past it and the last one is cut to fit, so the network trains the
     #: budget's tokens, not the budget plus every unit in flight when it ran out.
     step_budget: int | None = None
+    #: Column codec of units whose experts are all ternary (stage 4 at fraction 1;
+    #: ``None``: ``column_codec``). Each unit's codec is in its params.
+    ternary_column_codec: str | None = None
 
     def lease(
         self,
@@ -240,9 +243,13 @@ class UnitFactory:
         step, total = self._schedule_step(position, session)
         params = {"lr": lr_at(step, self.cfg.optim, total), "seed": seed, "position": position}
         params["schedule_steps"] = total  # the length it was leased under (an estimate on time)
+        params["column_codec"] = self.column_codec
         if self.stage == 4:
-            params["ternary_fraction"] = ternary_fraction_at(step, total, self.cfg.ternary.schedule)
-            params["kd_weight"] = self.cfg.ternary.kd_weight
+            fraction = ternary_fraction_at(step, total, self.cfg.ternary.schedule)
+            params["ternary_fraction"], params["kd_weight"] = fraction, self.cfg.ternary.kd_weight
+            if fraction >= 1.0 and self.ternary_column_codec:
+                # All-ternary experts: their trits are the model, so they travel as trits.
+                params["column_codec"] = self.ternary_column_codec
         return params
 
     def _schedule_step(self, position: int, session: Session) -> tuple[int, int]:
@@ -305,7 +312,7 @@ class UnitFactory:
             blob_address=self.blob_address,
             batch_size=self.cfg.train.batch_size,
             seq_len=self.cfg.train.seq_len,
-            column_codec=self.column_codec,
+            column_codec=params.get("column_codec", self.column_codec),
             shared_codec=self.shared_codec,
             eot_id=self.eot_id,
             budget_tokens=unit.steps * self.cfg.train.batch_size * self.cfg.train.seq_len,

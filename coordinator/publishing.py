@@ -148,6 +148,7 @@ class Publisher:
             "version": str(self.version),
             "manifests": json.dumps({v: r.content_id for v, r in self.manifests.items()}),
             "checkpoints": json.dumps({v: r.content_id for v, r in self.checkpoints.items()}),
+            "column_codec": self.column_codec,
         }
 
     def restore(self, meta: dict[str, str]) -> None:
@@ -156,6 +157,8 @@ class Publisher:
             self.version = int(meta["version"])
             self.manifests = self._refs(json.loads(meta["manifests"]))
             self.checkpoints = self._refs(json.loads(meta["checkpoints"]))
+            # Ternary columns stay trits after a restart (a state saved before: as built).
+            self.column_codec = meta.get("column_codec", self.column_codec)
             self._remember_kinds()
 
     def _remember_kinds(self) -> None:
@@ -242,16 +245,19 @@ class CoordinatorState:
         return self.publisher.version
 
     def use_column_codec(self, codec: str) -> bool:
-        """Publish expert columns with ``codec`` from the next version on (a stage's own).
+        """Publish expert columns with ``codec`` from the next version on.
 
-        With ``trits`` (stage 4) a published column is its ternary value; every column not
-        ternary yet is marked for the next version, which publishes all of them as trits
-        (the stage's first results, based on the FP columns, travel as their ternary values
-        like the rest).
+        The intake switches to ``trits`` with the first result of an all-ternary unit
+        (stage 4 at fraction 1); a restart's replay applies the same results in the same
+        order, so it switches at the same version. From then on a published column is its
+        ternary value: every column not ternary yet is marked for the next version, which
+        publishes all of them as trits.
 
         Returns:
             Whether columns were marked.
         """
+        if codec == self.publisher.column_codec:
+            return False
         self.publisher.column_codec = codec
         if codec != "trits":
             return False

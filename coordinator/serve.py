@@ -123,7 +123,7 @@ def serve(
     quarantine_after: fo.QuarantineAfter = None,
     diversity_lr: fo.DiversityLr = None,
     column_codec: fo.ColumnCodec = None,
-    stage4_column_codec: fo.Stage4ColumnCodec = None,
+    ternary_column_codec: fo.TernaryColumnCodec = None,
     shared_codec: fo.SharedCodec = None,
     codec: str | None = typer.Option(
         None, help="Both codecs at once: ternary | sparse (--column/--shared-codec win)."

@@ -64,3 +64,30 @@ def test_a_column_made_much_worse_is_refused_by_name(validator) -> None:
     with pytest.raises(ColumnWorse, match=r"^column 3: held-out loss of the result's model"):
         validator.check_all(deltas, 0, _no_shared_change(validator))
     assert validator.check_all({1: deltas[1]}, 0, _no_shared_change(validator))[1] == 0.0
+
+
+def test_a_ternary_result_is_scored_as_trained_against_its_fp_base(validator) -> None:
+    """A stage-4 unit at fraction 1 returns its columns' ternary values. Scored at the
+    unit's fraction, base and result are the same ternary model (no change beyond the
+    STE's float32 scale); scored in FP, the quantisation itself would count for or
+    against the participant (on a ``tiny`` demo's trained columns: +10.7 %, refused; on
+    this lightly trained seed it is within ±0.2 %)."""
+    from shared_model.ternary import ternary_round
+
+    columns = [0, 1]
+    deltas = {}
+    for c in columns:
+        base = validator.state.columns.published_at(c, 0)
+        deltas[c] = {}
+        for k, v in base.items():
+            trits, scale = ternary_round(v)
+            deltas[c][k] = trits.float() * scale - v
+    shared = _no_shared_change(validator)
+    as_trained = validator.check_all(deltas, 0, shared, fraction=1.0)
+    scored_ternary = {c: before for c, before, _ in validator.checked[-2:]}
+    in_fp = validator.check_all(deltas, 0, shared)
+    scored_fp = {c: before for c, before, _ in validator.checked[-2:]}
+    for c in columns:
+        assert abs(as_trained[c]) < 2e-3, as_trained
+        # The base was scored as trained too: as its ternary value, not its FP weights.
+        assert scored_ternary[c] != scored_fp[c] and in_fp[c] != as_trained[c]

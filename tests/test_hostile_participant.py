@@ -58,9 +58,12 @@ def lease(loop, node: int) -> control_pb2.ControlRequest:
         return loop.units.request(unit, loop.state, node)
 
 
-def forge(loop, node: int, *, shared: bytes | None = None) -> federation_pb2.WorkResult:
+def forge(
+    loop, node: int, *, shared: bytes | None = None, column_codec: str | None = None
+) -> federation_pb2.WorkResult:
     """A valid result for a fresh lease of ``node``, written by hand (small random updates,
-    so no two leases upload the same bytes); ``shared`` replaces the shared bundle."""
+    so no two leases upload the same bytes); ``shared`` replaces the shared bundle and
+    ``column_codec`` the codec the unit asked for."""
     req = lease(loop, node)
     unit, store = req.unit, loop.state.store
     gen = torch.Generator().manual_seed(next(_seed))
@@ -71,8 +74,9 @@ def forge(loop, node: int, *, shared: bytes | None = None) -> federation_pb2.Wor
         master = loop.state.columns.masters[column]
         upd = {k: 1e-3 * torch.randn(v.shape, generator=gen) for k, v in master.items()}
         bundle, _ = encode_bundle(
-            upd, "ternary", kind="column", column=column, base_version=unit.base_version
-        )
+            upd, column_codec or req.column_codec, kind="column", column=column,
+            base_version=unit.base_version,
+        )  # fmt: skip
         delta = result.column_deltas.add(column=column)
         delta.delta.content_id = upload_as(store, bundle, unit.unit_id)
     if shared is None:
@@ -251,6 +255,19 @@ def test_naming_another_nodes_lease_costs_nothing(tmp_path, corpus):
         assert get_unit(s, unit_id=victim.unit_id).state == "leased"
     assert len([m for m in events(loop, "result.refused") if "WRONG_NODE" in m]) == 20
     assert loop.receive(OTHER, victim).accepted  # the real holder's answer still counts
+
+
+def test_columns_in_another_codec_than_the_unit_asked_for_are_refused(tmp_path, corpus):
+    """A unit names its column codec (stage 4's all-ternary units: trits); columns coded
+    otherwise are refused before they are decoded, and nothing is applied."""
+    loop, _ = make_loop(tmp_path, corpus)
+    before = {k: v.clone() for k, v in loop.state.shared.master.items()}
+    result = forge(loop, NODE, column_codec="ternary")  # the unit asked for sparse
+    outcome = loop.receive(NODE, result)
+    assert not outcome.accepted
+    row = stored(loop, result.unit_id)
+    assert row.reject_reason == "MALFORMED" and "not the sparse codec" in row.reject_detail
+    assert unchanged(loop, before) and loop._applied == []
 
 
 def test_replayed_and_borrowed_blobs_are_refused(tmp_path, corpus):

@@ -34,11 +34,23 @@ import numpy as np
 import torch
 
 from shared_model import codec as wire
-from shared_model.codec.container import CODEC_DELTA, CODEC_SPARSE_2BIT, parse_container
+from shared_model.codec.container import (
+    CODEC_DELTA,
+    CODEC_SPARSE_2BIT,
+    CODEC_TRITS_ANS,
+    CODEC_TRITS_ZSTD,
+    parse_container,
+)
 from shared_model.ternary import ternarize
 from shared_model.wire.perspective.v1 import control_pb2
 
 UPDATE_CODECS = ("ternary", "sparse", "trits")
+#: The container codec ids each update codec writes (docs/wire-format.md §2).
+CODEC_IDS = {
+    "ternary": (CODEC_TRITS_ZSTD, CODEC_TRITS_ANS),
+    "sparse": (CODEC_SPARSE_2BIT,),
+    "trits": (CODEC_DELTA,),
+}
 State = dict[str, torch.Tensor]
 
 
@@ -228,11 +240,14 @@ def read_bundle(
     kind: str,
     expected: dict[str, tuple[int, ...]],
     base: State | None = None,
+    codec: str | None = None,
 ) -> tuple[control_pb2.TensorBundle, dict[str, torch.Tensor]]:
     """Parse and decode a bundle, checking names and shapes against ``expected``.
 
     ``base`` holds the receiver's tensors the updates apply to (what a trit-flip delta of
     the ``trits`` codec decodes against; a bundle of the other codecs does not need it).
+    ``codec`` (one of :data:`UPDATE_CODECS`) is the codec the receiver asked for: a tensor
+    coded otherwise is refused before it is decoded.
 
     Unnamed tensors (what :func:`make_bundle` writes) are the expected ones in sorted-name
     order; the names are filled in on the returned bundle.
@@ -262,6 +277,11 @@ def read_bundle(
         shape = tuple(int(s) for s in t.shape)
         if shape != tuple(expected[t.name]):
             raise BundleShapeError(f"{t.name}: shape {shape} != expected {tuple(expected[t.name])}")
+        if codec is not None and parse_container(t.payload).codec not in CODEC_IDS[codec]:
+            raise UpdateError(
+                f"{t.name}: coded with container codec {parse_container(t.payload).codec}, "
+                f"not the {codec} codec the unit asked for"
+            )
         ref = None if base is None else base[t.name]
         out[t.name] = decode_update(t.payload, shape, ref)
     return bundle, out
