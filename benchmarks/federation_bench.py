@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from benchmarks.federation_replay import ReplayDriver
 from coordinator.central.checkpoint import load_checkpoint
@@ -96,6 +97,15 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=1,
         help="torch threads (1: arms are compared on equal terms on a shared machine)",
+    )
+    p.add_argument(
+        "--fed",
+        dest="fed_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="federation setting of the federated arms (a FederationSettings field, the value "
+        "in YAML), e.g. aggregator=mean (repeatable)",
     )
     p.add_argument(
         "--set",
@@ -222,6 +232,9 @@ def fed_settings(args, participants: int, codec: str | None, tokens_per_unit: in
         values["column_codec"] = values["shared_codec"] = codec or args.codec
     if args.column_codec:
         values["column_codec"] = args.column_codec
+    for item in args.fed_overrides:
+        key, _, value = item.partition("=")
+        values[key] = yaml.safe_load(value)
     return FederationSettings(**values)
 
 

@@ -10,7 +10,11 @@ from rich.live import Live
 from rich.table import Table
 
 from coordinator.db import participants as db_participants
-from coordinator.db.stats import accepted_unit_columns, utilisation_by_participant
+from coordinator.db.stats import (
+    accepted_column_codecs,
+    accepted_unit_columns,
+    utilisation_by_participant,
+)
 from coordinator.traffic import per_sync_bits
 from shared_model.config import PerspectiveConfig
 
@@ -101,6 +105,7 @@ class DemoView:
             # over the whole stage (joins and the first lease included): how busy the
             # network keeps each machine
             busy = utilisation_by_participant(s, stage=f"stage{stage}", wall_s=wall)
+            codecs = accepted_column_codecs(s, stage=f"stage{stage}")
         self.stages[stage] = {
             "versions_end": loop.state.version,
             "tokens": st.tokens,
@@ -111,6 +116,7 @@ class DemoView:
             "bytes_up": st.bytes_up,
             "bytes_down": st.bytes_down,
             "traffic": traffic,
+            "results_by_column_codec": codecs,
             **per_sync_bits(self.cfg, traffic, columns, self.n),
             "utilisation": min(busy.values()) if busy else None,
             "utilisation_by_participant": busy,

@@ -144,6 +144,10 @@ def _traffic_split(s3: dict, s4: dict) -> None:
     """The summary splits each stage's traffic by kind: uploads, version deltas, joins and
     training data apart, per sync in bits per parameter. Stage 4 joins nothing again: the
     participants carry their stage-3 copy over and build the teacher from it locally."""
+    # Columns travel as FP updates, and as trits once stage 4's experts are all ternary.
+    assert s3["results_by_column_codec"] == {"sparse": s3["accepted"]}, s3
+    s4_codecs = s4["results_by_column_codec"]
+    assert s4_codecs.get("trits", 0) > 0 and sum(s4_codecs.values()) == s4["accepted"], s4
     for stage in (s3, s4):
         t = stage["traffic"]
         assert t["up"] == stage["bytes_up"] and t["delta"] > 0, t

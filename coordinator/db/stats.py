@@ -371,6 +371,21 @@ def accepted_unit_columns(session: Session, *, stage: str) -> list[int]:
     return [len(cols or []) for (cols,) in rows]
 
 
+def accepted_column_codecs(session: Session, *, stage: str) -> dict[str, int]:
+    """Accepted results of ``stage`` per column codec their units named (stage 4: ``trits``
+    once the experts are all ternary); units from before units named one are left out."""
+    out: dict[str, int] = {}
+    for (params,) in session.execute(
+        select(WorkUnit.params)
+        .join(Result, Result.unit_id == WorkUnit.unit_id)
+        .where(WorkUnit.stage == stage, Result.state == ResultState.ACCEPTED)
+    ):
+        codec = (params or {}).get("column_codec")
+        if codec:
+            out[codec] = out.get(codec, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def utilisation_by_participant(session: Session, *, stage: str, wall_s: float) -> dict[str, float]:
     """Training / wall per participant (id as a string, sorted): the seconds it reported
     training (``timings.train_s``) in accepted results of ``stage``, over ``wall_s``, the
