@@ -138,6 +138,12 @@ class FederationLoop:
         self.inbox = inbox
         self.ended = False  # collect() ran: the stage takes no more submitted results
         self._submitters: set[int] = set()  # nodes whose last reply said they submit
+        # Nodes whose capability (max_columns) a reply to this loop reported. Until then a
+        # node is leased one unit: its reply (at once, when it queues the unit) says how
+        # many columns it holds, and the units after it are leased with them. Leasing
+        # max_in_flight units at first contact gave them all one column: on a `small`
+        # demo the first 9 units of stage 3 trained 3 of the 16 columns.
+        self._capable: set[int] = set()
         self._full: dict[int, float] = {}  # submitting node -> monotonic time found full
         self._held: set[int] = set()  # held back after an expiry, until they answer
         self.units_per_message: Counter[int] = Counter()  # batch size -> messages pushed
@@ -274,6 +280,8 @@ class FederationLoop:
                 s, node_id=node_id, create=not self.enrolled_only
             )
             needed = leases_needed(s, node_id=node_id, max_in_flight=self.settings.max_in_flight)
+            if node_id not in self._capable:  # one unit in flight until it says
+                needed = max(0, needed - (self.settings.max_in_flight - 1))
             if self.hold_leases:  # paused: collect what is in flight, lease nothing
                 out = db_leases.count_in_flight(s, participant_id=row.id, now=utcnow()) > 0
                 needed = 0 if out else -1
@@ -448,6 +456,8 @@ class FederationLoop:
         # A revoked node's results are still recorded, as refused (WRONG_NODE).
         with contextlib.suppress(ParticipantRevoked, ParticipantUnknown):
             self._update_capability(node_id, capability, bytes_down)
+            if capability is not None:
+                self._capable.add(node_id)
         self._bytes_down += bytes_down
 
     def _node_gone(self, node_id: int) -> None:

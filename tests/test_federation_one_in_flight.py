@@ -10,6 +10,7 @@ waiting for their leases to expire.
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 
@@ -79,3 +80,25 @@ def test_results_come_through_submit_and_units_in_batches(tiny_moe_seed, network
         assert not _leased_units(coord, node)  # each finished, or dropped and failed
         with pytest.raises(NotAccepting, match="no federated stage runs"):
             coord.submit(node, federation_pb2.WorkResult(unit_id="late"))
+        _first_unit_alone_until_the_capability_came(coord)
+
+
+def _first_unit_alone_until_the_capability_came(coord) -> None:
+    """A node the loop has not heard from gets one unit at a time, with 1 column, until its
+    reply says how many it can hold (``max_columns``); every unit after that is leased
+    with them. (Before, its first ``max_in_flight`` units all went out with 1 column. A
+    unit that fails before the node answers, e.g. one an earlier test's run left it busy
+    with, is followed by another single one.)"""
+    with _db(coord) as db:
+        (max_columns,) = db.execute("select max_columns from participants").fetchone()
+        columns = [  # as leased (the copies of units the stage's end dropped are queued)
+            len(json.loads(cols))
+            for (cols,) in db.execute(
+                "select columns from work_units where reissued_from is null "
+                "order by leased_at, rowid"
+            )
+        ]
+    share = min(max_columns, coord.cfg.moe.n_experts)
+    first = columns.index(share) if share in columns else len(columns)
+    assert share > 1 and 1 <= first <= 2, (share, columns)
+    assert set(columns[:first]) == {1} and set(columns[first:]) == {share}, (share, columns)
