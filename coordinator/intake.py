@@ -518,13 +518,13 @@ def apply_result(state: CoordinatorState, decoded: DecodedResult, step: bool = T
     Raises:
         Rejected: the base version is older than the aggregator remembers.
     """
-    if decoded.column_codec == "trits":  # the experts are ternary from now on
-        state.use_column_codec("trits")
     try:
         for column, delta in decoded.columns.items():
             state.columns.apply(column, delta, decoded.base_version, state.version)
     except StaleResultError as exc:
         raise Rejected(RejectReason.STALE_BASE, str(exc)) from exc
+    if decoded.column_codec == "trits":  # applied: the experts are ternary from now on
+        state.use_column_codec("trits")
     return state.shared.add(decoded.shared, decoded.base_version, state.version, step=step)
 
 
