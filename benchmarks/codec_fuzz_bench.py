@@ -27,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from shared_model.codec import CodecError, apply_delta, encode_delta, encode_ternary  # noqa: E402
 from shared_model.codec.container import (  # noqa: E402
@@ -113,8 +114,10 @@ def mutate(blob: bytes, rnd: random.Random) -> bytes:
 
 def decode_all(blob: bytes, n: int, old: np.ndarray, stats: dict) -> None:
     """Decode ``blob`` every way intake and a replica would; record outcome and time."""
+    base = old.astype(np.float32)
     for name, fn in (
-        ("decode_update", lambda: decode_update(blob, (n,))),
+        # with the base a trits column decodes against (ternarize(old) = old's trits)
+        ("decode_update", lambda: decode_update(blob, (n,), torch.from_numpy(base))),
         ("apply_delta", lambda: apply_delta(old, blob)),
     ):
         start = time.perf_counter()

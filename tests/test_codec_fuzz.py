@@ -11,6 +11,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -44,6 +45,7 @@ SEEDS = [
     encode_ternary(_OLD, 0.5, "a", codec=1),
     encode_ternary(_OLD, 0.5, "a", codec=2),
     encode_delta(_OLD, _NEW, 0.5, 0.6),
+    encode_delta(_OLD.reshape(-1), _NEW.reshape(-1), 0.5, 0.6, hashed=False),  # as in bundles
     encode_sparse(_rng.normal(size=50).astype(np.float32), "g", chunk=16, k=3)[0],
     # Unhashed, as bundles carry them: mutations reach the parsers without a reseal.
     encode_ternary(_OLD, 0.5, "a", codec=2, hashed=False),
@@ -96,6 +98,8 @@ def _decode_expected(blob: bytes) -> None:
         lambda b: decode_sparse(b, expected=50),
         lambda b: decode_update(b, (50,)),
         lambda b: decode_update(b, _OLD.shape),
+        # a trit-flip delta (stage 4's trits columns) decodes against the receiver's base
+        lambda b: decode_update(b, _OLD.shape, torch.from_numpy(_OLD.astype(np.float32))),
     ):
         with contextlib.suppress(CodecError, UpdateError):
             fn(blob)
