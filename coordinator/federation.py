@@ -123,6 +123,7 @@ class FederationLoop:
         # Nodes Flower reported gone get no leases for a while (the SuperLink keeps
         # listing a dead node until its heartbeat times out, ~60 s).
         self._cooldown: dict[int, float] = {}
+        self._gone_at: dict[int, float] = {}  # node id -> monotonic time Flower said gone
         self._online: set[int] = set()  # node ids the SuperLink listed at the last step
         self._touched: dict[int, float] = {}  # node id -> monotonic time of its last touch
         self._budget_leased = False  # no new unit fits the token budget any more
@@ -209,8 +210,8 @@ class FederationLoop:
         for reply in self.driver.wait_any(wait) if self.driver is not None else ():
             self._handle_reply(reply)
         if self.inbox is not None:
-            for node_id, result in self.inbox.drain():
-                self._handle_submitted(node_id, result)
+            for node_id, result, at in self.inbox.drain():
+                self._handle_submitted(node_id, result, at)
 
     def _touch_busy(self, node_ids: list[int], now: float) -> None:
         """Mark nodes that hold all the units they may as seen (liveness), in one
@@ -431,10 +432,14 @@ class FederationLoop:
             # Acked only now: ``receive`` returns after the decision committed.
             self.acks.add(reply.node_id, self.receive(reply.node_id, result))
 
-    def _handle_submitted(self, node_id: int, result) -> None:
-        """One result a node submitted through the blob service (under its unit's token):
-        the same intake as a reply's, acked with the node's next message."""
-        self._answered(node_id)
+    def _handle_submitted(self, node_id: int, result, at: float) -> None:
+        """One result a node submitted through the blob service (under its unit's token) at
+        ``at`` (monotonic): the same intake as a reply's, acked with the node's next
+        message. It shows the node alive only if it came after Flower last said the node
+        was gone: a node killed right after submitting has its result drained after
+        Flower's error for it, and must not be leased more for that."""
+        if at > self._gone_at.get(node_id, -math.inf):
+            self._answered(node_id)
         with METRICS.timed(METRICS.intake):
             self.acks.add(node_id, self.receive(node_id, result))
 
@@ -466,7 +471,8 @@ class FederationLoop:
         Flower says so also when a live node merely left our messages unpulled past their
         TTL (slow to start, swamped): it is asked to answer a ``collect``, so that it need
         not sit out the whole cooldown."""
-        self._cooldown[node_id] = time.monotonic() + NODE_COOLDOWN_S
+        self._gone_at[node_id] = time.monotonic()
+        self._cooldown[node_id] = self._gone_at[node_id] + NODE_COOLDOWN_S
         with self.factory.begin() as s:
             row = db_participants.find_participant(s, node_id=node_id)
             if row is not None and row.state == "online":

@@ -20,7 +20,9 @@ messages in the coordinator's memory.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, deque
+from typing import NamedTuple
 
 from shared_model.blobs import InvalidRequest, QuotaExceeded
 from shared_model.wire.perspective.v1 import federation_pb2
@@ -37,8 +39,16 @@ class InboxFull(QuotaExceeded):
     answers RESOURCE_EXHAUSTED."""
 
 
+class Submitted(NamedTuple):
+    """One waiting result: who sent it, and when (``time.monotonic()``) it came in."""
+
+    node_id: int
+    result: federation_pb2.WorkResult
+    at: float
+
+
 class ResultInbox:
-    """Thread-safe queue of ``(node_id, WorkResult)`` from the blob service's ``Submit``."""
+    """Thread-safe queue of :class:`Submitted` results from the blob service's ``Submit``."""
 
     def __init__(
         self,
@@ -55,7 +65,7 @@ class ResultInbox:
         self.per_node, self.capacity = per_node, capacity
         self.capacity_bytes, self.max_result_bytes = capacity_bytes, max_result_bytes
         self._lock = threading.Lock()
-        self._items: deque[tuple[int, federation_pb2.WorkResult]] = deque()
+        self._items: deque[Submitted] = deque()
         self._by_node: Counter[int] = Counter()
         self._bytes = 0
         self.received = 0  # results ever queued (tests read it)
@@ -82,13 +92,13 @@ class ResultInbox:
                 )
             if len(self._items) >= self.capacity or self._bytes + size > self.capacity_bytes:
                 raise InboxFull(f"{len(self._items)} results wait for the intake; try later")
-            self._items.append((node_id, result))
+            self._items.append(Submitted(node_id, result, time.monotonic()))
             self._by_node[node_id] += 1
             self._bytes += size
             self.received += 1
             return self._by_node[node_id]
 
-    def drain(self) -> list[tuple[int, federation_pb2.WorkResult]]:
+    def drain(self) -> list[Submitted]:
         """Take every waiting result, in the order they came."""
         with self._lock:
             items = list(self._items)

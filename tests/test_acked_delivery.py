@@ -134,6 +134,26 @@ def test_a_submitted_result_is_judged_once_and_acked_with_the_next_message(tmp_p
         assert s.query(Result).filter_by(unit_id=result.unit_id).one().state == "accepted"
 
 
+def test_a_result_submitted_before_flower_said_the_node_was_gone_does_not_revive_it(
+    tmp_path, corpus
+):
+    """A node killed right after a Submit: Flower's error for it (node gone, held back) is
+    handled before its result is drained. That result is still judged, but it does not
+    lift the hold (it shows the node was alive before, not now); one submitted after
+    does."""
+    loop, _ = make_loop(tmp_path, corpus)
+    loop.inbox = ResultInbox()
+    before, after = forge(loop, NODE), forge(loop, NODE)
+    loop.inbox.put(NODE, before)
+    loop._node_gone(NODE)
+    loop._take_replies(0.0)
+    assert NODE in loop._cooldown  # still held back: no lease for it
+    assert [a.unit_id for a in acks_for(loop, NODE)] == [before.unit_id]  # judged all the same
+    loop.inbox.put(NODE, after)
+    loop._take_replies(0.0)
+    assert NODE not in loop._cooldown
+
+
 def _dead_address() -> str:
     """A port nobody listens on: a unit sent there keeps retrying its first fetch (~3 s)."""
     with socket.socket() as sock:

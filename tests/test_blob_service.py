@@ -443,7 +443,7 @@ def test_submit_takes_a_result_only_under_its_units_token(tmp_path: Path) -> Non
         big.document_losses.extend([big.document_losses[0]] * 200_000)  # ~2 MiB
         with client("7", "unit-c") as hostile, pytest.raises(InvalidRequest, match="over the"):
             hostile.submit(big)
-        assert [(n, r.unit_id) for n, r in inbox.drain()] == [(7, "unit-a"), (7, "unit-a")]
+        assert [(n, r.unit_id) for n, r, _ in inbox.drain()] == [(7, "unit-a"), (7, "unit-a")]
         assert len(inbox) == 0 and server.stats()["Submit"] == 7
     with (
         BlobServer(store, KEY) as server,
