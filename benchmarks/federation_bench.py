@@ -47,7 +47,7 @@ from coordinator.db.stats import (
     reject_counts,
     utilisation_by_participant,
 )
-from coordinator.federation_settings import FederationSettings
+from coordinator.federation_settings import load_federation_settings
 from coordinator.routing.assignment import initial_assignment
 from coordinator.traffic import per_sync_bits
 from shared_model.config_loading import load_config
@@ -235,7 +235,7 @@ def fed_settings(args, participants: int, codec: str | None, tokens_per_unit: in
     for item in args.fed_overrides:
         key, _, value = item.partition("=")
         values[key] = yaml.safe_load(value)
-    return FederationSettings(**values)
+    return load_federation_settings(None, values)  # unknown keys named, as serve does
 
 
 def federated(cfg, corpus, ckpt: str, work: Path, args, participants: int, codec=None):

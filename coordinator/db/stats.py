@@ -315,11 +315,7 @@ def stage_totals(session: Session, *, stage: str, timings: bool = False) -> Stag
     rejected, _, up_bad = by_state.get(ResultState.REJECTED, (0, 0, 0))
     train_s = unit_s = 0.0
     if timings:
-        for (t,) in session.execute(
-            select(Result.timings)
-            .join(WorkUnit, WorkUnit.unit_id == Result.unit_id)
-            .where(WorkUnit.stage == stage, Result.state == ResultState.ACCEPTED)
-        ):
+        for (t,) in _accepted_in(session, stage, Result.timings):
             train_s += float((t or {}).get("train_s", 0.0))
             unit_s += float((t or {}).get("total_s", 0.0))
     return StageTotals(accepted, rejected, tokens, up_ok + up_bad, train_s, unit_s)
@@ -361,25 +357,26 @@ def metric_totals(session: Session, *, summary: NetworkSummary) -> MetricTotals:
     )
 
 
-def accepted_unit_columns(session: Session, *, stage: str) -> list[int]:
-    """How many columns each accepted result of ``stage`` carried (what one sync moves)."""
-    rows = session.execute(
-        select(WorkUnit.columns)
-        .join(Result, Result.unit_id == WorkUnit.unit_id)
+def _accepted_in(session: Session, stage: str, *columns):
+    """``columns`` (of ``WorkUnit`` / ``Result``) of every accepted result of ``stage``."""
+    return session.execute(
+        select(*columns)
+        .select_from(Result)
+        .join(WorkUnit, WorkUnit.unit_id == Result.unit_id)
         .where(WorkUnit.stage == stage, Result.state == ResultState.ACCEPTED)
     ).all()
-    return [len(cols or []) for (cols,) in rows]
+
+
+def accepted_unit_columns(session: Session, *, stage: str) -> list[int]:
+    """How many columns each accepted result of ``stage`` carried (what one sync moves)."""
+    return [len(cols or []) for (cols,) in _accepted_in(session, stage, WorkUnit.columns)]
 
 
 def accepted_column_codecs(session: Session, *, stage: str) -> dict[str, int]:
     """Accepted results of ``stage`` per column codec their units named (stage 4: ``trits``
     once the experts are all ternary); units from before units named one are left out."""
     out: dict[str, int] = {}
-    for (params,) in session.execute(
-        select(WorkUnit.params)
-        .join(Result, Result.unit_id == WorkUnit.unit_id)
-        .where(WorkUnit.stage == stage, Result.state == ResultState.ACCEPTED)
-    ):
+    for (params,) in _accepted_in(session, stage, WorkUnit.params):
         codec = (params or {}).get("column_codec")
         if codec:
             out[codec] = out.get(codec, 0) + 1
@@ -393,10 +390,6 @@ def utilisation_by_participant(session: Session, *, stage: str, wall_s: float) -
     if wall_s <= 0:
         return {}
     out: dict[int, float] = {}
-    for pid, t in session.execute(
-        select(Result.participant_id, Result.timings)
-        .join(WorkUnit, WorkUnit.unit_id == Result.unit_id)
-        .where(WorkUnit.stage == stage, Result.state == ResultState.ACCEPTED)
-    ):
+    for pid, t in _accepted_in(session, stage, Result.participant_id, Result.timings):
         out[pid] = out.get(pid, 0.0) + float((t or {}).get("train_s", 0.0))
     return {str(p): t / wall_s for p, t in sorted(out.items())}

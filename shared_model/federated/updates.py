@@ -135,24 +135,36 @@ def _encode_trits(flat: torch.Tensor, base: torch.Tensor) -> tuple[bytes, torch.
 
 
 def decode_update(
-    payload: bytes, shape: Iterable[int], base: torch.Tensor | None = None
+    payload: bytes,
+    shape: Iterable[int],
+    base: torch.Tensor | None = None,
+    *,
+    codec: str | None = None,
+    name: str = "",
 ) -> torch.Tensor:
     """Decode an update payload (any update codec) into a float32 tensor of ``shape``.
 
     ``base`` (the tensor the update applies to) is needed for a trit-flip delta (the
-    ``trits`` codec) and ignored otherwise.
+    ``trits`` codec) and ignored otherwise. ``codec`` (one of :data:`UPDATE_CODECS`) is
+    the codec the receiver asked for: a payload coded otherwise is refused undecoded.
 
     Raises:
-        UpdateError: wrong element count, or a trit-flip delta without a base. Malformed
+        UpdateError: wrong element count, a trit-flip delta without a base, or another
+            codec than ``codec``. Malformed
             payloads raise ``CodecError`` (also a container of another element count:
             refused before it is decoded; a delta made against another base).
     """
     shape = tuple(int(s) for s in shape)
     n = int(np.prod(shape, dtype=np.int64))
-    codec = parse_container(payload).codec
-    if codec == CODEC_SPARSE_2BIT:
+    coded = parse_container(payload).codec
+    if codec is not None and coded not in CODEC_IDS[codec]:
+        raise UpdateError(
+            f"{name or 'tensor'}: coded with container codec {coded}, not the {codec} codec"
+            " the unit asked for"
+        )
+    if coded == CODEC_SPARSE_2BIT:
         values, _ = wire.decode_sparse(payload, expected=n)
-    elif codec == CODEC_DELTA:
+    elif coded == CODEC_DELTA:
         flat_base = _flat_base(base, shape, "trit-flip delta")
         trits, scale = wire.apply_delta(_base_trits(flat_base)[0], payload)
         return _trits_update(trits, scale, flat_base).reshape(shape)
@@ -277,13 +289,8 @@ def read_bundle(
         shape = tuple(int(s) for s in t.shape)
         if shape != tuple(expected[t.name]):
             raise BundleShapeError(f"{t.name}: shape {shape} != expected {tuple(expected[t.name])}")
-        if codec is not None and parse_container(t.payload).codec not in CODEC_IDS[codec]:
-            raise UpdateError(
-                f"{t.name}: coded with container codec {parse_container(t.payload).codec}, "
-                f"not the {codec} codec the unit asked for"
-            )
         ref = None if base is None else base[t.name]
-        out[t.name] = decode_update(t.payload, shape, ref)
+        out[t.name] = decode_update(t.payload, shape, ref, codec=codec, name=t.name)
     return bundle, out
 
 
