@@ -64,6 +64,9 @@ TOUCH_EVERY_S = 5.0
 QUARANTINE_QUORUM = 3
 #: Longest wait for the end-of-stage round that delivers the last acks.
 ACK_ROUND_S = 15.0
+#: The end of a stage waits this long beyond the asked nodes' training left (sync, upload
+#: and Flower's ~3 s poll of each message).
+END_GRACE_S = 20.0
 
 
 class FederationLoop:
@@ -635,11 +638,13 @@ class FederationLoop:
         would train them before the next stage's, and the next stage refuses their
         results) and answer once the unit in progress is done.
         """
-        holders, drop = self._holding_leases(), not self._budget_leased
-        for node_id in set(self.driver.pending.values()) | holders:
+        holding, drop = self._steps_held(), not self._budget_leased
+        asked = set(self.driver.pending.values()) | set(holding)
+        for node_id in asked:
             ask = control_pb2.ControlRequest(collect=True, drop_queued=drop)
             self._push(node_id, ask, "query.collect", timeout)
-        deadline = time.monotonic() + timeout
+        wait = min(timeout, self._end_wait_s({n: holding.get(n, []) for n in asked}, drop))
+        deadline = time.monotonic() + wait
         while self.driver.pending and time.monotonic() < deadline:
             self._take_replies(0.2)
         self._take_replies(0.0)  # submitted just before the last reply
@@ -667,15 +672,44 @@ class FederationLoop:
                 len(self.driver.pending),
             )
 
-    def _holding_leases(self) -> set[int]:
-        """Online nodes that hold leased units (their results are still on the node)."""
-        now, holding = utcnow(), set()
+    def _steps_held(self) -> dict[int, list[int]]:
+        """Online nodes that hold leased units (their results are still on the node): the
+        steps of each unit they hold."""
+        now, holding = utcnow(), {}
         with self.factory() as s:
             for node_id in self._online:
                 row = db_participants.find_participant(s, node_id=node_id)
-                if row is not None and db_leases.count_in_flight(s, participant_id=row.id, now=now):
-                    holding.add(node_id)
+                steps = (
+                    []
+                    if row is None
+                    else db_leases.steps_in_flight(s, participant_id=row.id, now=now)
+                )
+                if steps:
+                    holding[node_id] = steps
         return holding
+
+    def _end_wait_s(self, held: dict[int, list[int]], drop: bool) -> float:
+        """How long the end of a stage waits for the asked nodes' last results.
+
+        Each node's share is what it has left to train (only the unit in progress when its
+        queue is dropped) at its reported speed, twice over, plus ``END_GRACE_S`` for its
+        sync, upload and Flower's poll; the slowest node sets the wait. A node that never
+        answers (a lost message, a SuperNode left on a stopped run) then holds the stage's
+        end for that long, not for a whole lease (a 5-minute hang of a 1-minute demo).
+        """
+        unknown = self.sizing.lease_fraction * self.sizing.lease_seconds / self.sizing.max_in_flight
+        wait = 0.0
+        with self.factory() as s:
+            for node_id, steps in held.items():
+                left = steps[:1] if drop else steps
+                row = db_participants.find_participant(s, node_id=node_id)
+                speed = None if row is None else reply_fields.speed(row.tokens_per_s)
+                if speed is None:
+                    train_s = unknown * len(left)
+                else:
+                    train_s = sum(left) * self._step_tokens / speed
+                wait = max(wait, 2 * train_s)
+        return wait + END_GRACE_S
 
     def attach(self, driver) -> None:
         """Use ``driver`` (a new Flower run) from now on, e.g. after the SuperLink restarted.

@@ -115,6 +115,14 @@ def _where_it_was(work, out: str, err: str) -> str:
     for log in sorted((work / "network").rglob("*.log")):
         text = log.read_text(errors="replace")
         parts.append(f"--- {log.relative_to(work)}\n{text[-1500:]}")
+    db = work / "coordinator" / "coordinator.db"
+    if db.exists():  # the coordinator's own account: what it leased, heard and decided last
+        with sqlite3.connect(db) as con:
+            rows = con.execute(
+                "select ts, kind, participant_id, message from events order by id desc limit 40"
+            ).fetchall()
+        parts.append("--- coordinator events (newest last)")
+        parts += [" ".join(str(v) for v in row)[:200] for row in reversed(rows)]
     return "\n".join(parts)
 
 

@@ -1,11 +1,12 @@
-"""A live node whose messages expired unpulled is not sidelined for the whole cooldown.
+"""A silent node costs the network neither the whole cooldown nor a whole lease.
 
 Flower reports an expired message as "Message Unavailable" (error code 3), for a dead node
 and for a live one that was too slow to pull it alike. The loop stops leasing to the node
 (``NODE_COOLDOWN_S``) and asks it to answer a ``collect``; a live node's answer lifts the
 hold. Here the participant's worker is frozen (SIGSTOP) until every message of ours has
 expired, then thawed: it must get work again and finish it well before the cooldown would
-have run out by itself.
+have run out by itself. Frozen again, it must not hold the end of the stage until the
+last ``collect`` expires.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _worker(net: LocalNetwork) -> psutil.Process:
 
 
 @pytest.mark.timeout(400)
-def test_a_live_node_whose_messages_expired_gets_work_again_before_the_cooldown(
+def test_a_silent_node_is_not_sidelined_for_the_cooldown_nor_waited_for_a_lease(
     tiny_moe_seed, tmp_path
 ):
     cfg, corpus, ckpt = tiny_moe_seed
@@ -77,6 +78,25 @@ def test_a_live_node_whose_messages_expired_gets_work_again_before_the_cooldown(
             _step_until(loop, lambda: _events(coord, "result.accepted") > accepted,
                         NODE_COOLDOWN_S / 2, "a result from the thawed node")  # fmt: skip
             print(f"\nthawed -> next accepted result: {time.monotonic() - thawed:.1f} s")
+            _a_silent_node_holds_the_end_of_the_stage_for_its_units_only(loop, worker)
             driver.close()
     finally:
         coord.shutdown()
+
+
+def _a_silent_node_holds_the_end_of_the_stage_for_its_units_only(loop, worker) -> None:
+    """A node that never answers the end-of-stage ``collect`` (here frozen again; in the
+    wild a lost message, or a SuperNode left on a stopped run) holds the end of the stage
+    for its units' training time, not until the ``collect`` expires (it lives a lease:
+    a 1-minute demo hung 5 minutes on one lost reply)."""
+    ttl = 240.0
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        loop.collect(timeout=ttl)
+        waited = time.monotonic() - started
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    print(f"end of stage with a silent node: waited {waited:.1f} s")
+    assert loop.ended and loop.driver.pending, "the frozen node answered?"
+    assert waited < ttl / 3, waited

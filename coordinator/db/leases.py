@@ -131,18 +131,24 @@ def create_lease(
     return unit
 
 
+def _in_flight(participant_id: int, now: dt.datetime) -> tuple:
+    return (
+        WorkUnit.participant_id == participant_id,
+        WorkUnit.state == UnitState.LEASED,
+        WorkUnit.deadline >= now,
+    )
+
+
 def count_in_flight(session: Session, *, participant_id: int, now: dt.datetime) -> int:
     """Units leased to the participant whose deadline has not passed."""
-    query = (
-        select(func.count())
-        .select_from(WorkUnit)
-        .where(
-            WorkUnit.participant_id == participant_id,
-            WorkUnit.state == UnitState.LEASED,
-            WorkUnit.deadline >= now,
-        )
-    )
+    query = select(func.count()).select_from(WorkUnit).where(*_in_flight(participant_id, now))
     return session.scalar(query) or 0
+
+
+def steps_in_flight(session: Session, *, participant_id: int, now: dt.datetime) -> list[int]:
+    """Inner steps of each unit leased to the participant whose deadline has not passed."""
+    query = select(WorkUnit.steps).where(*_in_flight(participant_id, now))
+    return [int(steps) for steps in session.scalars(query)]
 
 
 def requeue_copy(
