@@ -12,9 +12,10 @@ import pytest
 
 # typer draws CLI errors in a box as wide as the terminal and breaks a word longer than
 # that anywhere: a deep tmp path came out as ".../use d" and a test looking for the path
-# failed by the length of pytest's tmp dir name. A wide terminal (for the CLIs the tests
-# start and for CliRunner alike) keeps every path whole.
-os.environ["COLUMNS"] = "1000"
+# failed by the length of pytest's tmp dir name. A wide box (typer's TERMINAL_WIDTH, read
+# when typer is imported: by the CLIs the tests start and by CliRunner's alike) keeps
+# every path whole; COLUMNS would widen pytest's own output too.
+os.environ["TERMINAL_WIDTH"] = "1000"
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CANDIDATES = ("/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser")
