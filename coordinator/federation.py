@@ -126,7 +126,7 @@ class FederationLoop:
         # Nodes Flower reported gone get no leases for a while (the SuperLink keeps
         # listing a dead node until its heartbeat times out, ~60 s).
         self._cooldown: dict[int, float] = {}
-        self._gone_at: dict[int, float] = {}  # node id -> monotonic time Flower said gone
+        self._held_since: dict[int, float] = {}  # node id -> monotonic start of its last hold
         self._online: set[int] = set()  # node ids the SuperLink listed at the last step
         self._touched: dict[int, float] = {}  # node id -> monotonic time of its last touch
         self._budget_leased = False  # no new unit fits the token budget any more
@@ -235,6 +235,7 @@ class FederationLoop:
     def _no_units(self, node_id: int, exc: Exception, now: float) -> None:
         """A revoked or unknown node: still connected until the key sync unregisters it and
         its heartbeat expires; no work meanwhile (its results would be refused anyway)."""
+        self._held_since[node_id] = now
         self._cooldown[node_id] = now + NODE_COOLDOWN_S
         kind = "revoked" if isinstance(exc, ParticipantRevoked) else "unknown"
         self._log(f"participant.{kind}_node", f"node {node_id}: {exc}; no units")
@@ -438,10 +439,11 @@ class FederationLoop:
     def _handle_submitted(self, node_id: int, result, at: float) -> None:
         """One result a node submitted through the blob service (under its unit's token) at
         ``at`` (monotonic): the same intake as a reply's, acked with the node's next
-        message. It shows the node alive only if it came after Flower last said the node
-        was gone: a node killed right after submitting has its result drained after
-        Flower's error for it, and must not be leased more for that."""
-        if at > self._gone_at.get(node_id, -math.inf):
+        message. It shows the node alive (lifting a hold) only if it came after the node's
+        last hold began: a node killed right after submitting has its result drained after
+        Flower's error for it (or after its leases expired), and must not be leased more
+        for that."""
+        if at > self._held_since.get(node_id, -math.inf):
             self._answered(node_id)
         with METRICS.timed(METRICS.intake):
             self.acks.add(node_id, self.receive(node_id, result))
@@ -474,8 +476,8 @@ class FederationLoop:
         Flower says so also when a live node merely left our messages unpulled past their
         TTL (slow to start, swamped): it is asked to answer a ``collect``, so that it need
         not sit out the whole cooldown."""
-        self._gone_at[node_id] = time.monotonic()
-        self._cooldown[node_id] = self._gone_at[node_id] + NODE_COOLDOWN_S
+        self._held_since[node_id] = time.monotonic()
+        self._cooldown[node_id] = self._held_since[node_id] + NODE_COOLDOWN_S
         with self.factory.begin() as s:
             row = db_participants.find_participant(s, node_id=node_id)
             if row is not None and row.state == "online":
@@ -792,6 +794,7 @@ class FederationLoop:
                 "participant.held_back",
                 f"node {node_id}: a lease expired; no units until it answers",
             )
+        self._held_since[node_id] = now
         self._cooldown[node_id] = max(self._cooldown.get(node_id, 0.0), now + NODE_COOLDOWN_S)
         self._ask_if_silent(node_id)
 

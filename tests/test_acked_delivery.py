@@ -14,6 +14,8 @@ import datetime as dt
 import socket
 from dataclasses import replace
 
+import pytest
+
 from coordinator.db.leases import get_unit
 from coordinator.db.models import Result, WorkUnit
 from coordinator.db.types import utcnow
@@ -134,18 +136,17 @@ def test_a_submitted_result_is_judged_once_and_acked_with_the_next_message(tmp_p
         assert s.query(Result).filter_by(unit_id=result.unit_id).one().state == "accepted"
 
 
-def test_a_result_submitted_before_flower_said_the_node_was_gone_does_not_revive_it(
-    tmp_path, corpus
-):
-    """A node killed right after a Submit: Flower's error for it (node gone, held back) is
-    handled before its result is drained. That result is still judged, but it does not
-    lift the hold (it shows the node was alive before, not now); one submitted after
-    does."""
+@pytest.mark.parametrize("hold", ["_node_gone", "_hold_back"])
+def test_a_result_submitted_before_a_hold_began_does_not_lift_it(tmp_path, corpus, hold):
+    """A node killed right after a Submit: Flower's error for it (node gone), or its
+    leases' expiry, holds it back before its result is drained. That result is still
+    judged, but it does not lift the hold (it shows the node was alive before, not now);
+    one submitted after does."""
     loop, _ = make_loop(tmp_path, corpus)
     loop.inbox = ResultInbox()
     before, after = forge(loop, NODE), forge(loop, NODE)
     loop.inbox.put(NODE, before)
-    loop._node_gone(NODE)
+    getattr(loop, hold)(NODE)
     loop._take_replies(0.0)
     assert NODE in loop._cooldown  # still held back: no lease for it
     assert [a.unit_id for a in acks_for(loop, NODE)] == [before.unit_id]  # judged all the same
