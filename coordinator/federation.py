@@ -703,7 +703,7 @@ class FederationLoop:
         wait = 0.0
         with self.factory() as s:
             for node_id, steps in held.items():
-                left = steps[:1] if drop else steps
+                left = [max(steps)] if drop else steps  # dropped: the one in progress
                 row = db_participants.find_participant(s, node_id=node_id)
                 speed = None if row is None else reply_fields.speed(row.tokens_per_s)
                 if speed is None:
