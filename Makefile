@@ -20,7 +20,9 @@ demo: $(STAMP)
 	$(BIN)/perspective demo $(DEMO_ARGS)
 
 # The whole suite in three phases. The tests that start no servers, in two processes
-# (pytest-xdist, whole files per process): 2 min instead of 4.6. The integration tests,
+# (pytest-xdist, whole files per process): 2 min instead of 4.6; one torch thread each, as
+# two processes of two threads on 2 cores slowed each other (163 s against 179 s, run
+# back to back). Files with a `slow` test go first (tests/conftest.py). The integration tests,
 # which start real networks on 127.0.0.1 and spend much of their time waiting on them (a
 # SuperLink's heartbeat floor, lease expiry), also two at a time, whole files each (a
 # module's network fixture starts once): 7.7 min instead of 12. Last, alone, the `serial`
@@ -30,7 +32,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/lint-imports
 ifeq ($(strip $(PYTEST_ARGS)),)
-	@$(BIN)/python -m pytest -m "not integration and not serial" -n 2 --dist loadfile; \
+	@OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not integration and not serial" -n 2 --dist loadfile; \
 	unit=$$?; \
 	$(BIN)/python -m pytest -m "integration and not serial" -n 2 --dist loadfile; integ=$$?; \
 	$(BIN)/python -m pytest -m serial; serial=$$?; \

@@ -27,6 +27,17 @@ CHROMIUM_ARGS = [
 ]
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Files with a ``slow`` test run first, each file's tests in their order.
+
+    ``make test`` spreads whole files over two workers (``--dist loadfile``) in collection
+    order, and a long file collected late ran on one worker while the other had nothing
+    left: by the files' measured durations the integration phase takes 386 s in
+    alphabetical order (384 s measured) and 359 s with its slow files first."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: file order otherwise kept
+
+
 def _chromium() -> str | None:
     env = os.environ.get("PERSPECTIVE_CHROMIUM")
     for path in ((env,) if env else ()) + CANDIDATES:
