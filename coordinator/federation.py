@@ -703,7 +703,9 @@ class FederationLoop:
         wait = 0.0
         with self.factory() as s:
             for node_id, steps in held.items():
-                left = [max(steps)] if drop else steps  # dropped: the one in progress
+                # Dropped: only the unit in progress (the longest held, as the lease query
+                # has no order). A node asked with no lease holds none.
+                left = [max(steps)] if drop and steps else steps
                 row = db_participants.find_participant(s, node_id=node_id)
                 speed = None if row is None else reply_fields.speed(row.tokens_per_s)
                 if speed is None:

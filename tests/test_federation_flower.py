@@ -11,6 +11,7 @@ over the gRPC blob service, and the coordinator is either in-process (first test
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -267,8 +268,6 @@ def _stage_job(api: str) -> dict | None:
 def test_operator_pauses_resumes_and_cancels_the_running_serve(killed_serve):
     """Stage control through the REST API: serve runs the stage as job ``stage3`` (the
     serve restarted after the kills of ``killed_serve``: the job survived them)."""
-    import datetime as dt
-
     import httpx
 
     proc, work, api = killed_serve
@@ -403,28 +402,34 @@ def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
             return all(_leased_units(coord, node) for node in nodes)
 
         step_until(loop, both_hold, 120, "both participants to hold leases")
+        # Units lost before the kill do not count: on a loaded machine a SuperNode slow to
+        # start leaves its first message unpulled past its 15-s TTL (both nodes did so once).
+        lost_before = {n: _lost_units(coord, n) for n in nodes}
+        killed_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)  # as the events store it
         network.kill_participant(1)
+
+        def lost_since(n: int) -> set[str]:
+            return _lost_units(coord, n) - lost_before[n]
 
         # Any of the victim's leases counts, not only those held at the kill: a result it
         # sent just before dying can still be accepted (its unit is then not redone), and
         # until Flower marks the node offline the loop may lease it more, which are lost too.
         def redone() -> bool:
-            return any(_redone_by_other(coord, _lost_units(coord, n), n) for n in nodes)
+            return any(_redone_by_other(coord, lost_since(n), n) for n in nodes)
 
         step_until(loop, redone, 300, "a lost unit re-issued and done by the other participant")
-        (victim,) = [n for n in nodes if _lost_units(coord, n)]
-        _no_new_leases_once_lost(coord, victim)
+        (victim,) = [n for n in nodes if lost_since(n)]
+        _no_new_leases_once_lost(coord, victim, killed_at)
         driver.close()
     finally:
         coord.shutdown()
 
 
-def _no_new_leases_once_lost(coord, node_id) -> None:
-    """Once a unit of the dead node was lost (its lease expired, or Flower reported its
-    message undeliverable), the loop leased it nothing more for the hold-back period
-    (Flower lists a dead node for up to a minute), and said why it held the node back."""
-    import datetime as dt
-
+def _no_new_leases_once_lost(coord, node_id, killed_at: dt.datetime) -> None:
+    """Once a unit of the dead node was lost after ``killed_at`` (its lease expired, or
+    Flower reported its message undeliverable), the loop leased it nothing more for the
+    hold-back period (Flower lists a dead node for up to a minute), and said why it held
+    the node back."""
     from coordinator.federation import NODE_COOLDOWN_S
 
     signed = _stored(node_id)
@@ -436,12 +441,12 @@ def _no_new_leases_once_lost(coord, node_id) -> None:
             (pid,),
         ).fetchall()
         held = db.execute(
-            "select count(*) from events where (kind = 'participant.held_back' and message like ?)"
-            " or (kind = 'participant.offline' and participant_id = ?)",
-            (f"node {node_id}:%", pid),
+            "select count(*) from events where ((kind = 'participant.held_back' and message like"
+            " ?) or (kind = 'participant.offline' and participant_id = ?)) and ts > ?",
+            (f"node {node_id}:%", pid, killed_at.isoformat(sep=" ")),
         ).fetchone()[0]
     stamps = [(kind, dt.datetime.fromisoformat(ts)) for kind, ts in rows]
-    first = min(t for kind, t in stamps if kind != "lease.created")
+    first = min(t for kind, t in stamps if kind != "lease.created" and t > killed_at)
     window = dt.timedelta(seconds=NODE_COOLDOWN_S)
     later = [t for kind, t in stamps if kind == "lease.created" and first < t < first + window]
     assert not later, (first, later)

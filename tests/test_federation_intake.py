@@ -17,7 +17,7 @@ from coordinator.db import leases as db_leases
 from coordinator.db import participants as db_participants
 from coordinator.db.leases import get_unit
 from coordinator.db.models import Result
-from coordinator.federation import FederationLoop
+from coordinator.federation import END_GRACE_S, FederationLoop
 from coordinator.federation_settings import FederationSettings
 from coordinator.leasing import UnitFactory
 from coordinator.publishing import CoordinatorState
@@ -298,6 +298,24 @@ def test_requeued_unit_keeps_its_steps(tmp_path, corpus):
     assert list(copy.unit.documents) == list(req.unit.documents)
     with loop.factory() as s:
         assert get_unit(s, unit_id=copy_id).reissued_from == unit_id
+
+
+def test_the_end_of_a_stage_waits_for_the_training_each_node_has_left(tmp_path, corpus):
+    """``collect`` waits twice the training each asked node still holds at its reported
+    speed, plus the grace (the slowest node sets it); with the queue dropped, only the
+    unit in progress; a node asked with no lease (a message pending) gets the grace."""
+    loop, _ = make_loop(tmp_path, corpus, unit_seconds=2.0, max_steps_per_unit=200)
+    slow, idle = NODE, NODE + 1
+    report(loop, slow, 640.0)  # 128 tokens a step: 5 steps a second, units of 10 steps
+    loop.lease_request(slow)
+    loop.lease_request(slow)
+    loop._online = {slow, idle}  # as the SuperLink lists them
+    held = loop._steps_held()
+    assert held == {slow: [10, 10]}
+    asked = {**held, idle: []}
+    assert loop._end_wait_s({idle: []}, drop=True) == END_GRACE_S
+    assert loop._end_wait_s(asked, drop=True) == pytest.approx(2 * 2.0 + END_GRACE_S)
+    assert loop._end_wait_s(asked, drop=False) == pytest.approx(2 * 4.0 + END_GRACE_S)
 
 
 def test_request_carries_the_participants_credit(tmp_path, corpus):
