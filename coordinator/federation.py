@@ -698,21 +698,27 @@ class FederationLoop:
         sync, upload and Flower's poll; the slowest node sets the wait. A node that never
         answers (a lost message, a SuperNode left on a stopped run) then holds the stage's
         end for that long, not for a whole lease (a 5-minute hang of a 1-minute demo).
+        A node that has not reported a speed yet (no unit finished in this process) is
+        taken to be as slow as the slowest that has; with none, each unit counts its share
+        of the lease budget (``lease_fraction × lease_seconds / max_in_flight``).
         """
-        unknown = self.sizing.lease_fraction * self.sizing.lease_seconds / self.sizing.max_in_flight
-        wait = 0.0
         with self.factory() as s:
-            for node_id, steps in held.items():
-                # Dropped: only the unit in progress (the longest held, as the lease query
-                # has no order). A node asked with no lease holds none.
-                left = [max(steps)] if drop and steps else steps
-                row = db_participants.find_participant(s, node_id=node_id)
-                speed = None if row is None else reply_fields.speed(row.tokens_per_s)
-                if speed is None:
-                    train_s = unknown * len(left)
-                else:
-                    train_s = sum(left) * self._step_tokens / speed
-                wait = max(wait, 2 * train_s)
+            rows = {n: db_participants.find_participant(s, node_id=n) for n in held}
+        speeds = {n: reply_fields.speed(r.tokens_per_s) for n, r in rows.items() if r is not None}
+        known = [v for v in speeds.values() if v is not None]
+        sizing = self.sizing
+        wait = 0.0
+        for node_id, steps in held.items():
+            # Dropped: only the unit in progress (the longest held, as the lease query has
+            # no order). A node asked with no lease holds none.
+            left = [max(steps)] if drop and steps else steps
+            speed = speeds.get(node_id) or (min(known) if known else None)
+            if speed is None:
+                train_s = sizing.lease_fraction * sizing.lease_seconds / sizing.max_in_flight
+                train_s *= len(left)
+            else:
+                train_s = sum(left) * self._step_tokens / speed
+            wait = max(wait, 2 * train_s)
         return wait + END_GRACE_S
 
     def attach(self, driver) -> None:

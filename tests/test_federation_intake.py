@@ -316,6 +316,13 @@ def test_the_end_of_a_stage_waits_for_the_training_each_node_has_left(tmp_path, 
     assert loop._end_wait_s({idle: []}, drop=True) == END_GRACE_S
     assert loop._end_wait_s(asked, drop=True) == pytest.approx(2 * 2.0 + END_GRACE_S)
     assert loop._end_wait_s(asked, drop=False) == pytest.approx(2 * 4.0 + END_GRACE_S)
+    # A node with no speed yet (no unit finished since it started) counts as the slowest
+    # known (after a flwr stop one such node held a 1.25-minute demo's stage end 2 min).
+    new = NODE + 2
+    report(loop, new, None)
+    assert loop._end_wait_s({**asked, new: [10]}, drop=True) == pytest.approx(2 * 2.0 + END_GRACE_S)
+    budget = loop.sizing.lease_fraction * loop.sizing.lease_seconds / loop.sizing.max_in_flight
+    assert loop._end_wait_s({new: [10]}, drop=True) == pytest.approx(2 * budget + END_GRACE_S)
 
 
 def test_request_carries_the_participants_credit(tmp_path, corpus):
