@@ -324,6 +324,7 @@ def _over_flower(cfg, coord, work: Path, args, participants: int, settings) -> d
         "utilisation": utilisation,
         "wall_s": wall,
         "units_per_message": dict(sorted(loop.units_per_message.items())),
+        "units_per_submit_reply": dict(sorted(loop.units_per_submit_reply.items())),
     }
 
 

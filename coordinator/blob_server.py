@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 
 from coordinator.blob_uploads import UploadLedger
+from coordinator.unit_handoff import UnitHandoff
 from shared_model.blobs.channel import CHUNK_SIZE, GRPC_OPTIONS
 from shared_model.blobs.errors import (
     BlobCorrupt,
@@ -242,7 +243,22 @@ class _Servicer(blobs_pb2_grpc.BlobServiceServicer):
             node_id = int(cap.subject)
         except ValueError:
             raise ScopeDenied(f"token {cap.token_id} names no node: it leased no unit") from None
-        return blobs_pb2.SubmitReply(queued=self.owner.submit(node_id, request.result))
+        handoff = self.owner.handoff if request.want_units else None
+        # Waiting is registered before the result is queued: the loop, handling it, must
+        # find this call to hand it the units the freed slot gets (coordinator.unit_handoff).
+        ticket = handoff.expect(node_id) if handoff is not None else None
+        try:
+            queued = self.owner.submit(node_id, request.result)
+        except BaseException:
+            if ticket is not None:
+                handoff.cancel(ticket)
+            raise
+        reply = blobs_pb2.SubmitReply(queued=queued)
+        units = handoff.wait(ticket) if ticket is not None else None
+        if units is not None:
+            reply.units.CopyFrom(units)
+            self.owner._count("Submit.units")
+        return reply
 
 
 class BlobServer:
@@ -269,6 +285,8 @@ class BlobServer:
         submit: ``submit(node_id, result) -> waiting`` takes a result ``Submit`` received
             under its unit's token (:meth:`coordinator.result_inbox.ResultInbox.put`; raises
             ``NotAccepting`` or ``QuotaExceeded`` to refuse); ``None``: FAILED_PRECONDITION.
+        handoff: where a ``Submit`` with ``want_units`` waits for the units the loop
+            leases its node (:mod:`coordinator.unit_handoff`); ``None``: it answers at once.
     """
 
     def __init__(
@@ -286,6 +304,7 @@ class BlobServer:
         head: Callable[[int], tuple[int, Any, list[Any]]] | None = None,
         published: Callable[[str], bool] | None = None,
         submit: Callable[[int, Any], int] | None = None,
+        handoff: UnitHandoff | None = None,
     ) -> None:
         if not 0 < chunk_size <= 4 << 20:
             raise BlobError(f"chunk_size must be in (0, 4 MiB], got {chunk_size}")
@@ -297,7 +316,7 @@ class BlobServer:
         self.uploads = UploadLedger.for_store(store)
         self.kind_of = kind_of or (lambda _cid: "other")
         self.published = published or (lambda _cid: False)
-        self.head, self.submit = head, submit
+        self.head, self.submit, self.handoff = head, submit, handoff
         self._stats: dict[str, int] = {}
         self._stats_lock = threading.Lock()
         self._server: grpc.Server | None = None

@@ -29,6 +29,7 @@ from coordinator.publishing import CoordinatorState
 from coordinator.result_inbox import ResultInbox
 from coordinator.routing.assignment import ColumnAssignment, initial_assignment
 from coordinator.routing.rescoring import restore_labels
+from coordinator.unit_handoff import UnitHandoff
 from shared_model.blobs import BlobNotFound, BlobStore, GcReport, NotAccepting
 from shared_model.config import PerspectiveConfig
 from shared_model.data import PreparedCorpus
@@ -146,6 +147,8 @@ class Coordinator:
         self.session_factory = make_session_factory(self.engine)
         self.store = BlobStore(self.work_dir / "blobs")
         self.token_key = token_key or write_secret_file(self.work_dir / "token.key").read_bytes()
+        # A Submit waits here for the units its freed slot gets (coordinator.unit_handoff).
+        self.handoff = UnitHandoff()
         self.blob_server = BlobServer(
             self.store,
             self.token_key,
@@ -156,6 +159,7 @@ class Coordinator:
             head=self.head,
             published=self.is_published,
             submit=self.submit,
+            handoff=self.handoff,
         )
         self.inbox = ResultInbox()  # results from Submit, for the running stage's loop
         self._pinned_kinds: dict[str, str] = {}  # shards ("data"), stage 4's teacher
@@ -369,6 +373,7 @@ class Coordinator:
             self.assignment,
             budget.progress,
             inbox=self.inbox,
+            handoff=self.handoff,
         )
         self.loop.on_checkpoint = lambda: self.collect_blobs(settings, teacher)
         return self.loop

@@ -121,6 +121,10 @@ class DemoView:
             "utilisation": min(busy.values()) if busy else None,
             "utilisation_by_participant": busy,
             "train_share_of_unit_time": st.train_s / st.unit_s if st.unit_s else None,
+            # how leased units reached the nodes: Flower messages, or Submit replies
+            # (coordinator.unit_handoff)
+            "units_by_flower": _units(loop.units_per_message),
+            "units_by_submit_reply": _units(loop.units_per_submit_reply),
             "seconds": wall,
         }
 
@@ -168,6 +172,10 @@ class DemoView:
                 f"{_mb(t.get('join', 0))}, {_mb(t.get('data', 0))}", util,
             )  # fmt: skip
         self.console.print(table)
+        for stage, s in summary["stages"].items():
+            by_submit = s["units_by_submit_reply"]
+            total = by_submit + s["units_by_flower"]
+            self.say(f"stage {stage}: {by_submit} of {total} units came with Submit replies")
         self.say(f"database: {work / 'coordinator' / 'coordinator.db'}")
         self.say(f"blobs and checkpoints: {work / 'coordinator'}; summary: {work / 'summary.json'}")
         self.say(
@@ -175,3 +183,8 @@ class DemoView:
             f"perspective coordinator export --work-dir {work / 'coordinator'} "
             f"--out {work / 'export'}"
         )
+
+
+def _units(batches) -> int:
+    """Units sent, from a batch size -> batches count."""
+    return sum(size * n for size, n in batches.items())

@@ -23,7 +23,7 @@ import datetime as dt
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 
 from coordinator import intake, reply_fields
@@ -47,6 +47,7 @@ from coordinator.reputation import Reputation
 from coordinator.result_inbox import ResultInbox
 from coordinator.routing.assignment import ColumnAssignment
 from coordinator.routing.rescoring import Rescoring
+from coordinator.unit_handoff import UnitHandoff
 from coordinator.validation import column_val_loss
 from shared_model.data import DocumentDataset
 from shared_model.wire.perspective.v1 import control_pb2
@@ -83,6 +84,7 @@ class FederationLoop:
         assignment: ColumnAssignment,
         progress: Callable[[LoopStats], float],
         inbox: ResultInbox | None = None,
+        handoff: UnitHandoff | None = None,
     ) -> None:
         self.state, self.settings, self.factory = state, settings, session_factory
         self.driver, self.units, self.val = driver, units, val
@@ -151,6 +153,14 @@ class FederationLoop:
         self._full: dict[int, float] = {}  # submitting node -> monotonic time found full
         self._held: set[int] = set()  # held back after an expiry, until they answer
         self.units_per_message: Counter[int] = Counter()  # batch size -> messages pushed
+        # Units handed to a node in the reply to its Submit (coordinator.unit_handoff): the
+        # nodes whose handled result has a Submit waiting for them, and batch size -> count.
+        self.handoff = handoff
+        self._handoff_due: set[int] = set()
+        self.units_per_submit_reply: Counter[int] = Counter()
+        self.recently_handed: deque[str] = deque(maxlen=1000)  # their unit ids (tests)
+        if handoff is not None:
+            handoff.open()
 
     # --- main loop ------------------------------------------------------------------------
 
@@ -295,7 +305,9 @@ class FederationLoop:
             needed = 0  # wait for a batch's worth of free slots (see _refill_at)
         leased = self._lease_units(node_id, needed)
         pushed = bool(leased)
-        if pushed and submits:  # one Flower message for the whole batch
+        if self._hand_over(node_id, leased):
+            pass  # in the reply to the node's Submit
+        elif pushed and submits:  # one Flower message for the whole batch
             self._push_units(node_id, leased)
         else:
             for request in leased:
@@ -339,17 +351,36 @@ class FederationLoop:
             requests.append(leased[1])
         return requests
 
+    def _hand_over(self, node_id: int, requests: list[control_pb2.ControlRequest]) -> bool:
+        """Hand leased units to the node's ``Submit`` that waits for them (the one whose
+        result freed the slot; :mod:`coordinator.unit_handoff`), with the acks waiting for
+        the node. With nothing leased, the wait is ended empty. ``False``: no ``Submit``
+        waits (any more), the caller sends them over Flower."""
+        if node_id not in self._handoff_due or self.handoff is None:
+            return False
+        self._handoff_due.discard(node_id)
+        if not requests:
+            self.handoff.offer(node_id, None)
+            return False
+        batch = _batch(requests, submit_results=True)
+        self.acks.attach(node_id, batch)
+        if not self.handoff.offer(node_id, batch):
+            self._push_units(node_id, [batch])  # the Submit gave up waiting (acks kept)
+            return True
+        self._bytes_down += batch.ByteSize()
+        self.units_per_submit_reply[len(requests)] += 1
+        self.recently_handed.extend(r.unit.unit_id for r in requests)
+        return True
+
     def _push_units(self, node_id: int, requests: list[control_pb2.ControlRequest]) -> None:
         """Push leased units in one ``train.unit`` message: the first, and the rest queued
         behind it (``more_units``, only to a node that submits its results)."""
-        first = requests[0]
-        first.submit_results = self.inbox is not None
-        for request in requests[1:]:
-            request.submit_results = first.submit_results
-            first.more_units.append(request)
+        first = _batch(requests, submit_results=self.inbox is not None)
         message_id = self._push(node_id, first, "train.unit")
-        self._message_units[message_id] = [r.unit.unit_id for r in requests]
-        self.units_per_message[len(requests)] += 1
+        self._message_units[message_id] = [first.unit.unit_id] + [
+            r.unit.unit_id for r in first.more_units
+        ]
+        self.units_per_message[1 + len(first.more_units)] += 1
 
     def _ask_for_results(self, node_id: int) -> None:
         """A node training its last leased unit with no message of ours to answer would keep
@@ -447,6 +478,8 @@ class FederationLoop:
             self._answered(node_id)
         with METRICS.timed(METRICS.intake):
             self.acks.add(node_id, self.receive(node_id, result))
+        if self.handoff is not None and self.handoff.waiting(node_id):
+            self._handoff_due.add(node_id)  # its freed slot is leased at the next step
 
     def _answered(self, node_id: int) -> None:
         """A node replied or submitted a result: it is alive, and lifts any hold on it; a
@@ -640,6 +673,8 @@ class FederationLoop:
         would train them before the next stage's, and the next stage refuses their
         results) and answer once the unit in progress is done.
         """
+        if self.handoff is not None:  # no more leases: a waiting Submit answers at once
+            self.handoff.close()
         holding, drop = self._steps_held(), not self._budget_leased
         asked = set(self.driver.pending.values()) | set(holding)
         for node_id in asked:
@@ -820,6 +855,18 @@ def _restored_bounds(state: CoordinatorState, settings: FederationSettings) -> U
     if saved is not None and saved.get("stage") == settings.stage:
         bounds.load_state_dict(saved)
     return bounds
+
+
+def _batch(
+    requests: list[control_pb2.ControlRequest], *, submit_results: bool
+) -> control_pb2.ControlRequest:
+    """One message for leased units: the first, the rest queued behind it (``more_units``)."""
+    first = requests[0]
+    first.submit_results = submit_results
+    for request in requests[1:]:
+        request.submit_results = submit_results
+        first.more_units.append(request)
+    return first
 
 
 def _last_of_version(rows, index: int, target: int) -> bool:

@@ -118,7 +118,7 @@ def timings(t) -> dict[str, float]:
     """A result's ``Timings`` as stored (JSON, which has no NaN): a phase whose seconds are
     not finite, negative or above :data:`MAX_SECONDS` is left out (unknown)."""
     out: dict[str, float] = {}
-    for name in ("sync_s", "train_s", "encode_s", "total_s", "score_s"):
+    for name in ("sync_s", "train_s", "encode_s", "upload_s", "total_s", "score_s"):
         value = finite(getattr(t, name))
         if value is not None and 0 <= value <= MAX_SECONDS:
             out[name] = value

@@ -19,7 +19,10 @@ the blob service's ``Submit`` the moment it is finished, under its unit's token,
 ``train.unit`` is answered as soon as it is queued: the SuperNode fetches the next message
 while this one trains, and no result waits for Flower's next poll. A submitted result is
 left out of replies for ``RESEND_AFTER_S`` (its ack normally comes first); one the blob
-service refused goes with the next reply, as before.
+service refused goes with the next reply, as before. A separate thread submits, so the
+trainer starts its next queued unit at once, and asks for units: the ``Submit`` reply
+brings the units the freed slot gets (and acks), queued as a ``train.unit`` message's
+would be, without waiting for Flower's next poll (:mod:`coordinator.unit_handoff`).
 
 Delivery is acknowledged: a result stays in the outbox (:mod:`participant.outbox`) until a
 later ``ControlRequest`` carries its ``WorkAck``, and a reply re-sends every result not
@@ -40,6 +43,7 @@ import math
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -50,6 +54,7 @@ from participant.outbox import ResultOutbox
 from participant.progress import ProgressWriter
 from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.blobs import BlobClient, BlobError, BlobStore
+from shared_model.blobs.store import sha256_hex
 from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset
 from shared_model.shards import decode_shard
@@ -61,6 +66,8 @@ WAIT_S = 3600.0
 MAX_RESULTS_PER_REPLY = 64
 #: A submitted result not acknowledged this long after goes with the replies again.
 RESEND_AFTER_S = 30.0
+#: How long :meth:`ParticipantRuntime.shutdown` waits for the last results' ``Submit``.
+SUBMIT_GRACE_S = 10.0
 PEM_CERT = b"-----BEGIN CERTIFICATE-----"
 
 
@@ -139,8 +146,18 @@ class ParticipantRuntime:
         self._failures: list[tuple[str, str]] = []
         self._busy = False
         self._bytes_down = 0
+        # A finished unit's blobs and result are sent from their own thread: the trainer
+        # starts its next unit at once, while they upload and ``Submit`` waits for the
+        # units the freed slot gets.
+        self._to_send: queue.Queue[_Finished | None] = queue.Queue()
+        self._sending = 0  # finished units handed to the sender and not sent yet
+        self._stopping = False
         self._thread = threading.Thread(target=self._work, name="unit-trainer", daemon=True)
         self._thread.start()
+        self._sender = threading.Thread(
+            target=self._send_results, name="result-sender", daemon=True
+        )
+        self._sender.start()
 
     # --- Flower handler ---------------------------------------------------------------------
 
@@ -152,11 +169,7 @@ class ParticipantRuntime:
             self.progress.set_credit(req.credit_tokens)
         if kind == "train.unit" and req.WhichOneof("body") == "unit":
             uid = req.unit.unit_id
-            self._drop_orphans(req.blob_address)
-            self._queue.put(req)
-            for more in req.more_units:  # a batch: queued in order behind the first
-                if more.WhichOneof("body") == "unit" and not more.more_units:
-                    self._queue.put(more)
+            self._enqueue(req)
             if not req.submit_results:  # else its result does not need this message's reply
                 with self._cond:
                     self._cond.wait_for(lambda: uid in self._started, timeout=WAIT_S)
@@ -164,12 +177,33 @@ class ParticipantRuntime:
             if req.drop_queued:
                 self._drop_queued("stage ended: its time is up")
             with self._cond:
-                self._cond.wait_for(lambda: self._queue.empty() and not self._busy, timeout=WAIT_S)
+                self._cond.wait_for(self._idle, timeout=WAIT_S)
         else:
             raise ValueError(
                 f"unsupported message kind {kind!r} with body {req.WhichOneof('body')}"
             )
         return self._reply().SerializeToString()
+
+    def _enqueue(self, req: control_pb2.ControlRequest) -> None:
+        """Queue a message's unit and the batch behind it (``more_units``), in order."""
+        self._drop_orphans(req.blob_address)
+        self._queue.put(req)
+        for more in req.more_units:
+            if more.WhichOneof("body") == "unit" and not more.more_units:
+                self._queue.put(more)
+
+    def _take_units(self, req: control_pb2.ControlRequest) -> None:
+        """Units (and acks) that came in the reply to a ``Submit``, as a ``train.unit``
+        message would bring them (:mod:`coordinator.unit_handoff`)."""
+        self._take_acks(req.acks)
+        if req.credit_tokens:
+            self.progress.set_credit(req.credit_tokens)
+        if req.WhichOneof("body") == "unit":
+            self._enqueue(req)
+
+    def _idle(self) -> bool:
+        """Nothing queued, trained or sent (call with ``_cond`` held)."""
+        return self._queue.empty() and not self._busy and not self._sending
 
     def _drop_orphans(self, blob_address: str) -> None:
         """Drop queued units of a coordinator process that is gone: a unit's blob service
@@ -264,9 +298,13 @@ class ParticipantRuntime:
                     dropped.append(req.unit.unit_id)
         if dropped:
             log.info("stopping: dropped queued units %s (the coordinator re-issues them)", dropped)
+        self._stopping = True  # the last results ask for no units
         self._queue.put(None)
         self._thread.join(timeout=grace_s)
-        return not self._thread.is_alive()
+        stopped = not self._thread.is_alive()
+        self._to_send.put(None)  # after the last result: it is still sent
+        self._sender.join(timeout=min(grace_s, SUBMIT_GRACE_S))
+        return stopped
 
     # --- trainer thread ------------------------------------------------------------------
 
@@ -310,43 +348,86 @@ class ParticipantRuntime:
         )
 
     def _run(self, req: control_pb2.ControlRequest) -> federation_pb2.WorkResult:
+        """Train the unit; its blobs (named by their sha256 already) and its result go to
+        the sender thread (:meth:`_send_results`)."""
         client = self.open_blob_client(req.blob_address, req.unit.capability_token)
+        blobs: list[bytes] = []
         try:
             io = BlobIO(
                 fetch=lambda ref: self._fetch(client, ref.content_id),
-                upload=lambda data: self._upload(client, data),
+                upload=lambda data: _deferred(data, blobs),
                 head=client.head,
             )
             trainer = self._trainer_for(req, io)
             result = trainer.run(req, io, progress=self.progress.on_progress)
-            self.outbox.put(result)  # kept on disk before anyone hears of it
-            with self._cond:
-                self._unacked[result.unit_id] = result
-            if req.submit_results:
-                self._submit(client, result)
         finally:
             client.close()
+        with self._cond:
+            self._sending += 1
+        self._to_send.put(_Finished(req, result, blobs))
         if self.cache_cap_bytes is not None:
             keep = {s for s in req.unit.shard_ids}
             self.cache.evict_to(self.cache_cap_bytes, keep=keep)
         return result
 
-    def _submit(self, client: BlobClient, result: federation_pb2.WorkResult) -> None:
-        """Send the result to the coordinator's intake now (``Submit``); if the blob
-        service refuses or cannot be reached, it goes with the next reply instead."""
-        uid = result.unit_id
-        with self._cond:  # before the call: a reply meanwhile must not carry it too
-            self._submitted[uid] = time.monotonic()
+    def _send_results(self) -> None:
+        """The sender thread, finished units in order: upload the blobs, keep the result
+        in the outbox, ``Submit`` it (asking for units, queued when they come). A unit
+        whose blobs cannot be uploaded is reported failed (its lease is re-issued)."""
+        while True:
+            item = self._to_send.get()
+            if item is None:
+                return
+            uid = item.result.unit_id
+            try:
+                self._send(item)
+            except Exception as exc:  # noqa: BLE001 - report it; the lease is re-issued
+                log.exception("unit %s could not be sent", uid)
+                with self._cond:
+                    if uid not in self._unacked:
+                        self._failures.append((uid, f"not sent: {type(exc).__name__}: {exc}"))
+            finally:
+                with self._cond:
+                    self._sending -= 1
+                    self._cond.notify_all()
+
+    def _send(self, item: _Finished) -> None:
+        req, result = item.req, item.result
+        client = self.open_blob_client(req.blob_address, req.unit.capability_token)
         try:
-            client.submit(result)
+            t0 = time.perf_counter()
+            for data in item.blobs:
+                self._upload(client, data)
+            result.timings.upload_s = time.perf_counter() - t0
+            self.outbox.put(result)  # kept on disk before anyone hears of it
+            with self._cond:
+                self._unacked[result.unit_id] = result
+                if req.submit_results:  # from now: a reply meanwhile must not carry it too
+                    self._submitted[result.unit_id] = time.monotonic()
+            units = self._submit(client, result) if req.submit_results else None
+        finally:
+            client.close()
+        if units is not None:
+            self._take_units(units)
+
+    def _submit(
+        self, client: BlobClient, result: federation_pb2.WorkResult
+    ) -> control_pb2.ControlRequest | None:
+        """Send the result to the coordinator's intake now (``Submit``), asking for the
+        units its freed slot gets; returns them (``None``: none came). If the blob service
+        refuses or cannot be reached, the result goes with the next reply instead."""
+        uid = result.unit_id
+        try:
+            reply = client.submit(result, want_units=not self._stopping)
         except BlobError as exc:
             log.info("result %s goes with the next reply: %s", uid, exc)
             with self._cond:
                 self._submitted.pop(uid, None)
-            return
+            return None
         with self._cond:  # the wait for its ack starts now (it may have come already)
             if uid in self._unacked:
                 self._submitted[uid] = time.monotonic()
+        return reply.units if reply.HasField("units") else None
 
     def _fetch(self, client: BlobClient, content_id: str) -> bytes:
         cached = self.cache.has(content_id)
@@ -374,6 +455,21 @@ class ParticipantRuntime:
                 self.trainer.data = data
             self._dataset_key = key
         return self.trainer
+
+
+@dataclass
+class _Finished:
+    """A trained unit waiting for the sender: its request, result and blobs to upload."""
+
+    req: control_pb2.ControlRequest
+    result: federation_pb2.WorkResult
+    blobs: list[bytes]
+
+
+def _deferred(data: bytes, blobs: list[bytes]) -> tensor_pb2.BlobRef:
+    """The ref of a blob the sender thread uploads later (its content id is its sha256)."""
+    blobs.append(data)
+    return tensor_pb2.BlobRef(content_id=sha256_hex(data), size=len(data))
 
 
 def _dataset(req: control_pb2.ControlRequest, io: BlobIO) -> DocumentDataset:

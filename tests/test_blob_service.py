@@ -17,6 +17,7 @@ import pytest
 
 from coordinator.blob_server import BlobServer, TlsConfig
 from coordinator.result_inbox import ResultInbox
+from coordinator.unit_handoff import UnitHandoff
 from shared_model.blobs import (
     BlobClient,
     BlobCorrupt,
@@ -32,7 +33,13 @@ from shared_model.blobs import (
     issue_token,
     sha256_hex,
 )
-from shared_model.wire.perspective.v1 import blobs_pb2, blobs_pb2_grpc, federation_pb2, tensor_pb2
+from shared_model.wire.perspective.v1 import (
+    blobs_pb2,
+    blobs_pb2_grpc,
+    control_pb2,
+    federation_pb2,
+    tensor_pb2,
+)
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -428,8 +435,8 @@ def test_submit_takes_a_result_only_under_its_units_token(tmp_path: Path) -> Non
             return BlobClient(server.address, issue_token(KEY, subject, token_id=unit, **kw))
 
         with client("7", "unit-a") as mine:
-            assert mine.submit(result) == 1
-            assert mine.submit(result) == 2  # a retried call: the intake is idempotent
+            assert mine.submit(result).queued == 1
+            assert mine.submit(result).queued == 2  # a retried call: the intake is idempotent
             with pytest.raises(QuotaExceeded, match="node 7 has 2 results waiting"):
                 mine.submit(result)
         with client("8", "unit-b") as other, pytest.raises(ScopeDenied, match="not 'unit-a'"):
@@ -451,3 +458,51 @@ def test_submit_takes_a_result_only_under_its_units_token(tmp_path: Path) -> Non
         pytest.raises(NotAccepting, match="takes no results"),
     ):
         mine.submit(result)
+
+
+def test_submit_brings_the_units_the_loop_hands_over(tmp_path: Path) -> None:
+    """A ``Submit`` with ``want_units`` waits while the loop (here a thread playing it)
+    takes the result from the inbox and leases: the reply carries what it hands over.
+    One waits per node (a second call answers at once, without units), a wait ends empty
+    after ``wait_s`` or when the stage closes, and a call the inbox refuses leaves no
+    wait behind."""
+    inbox, handoff = ResultInbox(per_node=1), UnitHandoff(wait_s=0.5)
+    handoff.open()
+    units = control_pb2.ControlRequest(unit=federation_pb2.WorkUnit(unit_id="next", steps=3))
+    store = BlobStore(tmp_path / "server")
+
+    def loop() -> None:  # hand units to node 7 once its result is in the inbox
+        wait_for(lambda: len(inbox) == 1, 10, "the submitted result")
+        assert handoff.waiting(7) and handoff.offer(7, units)
+
+    def result(unit: str) -> federation_pb2.WorkResult:
+        return federation_pb2.WorkResult(unit_id=unit)
+
+    def client(unit: str) -> BlobClient:
+        return BlobClient(server.address, issue_token(KEY, "7", token_id=unit))
+
+    with BlobServer(store, KEY, submit=inbox.put, handoff=handoff) as server:
+        player = threading.Thread(target=loop)
+        player.start()
+        with client("unit-a") as mine:
+            reply = mine.submit(result("unit-a"), want_units=True)
+        player.join()
+        assert reply.units == units and handoff.handed == 1 and not handoff.waiting(7)
+        inbox.drain()
+        with client("unit-b") as mine:  # nobody hands anything over: empty after wait_s
+            t0 = time.monotonic()
+            assert not mine.submit(result("unit-b"), want_units=True).HasField("units")
+            assert time.monotonic() - t0 >= 0.5 and not handoff.waiting(7)
+            with pytest.raises(QuotaExceeded):  # the inbox is full: no wait is left behind
+                mine.submit(result("unit-b"), want_units=True)
+        assert not handoff.waiting(7)
+        inbox.drain()
+        assert handoff.expect(7) is not None  # one Submit of node 7 waits already
+        with client("unit-c") as mine:
+            t0 = time.monotonic()
+            assert not mine.submit(result("unit-c"), want_units=True).HasField("units")
+            assert time.monotonic() - t0 < 0.5  # answered at once
+        handoff.close()  # the stage ends: waits end, and new calls do not wait
+        assert not handoff.waiting(7) and handoff.expect(8) is None
+        assert server.stats()["Submit.units"] == 1
+        assert [r.unit_id for _, r, _ in inbox.drain()] == ["unit-c"]

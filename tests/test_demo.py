@@ -78,6 +78,10 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
     assert (stopped.status, stopped.sub_status) == ("finished", "stopped")
     assert s3["versions_end"] > at_version, (s3, at_version)
     assert "Perspective demo summary" in out
+    # Units refilling the slots results freed came in the replies to the participants'
+    # Submit calls, not only over Flower (coordinator.unit_handoff); the summary says so.
+    assert s3["units_by_submit_reply"] > 0 and s4["units_by_submit_reply"] > 0, (s3, s4)
+    assert "units came with Submit replies" in " ".join(out.split())
     # The coordinator left the cores to the 2 one-thread participants, and tiny units have
     # the demo's own length.
     cores = len(os.sched_getaffinity(0))

@@ -65,7 +65,9 @@ def test_one_unit_in_flight_still_completes_units(tiny_moe_seed, network_of_one,
 def test_results_come_through_submit_and_units_in_batches(tiny_moe_seed, network_of_one, tmp_path):
     """Every accepted result reached the intake through the blob service's ``Submit`` (the
     coordinator's inbox), not with a Flower reply; and once the node said it submits, its
-    units came in batches, several in one Flower message. When the stage's time is up, the
+    units came in batches, several in one message, and the batches that refilled the slots
+    its results freed came in the replies to its ``Submit`` calls (without Flower's poll),
+    and were trained and accepted too. When the stage's time is up, the
     node drops what it has queued and finishes the unit in progress; then the coordinator
     takes no more results (they go with the next stage's replies)."""
     with stage3(tiny_moe_seed, network_of_one, tmp_path, max_in_flight=6) as (coord, loop):
@@ -73,7 +75,9 @@ def test_results_come_through_submit_and_units_in_batches(tiny_moe_seed, network
         accepted = loop.totals().accepted
         assert coord.inbox.received >= accepted >= 6
         assert coord.blob_server.stats()["Submit"] >= accepted
-        assert max(loop.units_per_message) >= 2  # refills travel as batches, one message each
+        batches = [*loop.units_per_message, *loop.units_per_submit_reply]
+        assert max(batches) >= 2  # a batch travels in one message or one reply
+        step_until(loop, lambda: _handed_over_accepted(coord, loop), 240, "a handed-over unit")
         (node,) = loop.driver.node_ids()
         step_until(loop, lambda: _leased_units(coord, node), 60, "the node to hold units")
         loop.collect(timeout=60)  # the stage's time is up: queued units are dropped
@@ -81,6 +85,17 @@ def test_results_come_through_submit_and_units_in_batches(tiny_moe_seed, network
         with pytest.raises(NotAccepting, match="no federated stage runs"):
             coord.submit(node, federation_pb2.WorkResult(unit_id="late"))
         _first_unit_alone_until_the_capability_came(coord)
+
+
+def _handed_over_accepted(coord, loop) -> bool:
+    """A unit that came with a ``Submit`` reply was trained and its result accepted."""
+    if not loop.units_per_submit_reply:
+        return False
+    with _db(coord) as db:
+        leased = {
+            uid for (uid,) in db.execute("select unit_id from results where state = 'accepted'")
+        }
+    return bool(leased.intersection(loop.recently_handed))
 
 
 def _first_unit_alone_until_the_capability_came(coord) -> None:

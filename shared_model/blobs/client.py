@@ -287,18 +287,22 @@ class BlobClient:
         request = blobs_pb2.HeadRequest(from_version=from_version)
         return self._unary(self._stub.Head, request, "head of the version chain")
 
-    def submit(self, result: federation_pb2.WorkResult) -> int:
+    def submit(
+        self, result: federation_pb2.WorkResult, *, want_units: bool = False
+    ) -> blobs_pb2.SubmitReply:
         """Send a finished unit's result to the coordinator's intake (``Submit``; the token
-        must be the unit's own). Returns how many of this node's results wait there.
+        must be the unit's own). The reply says how many of this node's results wait there
+        (``queued``); with ``want_units`` the call waits (about 2 s at most) for the units
+        the freed slot gets, and the reply carries them (``units``, unset if none came).
 
         Raises:
             NotAccepting: no federated stage takes results now.
             QuotaExceeded: too many of this node's results wait already.
             ScopeDenied: the token is not this unit's.
         """
-        request = blobs_pb2.SubmitRequest(result=result)
+        request = blobs_pb2.SubmitRequest(result=result, want_units=want_units)
         what = f"submit of the result of {result.unit_id}"
-        return self._unary(self._stub.Submit, request, what).queued
+        return self._unary(self._stub.Submit, request, what)
 
     # ---------------------------------------------------------------- writing
     def put(self, data: bytes | str | os.PathLike[str]) -> str:

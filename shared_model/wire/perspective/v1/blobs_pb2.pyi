@@ -1,3 +1,4 @@
+from shared_model.wire.perspective.v1 import control_pb2 as _control_pb2
 from shared_model.wire.perspective.v1 import federation_pb2 as _federation_pb2
 from shared_model.wire.perspective.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
@@ -83,13 +84,17 @@ class HeadReply(_message.Message):
     def __init__(self, version: _Optional[int] = ..., checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("result",)
+    __slots__ = ("result", "want_units")
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    WANT_UNITS_FIELD_NUMBER: _ClassVar[int]
     result: _federation_pb2.WorkResult
-    def __init__(self, result: _Optional[_Union[_federation_pb2.WorkResult, _Mapping]] = ...) -> None: ...
+    want_units: bool
+    def __init__(self, result: _Optional[_Union[_federation_pb2.WorkResult, _Mapping]] = ..., want_units: _Optional[bool] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
-    __slots__ = ("queued",)
+    __slots__ = ("queued", "units")
     QUEUED_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
     queued: int
-    def __init__(self, queued: _Optional[int] = ...) -> None: ...
+    units: _control_pb2.ControlRequest
+    def __init__(self, queued: _Optional[int] = ..., units: _Optional[_Union[_control_pb2.ControlRequest, _Mapping]] = ...) -> None: ...
