@@ -40,6 +40,12 @@ class AckQueue:
         """Queue the ack of a committed decision (a later ack of the same unit replaces it)."""
         self._waiting.setdefault(node_id, {})[outcome.unit_id] = work_ack(outcome)
 
+    def requeue(self, node_id: int, acks) -> None:
+        """Put back acks a message could not carry (a later ack of the same unit wins)."""
+        waiting = self._waiting.setdefault(node_id, {})
+        for ack in acks:
+            waiting.setdefault(ack.unit_id, ack)
+
     def attach(self, node_id: int, request: control_pb2.ControlRequest) -> int:
         """Move up to :data:`MAX_ACKS_PER_MESSAGE` waiting acks into ``request``.
 

@@ -257,7 +257,8 @@ class _Servicer(blobs_pb2_grpc.BlobServiceServicer):
         units = handoff.wait(ticket) if ticket is not None else None
         if units is not None:
             reply.units.CopyFrom(units)
-            self.owner._count("Submit.units")
+            if units.WhichOneof("body") == "unit":
+                self.owner._count("Submit.units")
         return reply
 
 

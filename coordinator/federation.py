@@ -157,6 +157,7 @@ class FederationLoop:
         # nodes whose handled result has a Submit waiting for them, and batch size -> count.
         self.handoff = handoff
         self._handoff_due: set[int] = set()
+        self._collecting = False  # collect() runs: no leases, acks go back with Submit replies
         self.units_per_submit_reply: Counter[int] = Counter()
         self.recently_handed: deque[str] = deque(maxlen=1000)  # their unit ids (tests)
         if handoff is not None:
@@ -354,14 +355,14 @@ class FederationLoop:
     def _hand_over(self, node_id: int, requests: list[control_pb2.ControlRequest]) -> bool:
         """Hand leased units to the node's ``Submit`` that waits for them (the one whose
         result freed the slot; :mod:`coordinator.unit_handoff`), with the acks waiting for
-        the node. With nothing leased, the wait is ended empty. ``False``: no ``Submit``
+        the node. With nothing leased, the wait ends with the acks alone. ``False``: no ``Submit``
         waits (any more), the caller sends them over Flower."""
         if node_id not in self._handoff_due or self.handoff is None:
             return False
-        self._handoff_due.discard(node_id)
         if not requests:
-            self.handoff.offer(node_id, None)
+            self._hand_acks(node_id)  # nothing to lease now: only the acks due
             return False
+        self._handoff_due.discard(node_id)
         batch = _batch(requests, submit_results=True)
         self.acks.attach(node_id, batch)
         if not self.handoff.offer(node_id, batch):
@@ -371,6 +372,18 @@ class FederationLoop:
         self.units_per_submit_reply[len(requests)] += 1
         self.recently_handed.extend(r.unit.unit_id for r in requests)
         return True
+
+    def _hand_acks(self, node_id: int) -> None:
+        """No units for the node's waiting ``Submit`` (none to lease now, or the stage is
+        ending): it takes the node's acks back (or nothing), so the acks of a stage's last
+        results need no ``collect`` round."""
+        self._handoff_due.discard(node_id)
+        request = control_pb2.ControlRequest()
+        self.acks.attach(node_id, request)
+        if self.handoff.offer(node_id, request if request.acks else None):
+            self._bytes_down += request.ByteSize()
+        elif request.acks:  # the call gave up: the next message (or the ack round) takes them
+            self.acks.requeue(node_id, request.acks)
 
     def _push_units(self, node_id: int, requests: list[control_pb2.ControlRequest]) -> None:
         """Push leased units in one ``train.unit`` message: the first, and the rest queued
@@ -479,7 +492,10 @@ class FederationLoop:
         with METRICS.timed(METRICS.intake):
             self.acks.add(node_id, self.receive(node_id, result))
         if self.handoff is not None and self.handoff.waiting(node_id):
-            self._handoff_due.add(node_id)  # its freed slot is leased at the next step
+            if self._collecting:  # no more leases: the call takes the node's acks now
+                self._hand_acks(node_id)
+            else:
+                self._handoff_due.add(node_id)  # its freed slot is leased at the next step
 
     def _answered(self, node_id: int) -> None:
         """A node replied or submitted a result: it is alive, and lifts any hold on it; a
@@ -673,8 +689,11 @@ class FederationLoop:
         would train them before the next stage's, and the next stage refuses their
         results) and answer once the unit in progress is done.
         """
-        if self.handoff is not None:  # no more leases: a waiting Submit answers at once
-            self.handoff.close()
+        # No more leases: a Submit waiting now, or coming while the nodes finish, takes the
+        # node's acks back instead of units (then _deliver_acks has little left to send).
+        self._collecting = True
+        for node_id in list(self._handoff_due):
+            self._hand_acks(node_id)
         holding, drop = self._steps_held(), not self._budget_leased
         asked = set(self.driver.pending.values()) | set(holding)
         for node_id in asked:
@@ -685,6 +704,8 @@ class FederationLoop:
         while self.driver.pending and time.monotonic() < deadline:
             self._take_replies(0.2)
         self._take_replies(0.0)  # submitted just before the last reply
+        if self.handoff is not None:  # a Submit from now on answers at once
+            self.handoff.close()
         self.ended = True  # later results wait for the next stage's replies, as before
         if self._applied or self.state.shared.has_buffered():
             self.state.shared.flush()

@@ -97,15 +97,16 @@ class UnitHandoff:
             return node_id in self._tickets
 
     def offer(self, node_id: int, request: control_pb2.ControlRequest | None) -> bool:
-        """Hand ``request`` (``None``: nothing to lease now) to the node's waiting
-        ``Submit``; ``False`` when none waits any more (send the units over Flower)."""
+        """Hand ``request`` (units and acks, or only acks; ``None``: nothing now) to the
+        node's waiting ``Submit``; ``False`` when none waits any more (send them over
+        Flower)."""
         with self._lock:
             ticket = self._tickets.pop(node_id, None)
             if ticket is None or ticket.closed:
                 return False
             ticket.request = request
             ticket.closed = True
-            if request is not None:
+            if request is not None and request.WhichOneof("body") == "unit":
                 self.handed += 1
         ticket.event.set()
         return True

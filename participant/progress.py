@@ -128,13 +128,14 @@ class ProgressWriter:
                 unit["eta_s"] = None
             self._write(force=phase != "train")
 
-    def add_bytes(self, up: int = 0, down: int = 0) -> None:
-        """Count bytes uploaded to / downloaded from the blob service (cache misses)."""
+    def add_bytes(self, up: int = 0, down: int = 0, *, force: bool = False) -> None:
+        """Count bytes uploaded to / downloaded from the blob service (cache misses);
+        ``force``: write the file now (else at most once a ``min_interval_s``)."""
         with self._lock:
             self._roll_day()
             self.data["today"]["bytes_up"] += int(up)
             self.data["today"]["bytes_down"] += int(down)
-            self._write(force=False)
+            self._write(force=force)
 
     def finish_unit(self, ok: bool, error: str | None = None) -> None:
         """The unit in progress ended (``ok``: its result is ready to be sent)."""

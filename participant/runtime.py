@@ -397,8 +397,10 @@ class ParticipantRuntime:
         try:
             t0 = time.perf_counter()
             for data in item.blobs:
-                self._upload(client, data)
+                client.put(data)
             result.timings.upload_s = time.perf_counter() - t0
+            # written now: the unit's end (finish_unit) was written before its uploads
+            self.progress.add_bytes(up=sum(len(d) for d in item.blobs), force=True)
             self.outbox.put(result)  # kept on disk before anyone hears of it
             with self._cond:
                 self._unacked[result.unit_id] = result
@@ -437,11 +439,6 @@ class ParticipantRuntime:
                 self._bytes_down += len(data)
             self.progress.add_bytes(down=len(data))
         return data
-
-    def _upload(self, client: BlobClient, data: bytes) -> tensor_pb2.BlobRef:
-        ref = tensor_pb2.BlobRef(content_id=client.put(data), size=len(data))
-        self.progress.add_bytes(up=len(data))
-        return ref
 
     def _trainer_for(self, req: control_pb2.ControlRequest, io: BlobIO) -> UnitTrainer:
         key = tuple(req.unit.shard_ids)

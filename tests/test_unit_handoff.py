@@ -7,6 +7,8 @@ import threading
 
 import pytest
 
+from coordinator.acks import AckQueue
+from coordinator.db.results import RecordOutcome
 from coordinator.unit_handoff import UnitHandoff
 from shared_model.wire.perspective.v1 import control_pb2, federation_pb2
 
@@ -61,3 +63,16 @@ def test_waits_are_bounded_per_node_in_all_and_by_the_stage() -> None:
 def test_bad_bounds_are_refused(wait_s: float, waiters: int) -> None:
     with pytest.raises(ValueError, match="wait_s > 0"):
         UnitHandoff(wait_s=wait_s, max_waiters=waiters)
+
+
+def test_acks_a_reply_could_not_carry_wait_for_the_next_message() -> None:
+    """The loop hands a waiting ``Submit`` the node's acks; when the call gave up, they go
+    back to the queue (a newer ack of the same unit, decided meanwhile, wins)."""
+    queue = AckQueue()
+    queue.add(7, RecordOutcome(unit_id="a", accepted=True))
+    carried = control_pb2.ControlRequest()
+    assert queue.attach(7, carried) == 1 and queue.nodes() == []
+    queue.add(7, RecordOutcome(unit_id="a", accepted=False))  # decided again meanwhile
+    queue.requeue(7, carried.acks)
+    again = control_pb2.ControlRequest()
+    assert queue.attach(7, again) == 1 and not again.acks[0].accepted
