@@ -248,7 +248,8 @@ class _Servicer(blobs_pb2_grpc.BlobServiceServicer):
         # find this call to hand it the units the freed slot gets (coordinator.unit_handoff).
         ticket = handoff.expect(node_id) if handoff is not None else None
         try:
-            queued = self.owner.submit(node_id, request.result)
+            capability = request.capability if request.HasField("capability") else None
+            queued = self.owner.submit(node_id, request.result, capability)
         except BaseException:
             if ticket is not None:
                 handoff.cancel(ticket)
@@ -283,7 +284,8 @@ class BlobServer:
         head: ``head(from_version) -> (version, checkpoint, manifests)`` answers ``Head``
             (:meth:`coordinator.publishing.Publisher.head`; raises ``BlobNotFound`` when
             nothing is published); ``None``: ``Head`` is NOT_FOUND.
-        submit: ``submit(node_id, result) -> waiting`` takes a result ``Submit`` received
+        submit: ``submit(node_id, result, capability) -> waiting`` takes a result (and the
+            node's capability, or ``None``) ``Submit`` received
             under its unit's token (:meth:`coordinator.result_inbox.ResultInbox.put`; raises
             ``NotAccepting`` or ``QuotaExceeded`` to refuse); ``None``: FAILED_PRECONDITION.
         handoff: where a ``Submit`` with ``want_units`` waits for the units the loop
@@ -304,7 +306,7 @@ class BlobServer:
         kind_of: Callable[[str], str] | None = None,
         head: Callable[[int], tuple[int, Any, list[Any]]] | None = None,
         published: Callable[[str], bool] | None = None,
-        submit: Callable[[int, Any], int] | None = None,
+        submit: Callable[[int, Any, Any], int] | None = None,
         handoff: UnitHandoff | None = None,
     ) -> None:
         if not 0 < chunk_size <= 4 << 20:

@@ -191,12 +191,13 @@ class Coordinator:
             raise BlobNotFound("no federated stage is prepared: nothing is published yet")
         return self.state.publisher.head(from_version)
 
-    def submit(self, node_id: int, result) -> int:
-        """The blob service's ``Submit``: queue a result for the running stage's intake
-        (:mod:`coordinator.result_inbox`); returns the node's results waiting there."""
+    def submit(self, node_id: int, result, capability=None) -> int:
+        """The blob service's ``Submit``: queue a result (and the capability the node
+        reported with it) for the running stage's intake (:mod:`coordinator.result_inbox`);
+        returns the node's results waiting there."""
         if self.loop is None or self.loop.ended:
             raise NotAccepting("no federated stage runs: send the result with the reply")
-        return self.inbox.put(node_id, result)  # InboxFull: RESOURCE_EXHAUSTED
+        return self.inbox.put(node_id, result, capability)  # InboxFull: RESOURCE_EXHAUSTED
 
     def traffic(self) -> dict[str, int]:
         """Bytes the blob service sent per kind of blob (:meth:`blob_kind`) and received

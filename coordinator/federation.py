@@ -158,6 +158,7 @@ class FederationLoop:
         self.handoff = handoff
         self._handoff_due: set[int] = set()
         self._collecting = False  # collect() runs: no leases, acks go back with Submit replies
+        self._capabilities: dict[int, control_pb2.NodeCapability] = {}  # last stored per node
         self.units_per_submit_reply: Counter[int] = Counter()
         self.recently_handed: deque[str] = deque(maxlen=1000)  # their unit ids (tests)
         if handoff is not None:
@@ -224,8 +225,25 @@ class FederationLoop:
         for reply in self.driver.wait_any(wait) if self.driver is not None else ():
             self._handle_reply(reply)
         if self.inbox is not None:
-            for node_id, result, at in self.inbox.drain():
+            for node_id, result, at, capability in self.inbox.drain():
+                if capability is not None and self._capability_news(node_id, capability):
+                    self._reply_fields(node_id, control_pb2.ControlReply(capability=capability))
                 self._handle_submitted(node_id, result, at)
+
+    def _capability_news(self, node_id: int, cap: control_pb2.NodeCapability) -> bool:
+        """Whether a capability sent with a ``Submit`` is worth a transaction: the first,
+        another column count / device / thread count, or a speed 10 % off the last stored
+        (it is remeasured after every unit)."""
+        last = self._capabilities.get(node_id)
+        self._capabilities[node_id] = cap
+        if last is None or (last.max_columns, last.threads, last.device) != (
+            cap.max_columns, cap.threads, cap.device,
+        ):  # fmt: skip
+            return True
+        if abs(cap.tokens_per_s - last.tokens_per_s) <= 0.1 * last.tokens_per_s:
+            self._capabilities[node_id] = last  # compare with what is stored
+            return False
+        return True
 
     def _touch_busy(self, node_ids: list[int], now: float) -> None:
         """Mark nodes that hold all the units they may as seen (liveness), in one

@@ -25,7 +25,7 @@ from collections import Counter, deque
 from typing import NamedTuple
 
 from shared_model.blobs import InvalidRequest, QuotaExceeded
-from shared_model.wire.perspective.v1 import federation_pb2
+from shared_model.wire.perspective.v1 import control_pb2, federation_pb2
 
 #: Results one node may have waiting: more than ``max_in_flight`` allows honestly.
 PER_NODE = 16
@@ -40,11 +40,13 @@ class InboxFull(QuotaExceeded):
 
 
 class Submitted(NamedTuple):
-    """One waiting result: who sent it, and when (``time.monotonic()``) it came in."""
+    """One waiting result: who sent it, when (``time.monotonic()``) it came in, and the
+    capability the node reported with it (``None``: none)."""
 
     node_id: int
     result: federation_pb2.WorkResult
     at: float
+    capability: control_pb2.NodeCapability | None = None
 
 
 class ResultInbox:
@@ -70,8 +72,14 @@ class ResultInbox:
         self._bytes = 0
         self.received = 0  # results ever queued (tests read it)
 
-    def put(self, node_id: int, result: federation_pb2.WorkResult) -> int:
-        """Queue one node's result; returns how many of its results now wait.
+    def put(
+        self,
+        node_id: int,
+        result: federation_pb2.WorkResult,
+        capability: control_pb2.NodeCapability | None = None,
+    ) -> int:
+        """Queue one node's result (and the capability it reported with it); returns how
+        many of its results now wait.
 
         Raises:
             InvalidRequest: the result is larger than ``max_result_bytes``.
@@ -92,7 +100,7 @@ class ResultInbox:
                 )
             if len(self._items) >= self.capacity or self._bytes + size > self.capacity_bytes:
                 raise InboxFull(f"{len(self._items)} results wait for the intake; try later")
-            self._items.append(Submitted(node_id, result, time.monotonic()))
+            self._items.append(Submitted(node_id, result, time.monotonic(), capability))
             self._by_node[node_id] += 1
             self._bytes += size
             self.received += 1

@@ -269,14 +269,23 @@ class ParticipantRuntime:
         reply.failed_units.extend(uid for uid, _ in failures)
         reply.failure_reasons.extend(why for _, why in failures)
         reply.submits_results = True
-        reply.capability.max_columns = self.max_columns
-        reply.capability.threads = self.threads
-        reply.capability.device = self.device
-        reply.capability.ram_bytes = psutil.virtual_memory().total
+        reply.capability.CopyFrom(self._capability())
         if self.trainer is not None:
-            reply.capability.tokens_per_s = self.trainer.tokens_per_s
             reply.synced_version = self.trainer.replica.version or 0
         return reply
+
+    def _capability(self) -> control_pb2.NodeCapability:
+        """What this node reports with each reply and ``Submit``: columns it holds, threads,
+        device, RAM and its training speed (over its last unit's training)."""
+        cap = control_pb2.NodeCapability(
+            max_columns=self.max_columns,
+            threads=self.threads,
+            device=self.device,
+            ram_bytes=psutil.virtual_memory().total,
+        )
+        if self.trainer is not None:
+            cap.tokens_per_s = self.trainer.tokens_per_s
+        return cap
 
     def shutdown(self, grace_s: float = WAIT_S) -> bool:
         """Stop: drop queued units, give the unit in progress ``grace_s`` seconds to finish.
@@ -420,7 +429,9 @@ class ParticipantRuntime:
         refuses or cannot be reached, the result goes with the next reply instead."""
         uid = result.unit_id
         try:
-            reply = client.submit(result, want_units=not self._stopping)
+            reply = client.submit(
+                result, want_units=not self._stopping, capability=self._capability()
+            )
         except BlobError as exc:
             log.info("result %s goes with the next reply: %s", uid, exc)
             with self._cond:

@@ -450,7 +450,7 @@ def test_submit_takes_a_result_only_under_its_units_token(tmp_path: Path) -> Non
         big.document_losses.extend([big.document_losses[0]] * 200_000)  # ~2 MiB
         with client("7", "unit-c") as hostile, pytest.raises(InvalidRequest, match="over the"):
             hostile.submit(big)
-        assert [(n, r.unit_id) for n, r, _ in inbox.drain()] == [(7, "unit-a"), (7, "unit-a")]
+        assert [(s.node_id, s.result.unit_id) for s in inbox.drain()] == [(7, "unit-a")] * 2
         assert len(inbox) == 0 and server.stats()["Submit"] == 7
     with (
         BlobServer(store, KEY) as server,
@@ -462,7 +462,8 @@ def test_submit_takes_a_result_only_under_its_units_token(tmp_path: Path) -> Non
 
 def test_submit_brings_the_units_the_loop_hands_over(tmp_path: Path) -> None:
     """A ``Submit`` with ``want_units`` waits while the loop (here a thread playing it)
-    takes the result from the inbox and leases: the reply carries what it hands over.
+    takes the result (and the capability sent with it) from the inbox and leases: the reply
+    carries what it hands over.
     One waits per node (a second call answers at once, without units), a wait ends empty
     after ``wait_s`` or when the stage closes, and a call the inbox refuses leaves no
     wait behind."""
@@ -484,11 +485,12 @@ def test_submit_brings_the_units_the_loop_hands_over(tmp_path: Path) -> None:
     with BlobServer(store, KEY, submit=inbox.put, handoff=handoff) as server:
         player = threading.Thread(target=loop)
         player.start()
+        speed = control_pb2.NodeCapability(max_columns=2, tokens_per_s=512.0)
         with client("unit-a") as mine:
-            reply = mine.submit(result("unit-a"), want_units=True)
+            reply = mine.submit(result("unit-a"), want_units=True, capability=speed)
         player.join()
         assert reply.units == units and handoff.handed == 1 and not handoff.waiting(7)
-        inbox.drain()
+        assert [s.capability for s in inbox.drain()] == [speed]  # reported with the result
         with client("unit-b") as mine:  # nobody hands anything over: empty after wait_s
             t0 = time.monotonic()
             assert not mine.submit(result("unit-b"), want_units=True).HasField("units")
@@ -505,4 +507,4 @@ def test_submit_brings_the_units_the_loop_hands_over(tmp_path: Path) -> None:
         handoff.close()  # the stage ends: waits end, and new calls do not wait
         assert not handoff.waiting(7) and handoff.expect(8) is None
         assert server.stats()["Submit.units"] == 1
-        assert [r.unit_id for _, r, _ in inbox.drain()] == ["unit-c"]
+        assert [s.result.unit_id for s in inbox.drain()] == ["unit-c"]

@@ -21,6 +21,7 @@ from coordinator.federation import END_GRACE_S, FederationLoop
 from coordinator.federation_settings import FederationSettings
 from coordinator.leasing import UnitFactory
 from coordinator.publishing import CoordinatorState
+from coordinator.result_inbox import ResultInbox
 from coordinator.routing.assignment import initial_assignment
 from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.blobs import BlobStore
@@ -128,6 +129,28 @@ def test_accept_apply_publish_and_duplicate(tmp_path, corpus):
     with loop.factory() as s:
         rows = s.query(Result).all()
     assert len(rows) == 2 and {r.applied_in_version for r in rows} == {1}
+
+
+def test_a_submitted_result_brings_its_nodes_speed(tmp_path, corpus):
+    """The capability a node sends with ``Submit`` (most units no longer come with a Flower
+    reply, which carried it) is stored when the loop takes the result in: the first, and
+    then a speed 10 % off the stored one, not every remeasurement."""
+    loop, train = make_loop(tmp_path, corpus)
+    loop.inbox = ResultInbox()
+    _, result = lease_and_train(loop, train, tmp_path)
+
+    def submit(speed: float) -> float | None:
+        cap = control_pb2.NodeCapability(max_columns=2, threads=1, tokens_per_s=speed)
+        loop.inbox.put(NODE, result, cap)  # the same result again: a duplicate, acked
+        loop._take_replies(0.0)
+        with loop.factory() as s:
+            return db_participants.find_participant(s, node_id=NODE).tokens_per_s
+
+    assert submit(1000.0) == 1000.0
+    with loop.factory() as s:
+        assert s.query(Result).filter_by(unit_id=result.unit_id).one().state == "accepted"
+    assert submit(1080.0) == 1000.0  # within 10 %: no transaction for it
+    assert submit(1500.0) == 1500.0
 
 
 def _assert_unhashed(store, refs) -> None:

@@ -34,7 +34,7 @@ from shared_model.blobs.errors import (
     TokenError,
 )
 from shared_model.blobs.store import BlobStore, check_content_id, sha256_file, sha256_hex
-from shared_model.wire.perspective.v1 import blobs_pb2, blobs_pb2_grpc, federation_pb2
+from shared_model.wire.perspective.v1 import blobs_pb2, blobs_pb2_grpc, control_pb2, federation_pb2
 
 TokenSource = str | Callable[[], str] | None
 
@@ -288,19 +288,26 @@ class BlobClient:
         return self._unary(self._stub.Head, request, "head of the version chain")
 
     def submit(
-        self, result: federation_pb2.WorkResult, *, want_units: bool = False
+        self,
+        result: federation_pb2.WorkResult,
+        *,
+        want_units: bool = False,
+        capability: control_pb2.NodeCapability | None = None,
     ) -> blobs_pb2.SubmitReply:
         """Send a finished unit's result to the coordinator's intake (``Submit``; the token
         must be the unit's own). The reply says how many of this node's results wait there
         (``queued``); with ``want_units`` the call waits (about 2 s at most) for the units
         the freed slot gets, and the reply carries them (``units``, unset if none came).
+        ``capability``: what the node reports of itself, as with a Flower reply.
 
         Raises:
             NotAccepting: no federated stage takes results now.
             QuotaExceeded: too many of this node's results wait already.
             ScopeDenied: the token is not this unit's.
         """
-        request = blobs_pb2.SubmitRequest(result=result, want_units=want_units)
+        request = blobs_pb2.SubmitRequest(
+            result=result, want_units=want_units, capability=capability
+        )
         what = f"submit of the result of {result.unit_id}"
         return self._unary(self._stub.Submit, request, what)
 

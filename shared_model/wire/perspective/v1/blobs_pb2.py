@@ -27,7 +27,7 @@ from shared_model.wire.perspective.v1 import federation_pb2 as perspective_dot_v
 from shared_model.wire.perspective.v1 import tensor_pb2 as perspective_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aperspective/v1/blobs.proto\x12\x0eperspective.v1\x1a\x1cperspective/v1/control.proto\x1a\x1fperspective/v1/federation.proto\x1a\x1bperspective/v1/tensor.proto\"0\n\nGetRequest\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"9\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"-\n\tPutHeader\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"O\n\x08PutChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.perspective.v1.PutHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"E\n\x08PutReply\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"!\n\x0bStatRequest\x12\x12\n\ncontent_id\x18\x01 \x01(\t\")\n\tStatReply\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x04\"#\n\x0bHeadRequest\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x04\"t\n\tHeadReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x17.perspective.v1.BlobRef\x12)\n\x08versions\x18\x03 \x03(\x0b\x32\x17.perspective.v1.BlobRef\"O\n\rSubmitRequest\x12*\n\x06result\x18\x01 \x01(\x0b\x32\x1a.perspective.v1.WorkResult\x12\x12\n\nwant_units\x18\x02 \x01(\x08\"L\n\x0bSubmitReply\x12\x0e\n\x06queued\x18\x01 \x01(\r\x12-\n\x05units\x18\x02 \x01(\x0b\x32\x1e.perspective.v1.ControlRequest2\xcc\x02\n\x0b\x42lobService\x12:\n\x03Get\x12\x1a.perspective.v1.GetRequest\x1a\x15.perspective.v1.Chunk0\x01\x12;\n\x03Put\x12\x18.perspective.v1.PutChunk\x1a\x18.perspective.v1.PutReply(\x01\x12>\n\x04Stat\x12\x1b.perspective.v1.StatRequest\x1a\x19.perspective.v1.StatReply\x12>\n\x04Head\x12\x1b.perspective.v1.HeadRequest\x1a\x19.perspective.v1.HeadReply\x12\x44\n\x06Submit\x12\x1d.perspective.v1.SubmitRequest\x1a\x1b.perspective.v1.SubmitReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aperspective/v1/blobs.proto\x12\x0eperspective.v1\x1a\x1cperspective/v1/control.proto\x1a\x1fperspective/v1/federation.proto\x1a\x1bperspective/v1/tensor.proto\"0\n\nGetRequest\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"9\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"-\n\tPutHeader\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"O\n\x08PutChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.perspective.v1.PutHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"E\n\x08PutReply\x12\x12\n\ncontent_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\"!\n\x0bStatRequest\x12\x12\n\ncontent_id\x18\x01 \x01(\t\")\n\tStatReply\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x04\"#\n\x0bHeadRequest\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x04\"t\n\tHeadReply\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x17.perspective.v1.BlobRef\x12)\n\x08versions\x18\x03 \x03(\x0b\x32\x17.perspective.v1.BlobRef\"\x83\x01\n\rSubmitRequest\x12*\n\x06result\x18\x01 \x01(\x0b\x32\x1a.perspective.v1.WorkResult\x12\x12\n\nwant_units\x18\x02 \x01(\x08\x12\x32\n\ncapability\x18\x03 \x01(\x0b\x32\x1e.perspective.v1.NodeCapability\"L\n\x0bSubmitReply\x12\x0e\n\x06queued\x18\x01 \x01(\r\x12-\n\x05units\x18\x02 \x01(\x0b\x32\x1e.perspective.v1.ControlRequest2\xcc\x02\n\x0b\x42lobService\x12:\n\x03Get\x12\x1a.perspective.v1.GetRequest\x1a\x15.perspective.v1.Chunk0\x01\x12;\n\x03Put\x12\x18.perspective.v1.PutChunk\x1a\x18.perspective.v1.PutReply(\x01\x12>\n\x04Stat\x12\x1b.perspective.v1.StatRequest\x1a\x19.perspective.v1.StatReply\x12>\n\x04Head\x12\x1b.perspective.v1.HeadRequest\x1a\x19.perspective.v1.HeadReply\x12\x44\n\x06Submit\x12\x1d.perspective.v1.SubmitRequest\x1a\x1b.perspective.v1.SubmitReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,10 +52,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEADREQUEST']._serialized_end=559
   _globals['_HEADREPLY']._serialized_start=561
   _globals['_HEADREPLY']._serialized_end=677
-  _globals['_SUBMITREQUEST']._serialized_start=679
-  _globals['_SUBMITREQUEST']._serialized_end=758
-  _globals['_SUBMITREPLY']._serialized_start=760
-  _globals['_SUBMITREPLY']._serialized_end=836
-  _globals['_BLOBSERVICE']._serialized_start=839
-  _globals['_BLOBSERVICE']._serialized_end=1171
+  _globals['_SUBMITREQUEST']._serialized_start=680
+  _globals['_SUBMITREQUEST']._serialized_end=811
+  _globals['_SUBMITREPLY']._serialized_start=813
+  _globals['_SUBMITREPLY']._serialized_end=889
+  _globals['_BLOBSERVICE']._serialized_start=892
+  _globals['_BLOBSERVICE']._serialized_end=1224
 # @@protoc_insertion_point(module_scope)

@@ -84,12 +84,14 @@ class HeadReply(_message.Message):
     def __init__(self, version: _Optional[int] = ..., checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("result", "want_units")
+    __slots__ = ("result", "want_units", "capability")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     WANT_UNITS_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     result: _federation_pb2.WorkResult
     want_units: bool
-    def __init__(self, result: _Optional[_Union[_federation_pb2.WorkResult, _Mapping]] = ..., want_units: _Optional[bool] = ...) -> None: ...
+    capability: _control_pb2.NodeCapability
+    def __init__(self, result: _Optional[_Union[_federation_pb2.WorkResult, _Mapping]] = ..., want_units: _Optional[bool] = ..., capability: _Optional[_Union[_control_pb2.NodeCapability, _Mapping]] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
     __slots__ = ("queued", "units")
