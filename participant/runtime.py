@@ -52,7 +52,7 @@ import torch
 from participant.limits import TokenBucket
 from participant.outbox import ResultOutbox
 from participant.progress import ProgressWriter
-from participant.unit_trainer import BlobIO, UnitTrainer
+from participant.unit_trainer import BlobIO, TrainedUnit, UnitTrainer
 from shared_model.blobs import BlobClient, BlobError, BlobStore
 from shared_model.blobs.store import sha256_hex
 from shared_model.config import PerspectiveConfig
@@ -356,9 +356,9 @@ class ParticipantRuntime:
             rate_limiter=self.rate_limiter,
         )
 
-    def _run(self, req: control_pb2.ControlRequest) -> federation_pb2.WorkResult:
-        """Train the unit; its blobs (named by their sha256 already) and its result go to
-        the sender thread (:meth:`_send_results`)."""
+    def _run(self, req: control_pb2.ControlRequest) -> None:
+        """Train the unit; the sender thread encodes it, uploads its blobs and sends its
+        result (:meth:`_send_results`) while the next unit trains."""
         client = self.open_blob_client(req.blob_address, req.unit.capability_token)
         blobs: list[bytes] = []
         try:
@@ -368,16 +368,15 @@ class ParticipantRuntime:
                 head=client.head,
             )
             trainer = self._trainer_for(req, io)
-            result = trainer.run(req, io, progress=self.progress.on_progress)
+            trained = trainer.train(req, io, progress=self.progress.on_progress)
         finally:
             client.close()
         with self._cond:
             self._sending += 1
-        self._to_send.put(_Finished(req, result, blobs))
+        self._to_send.put(_Finished(req, trained, blobs))
         if self.cache_cap_bytes is not None:
             keep = {s for s in req.unit.shard_ids}
             self.cache.evict_to(self.cache_cap_bytes, keep=keep)
-        return result
 
     def _send_results(self) -> None:
         """The sender thread, finished units in order: upload the blobs, keep the result
@@ -387,7 +386,7 @@ class ParticipantRuntime:
             item = self._to_send.get()
             if item is None:
                 return
-            uid = item.result.unit_id
+            uid = item.req.unit.unit_id
             try:
                 self._send(item)
             except Exception as exc:  # noqa: BLE001 - report it; the lease is re-issued
@@ -401,7 +400,7 @@ class ParticipantRuntime:
                     self._cond.notify_all()
 
     def _send(self, item: _Finished) -> None:
-        req, result = item.req, item.result
+        req, result = item.req, item.trained.encode()  # io.upload put its blobs in item.blobs
         client = self.open_blob_client(req.blob_address, req.unit.capability_token)
         try:
             t0 = time.perf_counter()
@@ -467,10 +466,11 @@ class ParticipantRuntime:
 
 @dataclass
 class _Finished:
-    """A trained unit waiting for the sender: its request, result and blobs to upload."""
+    """A trained unit waiting for the sender: its request, the unit to encode, and the
+    list its blobs go to (encoding fills it) for the upload."""
 
     req: control_pb2.ControlRequest
-    result: federation_pb2.WorkResult
+    trained: TrainedUnit
     blobs: list[bytes]
 
 

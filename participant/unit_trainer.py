@@ -19,6 +19,7 @@ under each column held (:mod:`participant.scoring`).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,35 @@ class BlobIO:
 
 
 @dataclass
+class _Capture:
+    """A trained unit's state and the published state it is compared with (copies)."""
+
+    columns: dict[int, State]
+    published_columns: dict[int, State]
+    shared: State
+    published_shared: State
+
+
+class TrainedUnit:
+    """A unit trained and not yet encoded (:meth:`UnitTrainer.train`)."""
+
+    def __init__(self, trainer: UnitTrainer, req, io: BlobIO, base: int, capture: _Capture):
+        self.trainer, self.req, self.io, self.base = trainer, req, io, base
+        self.capture = capture
+        self.result = federation_pb2.WorkResult(unit_id=req.unit.unit_id, base_version=base)
+
+    def encode(self) -> federation_pb2.WorkResult:
+        """Encode the updates (``io.upload`` takes the blobs) and save the local state;
+        returns the finished result. Call once, in the order the units were trained."""
+        t0 = time.perf_counter()
+        trainer = self.trainer
+        trainer._encode(self.req.unit, self.req, self.io, self.base, self.capture, self.result)
+        trainer._save_local()
+        self.result.timings.encode_s = time.perf_counter() - t0
+        return self.result
+
+
+@dataclass
 class _Local:
     """What survives between units: the local columns and the shared EF residual."""
 
@@ -89,6 +119,7 @@ class UnitTrainer:
         self.replica = Replica()
         self.teacher_replica = Replica()
         self.local = self._load_local()
+        self._local_lock = threading.Lock()
         self.model: PerspectiveModel | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.tokens_per_s = 0.0
@@ -114,8 +145,10 @@ class UnitTrainer:
         return local
 
     def _save_local(self) -> None:
-        flat = {f"residual/{k}": v.contiguous() for k, v in self.local.residual.items()}
-        for col, state in self.local.columns.items():
+        with self._local_lock:  # the next unit may keep its columns meanwhile
+            residual, columns = dict(self.local.residual), dict(self.local.columns)
+        flat = {f"residual/{k}": v.contiguous() for k, v in residual.items()}
+        for col, state in columns.items():
             flat.update({f"column/{col}/{k}": v.contiguous() for k, v in state.items()})
         tmp = self._local_path().with_suffix(".tmp")
         save_file(flat, str(tmp))
@@ -133,6 +166,17 @@ class UnitTrainer:
             io: Blob fetch/upload.
             progress: Called at each phase change and after every inner step.
         """
+        return self.train(req, io, progress).encode()
+
+    def train(
+        self, req: control_pb2.ControlRequest, io: BlobIO, progress: ProgressFn | None = None
+    ) -> TrainedUnit:
+        """Sync and train the unit in ``req``; returns it trained, to be encoded
+        (:meth:`TrainedUnit.encode`, on any thread: the next unit may train meanwhile).
+
+        Encoding applies the EF residual in order: encode the units in the order they
+        were trained.
+        """
         unit = req.unit
         columns = sorted(int(c) for c in unit.columns)
         if not columns:
@@ -149,17 +193,15 @@ class UnitTrainer:
         scores = self._score(model, unit, columns, req) if unit.score_documents else []
         t_score = time.perf_counter() - t0 - t_sync - t_train
         report("upload", unit.steps, unit.steps, tokens)
-        result = self._upload(model, unit, columns, req, io, base)
-        result.document_losses.extend(scores)
-        self._save_local()
-        t_total = time.perf_counter() - t0
+        trained = TrainedUnit(self, req, io, base, self._capture(model, columns))
         self.tokens_per_s = tokens / max(t_train, 1e-9)
+        result = trained.result
         result.tokens, result.train_loss = tokens, train_loss
+        result.document_losses.extend(scores)
         result.timings.sync_s, result.timings.train_s = t_sync, t_train
         result.timings.score_s = t_score
-        result.timings.encode_s = t_total - t_sync - t_train - t_score
-        result.timings.total_s = t_total
-        return result
+        result.timings.total_s = time.perf_counter() - t0
+        return trained
 
     def _sync(self, req: control_pb2.ControlRequest, columns: list[int], io: BlobIO) -> int:
         """Bring the replica to the unit's base (or the newest version); returns it."""
@@ -297,27 +339,44 @@ class UnitTrainer:
             seq_len=req.seq_len, batch_size=req.batch_size, device=self.device,
         )  # fmt: skip
 
-    def _upload(self, model, unit, columns, req, io: BlobIO, base: int):
+    def _capture(self, model, columns: list[int]) -> _Capture:
+        """The trained state the unit's result describes, and the published state it is
+        compared with, as copies: the next unit trains on the model and syncs the replica
+        while the result is encoded. The local columns are kept now (the next unit trains
+        on from them; stage 4: the FP latent stays here)."""
+        shared = set(self.replica.shared)
+        capture = _Capture(
+            columns={
+                c: {k: v.detach().to("cpu", copy=True) for k, v in model.expert_state(c).items()}
+                for c in columns
+            },
+            published_columns={c: dict(self.replica.columns[c]) for c in columns},
+            shared={
+                k: v.detach().to("cpu", copy=True)
+                for k, v in model.state_dict().items()
+                if k in shared
+            },
+            published_shared=dict(self.replica.shared),
+        )
+        with self._local_lock:
+            self.local.columns.update(capture.columns)
+        return capture
+
+    def _encode(self, unit, req, io: BlobIO, base: int, capture: _Capture, result) -> None:
         """Encode and upload the column deltas and the shared pseudo-gradient against the
-        version the unit trained from (``base``); the result without its timings."""
-        result = federation_pb2.WorkResult(unit_id=unit.unit_id, base_version=base)
-        for c in columns:
-            local = {k: v.detach().to("cpu", copy=True) for k, v in model.expert_state(c).items()}
-            self.local.columns[c] = local
-            published = self.replica.columns[c]
+        version the unit trained from (``base``) into ``result``; the EF residual moves on."""
+        for c, local in capture.columns.items():
+            published = capture.published_columns[c]
             delta = {k: local[k] - published[k] for k in local}
             codec = req.column_codec or "ternary"
-            # trits (stage 4): ternarize(local) as flips from the published trits; the FP
-            # latent stays here, in self.local, and the next unit trains on from it.
+            # trits (stage 4): ternarize(local) as flips from the published trits
             blob, _ = encode_bundle(
                 delta, codec, kind="column", column=c, base_version=base, base=published,
                 digests=False,
             )  # fmt: skip
             result.column_deltas.add(column=c, delta=io.upload(blob))
-        shared_now = {
-            k: v.detach().cpu() for k, v in model.state_dict().items() if k in self.replica.shared
-        }
-        pseudo = {k: pub - shared_now[k] for k, pub in self.replica.shared.items()}
+        now = capture.shared
+        pseudo = {k: pub - now[k] for k, pub in capture.published_shared.items()}
         sent = send_with_feedback(
             pseudo,
             self.local.residual,
@@ -326,12 +385,12 @@ class UnitTrainer:
             column=-1,
             base_version=base,
         )
-        self.local.residual = sent.residual
+        with self._local_lock:
+            self.local.residual = sent.residual
         norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in sent.pending.values())))
         result.shared_update.blob.CopyFrom(io.upload(sent.bundle))
         result.shared_update.norm = norm
         result.shared_update.base_version = base
-        return result
 
 
 def model_columns(model: PerspectiveModel) -> list[int]:
