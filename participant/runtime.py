@@ -19,8 +19,9 @@ the blob service's ``Submit`` the moment it is finished, under its unit's token,
 ``train.unit`` is answered as soon as it is queued: the SuperNode fetches the next message
 while this one trains, and no result waits for Flower's next poll. A submitted result is
 left out of replies for ``RESEND_AFTER_S`` (its ack normally comes first); one the blob
-service refused goes with the next reply, as before. A separate thread submits, so the
-trainer starts its next queued unit at once, and asks for units: the ``Submit`` reply
+service refused goes with the next reply, as before. A separate thread encodes, uploads
+and submits, so the trainer starts its next queued unit at once, and asks for units: the
+``Submit`` reply
 brings the units the freed slot gets (and acks), queued as a ``train.unit`` message's
 would be, without waiting for Flower's next poll (:mod:`coordinator.unit_handoff`).
 
@@ -379,9 +380,9 @@ class ParticipantRuntime:
             self.cache.evict_to(self.cache_cap_bytes, keep=keep)
 
     def _send_results(self) -> None:
-        """The sender thread, finished units in order: upload the blobs, keep the result
-        in the outbox, ``Submit`` it (asking for units, queued when they come). A unit
-        whose blobs cannot be uploaded is reported failed (its lease is re-issued)."""
+        """The sender thread, trained units in order: encode, upload the blobs, keep the
+        result in the outbox, ``Submit`` it (asking for units, queued when they come). A
+        unit that cannot be encoded or uploaded is reported failed (its lease is re-issued)."""
         while True:
             item = self._to_send.get()
             if item is None:

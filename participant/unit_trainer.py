@@ -13,6 +13,10 @@ every token of a document goes through the document's column). Per unit it
    shared pseudo-gradient ``compress(published - local + residual)`` whose compression
    error stays in an error-feedback residual kept on disk across units.
 
+Steps 1-3 are :meth:`UnitTrainer.train`; step 4 is :meth:`TrainedUnit.encode`, which the
+participant runs on another thread while its next unit trains (in training order: the
+residual carries over); :meth:`UnitTrainer.run` does both.
+
 A scoring unit (``score_documents``) also reports, after training, its documents' losses
 under each column held (:mod:`participant.scoring`).
 """
