@@ -60,7 +60,7 @@ class UnitHandoff:
         self._lock = threading.Lock()
         self._tickets: dict[int, Ticket] = {}
         self._open = False  # a federated stage leases: Submit calls may wait
-        self.handed = 0  # batches taken by a waiting Submit (tests, the demo's summary)
+        self.handed = 0  # batches of units taken by a waiting Submit (tests)
 
     def open(self) -> None:
         """A stage's loop starts leasing: ``Submit`` calls may wait for units."""

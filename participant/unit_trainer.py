@@ -86,7 +86,7 @@ class TrainedUnit:
         returns the finished result. Call once, in the order the units were trained."""
         t0 = time.perf_counter()
         trainer = self.trainer
-        trainer._encode(self.req.unit, self.req, self.io, self.base, self.capture, self.result)
+        trainer._encode(self.req, self.io, self.base, self.capture, self.result)
         trainer._save_local()
         self.result.timings.encode_s = time.perf_counter() - t0
         return self.result
@@ -366,7 +366,7 @@ class UnitTrainer:
             self.local.columns.update(capture.columns)
         return capture
 
-    def _encode(self, unit, req, io: BlobIO, base: int, capture: _Capture, result) -> None:
+    def _encode(self, req, io: BlobIO, base: int, capture: _Capture, result) -> None:
         """Encode and upload the column deltas and the shared pseudo-gradient against the
         version the unit trained from (``base``) into ``result``; the EF residual moves on."""
         for c, local in capture.columns.items():
