@@ -52,6 +52,7 @@ import torch
 
 from participant.limits import TokenBucket
 from participant.outbox import ResultOutbox
+from participant.prefetch import Round, VersionPrefetcher, prefetch_steps
 from participant.progress import ProgressWriter
 from participant.unit_trainer import BlobIO, TrainedUnit, UnitTrainer
 from shared_model.blobs import BlobClient, BlobError, BlobStore
@@ -153,6 +154,13 @@ class ParticipantRuntime:
         self._to_send: queue.Queue[_Finished | None] = queue.Queue()
         self._sending = 0  # finished units handed to the sender and not sent yet
         self._stopping = False
+        # While a unit trains, the versions published meanwhile are fetched into the cache:
+        # the next unit's sync reads them from disk instead of waiting on round trips.
+        self.prefetcher = VersionPrefetcher(
+            lambda address, token: self.open_blob_client(address, token, max_retries=1),
+            lambda client, cid: self._fetch(client, cid),
+        )
+        self.prefetcher.start()
         self._thread = threading.Thread(target=self._work, name="unit-trainer", daemon=True)
         self._thread.start()
         self._sender = threading.Thread(
@@ -312,6 +320,7 @@ class ParticipantRuntime:
         self._queue.put(None)
         self._thread.join(timeout=grace_s)
         stopped = not self._thread.is_alive()
+        self.prefetcher.shutdown()
         self._to_send.put(None)  # after the last result: it is still sent
         self._sender.join(timeout=min(grace_s, SUBMIT_GRACE_S))
         return stopped
@@ -347,7 +356,7 @@ class ParticipantRuntime:
                     self._busy = False
                     self._cond.notify_all()
 
-    def open_blob_client(self, address: str, token: str) -> BlobClient:
+    def open_blob_client(self, address: str, token: str, max_retries: int = 5) -> BlobClient:
         """A blob client with this worker's cache, bandwidth cap and TLS root."""
         return BlobClient(
             address,
@@ -355,6 +364,7 @@ class ParticipantRuntime:
             cache=self.cache,
             tls_root_cert=self.tls_root_cert,
             rate_limiter=self.rate_limiter,
+            max_retries=max_retries,
         )
 
     def _run(self, req: control_pb2.ControlRequest) -> None:
@@ -362,16 +372,19 @@ class ParticipantRuntime:
         result (:meth:`_send_results`) while the next unit trains."""
         client = self.open_blob_client(req.blob_address, req.unit.capability_token)
         blobs: list[bytes] = []
+        fetches = [0]  # blobs this unit fetched over the network
         try:
             io = BlobIO(
-                fetch=lambda ref: self._fetch(client, ref.content_id),
+                fetch=lambda ref: self._fetch(client, ref.content_id, fetches),
                 upload=lambda data: _deferred(data, blobs),
                 head=client.head,
             )
             trainer = self._trainer_for(req, io)
-            trained = trainer.train(req, io, progress=self.progress.on_progress)
+            fetches[0] = 0  # the shards' fetch is not the sync's
+            trained = trainer.train(req, io, progress=self._progress_for(req, trainer))
         finally:
             client.close()
+        trained.result.timings.sync_fetches = fetches[0]
         with self._cond:
             self._sending += 1
         self._to_send.put(_Finished(req, trained, blobs))
@@ -442,13 +455,37 @@ class ParticipantRuntime:
                 self._submitted[uid] = time.monotonic()
         return reply.units if reply.HasField("units") else None
 
-    def _fetch(self, client: BlobClient, content_id: str) -> bytes:
+    def _progress_for(self, req: control_pb2.ControlRequest, trainer: UnitTrainer):
+        """The unit's progress callback: progress.json, and a prefetch round at each of the
+        steps :func:`~participant.prefetch.prefetch_steps` names."""
+        marks = prefetch_steps(req.unit.steps)
+
+        def on_progress(phase: str, step: int, total: int, tokens: int) -> None:
+            self.progress.on_progress(phase, step, total, tokens)
+            held = trainer.replica.version  # the replica does not change while it trains
+            if phase == "train" and step in marks and held is not None:
+                self.prefetcher.request(
+                    Round(
+                        req.blob_address,
+                        req.unit.capability_token,
+                        held,
+                        tuple(sorted(trainer.replica.columns)),
+                    )  # fmt: skip
+                )
+
+        return on_progress
+
+    def _fetch(self, client: BlobClient, content_id: str, count: list[int] | None = None) -> bytes:
+        """A blob's bytes through ``client`` (its cache first); traffic is counted, and
+        ``count[0]`` goes up by one when it was fetched over the network."""
         cached = self.cache.has(content_id)
         data = client.get_bytes(content_id)
         if not cached:
             with self._cond:
                 self._bytes_down += len(data)
             self.progress.add_bytes(down=len(data))
+            if count is not None:
+                count[0] += 1
         return data
 
     def _trainer_for(self, req: control_pb2.ControlRequest, io: BlobIO) -> UnitTrainer:

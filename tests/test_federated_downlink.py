@@ -17,7 +17,9 @@ from coordinator.db import leases as db_leases
 from coordinator.db import participants as db_participants
 from coordinator.db import results as db_results
 from coordinator.federation_settings import FederationSettings
+from participant.runtime import ParticipantRuntime
 from shared_model.wire.perspective.v1 import control_pb2
+from tests.conftest import wait_for
 
 
 @pytest.fixture
@@ -239,3 +241,40 @@ def test_stage4_columns_travel_as_trit_flips_that_replay_to_the_published_digest
     # The FP latents the trits came from stay with their owners.
     latents = [s for node in driver.nodes.values() for s in node.trainer.local.columns.values()]
     assert latents and not any(is_ternary(v) for s in latents for v in s.values())
+
+
+def test_versions_published_while_a_unit_trains_are_prefetched_for_the_next_sync(
+    coordinator, tmp_path
+):
+    """The participant runtime fetches the versions published while its unit trains into
+    its cache, over the real blob service: the next unit starts from the newest version
+    and its sync fetches nothing over the network (``Timings.sync_fetches``)."""
+    coord, ckpt = coordinator
+    driver = _prepared(coord, ckpt, tmp_path)
+    loop = coord.federated_stage(driver, StageBudget(minutes=30), _settings(3))
+    first = _lease(coord, 1)
+    first.unit.steps = 40  # long enough to publish while it trains
+    runtime = ParticipantRuntime(coord.cfg, tmp_path / "participant")
+    try:
+        runtime.handle("train.unit", first.SerializeToString())
+        wait_for(
+            lambda: runtime.trainer and runtime.trainer.replica.version is not None,
+            60, "the first unit's sync", every=0.01,
+        )  # fmt: skip
+        synced = runtime.trainer.replica.version
+        loop.publish()
+        loop.publish()
+        second = _lease(coord, 1)
+        runtime.handle("train.unit", second.SerializeToString())
+        ask = control_pb2.ControlRequest(collect=True)
+        reply = control_pb2.ControlReply.FromString(
+            runtime.handle("query.collect", ask.SerializeToString())
+        )
+        results = {r.unit_id: r for r in reply.results}
+        assert runtime.prefetcher.fetched > 0  # the two versions' blobs, while `first` trained
+    finally:
+        runtime.shutdown(grace_s=30)
+    assert results[first.unit.unit_id].timings.sync_fetches > 0  # its join: a checkpoint
+    after = results[second.unit.unit_id]
+    assert after.base_version == synced + 2
+    assert after.timings.sync_fetches == 0, "the sync fetched what was published meanwhile"
