@@ -1,17 +1,19 @@
-"""Fetching the versions published while a unit trains, before the next unit needs them.
+"""Syncing to the versions published while a unit trains, before the next unit needs them.
 
 A unit starts from the newest published version (``WorkUnit.start_from_newest``), so
 every unit's sync begins with the versions published while the one before trained: a
 ``Head`` call, then the chain's manifests and, per version, the shared bundle and a bundle
-per column held. Fetched at the start of the unit, each is a round trip the trainer waits
-for (on ``tiny`` in ``make demo``: ~10 fetches, 0.1 s of a 2 s unit; on a volunteer's
-link, with 50-100 ms per round trip, most of a second). :class:`VersionPrefetcher` fetches
-them into the blob cache from its own thread while the unit trains, at a few points of its
-progress (:data:`PREFETCH_AT`), so the next sync mostly reads the cache and only fetches
-what was published after the last point.
+per column held, each decoded, added and digest-checked. Done at the start of the unit,
+the trainer waits for all of it (on ``tiny`` in ``make demo``: ~10 fetches and their
+decoding, 0.1-0.2 s of a 2-s unit; on a volunteer's link, with 50-100 ms per round trip,
+most of a second). :class:`VersionPrefetcher` does it from its own thread while the unit
+trains, at a few points of its progress (:data:`PREFETCH_AT`): it fetches the new versions
+into the blob cache and applies them to a :meth:`~shared_model.federated.replica.Replica.view`
+of the trainer's replica (the same code, every digest checked). The next unit adopts that
+replica (:meth:`~participant.unit_trainer.UnitTrainer.adopt`), so its own sync only has
+what was published after the last point left to do.
 
-It only fills the cache; the trainer still syncs, checks every digest and applies the
-chain itself. A failed prefetch costs nothing but its traffic: the sync fetches what is
+A failed round costs nothing but its traffic: the sync fetches and applies what is
 missing, as without it.
 """
 
@@ -21,9 +23,10 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shared_model.blobs import BlobClient, BlobError
+from shared_model.federated.replica import Replica, SyncError
 from shared_model.wire.perspective.v1 import control_pb2
 
 log = logging.getLogger(__name__)
@@ -38,19 +41,17 @@ Fetch = Callable[[BlobClient, str], bytes]
 
 @dataclass(frozen=True)
 class Round:
-    """One prefetch round: from the version held, for the columns held.
+    """One prefetch round.
 
     Attributes:
         blob_address: the unit's blob service.
         token: the unit's capability token (valid while its lease is).
-        version: the version the trainer's replica holds.
-        columns: the columns it holds (a version's bundle of each is applied to it).
+        replica: a view of the trainer's replica (:meth:`Replica.view`), advanced here.
     """
 
     blob_address: str
     token: str
-    version: int
-    columns: tuple[int, ...]
+    replica: Replica
 
 
 def prefetch_steps(total_steps: int) -> set[int]:
@@ -59,7 +60,7 @@ def prefetch_steps(total_steps: int) -> set[int]:
 
 
 class VersionPrefetcher:
-    """A thread that fetches newly published versions into the participant's blob cache.
+    """A thread that fetches and applies newly published versions ahead of the trainer.
 
     Args:
         open_client: opens a blob client (``address, token``) that uses the cache.
@@ -70,9 +71,11 @@ class VersionPrefetcher:
         self._open, self._fetch = open_client, fetch
         self._cond = threading.Condition()
         self._next: Round | None = None
+        self._ready: Replica | None = None
         self._stop = False
-        self.rounds = 0  # rounds run (tests, logs)
+        self.rounds = 0  # rounds run
         self.fetched = 0  # blobs a round found missing from the cache and fetched
+        self.applied = 0  # versions rounds applied
         self._thread = threading.Thread(target=self._loop, name="version-prefetch", daemon=True)
 
     def start(self) -> None:
@@ -84,6 +87,12 @@ class VersionPrefetcher:
         with self._cond:
             self._next = round_
             self._cond.notify()
+
+    def take(self) -> Replica | None:
+        """The replica the last finished round advanced (once), or ``None``."""
+        with self._cond:
+            ready, self._ready = self._ready, None
+        return ready
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop after the round in progress (it gives up within ``timeout`` at most)."""
@@ -99,39 +108,55 @@ class VersionPrefetcher:
                 self._cond.wait_for(lambda: self._stop or self._next is not None)
                 if self._stop:
                     return
-                round_, self._next = self._next, None
+                round_, self._next = self._onward(self._next), None
             try:
-                self.fetched += self.run(round_)
-            except BlobError as exc:  # the sync fetches what is missing
-                log.debug("prefetch from version %d failed: %s", round_.version, exc)
+                self.run(round_)
+            except (BlobError, SyncError) as exc:  # the sync does it again, and says why
+                log.info("prefetch from version %s failed: %s", round_.replica.version, exc)
             except Exception:  # noqa: BLE001 - never take the worker down with a prefetch
-                log.exception("prefetch from version %d failed", round_.version)
+                log.exception("prefetch from version %s failed", round_.replica.version)
             self.rounds += 1
 
-    def run(self, round_: Round) -> int:
-        """Fetch the chain from ``round_.version`` to the newest version into the cache;
-        returns how many blobs were not cached yet."""
+    def _onward(self, round_: Round) -> Round:
+        """The round, from the replica the last round advanced if it is further on (call
+        with the lock held: a replica waiting for :meth:`take` is not changed by anyone)."""
+        ready, asked = self._ready, round_.replica
+        if ready is None or ready.version <= asked.version:
+            return round_
+        if not set(asked.columns) <= set(ready.columns):
+            return round_
+        return replace(round_, replica=ready.view())
+
+    def run(self, round_: Round) -> None:
+        """Fetch the chain from the round's replica's version to the newest into the cache,
+        apply it to that replica and keep it for :meth:`take`."""
+        replica = round_.replica
         client = self._open(round_.blob_address, round_.token)
-        fetched = 0
         try:
-            head = client.head(round_.version)
-            if head.version <= round_.version:
-                return 0
-            wanted = [head.checkpoint.content_id]
-            for ref in head.versions:
-                data, new = self._get(client, ref.content_id)
-                fetched += new
-                manifest = control_pb2.VersionManifest.FromString(data)
-                wanted.append(manifest.shared.content_id)
-                wanted += [
-                    manifest.columns[c].content_id for c in round_.columns if c in manifest.columns
-                ]
-            fetched += sum(self._get(client, cid)[1] for cid in wanted)
+            head = client.head(replica.version)
+            if head.version <= replica.version:
+                return
+            ckpt = control_pb2.CheckpointManifest.FromString(self._get(client, head.checkpoint))
+            chain = [
+                control_pb2.VersionManifest.FromString(self._get(client, ref))
+                for ref in head.versions
+            ]
+            for manifest in chain:  # all fetched before any is applied: the I/O first
+                self._get(client, manifest.shared)
+                for c in replica.columns:
+                    if c in manifest.columns:
+                        self._get(client, manifest.columns[c])
+            applied = replica.sync(
+                ckpt, chain, sorted(replica.columns), lambda ref: self._get(client, ref)
+            )
         finally:
             client.close()
-        return fetched
+        with self._cond:
+            self._ready = replica
+        self.applied += applied
 
-    def _get(self, client: BlobClient, content_id: str) -> tuple[bytes, int]:
-        """One blob's bytes, and 1 if it was not in the cache (else 0)."""
-        cached = client.cache is not None and client.cache.has(content_id)
-        return self._fetch(client, content_id), 0 if cached else 1
+    def _get(self, client: BlobClient, ref) -> bytes:
+        """One blob's bytes; counts it in :attr:`fetched` if it was not in the cache."""
+        if client.cache is None or not client.cache.has(ref.content_id):
+            self.fetched += 1
+        return self._fetch(client, ref.content_id)

@@ -155,8 +155,9 @@ class ParticipantRuntime:
         self._to_send: queue.Queue[_Finished | None] = queue.Queue()
         self._sending = 0  # finished units handed to the sender and not sent yet
         self._stopping = False
-        # While a unit trains, the versions published meanwhile are fetched into the cache:
-        # the next unit's sync reads them from disk instead of waiting on round trips.
+        # While a unit trains, the versions published meanwhile are fetched and applied to a
+        # view of the trainer's replica, which the next unit adopts: its sync waits for
+        # neither the round trips nor the decoding.
         self.prefetcher = VersionPrefetcher(
             lambda address, token: self.open_blob_client(address, token, max_retries=1),
             lambda client, cid: self._fetch(client, cid),
@@ -384,6 +385,7 @@ class ParticipantRuntime:
                 head=client.head,
             )
             trainer = self._trainer_for(req, io)
+            trainer.adopt(self.prefetcher.take())  # synced while the unit before trained
             fetches[0] = 0  # the shards' fetch is not the sync's
             trained = trainer.train(req, io, progress=self._progress_for(req, trainer))
         finally:
@@ -460,22 +462,17 @@ class ParticipantRuntime:
         return reply.units if reply.HasField("units") else None
 
     def _progress_for(self, req: control_pb2.ControlRequest, trainer: UnitTrainer):
-        """The unit's progress callback: progress.json, and a prefetch round at each of the
-        steps :func:`~participant.prefetch.prefetch_steps` names."""
+        """The unit's progress callback: progress.json, and a prefetch round (the versions
+        published meanwhile, fetched and applied to a view of the trainer's replica) at each
+        of the steps :func:`~participant.prefetch.prefetch_steps` names."""
         marks = prefetch_steps(req.unit.steps)
 
         def on_progress(phase: str, step: int, total: int, tokens: int) -> None:
             self.progress.on_progress(phase, step, total, tokens)
-            held = trainer.replica.version  # the replica does not change while it trains
-            if phase == "train" and step in marks and held is not None:
-                self.prefetcher.request(
-                    Round(
-                        req.blob_address,
-                        req.unit.capability_token,
-                        held,
-                        tuple(sorted(trainer.replica.columns)),
-                    )  # fmt: skip
-                )
+            # the replica does not change while the unit trains: a view of it is safe
+            if phase == "train" and step in marks and trainer.replica.version is not None:
+                view = trainer.replica.view()
+                self.prefetcher.request(Round(req.blob_address, req.unit.capability_token, view))
 
         return on_progress
 

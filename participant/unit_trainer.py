@@ -160,6 +160,18 @@ class UnitTrainer:
 
     # --- one unit ---------------------------------------------------------------------------
 
+    def adopt(self, replica: Replica | None) -> bool:
+        """Take ``replica`` as this trainer's if it is newer and holds every column ours does:
+        a :meth:`Replica.view` of ours that another thread advanced, every digest checked
+        (:mod:`participant.prefetch`), while a unit trained. Call between units only."""
+        held = self.replica.version
+        if replica is None or replica.version is None or held is None:
+            return False
+        if replica.version <= held or not set(self.replica.columns) <= set(replica.columns):
+            return False
+        self.replica = replica
+        return True
+
     def run(
         self, req: control_pb2.ControlRequest, io: BlobIO, progress: ProgressFn | None = None
     ) -> federation_pb2.WorkResult:
@@ -188,7 +200,7 @@ class UnitTrainer:
         report = progress or (lambda *_: None)
         t0 = time.perf_counter()
         report("sync", 0, unit.steps, 0)
-        base = self._sync(req, columns, io)
+        base, applied = self._sync(req, columns, io)
         model, teacher = self._prepare_models(req, columns, io)
         t_sync = time.perf_counter() - t0
         batches = self._batches(unit, columns, req.batch_size, req.seq_len)
@@ -203,24 +215,41 @@ class UnitTrainer:
         result.tokens, result.train_loss = tokens, train_loss
         result.document_losses.extend(scores)
         result.timings.sync_s, result.timings.train_s = t_sync, t_train
+        result.timings.sync_versions = applied
         result.timings.score_s = t_score
         result.timings.total_s = time.perf_counter() - t0
         return trained
 
-    def _sync(self, req: control_pb2.ControlRequest, columns: list[int], io: BlobIO) -> int:
-        """Bring the replica to the unit's base (or the newest version); returns it."""
+    def _sync(
+        self, req: control_pb2.ControlRequest, columns: list[int], io: BlobIO
+    ) -> tuple[int, int]:
+        """Bring the replica to the unit's base (or the newest version); returns it and the
+        number of versions applied to get there."""
         checkpoint, versions, base = self._chain(req, io)
-        ckpt = control_pb2.CheckpointManifest.FromString(io.fetch(checkpoint))
-        chain = [control_pb2.VersionManifest.FromString(io.fetch(r)) for r in versions]
-        if req.HasField("teacher"):
-            self._teacher_on_the_way(req, ckpt, chain, columns, io)
-        self.replica.sync(ckpt, chain, columns, io.fetch)
+        applied = 0
+        if not self._synced_ahead(req, base, columns, io):
+            ckpt = control_pb2.CheckpointManifest.FromString(io.fetch(checkpoint))
+            chain = [control_pb2.VersionManifest.FromString(io.fetch(r)) for r in versions]
+            if req.HasField("teacher"):
+                applied = self._teacher_on_the_way(req, ckpt, chain, columns, io)
+            applied += self.replica.sync(ckpt, chain, columns, io.fetch)
         if self.replica.version != base:
             raise UnitError(f"synced to version {self.replica.version}, unit needs {base}")
         for c in columns:
             if c not in self.local.columns:  # first time we hold it: start from published
                 self.local.columns[c] = {k: v.clone() for k, v in self.replica.columns[c].items()}
-        return base
+        return base, applied
+
+    def _synced_ahead(self, req, base: int, columns: list[int], io: BlobIO) -> bool:
+        """Whether the replica holds ``base`` and the unit's columns (and teacher) already:
+        a replica advanced while the unit before trained (:meth:`adopt`) needs nothing,
+        not even the chain's checkpoint manifest."""
+        if self.replica.version != base or not set(columns) <= set(self.replica.columns):
+            return False
+        if not req.HasField("teacher"):
+            return True
+        teacher = control_pb2.CheckpointManifest.FromString(io.fetch(req.teacher))
+        return self._holds_teacher(teacher, columns)
 
     def _chain(self, req: control_pb2.ControlRequest, io: BlobIO):
         """``(checkpoint, manifests, base)``: the lease's chain, or with
@@ -237,25 +266,27 @@ class UnitTrainer:
             return lease
         return head.checkpoint, list(head.versions), int(head.version)
 
-    def _teacher_on_the_way(self, req, ckpt, chain, columns: list[int], io: BlobIO) -> None:
+    def _teacher_on_the_way(self, req, ckpt, chain, columns: list[int], io: BlobIO) -> int:
         """Stage 4: take the teacher from our own replica when the sync passes its version.
 
         The teacher is the published state at the stage boundary: a replica that holds it,
         or reaches it on the way to the unit's base, copies it (digest-checked against the
-        teacher checkpoint's parts) instead of downloading the FP32 checkpoint.
+        teacher checkpoint's parts) instead of downloading the FP32 checkpoint. Returns the
+        versions applied on the way.
         """
         manifest = control_pb2.CheckpointManifest.FromString(io.fetch(req.teacher))
         if self._holds_teacher(manifest, columns):
-            return
+            return 0
         prefix = [m for m in chain if int(m.version) <= manifest.version]
         reaches = int(prefix[-1].version) if prefix else int(ckpt.version)
         held = self.replica.version
         if reaches != manifest.version or (held is not None and held > manifest.version):
-            return
-        self.replica.sync(ckpt, prefix, columns, io.fetch)
+            return 0
+        applied = self.replica.sync(ckpt, prefix, columns, io.fetch)
         copy = self.replica.copy_if_checkpoint(manifest, columns)
         if copy is not None:
             self.teacher_replica = copy
+        return applied
 
     def _holds_teacher(self, manifest, columns: list[int]) -> bool:
         return self.teacher_replica.version == manifest.version and all(

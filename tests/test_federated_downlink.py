@@ -246,9 +246,10 @@ def test_stage4_columns_travel_as_trit_flips_that_replay_to_the_published_digest
 def test_versions_published_while_a_unit_trains_are_prefetched_for_the_next_sync(
     coordinator, tmp_path
 ):
-    """The participant runtime fetches the versions published while its unit trains into
-    its cache, over the real blob service: the next unit starts from the newest version
-    and its sync fetches nothing over the network (``Timings.sync_fetches``)."""
+    """The participant runtime fetches the versions published while its unit trains, over
+    the real blob service, and applies them to a view of its replica: the next unit adopts
+    it, starts from the newest version and its sync fetches nothing over the network
+    (``Timings.sync_fetches``)."""
     coord, ckpt = coordinator
     driver = _prepared(coord, ckpt, tmp_path)
     loop = coord.federated_stage(driver, StageBudget(minutes=30), _settings(3))
@@ -271,10 +272,12 @@ def test_versions_published_while_a_unit_trains_are_prefetched_for_the_next_sync
             runtime.handle("query.collect", ask.SerializeToString())
         )
         results = {r.unit_id: r for r in reply.results}
-        assert runtime.prefetcher.fetched > 0  # the two versions' blobs, while `first` trained
+        # while `first` trained: the two versions' blobs fetched, and applied to a view
+        assert runtime.prefetcher.fetched > 0 and runtime.prefetcher.applied >= 2
     finally:
         runtime.shutdown(grace_s=30)
     assert results[first.unit.unit_id].timings.sync_fetches > 0  # its join: a checkpoint
     after = results[second.unit.unit_id]
     assert after.base_version == synced + 2
     assert after.timings.sync_fetches == 0, "the sync fetched what was published meanwhile"
+    assert after.timings.sync_versions == 0, "the sync applied what was published meanwhile"

@@ -78,6 +78,30 @@ def test_replica_follows_chain_bit_identically(state):
     )
 
 
+def test_a_replica_view_advances_and_the_replica_it_came_from_stays(state):
+    """A view (what a participant's prefetch thread advances while a unit trains from the
+    replica) reaches the published state; the replica keeps its version and tensors."""
+    fetch = fetcher(state.store)
+    replica = Replica()
+    ckpt_ref, _ = state.publisher.chain_for(0)
+    replica.load_checkpoint(control_pb2.CheckpointManifest.FromString(fetch(ckpt_ref)), [1], fetch)
+    before = {k: v.clone() for k, v in {**replica.shared, **replica.columns[1]}.items()}
+    view = replica.view()
+    for _ in range(2):
+        _perturb(state)
+        state.publish()
+    ckpt_ref, chain_refs = state.publisher.chain_for(state.version, 0)
+    chain = [control_pb2.VersionManifest.FromString(fetch(r)) for r in chain_refs]
+    ckpt = control_pb2.CheckpointManifest.FromString(fetch(ckpt_ref))
+    assert view.sync(ckpt, chain, [1], fetch) == 2
+    for name, t in state.shared.published.items():
+        assert torch.equal(view.shared[name], t)
+    assert replica.version == 0
+    after = {**replica.shared, **replica.columns[1]}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not all(torch.equal(before[k], view.shared[k]) for k in replica.shared)
+
+
 def test_replica_rejects_tampered_bundle(state):
     fetch = fetcher(state.store)
     _perturb(state)

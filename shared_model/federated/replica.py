@@ -38,6 +38,16 @@ class Replica:
         self.shared: State = {}
         self.columns: dict[int, State] = {}
 
+    def view(self) -> Replica:
+        """A replica over the same tensors, in dicts of its own: advancing it leaves this one
+        as it is (:meth:`apply` builds new tensors, it never writes into one), and it costs
+        the dicts only. Another thread may advance a view while this replica is in use."""
+        other = Replica()
+        other.version = self.version
+        other.shared = dict(self.shared)
+        other.columns = {c: dict(state) for c, state in self.columns.items()}
+        return other
+
     def load_checkpoint(
         self, manifest: control_pb2.CheckpointManifest, columns: list[int], fetch: Fetch
     ) -> None:
