@@ -125,6 +125,8 @@ class UnitTrainer:
         self.local = self._load_local()
         self._local_lock = threading.Lock()
         self.model: PerspectiveModel | None = None
+        # stage 4's teacher model, kept across units: ((teacher version, columns), model)
+        self._teacher: tuple[tuple, PerspectiveModel] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.tokens_per_s = 0.0
 
@@ -285,7 +287,7 @@ class UnitTrainer:
         applied = self.replica.sync(ckpt, prefix, columns, io.fetch)
         copy = self.replica.copy_if_checkpoint(manifest, columns)
         if copy is not None:
-            self.teacher_replica = copy
+            self.teacher_replica, self._teacher = copy, None
         return applied
 
     def _holds_teacher(self, manifest, columns: list[int]) -> bool:
@@ -309,15 +311,26 @@ class UnitTrainer:
             manifest = control_pb2.CheckpointManifest.FromString(io.fetch(req.teacher))
             if not self._holds_teacher(manifest, columns):
                 self.teacher_replica.load_checkpoint(manifest, columns, io.fetch)
-            teacher = PerspectiveModel(self.cfg, moe=True, columns=columns).to(self.device)
-            teacher.eval()
-            teacher.load_state_dict(self.teacher_replica.shared, strict=False)
-            for c in columns:
-                teacher.load_expert_state(c, self.teacher_replica.columns[c])
-            teacher.requires_grad_(False)
+                self._teacher = None
+            teacher = self._teacher_model(columns)
         fraction = req.unit.ternary_fraction if teacher is not None else None
         model.set_ternary_fraction(fraction if fraction and fraction > 0 else None)
         return model, teacher
+
+    def _teacher_model(self, columns: list[int]) -> PerspectiveModel:
+        """Stage 4's frozen teacher over ``columns``, built from the teacher replica once and
+        kept while the teacher and the columns stay the same (it never trains)."""
+        key = (self.teacher_replica.version, tuple(columns))
+        if self._teacher is not None and self._teacher[0] == key:
+            return self._teacher[1]
+        teacher = PerspectiveModel(self.cfg, moe=True, columns=columns).to(self.device)
+        teacher.eval()
+        teacher.load_state_dict(self.teacher_replica.shared, strict=False)
+        for c in columns:
+            teacher.load_expert_state(c, self.teacher_replica.columns[c])
+        teacher.requires_grad_(False)
+        self._teacher = (key, teacher)
+        return teacher
 
     def _batches(self, unit, columns: list[int], batch_size: int, seq_len: int):
         """Deterministic batches: each sequence is drawn from one column's documents.
