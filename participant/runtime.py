@@ -385,7 +385,9 @@ class ParticipantRuntime:
                 head=client.head,
             )
             trainer = self._trainer_for(req, io)
-            trainer.adopt(self.prefetcher.take())  # synced while the unit before trained
+            ahead = self.prefetcher.take()  # synced while the unit before trained
+            if req.unit.start_from_newest:  # else the unit's base may be older than it
+                trainer.adopt(ahead)
             fetches[0] = 0  # the shards' fetch is not the sync's
             trained = trainer.train(req, io, progress=self._progress_for(req, trainer))
         finally:
@@ -465,7 +467,9 @@ class ParticipantRuntime:
         """The unit's progress callback: progress.json, and a prefetch round (the versions
         published meanwhile, fetched and applied to a view of the trainer's replica) at each
         of the steps :func:`~participant.prefetch.prefetch_steps` names."""
-        marks = prefetch_steps(req.unit.steps)
+        # A unit that trains from its lease's base (no start_from_newest) could not use a
+        # newer replica: it would reload a checkpoint to go back.
+        marks = prefetch_steps(req.unit.steps) if req.unit.start_from_newest else set()
 
         def on_progress(phase: str, step: int, total: int, tokens: int) -> None:
             self.progress.on_progress(phase, step, total, tokens)
