@@ -357,6 +357,7 @@ class Coordinator:
             column_codec=settings.column_codec,
             ternary_column_codec=settings.ternary_column_codec,
             shared_codec=settings.shared_codec,
+            shared_threshold=settings.shared_threshold,
             teacher=teacher,
             schedule_steps=budget.schedule_steps(
                 step_tokens, settings, self._previous_stage_rate(stage)
@@ -412,6 +413,7 @@ class Coordinator:
 # Knobs the coordinator state is built with in prepare(); a stage cannot change them.
 STATE_KNOBS = (
     "shared_codec",
+    "shared_threshold",
     "column_codec",
     "buffer_size",
     "max_staleness",

@@ -54,8 +54,9 @@ class FederationSettings:
     ``max_staleness`` versions back are refused; every ``checkpoint_every`` versions a
     full checkpoint is published (and the blob store is garbage-collected);
     ``diversity_lr`` > 0 applies the diversity term on the expert masters before each
-    publication. The shared layers travel with ``shared_codec`` and expert columns with
-    ``column_codec``, both ways, until the experts are all ternary (stage-4 units at
+    publication. The shared layers travel with ``shared_codec`` (``ternary``: a value is
+    sent where it exceeds ``shared_threshold`` × the tensor's mean magnitude) and expert
+    columns with ``column_codec``, both ways, until the experts are all ternary (stage-4 units at
     ternary fraction 1): from then on columns travel with ``ternary_column_codec``
     (``trits``: their ternary values, version to version as trit flips; the FP latent
     stays with its owner).
@@ -93,6 +94,7 @@ class FederationSettings:
     column_codec: str = "sparse"
     ternary_column_codec: str = "trits"
     shared_codec: str = "ternary"
+    shared_threshold: float = 1.0
     # aggregation and publishing
     buffer_size: int = 2
     max_staleness: int = 8
@@ -180,6 +182,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
         " or ".join(TERNARY_COLUMN_CODECS),
     ),
     "shared_codec": ((lambda v: v in CODECS), " or ".join(CODECS)),
+    "shared_threshold": ((lambda v: 0 < v < 2), "0 < value < 2"),
     "buffer_size": _at_least(1),
     "max_staleness": _at_least(0),
     "outer_lr": ((lambda v: 0 <= v < math.inf), "a finite value >= 0"),

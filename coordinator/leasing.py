@@ -153,6 +153,8 @@ class UnitFactory:
     lease_seconds: float
     column_codec: str
     shared_codec: str
+    #: the ``ternary`` shared codec's threshold factor for participants' uploads
+    shared_threshold: float
     #: Schedule length in inner steps, or a function of the unit's position and the steps
     #: in flight and the answer rate giving it (a time budget extrapolates it:
     #: ``StageBudget.schedule_steps``).
@@ -314,6 +316,7 @@ class UnitFactory:
             seq_len=self.cfg.train.seq_len,
             column_codec=params.get("column_codec", self.column_codec),
             shared_codec=self.shared_codec,
+            shared_threshold=self.shared_threshold,
             eot_id=self.eot_id,
             budget_tokens=unit.steps * self.cfg.train.batch_size * self.cfg.train.seq_len,
             credit_tokens=self._credit(unit),

@@ -35,7 +35,7 @@ from shared_model.blobs import BlobStore
 from shared_model.config import PerspectiveConfig
 from shared_model.federated.updates import send_with_feedback
 from shared_model.model import PerspectiveModel, expert_param_names
-from shared_model.ternary import is_ternary
+from shared_model.ternary import THRESHOLD_FACTOR, is_ternary
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 
 State = dict[str, torch.Tensor]
@@ -53,10 +53,12 @@ class Publisher:
         version: int,
         codec: str,
         column_codec: str,
+        shared_threshold: float,
         checkpoint_every: int,
     ) -> None:
         self.store, self.columns, self.shared = store, columns, shared
         self.codec, self.column_codec = codec, column_codec
+        self.shared_threshold = shared_threshold
         self.checkpoint_every = checkpoint_every
         self.version = version
         #: content id → "delta" (version manifests and bundles) or "checkpoint" (checkpoint
@@ -109,6 +111,7 @@ class Publisher:
             column=column,
             base_version=parent,
             base=published,
+            threshold=self.shared_threshold if column < 0 else THRESHOLD_FACTOR,
         )
         return sent.bundle, {name: published[name] + d for name, d in sent.decoded.items()}
 
@@ -233,6 +236,7 @@ class CoordinatorState:
             version=version,
             codec=settings.shared_codec,
             column_codec=settings.column_codec,
+            shared_threshold=settings.shared_threshold,
             checkpoint_every=settings.checkpoint_every,
         )
         #: the update bounds saved with the state :meth:`load` read (``None``: none); the

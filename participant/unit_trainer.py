@@ -42,6 +42,7 @@ from shared_model.federated.updates import encode_bundle, send_with_feedback
 from shared_model.model import PerspectiveModel
 from shared_model.schedule import build_optimizer, set_lr
 from shared_model.stage_loss import Distillation, stage_loss
+from shared_model.ternary import THRESHOLD_FACTOR
 from shared_model.wire.perspective.v1 import blobs_pb2, control_pb2, federation_pb2, tensor_pb2
 
 State = dict[str, torch.Tensor]
@@ -432,6 +433,7 @@ class UnitTrainer:
             kind="shared",
             column=-1,
             base_version=base,
+            threshold=req.shared_threshold or THRESHOLD_FACTOR,
         )
         with self._local_lock:
             self.local.residual = sent.residual

@@ -21,6 +21,9 @@ import re
 import torch
 from torch import Tensor, nn
 
+#: ``tau = THRESHOLD_FACTOR * mean|w|``: TWN's factor, the default of every ternariser here.
+THRESHOLD_FACTOR = 0.7
+
 
 class TernaryError(ValueError):
     """Invalid input to a ternary quantisation function."""
@@ -44,7 +47,10 @@ def _check_factor(threshold_factor: float) -> None:
 
 
 def ternarize(
-    rows: Tensor, threshold_factor: float = 0.7, *, accumulate: torch.dtype = torch.float64
+    rows: Tensor,
+    threshold_factor: float = THRESHOLD_FACTOR,
+    *,
+    accumulate: torch.dtype = torch.float64,
 ) -> tuple[Tensor, Tensor]:
     """The ternariser: trits and least-squares scale of each row of ``rows`` ``[n, P]``.
 
@@ -86,7 +92,7 @@ def _progressive_rows(rows: Tensor, fraction: float) -> Tensor:
     return mask
 
 
-def ternary_round(w: Tensor, threshold_factor: float = 0.7) -> tuple[Tensor, float]:
+def ternary_round(w: Tensor, threshold_factor: float = THRESHOLD_FACTOR) -> tuple[Tensor, float]:
     """Quantise a tensor to trits and a least-squares scale.
 
     Args:
@@ -163,7 +169,9 @@ class _TernarySTE(torch.autograd.Function):
         return grad, None, None, None
 
 
-def ternary_ste(w: Tensor, fraction: float = 1.0, threshold_factor: float = 0.7) -> Tensor:
+def ternary_ste(
+    w: Tensor, fraction: float = 1.0, threshold_factor: float = THRESHOLD_FACTOR
+) -> Tensor:
     """Straight-through progressive ternarisation of ``w``.
 
     Args:
@@ -183,7 +191,7 @@ def ternary_ste(w: Tensor, fraction: float = 1.0, threshold_factor: float = 0.7)
 
 
 def ternary_ste_stacked(
-    weights: list[Tensor], fraction: float = 1.0, threshold_factor: float = 0.7
+    weights: list[Tensor], fraction: float = 1.0, threshold_factor: float = THRESHOLD_FACTOR
 ) -> list[Tensor]:
     """:func:`ternary_ste` of several same-shape tensors in one batch of kernels.
 
@@ -206,7 +214,7 @@ _EXPERT_RE = re.compile(r"^layers\.\d+\.ffn\.experts\.\d+\.w[123]\.weight$")
 
 
 def export_ternary(
-    model: nn.Module, threshold_factor: float = 0.7
+    model: nn.Module, threshold_factor: float = THRESHOLD_FACTOR
 ) -> dict[str, tuple[Tensor, float]]:
     """Quantise every expert weight of a model.
 

@@ -281,3 +281,56 @@ def test_versions_published_while_a_unit_trains_are_prefetched_for_the_next_sync
     assert after.base_version == synced + 2
     assert after.timings.sync_fetches == 0, "the sync fetched what was published meanwhile"
     assert after.timings.sync_versions == 0, "the sync applied what was published meanwhile"
+
+
+def _zero_fraction(coord, blob_ids: list[str]) -> float:
+    """The share of zero trits over every tensor of these shared bundles."""
+    from shared_model.codec import decode_ternary
+
+    zeros = total = 0
+    for cid in blob_ids:
+        for t in control_pb2.TensorBundle.FromString(coord.store.get(cid)).tensors:
+            trits, _, _ = decode_ternary(t.payload)
+            zeros, total = zeros + int((trits == 0).sum()), total + trits.size
+    return zeros / total
+
+
+def _shared_zero_fractions(coord, ckpt, tmp_path, threshold: float) -> tuple[float, float]:
+    """Stage 3 over 4 units at ``shared_threshold``: zero trits in the participants' shared
+    uploads and in the published versions' shared bundles."""
+    from dataclasses import replace
+
+    from coordinator.db.models import Result
+
+    settings = replace(_settings(3), shared_threshold=threshold)
+    coord.prepare(ckpt, settings)
+    driver = ReplayDriver(
+        coord.cfg, coord.store, coord.corpus.dataset("train"), tmp_path / "nodes", [1.0, 1.3],
+        publisher=coord.state.publisher,
+    )  # fmt: skip
+    tokens = 4 * settings.steps_per_unit * coord.cfg.train.batch_size * coord.cfg.train.seq_len
+    loop = coord.federated_stage(driver, StageBudget(tokens=tokens), settings)
+    loop.run(lambda: False)
+    assert loop.totals().accepted == 4 and coord.state.version >= 2
+    with coord.session_factory() as s:
+        uploads = [r.blob_ids["shared"] for r in s.query(Result)]
+    versions = [m.shared.content_id for m in _versions_after(coord, 0)]
+    return _zero_fraction(coord, uploads), _zero_fraction(coord, versions)
+
+
+def test_the_shared_threshold_setting_thins_the_shared_trits_both_ways(
+    coordinator, tiny_moe_seed, tmp_path
+):
+    """``shared_threshold`` (the ternary shared codec's tau / mean|v|) reaches what the
+    participants upload, through each unit's request, and what the coordinator publishes:
+    at 1.6 most trits are zero; at 0.7 (TWN's factor) about half are."""
+    coord, ckpt = coordinator
+    other = Coordinator(coord.cfg, tmp_path / "coordinator-2", coord.corpus)
+    other.start()
+    try:
+        up_low, down_low = _shared_zero_fractions(other, ckpt, tmp_path / "low", 0.7)
+    finally:
+        other.shutdown()
+    up_high, down_high = _shared_zero_fractions(coord, ckpt, tmp_path / "high", 1.6)
+    assert up_high > up_low + 0.15 and down_high > down_low + 0.15
+    assert up_high > 0.65 and down_high > 0.65

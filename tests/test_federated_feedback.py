@@ -34,6 +34,27 @@ def test_error_feedback_loses_nothing(codec, shape, rounds) -> None:
     np.testing.assert_allclose(total, received + residual["w"], atol=1e-4)
 
 
+@pytest.mark.parametrize(("threshold", "zeros"), [(0.7, (0.38, 0.46)), (1.6, (0.77, 0.83))])
+def test_the_ternary_threshold_decides_the_zero_trits_and_feedback_keeps_the_rest(
+    threshold, zeros
+) -> None:
+    """A Gaussian update: tau = threshold x mean|v| zeroes P(|v| < 0.80 sigma x threshold)
+    of it (42 % at 0.7, 80 % at 1.6); what is not sent is owed in the residual."""
+    from shared_model.federated.updates import UpdateError, check_threshold
+
+    update = {"w": torch.from_numpy(np.random.default_rng(3).normal(size=(128, 64)).astype("f4"))}
+    sent = send_with_feedback(
+        update, {}, "ternary", kind="shared", column=-1, base_version=0, threshold=threshold
+    )
+    _, decoded = read_bundle(sent.bundle, kind="shared", expected={"w": (128, 64)})
+    assert torch.equal(decoded["w"], sent.decoded["w"])
+    assert zeros[0] < float((decoded["w"] == 0).float().mean()) < zeros[1]
+    torch.testing.assert_close(decoded["w"] + sent.residual["w"], update["w"])
+    for bad in (0.0, 2.0, float("nan")):
+        with pytest.raises(UpdateError, match="ternary threshold"):
+            check_threshold(bad)
+
+
 @pytest.mark.parametrize("codec", ["ternary", "sparse"])
 def test_error_feedback_rejects_non_finite(codec) -> None:
     update = {"w": torch.full((4, 4), float("nan"))}

@@ -62,7 +62,7 @@ def make_loop(tmp_path, corpus, state_seed=0, **settings):
         eot_id=corpus.eot_id, blob_address="in-process", token_key=b"k" * 32,
         lease_seconds=settings.lease_seconds,  # as the coordinator builds it
         column_codec=settings.column_codec, shared_codec=settings.shared_codec,
-        schedule_steps=1000,
+        shared_threshold=settings.shared_threshold, schedule_steps=1000,
     )  # fmt: skip
     loop = FederationLoop(state, fed, factory, None, units, val, assignment, lambda s: 0.0)
     with factory.begin() as s:

@@ -101,6 +101,7 @@ def test_command_defaults():
         ("buffer_size: 2\ntrim: 1\n", "trim = 1 is invalid"),
         ("- a list\n", "must be a mapping"),
         ("stage: 5\n", "stage = 5 is invalid: allowed 3 or 4"),
+        ("shared_threshold: 2.5\n", "shared_threshold = 2.5 is invalid: allowed 0 < value < 2"),
     ],
 )
 def test_bad_files_are_refused_naming_the_key(tmp_path, text, message):

@@ -25,6 +25,7 @@ def test_publish_error_feedback_keeps_unsent_part(tmp_path):
         version=0,
         codec="ternary",
         column_codec="ternary",
+        shared_threshold=0.7,
         checkpoint_every=10,
     )
     columns.apply(0, {"w": torch.tensor([1.0, 0.1, -1.0])}, 0, 0)

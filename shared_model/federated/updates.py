@@ -2,9 +2,10 @@
 
 Two update codecs, both from :mod:`shared_model.codec`:
 
-* ``ternary`` — dense ternary: ``sign × scale`` with threshold 0.7·mean|v| (≈1.5
-  bits/param after entropy coding), the ternariser of :mod:`shared_model.ternary`; what
-  the prototype found nearly free in quality;
+* ``ternary`` — dense ternary: ``sign × scale`` where ``|v| > threshold·mean|v|``, the
+  ternariser of :mod:`shared_model.ternary`; what the prototype found nearly free in
+  quality. The sender picks the threshold (the receiver only reads trits and a scale): at
+  0.7 (TWN's) ≈ 1.58 bits/param after entropy coding, at 1.0 ≈ 1.4;
 * ``sparse`` — SparseLoCo-style top-k per chunk with 2-bit values (≈0.3 bits/param),
   cheaper on the wire, costlier in quality for the shared layers;
 * ``trits`` — stage 4's expert columns: not the update but the tensor's new *ternary
@@ -41,7 +42,7 @@ from shared_model.codec.container import (
     CODEC_TRITS_ZSTD,
     parse_container,
 )
-from shared_model.ternary import ternarize
+from shared_model.ternary import THRESHOLD_FACTOR, ternarize
 from shared_model.wire.perspective.v1 import control_pb2
 
 UPDATE_CODECS = ("ternary", "sparse", "trits")
@@ -69,26 +70,35 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 
 def encode_update(
-    t: torch.Tensor, codec: str = "ternary", name: str = "", base: torch.Tensor | None = None
+    t: torch.Tensor,
+    codec: str = "ternary",
+    name: str = "",
+    base: torch.Tensor | None = None,
+    *,
+    threshold: float = THRESHOLD_FACTOR,
 ) -> tuple[bytes, torch.Tensor]:
     """Compress one FP update (error feedback is :mod:`shared_model.federated.updates`'s).
 
     Args:
         base: the tensor the update applies to; the ``trits`` codec needs it (it sends the
             new ternary value as trit flips from ``ternarize(base)``), the others ignore it.
+        threshold: the ``ternary`` codec's threshold factor (``tau = threshold ·
+            mean|t|``, 0 < threshold < 2; :func:`check_threshold`); the others ignore it.
 
     Returns:
         ``(payload, decoded)`` where ``decoded`` is bit-exactly what the receiver decodes.
 
     Raises:
         CodecError: the update holds NaN or Inf.
-        UpdateError: unknown codec, or ``trits`` without a base of the update's shape.
+        UpdateError: unknown codec, ``trits`` without a base of the update's shape, or a
+            threshold out of range.
     """
+    check_threshold(threshold)
     flat = t.detach().to(torch.float32).contiguous().reshape(1, -1)
     if not torch.isfinite(flat).all():
         raise wire.CodecError(f"update {name!r} contains NaN or Inf")
     if codec == "ternary":
-        trits, scale = ternarize(flat)
+        trits, scale = ternarize(flat, threshold)
         trits8 = trits.to(torch.int8)  # int8 first: a -0.0 trit must decode as +0.0
         trits_np = trits8.numpy().reshape(-1)
         payload = wire.encode_ternary(trits_np, float(scale[0]), name, hashed=False)
@@ -101,6 +111,14 @@ def encode_update(
     else:
         raise UpdateError(f"unknown update codec {codec!r}: allowed {', '.join(UPDATE_CODECS)}")
     return payload, values.reshape(t.shape)
+
+
+def check_threshold(threshold: float) -> float:
+    """``threshold`` if it is a valid ternary threshold factor (0 < threshold < 2: at 2 a
+    Gaussian update keeps 4 % of its values), else :class:`UpdateError`."""
+    if not 0.0 < float(threshold) < 2.0:
+        raise UpdateError(f"ternary threshold = {threshold!r} is invalid: allowed 0 < value < 2")
+    return float(threshold)
 
 
 def _flat_base(base: torch.Tensor | None, shape, name: str) -> torch.Tensor:
@@ -185,6 +203,7 @@ def encode_bundle(
     base_version: int,
     base: State | None = None,
     digests: bool = True,
+    threshold: float = THRESHOLD_FACTOR,
 ) -> tuple[bytes, State]:
     """Encode every tensor of ``updates`` and bundle them: the one way updates are sent.
 
@@ -198,6 +217,7 @@ def encode_bundle(
             them); with ``digests`` each tensor then carries the sha256 of
             ``base + decoded``, which a replica must reproduce (versions).
         digests: add those digests (an upload to the coordinator passes ``False``).
+        threshold: the ``ternary`` codec's threshold factor (:func:`encode_update`).
 
     Returns:
         ``(bundle bytes, {name: decoded update})``, the latter bit-exactly what the
@@ -208,7 +228,7 @@ def encode_bundle(
         # The bundle names each tensor; a second copy in its container costs ~0.04
         # bits/param on tiny's small tensors, so the containers go unnamed.
         ref = None if base is None else base[name]
-        payloads[name], decoded[name] = encode_update(update, codec, base=ref)
+        payloads[name], decoded[name] = encode_update(update, codec, base=ref, threshold=threshold)
     shapes = {name: tuple(t.shape) for name, t in updates.items()}
     results = None
     if base is not None and digests:
@@ -343,6 +363,7 @@ def send_with_feedback(
     column: int,
     base_version: int,
     base: State | None = None,
+    threshold: float = THRESHOLD_FACTOR,
 ) -> Sent:
     """Encode ``residual + update`` into a bundle and keep what the codec dropped.
 
@@ -351,7 +372,13 @@ def send_with_feedback(
     """
     pending = {k: v + residual[k] if k in residual else v for k, v in update.items()}
     bundle, decoded = encode_bundle(
-        pending, codec, kind=kind, column=column, base_version=base_version, base=base
+        pending,
+        codec,
+        kind=kind,
+        column=column,
+        base_version=base_version,
+        base=base,
+        threshold=threshold,
     )
     rest = {k: pending[k] - decoded[k] for k in pending}
     return Sent(bundle=bundle, pending=pending, decoded=decoded, residual=rest)
