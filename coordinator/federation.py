@@ -475,8 +475,10 @@ class FederationLoop:
             self._log("unit.failed", f"node {reply.node_id}: {reply.error_reason}", first)
             if reply.error_code in NODE_GONE_CODES:
                 self._node_gone(reply.node_id)
+            # A node that missed its heartbeats may take its units back (its columns).
+            gone = reply.error_code in NODE_GONE_CODES
             for unit_id in unit_ids:
-                self._fail(unit_id, str(reply.error_reason))
+                self._fail(unit_id, str(reply.error_reason), exclude_holder=not gone)
             return
         self._answered(reply.node_id)
         try:
@@ -562,11 +564,14 @@ class FederationLoop:
         if node_id not in set(self.driver.pending.values()):
             self._ask_for_results(node_id)
 
-    def _fail(self, unit_id: str, reason: str, node_id: int | None = None) -> None:
+    def _fail(
+        self, unit_id: str, reason: str, node_id: int | None = None, exclude_holder: bool = True
+    ) -> None:
         """Re-queue a unit a participant could not do (unknown ids: a previous run's).
 
         With ``node_id`` (a participant reporting its own failures), only a unit leased to
-        that node is failed: nobody can fail another node's lease.
+        that node is failed: nobody can fail another node's lease. ``exclude_holder``: see
+        :func:`coordinator.db.leases.requeue_copy`.
         """
         try:
             with self.factory.begin() as s:
@@ -578,6 +583,7 @@ class FederationLoop:
                         reason=reason,
                         requeue=True,
                         max_attempts=self.settings.max_attempts,
+                        exclude_holder=exclude_holder,
                     )
         except (NotFound, Conflict) as exc:
             self._log("unit.failed.ignored", f"{unit_id}: {exc}")
@@ -846,9 +852,12 @@ class FederationLoop:
 
     def _expire_leases(self, now: dt.datetime, hold_back: bool = True) -> None:
         """Expire leases past their deadline at ``now``; their units are re-queued as copies.
-        With ``hold_back``, their nodes get no new units until they answer again."""
+        With ``hold_back``, their nodes get no new units until they answer again, nor
+        these units back; without (their run was lost), the units wait for their nodes."""
         with self.factory.begin() as s:
-            expired = db_leases.expire_leases(s, now=now, max_attempts=self.settings.max_attempts)
+            expired = db_leases.expire_leases(
+                s, now=now, max_attempts=self.settings.max_attempts, exclude_holders=hold_back
+            )
             gone = {u.unit_id for u in expired}
             late = {u.participant_id for u in expired} if hold_back else set()
             nodes = {db_participants.get_participant(s, participant_id=p).node_id for p in late}

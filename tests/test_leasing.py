@@ -305,3 +305,33 @@ def test_revoked_participant_gets_nothing(factory):
     assert _needed(factory, 9) == 0
     with factory.begin() as s, pytest.raises(ParticipantRevoked):
         touch_participant(s, node_id=9)
+
+
+def test_a_copy_kept_for_its_holder_goes_to_others_after_a_lease_length(factory):
+    """A lost run's units wait for their online holders one lease length, then anyone may
+    redo them; a holder gone offline is not waited for."""
+    _join(factory, 1)
+    _join(factory, 2)
+    t0 = utcnow()
+    unit_id = _lease(factory, 1, now=t0, lease_seconds=10)
+    with factory.begin() as s:
+        leases.expire_leases(
+            s, now=t0 + dt.timedelta(days=1), max_attempts=3, exclude_holders=False
+        )
+    with factory.begin() as s:
+        p2 = touch_participant(s, node_id=2)
+        assign_columns(s, participant=p2, n_columns=1)
+        kw = dict(participant_id=p2.id, held_columns=[1], lease_seconds=10, allow_foreign=True)
+        assert leases.lease_queued(s, now=utcnow(), **kw) is None  # kept for node 1
+        later = leases.lease_queued(s, now=utcnow() + dt.timedelta(seconds=11), **kw)
+        assert later.reissued_from == unit_id
+    unit_id = _lease(factory, 1, columns=(0,), lease_seconds=10)
+    with factory.begin() as s:
+        leases.expire_leases(
+            s, now=utcnow() + dt.timedelta(days=1), max_attempts=3, exclude_holders=False
+        )
+        set_participant_state(
+            s, participant_id=touch_participant(s, node_id=1).id, state=ParticipantState.OFFLINE
+        )
+        got = leases.lease_queued(s, now=utcnow(), **kw)
+        assert got.reissued_from == unit_id  # its holder is offline: not waited for

@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.errors import IllegalTransition, InvalidArgument, NotFound
 from coordinator.db.events import log_event
-from coordinator.db.models import WorkUnit
-from coordinator.db.types import RejectReason, UnitState, utcnow
+from coordinator.db.models import Participant, WorkUnit
+from coordinator.db.types import ParticipantState, RejectReason, UnitState, utcnow
 
 FINAL_STATES = frozenset({UnitState.DONE, UnitState.REJECTED, UnitState.EXPIRED, UnitState.FAILED})
 
@@ -152,9 +152,16 @@ def steps_in_flight(session: Session, *, participant_id: int, now: dt.datetime) 
 
 
 def requeue_copy(
-    session: Session, *, unit: WorkUnit, reason: str, max_attempts: int
+    session: Session, *, unit: WorkUnit, reason: str, max_attempts: int, exclude_holder: bool = True
 ) -> WorkUnit | None:
-    """Queue a copy of ``unit`` for another participant, or ``None`` past max_attempts."""
+    """Queue a copy of ``unit``, or ``None`` past max_attempts.
+
+    With ``exclude_holder`` the copy is for another participant (the holder failed it or
+    let it expire). Without, the failure was not the holder's doing (its Flower run was
+    lost, its node missed a heartbeat): the holder may take the copy back, and others
+    leave it to the holder for a while (:func:`lease_queued`): it holds the unit's
+    columns, anyone else downloads them (in stage 4 also their teacher).
+    """
     if unit.attempt >= max_attempts:
         log_event(
             session,
@@ -165,7 +172,7 @@ def requeue_copy(
         )
         return None
     excluded = list(unit.excluded_participants or [])
-    if unit.participant_id is not None and unit.participant_id not in excluded:
+    if exclude_holder and unit.participant_id is not None and unit.participant_id not in excluded:
         excluded.append(unit.participant_id)
     copy = WorkUnit(
         unit_id=str(uuid.uuid4()),
@@ -221,8 +228,11 @@ def withdraw_copy(session: Session, *, unit: WorkUnit) -> WorkUnit | None:
     return copy
 
 
-def expire_leases(session: Session, *, now: dt.datetime, max_attempts: int) -> list[WorkUnit]:
-    """Mark leases past their deadline ``expired`` and queue a copy of each.
+def expire_leases(
+    session: Session, *, now: dt.datetime, max_attempts: int, exclude_holders: bool = True
+) -> list[WorkUnit]:
+    """Mark leases past their deadline ``expired`` and queue a copy of each (for other
+    participants unless ``exclude_holders`` is false: see :func:`requeue_copy`).
 
     Returns:
         The expired units (their copies are linked by ``reissued_from``).
@@ -242,15 +252,28 @@ def expire_leases(session: Session, *, now: dt.datetime, max_attempts: int) -> l
             participant_id=unit.participant_id,
             unit_id=unit.unit_id,
         )
-        requeue_copy(session, unit=unit, reason="lease expired", max_attempts=max_attempts)
+        requeue_copy(
+            session,
+            unit=unit,
+            reason="lease expired",
+            max_attempts=max_attempts,
+            exclude_holder=exclude_holders,
+        )
     session.flush()
     return list(units)
 
 
 def fail_unit(
-    session: Session, *, unit_id: str, reason: str, requeue: bool, max_attempts: int
+    session: Session,
+    *,
+    unit_id: str,
+    reason: str,
+    requeue: bool,
+    max_attempts: int,
+    exclude_holder: bool = True,
 ) -> WorkUnit | None:
-    """Mark a queued or leased unit ``failed``; optionally queue a copy (returned)."""
+    """Mark a queued or leased unit ``failed``; optionally queue a copy (returned; see
+    :func:`requeue_copy` for ``exclude_holder``)."""
     unit = get_unit(session, unit_id=unit_id)
     if unit.state in FINAL_STATES:
         raise IllegalTransition(f"unit {unit_id} is already {unit.state}; cannot fail it")
@@ -265,7 +288,9 @@ def fail_unit(
     session.flush()
     if not requeue:
         return None
-    return requeue_copy(session, unit=unit, reason=reason, max_attempts=max_attempts)
+    return requeue_copy(
+        session, unit=unit, reason=reason, max_attempts=max_attempts, exclude_holder=exclude_holder
+    )
 
 
 def reissue(session: Session, *, unit_id: str, reason: str, max_attempts: int) -> WorkUnit | None:
@@ -300,7 +325,8 @@ def lease_queued(
     (a lease of the stage before that expired after it ended is not redone in the next:
     its update would be trained for the other stage's model). Prefers units whose columns
     the participant holds (affinity: no download); units touching other columns are
-    taken only with ``allow_foreign``.
+    taken only with ``allow_foreign``, and not while they are kept for their holder
+    (:func:`_kept_for_holder`).
     """
     held = set(held_columns)
     query = select(WorkUnit).where(WorkUnit.state == UnitState.QUEUED)
@@ -309,7 +335,12 @@ def lease_queued(
     queued = session.scalars(query.order_by(WorkUnit.created_at)).all()
     eligible = [u for u in queued if participant_id not in (u.excluded_participants or [])]
     own = [u for u in eligible if set(u.columns) <= held]
-    pool = own or (eligible if allow_foreign else [])
+    pool = own
+    if not own and allow_foreign:
+        kept = _kept_for_holder(
+            session, eligible, participant_id, now - dt.timedelta(seconds=lease_seconds)
+        )
+        pool = [u for u in eligible if u.unit_id not in kept]
     unit = None
     for candidate in pool:
         # Re-read under the row lock: on PostgreSQL another session may have taken it.
@@ -332,6 +363,37 @@ def lease_queued(
         unit_id=unit.unit_id,
     )
     return unit
+
+
+def _kept_for_holder(
+    session: Session, units: Sequence[WorkUnit], participant_id: int, since: dt.datetime
+) -> set[str]:
+    """Ids of re-queued copies kept for the participant that held the original.
+
+    A copy its holder may take back (:func:`requeue_copy` without ``exclude_holder``) waits
+    for it while the holder is online and the copy was queued after ``since`` (one lease
+    length ago): a node back from a missed heartbeat or a lost Flower run picks up its own
+    columns, instead of every node downloading another's (stage 4: also its teacher).
+    """
+    copies = [u for u in units if u.reissued_from is not None and u.created_at > since]
+    if not copies:
+        return set()
+    holders = dict(
+        session.execute(
+            select(WorkUnit.unit_id, WorkUnit.participant_id)
+            .join(Participant, Participant.id == WorkUnit.participant_id)
+            .where(
+                WorkUnit.unit_id.in_([u.reissued_from for u in copies]),
+                Participant.state == ParticipantState.ONLINE,
+            )
+        ).all()
+    )
+    return {
+        u.unit_id
+        for u in copies
+        if holders.get(u.reissued_from) not in (None, participant_id)
+        and holders[u.reissued_from] not in (u.excluded_participants or [])
+    }
 
 
 def stage_schedule_position(session: Session, *, stage: str) -> tuple[int, int]:
