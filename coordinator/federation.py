@@ -473,10 +473,10 @@ class FederationLoop:
         if not reply.ok:
             first = unit_ids[0] if unit_ids else None
             self._log("unit.failed", f"node {reply.node_id}: {reply.error_reason}", first)
-            if reply.error_code in NODE_GONE_CODES:
+            gone = reply.error_code in NODE_GONE_CODES
+            if gone:
                 self._node_gone(reply.node_id)
             # A node that missed its heartbeats may take its units back (its columns).
-            gone = reply.error_code in NODE_GONE_CODES
             for unit_id in unit_ids:
                 self._fail(unit_id, str(reply.error_reason), exclude_holder=not gone)
             return

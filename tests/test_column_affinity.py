@@ -27,8 +27,9 @@ from tests.test_hostile_participant import OTHER, lease
 corpus = intake_tests.corpus
 
 
-def _lease_unit(loop, node: int) -> WorkUnit | None:
-    """What the loop's step leases to ``node`` now (a queued copy first, else a new unit)."""
+def _lease_unit(loop, node: int) -> tuple[str, str | None, list[int]] | None:
+    """What the loop's step leases to ``node`` now (a queued copy first, else a new unit):
+    ``(unit_id, reissued_from, columns)``."""
     with loop.factory.begin() as s:
         p = db_participants.touch_participant(s, node_id=node)
         unit = loop.units.lease(s, p, loop.state)
