@@ -375,9 +375,9 @@ def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
     coord.start()
     try:
         # Plain averaging (momentum 0): the check below is that training goes on around a
-        # killed participant. With the default outer momentum the first versions after the
-        # seed overshoot (the re-warmed lr's bump, docs/federated-training.md §5.1) and
-        # version 5 can score above version 0; that is measured in the benchmark.
+        # killed participant. With outer momentum the first versions after the seed
+        # overshoot (the re-warmed lr's bump, docs/federated-training.md §5.1); that is
+        # measured in the benchmark.
         settings = FederationSettings(
             stage=3, steps_per_unit=8, lease_seconds=15, eval_every=1000, eval_batches=4,
             buffer_size=2, units_hint=60, outer_momentum=0.0,
@@ -386,9 +386,12 @@ def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
         driver = network.open_driver()
         loop = coord.federated_stage(driver, StageBudget(minutes=30), settings)
         loss0 = loop.evaluate()
-        step_until(loop, lambda: loop.state.version >= 5, 300, "5 versions")
-        loss5 = loop.evaluate()
-        assert loss5 < loss0, (loss0, loss5)
+        # Not version 5: versions 3-7 sit on a plateau (the inner lr reaches its peak there,
+        # 20 warm-up steps into a seed of 40), measured 0.03 below the seed at worst here and
+        # once above it in CI; by version 12 every run measured was 0.28-0.39 below.
+        step_until(loop, lambda: loop.state.version >= 12, 300, "12 versions")
+        loss12 = loop.evaluate()
+        assert loss12 < loss0, (loss0, loss12)
         nodes = sorted(driver.node_ids())
         assert len(nodes) == 2
 
