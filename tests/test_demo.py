@@ -3,7 +3,8 @@
 A short run (tiny preset, 2 participants) of exactly what `make demo` runs: central seed,
 then federated stages 3 and 4 over a real SuperLink, SuperNodes and participant workers.
 Midway through stage 3 its Flower run is stopped as ``flwr stop`` does (Control API
-``StopRun``): the demo goes on with a new run. Then the operator guide's export block takes
+``StopRun``): the demo goes on with a new run, and the units open on the stopped one go
+back to the nodes that held them. Then the operator guide's export block takes
 the trained model out and runs stages 5, 6 and 7 on it: the pipeline, stages 1 to 7.
 """
 
@@ -77,6 +78,7 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
     # The stopped run stayed stopped; training went on past it on a new run.
     assert (stopped.status, stopped.sub_status) == ("finished", "stopped")
     assert s3["versions_end"] > at_version, (s3, at_version)
+    _the_stopped_runs_units_went_back_to_their_holders(work)
     assert "Perspective demo summary" in out
     # Units refilling the slots results freed came in the replies to the participants'
     # Submit calls, not only over Flower (coordinator.unit_handoff); the summary says so.
@@ -188,6 +190,21 @@ def _stop_the_demo_run_at_version_1(work):
     at = version()
     stop_run(address, run.run_id)
     return wait_for(lambda: (s := run_status(address, run.run_id)).finished and s, 30, "stop"), at
+
+
+def _the_stopped_runs_units_went_back_to_their_holders(work) -> None:
+    """The leases open when the run was stopped were re-queued for their holders (the loss
+    was not theirs): each copy was taken back by the node that held its columns, none
+    downloaded by the other (coordinator.db.leases.requeue_copy, ``exclude_holder``)."""
+    with sqlite3.connect(work / "coordinator" / "coordinator.db") as db:
+        pairs = db.execute(
+            "select o.participant_id, c.participant_id, c.excluded_participants from "
+            "work_units o join work_units c on c.reissued_from = o.unit_id"
+        ).fetchall()  # an original answered late is 'done' by now: not filtered on its state
+    print(f"re-queued units (holder, taken by, excluded): {pairs}")
+    kept = [(held, took) for held, took, excluded in pairs if held not in json.loads(excluded)]
+    assert kept, pairs  # the stop found leases open: the loop keeps the nodes' slots filled
+    assert all(took in (held, None) for held, took in kept), kept
 
 
 def _superlink_address(work) -> str | None:
