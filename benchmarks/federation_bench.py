@@ -45,6 +45,7 @@ from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.db.stats import (
     accepted_unit_columns,
     reject_counts,
+    result_staleness,
     utilisation_by_participant,
 )
 from coordinator.federation_settings import load_federation_settings
@@ -84,6 +85,13 @@ def parse_args() -> argparse.Namespace:
         type=float,
         default=0.5,
         help="replay: the slowest participant's step time is 1 + this × the fastest's",
+    )
+    p.add_argument(
+        "--reply-latency",
+        type=float,
+        default=0.0,
+        help="replay: virtual seconds from a unit's end of training to its result reaching "
+        "the coordinator (its node trains on meanwhile; a step takes 1 to 1 + spread)",
     )
     p.add_argument(
         "--lease-base",
@@ -252,6 +260,7 @@ def federated(cfg, corpus, ckpt: str, work: Path, args, participants: int, codec
             driver = ReplayDriver(
                 cfg, coord.store, corpus.dataset("train"), work / "nodes",
                 step_times(participants, args.speed_spread),
+                latency=args.reply_latency,
                 publisher=None if args.lease_base else coord.state.publisher,
             )  # fmt: skip
             loop = coord.federated_stage(driver, StageBudget(tokens=args.tokens), settings)
@@ -269,6 +278,7 @@ def federated(cfg, corpus, ckpt: str, work: Path, args, participants: int, codec
             results=totals.accepted,
             rejected=totals.rejected,
             reject_reasons=_reject_reasons(coord),
+            staleness=_staleness(coord),
             seconds=time.perf_counter() - t0,
         )
         unit_columns = out.pop("unit_columns", None) or _unit_columns(coord)
@@ -290,6 +300,11 @@ def _reject_reasons(coord) -> dict[str, int]:
     """Refused results per reason: an honest run should have none, and when it has, why."""
     with coord.session_factory() as s:
         return reject_counts(s)
+
+
+def _staleness(coord) -> dict:
+    with coord.session_factory() as s:
+        return result_staleness(s, stage="stage3")
 
 
 def _unit_columns(coord) -> list[int]:

@@ -5,7 +5,10 @@ part of the loop that is replaced): every pushed unit is trained by the particip
 :class:`~participant.unit_trainer.UnitTrainer` on the coordinator's blob store, and its reply
 goes back through the loop's own intake and publishing. Time is virtual: a participant
 trains its queued units one after another, each taking ``steps × step_time`` (+ a fixed
-overhead for sync and upload), and replies come back in the order of their finishing times.
+overhead for sync and upload), and replies come back in the order of their arrival times:
+a unit's result arrives ``latency`` after its training ended (encode, upload and Submit)
+while the node already trains its next unit, which therefore cannot start from the
+version its own last result completes (over Flower it never can).
 So the loop sees the same leases, the same staleness and the same publishing boundaries as
 over Flower with equally fast participants, deterministically and without Flower's polling
 (about 10× faster than the real thing on this machine). Benchmarks use it for sweeps; the
@@ -57,7 +60,12 @@ class ReplayDriver:
         train: the training documents (the participants' shards hold the same).
         work_dir: each participant's trainer state lives under ``work_dir/node-<id>``.
         step_times: virtual seconds per inner step, one per participant (its speed).
-        overhead: virtual seconds per unit for sync, encode and upload.
+        overhead: virtual seconds per unit before its training (sync).
+        latency: virtual seconds from the end of a unit's training to its result reaching
+            the coordinator; the node starts its next unit at once. 0: at once (a unit
+            then starts from the version its predecessor's result completed, which no
+            real network does: ``tiny`` over Flower measured about one version more
+            staleness than the replay at 0, benchmarks/federation_bench.py).
         publisher: the coordinator's :class:`~coordinator.publishing.Publisher`: units then
             start from the newest version published by the time they *start* on the virtual
             clock, as with the real blob service's ``Head``; ``None``: from the lease's.
@@ -74,10 +82,14 @@ class ReplayDriver:
         work_dir: Path,
         step_times: list[float],
         overhead: float = 0.0,
+        latency: float = 0.0,
         publisher=None,
         max_columns: int | None = None,
     ) -> None:
+        if latency < 0 or overhead < 0:
+            raise ValueError(f"overhead and latency must be >= 0, got {overhead}, {latency}")
         self.store, self.overhead, self.publisher = store, overhead, publisher
+        self.latency = latency
         if max_columns is None:
             max_columns = default_columns_per_participant(cfg.moe.n_experts, len(step_times))
         self.max_columns = max_columns
@@ -112,12 +124,12 @@ class ReplayDriver:
         return {m[0]: nid for nid, n in self.nodes.items() for m in n.queue}
 
     def wait_any(self, timeout: float) -> list[Reply]:
-        """Handle the message that finishes first on the virtual clock; its reply."""
+        """Handle the message whose reply arrives first on the virtual clock; its reply."""
         if self.publisher is not None and (
             not self._versions or self._versions[-1][1] != self.publisher.version
         ):
             self._versions.append((self.clock, self.publisher.version))
-        heads = [(self._finish_time(n), nid) for nid, n in self.nodes.items() if n.queue]
+        heads = [(self._arrival_time(n), nid) for nid, n in self.nodes.items() if n.queue]
         if not heads:
             return []
         _, nid = min(heads)
@@ -136,13 +148,18 @@ class ReplayDriver:
         steps = control_pb2.ControlRequest.FromString(payload).unit.steps
         return start + self.overhead + steps * node.step_time
 
+    def _arrival_time(self, node: _Node) -> float:
+        """When the reply to the node's next message reaches the coordinator."""
+        finish = self._finish_time(node)
+        return finish + self.latency if node.queue[0][1] == "train.unit" else finish
+
     def _handle(self, nid: int) -> Reply:
         node = self.nodes[nid]
-        finish = self._finish_time(node)
+        finish, arrival = self._finish_time(node), self._arrival_time(node)
         start = max(node.free_at, node.queue[0][3])
         mid, kind, payload, _ = node.queue.pop(0)
-        self.clock = max(self.clock, finish)
-        node.free_at = finish
+        self.clock = max(self.clock, arrival)
+        node.free_at = finish  # its next unit trains while this result travels
         req = control_pb2.ControlRequest.FromString(payload)
         reply = control_pb2.ControlReply()
         if kind == "train.unit":

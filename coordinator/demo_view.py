@@ -13,6 +13,7 @@ from coordinator.db import participants as db_participants
 from coordinator.db.stats import (
     accepted_column_codecs,
     accepted_unit_columns,
+    result_staleness,
     utilisation_by_participant,
 )
 from coordinator.traffic import per_sync_bits
@@ -106,6 +107,7 @@ class DemoView:
             # network keeps each machine
             busy = utilisation_by_participant(s, stage=f"stage{stage}", wall_s=wall)
             codecs = accepted_column_codecs(s, stage=f"stage{stage}")
+            staleness = result_staleness(s, stage=f"stage{stage}")
         self.stages[stage] = {
             "versions_end": loop.state.version,
             "tokens": st.tokens,
@@ -120,6 +122,8 @@ class DemoView:
             **per_sync_bits(self.cfg, traffic, columns, self.n),
             "utilisation": min(busy.values()) if busy else None,
             "utilisation_by_participant": busy,
+            # versions published while a result's unit trained and travelled
+            "staleness": staleness,
             "train_share_of_unit_time": st.train_s / st.unit_s if st.unit_s else None,
             # how leased units reached the nodes: Flower messages, or Submit replies
             # (coordinator.unit_handoff)
@@ -175,7 +179,9 @@ class DemoView:
         for stage, s in summary["stages"].items():
             by_submit = s["units_by_submit_reply"]
             total = by_submit + s["units_by_flower"]
-            self.say(f"stage {stage}: {by_submit} of {total} units came with Submit replies")
+            stale = s["staleness"].get("mean")
+            stale = f"; results {stale:.2f} versions stale on average" if stale is not None else ""
+            self.say(f"stage {stage}: {by_submit} of {total} units came with Submit replies{stale}")
         self.say(f"database: {work / 'coordinator' / 'coordinator.db'}")
         self.say(f"blobs and checkpoints: {work / 'coordinator'}; summary: {work / 'summary.json'}")
         self.say(

@@ -64,6 +64,9 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
         busy = stage["utilisation_by_participant"]
         assert len(busy) == 2 and all(0 < b <= 1 for b in busy.values()), busy
         assert stage["utilisation"] == min(busy.values())
+        # how many versions came out while a result's unit trained and its result travelled
+        stale = stage["staleness"]
+        assert abs(sum(stale["share"].values()) - 1) < 1e-9 and 0 <= stale["mean"] <= 8, stale
     # The network improved on the central seed it started from, both scored on the same
     # held-out sequences (stage 1's own val loss is on other sequences: not comparable),
     # and with its experts fully ternary by the end of stage 4. Stage 3 alone gets ~30 s
@@ -84,6 +87,7 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
     # Submit calls, not only over Flower (coordinator.unit_handoff); the summary says so.
     assert s3["units_by_submit_reply"] > 0 and s4["units_by_submit_reply"] > 0, (s3, s4)
     assert "units came with Submit replies" in " ".join(out.split())
+    assert "versions stale on average" in " ".join(out.split())
     # The coordinator left the cores to the 2 one-thread participants, and tiny units have
     # the demo's own length.
     cores = len(os.sched_getaffinity(0))

@@ -8,6 +8,8 @@ a checkpoint reload, a version delta, stage 4's teacher.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.db import leases as db_leases
 from coordinator.db import participants as db_participants
 from coordinator.db import results as db_results
+from coordinator.db.stats import result_staleness
 from coordinator.federation_settings import FederationSettings
 from participant.runtime import ParticipantRuntime
 from shared_model.wire.perspective.v1 import control_pb2
@@ -97,6 +100,33 @@ def test_a_unit_trains_from_the_newest_version_when_it_starts(coordinator, tmp_p
     with coord.session_factory() as s:
         assert db_leases.find_unit(s, unit_id=unit_id).base_version == leased_at + 2
         assert db_results.find_result(s, unit_id=unit_id).base_version == leased_at + 2
+
+
+@pytest.mark.parametrize("latency", [0.0, 2.0])
+def test_a_result_in_transit_is_not_in_the_base_of_its_nodes_next_unit(
+    coordinator, tmp_path, latency
+):
+    """One participant, a version per result, two units in flight. A result that reaches
+    the coordinator the moment its unit ends makes the version the node's next unit
+    starts from (nothing is stale); one that travels while the next unit trains (as over
+    Flower, where the next unit starts while the last result is encoded and sent; a unit
+    here trains 3 virtual seconds) leaves that unit one version behind
+    (``result_staleness`` counts it)."""
+    coord, ckpt = coordinator
+    settings = replace(_settings(3), buffer_size=1)
+    coord.prepare(ckpt, settings)
+    driver = ReplayDriver(
+        coord.cfg, coord.store, coord.corpus.dataset("train"), tmp_path / "nodes", [1.0],
+        latency=latency, publisher=coord.state.publisher,
+    )  # fmt: skip
+    tokens = 6 * settings.steps_per_unit * coord.cfg.train.batch_size * coord.cfg.train.seq_len
+    coord.federated_stage(driver, StageBudget(tokens=tokens), settings).run(lambda: False)
+    with coord.session_factory() as s:
+        staleness = result_staleness(s, stage="stage3")
+    if latency == 0:
+        assert staleness == {"mean": 0.0, "share": {"0": 1.0}}
+    else:  # units that started while their predecessor's result travelled
+        assert set(staleness["share"]) == {"0", "1"} and staleness["mean"] > 0.5, staleness
 
 
 def _lease(coord, node_id: int) -> control_pb2.ControlRequest:

@@ -393,3 +393,21 @@ def utilisation_by_participant(session: Session, *, stage: str, wall_s: float) -
     for pid, t in _accepted_in(session, stage, Result.participant_id, Result.timings):
         out[pid] = out.get(pid, 0.0) + float((t or {}).get("train_s", 0.0))
     return {str(p): t / wall_s for p, t in sorted(out.items())}
+
+
+def result_staleness(session: Session, *, stage: str) -> dict[str, Any]:
+    """How stale the accepted results of ``stage`` were: the versions published between a
+    result's base and the version it went into, not counting that one (0: nothing was
+    published while its unit trained). ``{"mean": ..., "share": {"0": ..., ...}}``, or
+    empty when none was applied yet."""
+    values = [
+        int(applied) - int(base) - 1
+        for base, applied in _accepted_in(
+            session, stage, Result.base_version, Result.applied_in_version
+        )
+        if applied is not None
+    ]
+    if not values:
+        return {}
+    share = {str(v): values.count(v) / len(values) for v in sorted(set(values))}
+    return {"mean": sum(values) / len(values), "share": share}
