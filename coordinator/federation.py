@@ -650,7 +650,7 @@ class FederationLoop:
     def publish(self) -> int:
         """Publish the masters as a new version and record it with the results it applies."""
         with METRICS.time_aggregation():
-            version = self.state.publish()
+            version = self.state.publish(self._applied)
         totals = self.totals()
         metrics = {"tokens": totals.tokens, "accepted": totals.accepted}
         recent = [loss for v, loss in self._train_loss if v == version - 1]
@@ -843,7 +843,7 @@ class FederationLoop:
                 self._applied.append(unit_id)
                 if _last_of_version(rows, replayed, target):
                     self.state.shared.flush()
-                    self.state.publish()
+                    self.state.publish(self._applied)
                     self._applied = []
             else:
                 self._applied_one(unit_id, intake.apply_result(self.state, decoded))

@@ -59,7 +59,10 @@ class FederationSettings:
     columns with ``column_codec``, both ways, until the experts are all ternary (stage-4 units at
     ternary fraction 1): from then on columns travel with ``ternary_column_codec``
     (``trits``: their ternary values, version to version as trit flips; the FP latent
-    stays with its owner).
+    stays with its owner). With ``eager_updates`` > 0 a participant starts each unit from
+    the synced shared layers minus that multiple of its expected share of an outer step
+    (``outer_lr`` / ``buffer_size``) of each shared pseudo-gradient it sent that the
+    versions it synced do not apply yet (eager updates; docs/federated-training.md §5.1).
 
     Defences (:mod:`coordinator.aggregation.bounds`, :mod:`coordinator.column_validation`,
     :mod:`coordinator.reputation`): each update tensor must be within ``max_update_ratio``
@@ -95,6 +98,7 @@ class FederationSettings:
     ternary_column_codec: str = "trits"
     shared_codec: str = "ternary"
     shared_threshold: float = 1.0
+    eager_updates: float = 0.0
     # aggregation and publishing
     buffer_size: int = 2
     max_staleness: int = 8
@@ -183,6 +187,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "shared_codec": ((lambda v: v in CODECS), " or ".join(CODECS)),
     "shared_threshold": ((lambda v: 0 < v < 2), "0 < value < 2"),
+    "eager_updates": ((lambda v: 0 <= v <= 2), "0 <= value <= 2 (0: off, 1: its share)"),
     "buffer_size": _at_least(1),
     "max_staleness": _at_least(0),
     "outer_lr": ((lambda v: 0 <= v < math.inf), "a finite value >= 0"),

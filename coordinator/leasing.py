@@ -167,6 +167,9 @@ class UnitFactory:
     #: Column codec of units whose experts are all ternary (stage 4 at fraction 1;
     #: ``None``: ``column_codec``). Each unit's codec is in its params.
     ternary_column_codec: str | None = None
+    #: ``ControlRequest.eager_scale``: the share of an outer step a participant expects
+    #: its own in-transit result to make (``eager_updates`` × outer lr / buffer size)
+    eager_scale: float = 0.0
 
     def lease(
         self,
@@ -317,6 +320,7 @@ class UnitFactory:
             column_codec=params.get("column_codec", self.column_codec),
             shared_codec=self.shared_codec,
             shared_threshold=self.shared_threshold,
+            eager_scale=self.eager_scale,
             eot_id=self.eot_id,
             budget_tokens=unit.steps * self.cfg.train.batch_size * self.cfg.train.seq_len,
             credit_tokens=self._credit(unit),

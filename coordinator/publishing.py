@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -69,10 +70,12 @@ class Publisher:
         self.manifests: dict[int, tensor_pb2.BlobRef] = {}
         self.checkpoints: dict[int, tensor_pb2.BlobRef] = {version: self._write_checkpoint()}
 
-    def publish(self) -> int:
-        """Publish the masters as the next version; returns the new version number."""
+    def publish(self, units: Sequence[str] = ()) -> int:
+        """Publish the masters as the next version, which applies the results of ``units``;
+        returns the new version number."""
         parent, version = self.version, self.version + 1
         manifest = control_pb2.VersionManifest(version=version, parent=parent)
+        manifest.units.extend(sorted(units))
         blob, published = self._advance(self.shared.master, self.shared.published, -1, parent)
         self.shared.advance(published)
         manifest.shared.CopyFrom(self._put(blob, "delta"))
@@ -273,11 +276,12 @@ class CoordinatorState:
         self.columns.mark_dirty(fp)
         return bool(fp)
 
-    def publish(self) -> int:
-        """Take the diversity step (if any) and publish the masters as the next version."""
+    def publish(self, units: Sequence[str] = ()) -> int:
+        """Take the diversity step (if any) and publish the masters as the next version
+        (which applies the results of ``units``)."""
         if self.diversity_lr > 0:
             self._diversity_step()
-        return self.publisher.publish()
+        return self.publisher.publish(units)
 
     def _diversity_step(self) -> None:
         beta = self.cfg.moe.diversity_beta

@@ -94,6 +94,20 @@ class TrainedUnit:
 
 
 @dataclass
+class _InTransit:
+    """A shared pseudo-gradient this node sent (or is sending) that may not be applied yet."""
+
+    unit_id: str
+    base: int  # the version its unit trained from: only later versions can apply it
+    pseudo: State
+
+
+#: Versions after which an unapplied result of ours counts as refused or dropped (the
+#: coordinator's default ``max_staleness``): it is no longer applied eagerly.
+EAGER_MAX_AGE = 8
+
+
+@dataclass
 class _Local:
     """What survives between units: the local columns and the shared EF residual."""
 
@@ -130,6 +144,9 @@ class UnitTrainer:
         self._teacher: tuple[tuple, PerspectiveModel] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.tokens_per_s = 0.0
+        # eager updates: our results on their way, and the shared state a unit started from
+        self._in_transit: list[_InTransit] = []
+        self._start_shared: State | None = None
 
     # --- persistence -----------------------------------------------------------------------
 
@@ -213,6 +230,10 @@ class UnitTrainer:
         t_score = time.perf_counter() - t0 - t_sync - t_train
         report("upload", unit.steps, unit.steps, tokens)
         trained = TrainedUnit(self, req, io, base, self._capture(model, columns))
+        if req.eager_scale > 0:
+            capture = trained.capture
+            pseudo = {k: p - capture.shared[k] for k, p in capture.published_shared.items()}
+            self._in_transit.append(_InTransit(unit.unit_id, base, pseudo))
         self.tokens_per_s = tokens / max(t_train, 1e-9)
         result = trained.result
         result.tokens, result.train_loss = tokens, train_loss
@@ -301,8 +322,9 @@ class UnitTrainer:
         if model is None or sorted(model_columns(model)) != columns:
             model = PerspectiveModel(self.cfg, moe=True, columns=columns).to(self.device)
             self.model, self.optimizer = model, build_optimizer(model, self.cfg.optim)
+        self._start_shared = self._eager_start(req.eager_scale)
         with torch.no_grad():
-            model.load_state_dict(self.replica.shared, strict=False)
+            model.load_state_dict(self._start_shared or self.replica.shared, strict=False)
             for c in columns:
                 model.load_expert_state(c, self.local.columns[c])
         teacher = None
@@ -317,6 +339,30 @@ class UnitTrainer:
         fraction = req.unit.ternary_fraction if teacher is not None else None
         model.set_ternary_fraction(fraction if fraction and fraction > 0 else None)
         return model, teacher
+
+    def _eager_start(self, scale: float) -> State | None:
+        """Eager updates: the synced shared layers minus ``scale`` × each of our shared
+        pseudo-gradients the synced versions do not apply yet (``None``: nothing to add).
+
+        Over a real network a node starts its next unit while its last result is encoded
+        and sent, so that unit cannot start from a version that applies it; starting from
+        its own expected share of the outer step instead recovers most of what that costs
+        (Kale et al. 2025). A result the versions apply, one a checkpoint load may have
+        skipped, and one older than ``EAGER_MAX_AGE`` versions are forgotten.
+        """
+        version = self.replica.version or 0
+        self._in_transit = [
+            t
+            for t in self._in_transit
+            if self.replica.applies(t.unit_id, t.base) is False
+            and version - t.base <= EAGER_MAX_AGE
+        ]
+        if scale <= 0 or not self._in_transit:
+            return None
+        start = dict(self.replica.shared)
+        for t in self._in_transit:
+            start = {k: v - scale * t.pseudo[k] for k, v in start.items()}
+        return start
 
     def _teacher_model(self, columns: list[int]) -> PerspectiveModel:
         """Stage 4's frozen teacher over ``columns``, built from the teacher replica once and
@@ -405,7 +451,8 @@ class UnitTrainer:
                 for k, v in model.state_dict().items()
                 if k in shared
             },
-            published_shared=dict(self.replica.shared),
+            # what the unit started from: the pseudo-gradient is the unit's own progress
+            published_shared=dict(self._start_shared or self.replica.shared),
         )
         with self._local_lock:
             self.local.columns.update(capture.columns)

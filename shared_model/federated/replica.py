@@ -24,6 +24,9 @@ from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 
 State = dict[str, torch.Tensor]
 Fetch = Callable[[tensor_pb2.BlobRef], bytes]
+#: Unit ids a replica remembers from the versions it applied (a node's results in transit
+#: are a few units old at most).
+KEEP_UNITS = 4096
 
 
 class SyncError(RuntimeError):
@@ -37,6 +40,11 @@ class Replica:
         self.version: int | None = None
         self.shared: State = {}
         self.columns: dict[int, State] = {}
+        #: unit id -> the version that applied its result, for the versions this replica
+        #: advanced through (not those a checkpoint skipped; the newest ``KEEP_UNITS``)
+        self.units: dict[str, int] = {}
+        #: the version of the last checkpoint loaded: what happened before it is unknown
+        self.loaded_at: int | None = None
 
     def view(self) -> Replica:
         """A replica over the same tensors, in dicts of its own: advancing it leaves this one
@@ -46,7 +54,18 @@ class Replica:
         other.version = self.version
         other.shared = dict(self.shared)
         other.columns = {c: dict(state) for c, state in self.columns.items()}
+        other.units, other.loaded_at = dict(self.units), self.loaded_at
         return other
+
+    def applies(self, unit_id: str, sent_at: int) -> bool | None:
+        """Whether the versions up to ours apply the result of ``unit_id``, sent when we held
+        version ``sent_at``: ``None`` when a checkpoint loaded since then skipped the
+        versions that would say."""
+        if unit_id in self.units:
+            return True
+        if self.loaded_at is not None and self.loaded_at > sent_at:
+            return None
+        return False
 
     def load_checkpoint(
         self, manifest: control_pb2.CheckpointManifest, columns: list[int], fetch: Fetch
@@ -58,6 +77,7 @@ class Replica:
         shared = st_load(fetch(manifest.shared))
         cols = {c: st_load(fetch(manifest.columns[c])) for c in columns}
         self.shared, self.columns, self.version = shared, cols, int(manifest.version)
+        self.units, self.loaded_at = {}, self.version
 
     def add_columns(
         self, manifest: control_pb2.CheckpointManifest, columns: list[int], fetch: Fetch
@@ -85,6 +105,9 @@ class Replica:
         for c, state in new_cols.items():
             self.columns[c].update(state)
         self.version = int(manifest.version)
+        self.units.update((u, self.version) for u in manifest.units)
+        while len(self.units) > KEEP_UNITS:  # oldest first: dicts keep insertion order
+            del self.units[next(iter(self.units))]
 
     def sync(
         self,

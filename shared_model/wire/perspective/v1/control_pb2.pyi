@@ -33,7 +33,7 @@ class TensorBundle(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., column: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[EncodedTensor, _Mapping]]] = ...) -> None: ...
 
 class VersionManifest(_message.Message):
-    __slots__ = ("version", "parent", "shared", "columns", "created_unix")
+    __slots__ = ("version", "parent", "shared", "columns", "created_unix", "units")
     class ColumnsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -46,12 +46,14 @@ class VersionManifest(_message.Message):
     SHARED_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
     version: int
     parent: int
     shared: _tensor_pb2.BlobRef
     columns: _containers.MessageMap[int, _tensor_pb2.BlobRef]
     created_unix: int
-    def __init__(self, version: _Optional[int] = ..., parent: _Optional[int] = ..., shared: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., columns: _Optional[_Mapping[int, _tensor_pb2.BlobRef]] = ..., created_unix: _Optional[int] = ...) -> None: ...
+    units: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., parent: _Optional[int] = ..., shared: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., columns: _Optional[_Mapping[int, _tensor_pb2.BlobRef]] = ..., created_unix: _Optional[int] = ..., units: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CheckpointManifest(_message.Message):
     __slots__ = ("version", "shared", "columns")
@@ -87,7 +89,7 @@ class NodeCapability(_message.Message):
     def __init__(self, max_columns: _Optional[int] = ..., max_params: _Optional[int] = ..., threads: _Optional[int] = ..., device: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., ram_bytes: _Optional[int] = ...) -> None: ...
 
 class ControlRequest(_message.Message):
-    __slots__ = ("unit", "collect", "checkpoint", "versions", "teacher", "blob_address", "budget_tokens", "batch_size", "seq_len", "column_codec", "shared_codec", "eot_id", "credit_tokens", "acks", "submit_results", "more_units", "drop_queued", "shared_threshold")
+    __slots__ = ("unit", "collect", "checkpoint", "versions", "teacher", "blob_address", "budget_tokens", "batch_size", "seq_len", "column_codec", "shared_codec", "eot_id", "credit_tokens", "acks", "submit_results", "more_units", "drop_queued", "shared_threshold", "eager_scale")
     UNIT_FIELD_NUMBER: _ClassVar[int]
     COLLECT_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +108,7 @@ class ControlRequest(_message.Message):
     MORE_UNITS_FIELD_NUMBER: _ClassVar[int]
     DROP_QUEUED_FIELD_NUMBER: _ClassVar[int]
     SHARED_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    EAGER_SCALE_FIELD_NUMBER: _ClassVar[int]
     unit: _federation_pb2.WorkUnit
     collect: bool
     checkpoint: _tensor_pb2.BlobRef
@@ -124,7 +127,8 @@ class ControlRequest(_message.Message):
     more_units: _containers.RepeatedCompositeFieldContainer[ControlRequest]
     drop_queued: bool
     shared_threshold: float
-    def __init__(self, unit: _Optional[_Union[_federation_pb2.WorkUnit, _Mapping]] = ..., collect: _Optional[bool] = ..., checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ..., teacher: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., blob_address: _Optional[str] = ..., budget_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., column_codec: _Optional[str] = ..., shared_codec: _Optional[str] = ..., eot_id: _Optional[int] = ..., credit_tokens: _Optional[int] = ..., acks: _Optional[_Iterable[_Union[_federation_pb2.WorkAck, _Mapping]]] = ..., submit_results: _Optional[bool] = ..., more_units: _Optional[_Iterable[_Union[ControlRequest, _Mapping]]] = ..., drop_queued: _Optional[bool] = ..., shared_threshold: _Optional[float] = ...) -> None: ...
+    eager_scale: float
+    def __init__(self, unit: _Optional[_Union[_federation_pb2.WorkUnit, _Mapping]] = ..., collect: _Optional[bool] = ..., checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ..., teacher: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., blob_address: _Optional[str] = ..., budget_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., column_codec: _Optional[str] = ..., shared_codec: _Optional[str] = ..., eot_id: _Optional[int] = ..., credit_tokens: _Optional[int] = ..., acks: _Optional[_Iterable[_Union[_federation_pb2.WorkAck, _Mapping]]] = ..., submit_results: _Optional[bool] = ..., more_units: _Optional[_Iterable[_Union[ControlRequest, _Mapping]]] = ..., drop_queued: _Optional[bool] = ..., shared_threshold: _Optional[float] = ..., eager_scale: _Optional[float] = ...) -> None: ...
 
 class ControlReply(_message.Message):
     __slots__ = ("results", "capability", "queued_units", "synced_version", "failed_units", "failure_reasons", "bytes_down", "submits_results")

@@ -1,0 +1,125 @@
+"""Eager updates: a unit starts from its node's own results still on their way.
+
+Over a real network a participant starts its next unit while its last result is encoded
+and sent, so that unit cannot start from a version that applies it. With
+``eager_updates`` the coordinator asks each unit to start from the synced shared layers
+minus its own expected share of the outer step (``eager_scale``) of every pseudo-gradient
+of its node that the synced versions do not list yet (``VersionManifest.units``); a
+result the versions apply is never added again.
+
+Real pieces: the coordinator's loop (leasing, intake, publishing) and the participant's
+own :class:`~participant.unit_trainer.UnitTrainer`, on the coordinator's blob store.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coordinator.blob_uploads import UploadLedger
+from coordinator.coordinator_process import Coordinator, StageBudget
+from coordinator.db import participants as db_participants
+from coordinator.federation_settings import FederationSettings, FederationSettingsError
+from participant.unit_trainer import BlobIO, UnitTrainer
+from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
+
+SETTINGS = FederationSettings(
+    stage=3, steps_per_unit=3, buffer_size=1, eval_every=1000, max_in_flight=3,
+    eager_updates=1.0, outer_lr=0.8,
+)  # fmt: skip
+
+
+@pytest.fixture
+def loop(tiny_moe_seed, tmp_path):
+    cfg, corpus, ckpt = tiny_moe_seed
+    coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
+    coord.start()
+    coord.prepare(ckpt, SETTINGS)
+    yield coord.federated_stage(None, StageBudget(minutes=30), SETTINGS)
+    coord.shutdown()
+
+
+@pytest.fixture
+def trainer(tiny_moe_seed, tmp_path):
+    """The participant's own trainer, on the training documents."""
+    cfg, corpus, _ = tiny_moe_seed
+    return UnitTrainer(cfg, corpus.dataset("train"), tmp_path / "node")
+
+
+def _lease(loop, node_id: int = 1) -> control_pb2.ControlRequest:
+    with loop.factory.begin() as s:
+        p = db_participants.touch_participant(s, node_id=node_id)
+        return loop.units.request(loop.units.lease(s, p, loop.state), loop.state, node_id)
+
+
+def _io(loop) -> BlobIO:
+    store, uploads = loop.state.store, UploadLedger.for_store(loop.state.store)
+
+    def upload(data: bytes, unit_id: str) -> tensor_pb2.BlobRef:
+        content_id = store.put_bytes(data)
+        uploads.record(content_id, unit_id)  # as the blob service's Put
+        return tensor_pb2.BlobRef(content_id=content_id, size=len(data))
+
+    return BlobIO(fetch=lambda ref: store.get(ref.content_id), upload=upload)
+
+
+def _run(trainer, loop, req):
+    """Train ``req``; returns the trained unit (its start state) and its encoded result."""
+    io = _io(loop)
+    io.upload = lambda data, unit_id=req.unit.unit_id, up=io.upload: up(data, unit_id)
+    trained = trainer.train(req, io)
+    return trained, trained.encode()
+
+
+def _progress(trained) -> dict[str, torch.Tensor]:
+    """What the unit's shared layers moved: its start minus its end."""
+    c = trained.capture
+    return {k: start - c.shared[k] for k, start in c.published_shared.items()}
+
+
+def _close(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+
+
+def test_a_unit_starts_from_its_nodes_results_not_applied_yet(loop, trainer):
+    first, second = _lease(loop), _lease(loop)
+    scale = SETTINGS.eager_updates * SETTINGS.outer_lr / SETTINGS.buffer_size
+    assert first.eager_scale == pytest.approx(scale)
+    a, result_a = _run(trainer, loop, first)
+    published_v0 = dict(trainer.replica.shared)
+    assert _close(a.capture.published_shared, published_v0)  # nothing on its way yet
+    # `second` starts while `first`'s result travels: from version 0 minus its share.
+    b, result_b = _run(trainer, loop, second)
+    assert trainer.replica.version == 0
+    step_a = _progress(a)
+    expected = {k: v - scale * step_a[k] for k, v in published_v0.items()}
+    assert _close(b.capture.published_shared, expected)
+    # The coordinator applies `first` (a version per result): version 1 lists it.
+    assert loop.receive(1, result_a).accepted and loop.state.version == 1
+    manifest = control_pb2.VersionManifest.FromString(
+        loop.state.store.get(loop.state.publisher.manifests[1].content_id)
+    )
+    assert list(manifest.units) == [first.unit.unit_id]
+    # The next unit syncs to version 1: `first` is in it and is not added again;
+    # `second` is still on its way.
+    c, _ = _run(trainer, loop, _lease(loop))
+    assert trainer.replica.version == 1
+    step_b = _progress(b)
+    expected = {k: v - scale * step_b[k] for k, v in trainer.replica.shared.items()}
+    assert _close(c.capture.published_shared, expected)
+    assert loop.receive(1, result_b).accepted
+
+
+def test_eager_updates_off_starts_from_the_synced_version(loop, trainer):
+    req = _lease(loop)
+    req.eager_scale = 0.0
+    _run(trainer, loop, req)
+    again = _lease(loop)
+    again.eager_scale = 0.0
+    trained, _ = _run(trainer, loop, again)
+    assert _close(trained.capture.published_shared, trainer.replica.shared)
+
+
+def test_eager_updates_setting_is_checked():
+    with pytest.raises(FederationSettingsError, match="eager_updates"):
+        FederationSettings(eager_updates=-1)
