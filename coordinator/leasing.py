@@ -167,8 +167,8 @@ class UnitFactory:
     #: Column codec of units whose experts are all ternary (stage 4 at fraction 1;
     #: ``None``: ``column_codec``). Each unit's codec is in its params.
     ternary_column_codec: str | None = None
-    #: ``ControlRequest.eager_scale``: the share of an outer step a participant expects
-    #: its own in-transit result to make (``eager_updates`` × outer lr / buffer size)
+    #: ``ControlRequest.eager_scale``: how much of its own in-transit pseudo-gradients a
+    #: participant adds to the start of its next unit (``eager_updates`` × outer lr)
     eager_scale: float = 0.0
 
     def lease(

@@ -3,9 +3,9 @@
 Over a real network a participant starts its next unit while its last result is encoded
 and sent, so that unit cannot start from a version that applies it. With
 ``eager_updates`` the coordinator asks each unit to start from the synced shared layers
-minus its own expected share of the outer step (``eager_scale``) of every pseudo-gradient
-of its node that the synced versions do not list yet (``VersionManifest.units``); a
-result the versions apply is never added again.
+minus ``eager_scale`` × every shared pseudo-gradient of its node that the synced versions
+do not list yet (``VersionManifest.units``); a result the versions apply is never added
+again.
 
 Real pieces: the coordinator's loop (leasing, intake, publishing) and the participant's
 own :class:`~participant.unit_trainer.UnitTrainer`, on the coordinator's blob store.
@@ -25,7 +25,7 @@ from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 
 SETTINGS = FederationSettings(
     stage=3, steps_per_unit=3, buffer_size=1, eval_every=1000, max_in_flight=3,
-    eager_updates=1.0, outer_lr=0.8,
+    eager_updates=0.5, outer_lr=0.8,
 )  # fmt: skip
 
 
@@ -83,7 +83,7 @@ def _close(a: dict, b: dict) -> bool:
 
 def test_a_unit_starts_from_its_nodes_results_not_applied_yet(loop, trainer):
     first, second = _lease(loop), _lease(loop)
-    scale = SETTINGS.eager_updates * SETTINGS.outer_lr / SETTINGS.buffer_size
+    scale = SETTINGS.eager_updates * SETTINGS.outer_lr
     assert first.eager_scale == pytest.approx(scale)
     a, result_a = _run(trainer, loop, first)
     published_v0 = dict(trainer.replica.shared)
