@@ -358,7 +358,7 @@ class Coordinator:
             ternary_column_codec=settings.ternary_column_codec,
             shared_codec=settings.shared_codec,
             shared_threshold=settings.shared_threshold,
-            eager_scale=settings.eager_updates * settings.outer_lr,
+            eager_scale=settings.eager_updates * settings.outer_lr / settings.buffer_size,
             teacher=teacher,
             schedule_steps=budget.schedule_steps(
                 step_tokens, settings, self._previous_stage_rate(stage)

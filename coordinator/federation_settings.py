@@ -60,10 +60,11 @@ class FederationSettings:
     ternary fraction 1): from then on columns travel with ``ternary_column_codec``
     (``trits``: their ternary values, version to version as trit flips; the FP latent
     stays with its owner). With ``eager_updates`` > 0 a participant starts each unit from
-    the synced shared layers minus ``eager_updates`` × ``outer_lr`` × each shared
-    pseudo-gradient it sent that the versions it synced do not apply yet: its own update
-    standing in for the outer step on its way (1: for all of it, as Kale et al. 2025;
-    1 / ``buffer_size``: for its own share; docs/federated-training.md §5.1).
+    the synced shared layers minus ``eager_updates`` × its share of an outer step
+    (``outer_lr`` / ``buffer_size``) of each shared pseudo-gradient it sent that the
+    versions it synced do not apply yet: 1 adds its own share of the step on its way,
+    ``buffer_size`` lets its update stand in for the whole step (as Kale et al. 2025; it
+    cost loss here: docs/federated-training.md §5.1).
 
     Defences (:mod:`coordinator.aggregation.bounds`, :mod:`coordinator.column_validation`,
     :mod:`coordinator.reputation`): each update tensor must be within ``max_update_ratio``
@@ -188,7 +189,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "shared_codec": ((lambda v: v in CODECS), " or ".join(CODECS)),
     "shared_threshold": ((lambda v: 0 < v < 2), "0 < value < 2"),
-    "eager_updates": ((lambda v: 0 <= v <= 1), "0 <= value <= 1 (0: off)"),
+    "eager_updates": ((lambda v: 0 <= v <= 4), "0 <= value <= 4 (0: off)"),
     "buffer_size": _at_least(1),
     "max_staleness": _at_least(0),
     "outer_lr": ((lambda v: 0 <= v < math.inf), "a finite value >= 0"),

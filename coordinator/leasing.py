@@ -168,7 +168,8 @@ class UnitFactory:
     #: ``None``: ``column_codec``). Each unit's codec is in its params.
     ternary_column_codec: str | None = None
     #: ``ControlRequest.eager_scale``: how much of its own in-transit pseudo-gradients a
-    #: participant adds to the start of its next unit (``eager_updates`` × outer lr)
+    #: participant adds to the start of its next unit (``eager_updates`` × its share of an
+    #: outer step, outer lr / buffer size)
     eager_scale: float = 0.0
 
     def lease(

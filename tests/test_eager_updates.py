@@ -25,7 +25,7 @@ from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 
 SETTINGS = FederationSettings(
     stage=3, steps_per_unit=3, buffer_size=1, eval_every=1000, max_in_flight=3,
-    eager_updates=0.5, outer_lr=0.8,
+    eager_updates=1.5, outer_lr=0.8,
 )  # fmt: skip
 
 
@@ -83,7 +83,7 @@ def _close(a: dict, b: dict) -> bool:
 
 def test_a_unit_starts_from_its_nodes_results_not_applied_yet(loop, trainer):
     first, second = _lease(loop), _lease(loop)
-    scale = SETTINGS.eager_updates * SETTINGS.outer_lr
+    scale = SETTINGS.eager_updates * SETTINGS.outer_lr / SETTINGS.buffer_size
     assert first.eager_scale == pytest.approx(scale)
     a, result_a = _run(trainer, loop, first)
     published_v0 = dict(trainer.replica.shared)
