@@ -179,8 +179,7 @@ class DemoView:
         for stage, s in summary["stages"].items():
             by_submit = s["units_by_submit_reply"]
             total = by_submit + s["units_by_flower"]
-            stale = s["staleness"].get("mean")
-            stale = f"; results {stale:.2f} versions stale on average" if stale is not None else ""
+            stale = _staleness_note(s["staleness"])
             self.say(f"stage {stage}: {by_submit} of {total} units came with Submit replies{stale}")
         self.say(f"database: {work / 'coordinator' / 'coordinator.db'}")
         self.say(f"blobs and checkpoints: {work / 'coordinator'}; summary: {work / 'summary.json'}")
@@ -189,6 +188,16 @@ class DemoView:
             f"perspective coordinator export --work-dir {work / 'coordinator'} "
             f"--out {work / 'export'}"
         )
+
+
+def _staleness_note(staleness: dict) -> str:
+    """``; results 1.15 versions stale on average, 80 % of units started eagerly``."""
+    if not staleness:
+        return ""
+    note = f"; results {staleness['mean']:.2f} versions stale on average"
+    if staleness.get("eager"):
+        note += f", {staleness['eager']:.0%} of units started eagerly"
+    return note
 
 
 def _units(batches) -> int:

@@ -117,11 +117,13 @@ def finite(x: float) -> float | None:
 def timings(t) -> dict[str, float]:
     """A result's ``Timings`` as stored (JSON, which has no NaN): a phase whose seconds are
     not finite, negative or above :data:`MAX_SECONDS` is left out (unknown); the counts of
-    blobs and versions its sync fetched and applied are kept as sent (uint32s)."""
+    blobs and versions its sync fetched and applied, and of the node's results its unit
+    started from eagerly, are kept as sent (uint32s)."""
     out: dict[str, float] = {}
     for name in ("sync_s", "train_s", "encode_s", "upload_s", "total_s", "score_s"):
         value = finite(getattr(t, name))
         if value is not None and 0 <= value <= MAX_SECONDS:
             out[name] = value
     out["sync_fetches"], out["sync_versions"] = int(t.sync_fetches), int(t.sync_versions)
+    out["eager_results"] = int(t.eager_results)
     return out

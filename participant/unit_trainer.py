@@ -147,6 +147,7 @@ class UnitTrainer:
         # eager updates: our results on their way, and the shared state a unit started from
         self._in_transit: list[_InTransit] = []
         self._start_shared: State | None = None
+        self._eager_results = 0  # in-transit results the current unit started from
 
     # --- persistence -----------------------------------------------------------------------
 
@@ -240,6 +241,7 @@ class UnitTrainer:
         result.document_losses.extend(scores)
         result.timings.sync_s, result.timings.train_s = t_sync, t_train
         result.timings.sync_versions = applied
+        result.timings.eager_results = self._eager_results
         result.timings.score_s = t_score
         result.timings.total_s = time.perf_counter() - t0
         return trained
@@ -357,7 +359,8 @@ class UnitTrainer:
             if self.replica.applies(t.unit_id, t.base) is False
             and version - t.base <= EAGER_MAX_AGE
         ]
-        if scale <= 0 or not self._in_transit:
+        self._eager_results = len(self._in_transit) if scale > 0 else 0
+        if not self._eager_results:
             return None
         start = dict(self.replica.shared)
         for t in self._in_transit:

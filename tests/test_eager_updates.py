@@ -19,6 +19,7 @@ import torch
 from coordinator.blob_uploads import UploadLedger
 from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.db import participants as db_participants
+from coordinator.db.stats import result_staleness
 from coordinator.federation_settings import FederationSettings, FederationSettingsError
 from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
@@ -88,12 +89,14 @@ def test_a_unit_starts_from_its_nodes_results_not_applied_yet(loop, trainer):
     a, result_a = _run(trainer, loop, first)
     published_v0 = dict(trainer.replica.shared)
     assert _close(a.capture.published_shared, published_v0)  # nothing on its way yet
+    assert result_a.timings.eager_results == 0
     # `second` starts while `first`'s result travels: from version 0 minus its share.
     b, result_b = _run(trainer, loop, second)
     assert trainer.replica.version == 0
     step_a = _progress(a)
     expected = {k: v - scale * step_a[k] for k, v in published_v0.items()}
     assert _close(b.capture.published_shared, expected)
+    assert result_b.timings.eager_results == 1  # reported: the coordinator counts them
     # The coordinator applies `first` (a version per result): version 1 lists it.
     assert loop.receive(1, result_a).accepted and loop.state.version == 1
     manifest = control_pb2.VersionManifest.FromString(
@@ -102,12 +105,14 @@ def test_a_unit_starts_from_its_nodes_results_not_applied_yet(loop, trainer):
     assert list(manifest.units) == [first.unit.unit_id]
     # The next unit syncs to version 1: `first` is in it and is not added again;
     # `second` is still on its way.
-    c, _ = _run(trainer, loop, _lease(loop))
+    c, result_c = _run(trainer, loop, _lease(loop))
     assert trainer.replica.version == 1
     step_b = _progress(b)
     expected = {k: v - scale * step_b[k] for k, v in trainer.replica.shared.items()}
-    assert _close(c.capture.published_shared, expected)
+    assert _close(c.capture.published_shared, expected) and result_c.timings.eager_results == 1
     assert loop.receive(1, result_b).accepted
+    with loop.factory() as s:
+        assert result_staleness(s, stage="stage3")["eager"] == 0.5  # b of a and b
 
 
 def test_eager_updates_off_starts_from_the_synced_version(loop, trainer):

@@ -398,16 +398,19 @@ def utilisation_by_participant(session: Session, *, stage: str, wall_s: float) -
 def result_staleness(session: Session, *, stage: str) -> dict[str, Any]:
     """How stale the accepted results of ``stage`` were: the versions published between a
     result's base and the version it went into, not counting that one (0: nothing was
-    published while its unit trained). ``{"mean": ..., "share": {"0": ..., ...}}``, or
-    empty when none was applied yet."""
-    values = [
-        int(applied) - int(base) - 1
-        for base, applied in _accepted_in(
-            session, stage, Result.base_version, Result.applied_in_version
+    published while its unit trained). ``{"mean": ..., "share": {"0": ..., ...},
+    "eager": ...}`` (``eager``: the share whose unit started from its node's results on
+    their way, eager updates), or empty when none was applied yet."""
+    rows = [
+        (int(applied) - int(base) - 1, int((timings or {}).get("eager_results", 0)) > 0)
+        for base, applied, timings in _accepted_in(
+            session, stage, Result.base_version, Result.applied_in_version, Result.timings
         )
         if applied is not None
     ]
-    if not values:
+    if not rows:
         return {}
+    values = [v for v, _ in rows]
     share = {str(v): values.count(v) / len(values) for v in sorted(set(values))}
-    return {"mean": sum(values) / len(values), "share": share}
+    eager = sum(e for _, e in rows) / len(rows)
+    return {"mean": sum(values) / len(values), "share": share, "eager": eager}

@@ -127,7 +127,7 @@ class DocumentLoss(_message.Message):
     def __init__(self, loss: _Optional[float] = ..., column: _Optional[int] = ..., doc: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("sync_s", "train_s", "encode_s", "upload_s", "total_s", "score_s", "sync_fetches", "sync_versions")
+    __slots__ = ("sync_s", "train_s", "encode_s", "upload_s", "total_s", "score_s", "sync_fetches", "sync_versions", "eager_results")
     SYNC_S_FIELD_NUMBER: _ClassVar[int]
     TRAIN_S_FIELD_NUMBER: _ClassVar[int]
     ENCODE_S_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,7 @@ class Timings(_message.Message):
     SCORE_S_FIELD_NUMBER: _ClassVar[int]
     SYNC_FETCHES_FIELD_NUMBER: _ClassVar[int]
     SYNC_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    EAGER_RESULTS_FIELD_NUMBER: _ClassVar[int]
     sync_s: float
     train_s: float
     encode_s: float
@@ -144,7 +145,8 @@ class Timings(_message.Message):
     score_s: float
     sync_fetches: int
     sync_versions: int
-    def __init__(self, sync_s: _Optional[float] = ..., train_s: _Optional[float] = ..., encode_s: _Optional[float] = ..., upload_s: _Optional[float] = ..., total_s: _Optional[float] = ..., score_s: _Optional[float] = ..., sync_fetches: _Optional[int] = ..., sync_versions: _Optional[int] = ...) -> None: ...
+    eager_results: int
+    def __init__(self, sync_s: _Optional[float] = ..., train_s: _Optional[float] = ..., encode_s: _Optional[float] = ..., upload_s: _Optional[float] = ..., total_s: _Optional[float] = ..., score_s: _Optional[float] = ..., sync_fetches: _Optional[int] = ..., sync_versions: _Optional[int] = ..., eager_results: _Optional[int] = ...) -> None: ...
 
 class WorkResult(_message.Message):
     __slots__ = ("unit_id", "node_id", "base_version", "column_deltas", "shared_update", "tokens", "train_loss", "val_loss", "document_losses", "timings")
