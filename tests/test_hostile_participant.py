@@ -180,7 +180,7 @@ def test_nan_losses_and_timings_are_stored_as_unknown(tmp_path, corpus):
     assert row.train_loss is None and row.val_loss is None
     assert row.timings == {
         "sync_s": 2.5, "encode_s": 0.0, "upload_s": 0.0, "score_s": 0.0, "sync_fetches": 0,
-        "sync_versions": 0,
+        "sync_versions": 0, "eager_results": 0,
     }  # fmt: skip
     assert loop._train_loss == []  # no NaN reaches a version's metrics
 
