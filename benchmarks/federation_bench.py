@@ -89,9 +89,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--reply-latency",
         type=float,
-        default=0.0,
+        default=3.0,
         help="replay: virtual seconds from a unit's end of training to its result reaching "
-        "the coordinator (its node trains on meanwhile; a step takes 1 to 1 + spread)",
+        "the coordinator (its node trains on meanwhile; a step takes 1 to 1 + spread). "
+        "3: results as stale as make demo's over Flower (1.16 versions against 1.15-1.36); "
+        "0: at once, the replay of the stops before (0.57)",
     )
     p.add_argument(
         "--lease-base",
@@ -460,6 +462,10 @@ def merge(paths: list[Path], name: str) -> None:
     report["summary"] = summarise(runs)
     report["runs"] = {str(k): v for k, v in sorted(runs.items())}
     report["merged_from"] = [str(p) for p in paths]
+    # each file's own settings: arms merged from runs with different flags say which
+    report["settings_by_file"] = {
+        str(p): r.get("settings") for p, r in zip(paths, reports, strict=True)
+    }
     arms = {a for seed in runs.values() for a in seed if a != "seed_checkpoint"}
     report["settings"] = {**report.get("settings", {}), "arms": ",".join(sorted(arms))}
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))

@@ -100,7 +100,7 @@ class FederationSettings:
     ternary_column_codec: str = "trits"
     shared_codec: str = "ternary"
     shared_threshold: float = 1.0
-    eager_updates: float = 0.0
+    eager_updates: float = 1.0
     # aggregation and publishing
     buffer_size: int = 2
     max_staleness: int = 8
