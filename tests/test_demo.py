@@ -67,6 +67,8 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
         # how many versions came out while a result's unit trained and its result travelled
         stale = stage["staleness"]
         assert abs(sum(stale["share"].values()) - 1) < 1e-9 and 0 <= stale["mean"] <= 8, stale
+        # eager updates (on by default): units started from their node's results on the way
+        assert stale["eager"] > 0, stale
     # The network improved on the central seed it started from, both scored on the same
     # held-out sequences (stage 1's own val loss is on other sequences: not comparable),
     # and with its experts fully ternary by the end of stage 4. Stage 3 alone gets ~30 s
