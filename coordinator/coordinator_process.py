@@ -418,6 +418,7 @@ STATE_KNOBS = (
     "column_codec",
     "buffer_size",
     "max_staleness",
+    "staleness_grace",
     "checkpoint_every",
     "outer_lr",
     "outer_momentum",

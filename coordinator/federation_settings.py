@@ -48,7 +48,9 @@ class FederationSettings:
 
     Aggregation: every ``buffer_size`` accepted results the shared layers take one outer
     step (``outer_lr``, Nesterov ``outer_momentum``) on the ``aggregator``'s robust mean of
-    the staleness-weighted pseudo-gradients (``centered_clip`` with radius ``clip_factor``
+    the staleness-weighted pseudo-gradients (w = 1 / √(1 + s − ``staleness_grace``) for a
+    result s versions stale, 1 within the grace; a column master moves w of the way to its
+    result) (``centered_clip`` with radius ``clip_factor``
     × the median update norm; ``trimmed_mean`` trims ``trim`` results at each end per
     coordinate; ``median``; ``mean``); results based more than
     ``max_staleness`` versions back are refused; every ``checkpoint_every`` versions a
@@ -104,6 +106,7 @@ class FederationSettings:
     # aggregation and publishing
     buffer_size: int = 2
     max_staleness: int = 8
+    staleness_grace: int = 0
     outer_lr: float = 1.0
     outer_momentum: float = 0.0
     trim: int = 0
@@ -192,6 +195,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eager_updates": ((lambda v: 0 <= v <= 4), "0 <= value <= 4 (0: off)"),
     "buffer_size": _at_least(1),
     "max_staleness": _at_least(0),
+    "staleness_grace": _at_least(0),
     "outer_lr": ((lambda v: 0 <= v < math.inf), "a finite value >= 0"),
     "outer_momentum": ((lambda v: 0 <= v < 1), "0 <= value < 1"),
     "trim": _at_least(0),

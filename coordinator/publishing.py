@@ -224,13 +224,15 @@ class CoordinatorState:
         self.diversity_lr = settings.diversity_lr
         n = cfg.moe.n_experts
         self.columns = ColumnAggregator(
-            {c: model.expert_state(c) for c in range(n)}, version, settings.max_staleness
-        )
+            {c: model.expert_state(c) for c in range(n)}, version, settings.max_staleness,
+            staleness_grace=settings.staleness_grace,
+        )  # fmt: skip
         self.shared = SharedAggregator(
             model.shared_state(),
             buffer_size=settings.buffer_size,
             outer=OuterOptimizer(settings.outer_lr, settings.outer_momentum),
             trim=settings.trim,
+            staleness_grace=settings.staleness_grace,
         )
         self.publisher = Publisher(
             store,

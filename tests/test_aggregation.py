@@ -22,6 +22,22 @@ def test_staleness_weight():
     assert staleness_weight(3) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         staleness_weight(-1)
+    # staleness_grace: the versions a pipelined result misses by design are not discounted
+    assert staleness_weight(1, grace=1) == 1.0
+    assert staleness_weight(4, grace=1) == pytest.approx(0.5)
+
+
+def test_the_staleness_grace_reaches_both_aggregators():
+    from coordinator.aggregation import OuterOptimizer, SharedAggregator
+
+    cols = ColumnAggregator({0: {"w": torch.zeros(4)}}, 0, max_staleness=8, staleness_grace=1)
+    assert cols.apply(0, {"w": torch.ones(4)}, base_version=0, current_version=1) == 1.0
+    shared = SharedAggregator(
+        {"w": torch.zeros(4)}, buffer_size=1, outer=OuterOptimizer(1.0, 0.0), trim=0,
+        staleness_grace=1,
+    )  # fmt: skip
+    assert shared.add({"w": torch.ones(4)}, base_version=0, current_version=1)
+    assert torch.allclose(shared.master["w"], -torch.ones(4))  # the whole step: w = 1
 
 
 def test_column_pull_is_not_counted_twice():

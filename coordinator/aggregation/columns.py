@@ -31,9 +31,12 @@ class StaleResultError(ValueError):
 class ColumnAggregator:
     """FP masters of expert columns plus their recent published history."""
 
-    def __init__(self, masters: dict[int, State], version: int, max_staleness: int):
+    def __init__(
+        self, masters: dict[int, State], version: int, max_staleness: int, staleness_grace: int = 0
+    ):
         self.masters = {c: {k: v.clone().float() for k, v in s.items()} for c, s in masters.items()}
         self.max_staleness = max_staleness
+        self.staleness_grace = staleness_grace
         # column -> list of (version, published state), oldest first.
         self._published: dict[int, list[tuple[int, State]]] = {
             c: [(version, {k: v.clone() for k, v in s.items()})] for c, s in self.masters.items()
@@ -66,7 +69,7 @@ class ColumnAggregator:
         stale = current_version - base_version
         if stale > self.max_staleness:
             raise StaleResultError(f"result is {stale} versions stale (max {self.max_staleness})")
-        weight = staleness_weight(stale)
+        weight = staleness_weight(stale, self.staleness_grace)
         base = self.published_at(column, base_version)
         master = self.masters[column]
         for name, d in delta.items():

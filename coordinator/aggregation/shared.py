@@ -49,11 +49,13 @@ class SharedAggregator:
         buffer_size: int,
         outer: OuterOptimizer,
         trim: int,
+        staleness_grace: int = 0,
     ):
         self.master = {k: v.clone().float() for k, v in master.items()}
         self.buffer_size = buffer_size
         self.outer = outer
         self.trim = trim
+        self.staleness_grace = staleness_grace
         # The robust mean; FederationSettings.aggregator's choice is set by Coordinator.prepare.
         self.reducer: Reducer = lambda stack, w: trimmed_mean(stack, w, self.trim)
         self._buffer: list[tuple[State, float]] = []
@@ -68,7 +70,7 @@ class SharedAggregator:
         With ``step=False`` the result is only buffered (log replay decides the step
         boundaries itself).
         """
-        weight = staleness_weight(current_version - base_version)
+        weight = staleness_weight(current_version - base_version, self.staleness_grace)
         self._buffer.append((pseudo_grad, weight))
         if not step or len(self._buffer) < self.buffer_size:
             return False
