@@ -106,7 +106,7 @@ class FederationSettings:
     # aggregation and publishing
     buffer_size: int = 2
     max_staleness: int = 8
-    staleness_grace: int = 0
+    staleness_grace: int = 1
     outer_lr: float = 1.0
     outer_momentum: float = 0.0
     trim: int = 0
