@@ -18,10 +18,10 @@ from coordinator.aggregation.columns import StaleResultError
 
 
 def test_staleness_weight():
-    assert staleness_weight(0) == 1.0
-    assert staleness_weight(3) == pytest.approx(0.5)
+    assert staleness_weight(0, grace=0) == 1.0
+    assert staleness_weight(3, grace=0) == pytest.approx(0.5)
     with pytest.raises(ValueError):
-        staleness_weight(-1)
+        staleness_weight(-1, grace=0)
     # staleness_grace: the versions a pipelined result misses by design are not discounted
     assert staleness_weight(1, grace=1) == 1.0
     assert staleness_weight(4, grace=1) == pytest.approx(0.5)
@@ -41,7 +41,7 @@ def test_the_staleness_grace_reaches_both_aggregators():
 
 
 def test_column_pull_is_not_counted_twice():
-    agg = ColumnAggregator({0: {"w": torch.zeros(4)}}, version=0, max_staleness=8)
+    agg = ColumnAggregator({0: {"w": torch.zeros(4)}}, 0, max_staleness=8, staleness_grace=0)
     # Two pipelined results from the same owner, both based on version 0: the second
     # describes the owner's cumulative copy, so the master must end at it, not at 2x.
     agg.apply(0, {"w": torch.ones(4)}, base_version=0, current_version=0)
@@ -51,7 +51,7 @@ def test_column_pull_is_not_counted_twice():
 
 
 def test_column_staleness_weight_and_limit():
-    agg = ColumnAggregator({0: {"w": torch.zeros(2)}}, version=0, max_staleness=4)
+    agg = ColumnAggregator({0: {"w": torch.zeros(2)}}, 0, max_staleness=4, staleness_grace=0)
     w = agg.apply(0, {"w": torch.ones(2)}, base_version=0, current_version=3)
     assert w == pytest.approx(0.5)
     assert torch.allclose(agg.masters[0]["w"], torch.full((2,), 0.5))
@@ -69,8 +69,9 @@ def test_outer_nesterov_matches_formula():
 
 def test_shared_aggregator_steps_every_buffer_size():
     agg = SharedAggregator(
-        {"w": torch.zeros(2)}, buffer_size=2, outer=OuterOptimizer(1.0, 0.0), trim=0
-    )
+        {"w": torch.zeros(2)}, buffer_size=2, outer=OuterOptimizer(1.0, 0.0), trim=0,
+        staleness_grace=0,
+    )  # fmt: skip
     assert agg.add({"w": torch.ones(2)}, 0, 0) is False
     assert agg.add({"w": torch.ones(2)}, 0, 0) is True
     assert torch.allclose(agg.master["w"], -torch.ones(2))

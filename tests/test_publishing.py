@@ -13,11 +13,13 @@ from shared_model.wire.perspective.v1 import control_pb2
 def test_publish_error_feedback_keeps_unsent_part(tmp_path):
     store = BlobStore(tmp_path / "blobs")
     columns = ColumnAggregator(
-        {0: {"w": torch.zeros(3)}, 1: {"w": torch.zeros(3)}}, version=0, max_staleness=8
-    )
+        {0: {"w": torch.zeros(3)}, 1: {"w": torch.zeros(3)}}, version=0, max_staleness=8,
+        staleness_grace=0,
+    )  # fmt: skip
     shared = SharedAggregator(
-        {"s": torch.zeros(2)}, buffer_size=2, outer=OuterOptimizer(1.0, 0.0), trim=0
-    )
+        {"s": torch.zeros(2)}, buffer_size=2, outer=OuterOptimizer(1.0, 0.0), trim=0,
+        staleness_grace=0,
+    )  # fmt: skip
     publisher = Publisher(
         store,
         columns,

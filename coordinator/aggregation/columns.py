@@ -32,7 +32,7 @@ class ColumnAggregator:
     """FP masters of expert columns plus their recent published history."""
 
     def __init__(
-        self, masters: dict[int, State], version: int, max_staleness: int, staleness_grace: int = 0
+        self, masters: dict[int, State], version: int, max_staleness: int, *, staleness_grace: int
     ):
         self.masters = {c: {k: v.clone().float() for k, v in s.items()} for c, s in masters.items()}
         self.max_staleness = max_staleness

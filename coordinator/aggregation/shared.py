@@ -49,7 +49,7 @@ class SharedAggregator:
         buffer_size: int,
         outer: OuterOptimizer,
         trim: int,
-        staleness_grace: int = 0,
+        staleness_grace: int,
     ):
         self.master = {k: v.clone().float() for k, v in master.items()}
         self.buffer_size = buffer_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 
-def staleness_weight(staleness: int, grace: int = 0) -> float:
+def staleness_weight(staleness: int, grace: int) -> float:
     """``w(s) = 1 / sqrt(1 + max(0, s - grace))`` where ``s`` = versions published since the
     result's base and ``grace`` the versions a result may miss undiscounted (a pipelined
     network's own: a node's next unit starts before its last result is applied).
