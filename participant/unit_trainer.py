@@ -72,6 +72,14 @@ class _Capture:
     published_columns: dict[int, State]
     shared: State
     published_shared: State
+    _progress: State | None = None
+
+    def shared_progress(self) -> State:
+        """``published_shared - shared``: the unit's shared pseudo-gradient before error
+        feedback, computed once (eager updates keep it; the encoder sends it)."""
+        if self._progress is None:
+            self._progress = {k: p - self.shared[k] for k, p in self.published_shared.items()}
+        return self._progress
 
 
 class TrainedUnit:
@@ -232,9 +240,8 @@ class UnitTrainer:
         report("upload", unit.steps, unit.steps, tokens)
         trained = TrainedUnit(self, req, io, base, self._capture(model, columns))
         if req.eager_scale > 0:
-            capture = trained.capture
-            pseudo = {k: p - capture.shared[k] for k, p in capture.published_shared.items()}
-            self._in_transit.append(_InTransit(unit.unit_id, base, pseudo))
+            progress = trained.capture.shared_progress()
+            self._in_transit.append(_InTransit(unit.unit_id, base, progress))
         self.tokens_per_s = tokens / max(t_train, 1e-9)
         result = trained.result
         result.tokens, result.train_loss = tokens, train_loss
@@ -356,8 +363,7 @@ class UnitTrainer:
         self._in_transit = [
             t
             for t in self._in_transit
-            if self.replica.applies(t.unit_id, t.base) is False
-            and version - t.base <= EAGER_MAX_AGE
+            if self.replica.may_apply_later(t.unit_id, t.base) and version - t.base <= EAGER_MAX_AGE
         ]
         self._eager_results = len(self._in_transit) if scale > 0 else 0
         if not self._eager_results:
@@ -474,10 +480,8 @@ class UnitTrainer:
                 digests=False,
             )  # fmt: skip
             result.column_deltas.add(column=c, delta=io.upload(blob))
-        now = capture.shared
-        pseudo = {k: pub - now[k] for k, pub in capture.published_shared.items()}
         sent = send_with_feedback(
-            pseudo,
+            capture.shared_progress(),
             self.local.residual,
             req.shared_codec or "ternary",
             kind="shared",

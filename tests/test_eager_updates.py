@@ -13,6 +13,8 @@ own :class:`~participant.unit_trainer.UnitTrainer`, on the coordinator's blob st
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -123,6 +125,25 @@ def test_eager_updates_off_starts_from_the_synced_version(loop, trainer):
     again.eager_scale = 0.0
     trained, _ = _run(trainer, loop, again)
     assert _close(trained.capture.published_shared, trainer.replica.shared)
+
+
+def test_the_staleness_grace_reaches_the_state_serve_and_demo_build(tiny_moe_seed, tmp_path):
+    """``staleness_grace`` (the sibling of eager updates: a result one version stale, the
+    normal case here, weighs in full) goes from the settings through
+    :meth:`Coordinator.prepare`, as ``serve`` and ``demo`` call it, into both aggregators."""
+    cfg, corpus, ckpt = tiny_moe_seed
+    coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
+    coord.start()
+    try:
+        coord.prepare(ckpt, replace(SETTINGS, staleness_grace=3))
+        state = coord.state
+        assert state.shared.staleness_grace == state.columns.staleness_grace == 3
+        # a column result 3 versions stale moves its master all the way to its target
+        target = {k: v + 1 for k, v in state.columns.published(0).items()}
+        delta = {k: torch.ones_like(v) for k, v in target.items()}
+        assert state.columns.apply(0, delta, base_version=0, current_version=3) == 1.0
+    finally:
+        coord.shutdown()
 
 
 def test_eager_updates_setting_is_checked():

@@ -57,15 +57,12 @@ class Replica:
         other.units, other.loaded_at = dict(self.units), self.loaded_at
         return other
 
-    def applies(self, unit_id: str, sent_at: int) -> bool | None:
-        """Whether the versions up to ours apply the result of ``unit_id``, sent when we held
-        version ``sent_at``: ``None`` when a checkpoint loaded since then skipped the
-        versions that would say."""
-        if unit_id in self.units:
-            return True
-        if self.loaded_at is not None and self.loaded_at > sent_at:
-            return None
-        return False
+    def may_apply_later(self, unit_id: str, sent_at: int) -> bool:
+        """Whether the result of ``unit_id``, sent when we held version ``sent_at``, is known
+        not to be in the versions up to ours: none of those we applied lists it, and no
+        checkpoint loaded since ``sent_at`` skipped versions that might."""
+        skipped = self.loaded_at is not None and self.loaded_at > sent_at
+        return unit_id not in self.units and not skipped
 
     def load_checkpoint(
         self, manifest: control_pb2.CheckpointManifest, columns: list[int], fetch: Fetch
