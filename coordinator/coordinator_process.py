@@ -359,6 +359,7 @@ class Coordinator:
             shared_codec=settings.shared_codec,
             shared_threshold=settings.shared_threshold,
             eager_scale=settings.eager_updates * settings.outer_lr / settings.buffer_size,
+            max_staleness=settings.max_staleness,
             teacher=teacher,
             schedule_steps=budget.schedule_steps(
                 step_tokens, settings, self._previous_stage_rate(stage)

@@ -171,6 +171,9 @@ class UnitFactory:
     #: participant adds to the start of its next unit (``eager_updates`` × its share of an
     #: outer step, outer lr / buffer size)
     eager_scale: float = 0.0
+    #: ``ControlRequest.max_staleness``: the oldest base, in versions back, a result may
+    #: have (``FederationSettings.max_staleness``); eager starts forget older results
+    max_staleness: int = 0
 
     def lease(
         self,
@@ -322,6 +325,7 @@ class UnitFactory:
             shared_codec=self.shared_codec,
             shared_threshold=self.shared_threshold,
             eager_scale=self.eager_scale,
+            max_staleness=self.max_staleness,
             eot_id=self.eot_id,
             budget_tokens=unit.steps * self.cfg.train.batch_size * self.cfg.train.seq_len,
             credit_tokens=self._credit(unit),

@@ -110,11 +110,6 @@ class _InTransit:
     pseudo: State
 
 
-#: Versions after which an unapplied result of ours counts as refused or dropped (the
-#: coordinator's default ``max_staleness``): it is no longer applied eagerly.
-EAGER_MAX_AGE = 8
-
-
 @dataclass
 class _Local:
     """What survives between units: the local columns and the shared EF residual."""
@@ -331,7 +326,7 @@ class UnitTrainer:
         if model is None or sorted(model_columns(model)) != columns:
             model = PerspectiveModel(self.cfg, moe=True, columns=columns).to(self.device)
             self.model, self.optimizer = model, build_optimizer(model, self.cfg.optim)
-        self._start_shared = self._eager_start(req.eager_scale)
+        self._start_shared = self._eager_start(req.eager_scale, req.max_staleness)
         with torch.no_grad():
             model.load_state_dict(self._start_shared or self.replica.shared, strict=False)
             for c in columns:
@@ -349,7 +344,7 @@ class UnitTrainer:
         model.set_ternary_fraction(fraction if fraction and fraction > 0 else None)
         return model, teacher
 
-    def _eager_start(self, scale: float) -> State | None:
+    def _eager_start(self, scale: float, max_age: int) -> State | None:
         """Eager updates: the synced shared layers minus ``scale`` × each of our shared
         pseudo-gradients the synced versions do not apply yet (``None``: nothing to add).
 
@@ -357,13 +352,14 @@ class UnitTrainer:
         and sent, so that unit cannot start from a version that applies it; starting from
         its own expected share of the outer step instead recovers most of what that costs
         (Kale et al. 2025). A result the versions apply, one a checkpoint load may have
-        skipped, and one older than ``EAGER_MAX_AGE`` versions are forgotten.
+        skipped, and one the coordinator refuses as too stale (its base more than
+        ``max_age`` versions back: ``ControlRequest.max_staleness``) are forgotten.
         """
         version = self.replica.version or 0
         self._in_transit = [
             t
             for t in self._in_transit
-            if self.replica.may_apply_later(t.unit_id, t.base) and version - t.base <= EAGER_MAX_AGE
+            if self.replica.may_apply_later(t.unit_id, t.base) and version - t.base <= max_age
         ]
         self._eager_results = len(self._in_transit) if scale > 0 else 0
         if not self._eager_results:

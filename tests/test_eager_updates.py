@@ -88,6 +88,7 @@ def test_a_unit_starts_from_its_nodes_results_not_applied_yet(loop, trainer):
     first, second = _lease(loop), _lease(loop)
     scale = SETTINGS.eager_updates * SETTINGS.outer_lr / SETTINGS.buffer_size
     assert first.eager_scale == pytest.approx(scale)
+    assert first.max_staleness == SETTINGS.max_staleness
     a, result_a = _run(trainer, loop, first)
     published_v0 = dict(trainer.replica.shared)
     assert _close(a.capture.published_shared, published_v0)  # nothing on its way yet
@@ -115,6 +116,22 @@ def test_a_unit_starts_from_its_nodes_results_not_applied_yet(loop, trainer):
     assert loop.receive(1, result_b).accepted
     with loop.factory() as s:
         assert result_staleness(s, stage="stage3")["eager"] == 0.5  # b of a and b
+
+
+@pytest.mark.parametrize("max_staleness, kept", [(0, 0), (1, 1)])
+def test_a_result_too_stale_to_be_accepted_is_forgotten(loop, trainer, max_staleness, kept):
+    """The coordinator's ``max_staleness`` travels with each unit: a result of ours whose
+    base is further behind the synced version than that would be refused, so the next
+    unit does not start from it."""
+    first, second = _lease(loop), _lease(loop)
+    _, result_a = _run(trainer, loop, first)
+    _, result_b = _run(trainer, loop, second)
+    assert loop.receive(1, result_b).accepted and loop.state.version == 1  # b, not a
+    third = _lease(loop)
+    third.max_staleness = max_staleness
+    _, result_c = _run(trainer, loop, third)
+    assert trainer.replica.version == 1  # a (base 0) is one version behind it
+    assert result_c.timings.eager_results == kept
 
 
 def test_eager_updates_off_starts_from_the_synced_version(loop, trainer):
