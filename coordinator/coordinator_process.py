@@ -339,6 +339,8 @@ class Coordinator:
         assert self.state is not None and self.assignment is not None, "call prepare() first"
         _check_state_knobs(self.state_settings, settings)
         stage = settings.stage
+        with self.session_factory.begin() as s:  # their results would be refused now
+            db_leases.end_other_stages(s, stage=f"stage{stage}", max_attempts=settings.max_attempts)
         teacher = self.state.publisher.teacher_checkpoint() if stage == 4 else None
         if teacher is not None:
             self._pin_teacher(teacher)

@@ -45,7 +45,11 @@ def test_the_units_of_a_lost_flower_run_wait_for_their_holders(tmp_path, corpus)
     loop, _ = make_loop(tmp_path, corpus)
     mine, theirs = lease(loop, NODE).unit, lease(loop, OTHER).unit
     assert set(mine.columns).isdisjoint(theirs.columns)
+    before = utcnow()
     loop._expire_leases(utcnow() + dt.timedelta(days=365), hold_back=False)  # attach()
+    with loop.factory() as s:  # ended now, not at the far cutoff that expired them all
+        ended = s.get(WorkUnit, mine.unit_id).finished_at
+        assert before <= ended.replace(tzinfo=before.tzinfo) <= utcnow(), ended
     # The other node takes its own copy back, then a new unit: not NODE's columns.
     first, second = _lease_unit(loop, OTHER), _lease_unit(loop, OTHER)
     assert first[1] == theirs.unit_id and first[2] == list(theirs.columns)

@@ -62,7 +62,8 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
         assert stage["tokens"] > 0 and stage["bytes_up"] > 0 and stage["bytes_down"] > 0
         # training / wall of each participant (one trainer each: at most the whole stage)
         busy = stage["utilisation_by_participant"]
-        assert len(busy) == 2 and all(0 < b <= 1 for b in busy.values()), busy
+        both = len(busy) == 2 and all(0 < b <= 1 for b in busy.values())
+        assert both, f"{busy}\n{stage}\n{_where_it_was(work, out, err)}"
         assert stage["utilisation"] == min(busy.values())
         # how many versions came out while a result's unit trained and its result travelled
         stale = stage["staleness"]
@@ -133,8 +134,15 @@ def _where_it_was(work, out: str, err: str) -> str:
             rows = con.execute(
                 "select ts, kind, participant_id, message from events order by id desc limit 40"
             ).fetchall()
+            results = con.execute(
+                "select w.stage, r.participant_id, r.state, count(*), min(r.received_at), "
+                "max(r.received_at) from results r join work_units w using (unit_id) "
+                "group by 1, 2, 3 order by 1, 2, 3"
+            ).fetchall()
         parts.append("--- coordinator events (newest last)")
         parts += [" ".join(str(v) for v in row)[:200] for row in reversed(rows)]
+        parts.append("--- results (stage, participant, state, count, first, last)")
+        parts += [" ".join(str(v) for v in row) for row in results]
     return "\n".join(parts)
 
 

@@ -289,6 +289,7 @@ class RuntimeProxy:
         self.release = threading.Event()
         self.stalls: set[str] = set()
         self.unavailable = 0  # object pulls still to answer "not available"
+        self.failing: dict[str, int] = {}  # path -> calls still to answer 500
         self.served: list[str] = []
         proxy = self
 
@@ -299,6 +300,9 @@ class RuntimeProxy:
                 if self.path in proxy.stalls:
                     proxy.stalls.discard(self.path)
                     proxy.release.wait()
+                if proxy.failing.get(self.path, 0) > 0:
+                    proxy.failing[self.path] -= 1
+                    return self._send(500, b"", "text/plain")
                 if self.path == "/v1/runtime/pull-object" and proxy.unavailable > 0:
                     from flwr.proto.message_pb2 import PullObjectResponse
 
@@ -366,6 +370,12 @@ def test_a_stuck_flower_call_is_abandoned_and_the_worker_goes_on(fed: Federation
         stalled_s = time.monotonic() - t0
         fed.driver.push(node, b"after the stall", "train.unit", 60)
         assert _reply_to(fed.driver, b"after the stall", 60).payload.endswith(b"node-a")
+        # The SuperNode failing a few polls (500) is waited out, not fatal to the worker.
+        proxy.failing["/v1/runtime/acquire-task"] = 3
+        wait_for(lambda: proxy.failing["/v1/runtime/acquire-task"] == 0, 30, "the failed polls")
+        fed.driver.push(node, b"after the errors", "train.unit", 60)
+        assert _reply_to(fed.driver, b"after the errors", 60).payload.endswith(b"node-a")
+        assert worker.fatal_error is None
         proxy.unavailable = 1_000  # every object pull of the next message: "not yet"
         fed.driver.push(node, b"unavailable", "train.unit", 60)
         (failed,) = wait_for(lambda: [r for r in fed.driver.wait_any(1.0) if not r.ok], 60,
@@ -380,7 +390,7 @@ def test_a_stuck_flower_call_is_abandoned_and_the_worker_goes_on(fed: Federation
               " s after the first")  # fmt: skip
         assert reply.payload.endswith(b"node-a")
         # The unavailable message never reached the handler.
-        assert [p for _, p in calls[before:]] == [b"after the stall", b"after"]
+        assert [p for _, p in calls[before:]] == [b"after the stall", b"after the errors", b"after"]
         assert worker.restarts == 1 and worker.fatal_error is None
     finally:
         proxy.close()

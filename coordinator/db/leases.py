@@ -243,8 +243,9 @@ def expire_leases(
         .order_by(WorkUnit.deadline)
         .with_for_update()
     ).all()
+    finished = min(now, utcnow())  # ``now`` may be far ahead: "expire every lease"
     for unit in units:
-        unit.state, unit.finished_at, unit.state_reason = UnitState.EXPIRED, now, "deadline"
+        unit.state, unit.finished_at, unit.state_reason = UnitState.EXPIRED, finished, "deadline"
         log_event(
             session,
             kind="lease.expired",
@@ -291,6 +292,34 @@ def fail_unit(
     return requeue_copy(
         session, unit=unit, reason=reason, max_attempts=max_attempts, exclude_holder=exclude_holder
     )
+
+
+def end_other_stages(session: Session, *, stage: str, max_attempts: int) -> list[str]:
+    """Fail the units still leased in stages other than ``stage`` (the one starting), each
+    re-queued for its stage (its holder may take it back: not its fault); returns their ids.
+
+    The stage that leased them ended: their results would be refused (the lease is not of
+    the running stage), yet as leases in flight they would keep their nodes' slots full. A
+    node whose end-of-stage ``collect`` reply was lost (Flower 1.42 can push every reply of
+    a SuperNode one message late after a run is stopped) then got no unit of the next stage
+    until those leases expired, minutes later.
+    """
+    units = session.scalars(
+        select(WorkUnit)
+        .where(WorkUnit.state == UnitState.LEASED, WorkUnit.stage != stage)
+        .order_by(WorkUnit.leased_at)
+        .with_for_update()
+    ).all()
+    for unit in units:
+        fail_unit(
+            session,
+            unit_id=unit.unit_id,
+            reason=f"stage ended: {stage} runs now",
+            requeue=True,
+            max_attempts=max_attempts,
+            exclude_holder=False,
+        )
+    return [u.unit_id for u in units]
 
 
 def reissue(session: Session, *, unit_id: str, reason: str, max_attempts: int) -> WorkUnit | None:

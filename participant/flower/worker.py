@@ -54,6 +54,8 @@ from shared_model.flower_runtime import (
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], bytes]
+#: HTTP statuses of a Runtime API that refuses this worker (wrong secret): fatal.
+REFUSED = (401, 403)
 COMPONENT = "perspective-worker"
 #: A Flower call (acquire, pull, push) not returned after this long is abandoned.
 CALL_TIMEOUT_S = 150.0
@@ -334,6 +336,14 @@ class FlowerWorker:
                     log.warning("AcquireTask failed (%s); retrying", err)
                     self._stop.wait(1.0)
                     continue
+                except httpx.HTTPStatusError as err:
+                    if err.response.status_code in REFUSED:
+                        raise  # a wrong secret: no retry makes it right
+                    # The SuperNode failing one call (a run stopped under it): not ours to
+                    # die of; a dead worker would take the participant's training with it.
+                    log.warning("AcquireTask refused (%s); retrying", err)
+                    self._stop.wait(1.0)
+                    continue
                 if not self._current(gen):
                     return  # abandoned while acquiring: a newer loop polls now
                 self._ready.set()
@@ -363,10 +373,13 @@ class FlowerWorker:
         except Exception as err:  # stale token, lost SuperNode...: report and move on
             if self._current(gen):
                 log.warning("task failed before a reply could be sent: %s", err)
-                with self._flower_call(gen, "PushTaskOutput", client):
-                    push_task_output(
-                        client, context, SubStatus.FAILED, f"{type(err).__name__}: {err}"
-                    )
+                try:
+                    with self._flower_call(gen, "PushTaskOutput", client):
+                        push_task_output(
+                            client, context, SubStatus.FAILED, f"{type(err).__name__}: {err}"
+                        )
+                except Exception as again:  # noqa: BLE001 - its token is as dead as its task
+                    log.warning("could not report the failed task either: %s", again)
         finally:
             with self._lock:
                 if gen == self._gen:
