@@ -339,8 +339,8 @@ class FlowerWorker:
                 except httpx.HTTPStatusError as err:
                     if err.response.status_code in REFUSED:
                         raise  # a wrong secret: no retry makes it right
-                    # The SuperNode failing one call (a run stopped under it): not ours to
-                    # die of; a dead worker would take the participant's training with it.
+                    # The SuperNode failing a call (5xx): not ours to die of; a dead worker
+                    # ends the participant of the laptop network (participant local).
                     log.warning("AcquireTask refused (%s); retrying", err)
                     self._stop.wait(1.0)
                     continue
