@@ -107,7 +107,7 @@ class FederationSettings:
     buffer_size: int = 2
     max_staleness: int = 8
     staleness_grace: int = 1
-    outer_lr: float = 1.0
+    outer_lr: float = 1.5
     outer_momentum: float = 0.0
     trim: int = 0
     aggregator: str = "centered_clip"

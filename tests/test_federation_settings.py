@@ -85,9 +85,9 @@ def test_serve_and_demo_parse_one_file_into_the_same_settings(monkeypatch, tmp_p
 def test_command_defaults():
     # serve's defaults are the settings' own; the demo buffers one result per participant.
     assert load_federation_settings(None) == FederationSettings()
-    assert (FederationSettings().outer_lr, FederationSettings().outer_momentum) == (1.0, 0.0)
+    assert (FederationSettings().outer_lr, FederationSettings().outer_momentum) == (1.5, 0.0)
     demo = load_federation_settings(None, {"outer_lr": None}, defaults={"buffer_size": 5})
-    assert demo.buffer_size == 5 and demo.outer_lr == 1.0
+    assert demo.buffer_size == 5 and demo.outer_lr == 1.5
 
 
 @pytest.mark.parametrize(
