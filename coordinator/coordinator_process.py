@@ -330,7 +330,9 @@ class Coordinator:
     def federated_stage(
         self, driver, budget: StageBudget, settings: FederationSettings
     ) -> FederationLoop:
-        """Build the loop for federated stage ``settings.stage`` (3 or 4) on the prepared state.
+        """Build the loop for federated stage ``settings.stage`` (3 or 4) on the prepared state;
+        units other stages still hold leased are failed first (their results would be
+        refused; :func:`coordinator.db.leases.end_other_stages`).
 
         Raises:
             FederationSettingsError: ``settings`` disagree with :meth:`prepare`'s on a knob
