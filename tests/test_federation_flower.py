@@ -374,8 +374,8 @@ def test_train_and_survive_a_killed_participant(seed, network, tmp_path):
     coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
     coord.start()
     try:
-        # Plain averaging (momentum 0): the check below is that training goes on around a
-        # killed participant. With outer momentum the first versions after the seed
+        # No momentum (the default outer lr, 1.5): the check below is that training goes
+        # on around a killed participant. With outer momentum the first versions after the seed
         # overshoot (the re-warmed lr's bump, docs/federated-training.md §5.1); that is
         # measured in the benchmark.
         settings = FederationSettings(
