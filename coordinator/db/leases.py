@@ -294,9 +294,9 @@ def fail_unit(
     )
 
 
-def end_other_stages(session: Session, *, stage: str, max_attempts: int) -> list[str]:
+def end_other_stages(session: Session, *, stage: str, max_attempts: int) -> None:
     """Fail the units still leased in stages other than ``stage`` (the one starting), each
-    re-queued for its stage (its holder may take it back: not its fault); returns their ids.
+    re-queued for its stage (its holder may take it back: not its fault).
 
     The stage that leased them ended: their results would be refused (the lease is not of
     the running stage), yet as leases in flight they would keep their nodes' slots full. A
@@ -319,7 +319,6 @@ def end_other_stages(session: Session, *, stage: str, max_attempts: int) -> list
             max_attempts=max_attempts,
             exclude_holder=False,
         )
-    return [u.unit_id for u in units]
 
 
 def reissue(session: Session, *, unit_id: str, reason: str, max_attempts: int) -> WorkUnit | None:

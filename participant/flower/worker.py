@@ -331,17 +331,15 @@ class FlowerWorker:
                 try:
                     with self._flower_call(gen, "AcquireTask", client):
                         res = client.AcquireTask(request)
-                except httpx.TransportError as err:
-                    # SuperNode restarting: keep waiting, it comes back on the same port.
-                    log.warning("AcquireTask failed (%s); retrying", err)
-                    self._stop.wait(1.0)
-                    continue
-                except httpx.HTTPStatusError as err:
-                    if err.response.status_code in REFUSED:
+                except (httpx.TransportError, httpx.HTTPStatusError) as err:
+                    if (
+                        isinstance(err, httpx.HTTPStatusError)
+                        and err.response.status_code in REFUSED
+                    ):
                         raise  # a wrong secret: no retry makes it right
-                    # The SuperNode failing a call (5xx): not ours to die of; a dead worker
-                    # ends the participant of the laptop network (participant local).
-                    log.warning("AcquireTask refused (%s); retrying", err)
+                    # SuperNode restarting (it comes back on the same port) or failing a call
+                    # (5xx): keep polling; a dead worker ends a laptop-network participant.
+                    log.warning("AcquireTask failed (%s); retrying", err)
                     self._stop.wait(1.0)
                     continue
                 if not self._current(gen):
