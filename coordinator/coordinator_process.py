@@ -364,6 +364,7 @@ class Coordinator:
             shared_threshold=settings.shared_threshold,
             eager_scale=settings.eager_updates * settings.outer_lr / settings.buffer_size,
             max_staleness=settings.max_staleness,
+            network_id=self._network_id(),
             teacher=teacher,
             schedule_steps=budget.schedule_steps(
                 step_tokens, settings, self._previous_stage_rate(stage)
@@ -385,6 +386,10 @@ class Coordinator:
         )
         self.loop.on_checkpoint = lambda: self.collect_blobs(settings, teacher)
         return self.loop
+
+    def _network_id(self) -> str:
+        with self.session_factory() as s:
+            return db_versions.network_id(s)
 
     def _previous_stage_rate(self, stage: int) -> float | None:
         """Inner steps a minute the network answered in federated stage ``stage - 1``

@@ -174,6 +174,9 @@ class UnitFactory:
     #: ``ControlRequest.max_staleness``: the oldest base, in versions back, a result may
     #: have (``FederationSettings.max_staleness``); eager starts forget older results
     max_staleness: int = 0
+    #: ``ControlRequest.network_id``: the database's id (:func:`coordinator.db.versions.
+    #: network_id`); a node holding another network's state drops it
+    network_id: str = ""
 
     def lease(
         self,
@@ -326,6 +329,7 @@ class UnitFactory:
             shared_threshold=self.shared_threshold,
             eager_scale=self.eager_scale,
             max_staleness=self.max_staleness,
+            network_id=self.network_id,
             eot_id=self.eot_id,
             budget_tokens=unit.steps * self.cfg.train.batch_size * self.cfg.train.seq_len,
             credit_tokens=self._credit(unit),

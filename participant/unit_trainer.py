@@ -23,6 +23,7 @@ under each column held (:mod:`participant.scoring`).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from participant.scoring import document_losses
@@ -44,6 +46,8 @@ from shared_model.schedule import build_optimizer, set_lr
 from shared_model.stage_loss import Distillation, stage_loss
 from shared_model.ternary import THRESHOLD_FACTOR
 from shared_model.wire.perspective.v1 import blobs_pb2, control_pb2, federation_pb2, tensor_pb2
+
+log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
 #: ``progress(phase, step, total_steps, tokens)``: phase is "sync", "train" or "upload".
@@ -88,6 +92,7 @@ class TrainedUnit:
     def __init__(self, trainer: UnitTrainer, req, io: BlobIO, base: int, capture: _Capture):
         self.trainer, self.req, self.io, self.base = trainer, req, io, base
         self.capture = capture
+        self.local = trainer.local  # the state this unit trained in (its network's)
         self.result = federation_pb2.WorkResult(unit_id=req.unit.unit_id, base_version=base)
 
     def encode(self) -> federation_pb2.WorkResult:
@@ -95,8 +100,8 @@ class TrainedUnit:
         returns the finished result. Call once, in the order the units were trained."""
         t0 = time.perf_counter()
         trainer = self.trainer
-        trainer._encode(self.req, self.io, self.base, self.capture, self.result)
-        trainer._save_local()
+        trainer._encode(self.req, self.io, self.base, self.capture, self.result, self.local)
+        trainer._save_local(self.local)
         self.result.timings.encode_s = time.perf_counter() - t0
         return self.result
 
@@ -112,10 +117,12 @@ class _InTransit:
 
 @dataclass
 class _Local:
-    """What survives between units: the local columns and the shared EF residual."""
+    """What survives between units: the local columns and the shared EF residual, and the
+    network they belong to (``ControlRequest.network_id``; empty: not known)."""
 
     columns: dict[int, State] = field(default_factory=dict)
     residual: State = field(default_factory=dict)
+    network: str = ""
 
 
 class UnitTrainer:
@@ -162,7 +169,8 @@ class UnitTrainer:
         if not path.exists():
             return _Local()
         flat = load_file(str(path))
-        local = _Local()
+        with safe_open(str(path), framework="pt") as f:
+            local = _Local(network=(f.metadata() or {}).get("network", ""))
         for key, value in flat.items():
             kind, _, rest = key.partition("/")
             if kind == "residual":
@@ -172,15 +180,45 @@ class UnitTrainer:
                 local.columns.setdefault(int(col), {})[name] = value
         return local
 
-    def _save_local(self) -> None:
+    def _save_local(self, local: _Local | None = None) -> None:
+        """Write ``local`` (default: ours) to disk; the state of a network this node has
+        left (:meth:`_join`) is not written over the new one's."""
         with self._local_lock:  # the next unit may keep its columns meanwhile
-            residual, columns = dict(self.local.residual), dict(self.local.columns)
+            local = local or self.local
+            if local is not self.local:
+                return
+            residual, columns = dict(local.residual), dict(local.columns)
         flat = {f"residual/{k}": v.contiguous() for k, v in residual.items()}
         for col, state in columns.items():
             flat.update({f"column/{col}/{k}": v.contiguous() for k, v in state.items()})
         tmp = self._local_path().with_suffix(".tmp")
-        save_file(flat, str(tmp))
+        save_file(flat, str(tmp), metadata={"network": local.network})
         tmp.replace(self._local_path())
+
+    def _join(self, network: str) -> None:
+        """Hold state of ``network`` only (``ControlRequest.network_id``).
+
+        A node that trained for another network (a coordinator started on a fresh
+        database, from the same seed: the same version numbers, other weights) drops its
+        replicas, local columns, EF residual, optimizer and results in transit, and syncs
+        from the new network's checkpoint. Carried over, its replica failed the digests of
+        the first delta it applied, and its local columns would have gone up as deltas
+        against weights they never came from. State saved without a network (or none yet)
+        is taken as the new network's.
+        """
+        if not network or network == self.local.network:
+            return
+        if self.local.network:
+            log.warning(
+                "a unit of network %s; this node holds state of network %s: dropping it "
+                "and syncing from the new network's checkpoint", network, self.local.network,
+            )  # fmt: skip
+            self.replica, self.teacher_replica, self._teacher = Replica(), Replica(), None
+            self.model, self.optimizer, self._in_transit = None, None, []
+            with self._local_lock:
+                self.local = _Local(network=network)
+        else:
+            self.local.network = network
 
     # --- one unit ---------------------------------------------------------------------------
 
@@ -224,6 +262,7 @@ class UnitTrainer:
         report = progress or (lambda *_: None)
         t0 = time.perf_counter()
         report("sync", 0, unit.steps, 0)
+        self._join(req.network_id)
         base, applied = self._sync(req, columns, io)
         model, teacher = self._prepare_models(req, columns, io)
         t_sync = time.perf_counter() - t0
@@ -463,12 +502,13 @@ class UnitTrainer:
             self.local.columns.update(capture.columns)
         return capture
 
-    def _encode(self, req, io: BlobIO, base: int, capture: _Capture, result) -> None:
+    def _encode(self, req, io: BlobIO, base: int, capture: _Capture, result, local: _Local) -> None:
         """Encode and upload the column deltas and the shared pseudo-gradient against the
-        version the unit trained from (``base``) into ``result``; the EF residual moves on."""
-        for c, local in capture.columns.items():
+        version the unit trained from (``base``) into ``result``; ``local``'s EF residual
+        (the state the unit trained in) moves on."""
+        for c, trained in capture.columns.items():
             published = capture.published_columns[c]
-            delta = {k: local[k] - published[k] for k in local}
+            delta = {k: trained[k] - published[k] for k in trained}
             codec = req.column_codec or "ternary"
             # trits (stage 4): ternarize(local) as flips from the published trits
             blob, _ = encode_bundle(
@@ -478,7 +518,7 @@ class UnitTrainer:
             result.column_deltas.add(column=c, delta=io.upload(blob))
         sent = send_with_feedback(
             capture.shared_progress(),
-            self.local.residual,
+            local.residual,
             req.shared_codec or "ternary",
             kind="shared",
             column=-1,
@@ -486,7 +526,7 @@ class UnitTrainer:
             threshold=req.shared_threshold or THRESHOLD_FACTOR,
         )
         with self._local_lock:
-            self.local.residual = sent.residual
+            local.residual = sent.residual
         norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in sent.pending.values())))
         result.shared_update.blob.CopyFrom(io.upload(sent.bundle))
         result.shared_update.norm = norm

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +47,20 @@ def get_version(session: Session, *, version: int) -> ModelVersion:
     if row is None:
         raise NotFound(f"no model version {version}")
     return row
+
+
+def network_id(session: Session) -> str:
+    """This database's network id (``ControlRequest.network_id``): the digest of the root
+    version's record, its checksum and the moment it was recorded. The same across
+    coordinator restarts; new for every fresh database, even one started from the same
+    seed checkpoint, whose versions carry the same numbers and other weights.
+
+    Raises:
+        NotFound: nothing is published yet.
+    """
+    root = get_version(session, version=0)
+    record = f"{root.checksum}@{root.created_at.isoformat()}"
+    return hashlib.sha256(record.encode()).hexdigest()[:32]
 
 
 def publish_version(

@@ -64,8 +64,10 @@ CALL_TIMEOUT_S = 150.0
 #: message itself; an object still missing after this long belongs to a message whose
 #: sender died mid-push (a coordinator killed as it leased) and will never arrive. Each
 #: such message costs its node this long (60 s made 5 quick coordinator kills cost the
-#: test network ~2 minutes of idle participants).
-PULL_MAX_S = 20.0
+#: test network ~2 minutes of idle participants). So does a message of a run that ended
+#: as the SuperNode received it: Flower 1.42 keeps its task, without the objects, and
+#: hands it out (after every ``flwr stop``; at 20 s it cost a CI node its first lease).
+PULL_MAX_S = 10.0
 
 
 @dataclass

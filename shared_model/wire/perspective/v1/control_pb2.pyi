@@ -89,7 +89,7 @@ class NodeCapability(_message.Message):
     def __init__(self, max_columns: _Optional[int] = ..., max_params: _Optional[int] = ..., threads: _Optional[int] = ..., device: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., ram_bytes: _Optional[int] = ...) -> None: ...
 
 class ControlRequest(_message.Message):
-    __slots__ = ("unit", "collect", "checkpoint", "versions", "teacher", "blob_address", "budget_tokens", "batch_size", "seq_len", "column_codec", "shared_codec", "eot_id", "credit_tokens", "acks", "submit_results", "more_units", "drop_queued", "shared_threshold", "eager_scale", "max_staleness")
+    __slots__ = ("unit", "collect", "checkpoint", "versions", "teacher", "blob_address", "budget_tokens", "batch_size", "seq_len", "column_codec", "shared_codec", "eot_id", "credit_tokens", "acks", "submit_results", "more_units", "drop_queued", "shared_threshold", "eager_scale", "max_staleness", "network_id")
     UNIT_FIELD_NUMBER: _ClassVar[int]
     COLLECT_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class ControlRequest(_message.Message):
     SHARED_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     EAGER_SCALE_FIELD_NUMBER: _ClassVar[int]
     MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_ID_FIELD_NUMBER: _ClassVar[int]
     unit: _federation_pb2.WorkUnit
     collect: bool
     checkpoint: _tensor_pb2.BlobRef
@@ -130,7 +131,8 @@ class ControlRequest(_message.Message):
     shared_threshold: float
     eager_scale: float
     max_staleness: int
-    def __init__(self, unit: _Optional[_Union[_federation_pb2.WorkUnit, _Mapping]] = ..., collect: _Optional[bool] = ..., checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ..., teacher: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., blob_address: _Optional[str] = ..., budget_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., column_codec: _Optional[str] = ..., shared_codec: _Optional[str] = ..., eot_id: _Optional[int] = ..., credit_tokens: _Optional[int] = ..., acks: _Optional[_Iterable[_Union[_federation_pb2.WorkAck, _Mapping]]] = ..., submit_results: _Optional[bool] = ..., more_units: _Optional[_Iterable[_Union[ControlRequest, _Mapping]]] = ..., drop_queued: _Optional[bool] = ..., shared_threshold: _Optional[float] = ..., eager_scale: _Optional[float] = ..., max_staleness: _Optional[int] = ...) -> None: ...
+    network_id: str
+    def __init__(self, unit: _Optional[_Union[_federation_pb2.WorkUnit, _Mapping]] = ..., collect: _Optional[bool] = ..., checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ..., teacher: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., blob_address: _Optional[str] = ..., budget_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., column_codec: _Optional[str] = ..., shared_codec: _Optional[str] = ..., eot_id: _Optional[int] = ..., credit_tokens: _Optional[int] = ..., acks: _Optional[_Iterable[_Union[_federation_pb2.WorkAck, _Mapping]]] = ..., submit_results: _Optional[bool] = ..., more_units: _Optional[_Iterable[_Union[ControlRequest, _Mapping]]] = ..., drop_queued: _Optional[bool] = ..., shared_threshold: _Optional[float] = ..., eager_scale: _Optional[float] = ..., max_staleness: _Optional[int] = ..., network_id: _Optional[str] = ...) -> None: ...
 
 class ControlReply(_message.Message):
     __slots__ = ("results", "capability", "queued_units", "synced_version", "failed_units", "failure_reasons", "bytes_down", "submits_results")
