@@ -365,6 +365,7 @@ class Coordinator:
             eager_scale=settings.eager_updates * settings.outer_lr / settings.buffer_size,
             max_staleness=settings.max_staleness,
             network_id=self._network_id(),
+            shared_sync_every=settings.shared_sync_every,
             teacher=teacher,
             schedule_steps=budget.schedule_steps(
                 step_tokens, settings, self._previous_stage_rate(stage)

@@ -45,6 +45,11 @@ class FederationSettings:
     the steps answered plus what the rate since the first answer adds in the time left,
     or otherwise last
     ``units_hint`` × ``steps_per_unit`` steps (``StageBudget.schedule_steps``).
+    ``shared_sync_every`` > 0 and below a unit's steps H (in-unit shared syncs): the unit is
+    leased as parts of that many steps, each sending its shared pseudo-gradient and syncing
+    the shared layers, and only every round(H / ``shared_sync_every``)-th part of a node
+    (and every part in the stage's last tenth) sends its columns, which train on locally
+    across the parts (0: off).
 
     Aggregation: every ``buffer_size`` accepted results the shared layers take one outer
     step (``outer_lr``, Nesterov ``outer_momentum``) on the ``aggregator``'s robust mean of
@@ -96,6 +101,7 @@ class FederationSettings:
     max_in_flight: int = 3
     max_attempts: int = 3
     docs_per_unit: int = 32
+    shared_sync_every: int = 0
     units_hint: int = 200
     # compression
     column_codec: str = "sparse"
@@ -184,6 +190,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stage": ((lambda v: v in (3, 4)), "3 or 4"),
     "max_attempts": _at_least(1),
     "docs_per_unit": _at_least(1),
+    "shared_sync_every": _at_least(0),
     "units_hint": _at_least(1),
     "column_codec": ((lambda v: v in CODECS), " or ".join(CODECS)),
     "ternary_column_codec": (

@@ -373,7 +373,7 @@ class PayloadCheck:
             )
         check_uploads(self.state.store, self.ids, unit.unit_id)
         decoded = decode_result(
-            self.state, self.ids, unit.base_version, list(unit.columns), self.bounds,
+            self.state, self.ids, unit.base_version, result_columns(unit), self.bounds,
             step_size=self.bounds.step_size(*unit_lr_steps(unit)) if self.bounds else 1.0,
             column_codec=unit_column_codec(unit),
         )  # fmt: skip
@@ -458,6 +458,12 @@ def decode_result(
     return out
 
 
+def result_columns(unit: WorkUnit) -> list[int]:
+    """The columns a result of ``unit`` must carry deltas for: the unit's, or none for a
+    part that keeps them on its node (``hold_columns``, in-unit shared syncs)."""
+    return [] if (unit.params or {}).get("hold_columns") else list(unit.columns)
+
+
 def unit_column_codec(unit: WorkUnit) -> str | None:
     """The codec the unit asked for its columns (``None``: a unit leased before units
     named it; any update codec is read)."""
@@ -523,7 +529,7 @@ def apply_result(state: CoordinatorState, decoded: DecodedResult, step: bool = T
             state.columns.apply(column, delta, decoded.base_version, state.version)
     except StaleResultError as exc:
         raise Rejected(RejectReason.STALE_BASE, str(exc)) from exc
-    if decoded.column_codec == "trits":  # applied: the experts are ternary from now on
+    if decoded.column_codec == "trits" and decoded.columns:  # the experts are ternary now
         state.use_column_codec("trits")
     return state.shared.add(decoded.shared, decoded.base_version, state.version, step=step)
 

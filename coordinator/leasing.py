@@ -177,6 +177,10 @@ class UnitFactory:
     #: ``ControlRequest.network_id``: the database's id (:func:`coordinator.db.versions.
     #: network_id`); a node holding another network's state drops it
     network_id: str = ""
+    #: In-unit shared syncs (``FederationSettings.shared_sync_every``; 0: off): a unit of
+    #: more steps is leased as parts of this many, each syncing the shared layers; the
+    #: columns go up with every ``round(steps / shared_sync_every)``-th part only.
+    shared_sync_every: int = 0
 
     def lease(
         self,
@@ -218,6 +222,9 @@ class UnitFactory:
         # database, so a restart continues them; a re-queued copy above keeps its params).
         created, position = leases.stage_schedule_position(session, stage=f"stage{self.stage}")
         steps = steps or self.steps_per_unit
+        parts = 1
+        if 0 < self.shared_sync_every < steps:
+            parts, steps = round(steps / self.shared_sync_every), self.shared_sync_every
         if self.step_budget is not None:
             if position >= self.step_budget:
                 return None
@@ -225,6 +232,9 @@ class UnitFactory:
         columns = assign_columns(session, participant=participant, n_columns=self.cfg.moe.n_experts)
         # The run's seed (train.seed) picks documents and batches too, as in central training.
         seed = created + 1 + 1_000_003 * self.cfg.train.seed
+        params = self._params(position, seed, session)
+        if parts > 1 and self._holds_columns(session, participant.id, parts, position):
+            params["hold_columns"] = True
         return leases.create_lease(
             session,
             participant_id=participant.id,
@@ -233,9 +243,22 @@ class UnitFactory:
             columns=columns,
             docs=self._documents(columns, seed),
             steps=steps,
-            params=self._params(position, seed, session),
+            params=params,
             lease_seconds=self.lease_seconds,
         )
+
+    def _holds_columns(self, session: Session, participant_id: int, parts: int, position: int):
+        """Whether a new part keeps its columns' training on the node (in-unit shared
+        syncs): yes, unless the node's last ``parts - 1`` units all kept theirs (this one
+        sends them), or the stage is in its last tenth (every unit sends its columns, so
+        the stage ends with every node's column training published)."""
+        _, total = self._schedule_step(position, session)
+        if position >= 0.9 * total:
+            return False
+        recent = leases.recent_unit_params(
+            session, participant_id=participant_id, stage=f"stage{self.stage}", limit=parts - 1
+        )
+        return len(recent) < parts - 1 or not all(p.get("hold_columns") for p in recent)
 
     def _documents(self, columns: list[int], seed: int) -> list[str]:
         """About ``docs_per_unit`` documents routed to ``columns``, in their stored form."""
@@ -297,6 +320,7 @@ class UnitFactory:
             ternary_fraction=float(params.get("ternary_fraction", 0.0)),
             kd_weight=float(params.get("kd_weight", 0.0)),
             shared_sync_every=unit.steps,
+            hold_columns=bool(params.get("hold_columns", False)),
             train_shared=True,
             deadline_unix=int(unit.deadline.timestamp()),
             seed=int(params.get("seed", 0)),

@@ -505,8 +505,11 @@ class UnitTrainer:
     def _encode(self, req, io: BlobIO, base: int, capture: _Capture, result, local: _Local) -> None:
         """Encode and upload the column deltas and the shared pseudo-gradient against the
         version the unit trained from (``base``) into ``result``; ``local``'s EF residual
-        (the state the unit trained in) moves on."""
-        for c, trained in capture.columns.items():
+        (the state the unit trained in) moves on. A part that holds its columns
+        (``hold_columns``) sends the shared pseudo-gradient only: its columns' training
+        stays in the local columns and goes up with a later unit's deltas."""
+        columns = {} if req.unit.hold_columns else capture.columns
+        for c, trained in columns.items():
             published = capture.published_columns[c]
             delta = {k: trained[k] - published[k] for k in trained}
             codec = req.column_codec or "ternary"

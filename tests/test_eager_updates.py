@@ -20,11 +20,11 @@ import torch
 
 from coordinator.blob_uploads import UploadLedger
 from coordinator.coordinator_process import Coordinator, StageBudget
-from coordinator.db import participants as db_participants
 from coordinator.db.stats import result_staleness
 from coordinator.federation_settings import FederationSettings, FederationSettingsError
 from participant.unit_trainer import BlobIO, UnitTrainer
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
+from tests.test_network_change import lease_unit
 
 SETTINGS = FederationSettings(
     stage=3, steps_per_unit=3, buffer_size=1, eval_every=1000, max_in_flight=3,
@@ -50,9 +50,7 @@ def trainer(tiny_moe_seed, tmp_path):
 
 
 def _lease(loop, node_id: int = 1) -> control_pb2.ControlRequest:
-    with loop.factory.begin() as s:
-        p = db_participants.touch_participant(s, node_id=node_id)
-        return loop.units.request(loop.units.lease(s, p, loop.state), loop.state, node_id)
+    return lease_unit(loop, node_id)
 
 
 def _io(loop) -> BlobIO:

@@ -27,15 +27,18 @@ SETTINGS = FederationSettings(
 )  # fmt: skip
 
 
-def _network(seed, path):
+def network_loop(seed, path, settings: FederationSettings = SETTINGS):
+    """A started coordinator on ``path`` and its stage loop (no transport: units are leased
+    and results received in the test's own thread), as ``serve`` and ``demo`` build them."""
     cfg, corpus, ckpt = seed
     coord = Coordinator(cfg, path, corpus)
     coord.start()
-    coord.prepare(ckpt, SETTINGS)
-    return coord, coord.federated_stage(None, StageBudget(minutes=30), SETTINGS)
+    coord.prepare(ckpt, settings)
+    return coord, coord.federated_stage(None, StageBudget(minutes=30), settings)
 
 
-def _lease(loop, node_id: int):
+def lease_unit(loop, node_id: int):
+    """The control message of a unit leased to ``node_id``, as the loop sends it."""
     with loop.factory.begin() as s:
         p = db_participants.touch_participant(s, node_id=node_id)
         return loop.units.request(loop.units.lease(s, p, loop.state), loop.state, node_id)
@@ -44,7 +47,7 @@ def _lease(loop, node_id: int):
 def _train(trainer, loop, node_id: int, versions: int) -> None:
     """``trainer`` trains units of ``node_id`` until ``loop`` published ``versions``."""
     while loop.state.version < versions:
-        req = _lease(loop, node_id)
+        req = lease_unit(loop, node_id)
         result = trainer.run(req, local_io(loop.state.store, req.unit.unit_id))
         assert loop.receive(node_id, result).accepted
 
@@ -56,15 +59,15 @@ def _blobs(result) -> list[str]:
 
 def test_a_node_of_another_network_drops_its_state_and_syncs_afresh(tiny_moe_seed, tmp_path):
     cfg, corpus, _ = tiny_moe_seed
-    old, old_loop = _network(tiny_moe_seed, tmp_path / "old")
-    new, new_loop = _network(tiny_moe_seed, tmp_path / "new")
+    old, old_loop = network_loop(tiny_moe_seed, tmp_path / "old")
+    new, new_loop = network_loop(tiny_moe_seed, tmp_path / "new")
     try:
         node = UnitTrainer(cfg, corpus.dataset("train"), tmp_path / "node")
         _train(node, old_loop, 1, versions=2)  # its last unit trained from version 1
         other = UnitTrainer(cfg, corpus.dataset("train"), tmp_path / "other")
         _train(other, new_loop, 2, versions=3)  # the new network is past it
-        req = _lease(new_loop, 1)
-        assert req.network_id and req.network_id != _lease(old_loop, 1).network_id
+        req = lease_unit(new_loop, 1)
+        assert req.network_id and req.network_id != lease_unit(old_loop, 1).network_id
         assert node.local.network != req.network_id and node.replica.version == 1
 
         result = node.run(req, local_io(new_loop.state.store, req.unit.unit_id))

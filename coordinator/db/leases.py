@@ -439,6 +439,20 @@ def stage_schedule_position(session: Session, *, stage: str) -> tuple[int, int]:
     return int(units), int(steps)
 
 
+def recent_unit_params(
+    session: Session, *, participant_id: int, stage: str, limit: int
+) -> list[dict[str, Any]]:
+    """The params of the ``limit`` units of ``stage`` leased to ``participant_id`` last,
+    newest first (the order it trains them in)."""
+    rows = session.scalars(
+        select(WorkUnit.params)
+        .where(WorkUnit.participant_id == participant_id, WorkUnit.stage == stage)
+        .order_by(WorkUnit.leased_at.desc())
+        .limit(limit)
+    ).all()
+    return [dict(p or {}) for p in rows]
+
+
 def stage_steps_in_flight(session: Session, *, stage: str) -> int:
     """Inner steps of ``stage``'s units leased or queued and not yet answered.
 
