@@ -63,8 +63,9 @@ def test_dashboard_follows_a_real_stage4_run_which_ends_ternary_and_replays(
     seed, network, tmp_path, browser
 ):
     """The operator dashboard of a coordinator running a real tiny federated stage 4 (KD
-    from the frozen teacher, progressive ternary experts) to the end of its token budget;
-    the ternary schedule ends at 1.0 and a restarted coordinator replays every version."""
+    from the frozen teacher, progressive ternary experts, in-unit shared syncs: 6-step
+    units leased as parts of 3) to the end of its token budget; the ternary schedule ends
+    at 1.0 and a restarted coordinator replays every version."""
     from playwright.sync_api import expect
 
     cfg, corpus, ckpt = seed
@@ -75,8 +76,8 @@ def test_dashboard_follows_a_real_stage4_run_which_ends_ternary_and_replays(
     thread = None
     try:
         settings = FederationSettings(
-            stage=4, steps_per_unit=6, lease_seconds=30, eval_every=2, eval_batches=1,
-            buffer_size=1, units_hint=60,
+            stage=4, steps_per_unit=6, shared_sync_every=3, lease_seconds=30, eval_every=2,
+            eval_batches=1, buffer_size=1, units_hint=60,
         )  # fmt: skip
         coord.prepare(ckpt, settings)
         driver = network.open_driver()
@@ -138,6 +139,8 @@ def _stage4_schedule_ran_to_ternary(coord, cfg) -> None:
     fractions = [p["ternary_fraction"] for p in params]
     assert fractions == sorted(fractions), fractions
     assert fractions[0] == cfg.ternary.schedule[0] and fractions[-1] == 1.0, fractions
+    # In-unit shared syncs: parts held their columns, and the stage ended sending them.
+    assert any(p.get("hold_columns") for p in params) and not params[-1].get("hold_columns")
 
 
 def _scored_as_trained(loop) -> None:

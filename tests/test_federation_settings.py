@@ -20,6 +20,7 @@ FILE = """\
 stage: 3
 buffer_size: 4
 steps_per_unit: 12
+shared_sync_every: 4
 lease_seconds: 120
 max_in_flight: 3
 outer_lr: 0.7
@@ -74,6 +75,7 @@ def test_serve_and_demo_parse_one_file_into_the_same_settings(monkeypatch, tmp_p
     by_demo = parsed_by_demo(monkeypatch, "--federation-config", str(path))
     assert by_serve == by_demo == load_federation_settings(path)
     assert (by_serve.outer_lr, by_serve.trim, by_serve.column_codec) == (0.7, 1, "sparse")
+    assert by_serve.shared_sync_every == 4  # in-unit shared syncs: parts of 4 of the 12 steps
     # Flags win over the file, in both commands.
     flags = ("--federation-config", str(path), "--outer-lr", "0.3", "--max-staleness", "2")
     by_serve = parsed_by_serve(monkeypatch, tmp_path, *flags)
