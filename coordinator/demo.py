@@ -48,6 +48,7 @@ def demo(
         None, help="Results per outer step / version [default: --participants]."
     ),
     steps_per_unit: fo.StepsPerUnit = None,
+    shared_sync_every: fo.SharedSyncEvery = None,
     unit_seconds: fo.UnitSeconds = None,
     max_steps_per_unit: fo.MaxStepsPerUnit = None,
     max_in_flight: fo.MaxInFlight = None,

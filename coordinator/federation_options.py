@@ -47,6 +47,14 @@ Data = Annotated[
 ]
 BufferSize = Annotated[int | None, _option("--buffer-size", "Results per outer step / version.")]
 StepsPerUnit = Annotated[int | None, _option("--steps-per-unit", "Inner steps per unit (H).")]
+SharedSyncEvery = Annotated[
+    int | None,
+    _option(
+        "--shared-sync-every",
+        "In-unit shared syncs: lease units as parts of this many steps, each syncing the "
+        "shared layers; columns go up once per unit (0: off).",
+    ),
+]
 UnitSeconds = Annotated[
     float | None,
     _option("--unit-seconds", "Size units to this many seconds from each node's tokens/s."),

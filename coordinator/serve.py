@@ -104,6 +104,7 @@ def serve(
     federation_config: fo.FederationConfig = None,
     buffer_size: fo.BufferSize = None,
     steps_per_unit: fo.StepsPerUnit = None,
+    shared_sync_every: fo.SharedSyncEvery = None,
     unit_seconds: fo.UnitSeconds = None,
     max_steps_per_unit: fo.MaxStepsPerUnit = None,
     max_in_flight: fo.MaxInFlight = None,

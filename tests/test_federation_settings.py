@@ -78,10 +78,12 @@ def test_serve_and_demo_parse_one_file_into_the_same_settings(monkeypatch, tmp_p
     assert by_serve.shared_sync_every == 4  # in-unit shared syncs: parts of 4 of the 12 steps
     # Flags win over the file, in both commands.
     flags = ("--federation-config", str(path), "--outer-lr", "0.3", "--max-staleness", "2")
+    flags += ("--shared-sync-every", "6")
     by_serve = parsed_by_serve(monkeypatch, tmp_path, *flags)
     by_demo = parsed_by_demo(monkeypatch, *flags)
     assert by_serve == by_demo
     assert (by_serve.outer_lr, by_serve.max_staleness, by_serve.buffer_size) == (0.3, 2, 4)
+    assert by_serve.shared_sync_every == 6
 
 
 def test_command_defaults():

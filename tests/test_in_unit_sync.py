@@ -18,7 +18,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from coordinator.db.stats import stage_totals
+from coordinator.db.stats import accepted_unit_columns, stage_totals
 from coordinator.federation_settings import FederationSettings, FederationSettingsError
 from participant.unit_trainer import UnitTrainer
 from shared_model.wire.perspective.v1 import blobs_pb2, control_pb2
@@ -91,7 +91,9 @@ def test_parts_sync_the_shared_layers_and_send_the_columns_once_per_unit(
     assert not _same(loop.state.columns.published(column), published_v0)
     with loop.factory() as s:  # the unit's tokens counted once: two parts of 3 steps
         totals = stage_totals(s, stage="stage3")
+        synced = accepted_unit_columns(s, stage="stage3")  # traffic per sync counts these
     assert (totals.accepted, totals.tokens) == (2, 6 * cfg.train.batch_size * cfg.train.seq_len)
+    assert synced == [0, len(second.unit.columns)]  # the held part synced no column
 
 
 def test_a_part_that_should_hold_its_columns_may_not_send_them(loop, tiny_moe_seed, tmp_path):

@@ -368,8 +368,11 @@ def _accepted_in(session: Session, stage: str, *columns):
 
 
 def accepted_unit_columns(session: Session, *, stage: str) -> list[int]:
-    """How many columns each accepted result of ``stage`` carried (what one sync moves)."""
-    return [len(cols or []) for (cols,) in _accepted_in(session, stage, WorkUnit.columns)]
+    """How many columns each accepted result of ``stage`` carried (what one sync moves):
+    none for a part that held its columns (in-unit shared syncs: it synced the shared
+    layers only)."""
+    rows = _accepted_in(session, stage, WorkUnit.columns, WorkUnit.params)
+    return [0 if (p or {}).get("hold_columns") else len(cols or []) for cols, p in rows]
 
 
 def accepted_column_codecs(session: Session, *, stage: str) -> dict[str, int]:
