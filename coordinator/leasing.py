@@ -233,7 +233,7 @@ class UnitFactory:
         # The run's seed (train.seed) picks documents and batches too, as in central training.
         seed = created + 1 + 1_000_003 * self.cfg.train.seed
         params = self._params(position, seed, session)
-        if parts > 1 and self._holds_columns(session, participant.id, parts, position):
+        if parts > 1 and self._holds_columns(session, participant.id, parts, position, params):
             params["hold_columns"] = True
         return leases.create_lease(
             session,
@@ -247,13 +247,15 @@ class UnitFactory:
             lease_seconds=self.lease_seconds,
         )
 
-    def _holds_columns(self, session: Session, participant_id: int, parts: int, position: int):
-        """Whether a new part keeps its columns' training on the node (in-unit shared
-        syncs): yes, unless the node's last ``parts - 1`` units all kept theirs (this one
-        sends them), or the stage is in its last tenth (every unit sends its columns, so
-        the stage ends with every node's column training published)."""
-        _, total = self._schedule_step(position, session)
-        if position >= 0.9 * total:
+    def _holds_columns(
+        self, session: Session, participant_id: int, parts: int, position: int, params: dict
+    ) -> bool:
+        """Whether a new part (``params``: its schedule) keeps its columns' training on the
+        node (in-unit shared syncs): yes, unless the node's last ``parts - 1`` units all
+        kept theirs (this one sends them), or the stage is in its last tenth (every unit
+        sends its columns, so the stage ends with every node's column training
+        published)."""
+        if position >= 0.9 * params["schedule_steps"]:
             return False
         recent = leases.recent_unit_params(
             session, participant_id=participant_id, stage=f"stage{self.stage}", limit=parts - 1
