@@ -835,7 +835,7 @@ class FederationLoop:
         replayed = 0
         for target, unit_id, ids, unit in rows:
             decoded = intake.decode_result(
-                self.state, ids, unit.base_version, intake.result_columns(unit), None,
+                self.state, ids, unit.base_version, db_leases.result_columns(unit), None,
                 column_codec=intake.unit_column_codec(unit),
             )  # fmt: skip
             if target is not None:

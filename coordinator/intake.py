@@ -373,7 +373,7 @@ class PayloadCheck:
             )
         check_uploads(self.state.store, self.ids, unit.unit_id)
         decoded = decode_result(
-            self.state, self.ids, unit.base_version, result_columns(unit), self.bounds,
+            self.state, self.ids, unit.base_version, db_leases.result_columns(unit), self.bounds,
             step_size=self.bounds.step_size(*unit_lr_steps(unit)) if self.bounds else 1.0,
             column_codec=unit_column_codec(unit),
         )  # fmt: skip
@@ -456,12 +456,6 @@ def decode_result(
                 raise Rejected(RejectReason.NORM_OUT_OF_BOUNDS, str(exc)) from exc
             out.ratios.extend(ratios)
     return out
-
-
-def result_columns(unit: WorkUnit) -> list[int]:
-    """The columns a result of ``unit`` must carry deltas for: the unit's, or none for a
-    part that keeps them on its node (``hold_columns``, in-unit shared syncs)."""
-    return [] if (unit.params or {}).get("hold_columns") else list(unit.columns)
 
 
 def unit_column_codec(unit: WorkUnit) -> str | None:

@@ -439,6 +439,13 @@ def stage_schedule_position(session: Session, *, stage: str) -> tuple[int, int]:
     return int(units), int(steps)
 
 
+def result_columns(unit: WorkUnit) -> list[int]:
+    """The columns a result of ``unit`` carries deltas for (what its sync moves): the
+    unit's, or none for a part that keeps them on its node (``hold_columns``, in-unit
+    shared syncs)."""
+    return [] if (unit.params or {}).get("hold_columns") else list(unit.columns)
+
+
 def recent_unit_params(
     session: Session, *, participant_id: int, stage: str, limit: int
 ) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from coordinator.db.leases import result_columns
 from coordinator.db.models import (
     ModelVersion,
     Participant,
@@ -371,8 +372,7 @@ def accepted_unit_columns(session: Session, *, stage: str) -> list[int]:
     """How many columns each accepted result of ``stage`` carried (what one sync moves):
     none for a part that held its columns (in-unit shared syncs: it synced the shared
     layers only)."""
-    rows = _accepted_in(session, stage, WorkUnit.columns, WorkUnit.params)
-    return [0 if (p or {}).get("hold_columns") else len(cols or []) for cols, p in rows]
+    return [len(result_columns(unit)) for (unit,) in _accepted_in(session, stage, WorkUnit)]
 
 
 def accepted_column_codecs(session: Session, *, stage: str) -> dict[str, int]:
