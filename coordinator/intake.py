@@ -13,9 +13,9 @@ the same sequence, and the first check that fails decides (:func:`record_result`
    coordinator was down) is still judged when the result is built on its base, and its
    queued copy is withdrawn if it is accepted,
 5. the payload (:class:`PayloadCheck`): the claimed tokens fit the unit (``MALFORMED``),
-   the base is not too stale (``STALE_BASE``), the referenced blobs exist
-   (``MISSING_BLOB``) and were uploaded under this very lease (``FOREIGN_BLOB``: no
-   replays of accepted blobs, no borrowing another node's; :mod:`coordinator.blob_uploads`)
+   the referenced blobs exist (``MISSING_BLOB``) and were uploaded under this very lease
+   (``FOREIGN_BLOB``: no replays of accepted blobs, no borrowing another node's;
+   :mod:`coordinator.blob_uploads`), the base is not too stale (``STALE_BASE``)
    — all before any blob is read — then are intact (``BAD_CHECKSUM``) and decode
    (``MALFORMED``), name exactly the unit's columns and the model's tensors with the right
    shapes (``BAD_SHAPE``), contain only finite values (``NON_FINITE``), have every
@@ -365,13 +365,15 @@ class PayloadCheck:
                 f"result claims {self.tokens} tokens; the unit's {unit.steps} steps are "
                 f"{budget} tokens",
             )
+        # Provenance before staleness: a replayed or borrowed upload is named as such on
+        # the dashboard even when it also arrives too late (it is not a slow honest node).
+        check_uploads(self.state.store, self.ids, unit.unit_id)
         stale = self.state.version - unit.base_version
         if stale > self.state.columns.max_staleness:
             raise Rejected(
                 RejectReason.STALE_BASE,
                 f"base version {unit.base_version} is {stale} versions old",
             )
-        check_uploads(self.state.store, self.ids, unit.unit_id)
         decoded = decode_result(
             self.state, self.ids, unit.base_version, db_leases.result_columns(unit), self.bounds,
             step_size=self.bounds.step_size(*unit_lr_steps(unit)) if self.bounds else 1.0,

@@ -453,19 +453,25 @@ def _inf_scale_bundle(store, bundle_id: str, lease: str) -> str:
     return upload_as(store, bundle.SerializeToString(), lease)
 
 
-@pytest.mark.parametrize("case", ["norm", "inf_scale", "missing", "malformed", "stale"])
+@pytest.mark.parametrize(
+    "case", ["norm", "inf_scale", "missing", "malformed", "stale", "stale_replay"]
+)
 def test_payload_rejections_through_the_loop(tmp_path, corpus, case):
     """Every payload check, through ``FederationLoop.receive``: refused with its stored
-    reason, nothing applied, nothing credited."""
-    settings = {"norm": {"max_update_norm": 1e-9}, "stale": {"max_staleness": 1}}.get(case, {})
-    loop, train = make_loop(tmp_path, corpus, **settings)
+    reason, nothing applied, nothing credited. A replayed upload is named a replay even
+    when it also comes too late (provenance is checked before staleness)."""
+    stale = {"max_staleness": 1}
+    settings = {"norm": {"max_update_norm": 1e-9}, "stale": stale, "stale_replay": stale}
+    loop, train = make_loop(tmp_path, corpus, **settings.get(case, {}))
     _, result = lease_and_train(loop, train, tmp_path)
     store = loop.state.store
-    if case == "stale":  # two versions pass while the result travels
+    if case.startswith("stale"):  # two versions pass while the result travels
         for _ in range(4):
             _, other = lease_and_train(loop, train, tmp_path / "other")
             assert loop.receive(NODE, other).accepted
         assert loop.state.version == 2
+        if case == "stale_replay":  # and it carries an accepted result's shared blob
+            result.shared_update.CopyFrom(other.shared_update)
     elif case == "inf_scale":
         result.shared_update.blob.content_id = _inf_scale_bundle(
             store, result.shared_update.blob.content_id, result.unit_id
@@ -479,7 +485,8 @@ def test_payload_rejections_through_the_loop(tmp_path, corpus, case):
     before, credit_before = masters_snapshot(loop.state), loop.totals().tokens
     outcome = loop.receive(NODE, result)
     want = {"norm": "NORM_OUT_OF_BOUNDS", "inf_scale": "MALFORMED", "missing": "MISSING_BLOB",
-            "malformed": "MALFORMED", "stale": "STALE_BASE"}[case]  # fmt: skip
+            "malformed": "MALFORMED", "stale": "STALE_BASE",
+            "stale_replay": "FOREIGN_BLOB"}[case]  # fmt: skip
     assert not outcome.accepted and outcome.reason == want, outcome
     assert all(torch.equal(before[k], v) for k, v in loop.state.shared.master.items())
     assert loop.totals().tokens == credit_before
