@@ -4,7 +4,10 @@ Every arm starts from the same stage-2 checkpoint (a short central stage-1 seed 
 experts), sees the same token budget of the same corpus, and is scored on the *same*
 validation sequences (``--eval-tokens``, default 32k tokens from held-out documents), both
 token-level (the router picks experts) and in column mode (each sequence through its
-document's column, as the federated model is used). Arms (``--arms``):
+document's column, as the federated model is used). Two sets of those: windows drawn
+uniformly (a long document weighs by its length: one ``stdlib`` document holds 55 % of
+them) and windows drawn per document (``*_balanced``: every document weighs about alike).
+Arms (``--arms``):
 
 * ``central_token``: the central trainer, token-level routing, batch ``b`` (the batch of
   one participant), the schedule over the same tokens: the strict baseline;
@@ -12,6 +15,8 @@ document's column, as the federated model is used). Arms (``--arms``):
   document routing, so ``federated ÷ central_column`` is the cost of federation alone;
 * ``central_big``: central token-level with batch ``N·b`` (what synchronous averaging of N
   participants is equivalent to at best): the fair baseline;
+* ``central_column_big``: central column mode with batch ``N·b``: the floor of N
+  participants that each train their columns' documents and sync every step;
 * ``federated``: the real loop (intake, aggregation, publishing, unit trainer) with the
   participants in this process on a virtual clock (:mod:`benchmarks.federation_replay`);
   ``--mode flower`` runs it over a real SuperLink + SuperNodes instead;
@@ -21,7 +26,8 @@ document's column, as the federated model is used). Arms (``--arms``):
 Reported (``benchmarks/results/<name>.json`` + ``.png``): per arm and seed both scores,
 wall time, traffic per kind (up / down deltas / checkpoint reloads / joins / teacher / data)
 in bytes and bits per parameter per sync, utilisation; mean ± sd over seeds; a top-level
-``summary``. Usage: ``python benchmarks/federation_bench.py --preset tiny --tokens 900000``.
+``summary`` (``ratio_vs_central_token`` on the uniform set, ``ratio_balanced`` on the
+per-document one). Usage: ``python benchmarks/federation_bench.py --preset tiny --tokens 900000``.
 """
 
 from __future__ import annotations
@@ -58,7 +64,16 @@ from shared_model.schedule import build_optimizer, lr_at, set_lr
 from shared_model.stage_loss import stage_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ARMS = ("central_token", "central_column", "central_big", "federated", "federated_1")
+ARMS = (
+    "central_token",
+    "central_column",
+    "central_big",
+    "central_column_big",
+    "federated",
+    "federated_1",
+)
+#: the scores of an arm: on the uniform windows, and on the per-document ones
+SCORES = ("token_level", "column_mode", "token_level_balanced", "column_mode_balanced")
 
 
 def parse_args() -> argparse.Namespace:
@@ -99,6 +114,13 @@ def parse_args() -> argparse.Namespace:
         "--lease-base",
         action="store_true",
         help="units train from the version current when leased (not the newest at start)",
+    )
+    p.add_argument(
+        "--max-columns",
+        type=int,
+        default=None,
+        help="replay: the columns each participant offers to hold (default: serve's rule, "
+        "ceil(experts / participants))",
     )
     p.add_argument("--codec", default=None, choices=["ternary", "sparse"], help="both parts")
     p.add_argument("--column-codec", default=None, choices=["ternary", "sparse"])
@@ -146,17 +168,40 @@ def parse_args() -> argparse.Namespace:
 # --- the fixed validation set ---------------------------------------------------------------
 
 
-def eval_windows(val: DocumentDataset, seq_len: int, n_tokens: int, seed: int = 1234):
-    """Fixed validation sequences: ``(tokens [n, seq_len + 1], document index [n])``."""
-    windows, owners = [], []
-    for index, (_, doc) in enumerate(val.iter_documents()):
-        for start in range(0, len(doc) - seq_len - 1, seq_len + 1):
-            windows.append(np.asarray(doc[start : start + seq_len + 1], dtype=np.int64))
-            owners.append(index)
+def eval_windows(
+    val: DocumentDataset, seq_len: int, n_tokens: int, seed: int = 1234, per_document=False
+):
+    """Fixed validation sequences: ``(tokens [n, seq_len + 1], document index [n])``.
+
+    Drawn uniformly from all the held-out windows, so a long document weighs by its length
+    (``stdlib``'s largest validation document holds 55 % of them); ``per_document``: drawn
+    round-robin over the documents instead (each gives an equal number, or all it has), so
+    every held-out document weighs about alike.
+    """
+    by_doc: list[list[np.ndarray]] = []
+    for _, doc in val.iter_documents():
+        by_doc.append(
+            [
+                np.asarray(doc[start : start + seq_len + 1], dtype=np.int64)
+                for start in range(0, len(doc) - seq_len - 1, seq_len + 1)
+            ]
+        )
     rng = np.random.default_rng(seed)
-    pick = rng.choice(len(windows), size=min(len(windows), n_tokens // seq_len), replace=False)
-    tokens = torch.from_numpy(np.stack([windows[i] for i in sorted(pick)]))
-    return tokens, np.array([owners[i] for i in sorted(pick)])
+    want = n_tokens // seq_len
+    if per_document:
+        orders = [list(rng.permutation(len(w))) for w in by_doc]
+        picked: list[tuple[int, int]] = []
+        while len(picked) < want and any(orders):
+            for d in rng.permutation(len(by_doc)):
+                if orders[d] and len(picked) < want:
+                    picked.append((int(d), int(orders[d].pop())))
+    else:
+        flat = [(d, i) for d, w in enumerate(by_doc) for i in range(len(w))]
+        pick = rng.choice(len(flat), size=min(len(flat), want), replace=False)
+        picked = [flat[i] for i in pick]
+    picked.sort()
+    tokens = torch.from_numpy(np.stack([by_doc[d][i] for d, i in picked]))
+    return tokens, np.array([d for d, _ in picked])
 
 
 @torch.no_grad()
@@ -174,13 +219,18 @@ def score(model: PerspectiveModel, windows, columns: np.ndarray | None) -> float
     return total / count
 
 
-def both_scores(model, windows, assignment, val) -> dict[str, float]:
-    """Token-level and column-mode loss (each window routed by its document's column)."""
+def both_scores(model, windows, assignment, val, balanced=None) -> dict[str, float]:
+    """Token-level and column-mode loss (each window routed by its document's column); with
+    ``balanced`` (the per-document windows) the same two on those, as ``*_balanced``."""
     doc_columns = assignment.route(val)
-    return {
+    out = {
         "token_level": score(model, windows, None),
         "column_mode": score(model, windows, doc_columns[windows[1]]),
     }
+    if balanced is not None:
+        out["token_level_balanced"] = score(model, balanced, None)
+        out["column_mode_balanced"] = score(model, balanced, doc_columns[balanced[1]])
+    return out
 
 
 # --- arms ------------------------------------------------------------------------------------
@@ -204,13 +254,16 @@ def central_token(cfg, corpus, ckpt: str, work: Path, tokens: int, batch: int) -
     return load_model(cfg, r.checkpoint)
 
 
-def central_column(cfg, corpus, ckpt: str, tokens: int, assignment) -> PerspectiveModel:
-    """Central training in column mode: every sequence through its document's column."""
+def central_column(
+    cfg, corpus, ckpt: str, tokens: int, assignment, batch: int | None = None
+) -> PerspectiveModel:
+    """Central training in column mode: every sequence through its document's column
+    (``batch``: sequences per step, default the config's)."""
     torch.manual_seed(cfg.train.seed)
     model = load_model(cfg, ckpt).train()
     opt = build_optimizer(model, cfg.optim)
     train = corpus.dataset("train")
-    b, t = cfg.train.batch_size, cfg.train.seq_len
+    b, t = batch or cfg.train.batch_size, cfg.train.seq_len
     by_col = {c: train.subset(assignment.documents(c)) for c in range(cfg.moe.n_experts)}
     order = [c for c, ds in by_col.items() if ds.n_tokens > t + 1]
     steps = max(1, tokens // (b * t))
@@ -264,6 +317,7 @@ def federated(cfg, corpus, ckpt: str, work: Path, args, participants: int, codec
                 step_times(participants, args.speed_spread),
                 latency=args.reply_latency,
                 publisher=None if args.lease_base else coord.state.publisher,
+                max_columns=args.max_columns,
             )  # fmt: skip
             loop = coord.federated_stage(driver, StageBudget(tokens=args.tokens), settings)
             loop.run(lambda: False)
@@ -348,13 +402,17 @@ def _over_flower(cfg, coord, work: Path, args, participants: int, settings) -> d
 # --- driver ------------------------------------------------------------------------------------
 
 
-def run_seed(cfg, corpus, ckpt, work: Path, args, seed: int, windows, on_arm=None) -> dict:
+def run_seed(
+    cfg, corpus, ckpt, work: Path, args, seed: int, windows, on_arm=None, balanced=None
+) -> dict:
     cfg = replace(cfg, train=replace(cfg.train, seed=seed))
     val = corpus.dataset("val")
     base = load_model(cfg, ckpt)
     assignment = initial_assignment(base, corpus.dataset("train"), cfg.moe.n_experts, seed=seed)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    out: dict[str, dict] = {"seed_checkpoint": both_scores(base, windows, assignment, val)}
+    out: dict[str, dict] = {
+        "seed_checkpoint": both_scores(base, windows, assignment, val, balanced)
+    }
     b, n = cfg.train.batch_size, args.participants
     for arm in arms:
         t0 = time.perf_counter()
@@ -366,13 +424,16 @@ def run_seed(cfg, corpus, ckpt, work: Path, args, seed: int, windows, on_arm=Non
             model = central_token(cfg, corpus, ckpt, where, args.tokens, b * n)
         elif arm == "central_column":
             model = central_column(cfg, corpus, ckpt, args.tokens, assignment)
+        elif arm == "central_column_big":
+            model = central_column(cfg, corpus, ckpt, args.tokens, assignment, b * n)
         elif arm.startswith("federated"):
             participants = 1 if arm == "federated_1" else n
             codec = {"federated_sparse": "sparse", "federated_ternary": "ternary"}.get(arm)
             model, assignment_used, extra = federated(
                 cfg, corpus, ckpt, where, args, participants, codec
             )
-            out[arm] = {**both_scores(model, windows, assignment_used, val), **extra}
+            scores = both_scores(model, windows, assignment_used, val, balanced)
+            out[arm] = {**scores, **extra}
             print(f"seed {seed} {arm}: {out[arm]['column_mode']:.4f}", flush=True)
             if on_arm is not None:
                 on_arm(out)
@@ -382,7 +443,7 @@ def run_seed(cfg, corpus, ckpt, work: Path, args, seed: int, windows, on_arm=Non
                 f"unknown arm {arm!r}; known: {', '.join(ARMS)}, federated_sparse, "
                 "federated_ternary"
             )
-        out[arm] = {**both_scores(model, windows, assignment, val), **extra}
+        out[arm] = {**both_scores(model, windows, assignment, val, balanced), **extra}
         out[arm]["seconds"] = time.perf_counter() - t0
         print(f"seed {seed} {arm}: {out[arm]['token_level']:.4f}", flush=True)
         if on_arm is not None:
@@ -404,7 +465,8 @@ def summarise(runs: dict[int, dict]) -> dict:
     table = {}
     for arm in arms:
         rows = [r[arm] for r in runs.values() if arm in r]
-        table[arm] = {k: mean_sd([row[k] for row in rows]) for k in ("token_level", "column_mode")}
+        kinds = [k for k in SCORES if all(k in row for row in rows)]
+        table[arm] = {k: mean_sd([row[k] for row in rows]) for k in kinds}
     summary: dict = {"seeds": len(runs), "arms": table}
     both = [r for r in runs.values() if "federated" in r and "central_token" in r]
     if both:
@@ -422,6 +484,13 @@ def summarise(runs: dict[int, dict]) -> dict:
             utilisation_clock="wall" if all("wall_s" in f for f in fed) else "virtual",
         )
         summary["seeds"] = len(both)
+        if all("column_mode_balanced" in r["federated"] for r in both):
+            ratios = [
+                r["federated"]["column_mode_balanced"] / r["central_token"]["token_level_balanced"]
+                for r in both
+            ]
+            summary["ratio_balanced"] = statistics.fmean(ratios)
+            summary["ratio_balanced_sd"] = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
     return summary
 
 
@@ -434,12 +503,14 @@ def plot(report: dict, path: Path) -> None:
     table = report["summary"]["arms"]
     names = list(table)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, kind in enumerate(("token_level", "column_mode")):
+    kinds = [k for k in SCORES if all(k in table[a] for a in names)]
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
         means = [table[a][kind]["mean"] for a in names]
         sds = [table[a][kind]["sd"] for a in names]
-        ax.bar(np.arange(len(names)) + 0.4 * i, means, 0.4, yerr=sds, label=kind)
-    ax.set_xticks(np.arange(len(names)) + 0.2, names, rotation=30, ha="right")
-    low = min(table[a][k]["mean"] for a in names for k in ("token_level", "column_mode"))
+        ax.bar(np.arange(len(names)) + width * i, means, width, yerr=sds, label=kind)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, ha="right")
+    low = min(table[a][k]["mean"] for a in names for k in kinds)
     ax.set_ylim(low * 0.97, None)
     ax.set_ylabel("validation loss (same set, mean ± sd)")
     seeds = report["summary"]["seeds"]
@@ -483,6 +554,9 @@ def main() -> None:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedbench-"))
     ckpt = str(args.seed_checkpoint or seed_checkpoint(cfg, corpus, work, args.seed_steps))
     windows = eval_windows(corpus.dataset("val"), cfg.train.seq_len, args.eval_tokens)
+    balanced = eval_windows(
+        corpus.dataset("val"), cfg.train.seq_len, args.eval_tokens, per_document=True
+    )
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     report = {
         "preset": args.preset,
@@ -500,7 +574,8 @@ def main() -> None:
         (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
 
     for seed in seeds:
-        run_seed(cfg, corpus, ckpt, work, args, seed, windows, lambda out, s=seed: write(s, out))
+        on_arm = lambda out, s=seed: write(s, out)  # noqa: E731
+        run_seed(cfg, corpus, ckpt, work, args, seed, windows, on_arm, balanced)
     plot(report, RESULTS / f"{args.name}.png")
     print(json.dumps(report["summary"], indent=1))
 
