@@ -484,6 +484,14 @@ def summarise(runs: dict[int, dict]) -> dict:
             utilisation_clock="wall" if all("wall_s" in f for f in fed) else "virtual",
         )
         summary["seeds"] = len(both)
+        floor = [r for r in both if "central_column_big" in r]
+        if floor:  # the synchronous floor of N participants in column mode, same ratio
+            ratios = [
+                r["central_column_big"]["column_mode"] / r["central_token"]["token_level"]
+                for r in floor
+            ]
+            summary["floor_ratio"] = statistics.fmean(ratios)
+            summary["floor_ratio_sd"] = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
         if all("column_mode_balanced" in r["federated"] for r in both):
             ratios = [
                 r["federated"]["column_mode_balanced"] / r["central_token"]["token_level_balanced"]
