@@ -169,7 +169,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def eval_windows(
-    val: DocumentDataset, seq_len: int, n_tokens: int, seed: int = 1234, per_document=False
+    val: DocumentDataset,
+    seq_len: int,
+    n_tokens: int,
+    seed: int = 1234,
+    per_document: bool = False,
 ):
     """Fixed validation sequences: ``(tokens [n, seq_len + 1], document index [n])``.
 
@@ -459,6 +463,12 @@ def mean_sd(values: list[float]) -> dict[str, float]:
     }
 
 
+def ratio(rows: list[dict], arm: str, score: str, baseline: str) -> tuple[float, float]:
+    """Mean and sd over seeds of ``arm``'s ``score`` ÷ central token-level's ``baseline``."""
+    values = [r[arm][score] / r["central_token"][baseline] for r in rows]
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarise(runs: dict[int, dict]) -> dict:
     """Mean ± sd per arm and the headline ratios (federated on its column-mode score)."""
     arms = sorted({a for r in runs.values() for a in r})
@@ -470,11 +480,11 @@ def summarise(runs: dict[int, dict]) -> dict:
     summary: dict = {"seeds": len(runs), "arms": table}
     both = [r for r in runs.values() if "federated" in r and "central_token" in r]
     if both:
-        ratios = [r["federated"]["column_mode"] / r["central_token"]["token_level"] for r in both]
+        mean, sd = ratio(both, "federated", "column_mode", "token_level")
         fed = [r["federated"] for r in both]
         summary.update(
-            ratio_vs_central_token=statistics.fmean(ratios),
-            ratio_sd=statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
+            ratio_vs_central_token=mean,
+            ratio_sd=sd,
             up_bits_per_param=statistics.fmean(f["up_bits_per_param"] for f in fed),
             down_bits_per_param=statistics.fmean(f["down_bits_per_param"] for f in fed),
             join_bits_per_param=statistics.fmean(f["join_bits_per_param"] for f in fed),
@@ -484,21 +494,13 @@ def summarise(runs: dict[int, dict]) -> dict:
             utilisation_clock="wall" if all("wall_s" in f for f in fed) else "virtual",
         )
         summary["seeds"] = len(both)
-        floor = [r for r in both if "central_column_big" in r]
-        if floor:  # the synchronous floor of N participants in column mode, same ratio
-            ratios = [
-                r["central_column_big"]["column_mode"] / r["central_token"]["token_level"]
-                for r in floor
-            ]
-            summary["floor_ratio"] = statistics.fmean(ratios)
-            summary["floor_ratio_sd"] = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
         if all("column_mode_balanced" in r["federated"] for r in both):
-            ratios = [
-                r["federated"]["column_mode_balanced"] / r["central_token"]["token_level_balanced"]
-                for r in both
-            ]
-            summary["ratio_balanced"] = statistics.fmean(ratios)
-            summary["ratio_balanced_sd"] = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+            ratios = ratio(both, "federated", "column_mode_balanced", "token_level_balanced")
+            summary["ratio_balanced"], summary["ratio_balanced_sd"] = ratios
+    floor = [r for r in runs.values() if "central_column_big" in r and "central_token" in r]
+    if floor:  # the synchronous floor of N participants in column mode, the same ratio
+        ratios = ratio(floor, "central_column_big", "column_mode", "token_level")
+        summary["floor_ratio"], summary["floor_ratio_sd"] = ratios
     return summary
 
 
