@@ -38,6 +38,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -465,8 +466,8 @@ def mean_sd(values: list[float]) -> dict[str, float]:
 
 def ratio(rows: list[dict], arm: str, score: str, baseline: str) -> tuple[float, float]:
     """Mean and sd over seeds of ``arm``'s ``score`` ÷ central token-level's ``baseline``."""
-    values = [r[arm][score] / r["central_token"][baseline] for r in rows]
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    spread = mean_sd([r[arm][score] / r["central_token"][baseline] for r in rows])
+    return spread["mean"], spread["sd"]
 
 
 def summarise(runs: dict[int, dict]) -> dict:
@@ -584,8 +585,7 @@ def main() -> None:
         (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
 
     for seed in seeds:
-        on_arm = lambda out, s=seed: write(s, out)  # noqa: E731
-        run_seed(cfg, corpus, ckpt, work, args, seed, windows, on_arm, balanced)
+        run_seed(cfg, corpus, ckpt, work, args, seed, windows, partial(write, seed), balanced)
     plot(report, RESULTS / f"{args.name}.png")
     print(json.dumps(report["summary"], indent=1))
 
