@@ -7,8 +7,9 @@ advanced one version at a time by ``published += decode(encode(master - publishe
 (error feedback, :func:`shared_model.federated.updates.send_with_feedback`). A version is a
 :class:`VersionManifest` in the blob store: one bundle for the shared layers and one per
 changed column, each tensor carrying the sha256 of its new published value. Every
-``checkpoint_every`` versions a full :class:`CheckpointManifest` (one safetensors blob per
-part) lets a new or lost participant start without replaying the whole chain.
+``checkpoint_every`` versions a full :class:`CheckpointManifest` (one blob per part: FP32
+safetensors, or trits for a ternary column, :mod:`shared_model.federated.checkpoint_parts`)
+lets a new or lost participant start without replaying the whole chain.
 
 Versions are deterministic: no timestamp in a manifest, so replaying the result log after
 a restart recreates the same bytes, hence the same content ids (the DB row has the time).
@@ -27,13 +28,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save_file
 
 from coordinator.aggregation import ColumnAggregator, OuterOptimizer, SharedAggregator
 from coordinator.aggregation.diversity import apply_diversity
 from coordinator.federation_settings import FederationSettings
 from shared_model.blobs import BlobStore
 from shared_model.config import PerspectiveConfig
+from shared_model.federated.checkpoint_parts import column_part, fp32_part
 from shared_model.federated.updates import send_with_feedback
 from shared_model.model import PerspectiveModel, expert_param_names
 from shared_model.ternary import THRESHOLD_FACTOR, is_ternary
@@ -183,11 +185,12 @@ class Publisher:
     def _write_checkpoint(self, version: int | None = None) -> tensor_pb2.BlobRef:
         version = self.version if version is None else version
         manifest = control_pb2.CheckpointManifest(version=version)
-        shared = save(_contiguous(self.shared.published))
-        manifest.shared.CopyFrom(self._put(shared, "checkpoint"))
+        manifest.shared.CopyFrom(self._put(fp32_part(self.shared.published), "checkpoint"))
         for column in sorted(self.columns.masters):
-            part = save(_contiguous(self.columns.published(column)))
+            part, ternary = column_part(self.columns.published(column))
             manifest.columns[column].CopyFrom(self._put(part, "checkpoint"))
+            if ternary:  # stage 4's experts: trits, not FP32 (checkpoint_parts)
+                manifest.ternary_columns.append(column)
         return self._put(manifest.SerializeToString(), "checkpoint")
 
     def _put(self, data: bytes, kind: str) -> tensor_pb2.BlobRef:
@@ -200,10 +203,6 @@ class Publisher:
             int(v): tensor_pb2.BlobRef(content_id=cid, size=self.store.stat(cid).size)
             for v, cid in mapping.items()
         }
-
-
-def _contiguous(state: State) -> State:
-    return {k: v.detach().contiguous() for k, v in state.items()}
 
 
 class CoordinatorState:

@@ -43,16 +43,16 @@ def _settings(stage: int) -> FederationSettings:
     )  # fmt: skip
 
 
-def _run(coord, driver, stage: int, units: int) -> None:
-    settings = _settings(stage)
+def _run(coord, driver, stage: int, units: int, **changes) -> None:
+    settings = replace(_settings(stage), **changes)
     tokens = units * settings.steps_per_unit * coord.cfg.train.batch_size * coord.cfg.train.seq_len
     loop = coord.federated_stage(driver, StageBudget(tokens=tokens), settings)
     loop.run(lambda: False)
 
 
-def _prepared(coord, ckpt, tmp_path) -> ReplayDriver:
+def _prepared(coord, ckpt, tmp_path, **changes) -> ReplayDriver:
     """Stage 3 prepared from the seed, and two in-process participants (speeds 1.0, 1.3)."""
-    coord.prepare(ckpt, _settings(3))
+    coord.prepare(ckpt, replace(_settings(3), **changes))
     return ReplayDriver(
         coord.cfg, coord.store, coord.corpus.dataset("train"), tmp_path / "nodes", [1.0, 1.3],
         publisher=coord.state.publisher,
@@ -364,3 +364,48 @@ def test_the_shared_threshold_setting_thins_the_shared_trits_both_ways(
     up_high, down_high = _shared_zero_fractions(coord, ckpt, tmp_path / "high", 1.6)
     assert up_high > up_low + 0.15 and down_high > down_low + 0.15
     assert up_high > 0.65 and down_high > 0.65
+
+
+def test_a_node_joining_in_stage_4_downloads_the_experts_as_trits_and_follows_the_chain(
+    coordinator, tmp_path
+):
+    """Stage 4's checkpoints carry its ternary experts as trits (about 1.6 bits per
+    parameter, not FP32): a node joining mid-stage syncs from one the way a participant
+    does (:meth:`Replica.sync`), ends bit-identical to the published state
+    (every tensor's digest checked on the way), and follows the chain published after it.
+    The boundary checkpoint, whose experts are still FP, stays FP32."""
+    from shared_model.federated.replica import Replica
+
+    coord, ckpt = coordinator
+    every = {"checkpoint_every": 1}  # every version has a checkpoint
+    driver = _prepared(coord, ckpt, tmp_path, **every)
+    _run(coord, driver, 3, units=4, **every)
+    boundary = coord.state.publisher.teacher_checkpoint()
+    _run(coord, driver, 4, units=12, **every)
+    publisher, columns = coord.state.publisher, sorted(coord.state.columns.masters)
+    read = lambda ref: control_pb2.CheckpointManifest.FromString(coord.store.get(ref.content_id))  # noqa: E731
+    ternary = [v for v, r in sorted(publisher.checkpoints.items()) if read(r).ternary_columns]
+    manifest = read(publisher.checkpoints[ternary[0]])
+    assert sorted(manifest.ternary_columns) == columns and not read(boundary).ternary_columns
+    fetched: dict[str, int] = {}
+
+    def fetch(ref):
+        data = coord.store.get(ref.content_id)
+        fetched[ref.content_id] = len(data)
+        return data
+
+    chain = [publisher.manifests[v] for v in range(ternary[0] + 1, publisher.version + 1)]
+    versions = [control_pb2.VersionManifest.FromString(fetch(ref)) for ref in chain]
+    replica = Replica()
+    assert replica.sync(manifest, versions, columns, fetch) == len(versions) > 0
+    for c in columns:
+        published = coord.state.columns.published(c)
+        assert all(torch.equal(replica.columns[c][k], v) for k, v in published.items())
+    params = sum(v.numel() for c in columns for v in coord.state.columns.published(c).values())
+    trit_bits = 8 * sum(fetched[manifest.columns[c].content_id] for c in columns) / params
+    fp_bits = 8 * sum(r.size for r in read(boundary).columns.values()) / params
+    assert trit_bits < 2.5 and fp_bits > 32, (trit_bits, fp_bits)
+    # A replica that holds the checkpoint's version knows it holds its (ternary) parts.
+    held = Replica()
+    held.load_checkpoint(manifest, columns, fetch)
+    assert held.copy_if_checkpoint(manifest, columns) is not None

@@ -16,9 +16,8 @@ import hashlib
 from collections.abc import Callable
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
+from shared_model.federated.checkpoint_parts import column_part, fp32_part, read_part
 from shared_model.federated.updates import UpdateError, read_bundle, tensor_digest
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 
@@ -71,8 +70,8 @@ class Replica:
         missing = [c for c in columns if c not in manifest.columns]
         if missing:
             raise SyncError(f"checkpoint {manifest.version} has no column(s) {missing}")
-        shared = st_load(fetch(manifest.shared))
-        cols = {c: st_load(fetch(manifest.columns[c])) for c in columns}
+        shared = _read(manifest, None, fetch)
+        cols = {c: _read(manifest, c, fetch) for c in columns}
         self.shared, self.columns, self.version = shared, cols, int(manifest.version)
         self.units, self.loaded_at = {}, self.version
 
@@ -83,7 +82,7 @@ class Replica:
         if int(manifest.version) != self.version:
             raise SyncError("can only add columns from a checkpoint at the replica's version")
         for c in columns:
-            self.columns[c] = st_load(fetch(manifest.columns[c]))
+            self.columns[c] = _read(manifest, c, fetch)
 
     def apply(self, manifest: control_pb2.VersionManifest, fetch: Fetch) -> None:
         """Advance by one published version; all-or-nothing, digests verified."""
@@ -141,18 +140,22 @@ class Replica:
     ) -> Replica | None:
         """A copy of this replica's shared part and ``columns`` if they are, byte for byte,
         the parts of checkpoint ``manifest`` (each part's content id is the sha256 of its
-        safetensors bytes, which the coordinator wrote from the same published tensors);
+        bytes, which the coordinator wrote from the same published tensors with the same
+        :mod:`~shared_model.federated.checkpoint_parts` functions);
         else ``None``. Stage 4's teacher is the published state at the stage boundary, so
         a participant that synced through that version builds it without downloading it.
         """
         if self.version != int(manifest.version) or any(c not in self.columns for c in columns):
             return None
-        parts = [(self.shared, manifest.shared)]
-        parts += [(self.columns[c], manifest.columns[c]) for c in columns if c in manifest.columns]
-        if len(parts) != len(columns) + 1:
+        if any(c not in manifest.columns for c in columns):
             return None
-        for state, ref in parts:
-            data = st_save({k: v.detach().contiguous() for k, v in state.items()})
+        parts = [(fp32_part(self.shared), manifest.shared)]
+        for c in columns:
+            data, ternary = column_part(self.columns[c])
+            if ternary != (c in manifest.ternary_columns):
+                return None
+            parts.append((data, manifest.columns[c]))
+        for data, ref in parts:
             if hashlib.sha256(data).hexdigest() != ref.content_id:
                 return None
         copy = Replica()
@@ -180,3 +183,16 @@ def _advance(state: State, data: bytes, what: str) -> State:
             raise SyncError(f"{what}: {name} does not match the published checksum")
         out[name] = new
     return out
+
+
+def _read(manifest: control_pb2.CheckpointManifest, column: int | None, fetch: Fetch) -> State:
+    """One part of a checkpoint: the shared layers (``column`` None) or a column."""
+    if column is None:
+        ref, ternary, what = manifest.shared, False, "shared layers"
+    else:
+        ref, ternary = manifest.columns[column], column in manifest.ternary_columns
+        what = f"column {column}"
+    try:
+        return read_part(fetch(ref), ternary=ternary)
+    except UpdateError as exc:
+        raise SyncError(f"checkpoint {manifest.version}, {what}: {exc}") from exc

@@ -26,7 +26,7 @@ from shared_model.wire.perspective.v1 import federation_pb2 as perspective_dot_v
 from shared_model.wire.perspective.v1 import tensor_pb2 as perspective_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cperspective/v1/control.proto\x12\x0eperspective.v1\x1a\x1fperspective/v1/federation.proto\x1a\x1bperspective/v1/tensor.proto\"M\n\rEncodedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"r\n\x0cTensorBundle\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06\x63olumn\x18\x02 \x01(\x05\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12.\n\x07tensors\x18\x04 \x03(\x0b\x32\x1d.perspective.v1.EncodedTensor\"\x88\x02\n\x0fVersionManifest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06parent\x18\x02 \x01(\x04\x12\'\n\x06shared\x18\x03 \x01(\x0b\x32\x17.perspective.v1.BlobRef\x12=\n\x07\x63olumns\x18\x04 \x03(\x0b\x32,.perspective.v1.VersionManifest.ColumnsEntry\x12\x14\n\x0c\x63reated_unix\x18\x05 \x01(\x03\x12\r\n\x05units\x18\x06 \x03(\t\x1aG\n\x0c\x43olumnsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.perspective.v1.BlobRef:\x02\x38\x01\"\xd9\x01\n\x12\x43heckpointManifest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\'\n\x06shared\x18\x02 \x01(\x0b\x32\x17.perspective.v1.BlobRef\x12@\n\x07\x63olumns\x18\x03 \x03(\x0b\x32/.perspective.v1.CheckpointManifest.ColumnsEntry\x1aG\n\x0c\x43olumnsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.perspective.v1.BlobRef:\x02\x38\x01\"\x83\x01\n\x0eNodeCapability\x12\x13\n\x0bmax_columns\x18\x01 \x01(\r\x12\x12\n\nmax_params\x18\x02 \x01(\x04\x12\x0f\n\x07threads\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0ctokens_per_s\x18\x05 \x01(\x01\x12\x11\n\tram_bytes\x18\x06 \x01(\x04\"\xde\x04\n\x0e\x43ontrolRequest\x12(\n\x04unit\x18\x01 \x01(\x0b\x32\x18.perspective.v1.WorkUnitH\x00\x12\x11\n\x07\x63ollect\x18\x02 \x01(\x08H\x00\x12+\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x17.perspective.v1.BlobRef\x12)\n\x08versions\x18\x04 \x03(\x0b\x32\x17.perspective.v1.BlobRef\x12(\n\x07teacher\x18\x05 \x01(\x0b\x32\x17.perspective.v1.BlobRef\x12\x14\n\x0c\x62lob_address\x18\x06 \x01(\t\x12\x15\n\rbudget_tokens\x18\x07 \x01(\x04\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\x0f\n\x07seq_len\x18\t \x01(\r\x12\x14\n\x0c\x63olumn_codec\x18\n \x01(\t\x12\x14\n\x0cshared_codec\x18\x0b \x01(\t\x12\x0e\n\x06\x65ot_id\x18\x0c \x01(\r\x12\x15\n\rcredit_tokens\x18\r \x01(\x04\x12%\n\x04\x61\x63ks\x18\x0e \x03(\x0b\x32\x17.perspective.v1.WorkAck\x12\x16\n\x0esubmit_results\x18\x0f \x01(\x08\x12\x32\n\nmore_units\x18\x10 \x03(\x0b\x32\x1e.perspective.v1.ControlRequest\x12\x13\n\x0b\x64rop_queued\x18\x11 \x01(\x08\x12\x18\n\x10shared_threshold\x18\x12 \x01(\x01\x12\x13\n\x0b\x65\x61ger_scale\x18\x13 \x01(\x01\x12\x15\n\rmax_staleness\x18\x14 \x01(\r\x12\x12\n\nnetwork_id\x18\x15 \x01(\tB\x06\n\x04\x62ody\"\xf9\x01\n\x0c\x43ontrolReply\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.perspective.v1.WorkResult\x12\x32\n\ncapability\x18\x02 \x01(\x0b\x32\x1e.perspective.v1.NodeCapability\x12\x14\n\x0cqueued_units\x18\x03 \x01(\r\x12\x16\n\x0esynced_version\x18\x04 \x01(\x04\x12\x14\n\x0c\x66\x61iled_units\x18\x05 \x03(\t\x12\x17\n\x0f\x66\x61ilure_reasons\x18\x06 \x03(\t\x12\x12\n\nbytes_down\x18\x07 \x01(\x04\x12\x17\n\x0fsubmits_results\x18\x08 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cperspective/v1/control.proto\x12\x0eperspective.v1\x1a\x1fperspective/v1/federation.proto\x1a\x1bperspective/v1/tensor.proto\"\\\n\rEncodedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\r\n\x05\x65xact\x18\x05 \x01(\x0c\"r\n\x0cTensorBundle\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06\x63olumn\x18\x02 \x01(\x05\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12.\n\x07tensors\x18\x04 \x03(\x0b\x32\x1d.perspective.v1.EncodedTensor\"\x88\x02\n\x0fVersionManifest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06parent\x18\x02 \x01(\x04\x12\'\n\x06shared\x18\x03 \x01(\x0b\x32\x17.perspective.v1.BlobRef\x12=\n\x07\x63olumns\x18\x04 \x03(\x0b\x32,.perspective.v1.VersionManifest.ColumnsEntry\x12\x14\n\x0c\x63reated_unix\x18\x05 \x01(\x03\x12\r\n\x05units\x18\x06 \x03(\t\x1aG\n\x0c\x43olumnsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.perspective.v1.BlobRef:\x02\x38\x01\"\xf2\x01\n\x12\x43heckpointManifest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\'\n\x06shared\x18\x02 \x01(\x0b\x32\x17.perspective.v1.BlobRef\x12@\n\x07\x63olumns\x18\x03 \x03(\x0b\x32/.perspective.v1.CheckpointManifest.ColumnsEntry\x12\x17\n\x0fternary_columns\x18\x04 \x03(\r\x1aG\n\x0c\x43olumnsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.perspective.v1.BlobRef:\x02\x38\x01\"\x83\x01\n\x0eNodeCapability\x12\x13\n\x0bmax_columns\x18\x01 \x01(\r\x12\x12\n\nmax_params\x18\x02 \x01(\x04\x12\x0f\n\x07threads\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0ctokens_per_s\x18\x05 \x01(\x01\x12\x11\n\tram_bytes\x18\x06 \x01(\x04\"\xde\x04\n\x0e\x43ontrolRequest\x12(\n\x04unit\x18\x01 \x01(\x0b\x32\x18.perspective.v1.WorkUnitH\x00\x12\x11\n\x07\x63ollect\x18\x02 \x01(\x08H\x00\x12+\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x17.perspective.v1.BlobRef\x12)\n\x08versions\x18\x04 \x03(\x0b\x32\x17.perspective.v1.BlobRef\x12(\n\x07teacher\x18\x05 \x01(\x0b\x32\x17.perspective.v1.BlobRef\x12\x14\n\x0c\x62lob_address\x18\x06 \x01(\t\x12\x15\n\rbudget_tokens\x18\x07 \x01(\x04\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\x0f\n\x07seq_len\x18\t \x01(\r\x12\x14\n\x0c\x63olumn_codec\x18\n \x01(\t\x12\x14\n\x0cshared_codec\x18\x0b \x01(\t\x12\x0e\n\x06\x65ot_id\x18\x0c \x01(\r\x12\x15\n\rcredit_tokens\x18\r \x01(\x04\x12%\n\x04\x61\x63ks\x18\x0e \x03(\x0b\x32\x17.perspective.v1.WorkAck\x12\x16\n\x0esubmit_results\x18\x0f \x01(\x08\x12\x32\n\nmore_units\x18\x10 \x03(\x0b\x32\x1e.perspective.v1.ControlRequest\x12\x13\n\x0b\x64rop_queued\x18\x11 \x01(\x08\x12\x18\n\x10shared_threshold\x18\x12 \x01(\x01\x12\x13\n\x0b\x65\x61ger_scale\x18\x13 \x01(\x01\x12\x15\n\rmax_staleness\x18\x14 \x01(\r\x12\x12\n\nnetwork_id\x18\x15 \x01(\tB\x06\n\x04\x62ody\"\xf9\x01\n\x0c\x43ontrolReply\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.perspective.v1.WorkResult\x12\x32\n\ncapability\x18\x02 \x01(\x0b\x32\x1e.perspective.v1.NodeCapability\x12\x14\n\x0cqueued_units\x18\x03 \x01(\r\x12\x16\n\x0esynced_version\x18\x04 \x01(\x04\x12\x14\n\x0c\x66\x61iled_units\x18\x05 \x03(\t\x12\x17\n\x0f\x66\x61ilure_reasons\x18\x06 \x03(\t\x12\x12\n\nbytes_down\x18\x07 \x01(\x04\x12\x17\n\x0fsubmits_results\x18\x08 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,21 +38,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKPOINTMANIFEST_COLUMNSENTRY']._loaded_options = None
   _globals['_CHECKPOINTMANIFEST_COLUMNSENTRY']._serialized_options = b'8\001'
   _globals['_ENCODEDTENSOR']._serialized_start=110
-  _globals['_ENCODEDTENSOR']._serialized_end=187
-  _globals['_TENSORBUNDLE']._serialized_start=189
-  _globals['_TENSORBUNDLE']._serialized_end=303
-  _globals['_VERSIONMANIFEST']._serialized_start=306
-  _globals['_VERSIONMANIFEST']._serialized_end=570
-  _globals['_VERSIONMANIFEST_COLUMNSENTRY']._serialized_start=499
-  _globals['_VERSIONMANIFEST_COLUMNSENTRY']._serialized_end=570
-  _globals['_CHECKPOINTMANIFEST']._serialized_start=573
-  _globals['_CHECKPOINTMANIFEST']._serialized_end=790
-  _globals['_CHECKPOINTMANIFEST_COLUMNSENTRY']._serialized_start=499
-  _globals['_CHECKPOINTMANIFEST_COLUMNSENTRY']._serialized_end=570
-  _globals['_NODECAPABILITY']._serialized_start=793
-  _globals['_NODECAPABILITY']._serialized_end=924
-  _globals['_CONTROLREQUEST']._serialized_start=927
-  _globals['_CONTROLREQUEST']._serialized_end=1533
-  _globals['_CONTROLREPLY']._serialized_start=1536
-  _globals['_CONTROLREPLY']._serialized_end=1785
+  _globals['_ENCODEDTENSOR']._serialized_end=202
+  _globals['_TENSORBUNDLE']._serialized_start=204
+  _globals['_TENSORBUNDLE']._serialized_end=318
+  _globals['_VERSIONMANIFEST']._serialized_start=321
+  _globals['_VERSIONMANIFEST']._serialized_end=585
+  _globals['_VERSIONMANIFEST_COLUMNSENTRY']._serialized_start=514
+  _globals['_VERSIONMANIFEST_COLUMNSENTRY']._serialized_end=585
+  _globals['_CHECKPOINTMANIFEST']._serialized_start=588
+  _globals['_CHECKPOINTMANIFEST']._serialized_end=830
+  _globals['_CHECKPOINTMANIFEST_COLUMNSENTRY']._serialized_start=514
+  _globals['_CHECKPOINTMANIFEST_COLUMNSENTRY']._serialized_end=585
+  _globals['_NODECAPABILITY']._serialized_start=833
+  _globals['_NODECAPABILITY']._serialized_end=964
+  _globals['_CONTROLREQUEST']._serialized_start=967
+  _globals['_CONTROLREQUEST']._serialized_end=1573
+  _globals['_CONTROLREPLY']._serialized_start=1576
+  _globals['_CONTROLREPLY']._serialized_end=1825
 # @@protoc_insertion_point(module_scope)

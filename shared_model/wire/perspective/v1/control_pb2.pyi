@@ -9,16 +9,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodedTensor(_message.Message):
-    __slots__ = ("name", "shape", "payload", "sha256")
+    __slots__ = ("name", "shape", "payload", "sha256", "exact")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     payload: bytes
     sha256: str
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., payload: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
+    exact: bytes
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., payload: _Optional[bytes] = ..., sha256: _Optional[str] = ..., exact: _Optional[bytes] = ...) -> None: ...
 
 class TensorBundle(_message.Message):
     __slots__ = ("kind", "column", "base_version", "tensors")
@@ -56,7 +58,7 @@ class VersionManifest(_message.Message):
     def __init__(self, version: _Optional[int] = ..., parent: _Optional[int] = ..., shared: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., columns: _Optional[_Mapping[int, _tensor_pb2.BlobRef]] = ..., created_unix: _Optional[int] = ..., units: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CheckpointManifest(_message.Message):
-    __slots__ = ("version", "shared", "columns")
+    __slots__ = ("version", "shared", "columns", "ternary_columns")
     class ColumnsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,10 +69,12 @@ class CheckpointManifest(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    TERNARY_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     version: int
     shared: _tensor_pb2.BlobRef
     columns: _containers.MessageMap[int, _tensor_pb2.BlobRef]
-    def __init__(self, version: _Optional[int] = ..., shared: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., columns: _Optional[_Mapping[int, _tensor_pb2.BlobRef]] = ...) -> None: ...
+    ternary_columns: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, version: _Optional[int] = ..., shared: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., columns: _Optional[_Mapping[int, _tensor_pb2.BlobRef]] = ..., ternary_columns: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NodeCapability(_message.Message):
     __slots__ = ("max_columns", "max_params", "threads", "device", "tokens_per_s", "ram_bytes")

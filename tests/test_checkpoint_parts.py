@@ -1,0 +1,125 @@
+"""Checkpoint parts: FP32 safetensors, or trits plus exact entries for a ternary column."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shared_model.codec import decode_ternary
+from shared_model.federated.checkpoint_parts import (
+    MAX_EXACT_FRACTION,
+    column_part,
+    fp32_part,
+    read_part,
+)
+from shared_model.federated.replica import Replica, SyncError
+from shared_model.federated.updates import UpdateError, tensor_digest
+from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
+
+SCALE = np.float32(0.0237)
+
+
+def _ternary(shape, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    trits = torch.randint(-1, 2, shape, generator=g).to(torch.float32)
+    return trits * torch.tensor(SCALE)
+
+
+def _published_column() -> dict[str, torch.Tensor]:
+    """Ternary tensors as the version chain leaves them: a few entries an ulp off the grid
+    (where ``base + (trits·scale − base)`` rounded), one -0.0, one all-zero tensor."""
+    w1, w2 = _ternary((16, 24), 0), _ternary((24, 16), 1)
+    flat = w1.view(-1)
+    flat[3] = float(np.nextafter(SCALE, np.float32(1)))
+    flat[10] = -0.0
+    flat[200] = -float(np.nextafter(SCALE, np.float32(0)))
+    return {"w1": w1, "w2": w2, "zero": torch.zeros(5)}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def test_a_ternary_column_round_trips_bit_exactly_through_trits_and_exact_entries():
+    state = _published_column()
+    data, ternary = column_part(state)
+    assert ternary and len(data) < len(fp32_part(state)) / 4  # small tensors: digests weigh
+    back = read_part(data, ternary=True)
+    assert sorted(back) == sorted(state)
+    for name, t in state.items():
+        assert back[name].shape == t.shape and torch.equal(_bits(back[name]), _bits(t)), name
+
+
+def test_the_part_layout_is_a_checkpoint_bundle_of_trits_with_exact_pairs():
+    """Byte layout: a TensorBundle of kind "checkpoint", tensors in sorted-name order, each
+    a ternary container (trits, scale) plus ``exact`` = k u32 indices then k float32."""
+    state = _published_column()
+    data, _ = column_part(state)
+    bundle = control_pb2.TensorBundle.FromString(data)
+    assert bundle.kind == "checkpoint" and [t.name for t in bundle.tensors] == ["w1", "w2", "zero"]
+    w1 = bundle.tensors[0]
+    trits, scale, _ = decode_ternary(w1.payload, expected=16 * 24)
+    assert np.float32(scale) == SCALE and list(w1.shape) == [16, 24]
+    index = np.frombuffer(w1.exact, dtype="<u4", count=3)
+    values = np.frombuffer(w1.exact, dtype="<f4", offset=12)
+    assert index.tolist() == [3, 10, 200] and len(w1.exact) == 24
+    assert (
+        values.view(np.int32).tolist()
+        == state["w1"].view(-1)[[3, 10, 200]].view(torch.int32).tolist()
+    )
+    assert trits.reshape(-1)[[3, 10, 200]].tolist() == [0, 0, 0]
+    assert w1.sha256 == tensor_digest(state["w1"]) and bundle.tensors[1].exact == b""
+    assert column_part(state)[0] == data  # deterministic: content ids agree on both sides
+
+
+def test_fp_columns_and_too_many_off_grid_entries_stay_fp32():
+    fp = {"w": torch.randn(32, 32)}
+    assert column_part(fp) == (fp32_part(fp), False)
+    mostly = _ternary((64, 64), 2)
+    off = int(MAX_EXACT_FRACTION * mostly.numel()) + 1
+    mostly.view(-1)[:off] = torch.linspace(0.001, 0.002, off)
+    data, ternary = column_part({"w": mostly, "t": _ternary((8,), 3)})
+    assert not ternary and torch.equal(read_part(data, ternary=False)["w"], mostly)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda t: setattr(t, "sha256", "0" * 64), "does not match its checksum"),
+        (lambda t: setattr(t, "exact", t.exact[::-1][:8] + t.exact[8:]), "not increasing"),
+        (lambda t: setattr(t, "exact", t.exact[:-1]), "do not fit"),
+        (lambda t: setattr(t, "name", ""), "twice or not at all"),
+    ],
+)
+def test_a_damaged_part_is_refused_with_what_is_wrong(damage, message):
+    bundle = control_pb2.TensorBundle.FromString(column_part(_published_column())[0])
+    damage(bundle.tensors[0])
+    with pytest.raises(UpdateError, match=message):
+        read_part(bundle.SerializeToString(), ternary=True)
+    with pytest.raises(UpdateError, match="not a ternary checkpoint part"):
+        read_part(b"\xff" * 10, ternary=True)
+    with pytest.raises(UpdateError, match="not a safetensors checkpoint part"):
+        read_part(b"\xff" * 10, ternary=False)
+
+
+def test_a_replica_loads_a_ternary_checkpoint_and_names_a_damaged_part():
+    shared, column = {"s": torch.randn(4, 4)}, _published_column()
+    blobs: dict[str, bytes] = {}
+
+    def put(data: bytes) -> tensor_pb2.BlobRef:
+        ref = tensor_pb2.BlobRef(content_id=f"b{len(blobs)}", size=len(data))
+        blobs[ref.content_id] = data
+        return ref
+
+    manifest = control_pb2.CheckpointManifest(version=7, ternary_columns=[2])
+    manifest.shared.CopyFrom(put(fp32_part(shared)))
+    manifest.columns[2].CopyFrom(put(column_part(column)[0]))
+    replica = Replica()
+    replica.load_checkpoint(manifest, [2], lambda ref: blobs[ref.content_id])
+    assert replica.version == 7 and torch.equal(
+        _bits(replica.columns[2]["w1"]), _bits(column["w1"])
+    )
+    blobs[manifest.columns[2].content_id] = fp32_part(column)  # not what the manifest says
+    with pytest.raises(SyncError, match="checkpoint 7, column 2: not a ternary checkpoint part"):
+        Replica().load_checkpoint(manifest, [2], lambda ref: blobs[ref.content_id])
