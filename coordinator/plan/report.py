@@ -192,7 +192,8 @@ def traffic_section(plan: Plan) -> Section:
             ]
         )
     sec.notes.append(
-        f"bits/param: joined column {cb.column_bits:g} (FP32 checkpoint), column delta "
+        f"bits/param: joined column {cb.column_bits:g} (FP32 checkpoint; stage 4's ternary "
+        f"experts join as trits, ~1.7: --column-bits), column delta "
         f"{cb.delta_bits:g}, shared pseudo-gradient {cb.shared_bits:g}, shared join "
         f"{cb.shared_initial_bits:g}"
     )

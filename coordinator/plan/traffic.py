@@ -9,7 +9,11 @@ framing; 1.58 at TWN's 0.7), and downloads
 about the same: the versions published since the one it holds (their shared part and its
 columns' deltas). Joining downloads its columns and the shared layers as an FP32 checkpoint
 (``column_bits`` = ``shared_initial_bits`` = 32): the replica must be bit-identical to the
-published state for the version chain's digests to hold. Stage 4's all-ternary tail sends
+published state for the version chain's digests to hold. Once stage 4's experts are ternary
+its checkpoints carry them as trits, losslessly (1.74 bits per column parameter on ``tiny``,
+``shared_model/federated/checkpoint_parts.py``): plan such a join with ``column_bits`` ≈ 1.7
+(the stage-4 teacher, FP, is fetched only by a node whose replica never held the stage's
+boundary version). Stage 4's all-ternary tail sends
 columns as trit flips (0.27-0.37 bits per column parameter measured, after a one-time switch
 of about 1.3); ``delta_bits`` stands for both.
 """
@@ -45,7 +49,8 @@ class TrafficEstimate:
         columns: columns the participant holds.
         sync_tokens: tokens it trains between two shared syncs.
         syncs: shared syncs in the stage (its share of the stage's tokens / sync_tokens).
-        initial_download: bytes to join (columns as ternary + shared bf16).
+        initial_download: bytes to join (columns at ``column_bits``, shared layers at
+            ``shared_initial_bits``).
         per_sync_up: bytes uploaded per sync.
         per_sync_down: bytes downloaded per sync.
         compute_s_per_sync: seconds of training between syncs on its GPU.
