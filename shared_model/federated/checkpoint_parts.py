@@ -99,7 +99,7 @@ def _ternary_form(tensor: torch.Tensor) -> tuple[np.ndarray, float, bytes] | Non
     # The scale is the magnitude most of the first nonzero entries share: one pass, no sort
     # of the whole tensor (an expert matrix at full size is 45M entries). Were it not the
     # tensor's scale, the off-grid count below would refuse the tensor: never a wrong part.
-    probe = mags[np.flatnonzero(mags)[:_PROBE]]
+    probe = _first_nonzero(mags, _PROBE)
     scale = np.float32(0.0)
     if probe.size:
         values, counts = np.unique(probe, return_counts=True)
@@ -113,6 +113,18 @@ def _ternary_form(tensor: torch.Tensor) -> tuple[np.ndarray, float, bytes] | Non
         return None
     exact = where.astype("<u4").tobytes() + x[where].astype("<f4").tobytes()
     return trits.reshape(tuple(tensor.shape)), float(scale), exact
+
+
+def _first_nonzero(mags: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` nonzero entries of ``mags``, reading it a slice at a time."""
+    found, have, step = [], 0, 1 << 16
+    for start in range(0, mags.size, step):
+        chunk = mags[start : start + step]
+        found.append(chunk[chunk != 0][: k - have])
+        have += found[-1].size
+        if have >= k:
+            break
+    return np.concatenate(found) if found else mags[:0]
 
 
 def _rebuild(t: control_pb2.EncodedTensor) -> torch.Tensor:
