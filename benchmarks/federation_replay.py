@@ -98,13 +98,21 @@ class ReplayDriver:
         # version as of its start, not the coordinator's newest at that moment.
         self._versions: list[tuple[float, int]] = []
         self.uploads = UploadLedger.for_store(store)  # what the blob service's Put records
-        self.nodes = {
-            i + 1: _Node(UnitTrainer(cfg, train, Path(work_dir) / f"node-{i + 1}"), t)
-            for i, t in enumerate(step_times)
-        }
+        self._cfg, self._train, self._work_dir = cfg, train, Path(work_dir)
         self.clock = 0.0
+        self.nodes: dict[int, _Node] = {}
+        for t in step_times:
+            self.add_node(t)
         self.unit_columns: list[int] = []  # columns of every unit trained, in order
         self._ids = itertools.count()
+
+    def add_node(self, step_time: float) -> int:
+        """A participant that comes online now on the virtual clock (a join mid-stage, when
+        called from the loop's ``should_stop``); returns its node id."""
+        nid = max(self.nodes, default=0) + 1
+        trainer = UnitTrainer(self._cfg, self._train, self._work_dir / f"node-{nid}")
+        self.nodes[nid] = _Node(trainer, step_time, free_at=self.clock)
+        return nid
 
     # --- the FlowerDriver interface the loop uses -------------------------------------------
 

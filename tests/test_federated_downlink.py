@@ -409,3 +409,38 @@ def test_a_node_joining_in_stage_4_downloads_the_experts_as_trits_and_follows_th
     held = Replica()
     held.load_checkpoint(manifest, columns, fetch)
     assert held.copy_if_checkpoint(manifest, columns) is not None
+
+
+def test_a_node_that_comes_online_in_stage_4_joins_from_trits_and_its_results_count(
+    coordinator, tmp_path
+):
+    """A third participant comes online once stage 4 publishes checkpoints of ternary
+    experts. Its first unit syncs from one, the way every participant joins: its columns
+    arrive as trits (the shared layers and the FP teacher in FP32), the chain's digests hold
+    on that replica, and the results it trains from it are accepted."""
+    every = {"checkpoint_every": 1}
+    coord, ckpt = coordinator
+    driver = _prepared(coord, ckpt, tmp_path, **every)
+    _run(coord, driver, 3, units=4, **every)
+    settings = replace(_settings(4), max_in_flight=1, **every)  # units left to lease late
+    tokens = 30 * settings.steps_per_unit * coord.cfg.train.batch_size * coord.cfg.train.seq_len
+    loop = coord.federated_stage(driver, StageBudget(tokens=tokens), settings)
+    publisher, late = coord.state.publisher, []
+    read = lambda ref: control_pb2.CheckpointManifest.FromString(coord.store.get(ref.content_id))  # noqa: E731
+
+    def join_once_ternary() -> bool:
+        newest = publisher.checkpoints.get(publisher.version)
+        if not late and newest is not None and read(newest).ternary_columns:
+            late.append(driver.add_node(1.0))
+        return False
+
+    loop.run(join_once_ternary)
+    assert late, "stage 4 never published a checkpoint of ternary experts"
+    node = driver.nodes[late[0]]
+    assert node.train_time > 0 and loop.totals().rejected == 0
+    columns = sorted(node.trainer.replica.columns)
+    shared_fp32 = read(publisher.checkpoints[publisher.version]).shared.size
+    column_fp32 = 4 * sum(v.numel() for v in coord.state.columns.published(columns[0]).values())
+    column_bytes = node.bytes["join"] - shared_fp32
+    assert 0 < column_bytes < len(columns) * column_fp32 / 8, (column_bytes, columns)
+    assert node.bytes["teacher"] > 0 and node.bytes.get("checkpoint", 0) == 0
