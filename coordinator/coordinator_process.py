@@ -343,9 +343,12 @@ class Coordinator:
         stage = settings.stage
         with self.session_factory.begin() as s:  # their results would be refused now
             db_leases.end_other_stages(s, stage=f"stage{stage}", max_attempts=settings.max_attempts)
-        teacher = self.state.publisher.teacher_checkpoint() if stage == 4 else None
-        if teacher is not None:
+        teacher = None
+        if stage == 4:  # the boundary's weights, or after a restart the saved teacher
+            teacher = self.state.publisher.teacher_checkpoint()
             self._pin_teacher(teacher)
+        else:
+            self.state.publisher.teacher = None
         step_tokens = self.cfg.train.batch_size * self.cfg.train.seq_len
         units = UnitFactory(
             cfg=self.cfg,

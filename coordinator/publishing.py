@@ -71,6 +71,9 @@ class Publisher:
         self.lock = threading.Lock()
         self.manifests: dict[int, tensor_pb2.BlobRef] = {}
         self.checkpoints: dict[int, tensor_pb2.BlobRef] = {version: self._write_checkpoint()}
+        #: stage 4's teacher once written (:meth:`teacher_checkpoint`); a stage-3 loop
+        #: forgets it, so the next stage 4 distils from its own boundary
+        self.teacher: tensor_pb2.BlobRef | None = None
 
     def publish(self, units: Sequence[str] = ()) -> int:
         """Publish the masters as the next version, which applies the results of ``units``;
@@ -121,8 +124,13 @@ class Publisher:
         return sent.bundle, {name: published[name] + d for name, d in sent.decoded.items()}
 
     def teacher_checkpoint(self) -> tensor_pb2.BlobRef:
-        """A full checkpoint of the published weights now (stage 4's frozen FP teacher)."""
-        return self._write_checkpoint()
+        """Stage 4's frozen teacher: a full checkpoint of the published weights the first
+        time it is asked for (the stage's boundary), then that one. It is saved with the
+        state, so a coordinator restarted in stage 4 keeps distilling from the boundary,
+        not from its partly trained (by then ternary) student."""
+        if self.teacher is None:
+            self.teacher = self._write_checkpoint()
+        return self.teacher
 
     def chain_for(
         self, base_version: int, held: int | None = None
@@ -157,6 +165,7 @@ class Publisher:
             "manifests": json.dumps({v: r.content_id for v, r in self.manifests.items()}),
             "checkpoints": json.dumps({v: r.content_id for v, r in self.checkpoints.items()}),
             "column_codec": self.column_codec,
+            "teacher": self.teacher.content_id if self.teacher is not None else "",
         }
 
     def restore(self, meta: dict[str, str]) -> None:
@@ -167,6 +176,8 @@ class Publisher:
             self.checkpoints = self._refs(json.loads(meta["checkpoints"]))
             # Ternary columns stay trits after a restart (a state saved before: as built).
             self.column_codec = meta.get("column_codec", self.column_codec)
+            teacher = meta.get("teacher", "")  # absent in a state saved before: none yet
+            self.teacher = self._refs({0: teacher})[0] if teacher else None
             self._remember_kinds()
 
     def _remember_kinds(self) -> None:

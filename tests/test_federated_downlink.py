@@ -444,3 +444,38 @@ def test_a_node_that_comes_online_in_stage_4_joins_from_trits_and_its_results_co
     column_bytes = node.bytes["join"] - shared_fp32
     assert 0 < column_bytes < len(columns) * column_fp32 / 8, (column_bytes, columns)
     assert node.bytes["teacher"] > 0 and node.bytes.get("checkpoint", 0) == 0
+
+
+def test_a_coordinator_restarted_in_stage_4_keeps_distilling_from_the_boundary(
+    tiny_moe_seed, tmp_path
+):
+    """Stage 4's teacher is the published state at the stage boundary. A coordinator
+    restarted mid-stage (its state reloaded as ``serve`` does) leases units with that same
+    teacher, not a checkpoint of its partly trained student."""
+    cfg, corpus, ckpt = tiny_moe_seed
+    every = {"checkpoint_every": 1}  # the state is saved at every version
+    coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
+    coord.start()
+    try:
+        driver = _prepared(coord, ckpt, tmp_path, **every)
+        _run(coord, driver, 3, units=4, **every)
+        boundary = coord.state.version
+        _run(coord, driver, 4, units=6, **every)
+        teacher = coord.state.publisher.teacher.content_id
+    finally:
+        coord.shutdown()
+    again = Coordinator(cfg, tmp_path / "coordinator", corpus)
+    again.start()
+    try:
+        settings = replace(_settings(4), **every)
+        again.prepare(ckpt, settings)
+        assert again.state.version > boundary  # the student, partly trained
+        loop = again.federated_stage(None, StageBudget(tokens=10**6), settings)
+        with again.session_factory.begin() as s:
+            db_participants.touch_participant(s, node_id=1)
+        _, request = loop.lease_request(1)
+        assert request.teacher.content_id == teacher
+        manifest = control_pb2.CheckpointManifest.FromString(again.store.get(teacher))
+        assert manifest.version == boundary and not manifest.ternary_columns
+    finally:
+        again.shutdown()
