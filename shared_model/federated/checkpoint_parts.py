@@ -35,7 +35,7 @@ from shared_model.wire.perspective.v1 import control_pb2
 State = dict[str, torch.Tensor]
 #: A tensor is stored as trits when at most this fraction of it needs exact values.
 MAX_EXACT_FRACTION = 1 / 8
-#: How many nonzero entries the quick test looks at before sorting a whole tensor.
+#: How many of a tensor's first nonzero entries decide its scale (and whether it is ternary).
 _PROBE = 4096
 _KIND = "checkpoint"
 
