@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from shared_model.codec import decode_ternary
+from shared_model.codec import CodecError, decode_ternary
 from shared_model.federated.checkpoint_parts import (
     MAX_EXACT_FRACTION,
     column_part,
@@ -123,3 +125,35 @@ def test_a_replica_loads_a_ternary_checkpoint_and_names_a_damaged_part():
     blobs[manifest.columns[2].content_id] = fp32_part(column)  # not what the manifest says
     with pytest.raises(SyncError, match="checkpoint 7, column 2: not a ternary checkpoint part"):
         Replica().load_checkpoint(manifest, [2], lambda ref: blobs[ref.content_id])
+
+
+_PART = column_part(_published_column())[0]
+
+
+@settings(max_examples=200, deadline=2000, suppress_health_check=list(HealthCheck))
+@given(
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
+    st.integers(0, 10_000),
+)
+def test_a_mutated_ternary_part_only_raises_what_the_replica_reports(edits, cut) -> None:
+    """Damaged bytes (a shape claiming 2^40 entries included) raise UpdateError or
+    CodecError, which the replica turns into a SyncError naming the part, or rebuild the
+    exact tensors (the digests): never another exception, never a wrong tensor."""
+    blob = bytearray(_PART)
+    for pos, val in edits:
+        blob[pos % len(blob)] = val
+    for data in (bytes(blob), bytes(blob[: cut % (len(blob) + 1)])):
+        try:
+            back = read_part(data, ternary=True)
+        except (UpdateError, CodecError):
+            continue
+        state = _published_column()
+        assert all(torch.equal(_bits(back[k]), _bits(state[k])) for k in back)
+
+
+def test_a_part_claiming_a_huge_shape_is_refused_before_decoding():
+    bundle = control_pb2.TensorBundle.FromString(_PART)
+    del bundle.tensors[0].shape[:]
+    bundle.tensors[0].shape.extend([1 << 20, 1 << 20])
+    with pytest.raises(UpdateError, match="larger than any tensor"):
+        read_part(bundle.SerializeToString(), ternary=True)

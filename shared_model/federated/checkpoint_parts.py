@@ -29,6 +29,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from shared_model import codec as wire
+from shared_model.codec.container import MAX_ELEMENTS
 from shared_model.federated.updates import UpdateError, tensor_digest
 from shared_model.wire.perspective.v1 import control_pb2
 
@@ -130,7 +131,9 @@ def _first_nonzero(mags: np.ndarray, k: int) -> np.ndarray:
 def _rebuild(t: control_pb2.EncodedTensor) -> torch.Tensor:
     """One tensor of a ternary part: trits·scale, the exact entries put back, digest checked."""
     shape = tuple(int(s) for s in t.shape)
-    n = int(np.prod(shape, dtype=np.int64))
+    n = int(np.prod([float(s) for s in shape])) if shape else 1  # float: no int64 overflow
+    if n > MAX_ELEMENTS:
+        raise UpdateError(f"{t.name}: shape {list(shape)} is larger than any tensor we hold")
     trits, scale, _ = wire.decode_ternary(t.payload, expected=n)
     values = trits.reshape(-1).astype(np.float32) * np.float32(scale)
     if len(t.exact) % 8 or len(t.exact) // 8 > n:
