@@ -136,19 +136,21 @@ _PART = column_part(_published_column())[0]
     st.integers(0, 10_000),
 )
 def test_a_mutated_ternary_part_only_raises_what_the_replica_reports(edits, cut) -> None:
-    """Damaged bytes (a shape claiming 2^40 entries included) raise UpdateError or
-    CodecError, which the replica turns into a SyncError naming the part, or rebuild the
-    exact tensors (the digests): never another exception, never a wrong tensor."""
+    """Damaged bytes raise UpdateError or CodecError (the replica turns them into a
+    SyncError naming the part), or rebuild tensors whose values are exactly the written
+    ones (their digests). A changed name or a reshaped dimension keeps the values and
+    their digest: as for a safetensors part, the blob's content id, checked on every
+    fetch, is what catches those in transit."""
     blob = bytearray(_PART)
     for pos, val in edits:
         blob[pos % len(blob)] = val
+    written = {tensor_digest(v) for v in _published_column().values()}
     for data in (bytes(blob), bytes(blob[: cut % (len(blob) + 1)])):
         try:
             back = read_part(data, ternary=True)
         except (UpdateError, CodecError):
             continue
-        state = _published_column()
-        assert all(torch.equal(_bits(back[k]), _bits(state[k])) for k in back)
+        assert all(tensor_digest(t) in written for t in back.values())
 
 
 def test_a_part_claiming_a_huge_shape_is_refused_before_decoding():
