@@ -9,6 +9,7 @@ a checkpoint reload, a version delta, stage 4's teacher.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -180,6 +181,10 @@ def test_unit_tokens_read_what_was_published_never_anothers_upload(coordinator, 
     publisher.restore(meta)
     assert all(coord.is_published(ref.content_id) for ref in published)
     assert not coord.is_published(upload)
+
+
+def _checkpoint_manifest(coord, ref) -> control_pb2.CheckpointManifest:
+    return control_pb2.CheckpointManifest.FromString(coord.store.get(ref.content_id))
 
 
 def _versions_after(coord, boundary: int) -> list[control_pb2.VersionManifest]:
@@ -383,7 +388,7 @@ def test_a_node_joining_in_stage_4_downloads_the_experts_as_trits_and_follows_th
     boundary = coord.state.publisher.teacher_checkpoint()
     _run(coord, driver, 4, units=12, **every)
     publisher, columns = coord.state.publisher, sorted(coord.state.columns.masters)
-    read = lambda ref: control_pb2.CheckpointManifest.FromString(coord.store.get(ref.content_id))  # noqa: E731
+    read = partial(_checkpoint_manifest, coord)
     ternary = [v for v, r in sorted(publisher.checkpoints.items()) if read(r).ternary_columns]
     manifest = read(publisher.checkpoints[ternary[0]])
     assert sorted(manifest.ternary_columns) == columns and not read(boundary).ternary_columns
@@ -426,7 +431,7 @@ def test_a_node_that_comes_online_in_stage_4_joins_from_trits_and_its_results_co
     tokens = 30 * settings.steps_per_unit * coord.cfg.train.batch_size * coord.cfg.train.seq_len
     loop = coord.federated_stage(driver, StageBudget(tokens=tokens), settings)
     publisher, late = coord.state.publisher, []
-    read = lambda ref: control_pb2.CheckpointManifest.FromString(coord.store.get(ref.content_id))  # noqa: E731
+    read = partial(_checkpoint_manifest, coord)
 
     def join_once_ternary() -> bool:
         newest = publisher.checkpoints.get(publisher.version)

@@ -131,7 +131,7 @@ def _first_nonzero(mags: np.ndarray, k: int) -> np.ndarray:
 def _rebuild(t: control_pb2.EncodedTensor) -> torch.Tensor:
     """One tensor of a ternary part: trits·scale, the exact entries put back, digest checked."""
     shape = tuple(int(s) for s in t.shape)
-    n = int(np.prod([float(s) for s in shape])) if shape else 1  # float: no int64 overflow
+    n = int(np.prod([float(s) for s in shape]))  # float: no int64 overflow; () is 1
     if n > MAX_ELEMENTS:
         raise UpdateError(f"{t.name}: shape {list(shape)} is larger than any tensor we hold")
     trits, scale, _ = wire.decode_ternary(t.payload, expected=n)
