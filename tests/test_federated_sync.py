@@ -121,6 +121,26 @@ def test_replica_rejects_tampered_bundle(state):
     assert all(torch.equal(before[k], replica.shared[k]) for k in before)
 
 
+def test_replica_names_the_part_whose_payload_is_malformed(state):
+    """A version whose shared payload is garbage (the container is not one the codec reads)
+    is refused as a SyncError naming the part, and the replica is left as it was."""
+    fetch = fetcher(state.store)
+    _perturb(state)
+    state.publish()
+    ckpt_ref, chain_refs = state.publisher.chain_for(1)
+    manifest = control_pb2.VersionManifest.FromString(fetch(chain_refs[0]))
+    bundle = control_pb2.TensorBundle.FromString(fetch(manifest.shared))
+    bundle.tensors[0].payload = b"\xff" * 16
+    manifest.shared.content_id = state.store.put_bytes(bundle.SerializeToString())
+    replica = Replica()
+    replica.load_checkpoint(control_pb2.CheckpointManifest.FromString(fetch(ckpt_ref)), [0], fetch)
+    before = {k: v.clone() for k, v in replica.shared.items()}
+    with pytest.raises(SyncError, match="^shared: "):
+        replica.apply(manifest, fetch)
+    assert replica.version == 0
+    assert all(torch.equal(before[k], replica.shared[k]) for k in before)
+
+
 def test_state_save_load_roundtrip(state, tmp_path):
     _perturb(state)
     state.publish()

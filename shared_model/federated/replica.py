@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from shared_model.codec import CodecError
 from shared_model.federated.checkpoint_parts import column_part, fp32_part, read_part
 from shared_model.federated.updates import UpdateError, read_bundle, tensor_digest
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
@@ -170,7 +171,7 @@ def _advance(state: State, data: bytes, what: str) -> State:
             expected={k: tuple(v.shape) for k, v in state.items()},
             base=state,
         )
-    except UpdateError as exc:
+    except (UpdateError, CodecError) as exc:  # a malformed payload names its part too
         raise SyncError(f"{what}: {exc}") from exc
     digests = {t.name: t.sha256 for t in bundle.tensors}
     out: State = {}
@@ -191,5 +192,5 @@ def _read(manifest: control_pb2.CheckpointManifest, column: int | None, fetch: F
         what = f"column {column}"
     try:
         return read_part(fetch(ref), ternary=ternary)
-    except UpdateError as exc:
+    except (UpdateError, CodecError) as exc:
         raise SyncError(f"checkpoint {manifest.version}, {what}: {exc}") from exc
