@@ -273,7 +273,7 @@ def central_column(
     order = [c for c, ds in by_col.items() if ds.n_tokens > t + 1]
     steps = max(1, tokens // (b * t))
     for step in range(steps):
-        set_lr(opt, lr_at(step, cfg.optim, steps))
+        set_lr(opt, lr_at(step, cfg.optim, steps), cfg.optim.expert_lr_scale)
         cols = [order[(step * b + j) % len(order)] for j in range(b)]
         batch = torch.cat(
             [by_col[c].batch(step * b + j, 1, t, cfg.train.seed) for j, c in enumerate(cols)]

@@ -318,6 +318,7 @@ class UnitFactory:
             shard_ids=[s.content_id for s in self.shards],
             steps=unit.steps,
             lr=float(params.get("lr", self.cfg.optim.lr)),
+            expert_lr_scale=self.cfg.optim.expert_lr_scale,
             stage=STAGES[self.stage],
             ternary_fraction=float(params.get("ternary_fraction", 0.0)),
             kd_weight=float(params.get("kd_weight", 0.0)),

@@ -364,7 +364,9 @@ class UnitTrainer:
         model = self.model
         if model is None or sorted(model_columns(model)) != columns:
             model = PerspectiveModel(self.cfg, moe=True, columns=columns).to(self.device)
-            self.model, self.optimizer = model, build_optimizer(model, self.cfg.optim)
+            # Expert groups apart: the coordinator's unit says how their lr is scaled.
+            optimizer = build_optimizer(model, self.cfg.optim, split_experts=True)
+            self.model, self.optimizer = model, optimizer
         self._start_shared = self._eager_start(req.eager_scale, req.max_staleness)
         with torch.no_grad():
             model.load_state_dict(self._start_shared or self.replica.shared, strict=False)
@@ -451,7 +453,8 @@ class UnitTrainer:
     def _train(self, model, teacher, unit, batches, report: ProgressFn) -> tuple[float, int]:
         model.train()
         assert self.optimizer is not None
-        set_lr(self.optimizer, unit.lr)
+        # 0: a coordinator from before WorkUnit.expert_lr_scale, whose experts trained at lr
+        set_lr(self.optimizer, unit.lr, unit.expert_lr_scale or 1.0)
         losses, tokens = [], 0
         distill = Distillation(teacher, unit.kd_weight) if teacher is not None else None
         report("train", 0, unit.steps, 0)

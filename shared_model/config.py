@@ -97,7 +97,12 @@ class TernaryConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Inner optimiser and schedule (AdamW, warmup then cosine)."""
+    """Inner optimiser and schedule (AdamW, warmup then cosine).
+
+    ``expert_lr_scale``: the expert columns train at this multiple of the scheduled lr
+    (the shared layers and routers at the lr itself). In a federated stage the coordinator
+    sends its value with every unit (``WorkUnit.expert_lr_scale``), so its config decides.
+    """
 
     lr: float = 3e-4
     min_lr: float = 3e-5
@@ -106,6 +111,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    expert_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,10 @@ PRESETS: dict[str, PerspectiveConfig] = {
         name="tiny",
         model=ModelConfig(),
         moe=MoEConfig(n_experts=8),
-        optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=20, weight_decay=0.01),
+        # expert_lr_scale 0.25: docs/federated-training.md §5.1 "The experts' learning rate"
+        optim=OptimConfig(
+            lr=3e-3, min_lr=3e-4, warmup_steps=20, weight_decay=0.01, expert_lr_scale=0.25
+        ),
         train=TrainConfig(batch_size=8, seq_len=64, steps=200),
     ),
     "small": PerspectiveConfig(

@@ -115,6 +115,9 @@ def _validate_optim(o: OptimConfig) -> None:
             _fail(f"optim.{name}", value, "a finite value >= 0")
     if o.lr <= 0:
         _fail("optim.lr", o.lr, "a finite value > 0")
+    scale = o.expert_lr_scale
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and 0 < scale <= 10):
+        _fail("optim.expert_lr_scale", scale, "0 < value <= 10 (1: the experts at the lr)")
     if o.min_lr > o.lr:
         _fail("optim.min_lr", o.min_lr, f"0 .. optim.lr ({o.lr})")
     if not isinstance(o.warmup_steps, int) or o.warmup_steps < 0:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from shared_model.config import OptimConfig
+from shared_model.moe import is_expert_param
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -48,34 +49,48 @@ def _no_decay(module: nn.Module, param_name: str, param: nn.Parameter) -> bool:
 
 
 def build_optimizer(
-    model: nn.Module, optim: OptimConfig, trainable: Iterable[str] | None = None
+    model: nn.Module,
+    optim: OptimConfig,
+    trainable: Iterable[str] | None = None,
+    *,
+    split_experts: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters with two groups (decay / no decay).
+    """AdamW over the model's trainable parameters, grouped by decay / no decay.
 
     Args:
         model: the model.
-        optim: hyper-parameters (``lr`` is overwritten each step by :func:`lr_at`).
+        optim: hyper-parameters (``lr`` is overwritten each step by :func:`set_lr`).
         trainable: optional parameter names to optimise; others are frozen
             (``requires_grad=False``). None trains every parameter.
+        split_experts: put the expert columns in groups of their own (flagged
+            ``"experts"``), so that :func:`set_lr` can scale their lr; default: when
+            ``optim.expert_lr_scale`` is not 1. Unsplit, the two groups are those of
+            optimiser states saved before the split existed.
     """
+    split = optim.expert_lr_scale != 1.0 if split_experts is None else split_experts
     names = None if trainable is None else set(trainable)
-    decay, no_decay = [], []
+    params: dict[tuple[bool, bool], list[nn.Parameter]] = {
+        (e, d): [] for e in ((False, True) if split else (False,)) for d in (True, False)
+    }
     for mod_name, module in model.named_modules():
         for p_name, param in module.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             if names is not None and full not in names:
                 param.requires_grad_(False)
                 continue
-            (no_decay if _no_decay(module, full, param) else decay).append(param)
+            expert = split and is_expert_param(full)[0]
+            params[expert, not _no_decay(module, full, param)].append(param)
     groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": ps, "weight_decay": optim.weight_decay if decay else 0.0}
+        | ({"experts": expert} if split else {})
+        for (expert, decay), ps in params.items()
     ]
     # foreach=False: the single-tensor path is bit-reproducible across save/resume on CPU.
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), foreach=False)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, expert_scale: float = 1.0) -> None:
+    """Set the learning rate of every parameter group: ``lr``, times ``expert_scale`` for
+    the expert columns' groups (``build_optimizer(split_experts=True)``)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * expert_scale if group.get("experts") else lr

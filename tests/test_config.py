@@ -27,6 +27,8 @@ def test_full_preset_is_the_seed_model():
     [
         ("model.n_kv_heads=3", "model.n_kv_heads", "divisor of model.n_heads"),
         ("optim.lr=-0.001", "optim.lr", ">= 0"),
+        ("optim.expert_lr_scale=0", "optim.expert_lr_scale", "0 < value <= 10"),
+        ("optim.expert_lr_scale=inf", "optim.expert_lr_scale", "0 < value <= 10"),
         ("model.window=1000", "model.window", "model.max_seq_len"),
         ("train.seq_len=4096", "train.seq_len", "model.max_seq_len"),
         ("moe.top_k=99", "moe.top_k", "moe.n_experts"),

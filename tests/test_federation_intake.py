@@ -392,6 +392,44 @@ def test_unit_lr_is_the_central_schedule_at_the_units_token_position(tmp_path, c
     assert after == pytest.approx(lr_at(position, optim, total), rel=1e-6)
 
 
+def test_a_unit_trains_its_columns_at_the_expert_lr_scale_it_is_sent(tmp_path, corpus):
+    """The coordinator's ``optim.expert_lr_scale`` travels with every unit, and the
+    participant's columns take exactly that share of their step (an AdamW step is linear in
+    the lr) while the shared layers take the same step; 0 (an older coordinator) is 1."""
+    from dataclasses import replace
+
+    loop, train = make_loop(tmp_path, corpus)
+    cfg = loop.units.cfg
+    loop.units.cfg = replace(cfg, optim=replace(cfg.optim, expert_lr_scale=0.5))
+    with loop.factory.begin() as s:
+        p = db_participants.touch_participant(
+            s, node_id=NODE, capability=db_participants.Capability(max_columns=2)
+        )
+        req = loop.units.request(loop.units.lease(s, p, loop.state), loop.state, NODE)
+    assert req.unit.expert_lr_scale == 0.5
+    req.unit.steps = 1
+    steps = {}
+    for scale in (1.0, 0.5, 0.0):
+        req.unit.expert_lr_scale = scale
+        trainer = UnitTrainer(loop.state.cfg, train, tmp_path / f"node{scale}")
+        trainer.run(req, local_io(loop.state.store, req.unit.unit_id))
+        base, trained = trainer.replica, trainer.model.state_dict()
+        columns = {
+            f"{c}/{k}": v - base.columns[c][k]
+            for c, state in trainer.local.columns.items()
+            for k, v in state.items()
+        }
+        shared = {k: trained[k] - v for k, v in base.shared.items()}
+        steps[scale] = columns, shared
+    (full_cols, full_shared), (half_cols, half_shared) = steps[1.0], steps[0.5]
+    assert full_cols and all(d.abs().max() > 0 for d in full_cols.values())
+    for k, d in full_cols.items():
+        torch.testing.assert_close(half_cols[k], 0.5 * d, rtol=1e-4, atol=1e-7)
+    assert all(torch.equal(half_shared[k], d) for k, d in full_shared.items())
+    unset_cols, unset_shared = steps[0.0]
+    assert all(torch.equal(unset_cols[k], d) for k, d in full_cols.items())
+
+
 def test_inflated_token_claims_are_refused_and_credit_untouched(tmp_path, corpus):
     """Credit and stage budgets count tokens: a claim above the unit's steps is refused
     (even 2^64 - 1, which no database column holds) and nothing is applied or credited."""

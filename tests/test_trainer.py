@@ -14,7 +14,7 @@ from coordinator.central.trainer import evaluate, train_stage
 from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.model import PerspectiveModel
-from shared_model.schedule import lr_at, ternary_fraction_at
+from shared_model.schedule import build_optimizer, lr_at, set_lr, ternary_fraction_at
 
 torch.set_num_threads(1)
 
@@ -156,3 +156,28 @@ def test_schedules(cfg):
     assert lr_at(100, o, 100) == pytest.approx(o.min_lr)
     fracs = [ternary_fraction_at(s, 8, (0.25, 0.5, 0.75, 1.0)) for s in range(8)]
     assert fracs == [0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0, 1.0]
+
+
+def test_the_experts_train_at_the_expert_lr_scale(tmp_path, cfg, data, pipeline):
+    """``optim.expert_lr_scale`` gives the expert columns their own groups, at that multiple
+    of the scheduled lr, in a central stage too; at 1 the optimiser keeps the two groups
+    that optimiser states saved before the split hold."""
+    from dataclasses import replace
+
+    from shared_model.moe import is_expert_param
+
+    model = PerspectiveModel(cfg, moe=True)
+    plain = build_optimizer(model, replace(cfg.optim, expert_lr_scale=1.0))
+    assert [g["weight_decay"] for g in plain.param_groups] == [cfg.optim.weight_decay, 0.0]
+    split = build_optimizer(model, replace(cfg.optim, expert_lr_scale=1.0), split_experts=True)
+    set_lr(split, 1.0, 0.25)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in split.param_groups:
+        assert all(is_expert_param(names[id(p)])[0] == group["experts"] for p in group["params"])
+        assert group["lr"] == (0.25 if group["experts"] else 1.0)
+    _, results = pipeline
+    scaled = replace(cfg, optim=replace(cfg.optim, expert_lr_scale=0.5))
+    train_stage(scaled, 3, tmp_path, init=results[2].checkpoint, data=data, until_step=1)
+    groups = load_checkpoint(tmp_path / "stage3.safetensors").meta["param_groups"]
+    lrs = {g["experts"]: g["lr"] for g in groups if g["params"]}
+    assert lrs[True] == pytest.approx(0.5 * lrs[False]) and lrs[False] > 0

@@ -147,7 +147,8 @@ class _Run:
 
     def train_step(self, dataset: DocumentDataset) -> torch.Tensor:
         t = self.cfg.train
-        set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, self.total_steps))
+        optim = self.cfg.optim
+        set_lr(self.optimizer, lr_at(self.step, optim, self.total_steps), optim.expert_lr_scale)
         if self.stage == 4:
             frac = ternary_fraction_at(self.step, self.total_steps, self.cfg.ternary.schedule)
             self.model.set_ternary_fraction(frac)

@@ -98,7 +98,8 @@ class _DistRun:
 
     def train_step(self, dataset: DocumentDataset, total_steps: int) -> float:
         t, world = self.cfg.train, self.env.world_size
-        set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, total_steps))
+        optim = self.cfg.optim
+        set_lr(self.optimizer, lr_at(self.step, optim, total_steps), optim.expert_lr_scale)
         if self.stage == 4:
             frac = ternary_fraction_at(self.step, total_steps, self.cfg.ternary.schedule)
             self.model.set_ternary_fraction(frac)
