@@ -37,7 +37,7 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -575,6 +575,8 @@ def main() -> None:
         "tokens": args.tokens,
         "eval_tokens": int(windows[0][:, 1:].numel()),
         "settings": {k: str(v) for k, v in vars(args).items()},
+        # the preset's optimiser after --set: what every arm trained with
+        "optim": asdict(cfg.optim),
         "runs": {},
     }
     RESULTS.mkdir(exist_ok=True)
