@@ -80,10 +80,13 @@ def build_optimizer(
                 continue
             expert = split and is_expert_param(full)[0]
             params[expert, not _no_decay(module, full, param)].append(param)
+    # Split, an empty group is left out (torch's distributed checkpoint takes one at most;
+    # a dense model has no experts, and experts have no undecayed parameters).
     groups = [
         {"params": ps, "weight_decay": optim.weight_decay if decay else 0.0}
         | ({"experts": expert} if split else {})
         for (expert, decay), ps in params.items()
+        if ps or not split
     ]
     # foreach=False: the single-tensor path is bit-reproducible across save/resume on CPU.
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), foreach=False)
