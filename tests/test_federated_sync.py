@@ -102,40 +102,34 @@ def test_a_replica_view_advances_and_the_replica_it_came_from_stays(state):
     assert not all(torch.equal(before[k], view.shared[k]) for k in replica.shared)
 
 
-def test_replica_rejects_tampered_bundle(state):
+def _wrong_digest(tensor) -> None:
+    tensor.sha256 = "0" * 64
+
+
+def _garbage_payload(tensor) -> None:
+    tensor.payload = b"\xff" * 16  # not a container the codec reads
+
+
+@pytest.mark.parametrize(
+    ("damage", "error"),
+    [(_wrong_digest, "^shared: .* checksum"), (_garbage_payload, "^shared: not a codec")],
+)
+def test_replica_refuses_a_damaged_version_naming_the_part(state, damage, error):
+    """A version whose shared bundle does not reproduce the published digest, or holds a
+    payload the codec cannot read, is refused as a SyncError naming the part (the second was
+    a bare CodecError), and the replica is left as it was."""
     fetch = fetcher(state.store)
     _perturb(state)
     state.publish()
     ckpt_ref, chain_refs = state.publisher.chain_for(1)
     manifest = control_pb2.VersionManifest.FromString(fetch(chain_refs[0]))
     bundle = control_pb2.TensorBundle.FromString(fetch(manifest.shared))
-    bundle.tensors[0].sha256 = "0" * 64
-    bad = state.store.put_bytes(bundle.SerializeToString())
-    manifest.shared.content_id = bad
-    replica = Replica()
-    replica.load_checkpoint(control_pb2.CheckpointManifest.FromString(fetch(ckpt_ref)), [0], fetch)
-    before = {k: v.clone() for k, v in replica.shared.items()}
-    with pytest.raises(SyncError, match="checksum"):
-        replica.apply(manifest, fetch)
-    assert replica.version == 0
-    assert all(torch.equal(before[k], replica.shared[k]) for k in before)
-
-
-def test_replica_names_the_part_whose_payload_is_malformed(state):
-    """A version whose shared payload is garbage (the container is not one the codec reads)
-    is refused as a SyncError naming the part, and the replica is left as it was."""
-    fetch = fetcher(state.store)
-    _perturb(state)
-    state.publish()
-    ckpt_ref, chain_refs = state.publisher.chain_for(1)
-    manifest = control_pb2.VersionManifest.FromString(fetch(chain_refs[0]))
-    bundle = control_pb2.TensorBundle.FromString(fetch(manifest.shared))
-    bundle.tensors[0].payload = b"\xff" * 16
+    damage(bundle.tensors[0])
     manifest.shared.content_id = state.store.put_bytes(bundle.SerializeToString())
     replica = Replica()
     replica.load_checkpoint(control_pb2.CheckpointManifest.FromString(fetch(ckpt_ref)), [0], fetch)
     before = {k: v.clone() for k, v in replica.shared.items()}
-    with pytest.raises(SyncError, match="^shared: "):
+    with pytest.raises(SyncError, match=error):
         replica.apply(manifest, fetch)
     assert replica.version == 0
     assert all(torch.equal(before[k], replica.shared[k]) for k in before)
