@@ -9,9 +9,10 @@ What the coordinator holds *as built today* (one process, ``coordinator/aggregat
   ``buffer_size`` × the shared layers. A fleet of N needs a buffer of about N / 4 for its
   results to come back a few versions stale (``benchmarks/fleet_soak.py`` sizes it so);
 * **blob store**: full checkpoints in FP32 (the join format; the newest, the one before it
-  until garbage collection, and stage 4's pinned teacher; stage 4's checkpoints of ternary
-  experts are smaller, counted here as FP32: an upper bound), the version deltas since the
-  last checkpoint, and the uploads of one checkpoint period;
+  until garbage collection, and stage 4's pinned teacher; stage 4's checkpoints hold the
+  experts as trits only in the schedule's last phase, all ternary, so the stage's peak is
+  still FP32, which is what is counted), the version deltas since the last checkpoint,
+  and the uploads of one checkpoint period;
 * **database**: one result row and its events per result (``db_bytes_per_result``,
   measured by the soak).
 
