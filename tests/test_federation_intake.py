@@ -428,6 +428,7 @@ def test_a_unit_trains_its_columns_at_the_expert_lr_scale_it_is_sent(tmp_path, c
     assert all(torch.equal(half_shared[k], d) for k, d in full_shared.items())
     unset_cols, unset_shared = steps[0.0]
     assert all(torch.equal(unset_cols[k], d) for k, d in full_cols.items())
+    assert all(torch.equal(unset_shared[k], d) for k, d in full_shared.items())
 
 
 def test_inflated_token_claims_are_refused_and_credit_untouched(tmp_path, corpus):
