@@ -63,23 +63,23 @@ class StageBudget:
         tokens_per_step: int,
         settings: FederationSettings,
         prior_steps_per_minute: float | None = None,
-    ) -> int | Callable[[int, int, tuple[int, float] | None], int]:
+    ) -> int | Callable[[int, float | None], int]:
         """Length of the stage's lr / ternary schedules in inner optimiser steps.
 
         With a token budget: its steps (the central trainer's schedule over the same
-        tokens). With only minutes: a function of ``(position, in_flight, answers)``: the
-        steps leased so far, those of them not yet answered, and ``(steps answered, steps
-        a second since the first answer)`` (:func:`coordinator.db.leases.stage_answer_rate`).
-        It is the steps answered plus what that rate answers in the time left, so the
-        schedule ends with the last unit trained. (Extrapolating the steps leased overshot
-        by the units in flight, which the end of the stage drops: on ``small`` that was 40 %
-        of stage 4's schedule, its whole all-ternary phase. Extrapolating the steps
-        answered over the share of the time gone counted the start-up in the rate, and
-        ended the schedule early: on ``small`` stage 4's ternary ramp skipped its 0.75
-        phase.) Until as many steps are answered as are in flight for the first time, or
-        before two answers, the fallback holds: the minutes at ``prior_steps_per_minute``
-        (the previous stage's measured rate), else, as with neither budget, ``units_hint``
-        units of ``steps_per_unit``.
+        tokens). With only minutes the schedule is indexed by the stage's time: a function
+        of ``(position, lag)``, the steps leased before the unit and the seconds units take
+        from lease to answer (:func:`coordinator.db.leases.stage_answer_lag`). The unit will
+        be answered at the share ``f = (time gone + lag) / minutes`` of the stage, so the
+        schedule's length is ``position / f`` and the unit's place in it is ``f``: the
+        units answered as the time runs out end the cosine and the ternary ramp, whatever
+        the rate did meanwhile. (Extrapolating from steps did not: on ``small`` stage 4's
+        units trained twice as fast in its second half as in its first, and every
+        extrapolation ended the schedule early and skipped ternary phases.) ``f`` never
+        goes back, so neither does a ramp. Before the first answer the lag is unknown and
+        the fallback holds: the minutes at ``prior_steps_per_minute`` (the previous
+        stage's measured rate), else, as with neither budget, ``units_hint`` units of
+        ``steps_per_unit``.
         """
         if self.tokens:
             return max(1, math.ceil(self.tokens / tokens_per_step))
@@ -88,25 +88,18 @@ class StageBudget:
             return fallback
         if prior_steps_per_minute:
             fallback = max(1, round(prior_steps_per_minute * self.minutes))
+        reached = 0.0  # the furthest share of the stage a unit was placed at
 
-        started_up = False  # the start-up guard has let the extrapolation in
-
-        def extrapolated(
-            position: int, in_flight: int = 0, answers: tuple[int, float] | None = None
-        ) -> int:
-            nonlocal started_up
-            answered = position - in_flight
-            if answers is None or answered <= 0 or (answered < in_flight and not started_up):
+        def timed(position: int, lag: float | None = None) -> int:
+            nonlocal reached
+            if lag is None or position <= 0:
+                reached = max(reached, position / fallback)
                 return fallback
-            # Past the start-up for good: a batch of leases later raises in_flight above
-            # the steps answered again, and falling back then sent the schedule backwards
-            # (a small demo's stage 4 went 1.0 -> 0.75 -> 1.0 ternary).
-            started_up = True
-            done, per_s = answers
-            left = self.started + 60 * self.minutes - time.monotonic()
-            return max(position + 1, round(done + per_s * max(0.0, left)))
+            gone = time.monotonic() - self.started + lag
+            reached = max(reached, min(1.0, gone / (60 * self.minutes)))
+            return max(position + 1, round(position / reached))
 
-        return extrapolated
+        return timed
 
 
 class Coordinator:

@@ -14,6 +14,7 @@ from coordinator.db.stats import (
     accepted_column_codecs,
     accepted_unit_columns,
     result_staleness,
+    trained_schedule,
     utilisation_by_participant,
 )
 from coordinator.traffic import per_sync_bits
@@ -108,6 +109,7 @@ class DemoView:
             busy = utilisation_by_participant(s, stage=f"stage{stage}", wall_s=wall)
             codecs = accepted_column_codecs(s, stage=f"stage{stage}")
             staleness = result_staleness(s, stage=f"stage{stage}")
+            schedule = trained_schedule(s, stage=f"stage{stage}")
         self.stages[stage] = {
             "versions_end": loop.state.version,
             "tokens": st.tokens,
@@ -125,6 +127,8 @@ class DemoView:
             # versions published while a result's unit trained and travelled
             "staleness": staleness,
             "train_share_of_unit_time": st.train_s / st.unit_s if st.unit_s else None,
+            # the lr and (stage 4) ternary phases the accepted units trained at, in time
+            "schedule": schedule,
             # how leased units reached the nodes: Flower messages, or Submit replies
             # (coordinator.unit_handoff)
             "units_by_flower": _units(loop.units_per_message),
@@ -181,6 +185,8 @@ class DemoView:
             total = by_submit + s["units_by_flower"]
             stale = _staleness_note(s["staleness"])
             self.say(f"stage {stage}: {by_submit} of {total} units came with Submit replies{stale}")
+            if phases := s.get("schedule", {}).get("phases"):
+                self.say(f"stage {stage}: ternary fraction by answer time: {_phases_note(phases)}")
         self.say(f"database: {work / 'coordinator' / 'coordinator.db'}")
         self.say(f"blobs and checkpoints: {work / 'coordinator'}; summary: {work / 'summary.json'}")
         self.say(
@@ -198,6 +204,14 @@ def _staleness_note(staleness: dict) -> str:
     if staleness.get("eager"):
         note += f", {staleness['eager']:.0%} of units started eagerly"
     return note
+
+
+def _phases_note(phases: dict) -> str:
+    """``0.25: 5 units, 2-40 s; 1.0: 9 units, 41-80 s``."""
+    return "; ".join(
+        f"{f}: {p['units']} units, {p['answered_s'][0]:.0f}-{p['answered_s'][1]:.0f} s"
+        for f, p in phases.items()
+    )
 
 
 def _units(batches) -> int:

@@ -81,6 +81,10 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
     # ... and stage 4 continued from stage 3's versions.
     assert s4["versions_end"] > s3["versions_end"] > 0
     _stage4_scheduled_from_stage3s_rate(work)
+    _stage4_ramp_follows_the_stages_time(work)
+    # ... and the summary shows the ramp its accepted units trained, in the stage's time.
+    assert "1.0" in s4["schedule"]["phases"] and not s3["schedule"]["phases"], s4["schedule"]
+    assert "ternary fraction by answer time" in " ".join(out.split())
     # The stopped run stayed stopped; training went on past it on a new run.
     assert (stopped.status, stopped.sub_status) == ("finished", "stopped")
     assert s3["versions_end"] > at_version, (s3, at_version)
@@ -114,6 +118,21 @@ def _stage4_scheduled_from_stage3s_rate(work) -> None:
     hint = FederationSettings()
     steps = DEMO_FEDERATION["tiny"]["steps_per_unit"]
     assert json.loads(first)["schedule_steps"] != hint.units_hint * steps, first
+
+
+def _stage4_ramp_follows_the_stages_time(work) -> None:
+    """Stage 4's time budget indexes its schedule by time: in lease order the units'
+    ternary fractions never go back, and the units answered last, as the minutes ran
+    out, trained the all-ternary end of the ramp."""
+    with sqlite3.connect(work / "coordinator" / "coordinator.db") as db:
+        rows = db.execute(
+            "select state, json_extract(params, '$.ternary_fraction') from work_units "
+            "where stage = 'stage4' and reissued_from is null "
+            "order by json_extract(params, '$.position')"
+        ).fetchall()
+    fractions = [f for _, f in rows]
+    assert fractions == sorted(fractions), rows
+    assert max(f for state, f in rows if state == "done") == 1.0, rows
 
 
 def _unit_lengths(work) -> set[int]:

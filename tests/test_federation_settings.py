@@ -15,6 +15,7 @@ from coordinator.federation_settings import (
     FederationSettingsError,
     load_federation_settings,
 )
+from shared_model.schedule import ternary_fraction_at
 
 FILE = """\
 stage: 3
@@ -136,10 +137,10 @@ def test_bad_keys_and_values_are_refused_by_both_commands(monkeypatch, tmp_path)
 
 
 def test_schedule_length_follows_the_stage_budget():
-    """Token budget: its inner steps. Minutes only: the steps answered plus what the rate
-    since the first answer answers in the time left, so the schedule ends with the last
-    unit trained; until then the previous stage's rate, if known. Neither:
-    units_hint x steps_per_unit."""
+    """Token budget: its inner steps. Minutes only: the schedule is indexed by the stage's
+    time, each unit placed at the share of the minutes it will be answered at (time gone +
+    the lag from lease to answer), never going back; before the first answer the previous
+    stage's rate, if known. Neither: units_hint x steps_per_unit."""
     import time
 
     from coordinator.coordinator_process import StageBudget
@@ -149,21 +150,20 @@ def test_schedule_length_follows_the_stage_budget():
     assert StageBudget().schedule_steps(1000, settings) == 1000
     half_gone = StageBudget(minutes=10, started=time.monotonic() - 300)
     total = half_gone.schedule_steps(1000, settings)
-    assert total(0) == 1000  # nothing leased yet: the fallback
-    assert total(150, 50, None) == 1000  # fewer than two answers: no rate yet
-    assert total(100, 100, (0, 0.5)) == 1000  # nothing answered yet: the fallback
-    assert total(100, 60, (40, 0.5)) == 1000  # fewer answered than in flight: start-up
-    # 100 steps answered, at 0.5 a second since the first answer: 150 more in the 300 s
-    # left. (The share of the time gone would say 200: the start-up counted in the rate.)
-    assert 248 <= total(150, 50, (100, 0.5)) <= 252
+    assert total(0) == total(150, None) == 1000  # no answer yet: the fallback
+    # 300 s gone, answered 60 s after lease: the unit lands at 0.6 of the stage, so 150
+    # steps are 0.6 of a 250-step schedule, and the unit's ternary phase is 0.6's.
+    assert 248 <= total(150, 60.0) <= 252
+    steps = total(400, 60.0)  # the rate rose: more steps by the same time, a longer schedule
+    assert 660 <= steps <= 670
+    assert ternary_fraction_at(400, steps, (0.25, 0.5, 0.75, 1.0)) == 0.75
+    assert 830 <= total(500, 0.0) <= 836  # a shorter lag does not place a unit earlier
     over = StageBudget(minutes=1, started=time.monotonic() - 120)
-    assert over.schedule_steps(1000, settings)(100, 0, (100, 1.0)) == 101  # past the budget
+    assert over.schedule_steps(1000, settings)(100, 1.0) == 101  # past the budget: the end
     # The previous stage's rate (steps a minute) over this stage's minutes is the fallback.
     primed = half_gone.schedule_steps(1000, settings, prior_steps_per_minute=18.0)
-    assert primed(0) == primed(100, 60, (40, 0.5)) == 180
-    assert 248 <= primed(150, 50, (100, 0.5)) <= 252  # then the extrapolation ...
-    assert primed(200, 120, (80, 0.5)) > 200  # ... for good: a batch of leases later is
-    # more in flight than answered again, and the schedule does not fall back to 180
+    assert primed(0) == primed(100, None) == 180
+    assert 248 <= primed(150, 60.0) <= 252  # then the stage's time
 
 
 def test_defence_flags_reach_the_settings_of_both_commands(monkeypatch, tmp_path):

@@ -169,22 +169,6 @@ def test_a_queued_unit_of_another_stage_is_not_leased(factory):
         assert got.reissued_from == unit_id
 
 
-def test_steps_in_flight_count_leased_and_queued_units_of_the_stage(factory):
-    """What a time-budgeted schedule subtracts from the steps leased: units not answered
-    yet. A re-queued copy stands for its expired original; a failed unit is not in flight."""
-    _join(factory, 1)
-    t0 = utcnow()
-    expired = _lease(factory, 1, now=t0, steps=7, lease_seconds=10)  # -> a queued copy
-    _lease(factory, 1, now=t0, steps=5, lease_seconds=60)  # still leased
-    failed = _lease(factory, 1, now=t0, steps=11, lease_seconds=60)
-    _expire(factory, t0 + dt.timedelta(seconds=11))
-    with factory.begin() as s:
-        leases.fail_unit(s, unit_id=failed, reason="stage ended", requeue=False, max_attempts=3)
-        assert s.get(WorkUnit, expired).state == UnitState.EXPIRED
-        assert leases.stage_steps_in_flight(s, stage="expert_diff") == 7 + 5
-        assert leases.stage_steps_in_flight(s, stage="ternary_distill") == 0
-
-
 def _three_units_and_one_never_answered(factory):
     """Leased at one moment ``t0`` to one node: three units of 10 steps (returned, for the
     test to answer) and one of 50 that is never answered (no rate may count it)."""
@@ -209,24 +193,22 @@ def test_step_rate_of_a_stage_counts_its_done_units_from_first_lease_to_last_ans
         assert leases.stage_step_rate(s, stage="ternary_distill") is None
 
 
-def test_answer_rate_of_a_stage_runs_from_its_first_answer(factory):
-    """What a time-budgeted schedule extrapolates: the steps answered, and their rate from
-    the first answer on (the stage's start-up before it left out)."""
+def test_answer_lag_of_a_stage_is_the_mean_of_its_last_answers(factory):
+    """What a time-budgeted schedule adds to a unit's lease time to place it in the stage:
+    the mean seconds from lease to answer of the stage's latest answers, refused ones too
+    (a unit never answered counts nowhere)."""
     t0, done = _three_units_and_one_never_answered(factory)
     with factory.begin() as s:
-        assert leases.stage_answer_rate(s, stage="expert_diff") is None  # nothing answered
-        s.get(WorkUnit, done[0]).state = UnitState.DONE
-        s.get(WorkUnit, done[0]).finished_at = t0 + dt.timedelta(seconds=100)  # start-up
-    with factory.begin() as s:
-        assert leases.stage_answer_rate(s, stage="expert_diff") is None  # one answer: no rate
-        for i, unit_id in enumerate(done[1:]):
+        assert leases.stage_answer_lag(s, stage="expert_diff") is None  # nothing answered
+        for i, unit_id in enumerate(done):
             unit = s.get(WorkUnit, unit_id)
-            unit.state, unit.finished_at = UnitState.DONE, t0 + dt.timedelta(seconds=110 + 10 * i)
+            unit.state = UnitState.REJECTED if i == 1 else UnitState.DONE
+            unit.finished_at = t0 + dt.timedelta(seconds=100 + 10 * i)  # start-up first
     with factory.begin() as s:
-        # 30 answered; 20 of them in the 20 s after the first answer: 1 a second.
-        steps, per_s = leases.stage_answer_rate(s, stage="expert_diff")
-        assert steps == 30 and per_s == pytest.approx(1.0, rel=1e-3)
-        assert leases.stage_answer_rate(s, stage="ternary_distill") is None
+        assert leases.stage_answer_lag(s, stage="expert_diff") == pytest.approx(110.0)
+        # the latest two answers only: the first one's start-up is left out
+        assert leases.stage_answer_lag(s, stage="expert_diff", last=2) == pytest.approx(115.0)
+        assert leases.stage_answer_lag(s, stage="ternary_distill") is None
 
 
 def test_fail_and_reissue(factory):

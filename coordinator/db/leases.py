@@ -460,56 +460,42 @@ def recent_unit_params(
     return [dict(p or {}) for p in rows]
 
 
-def stage_steps_in_flight(session: Session, *, stage: str) -> int:
-    """Inner steps of ``stage``'s units leased or queued and not yet answered.
-
-    A re-queued copy stands for its expired original (it keeps the original's position),
-    so copies count and expired originals do not.
-    """
-    steps = session.execute(
-        select(func.coalesce(func.sum(WorkUnit.steps), 0)).where(
-            WorkUnit.stage == stage, WorkUnit.state.in_((UnitState.QUEUED, UnitState.LEASED))
-        )
-    ).scalar_one()
-    return int(steps)
-
-
-def _done_in(stage: str) -> tuple:
-    """Where-clauses of ``stage``'s answered (done) units."""
-    return WorkUnit.stage == stage, WorkUnit.state == UnitState.DONE
-
-
 def stage_step_rate(session: Session, *, stage: str) -> float | None:
     """Inner steps a minute answered in ``stage``: the steps of its done units over the
     minutes from its first lease to its last answer (``None`` without a done unit)."""
     steps, first, last = session.execute(
         select(
             func.sum(WorkUnit.steps), func.min(WorkUnit.leased_at), func.max(WorkUnit.finished_at)
-        ).where(*_done_in(stage))
+        ).where(WorkUnit.stage == stage, WorkUnit.state == UnitState.DONE)
     ).one()
     if not steps or first is None or last is None or last <= first:
         return None
     return float(steps) / ((last - first).total_seconds() / 60)
 
 
-def stage_answer_rate(session: Session, *, stage: str) -> tuple[int, float] | None:
-    """``(steps, steps a second)``: the inner steps of ``stage``'s done units, and the
-    rate they were answered at from its first answer to its last (the first answer's own
-    steps excluded: they were trained before it). ``None`` until two answers are apart in
-    time. Measured from the first answer, the rate leaves out the stage's start-up (joins,
-    first syncs, stage 4's teacher), which a rate from the stage's start counts in."""
-    done = _done_in(stage)
-    steps, first, last = session.execute(
-        select(
-            func.sum(WorkUnit.steps), func.min(WorkUnit.finished_at), func.max(WorkUnit.finished_at)
-        ).where(*done)
-    ).one()
-    if not steps or first is None or last is None or last <= first:
+def stage_answer_lag(session: Session, *, stage: str, last: int = 8) -> float | None:
+    """Seconds from lease to answer of ``stage``'s ``last`` most recently answered units,
+    on average (``None`` before the first answer).
+
+    It is how long a unit leased now takes to come back: its wait behind the units queued
+    before it on its node, its training, its upload and intake. A time-budgeted schedule
+    places a new unit at the stage's time it will be answered at, by adding this lag to
+    the time it is leased. Refused results count (they took the time too).
+    """
+    rows = session.execute(
+        select(WorkUnit.leased_at, WorkUnit.finished_at)
+        .where(
+            WorkUnit.stage == stage,
+            WorkUnit.state.in_((UnitState.DONE, UnitState.REJECTED)),
+            WorkUnit.leased_at.is_not(None),
+            WorkUnit.finished_at.is_not(None),
+        )
+        .order_by(WorkUnit.finished_at.desc())
+        .limit(last)
+    ).all()
+    if not rows:
         return None
-    first_steps = session.execute(
-        select(func.sum(WorkUnit.steps)).where(*done, WorkUnit.finished_at == first)
-    ).scalar_one()
-    return int(steps), float(steps - first_steps) / (last - first).total_seconds()
+    return sum((done - leased).total_seconds() for leased, done in rows) / len(rows)
 
 
 def previous_base_version(session: Session, *, participant_id: int, before: str) -> int | None:

@@ -417,3 +417,34 @@ def result_staleness(session: Session, *, stage: str) -> dict[str, Any]:
     share = {str(v): values.count(v) / len(values) for v in sorted(set(values))}
     eager = sum(e for _, e in rows) / len(rows)
     return {"mean": sum(values) / len(values), "share": share, "eager": eager}
+
+
+def trained_schedule(session: Session, *, stage: str) -> dict[str, Any]:
+    """The lr and ternary schedule the accepted results of ``stage`` trained at, against
+    the stage's time: seconds from its first lease to each answer. ``{"seconds": ...,
+    "lr_max": ..., "lr_last": ..., "phases": {"0.25": {"units": n, "answered_s": [first,
+    last]}, ...}}`` (``phases``: stage 4's ternary fractions, empty for stage 3), or empty
+    when nothing was accepted."""
+    start = session.execute(
+        select(func.min(WorkUnit.leased_at)).where(WorkUnit.stage == stage)
+    ).scalar_one()
+    rows = sorted(
+        ((finished - start).total_seconds(), params or {})
+        for finished, params in _accepted_in(session, stage, WorkUnit.finished_at, WorkUnit.params)
+        if finished is not None
+    )
+    if start is None or not rows:
+        return {}
+    phases: dict[str, dict[str, Any]] = {}
+    for seconds, params in rows:
+        if "ternary_fraction" in params:
+            phase = phases.setdefault(str(params["ternary_fraction"]), {"units": 0})
+            phase["units"] += 1
+            phase.setdefault("answered_s", [seconds, seconds])[1] = seconds
+    lrs = [float(p["lr"]) for _, p in rows if "lr" in p]
+    return {
+        "seconds": rows[-1][0],
+        "lr_max": max(lrs, default=None),
+        "lr_last": lrs[-1] if lrs else None,
+        "phases": dict(sorted(phases.items())),
+    }
