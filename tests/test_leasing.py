@@ -28,6 +28,7 @@ from coordinator.db.participants import (
     touch_participant,
 )
 from coordinator.db.results import ResultPayload
+from coordinator.db.stats import trained_schedule
 from coordinator.federation_settings import FederationSettings
 from coordinator.intake import record_result
 from coordinator.leasing import assign_columns, leases_needed
@@ -209,6 +210,41 @@ def test_answer_lag_of_a_stage_is_the_mean_of_its_last_answers(factory):
         # the latest two answers only: the first one's start-up is left out
         assert leases.stage_answer_lag(s, stage="expert_diff", last=2) == pytest.approx(115.0)
         assert leases.stage_answer_lag(s, stage="ternary_distill") is None
+
+
+def test_trained_schedule_gives_the_phases_accepted_units_trained_by_answer_time(factory):
+    """The demo summary's ``schedule``: lr and ternary phases of the accepted results, in
+    seconds from the stage's first lease to each answer (unanswered units count nowhere)."""
+    _join(factory, 1)
+    t0 = utcnow()
+    plan = [(0.25, 3e-3, 10), (0.25, 2e-3, 20), (1.0, 1e-3, 50), (1.0, 1e-4, None)]
+    with factory.begin() as s:
+        part = touch_participant(s, node_id=1)
+        units = [
+            leases.create_lease(
+                s, participant_id=part.id, stage="stage4", base_version=0, columns=[0],
+                docs=["d"], steps=5, params={"ternary_fraction": f, "lr": lr},
+                lease_seconds=600, now=t0,
+            ).unit_id
+            for f, lr, _ in plan
+        ]  # fmt: skip
+    with factory.begin() as s:
+        assert trained_schedule(s, stage="stage4") == {}
+        for unit_id, (_, _, answered) in zip(units, plan, strict=True):
+            if answered is not None:
+                assert record_result(s, unit_id=unit_id, node_id=1, payload=ResultPayload())
+                s.get(WorkUnit, unit_id).finished_at = t0 + dt.timedelta(seconds=answered)
+    with factory.begin() as s:
+        assert trained_schedule(s, stage="stage4") == {
+            "seconds": 50.0,
+            "lr_max": 3e-3,
+            "lr_last": 1e-3,
+            "phases": {
+                "0.25": {"units": 2, "answered_s": [10.0, 20.0]},
+                "1.0": {"units": 1, "answered_s": [50.0, 50.0]},
+            },
+        }
+        assert trained_schedule(s, stage="stage3") == {}
 
 
 def test_fail_and_reissue(factory):
