@@ -94,8 +94,11 @@ class ProgressWriter:
             self.data["credit_tokens"] = int(credit_tokens)
             self._write(force=changed)  # changes once per accepted result: keep each
 
-    def start_unit(self, unit_id: str, stage: int, total_steps: int) -> None:
-        """A unit begins (phase ``sync``)."""
+    def start_unit(
+        self, unit_id: str, stage: int, total_steps: int, lr: float, expert_lr: float
+    ) -> None:
+        """A unit begins (phase ``sync``); ``lr`` / ``expert_lr``: what the coordinator's
+        schedule gives its shared layers and its expert columns."""
         with self._lock:
             self._train_t0 = None
             self.data["unit"] = {
@@ -104,6 +107,8 @@ class ProgressWriter:
                 "phase": "sync",
                 "step": 0,
                 "total_steps": int(total_steps),
+                "lr": float(lr),
+                "expert_lr": float(expert_lr),
                 "tokens_per_s": None,
                 "eta_s": None,
             }
@@ -149,6 +154,8 @@ class ProgressWriter:
                 "ok": ok,
                 "error": error,
                 "tokens_per_s": unit.get("tokens_per_s"),
+                "lr": unit.get("lr"),
+                "expert_lr": unit.get("expert_lr"),
                 "finished_at": time.time(),
             }
             self.data["unit"] = None

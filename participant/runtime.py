@@ -55,7 +55,7 @@ from participant.limits import TokenBucket
 from participant.outbox import ResultOutbox
 from participant.prefetch import Round, VersionPrefetcher, prefetch_steps
 from participant.progress import ProgressWriter
-from participant.unit_trainer import BlobIO, TrainedUnit, UnitTrainer
+from participant.unit_trainer import BlobIO, TrainedUnit, UnitTrainer, expert_lr_scale
 from shared_model.blobs import BlobClient, BlobError, BlobStore
 from shared_model.blobs.store import sha256_hex
 from shared_model.config import PerspectiveConfig
@@ -346,7 +346,10 @@ class ParticipantRuntime:
                 self._busy = True
                 self._started.add(uid)
                 self._cond.notify_all()
-            self.progress.start_unit(uid, req.unit.stage, req.unit.steps)
+            lr = req.unit.lr
+            self.progress.start_unit(
+                uid, req.unit.stage, req.unit.steps, lr, lr * expert_lr_scale(req.unit)
+            )
             try:
                 self._run(req)
                 self.progress.finish_unit(ok=True)

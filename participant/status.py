@@ -60,7 +60,8 @@ def human_bytes(n: float) -> str:
 
 
 def render_unit(unit: dict[str, Any]) -> str:
-    """One line for the unit in progress: bar, percent, steps, ETA, tokens/s."""
+    """One line for the unit in progress: bar, percent, steps, ETA, tokens/s, the lr of
+    its shared layers and of its experts."""
     step, total = int(unit.get("step") or 0), int(unit.get("total_steps") or 0)
     frac = min(1.0, step / total) if total else 0.0
     filled = int(round(frac * BAR_WIDTH))
@@ -75,6 +76,8 @@ def render_unit(unit: dict[str, Any]) -> str:
         line += f", ETA {unit['eta_s']:.0f} s"
     if unit.get("tokens_per_s") is not None:
         line += f", {unit['tokens_per_s']:,.0f} tok/s"
+    if unit.get("lr") is not None:
+        line += f", lr {unit['lr']:.2e} (experts {unit['expert_lr']:.2e})"
     return line
 
 

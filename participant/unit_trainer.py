@@ -453,8 +453,7 @@ class UnitTrainer:
     def _train(self, model, teacher, unit, batches, report: ProgressFn) -> tuple[float, int]:
         model.train()
         assert self.optimizer is not None
-        # 0: a coordinator from before WorkUnit.expert_lr_scale, whose experts trained at lr
-        set_lr(self.optimizer, unit.lr, unit.expert_lr_scale or 1.0)
+        set_lr(self.optimizer, unit.lr, expert_lr_scale(unit))
         losses, tokens = [], 0
         distill = Distillation(teacher, unit.kd_weight) if teacher is not None else None
         report("train", 0, unit.steps, 0)
@@ -537,6 +536,12 @@ class UnitTrainer:
         result.shared_update.blob.CopyFrom(io.upload(sent.bundle))
         result.shared_update.norm = norm
         result.shared_update.base_version = base
+
+
+def expert_lr_scale(unit: federation_pb2.WorkUnit) -> float:
+    """The factor on ``unit.lr`` its expert columns train at. 0 (unset) comes from a
+    coordinator older than ``WorkUnit.expert_lr_scale``, whose experts trained at the lr."""
+    return unit.expert_lr_scale or 1.0
 
 
 def model_columns(model: PerspectiveModel) -> list[int]:

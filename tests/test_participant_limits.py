@@ -178,7 +178,7 @@ def test_progress_is_rendered_by_status(tmp_path: Path) -> None:
     writer = ProgressWriter(daemon_dir / "state", clock=clock, min_interval_s=1.0)
     writer.set_worker(1, "cpu")
     writer.set_credit(123_456)
-    writer.start_unit("u-123", 3, 20)
+    writer.start_unit("u-123", 3, 20, lr=3e-3, expert_lr=7.5e-4)
     writer.add_bytes(down=35_000_000)
     writer.on_progress("train", 0, 20, 0)
     for step in range(1, 10):
@@ -192,6 +192,7 @@ def test_progress_is_rendered_by_status(tmp_path: Path) -> None:
     # 9 steps in 4.5 s -> 0.5 s/step, 11 left -> 5.5 s; 8,235 tokens / 4.5 s = 1,830 tok/s
     assert "unit u-123 (stage 3)  [#########-----------] 45% 9/20 steps" in text
     assert "ETA 6 s, 1,830 tok/s" in text or "ETA 5 s, 1,830 tok/s" in text
+    assert "lr 3.00e-03 (experts 7.50e-04)" in text
     assert "today:     up 1.2 MB, down 35.0 MB, 0 units" in text
     assert "credit:    123,456 tokens" in text
     assert "worker:    cpu, 1 torch threads" in text
@@ -206,7 +207,7 @@ def test_throttled_writes_and_day_rollover(tmp_path: Path) -> None:
         return ProgressWriter(tmp_path, today=lambda: day[0], clock=clock, min_interval_s=1.0)
 
     w = writer()
-    w.start_unit("u-1", 4, 10)
+    w.start_unit("u-1", 4, 10, lr=1e-3, expert_lr=1e-3)
     w.add_bytes(up=100)  # < 1 s after the last write: kept in memory only
     assert read_progress(tmp_path)["today"]["bytes_up"] == 0
     clock.t += 1.5

@@ -39,6 +39,7 @@ import pytest
 import sqlalchemy
 
 from coordinator.flower.superlink import SuperLinkProcess, TLSFiles
+from participant.progress import read_progress
 from shared_model.processes import ManagedProcess, free_port
 from tests.conftest import wait_for
 from tests.operator_guide import run_guide_block
@@ -250,6 +251,7 @@ def test_volunteer_enrols_trains_survives_an_outage_and_is_revoked(host, tmp_pat
         wait_for(lambda: host.accepted(pid), 300, "alice's first accepted result")
         print(f"\njoin -> first accepted result: {time.time() - t_join:.1f} s")
         assert host.events("participant.key_registered"), "serve did not register the key"
+        _units_train_at_the_coordinators_lr(volunteer)
         _control_api_unreachable_through_proxy(host)
         _outage_then_next_result_accepted(host, pid, volunteer)
         _revoked_is_refused(host, pid, volunteer, daemon)
@@ -275,6 +277,15 @@ def _the_operator_guide_verbatim(host: Host) -> None:
     jobs = query(host.engine, "select stage, state from stage_jobs order by id")
     # stage 4's job waits for a `serve --stage 4` to continue it
     assert jobs == [("stage3", "cancelled"), ("stage4", "running")], jobs
+
+
+def _units_train_at_the_coordinators_lr(volunteer: Path) -> None:
+    """The units ``serve`` leased carry its schedule's lr and its experts' share of it
+    (``optim.expert_lr_scale``: 0.25 on ``tiny``), as the worker's progress file, which
+    ``participant status`` reads, records them."""
+    progress = read_progress(volunteer / "state")
+    unit = progress.get("unit") or progress["last_unit"]
+    assert unit["lr"] > 0 and unit["expert_lr"] == pytest.approx(0.25 * unit["lr"]), unit
 
 
 def _control_api_unreachable_through_proxy(host: Host) -> None:
