@@ -155,10 +155,10 @@ class UnitFactory:
     shared_codec: str
     #: the ``ternary`` shared codec's threshold factor for participants' uploads
     shared_threshold: float
-    #: Schedule length in inner steps, or a function of the unit's position and the lag
-    #: from lease to answer giving it (a time budget indexes the schedule by the stage's
-    #: time: ``StageBudget.schedule_steps``).
-    schedule_steps: int | Callable[[int, float | None], int]
+    #: Schedule length in inner steps, or a function of the unit's position and the
+    #: stage's answer rate giving it (a time budget extrapolates it:
+    #: ``StageBudget.schedule_steps``).
+    schedule_steps: int | Callable[[int, leases.StageRate | None], int]
     teacher: tensor_pb2.BlobRef | None = None
     #: Inner steps the stage's token budget allows (``None``: no token budget). No new
     #: unit is created past it and the last one is cut to fit, so the network trains the
@@ -292,7 +292,7 @@ class UnitFactory:
     def _schedule_step(self, position: int, session: Session) -> tuple[int, int]:
         total = self.schedule_steps
         if callable(total):
-            total = total(position, leases.stage_answer_lag(session, stage=f"stage{self.stage}"))
+            total = total(position, leases.stage_rate(session, stage=f"stage{self.stage}"))
         return min(position, total - 1), total
 
     def ternary_fraction(self, session: Session, position: int) -> float:

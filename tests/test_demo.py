@@ -81,7 +81,7 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
     # ... and stage 4 continued from stage 3's versions.
     assert s4["versions_end"] > s3["versions_end"] > 0
     _stage4_scheduled_from_stage3s_rate(work)
-    _stage4_ramp_follows_the_stages_time(work)
+    _stage4_ramp_never_goes_back(work)
     # ... and the summary shows the ramp its accepted units trained, in the stage's time.
     assert "1.0" in s4["schedule"]["phases"] and not s3["schedule"]["phases"], s4["schedule"]
     assert "ternary fraction by answer time" in " ".join(out.split())
@@ -120,10 +120,10 @@ def _stage4_scheduled_from_stage3s_rate(work) -> None:
     assert json.loads(first)["schedule_steps"] != hint.units_hint * steps, first
 
 
-def _stage4_ramp_follows_the_stages_time(work) -> None:
-    """Stage 4's time budget indexes its schedule by time: in lease order the units'
-    ternary fractions never go back, and the units answered last, as the minutes ran
-    out, trained the all-ternary end of the ramp."""
+def _stage4_ramp_never_goes_back(work) -> None:
+    """Stage 4's schedule, extrapolated on a time budget, never sends the ramp back: in
+    lease order the units' ternary fractions do not fall, and the units answered last, as
+    the minutes ran out, trained its all-ternary end."""
     with sqlite3.connect(work / "coordinator" / "coordinator.db") as db:
         rows = db.execute(
             "select state, json_extract(params, '$.ternary_fraction') from work_units "

@@ -137,33 +137,45 @@ def test_bad_keys_and_values_are_refused_by_both_commands(monkeypatch, tmp_path)
 
 
 def test_schedule_length_follows_the_stage_budget():
-    """Token budget: its inner steps. Minutes only: the schedule is indexed by the stage's
-    time, each unit placed at the share of the minutes it will be answered at (time gone +
-    the lag from lease to answer), never going back; before the first answer the previous
-    stage's rate, if known. Neither: units_hint x steps_per_unit."""
+    """Token budget: its inner steps. Minutes only: the steps no longer in flight, plus
+    what the recent answer rate answers in the time left, plus the unit each node will
+    finish when the time is up; a unit's share of the schedule never goes back; until
+    then the previous stage's rate, if known. Neither: units_hint x steps_per_unit."""
     import time
 
     from coordinator.coordinator_process import StageBudget
+    from coordinator.db.leases import StageRate
 
     settings = FederationSettings(units_hint=50, steps_per_unit=20)
     assert StageBudget(tokens=1_000_001).schedule_steps(1000, settings) == 1001
     assert StageBudget().schedule_steps(1000, settings) == 1000
     half_gone = StageBudget(minutes=10, started=time.monotonic() - 300)
+    for position, rate in [
+        (0, None),  # nothing leased yet
+        (150, StageRate(in_flight=50, finishing=20, per_s=None)),  # fewer than two answers
+        (100, StageRate(in_flight=100, finishing=20, per_s=0.5)),  # nothing answered yet
+        (100, StageRate(in_flight=60, finishing=20, per_s=0.5)),  # fewer answered than out
+    ]:
+        assert half_gone.schedule_steps(1000, settings)(position, rate) == 1000  # the fallback
     total = half_gone.schedule_steps(1000, settings)
-    assert total(0) == total(150, None) == 1000  # no answer yet: the fallback
-    # 300 s gone, answered 60 s after lease: the unit lands at 0.6 of the stage, so 150
-    # steps are 0.6 of a 250-step schedule, and the unit's ternary phase is 0.6's.
-    assert 248 <= total(150, 60.0) <= 252
-    steps = total(400, 60.0)  # the rate rose: more steps by the same time, a longer schedule
-    assert 660 <= steps <= 670
-    assert ternary_fraction_at(400, steps, (0.25, 0.5, 0.75, 1.0)) == 0.75
-    assert 830 <= total(500, 0.0) <= 836  # a shorter lag does not place a unit earlier
+    # 100 steps done, 0.5 a second lately: 150 more in the 300 s left, and the 20 steps
+    # of the units the nodes are training then, which the end finishes.
+    assert 268 <= total(150, StageRate(in_flight=50, finishing=20, per_s=0.5)) <= 270
+    # The rate doubles: the schedule grows, but no unit lands earlier in it than the last.
+    longer = total(200, StageRate(in_flight=50, finishing=20, per_s=1.0))
+    assert 355 <= longer <= 362 and ternary_fraction_at(200, longer, (0.25, 0.5, 0.75, 1)) == 0.75
+    # It falls: the schedule ends with the units that will be answered.
+    assert total(230, StageRate(in_flight=50, finishing=20, per_s=0.05)) == 231
     over = StageBudget(minutes=1, started=time.monotonic() - 120)
-    assert over.schedule_steps(1000, settings)(100, 1.0) == 101  # past the budget: the end
+    past = over.schedule_steps(1000, settings)(100, StageRate(0, 0, 1.0))
+    assert past == 101  # past the budget
     # The previous stage's rate (steps a minute) over this stage's minutes is the fallback.
     primed = half_gone.schedule_steps(1000, settings, prior_steps_per_minute=18.0)
-    assert primed(0) == primed(100, None) == 180
-    assert 248 <= primed(150, 60.0) <= 252  # then the stage's time
+    assert primed(0) == primed(100, StageRate(in_flight=60, finishing=20, per_s=0.5)) == 180
+    assert 268 <= primed(150, StageRate(in_flight=50, finishing=20, per_s=0.5)) <= 270
+    # ... then the extrapolation for good: a batch of leases later is more in flight than
+    # answered again, and the schedule does not fall back to 180
+    assert primed(200, StageRate(in_flight=120, finishing=20, per_s=0.5)) > 200
 
 
 def test_defence_flags_reach_the_settings_of_both_commands(monkeypatch, tmp_path):

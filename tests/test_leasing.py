@@ -194,22 +194,36 @@ def test_step_rate_of_a_stage_counts_its_done_units_from_first_lease_to_last_ans
         assert leases.stage_step_rate(s, stage="ternary_distill") is None
 
 
-def test_answer_lag_of_a_stage_is_the_mean_of_its_last_answers(factory):
-    """What a time-budgeted schedule adds to a unit's lease time to place it in the stage:
-    the mean seconds from lease to answer of the stage's latest answers, refused ones too
-    (a unit never answered counts nowhere)."""
-    t0, done = _three_units_and_one_never_answered(factory)
+def test_stage_rate_gives_steps_in_flight_finishing_and_the_recent_answer_rate(factory):
+    """What a time-budgeted schedule extrapolates from: the steps leased or queued and not
+    answered (a re-queued copy stands for its expired original; a failed unit is out), the
+    steps of one unit per node holding some (the end finishes those), and the rate the
+    last minute's answers came at (the start-up, slower, left out)."""
+    _join(factory, 1)
+    _join(factory, 2)
+    t0 = utcnow()
+    expired = _lease(factory, 1, now=t0, steps=7, lease_seconds=10)  # -> a queued copy
+    _lease(factory, 1, now=t0, steps=5, lease_seconds=600)  # still leased
+    _lease(factory, 2, now=t0, steps=4, lease_seconds=600)
+    _lease(factory, 2, now=t0, steps=9, lease_seconds=600)
+    failed = _lease(factory, 2, now=t0, steps=11, lease_seconds=600)
+    answered = [_lease(factory, 1, now=t0, steps=10, lease_seconds=600) for _ in range(5)]
+    _expire(factory, t0 + dt.timedelta(seconds=11))
     with factory.begin() as s:
-        assert leases.stage_answer_lag(s, stage="expert_diff") is None  # nothing answered
-        for i, unit_id in enumerate(done):
+        leases.fail_unit(s, unit_id=failed, reason="stage ended", requeue=False, max_attempts=3)
+        assert s.get(WorkUnit, expired).state == UnitState.EXPIRED
+        rate = leases.stage_rate(s, stage="expert_diff")
+        assert (rate.in_flight, rate.finishing, rate.per_s) == (7 + 5 + 4 + 9 + 50, 10 + 9, None)
+        # answered at 10, 100, 110, 120, 130 s: the last minute's four, 1 step a second
+        for unit_id, at in zip(answered, (10, 100, 110, 120, 130), strict=True):
             unit = s.get(WorkUnit, unit_id)
-            unit.state = UnitState.REJECTED if i == 1 else UnitState.DONE
-            unit.finished_at = t0 + dt.timedelta(seconds=100 + 10 * i)  # start-up first
+            unit.state, unit.finished_at = UnitState.DONE, t0 + dt.timedelta(seconds=at)
     with factory.begin() as s:
-        assert leases.stage_answer_lag(s, stage="expert_diff") == pytest.approx(110.0)
-        # the latest two answers only: the first one's start-up is left out
-        assert leases.stage_answer_lag(s, stage="expert_diff", last=2) == pytest.approx(115.0)
-        assert leases.stage_answer_lag(s, stage="ternary_distill") is None
+        rate = leases.stage_rate(s, stage="expert_diff")
+        assert (rate.in_flight, rate.finishing) == (7 + 5 + 4 + 9, 5 + 9)
+        assert rate.per_s == pytest.approx(1.0)
+        assert leases.stage_rate(s, stage="expert_diff", window_s=5).per_s == pytest.approx(1.0)
+        assert leases.stage_rate(s, stage="ternary_distill") == leases.StageRate(0, 0, None)
 
 
 def test_trained_schedule_gives_the_phases_accepted_units_trained_by_answer_time(factory):
