@@ -49,6 +49,8 @@ class StageBudget:
     tokens: int | None = None
     minutes: float | None = None
     started: float = field(default_factory=time.monotonic)
+    #: monotonic seconds (``started`` is on it; a replay of recorded stages passes its own)
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
 
     def progress(self, stats: LoopStats) -> float:
         """Fraction of the budget used, in [0, 1+]."""
@@ -56,7 +58,7 @@ class StageBudget:
         if self.tokens:
             parts.append(stats.tokens / self.tokens)
         if self.minutes:
-            parts.append((time.monotonic() - self.started) / (60 * self.minutes))
+            parts.append((self.clock() - self.started) / (60 * self.minutes))
         return max(parts) if parts else 0.0
 
     def schedule_steps(
@@ -102,7 +104,7 @@ class StageBudget:
             # (a small demo's stage 4 went 1.0 -> 0.75 -> 1.0 ternary).
             if rate and rate.per_s and done > 0 and (started_up or done >= rate.in_flight):
                 started_up = True
-                left = max(0.0, self.started + 60 * self.minutes - time.monotonic())
+                left = max(0.0, self.started + 60 * self.minutes - self.clock())
                 total = max(position + 1, round(done + rate.per_s * left + rate.finishing))
             if reached > 0:
                 total = min(total, max(1, math.floor(position / reached)))
