@@ -513,7 +513,7 @@ def stage_rate(session: Session, *, stage: str, window_s: float = 60.0) -> Stage
     )
 
 
-def _recent_rate(session: Session, done: tuple, last: dt.datetime, window_s: float):
+def _recent_rate(session: Session, done: tuple, last: dt.datetime, window_s: float) -> float | None:
     """Steps a second answered from ``window_s`` before the ``last`` answer to it."""
     since = last - dt.timedelta(seconds=window_s)
     recent = session.execute(
