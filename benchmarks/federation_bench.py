@@ -61,7 +61,7 @@ from coordinator.traffic import per_sync_bits
 from shared_model.config_loading import load_config
 from shared_model.data import DocumentDataset, prepare_corpus
 from shared_model.model import PerspectiveModel
-from shared_model.schedule import build_optimizer, lr_at, set_lr
+from shared_model.schedule import build_optimizer, set_scheduled_lr
 from shared_model.stage_loss import stage_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -273,7 +273,7 @@ def central_column(
     order = [c for c, ds in by_col.items() if ds.n_tokens > t + 1]
     steps = max(1, tokens // (b * t))
     for step in range(steps):
-        set_lr(opt, lr_at(step, cfg.optim, steps), cfg.optim.expert_lr_scale)
+        set_scheduled_lr(opt, step, cfg.optim, steps)
         cols = [order[(step * b + j) % len(order)] for j in range(b)]
         batch = torch.cat(
             [by_col[c].batch(step * b + j, 1, t, cfg.train.seed) for j, c in enumerate(cols)]

@@ -97,3 +97,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, expert_scale: float = 1.
     the expert columns' groups (``build_optimizer(split_experts=True)``)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * expert_scale if group.get("experts") else lr
+
+
+def set_scheduled_lr(
+    optimizer: torch.optim.Optimizer, step: int, optim: OptimConfig, total_steps: int
+) -> None:
+    """Set the lr of central training step ``step`` of ``total_steps``: :func:`lr_at`,
+    with the expert columns' groups at ``optim.expert_lr_scale`` times it."""
+    set_lr(optimizer, lr_at(step, optim, total_steps), optim.expert_lr_scale)

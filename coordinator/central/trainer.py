@@ -28,7 +28,7 @@ from coordinator.central.checkpoint import restore, save_checkpoint
 from coordinator.central.stages import StageError, compute_loss, setup_stage
 from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset, PreparedCorpus, prepare_corpus
-from shared_model.schedule import build_optimizer, lr_at, set_lr, ternary_fraction_at
+from shared_model.schedule import build_optimizer, set_scheduled_lr, ternary_fraction_at
 
 EVAL_SEED = 1_000_003  # validation batches never depend on the training seed
 
@@ -147,8 +147,7 @@ class _Run:
 
     def train_step(self, dataset: DocumentDataset) -> torch.Tensor:
         t = self.cfg.train
-        optim = self.cfg.optim
-        set_lr(self.optimizer, lr_at(self.step, optim, self.total_steps), optim.expert_lr_scale)
+        set_scheduled_lr(self.optimizer, self.step, self.cfg.optim, self.total_steps)
         if self.stage == 4:
             frac = ternary_fraction_at(self.step, self.total_steps, self.cfg.ternary.schedule)
             self.model.set_ternary_fraction(frac)

@@ -57,7 +57,7 @@ from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset, PreparedCorpus
 from shared_model.losses import RankSum
 from shared_model.model import PerspectiveModel
-from shared_model.schedule import build_optimizer, lr_at, set_lr, ternary_fraction_at
+from shared_model.schedule import build_optimizer, set_scheduled_lr, ternary_fraction_at
 
 
 @torch.no_grad()
@@ -98,8 +98,7 @@ class _DistRun:
 
     def train_step(self, dataset: DocumentDataset, total_steps: int) -> float:
         t, world = self.cfg.train, self.env.world_size
-        optim = self.cfg.optim
-        set_lr(self.optimizer, lr_at(self.step, optim, total_steps), optim.expert_lr_scale)
+        set_scheduled_lr(self.optimizer, self.step, self.cfg.optim, total_steps)
         if self.stage == 4:
             frac = ternary_fraction_at(self.step, total_steps, self.cfg.ternary.schedule)
             self.model.set_ternary_fraction(frac)
