@@ -44,7 +44,7 @@ from coordinator.leasing import UnitFactory, leases_needed
 from coordinator.metrics import METRICS
 from coordinator.publishing import CoordinatorState
 from coordinator.reputation import Reputation
-from coordinator.result_inbox import ResultInbox
+from coordinator.result_inbox import ResultInbox, Submitted
 from coordinator.routing.assignment import ColumnAssignment
 from coordinator.routing.rescoring import Rescoring
 from coordinator.unit_handoff import UnitHandoff
@@ -68,6 +68,8 @@ ACK_ROUND_S = 15.0
 #: The end of a stage waits this long beyond the asked nodes' training left (sync, upload
 #: and Flower's ~3 s poll of each message).
 END_GRACE_S = 20.0
+#: A step takes in submitted results for about this long (at least one), then leases again.
+INTAKE_SLICE_S = 0.5
 
 
 class FederationLoop:
@@ -151,6 +153,7 @@ class FederationLoop:
         # demo the first 9 units of stage 3 trained 3 of the 16 columns.
         self._capable: set[int] = set()
         self._full: dict[int, float] = {}  # submitting node -> monotonic time found full
+        self._submitted: deque[Submitted] = deque()  # drained, not taken in yet (in order)
         self._held: set[int] = set()  # held back after an expiry, until they answer
         self.units_per_message: Counter[int] = Counter()  # batch size -> messages pushed
         # Units handed to a node in the reply to its Submit (coordinator.unit_handoff): the
@@ -218,17 +221,34 @@ class FederationLoop:
             except (ParticipantRevoked, ParticipantUnknown) as exc:
                 self._no_units(node_id, exc, now)
         self._touch_busy(due_touch, now)
-        self._take_replies(wait)
+        self._take_replies(wait, INTAKE_SLICE_S)
 
-    def _take_replies(self, wait: float) -> None:
-        """Handle the Flower replies that come within ``wait`` s, then the submitted results."""
+    def _take_replies(self, wait: float, intake_s: float | None = None) -> None:
+        """Handle the Flower replies that come within ``wait`` s, then the submitted results:
+        for about ``intake_s`` s (at least one; the rest wait for the next step), or all of
+        them (``None``).
+
+        A slice, not all: a result's slot is leased again only after its intake, and on
+        ``small`` (three participants on two cores) one intake took 5-9 s; a step that took
+        in every result submitted meanwhile leased nothing for up to 50 s while the nodes'
+        queues ran dry. Freeing a slot as soon as its result arrives, before the intake,
+        was measured too and is worse: the nodes outran the intake (docs/federated-training.md
+        §5.1, "The coordinator's loop on `small`").
+        """
         for reply in self.driver.wait_any(wait) if self.driver is not None else ():
             self._handle_reply(reply)
         if self.inbox is not None:
-            for node_id, result, at, capability in self.inbox.drain():
+            for item in self.inbox.drain():
+                node_id, capability = item.node_id, item.capability
                 if capability is not None and self._capability_news(node_id, capability):
                     self._reply_fields(node_id, control_pb2.ControlReply(capability=capability))
-                self._handle_submitted(node_id, result, at)
+                self._submitted.append(item)
+        start = time.monotonic()
+        while self._submitted:
+            item = self._submitted.popleft()
+            self._handle_submitted(item.node_id, item.result, item.at)
+            if intake_s is not None and time.monotonic() - start >= intake_s:
+                break
 
     def _capability_news(self, node_id: int, cap: control_pb2.NodeCapability) -> bool:
         """Whether a capability sent with a ``Submit`` is worth a transaction: the first,

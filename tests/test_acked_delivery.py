@@ -136,6 +136,23 @@ def test_a_submitted_result_is_judged_once_and_acked_with_the_next_message(tmp_p
         assert s.query(Result).filter_by(unit_id=result.unit_id).one().state == "accepted"
 
 
+def test_a_step_takes_in_a_slice_of_the_submitted_results_and_collect_all(tmp_path, corpus):
+    """A step takes submitted results in for about ``intake_s`` (at least one) and leaves
+    the rest, in order, for the next step, so the loop leases between intakes; the end of
+    a stage (``intake_s=None``) takes in every one."""
+    loop, _ = make_loop(tmp_path, corpus)
+    loop.inbox = ResultInbox()
+    results = [forge(loop, NODE) for _ in range(3)]
+    for result in results:
+        loop.inbox.put(NODE, result)
+    loop._take_replies(0.0, intake_s=0.0)
+    assert [a.unit_id for a in acks_for(loop, NODE)] == [results[0].unit_id]
+    assert len(loop.inbox) == 0 and len(loop._submitted) == 2  # drained, not taken in
+    loop._take_replies(0.0, intake_s=None)
+    assert [a.unit_id for a in acks_for(loop, NODE)] == [r.unit_id for r in results[1:]]
+    assert not loop._submitted
+
+
 @pytest.mark.parametrize("hold", ["_node_gone", "_hold_back"])
 def test_a_result_submitted_before_a_hold_began_does_not_lift_it(tmp_path, corpus, hold):
     """A node killed right after a Submit: Flower's error for it (node gone), or its
