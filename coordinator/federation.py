@@ -3,7 +3,8 @@
 Each iteration: expire overdue leases (:mod:`coordinator.db.leases`); lease work so that
 every online participant has ``max_in_flight`` units queued (it never waits for us;
 :mod:`coordinator.leasing`); pull Flower replies (our own fast loop, no rounds, no
-barrier); hand each result to :class:`coordinator.intake.Intake` (check → store → apply);
+barrier); hand each result to :class:`coordinator.intake.Intake` (check → store → apply;
+the submitted ones for about ``INTAKE_SLICE_S`` a step, so the loop leases between intakes);
 every ``buffer_size`` accepted results take an outer step on the shared layers and publish
 a new version; evaluate now and then.
 
