@@ -231,7 +231,7 @@ class FederationLoop:
 
         A slice, not all: a result's slot is leased again only after its intake, and on
         ``small`` (three participants on two cores) one intake took 5-9 s; a step that took
-        in every result submitted meanwhile leased nothing for up to 50 s while the nodes'
+        in every result submitted meanwhile leased nothing for 46 s while the nodes'
         queues ran dry. Freeing a slot as soon as its result arrives, before the intake,
         was measured too and is worse: the nodes outran the intake (docs/federated-training.md
         §5.1, "The coordinator's loop on `small`").
