@@ -78,6 +78,12 @@ def test_dashboard_follows_a_real_stage4_run_which_ends_ternary_and_replays(
         settings = FederationSettings(
             stage=4, steps_per_unit=6, shared_sync_every=3, lease_seconds=30, eval_every=2,
             eval_batches=1, buffer_size=1, units_hint=60,
+            # A version per result, up to 6 units in flight from a base a node may not have
+            # refreshed (eager updates): 5 versions stale at intake on an idle machine, near
+            # the default bound (8). A loaded CI run refused one part (its reason was not
+            # printed then; the assertion prints it now). This test is about the schedule
+            # and the dashboard; the staleness bound has its own (test_aggregation).
+            max_staleness=16,
         )  # fmt: skip
         coord.prepare(ckpt, settings)
         driver = network.open_driver()
@@ -130,11 +136,13 @@ def _stage4_schedule_ran_to_ternary(coord, cfg) -> None:
     the end of the budget, and those units' results were accepted."""
     with _db(coord) as db:
         rows = db.execute(
-            "select u.params, r.state from work_units u join results r on r.unit_id = u.unit_id "
-            "order by json_extract(u.params, '$.position')"
+            "select u.params, r.state, r.reject_reason, r.reject_detail from work_units u "
+            "join results r on r.unit_id = u.unit_id order by json_extract(u.params, '$.position')"
         ).fetchall()
-    params = [json.loads(p) for p, _ in rows]
-    assert len(rows) >= STAGE4_UNITS and all(state == "accepted" for _, state in rows), rows
+    params = [json.loads(p) for p, *_ in rows]
+    refused = [(p["position"], reason, detail) for p, (_, state, reason, detail) in
+               zip(params, rows, strict=True) if state != "accepted"]  # fmt: skip
+    assert len(rows) >= STAGE4_UNITS and not refused, refused
     assert all(p["kd_weight"] == cfg.ternary.kd_weight > 0 for p in params)
     fractions = [p["ternary_fraction"] for p in params]
     assert fractions == sorted(fractions), fractions
