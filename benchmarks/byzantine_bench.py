@@ -53,16 +53,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import yaml
 from sqlalchemy import select
 
-from benchmarks.federation_bench import both_scores, eval_windows, seed_checkpoint
+from benchmarks.federation_bench import (
+    both_scores,
+    defence_calibration,
+    eval_windows,
+    seed_checkpoint,
+)
 from benchmarks.federation_replay import ReplayDriver
 from coordinator.aggregation.bounds import UpdateBounds
 from coordinator.blob_uploads import UploadLedger
 from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.db import leases as db_leases
 from coordinator.db.models import Participant, Result
-from coordinator.federation_settings import FederationSettings
+from coordinator.federation_settings import FederationSettings, load_federation_settings
 from coordinator.intake import unit_lr_steps
 from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
@@ -212,8 +218,9 @@ def _flip_to_bound(
 
 def fed_settings(
     participants: int, tokens_per_unit: int, tokens: int, defended: bool, aggregator: str = "",
-    steps_per_unit: int | None = None,
+    steps_per_unit: int | None = None, defence_overrides: dict | None = None,
 ):  # fmt: skip
+    """The arm's settings; ``defence_overrides`` (``--fed``) apply to the defended arms."""
     values = {
         "stage": 3,
         **({"steps_per_unit": steps_per_unit} if steps_per_unit else {}),
@@ -223,16 +230,19 @@ def fed_settings(
     }
     if not defended:
         values.update(OFF)
-    elif aggregator:
-        values["aggregator"] = aggregator
-    return FederationSettings(**values)
+    else:
+        values.update(defence_overrides or {})
+        if aggregator:
+            values["aggregator"] = aggregator
+    return load_federation_settings(None, values)  # unknown keys named, as serve does
 
 
 def run_arm(cfg, corpus, ckpt, work: Path, args, participants: int, attack: str | None,
             defended: bool, windows, aggregator: str = "") -> dict:  # fmt: skip
     step_tokens = cfg.train.batch_size * cfg.train.seq_len
+    overrides = {k: yaml.safe_load(v) for k, _, v in (f.partition("=") for f in args.fed)}
     settings = fed_settings(participants, step_tokens * 20, args.tokens, defended, aggregator,
-                            args.steps_per_unit)  # fmt: skip
+                            args.steps_per_unit, overrides)  # fmt: skip
     coord = Coordinator(cfg, work / "coordinator", corpus)
     coord.start()
     t0 = time.perf_counter()
@@ -258,7 +268,7 @@ def run_arm(cfg, corpus, ckpt, work: Path, args, participants: int, attack: str 
             **_outcomes(coord, attackers),
         }
         if defended:
-            out["calibration"] = _calibration(loop)
+            out["calibration"] = defence_calibration(loop)
             out["refusals"] = _refusals(coord, attackers)
         return out
     finally:
@@ -319,39 +329,6 @@ def _refusals(coord, attackers: set[int]) -> list[str]:
         ).all()
     who = {True: "attacker", False: "honest"}
     return [f"{who[r.node_id in attackers]}: {r.reject_reason}: {r.reject_detail}" for r in rows]
-
-
-def _calibration(loop) -> dict:
-    """Honest update sizes (ratio to the running median and to the tensor) and held-out
-    loss changes: what the defaults of the bounds and the column check are set from."""
-    bounds = loop.intake.bounds
-    to_median, ratios = [], []
-    for history in bounds.history().values():
-        values = list(history)
-        ratios.extend(values)
-        for i in range(8, len(values)):
-            median = statistics.median(values[max(0, i - 64) : i])
-            if median > 0:  # a tensor never moved is not checked against its median
-                to_median.append(values[i] / median)
-    checked = loop.intake.validator.checked if loop.intake.validator else []
-    changes = [(after - before) / before for _, before, after in checked]
-    return {
-        "max_ratio_to_tensor": max(ratios, default=0.0),
-        "p99_ratio_to_tensor": _quantile(ratios, 0.99),
-        "max_ratio_to_median": max(to_median, default=0.0),
-        "p99_ratio_to_median": _quantile(to_median, 0.99),
-        "max_loss_change": max(changes, default=0.0),
-        "p99_loss_change": _quantile(changes, 0.99),
-        "median_loss_change": _quantile(changes, 0.5),
-        "column_checks": len(changes),
-    }
-
-
-def _quantile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def summarise(fleets: dict[int, dict]) -> list[dict]:
@@ -445,6 +422,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--attackers", type=int, default=1, help="the last K participants")
     p.add_argument("--repeat", type=int, default=1, help="runs per arm (mean ± sd)")
     p.add_argument("--steps-per-unit", type=int, default=None, help="default: the setting's")
+    p.add_argument("--fed", action="append", default=[], metavar="KEY=VALUE",
+                   help="a FederationSettings field of the defended arms (value in YAML), "
+                   "e.g. column_check_window=128 (repeatable)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads (arms on equal terms)")
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--name", default="byzantine_bench")
@@ -494,7 +474,7 @@ def main() -> None:
     fleets: dict[int, dict] = {}
     report = {"preset": args.preset, "tokens": args.tokens, "off_settings": OFF,
               "attackers": args.attackers, "repeat": args.repeat,
-              "steps_per_unit": args.steps_per_unit}  # fmt: skip
+              "steps_per_unit": args.steps_per_unit, "defence_overrides": args.fed}  # fmt: skip
     for n in (int(x) for x in args.participants.split(",")):
         arms = [("clean_off", None, False, ""), ("clean_on", None, True, "")]
         arms += [(f"{a}_{d}", a, d == "on", "") for a in attacks for d in ("on", "off")]

@@ -340,6 +340,7 @@ def federated(cfg, corpus, ckpt: str, work: Path, args, participants: int, codec
             rejected=totals.rejected,
             reject_reasons=_reject_reasons(coord),
             staleness=_staleness(coord),
+            calibration=defence_calibration(loop),
             seconds=time.perf_counter() - t0,
         )
         unit_columns = out.pop("unit_columns", None) or _unit_columns(coord)
@@ -347,6 +348,39 @@ def federated(cfg, corpus, ckpt: str, work: Path, args, participants: int, codec
         return loop.state.published_model(), coord.assignment, out
     finally:
         coord.shutdown()
+
+
+def defence_calibration(loop) -> dict:
+    """Honest update sizes (ratio to the running median and to the tensor) and held-out
+    loss changes: what the defaults of the bounds and the column check are set from."""
+    bounds = loop.intake.bounds
+    to_median, ratios = [], []
+    for history in bounds.history().values():
+        values = list(history)
+        ratios.extend(values)
+        for i in range(8, len(values)):
+            median = statistics.median(values[max(0, i - 64) : i])
+            if median > 0:  # a tensor never moved is not checked against its median
+                to_median.append(values[i] / median)
+    checked = loop.intake.validator.checked if loop.intake.validator else []
+    changes = [(after - before) / before for _, before, after in checked]
+    return {
+        "max_ratio_to_tensor": max(ratios, default=0.0),
+        "p99_ratio_to_tensor": _quantile(ratios, 0.99),
+        "max_ratio_to_median": max(to_median, default=0.0),
+        "p99_ratio_to_median": _quantile(to_median, 0.99),
+        "max_loss_change": max(changes, default=0.0),
+        "p99_loss_change": _quantile(changes, 0.99),
+        "median_loss_change": _quantile(changes, 0.5),
+        "column_checks": len(changes),
+    }
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def step_times(participants: int, spread: float) -> list[float]:

@@ -56,6 +56,10 @@ class ColumnValidator:
         val: the validation documents (never given to participants).
         assignment: the document → column routing (re-scoring may change it).
         sequences: held-out sequences per column.
+        window: tokens per sequence, at most ``train.seq_len``: the check's cost is
+            sequences × window tokens through two models per column, whatever the
+            training sequences' length (on ``small``, 8 × 128 made it most of the
+            coordinator's work: docs/federated-training.md §3.3).
         tolerance: refuse when ``participant's > base's × (1 + tolerance)``.
     """
 
@@ -66,10 +70,12 @@ class ColumnValidator:
         assignment: ColumnAssignment,
         *,
         sequences: int,
+        window: int,
         tolerance: float,
     ) -> None:
         self.state, self.val, self.assignment = state, val, assignment
         self.sequences, self.tolerance = sequences, tolerance
+        self.window = min(window, state.cfg.train.seq_len)
         self.model = PerspectiveModel(state.cfg, moe=True).eval()
         self._shared_id: int | None = None
         self._routing: str | None = None
@@ -176,12 +182,12 @@ class ColumnValidator:
         """The fixed held-out sequences of ``column`` under the routing of the last
         :meth:`_sync_routing`."""
         if column not in self._batches:
-            seq_len = self.state.cfg.train.seq_len
+            window = self.window
             cols = self.assignment.route(self.val)
             ids = [int(d) for d, c in zip(self.val.doc_ids, cols, strict=True) if c == column]
             held = self.val.subset(ids) if ids else self.val
-            if held.n_tokens <= seq_len + 1:
+            if held.n_tokens <= window + 1:
                 held = self.val
-            rows = [held.batch(i, 1, seq_len, EVAL_SEED + column) for i in range(self.sequences)]
+            rows = [held.batch(i, 1, window, EVAL_SEED + column) for i in range(self.sequences)]
             self._batches[column] = torch.cat(rows)
         return self._batches[column]

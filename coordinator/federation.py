@@ -104,6 +104,7 @@ class FederationLoop:
                 val,
                 assignment,
                 sequences=settings.column_check_sequences,
+                window=settings.column_check_window,
                 tolerance=settings.column_loss_tolerance,
             )
         self.intake = intake.Intake(

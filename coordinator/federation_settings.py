@@ -78,8 +78,9 @@ class FederationSettings:
     × the tensor's norm and ``update_norm_tolerance`` × the median ratio of the last
     ``update_norm_window`` accepted updates of it (``max_update_norm``: an absolute bound
     on a whole update, off by default); a column result must not raise the loss of
-    ``column_check_sequences`` held-out sequences of its column by more than
-    ``column_loss_tolerance`` (relative; 0 sequences: off); a participant with
+    ``column_check_sequences`` held-out windows of ``column_check_window`` tokens (at most
+    ``train.seq_len``) of its column by more than ``column_loss_tolerance`` (relative; 0
+    sequences: off); a participant with
     ``quarantine_after`` such failures among its last ``reputation_window`` results gets no
     units for ``quarantine_seconds`` after the last one (0: off).
 
@@ -126,6 +127,7 @@ class FederationSettings:
     update_norm_window: int = 64
     max_update_norm: float = math.inf
     column_check_sequences: int = 8
+    column_check_window: int = 64
     column_loss_tolerance: float = 0.1
     quarantine_after: int = 3
     reputation_window: int = 10
@@ -215,6 +217,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "update_norm_tolerance": ((lambda v: v >= 1), "a value >= 1 (inf: off)"),
     "update_norm_window": _at_least(1),
     "column_check_sequences": _at_least(0),
+    "column_check_window": _at_least(2),
     "column_loss_tolerance": ((lambda v: v >= 0), "a value >= 0 (inf: never refuse)"),
     "quarantine_after": _at_least(0),
     "reputation_window": _at_least(1),

@@ -26,7 +26,10 @@ def validator(tmp_path_factory, tiny_moe_seed):
     store = BlobStore(tmp_path_factory.mktemp("blobs"))
     state = CoordinatorState(cfg, model, store, FederationSettings(stage=3))
     assignment = initial_assignment(model, corpus.dataset("train"), cfg.moe.n_experts)
-    return ColumnValidator(state, corpus.dataset("val"), assignment, sequences=4, tolerance=0.1)
+    window = FederationSettings().column_check_window
+    return ColumnValidator(
+        state, corpus.dataset("val"), assignment, sequences=4, window=window, tolerance=0.1
+    )
 
 
 def _deltas(validator, columns, scale: float, seed: int = 1):
@@ -91,3 +94,26 @@ def test_a_ternary_result_is_scored_as_trained_against_its_fp_base(validator) ->
         assert abs(as_trained[c]) < 2e-3, as_trained
         # The base was scored as trained too: as its ternary value, not its FP weights.
         assert scored_ternary[c] != scored_fp[c] and in_fp[c] != as_trained[c]
+
+
+@pytest.mark.parametrize("window", [16, 10_000])
+def test_the_loop_checks_columns_on_windows_of_the_settings_length(tiny_moe_seed, tmp_path, window):
+    """``column_check_window`` (serve's and demo's federation settings) reaches the loop's
+    check: its held-out sequences are that many tokens, at most ``train.seq_len``, whatever
+    the units train on (the check's cost grows with them: docs/federated-training.md §3.3)."""
+    from coordinator.coordinator_process import Coordinator, StageBudget
+
+    cfg, corpus, ckpt = tiny_moe_seed
+    settings = FederationSettings(stage=3, eval_every=1000, column_check_window=window)
+    coord = Coordinator(cfg, tmp_path / "coordinator", corpus)
+    coord.start()
+    try:
+        coord.prepare(ckpt, settings)
+        loop = coord.federated_stage(None, StageBudget(minutes=30), settings)
+        validator = loop.intake.validator
+        zero = {0: {k: torch.zeros_like(v) for k, v in loop.state.columns.published(0).items()}}
+        assert validator.check_all(zero, 0, _no_shared_change(validator)) == {0: 0.0}
+        expected = min(window, cfg.train.seq_len) + 1  # inputs and their next tokens
+        assert validator._batch(0).shape == (settings.column_check_sequences, expected)
+    finally:
+        coord.shutdown()

@@ -34,6 +34,7 @@ column_codec: sparse
 shared_codec: ternary
 score_every: 4
 rescore_every_versions: 10
+column_check_window: 32
 """
 
 
@@ -77,6 +78,7 @@ def test_serve_and_demo_parse_one_file_into_the_same_settings(monkeypatch, tmp_p
     assert by_serve == by_demo == load_federation_settings(path)
     assert (by_serve.outer_lr, by_serve.trim, by_serve.column_codec) == (0.7, 1, "sparse")
     assert by_serve.shared_sync_every == 4  # in-unit shared syncs: parts of 4 of the 12 steps
+    assert by_serve.column_check_window == 32
     # Flags win over the file, in both commands.
     flags = ("--federation-config", str(path), "--outer-lr", "0.3", "--max-staleness", "2")
     flags += ("--shared-sync-every", "6")
@@ -107,6 +109,7 @@ def test_command_defaults():
         ("- a list\n", "must be a mapping"),
         ("stage: 5\n", "stage = 5 is invalid: allowed 3 or 4"),
         ("shared_threshold: 2.5\n", "shared_threshold = 2.5 is invalid: allowed 0 < value < 2"),
+        ("column_check_window: 1\n", "column_check_window = 1 is invalid: allowed a value >= 2"),
     ],
 )
 def test_bad_files_are_refused_naming_the_key(tmp_path, text, message):
