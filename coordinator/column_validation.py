@@ -182,12 +182,13 @@ class ColumnValidator:
         """The fixed held-out sequences of ``column`` under the routing of the last
         :meth:`_sync_routing`."""
         if column not in self._batches:
-            window = self.window
             cols = self.assignment.route(self.val)
             ids = [int(d) for d, c in zip(self.val.doc_ids, cols, strict=True) if c == column]
             held = self.val.subset(ids) if ids else self.val
-            if held.n_tokens <= window + 1:
+            if held.n_tokens <= self.window + 1:
                 held = self.val
-            rows = [held.batch(i, 1, window, EVAL_SEED + column) for i in range(self.sequences)]
+            rows = [
+                held.batch(i, 1, self.window, EVAL_SEED + column) for i in range(self.sequences)
+            ]
             self._batches[column] = torch.cat(rows)
         return self._batches[column]
