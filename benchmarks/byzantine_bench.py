@@ -53,13 +53,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 from sqlalchemy import select
 
 from benchmarks.federation_bench import (
     both_scores,
     defence_calibration,
     eval_windows,
+    fed_overrides,
     seed_checkpoint,
 )
 from benchmarks.federation_replay import ReplayDriver
@@ -240,9 +240,8 @@ def fed_settings(
 def run_arm(cfg, corpus, ckpt, work: Path, args, participants: int, attack: str | None,
             defended: bool, windows, aggregator: str = "") -> dict:  # fmt: skip
     step_tokens = cfg.train.batch_size * cfg.train.seq_len
-    overrides = {k: yaml.safe_load(v) for k, _, v in (f.partition("=") for f in args.fed)}
     settings = fed_settings(participants, step_tokens * 20, args.tokens, defended, aggregator,
-                            args.steps_per_unit, overrides)  # fmt: skip
+                            args.steps_per_unit, fed_overrides(args.fed))  # fmt: skip
     coord = Coordinator(cfg, work / "coordinator", corpus)
     coord.start()
     t0 = time.perf_counter()

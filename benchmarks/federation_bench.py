@@ -300,10 +300,14 @@ def fed_settings(args, participants: int, codec: str | None, tokens_per_unit: in
         values["column_codec"] = values["shared_codec"] = codec or args.codec
     if args.column_codec:
         values["column_codec"] = args.column_codec
-    for item in args.fed_overrides:
-        key, _, value = item.partition("=")
-        values[key] = yaml.safe_load(value)
+    values.update(fed_overrides(args.fed_overrides))
     return load_federation_settings(None, values)  # unknown keys named, as serve does
+
+
+def fed_overrides(items: list[str]) -> dict:
+    """``--fed KEY=VALUE`` items as settings (each value read as YAML, as in a
+    ``--federation-config`` file)."""
+    return {key: yaml.safe_load(value) for key, _, value in (i.partition("=") for i in items)}
 
 
 def federated(cfg, corpus, ckpt: str, work: Path, args, participants: int, codec=None):
