@@ -217,7 +217,7 @@ class UnitFactory:
         if queued is not None:
             # Redone from the current version: the same columns, documents and steps.
             queued.base_version = state.version
-            return queued
+            return _claimed(session, queued)
         # The schedules are indexed by the inner steps leased before this unit (from the
         # database, so a restart continues them; a re-queued copy above keeps its params).
         created, position = leases.stage_schedule_position(session, stage=f"stage{self.stage}")
@@ -235,7 +235,7 @@ class UnitFactory:
         params = self._params(position, seed, session)
         if parts > 1 and self._holds_columns(session, participant.id, parts, position, params):
             params["hold_columns"] = True
-        return leases.create_lease(
+        unit = leases.create_lease(
             session,
             participant_id=participant.id,
             stage=f"stage{self.stage}",
@@ -246,6 +246,7 @@ class UnitFactory:
             params=params,
             lease_seconds=self.lease_seconds,
         )
+        return _claimed(session, unit)
 
     def _holds_columns(
         self, session: Session, participant_id: int, parts: int, position: int, params: dict
@@ -322,6 +323,7 @@ class UnitFactory:
             kd_weight=float(params.get("kd_weight", 0.0)),
             shared_sync_every=unit.steps,
             hold_columns=bool(params.get("hold_columns", False)),
+            fresh_columns=[int(c) for c in params.get("fresh_columns", ())],
             train_shared=True,
             deadline_unix=int(unit.deadline.timestamp()),
             seed=int(params.get("seed", 0)),
@@ -374,6 +376,15 @@ class UnitFactory:
         # Dense ternary is ~1.6 bits/param; allow 1 byte/param plus container overhead.
         counts = count_params(self.cfg)
         return n_columns * counts.column + counts.shared + counts.routers + (1 << 20)
+
+
+def _claimed(session: Session, unit: WorkUnit) -> WorkUnit:
+    """``unit`` with ``params["fresh_columns"]``: its columns the node must start from the
+    published weights, because another node trained them since it last did
+    (:func:`~coordinator.db.leases.claim_columns`; a re-queued copy is judged anew)."""
+    fresh = leases.claim_columns(session, unit=unit)
+    unit.params = {**(unit.params or {}), "fresh_columns": fresh}
+    return unit
 
 
 def _held_version(unit) -> int | None:

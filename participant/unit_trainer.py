@@ -302,10 +302,22 @@ class UnitTrainer:
             applied += self.replica.sync(ckpt, chain, columns, io.fetch)
         if self.replica.version != base:
             raise UnitError(f"synced to version {self.replica.version}, unit needs {base}")
-        for c in columns:
-            if c not in self.local.columns:  # first time we hold it: start from published
-                self.local.columns[c] = {k: v.clone() for k, v in self.replica.columns[c].items()}
+        self._start_columns(columns, set(req.unit.fresh_columns))
         return base, applied
+
+    def _start_columns(self, columns: list[int], fresh: set[int]) -> None:
+        """Local copies of ``columns`` to train: ours, carried over from our last unit on
+        them, except where we hold none or the unit says another node trained the column
+        since (``WorkUnit.fresh_columns``): those start from the published weights."""
+        dropped = sorted(c for c in fresh.intersection(columns) if c in self.local.columns)
+        if dropped:
+            log.info("columns %s were trained by another node since: starting them from "
+                     "the published weights", dropped)  # fmt: skip
+        with self._local_lock:
+            for c in columns:
+                if c not in self.local.columns or c in fresh:
+                    published = self.replica.columns[c]
+                    self.local.columns[c] = {k: v.clone() for k, v in published.items()}
 
     def _synced_ahead(self, req, base: int, columns: list[int], io: BlobIO) -> bool:
         """Whether the replica holds ``base`` and the unit's columns (and teacher) already:

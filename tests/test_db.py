@@ -87,7 +87,7 @@ def _lease(factory, node_id=11, lease_seconds=60.0):
 
 
 def test_migrations_to_head_match_models(engine):
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
     with engine.connect() as conn:
         diff = compare_metadata(
             MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
@@ -106,7 +106,7 @@ def test_sqlite_settings_and_bad_urls(engine, tmp_path):
         make_engine("mysql://x@y/z")
     # Running init_db again on an up-to-date database changes nothing.
     again = init_db(sqlite_url(tmp_path / "coord.db"))
-    assert current_revision(again) == "0003"
+    assert current_revision(again) == "0004"
     again.dispose()
 
 
@@ -332,7 +332,7 @@ def pg_url():
 def test_postgres_schema_results_and_concurrent_versions(pg_url):
     engine = init_db(pg_url)
     try:
-        assert current_revision(engine) == "0003"
+        assert current_revision(engine) == "0004"
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"compare_type": True})
             assert compare_metadata(ctx, Base.metadata) == []

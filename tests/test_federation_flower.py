@@ -80,9 +80,10 @@ def test_dashboard_follows_a_real_stage4_run_which_ends_ternary_and_replays(
             eval_batches=1, buffer_size=1, units_hint=60,
             # A version per result, up to 6 units in flight from a base a node may not have
             # refreshed (eager updates): 5 versions stale at intake on an idle machine, near
-            # the default bound (8). A loaded CI run refused one part (its reason was not
-            # printed then; the assertion prints it now). This test is about the schedule
-            # and the dashboard; the staleness bound has its own (test_aggregation).
+            # the default bound (8); the staleness bound has its own tests
+            # (test_aggregation). Two loaded CI runs refused one part each: the second's
+            # reason was NORM_OUT_OF_BOUNDS, a node's stale copy of a column another node
+            # had trained (test_column_lineage); the first's was not printed.
             max_staleness=16,
         )  # fmt: skip
         coord.prepare(ckpt, settings)

@@ -28,6 +28,7 @@ from coordinator.db.errors import (
 from coordinator.db.models import (
     ApiToken,
     Base,
+    ColumnLineage,
     DocLoss,
     DocumentAssignment,
     EnrolmentToken,
@@ -68,6 +69,7 @@ __all__ = [
     "NotFound",
     "Page",
     "Participant",
+    "ColumnLineage",
     "ParticipantColumn",
     "ParticipantRevoked",
     "ParticipantState",

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.errors import IllegalTransition, InvalidArgument, NotFound
 from coordinator.db.events import log_event
-from coordinator.db.models import Participant, WorkUnit
+from coordinator.db.models import ColumnLineage, Participant, WorkUnit
 from coordinator.db.types import ParticipantState, RejectReason, UnitState, utcnow
 
 FINAL_STATES = frozenset({UnitState.DONE, UnitState.REJECTED, UnitState.EXPIRED, UnitState.FAILED})
@@ -445,6 +445,44 @@ def result_columns(unit: WorkUnit) -> list[int]:
     unit's, or none for a part that keeps them on its node (``hold_columns``, in-unit
     shared syncs)."""
     return [] if (unit.params or {}).get("hold_columns") else list(unit.columns)
+
+
+def claim_columns(session: Session, *, unit: WorkUnit, now: dt.datetime | None = None) -> list[int]:
+    """Record ``unit``'s participant as the one training its columns in its stage, and
+    return the columns it must start from the published weights: those another
+    participant was leased since (or that no unit of the stage was leased on yet, so a
+    node's copy from an earlier stage or network is not taken for this stage's).
+
+    A node's local copy of a column carries its training between units; the published
+    column came from another node's copy once that node was leased it, and ``local -
+    published`` would then revert the other node's training (:class:`ColumnLineage`).
+    """
+    rows = {
+        row.column: row
+        for row in session.scalars(
+            select(ColumnLineage).where(
+                ColumnLineage.stage == unit.stage, ColumnLineage.column.in_(list(unit.columns))
+            )
+        )
+    }
+    now = now or utcnow()
+    fresh = []
+    for column in unit.columns:
+        row = rows.get(column)
+        if row is None:
+            session.add(
+                ColumnLineage(
+                    stage=unit.stage, column=column, participant_id=unit.participant_id,
+                    unit_id=unit.unit_id, leased_at=now,
+                )
+            )  # fmt: skip
+            fresh.append(int(column))
+            continue
+        if row.participant_id != unit.participant_id:
+            fresh.append(int(column))
+        row.participant_id, row.unit_id, row.leased_at = unit.participant_id, unit.unit_id, now
+    session.flush()
+    return sorted(fresh)
 
 
 def recent_unit_params(

@@ -98,6 +98,24 @@ class ParticipantColumn(Base):
     assigned_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+class ColumnLineage(Base):
+    """Who trains each expert column's local copy in a stage: the participant last leased
+    a unit on it. A participant keeps its columns' training on its node between units and
+    sends ``local - published``; once another participant was leased the column, that
+    local copy is no longer what the column's published weights came from, and its next
+    unit starts from the published weights instead (``WorkUnit.fresh_columns``)."""
+
+    __tablename__ = "column_lineage"
+
+    stage: Mapped[str] = mapped_column(String(32), primary_key=True)
+    column: Mapped[int] = mapped_column(Integer, primary_key=True)
+    participant_id: Mapped[int] = mapped_column(
+        ForeignKey("participants.id", ondelete="CASCADE"), index=True
+    )
+    unit_id: Mapped[str] = mapped_column(String(36))
+    leased_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 class WorkUnit(Base):
     """A lease: one unit of training/scoring work for one participant."""
 

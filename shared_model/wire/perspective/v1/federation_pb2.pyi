@@ -57,7 +57,7 @@ class DocumentRef(_message.Message):
     def __init__(self, column: _Optional[int] = ..., doc: _Optional[int] = ...) -> None: ...
 
 class WorkUnit(_message.Message):
-    __slots__ = ("unit_id", "base_version", "columns", "layers", "shard_ids", "documents", "steps", "lr", "lr_min", "warmup_steps", "lr_schedule", "stage", "ternary_fraction", "kd_weight", "shared_sync_every", "train_shared", "deadline_unix", "capability_token", "base_checkpoint", "delta_chain", "upload_quota_bytes", "seed", "score_documents", "start_from_newest", "hold_columns", "expert_lr_scale")
+    __slots__ = ("unit_id", "base_version", "columns", "layers", "shard_ids", "documents", "steps", "lr", "lr_min", "warmup_steps", "lr_schedule", "stage", "ternary_fraction", "kd_weight", "shared_sync_every", "train_shared", "deadline_unix", "capability_token", "base_checkpoint", "delta_chain", "upload_quota_bytes", "seed", "score_documents", "start_from_newest", "hold_columns", "expert_lr_scale", "fresh_columns")
     UNIT_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class WorkUnit(_message.Message):
     START_FROM_NEWEST_FIELD_NUMBER: _ClassVar[int]
     HOLD_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_LR_SCALE_FIELD_NUMBER: _ClassVar[int]
+    FRESH_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     unit_id: str
     base_version: int
     columns: _containers.RepeatedScalarFieldContainer[int]
@@ -110,7 +111,8 @@ class WorkUnit(_message.Message):
     start_from_newest: bool
     hold_columns: bool
     expert_lr_scale: float
-    def __init__(self, unit_id: _Optional[str] = ..., base_version: _Optional[int] = ..., columns: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[int]] = ..., shard_ids: _Optional[_Iterable[str]] = ..., documents: _Optional[_Iterable[_Union[DocumentRef, _Mapping]]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., lr_min: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., ternary_fraction: _Optional[float] = ..., kd_weight: _Optional[float] = ..., shared_sync_every: _Optional[int] = ..., train_shared: _Optional[bool] = ..., deadline_unix: _Optional[int] = ..., capability_token: _Optional[str] = ..., base_checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., delta_chain: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ..., upload_quota_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., score_documents: _Optional[bool] = ..., start_from_newest: _Optional[bool] = ..., hold_columns: _Optional[bool] = ..., expert_lr_scale: _Optional[float] = ...) -> None: ...
+    fresh_columns: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, unit_id: _Optional[str] = ..., base_version: _Optional[int] = ..., columns: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[int]] = ..., shard_ids: _Optional[_Iterable[str]] = ..., documents: _Optional[_Iterable[_Union[DocumentRef, _Mapping]]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., lr_min: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., lr_schedule: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., ternary_fraction: _Optional[float] = ..., kd_weight: _Optional[float] = ..., shared_sync_every: _Optional[int] = ..., train_shared: _Optional[bool] = ..., deadline_unix: _Optional[int] = ..., capability_token: _Optional[str] = ..., base_checkpoint: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., delta_chain: _Optional[_Iterable[_Union[_tensor_pb2.BlobRef, _Mapping]]] = ..., upload_quota_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., score_documents: _Optional[bool] = ..., start_from_newest: _Optional[bool] = ..., hold_columns: _Optional[bool] = ..., expert_lr_scale: _Optional[float] = ..., fresh_columns: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ColumnDelta(_message.Message):
     __slots__ = ("column", "delta")
