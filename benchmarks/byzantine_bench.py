@@ -69,7 +69,7 @@ from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.db import leases as db_leases
 from coordinator.db.models import Participant, Result
 from coordinator.federation_settings import FederationSettings, load_federation_settings
-from coordinator.intake import unit_lr_steps
+from coordinator.intake import unit_step_sizes
 from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.federated.updates import encode_bundle, read_bundle
@@ -117,20 +117,26 @@ class AttackDriver(ReplayDriver):
             loop = self.coordinator.loop
             with loop.factory() as s:  # the bounds' bar is per unit step size (lr × steps)
                 unit = db_leases.find_unit(s, unit_id=result.unit_id)
-                step = loop.intake.bounds.step_size(*unit_lr_steps(unit))
+                steps = unit_step_sizes(loop.intake.bounds, unit)
             # colluders share one memory: the first one's shared update goes out from all
             memory = self.memory.setdefault("all" if attack == "collude" else nid, {})
-            poison(result, attack, self.coordinator.state, loop.intake.bounds, step, memory)
+            poison(result, attack, self.coordinator.state, loop.intake.bounds, steps, memory)
         return replace(reply, payload=msg.SerializeToString())
 
 
 def poison(
-    result, attack: str, state, bounds: UpdateBounds, step: float = 1.0, memory=None
+    result,
+    attack: str,
+    state,
+    bounds: UpdateBounds,
+    steps: tuple[float, float] = (1.0, 1.0),
+    memory=None,
 ) -> None:
     """Rewrite every update of ``result`` with ``attack``, uploaded to ``state``'s store
-    under the result's own lease (so only the defences can stop it); ``step``: the unit's
-    step size (the bounds allow more for a bigger one); ``memory``: the attacker's own
-    record of its earlier updates (``stale``, ``replay``)."""
+    under the result's own lease (so only the defences can stop it); ``steps``: the unit's
+    step sizes for its columns and its shared update (``unit_step_sizes``: the bounds
+    allow more for a bigger one); ``memory``: the attacker's own record of its earlier
+    updates (``stale``, ``replay``)."""
     memory = {} if memory is None else memory
     parts = [(d.delta, "column", d.column) for d in result.column_deltas]
     parts.append((result.shared_update.blob, "shared", -1))
@@ -145,6 +151,7 @@ def poison(
             if previous is not None:  # the first result goes out honest
                 ref.CopyFrom(previous)
             continue
+        step = steps[0] if kind == "column" else steps[1]
         ref.CopyFrom(_rewrite(ref, kind, column, reference, result, attack, state, bounds, step,
                               memory))  # fmt: skip
 

@@ -376,7 +376,7 @@ class PayloadCheck:
             )
         decoded = decode_result(
             self.state, self.ids, unit.base_version, db_leases.result_columns(unit), self.bounds,
-            step_size=self.bounds.step_size(*unit_lr_steps(unit)) if self.bounds else 1.0,
+            step_sizes=unit_step_sizes(self.bounds, unit) if self.bounds else (1.0, 1.0),
             column_codec=unit_column_codec(unit),
         )  # fmt: skip
         if self.validator is not None and decoded.columns:
@@ -417,16 +417,16 @@ def decode_result(
     base_version: int,
     unit_columns: list[int],
     bounds: UpdateBounds | None,
-    step_size: float = 1.0,
+    step_sizes: tuple[float, float] = (1.0, 1.0),
     column_codec: str | None = None,
 ) -> DecodedResult:
     """Fetch and decode a result's blobs from the coordinator's store, validating everything.
 
     ``bounds`` checks every tensor's size (``None``: not checked, for the replay of
-    results accepted before a restart), relative to the unit's ``step_size``
-    (:meth:`UpdateBounds.step_size`). ``column_codec`` is the codec the unit named for its
-    columns (:func:`unit_column_codec`): column tensors coded otherwise are refused, and
-    trit-flip updates (``trits``) are measured against their own history.
+    results accepted before a restart), relative to the unit's step sizes for its columns
+    and its shared update (:func:`unit_step_sizes`). ``column_codec`` is the codec the unit
+    named for its columns (:func:`unit_column_codec`): column tensors coded otherwise are
+    refused, and trit-flip updates (``trits``) are measured against their own history.
 
     Raises:
         Rejected: with the reason code to store.
@@ -449,9 +449,10 @@ def decode_result(
     if bounds is not None:
         # Trit flips move a weight by its whole scale: not comparable with FP updates.
         kind = "ternary column" if column_codec == "trits" else "column"
-        parts = [(kind, d, references[c]) for c, d in out.columns.items()]
-        parts.append(("shared", out.shared, state.shared.published))
-        for kind, update, reference in parts:
+        columns, shared = step_sizes
+        parts = [(kind, d, references[c], columns) for c, d in out.columns.items()]
+        parts.append(("shared", out.shared, state.shared.published, shared))
+        for kind, update, reference, step_size in parts:
             try:
                 ratios = bounds.check(kind, update, reference, step_size)
             except OutOfBounds as exc:
@@ -467,11 +468,18 @@ def unit_column_codec(unit: WorkUnit) -> str | None:
     return codec if codec in UPDATE_CODECS else None
 
 
-def unit_lr_steps(unit: WorkUnit) -> tuple[float | None, int]:
-    """The unit's lr (``None`` if it has none) and steps: what an honest update's size
-    grows with (:meth:`UpdateBounds.step_size`)."""
-    lr = (unit.params or {}).get("lr")
-    return (float(lr) if isinstance(lr, int | float) else None), int(unit.steps)
+def unit_step_sizes(bounds: UpdateBounds, unit: WorkUnit) -> tuple[float, float]:
+    """The step sizes (:meth:`UpdateBounds.step_size`) of ``unit``'s column deltas and of
+    its shared update: what an honest update's size grows with. The shared update is
+    this unit's training; the columns carry every part's since the node last sent them
+    (in-unit shared syncs: ``params["column_steps"]``, the parts that held them too)."""
+    params = unit.params or {}
+    lr = params.get("lr")
+    lr = float(lr) if isinstance(lr, int | float) else None
+    column_steps = params.get("column_steps")
+    if not isinstance(column_steps, int) or column_steps < unit.steps:
+        column_steps = unit.steps
+    return bounds.step_size(lr, column_steps), bounds.step_size(lr, int(unit.steps))
 
 
 def _column_reference(state: CoordinatorState, column: int, base_version: int) -> State:

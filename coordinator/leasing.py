@@ -233,8 +233,8 @@ class UnitFactory:
         # The run's seed (train.seed) picks documents and batches too, as in central training.
         seed = created + 1 + 1_000_003 * self.cfg.train.seed
         params = self._params(position, seed, session)
-        if parts > 1 and self._holds_columns(session, participant.id, parts, position, params):
-            params["hold_columns"] = True
+        if parts > 1:
+            self._part_params(session, participant.id, parts, position, steps, params)
         unit = leases.create_lease(
             session,
             participant_id=participant.id,
@@ -248,20 +248,35 @@ class UnitFactory:
         )
         return _claimed(session, unit)
 
-    def _holds_columns(
-        self, session: Session, participant_id: int, parts: int, position: int, params: dict
-    ) -> bool:
-        """Whether a new part (``params``: its schedule) keeps its columns' training on the
-        node (in-unit shared syncs): yes, unless the node's last ``parts - 1`` units all
-        kept theirs (this one sends them), or the stage is in its last tenth (every unit
-        sends its columns, so the stage ends with every node's column training
-        published)."""
-        if position >= 0.9 * params["schedule_steps"]:
-            return False
-        recent = leases.recent_unit_params(
+    def _part_params(
+        self,
+        session: Session,
+        participant_id: int,
+        parts: int,
+        position: int,
+        steps: int,
+        params: dict,
+    ) -> None:
+        """Mark a new part (``params``: its schedule; in-unit shared syncs) as keeping its
+        columns' training on the node (``hold_columns``), unless the node's last ``parts -
+        1`` units all kept theirs or the stage is in its last tenth (every unit sends its
+        columns, so the stage ends with every node's column training published). A part
+        that sends them after parts that kept them gets ``column_steps``: the steps its
+        column deltas carry, what the update bounds scale them by."""
+        recent = leases.recent_units(
             session, participant_id=participant_id, stage=f"stage{self.stage}", limit=parts - 1
         )
-        return len(recent) < parts - 1 or not all(p.get("hold_columns") for p in recent)
+        due = len(recent) == parts - 1 and all(p.get("hold_columns") for _, p in recent)
+        if position < 0.9 * params["schedule_steps"] and not due:
+            params["hold_columns"] = True
+            return
+        held = 0
+        for unit_steps, unit_params in recent:  # newest first: the parts since the last send
+            if not unit_params.get("hold_columns"):
+                break
+            held += unit_steps
+        if held:
+            params["column_steps"] = steps + held
 
     def _documents(self, columns: list[int], seed: int) -> list[str]:
         """About ``docs_per_unit`` documents routed to ``columns``, in their stored form."""

@@ -13,13 +13,16 @@ unit factory, intake, publishing) and the participant's own
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 
+from coordinator.db.leases import get_unit
 from coordinator.db.stats import accepted_unit_columns, stage_totals
 from coordinator.federation_settings import FederationSettings, FederationSettingsError
+from coordinator.intake import unit_step_sizes
 from participant.unit_trainer import UnitTrainer
 from shared_model.wire.perspective.v1 import blobs_pb2, control_pb2
 from tests.test_federation_intake import local_io
@@ -107,6 +110,21 @@ def test_a_part_that_should_hold_its_columns_may_not_send_them(loop, tiny_moe_se
     result = node.run(sent, local_io(loop.state.store, first.unit.unit_id))
     received = loop.receive(1, result)
     assert not received.accepted and "columns" in received.detail
+
+
+def test_the_update_bounds_measure_a_sending_part_by_the_held_parts_steps_too(loop):
+    """A part's column deltas carry its node's training since they last went up (the parts
+    that held them too): the bounds scale them by all those steps (√6, not √3), its
+    shared update by its own."""
+    requests = [lease_unit(loop, 1) for _ in range(3)]  # hold, send, hold
+    with loop.factory() as s:
+        units = [get_unit(s, unit_id=r.unit.unit_id) for r in requests]
+        params = [dict(u.params) for u in units]
+        sizes = [unit_step_sizes(loop.intake.bounds, u) for u in units]
+    assert [p.get("hold_columns", False) for p in params] == [True, False, True]
+    assert [p.get("column_steps") for p in params] == [None, 6, None]
+    assert sizes[1][0] == pytest.approx(sizes[1][1] * math.sqrt(2))
+    assert sizes[0][0] == sizes[0][1] and sizes[2][0] == sizes[2][1]
 
 
 def test_the_last_tenth_of_a_stage_sends_columns_with_every_part(tiny_moe_seed, tmp_path):

@@ -8,7 +8,8 @@ against the tensor ``W`` it applies to, as the ratio ``r = ‖u‖ / ‖W‖``, 
 1. ``r > max_ratio`` (the tensor's own scale: an honest unit moves a tensor by a few %), or
 2. ``r / s > tolerance × median`` of the same quantity over the last ``window``
    updates of the same tensor (see below), where ``s`` is the unit's step size
-   (:meth:`UpdateBounds.step_size`: the highest lr so far × √steps). Honest updates grow
+   (:meth:`UpdateBounds.step_size`: the highest lr so far × √steps, the steps the update
+   carries: ``coordinator.intake.unit_step_sizes``). Honest updates grow
    with the lr, so the warm-up's first updates do not set a bar ten times too low for the
    peak lr (on ``small`` they once refused every honest result after them and quarantined
    the whole network); after the peak the bar stays put, because updates carrying error

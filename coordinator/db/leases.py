@@ -485,18 +485,18 @@ def claim_columns(session: Session, *, unit: WorkUnit, now: dt.datetime | None =
     return sorted(fresh)
 
 
-def recent_unit_params(
+def recent_units(
     session: Session, *, participant_id: int, stage: str, limit: int
-) -> list[dict[str, Any]]:
-    """The params of the ``limit`` units of ``stage`` leased to ``participant_id`` last,
-    newest first (the order it trains them in)."""
-    rows = session.scalars(
-        select(WorkUnit.params)
+) -> list[tuple[int, dict[str, Any]]]:
+    """``(steps, params)`` of the ``limit`` units of ``stage`` leased to ``participant_id``
+    last, newest first (the order it trains them in)."""
+    rows = session.execute(
+        select(WorkUnit.steps, WorkUnit.params)
         .where(WorkUnit.participant_id == participant_id, WorkUnit.stage == stage)
         .order_by(WorkUnit.leased_at.desc())
         .limit(limit)
     ).all()
-    return [dict(p or {}) for p in rows]
+    return [(int(steps), dict(params or {})) for steps, params in rows]
 
 
 def stage_step_rate(session: Session, *, stage: str) -> float | None:
