@@ -117,7 +117,7 @@ class AttackDriver(ReplayDriver):
             loop = self.coordinator.loop
             with loop.factory() as s:  # the bounds' bar is per unit step size (lr × steps)
                 unit = db_leases.find_unit(s, unit_id=result.unit_id)
-                steps = unit_step_sizes(loop.intake.bounds, unit, loop.state.cfg.optim)
+                steps = unit_step_sizes(loop.intake.bounds, unit)
             # colluders share one memory: the first one's shared update goes out from all
             memory = self.memory.setdefault("all" if attack == "collude" else nid, {})
             poison(result, attack, self.coordinator.state, loop.intake.bounds, steps, memory)

@@ -56,7 +56,6 @@ from coordinator.metrics import METRICS
 from coordinator.publishing import CoordinatorState
 from shared_model.blobs import BlobCorrupt, BlobError, HashMismatch
 from shared_model.codec import CodecError, ShapeMismatchError
-from shared_model.config import OptimConfig
 from shared_model.federated.updates import (
     UPDATE_CODECS,
     BundleShapeError,
@@ -377,11 +376,7 @@ class PayloadCheck:
             )
         decoded = decode_result(
             self.state, self.ids, unit.base_version, db_leases.result_columns(unit), self.bounds,
-            step_sizes=(
-                unit_step_sizes(self.bounds, unit, self.state.cfg.optim)
-                if self.bounds
-                else (1.0, 1.0)
-            ),
+            step_sizes=unit_step_sizes(self.bounds, unit) if self.bounds else (1.0, 1.0),
             column_codec=unit_column_codec(unit),
         )  # fmt: skip
         if self.validator is not None and decoded.columns:
@@ -473,33 +468,18 @@ def unit_column_codec(unit: WorkUnit) -> str | None:
     return codec if codec in UPDATE_CODECS else None
 
 
-def unit_step_sizes(
-    bounds: UpdateBounds, unit: WorkUnit, optim: OptimConfig | None = None
-) -> tuple[float, float]:
+def unit_step_sizes(bounds: UpdateBounds, unit: WorkUnit) -> tuple[float, float]:
     """The step sizes (:meth:`UpdateBounds.step_size`) of ``unit``'s column deltas and of
     its shared update: what an honest update's size grows with. The shared update is
     this unit's training; the columns carry every part's since the node last sent them
-    (in-unit shared syncs: ``params["column_steps"]``, the parts that held them too).
-    With ``optim`` (the stage's schedule), the lr they are measured by is the schedule's
-    highest up to the unit's position, whatever order results arrive in."""
+    (in-unit shared syncs: ``params["column_steps"]``, the parts that held them too)."""
     params = unit.params or {}
-    lr = _number(params.get("lr"))
+    lr = params.get("lr")
+    lr = float(lr) if isinstance(lr, int | float) else None
     column_steps = params.get("column_steps")
     if not isinstance(column_steps, int) or column_steps < unit.steps:
         column_steps = unit.steps
-    peak = None
-    position, total = _number(params.get("position")), _number(params.get("schedule_steps"))
-    if optim is not None and lr is not None and position is not None and total is not None:
-        # lr_at's warm-up: rising to optim.lr, then only falling (cosine to min_lr)
-        peak = lr if position < min(optim.warmup_steps, max(total - 1, 0)) else optim.lr
-    return (
-        bounds.step_size(lr, column_steps, peak=peak),
-        bounds.step_size(lr, int(unit.steps), peak=peak),
-    )
-
-
-def _number(value) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return bounds.step_size(lr, column_steps), bounds.step_size(lr, int(unit.steps))
 
 
 def _column_reference(state: CoordinatorState, column: int, base_version: int) -> State:

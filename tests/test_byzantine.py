@@ -21,11 +21,8 @@ from benchmarks.federation_replay import ReplayDriver
 from coordinator.aggregation.bounds import OutOfBounds, UpdateBounds
 from coordinator.aggregation.robust import coordinate_median, robust_reducer
 from coordinator.coordinator_process import Coordinator, StageBudget
-from coordinator.db.models import Event, Participant, Result, WorkUnit
+from coordinator.db.models import Event, Participant, Result
 from coordinator.federation_settings import FederationSettings
-from coordinator.intake import unit_step_sizes
-from shared_model.config_loading import load_config
-from shared_model.schedule import lr_at
 from tests.test_federation_intake import NODE, corpus, lease_and_train, make_loop
 
 __all__ = ["corpus"]  # the module fixture, shared with test_federation_intake
@@ -80,31 +77,6 @@ def test_the_relative_bound_follows_the_lr_warm_up_and_unit_length():
             assert "per step size" in str(exc)
             refused += 1
     assert 0 < refused < 12
-
-
-def test_a_warm_up_unit_arriving_after_a_later_one_is_measured_by_its_own_lr():
-    """Units arrive out of order: measured by the highest lr *seen*, a warm-up unit that
-    arrived after a peak unit looked 10× too small and pulled the median down (honest
-    stage-4 parts reached 3.1 × the median on ``tiny`` against the bound of 4). The
-    schedule's highest lr up to the unit's position does not depend on the order."""
-    cfg = load_config("tiny")  # warm-up 20 steps to lr 3e-3
-    optim = cfg.optim
-    bounds = UpdateBounds(max_ratio=0.5, tolerance=4.0, window=16, min_history=8)
-
-    def unit(position: int) -> WorkUnit:
-        lr = lr_at(position, optim, 200)
-        params = {"lr": lr, "position": position, "schedule_steps": 200}
-        return WorkUnit(steps=4, params=params)
-
-    peak = unit(30)
-    assert unit_step_sizes(bounds, peak, optim) == (optim.lr * 2, optim.lr * 2)
-    early = unit(1)  # lr 3e-4, arriving after the peak unit
-    assert unit_step_sizes(bounds, early, optim)[0] == pytest.approx(early.params["lr"] * 2)
-    decay = unit(150)  # after the peak: the peak, not its own (lower) lr
-    assert unit_step_sizes(bounds, decay, optim)[1] == pytest.approx(optim.lr * 2)
-    # A unit without a schedule: the highest lr seen so far (the peak unit's), as before.
-    seen = peak.params["lr"] * 2
-    assert unit_step_sizes(bounds, WorkUnit(steps=4, params={"lr": 1e-4}))[0] == seen
 
 
 def test_robust_means_keep_a_sign_flipped_update_from_reversing_the_step():

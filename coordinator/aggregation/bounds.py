@@ -8,11 +8,8 @@ against the tensor ``W`` it applies to, as the ratio ``r = ‖u‖ / ‖W‖``, 
 1. ``r > max_ratio`` (the tensor's own scale: an honest unit moves a tensor by a few %), or
 2. ``r / s > tolerance × median`` of the same quantity over the last ``window``
    updates of the same tensor (see below), where ``s`` is the unit's step size
-   (:meth:`UpdateBounds.step_size`: the highest lr of the unit's schedule up to it ×
-   √steps, the steps the update carries: ``coordinator.intake.unit_step_sizes``; the
-   schedule's, not the highest lr seen so far, because units arrive out of order: a
-   warm-up unit that arrived after a later one was once measured by that one's lr, and
-   its small ratio lowered the median). Honest updates grow
+   (:meth:`UpdateBounds.step_size`: the highest lr so far × √steps, the steps the update
+   carries: ``coordinator.intake.unit_step_sizes``). Honest updates grow
    with the lr, so the warm-up's first updates do not set a bar ten times too low for the
    peak lr (on ``small`` they once refused every honest result after them and quarantined
    the whole network); after the peak the bar stays put, because updates carrying error
@@ -96,17 +93,13 @@ class UpdateBounds:
             max_norm=settings.max_update_norm,
         )
 
-    def step_size(self, lr: float | None, steps: int, *, peak: float | None = None) -> float:
-        """The step size ``s`` of a unit of ``steps`` at ``lr`` (rule 2): ``peak`` × √steps,
-        where ``peak`` is the highest lr of the unit's schedule up to the unit
-        (``coordinator.intake.unit_step_sizes``: its own lr in the warm-up, the peak
-        after); without it, the highest lr seen so far. 1 without a usable lr (a unit not
-        leased with one)."""
+    def step_size(self, lr: float | None, steps: int) -> float:
+        """The step size ``s`` of a unit of ``steps`` at ``lr`` (rule 2): the highest lr
+        seen so far × √steps; 1 without a usable lr (a unit not leased with one)."""
         if lr is None or not math.isfinite(lr) or lr <= 0:
             return 1.0
         self._peak_lr = max(self._peak_lr, float(lr))
-        usable = peak is not None and math.isfinite(peak) and peak >= lr
-        return (peak if usable else self._peak_lr) * math.sqrt(max(int(steps), 1))
+        return self._peak_lr * math.sqrt(max(int(steps), 1))
 
     def check(
         self, kind: str, update: State, reference: State, step_size: float = 1.0
