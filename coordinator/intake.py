@@ -94,6 +94,9 @@ class DecodedResult:
     column_codec: str | None = None
     #: per-tensor update ratios (:meth:`UpdateBounds.check`), remembered once applied
     ratios: list[tuple[str, float]] = field(default_factory=list)
+    #: columns the result named but that are not applied: FP updates of a unit trained
+    #: after the stage's experts went ternary (:func:`fp_columns_outlived`)
+    outlived: list[int] = field(default_factory=list)
 
 
 def blob_ids(result: federation_pb2.WorkResult) -> dict:
@@ -190,6 +193,13 @@ class Intake:
         except Rejected as exc:
             return Received(self._unaccept(outcome.unit_id, exc.reason, exc.detail), bytes_up)
         self.bounds.record(check.decoded.ratios)  # with rule-2 refusals (bounds.py)
+        if check.decoded.outlived:
+            self.log(
+                "result.columns_outlived",
+                f"unit {result.unit_id}: its columns {check.decoded.outlived} were trained "
+                "as FP after the experts went ternary; its shared update is applied, its "
+                "columns' training stays on its node",
+            )
         return Received(outcome, bytes_up, applied=True, stepped=stepped)
 
     def refuse_unexpected(
@@ -437,6 +447,8 @@ def decode_result(
             RejectReason.BAD_SHAPE, f"result has columns {sorted(cols)}, unit has {unit_columns}"
         )
     out = DecodedResult(base_version, column_codec=column_codec)
+    if fp_columns_outlived(state, column_codec):
+        out.outlived, cols = sorted(cols), {}
     references = {c: _column_reference(state, c, base_version) for c in cols}
     for column, cid in cols.items():
         expected = {k: tuple(v.shape) for k, v in state.columns.masters[column].items()}
@@ -459,6 +471,20 @@ def decode_result(
                 raise Rejected(RejectReason.NORM_OUT_OF_BOUNDS, str(exc)) from exc
             out.ratios.extend(ratios)
     return out
+
+
+def fp_columns_outlived(state: CoordinatorState, column_codec: str | None) -> bool:
+    """Whether FP column updates (``column_codec`` not ``trits``) come too late to apply:
+    the stage's experts are ternary already (stage 4 published its columns as trits).
+
+    A node trains its units in the order their messages reach it, not the order they were
+    leased in, so a unit of an earlier ternary phase can train after the node's units at
+    fraction 1 were applied. Its column delta is then the node's FP latent minus the
+    published ternary values (0.22 x the column's norm on ``tiny``, refused as out of
+    bounds). Its shared update is applied as usual; its columns' training stays in the
+    node's copy and goes up, as trits, with the node's next unit of them.
+    """
+    return column_codec not in (None, "trits") and state.publisher.column_codec == "trits"
 
 
 def unit_column_codec(unit: WorkUnit) -> str | None:
