@@ -3,10 +3,9 @@
 A node keeps its columns' training between units and sends ``local - published``. When a
 unit of its columns went to another node (a failed or expired lease re-queued, or
 columns replicated over more nodes than columns), the published column came from that
-node's copy, and the first node's ``local - published`` reverted it: on ``tiny`` stage 4
-(CI, and here with 2 s leases) a delta of 0.23 x the column's norm, 17 x an honest one,
-refused as ``NORM_OUT_OF_BOUNDS``. The coordinator records who was leased each column
-last (``column_lineage``) and names such columns in ``WorkUnit.fresh_columns``.
+node's copy, and the first node's ``local - published`` reverted it. The coordinator
+records who was leased each column last (``column_lineage``) and names such columns in
+``WorkUnit.fresh_columns``; the node starts them from the published weights.
 
 Real pieces: the coordinator's loop as ``serve`` and ``demo`` build it (leasing, its
 Flower reply path, intake, publishing, SQLite) and the participant's own

@@ -82,8 +82,9 @@ def test_dashboard_follows_a_real_stage4_run_which_ends_ternary_and_replays(
             # refreshed (eager updates): 5 versions stale at intake on an idle machine, near
             # the default bound (8); the staleness bound has its own tests
             # (test_aggregation). Two loaded CI runs refused one part each: the second's
-            # reason was NORM_OUT_OF_BOUNDS, a node's stale copy of a column another node
-            # had trained (test_column_lineage); the first's was not printed.
+            # reason was NORM_OUT_OF_BOUNDS, a part of ternary fraction 0.5 trained after
+            # its node's parts at fraction 1 were applied (test_stage4_phase_order); the
+            # first's was not printed.
             max_staleness=16,
         )  # fmt: skip
         coord.prepare(ckpt, settings)

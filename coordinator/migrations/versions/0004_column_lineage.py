@@ -4,7 +4,7 @@ A participant keeps the training of its columns on its node between units and se
 ``local - published``. A column another participant was leased since (a re-queued unit
 taken by another node, or columns replicated over more nodes than columns) has published
 weights that no longer come from that local copy: its delta then reverted the other
-node's training (on ``tiny`` stage 4, 17x an honest update, refused as out of bounds).
+node's training.
 The coordinator records the participant last leased each column per stage and tells a
 node to start such a column from the published weights (``WorkUnit.fresh_columns``).
 
