@@ -20,7 +20,7 @@ from coordinator.db.models import Event
 from coordinator.federation_settings import FederationSettings
 from participant.unit_trainer import UnitTrainer
 from shared_model.ternary import is_ternary
-from tests.test_federation_intake import local_io
+from tests.test_in_unit_sync import _io as head_io
 from tests.test_network_change import lease_unit, network_loop
 
 #: 4 units of 3 steps: one per ternary phase (0.25, 0.5, 0.75, 1.0)
@@ -38,8 +38,8 @@ def test_fp_columns_trained_after_the_experts_went_ternary_are_not_applied(tiny_
         assert [u.unit.ternary_fraction for u in units] == [0.25, 0.5, 0.75, 1.0]
         assert [u.column_codec for u in units] == ["sparse"] * 3 + ["trits"]
 
-        def train(req):
-            return node.run(req, local_io(loop.state.store, req.unit.unit_id))
+        def train(req):  # from the newest version (the blob service's Head), as over Flower
+            return node.run(req, head_io(loop, req))
 
         assert loop.receive(1, train(units[3])).accepted  # fraction 1 first: trits
         assert loop.state.publisher.column_codec == "trits"
@@ -49,7 +49,8 @@ def test_fp_columns_trained_after_the_experts_went_ternary_are_not_applied(tiny_
         shared = {k: v.clone() for k, v in loop.state.shared.published.items()}
 
         late = train(units[1])  # fraction 0.5, trained after: FP latent − ternary values
-        assert late.column_deltas and loop.receive(1, late).accepted
+        assert late.column_deltas and late.base_version == loop.state.version
+        assert loop.receive(1, late).accepted
         # Its shared update is applied; its columns are not, and stay ternary.
         assert any(not torch.equal(shared[k], v) for k, v in loop.state.shared.published.items())
         for c in columns:
