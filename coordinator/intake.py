@@ -484,6 +484,8 @@ def fp_columns_outlived(state: CoordinatorState, column_codec: str | None) -> bo
     bounds). Its shared update is applied as usual; its columns' training stays in the
     node's copy and goes up, as trits, with the node's next unit of them.
     """
+    if state.publisher.teacher is None:  # not stage 4 (a stage-3 loop forgets the teacher)
+        return False
     return column_codec not in (None, "trits") and state.publisher.column_codec == "trits"
 
 

@@ -18,6 +18,7 @@ import torch
 
 from coordinator.db.models import Event
 from coordinator.federation_settings import FederationSettings
+from coordinator.intake import fp_columns_outlived
 from participant.unit_trainer import UnitTrainer
 from shared_model.ternary import is_ternary
 from tests.test_in_unit_sync import _io as head_io
@@ -61,5 +62,9 @@ def test_fp_columns_trained_after_the_experts_went_ternary_are_not_applied(tiny_
         assert len(events) == 1 and units[1].unit.unit_id in events[0]
         # The node still holds that training: its FP latent, not the published trits.
         assert not all(is_ternary(v) for v in node.local.columns[columns[0]].values())
+        # Only stage 4 leaves them out: a stage-3 loop on this state forgets the teacher.
+        assert fp_columns_outlived(loop.state, "sparse")
+        loop.state.publisher.teacher = None
+        assert not fp_columns_outlived(loop.state, "sparse")
     finally:
         coord.shutdown()
