@@ -14,7 +14,6 @@ Flower reply path, intake, publishing, SQLite) and the participant's own
 
 from __future__ import annotations
 
-import torch
 from sqlalchemy import select
 
 from coordinator.db.leases import claim_columns
@@ -22,6 +21,7 @@ from coordinator.db.models import Participant, WorkUnit
 from coordinator.flower.driver import Reply
 from participant.unit_trainer import UnitTrainer
 from tests.test_federation_intake import local_io
+from tests.test_in_unit_sync import _same
 from tests.test_network_change import lease_unit, network_loop
 
 A, B = 11, 22
@@ -38,10 +38,6 @@ def _train(node: UnitTrainer, loop, req, column: int) -> tuple[dict, object]:
 
     trained = node.train(req, local_io(loop.state.store, req.unit.unit_id), progress)
     return start, trained
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_node_starts_a_column_another_node_trained_since_from_the_published_weights(

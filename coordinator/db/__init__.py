@@ -54,6 +54,7 @@ from coordinator.db.types import (
 __all__ = [
     "ApiToken",
     "Base",
+    "ColumnLineage",
     "Conflict",
     "DatabaseConfigError",
     "DatabaseError",
@@ -69,7 +70,6 @@ __all__ = [
     "NotFound",
     "Page",
     "Participant",
-    "ColumnLineage",
     "ParticipantColumn",
     "ParticipantRevoked",
     "ParticipantState",

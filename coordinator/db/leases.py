@@ -468,19 +468,11 @@ def claim_columns(session: Session, *, unit: WorkUnit, now: dt.datetime | None =
     now = now or utcnow()
     fresh = []
     for column in unit.columns:
-        row = rows.get(column)
-        if row is None:
-            session.add(
-                ColumnLineage(
-                    stage=unit.stage, column=column, participant_id=unit.participant_id,
-                    unit_id=unit.unit_id, leased_at=now,
-                )
-            )  # fmt: skip
-            fresh.append(int(column))
-            continue
-        if row.participant_id != unit.participant_id:
+        row = rows.get(column) or ColumnLineage(stage=unit.stage, column=column)
+        if row.participant_id != unit.participant_id:  # another's, or nobody's yet
             fresh.append(int(column))
         row.participant_id, row.unit_id, row.leased_at = unit.participant_id, unit.unit_id, now
+        session.add(row)
     session.flush()
     return sorted(fresh)
 
