@@ -18,7 +18,7 @@ from pathlib import Path
 
 from coordinator.blob_gc import collect_blobs
 from coordinator.blob_server import BlobServer, TlsConfig
-from coordinator.central.checkpoint import load_checkpoint
+from coordinator.central.checkpoint import check_corpus_tokenizer, load_checkpoint
 from coordinator.db import init_db, make_session_factory
 from coordinator.db import leases as db_leases
 from coordinator.db import versions as db_versions
@@ -275,6 +275,7 @@ class Coordinator:
         every later :meth:`federated_stage` must agree with them (:data:`STATE_KNOBS`).
         """
         ckpt = load_checkpoint(moe_checkpoint)
+        check_corpus_tokenizer(ckpt, self.corpus, checkpoint=moe_checkpoint)
         model = PerspectiveModel(self.cfg, moe=True)
         model.load_state_dict(ckpt.model_state, strict=True)
         train = self.corpus.dataset("train")
@@ -303,7 +304,7 @@ class Coordinator:
             "corpus": {
                 "source": self.corpus.manifest.get("source"),
                 "root": str(self.corpus.root),
-                "tokenizer_sha256": self.corpus.manifest.get("tokenizer_sha256"),
+                "tokenizer_sha256": self.corpus.tokenizer_sha256,
             },
         }
         path = self.work_dir / NETWORK_FILE

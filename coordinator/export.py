@@ -140,7 +140,8 @@ def export_version(
     record = {"version": target_version, "stage": stage_name, "corpus": network["corpus"]}
     checkpoint = out / CHECKPOINT_NAME
     save_checkpoint(checkpoint, model, cfg, stage=stage, step=target_version, tokens=tokens,
-                    extra={"federated": record})  # fmt: skip
+                    extra={"federated": record},
+                    tokenizer_sha256=network["corpus"].get("tokenizer_sha256"))  # fmt: skip
     tokenizer = _copy_tokenizer(network["corpus"], out)
     (out / "export.json").write_text(json.dumps(record, indent=1))
     return Exported(target_version, stage, checkpoint, tokenizer, _data_args(network, cfg))

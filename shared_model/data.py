@@ -273,6 +273,11 @@ class PreparedCorpus:
     def eot_id(self) -> int:
         return int(self.manifest["eot_id"])
 
+    @property
+    def tokenizer_sha256(self) -> str | None:
+        """sha256 of ``tokenizer.json``: which words the corpus's token ids stand for."""
+        return self.manifest.get("tokenizer_sha256")
+
     def tokenizer(self):
         """The trained ``tokenizers.Tokenizer``."""
         return tk.load_tokenizer(self.root / "tokenizer.json", self.vocab_size)
@@ -292,6 +297,13 @@ class PreparedCorpus:
             raise DataError(f"unknown split {split!r}: allowed train, val")
         ds = DocumentDataset.from_shards(self.root / "shards", self.shard_ids(split), self.eot_id)
         return ds if doc_ids is None else ds.subset(doc_ids)
+
+
+def corpus_name(data: PreparedCorpus | None) -> str:
+    """``corpus <source>`` for messages (``the datasets given`` without a prepared corpus)."""
+    if data is None:
+        return "the datasets given"
+    return f"corpus {data.manifest.get('source') or data.root}"
 
 
 def prepare_corpus(

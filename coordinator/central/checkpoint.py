@@ -10,8 +10,10 @@ Layout of the tensors in the file:
 The safetensors header's ``__metadata__`` holds one key, ``perspective``: a JSON object
 with ``format``, ``config`` (``PerspectiveConfig.to_dict()``), ``stage``, ``step``,
 ``data_position``, ``tokens``, optimiser ``param_groups`` (hyper-parameters, params as
-names), python/numpy RNG scalars, free-form ``extra`` and ``tensor_sha256`` (hash of all
-tensor names and bytes, so a flipped bit anywhere is detected on load).
+names), python/numpy RNG scalars, free-form ``extra``, ``tokenizer_sha256`` (the sha256 of
+the ``tokenizer.json`` the weights were trained with, null when unknown: token ids mean
+nothing without it, see :func:`check_tokenizer`) and ``tensor_sha256`` (hash of all tensor
+names and bytes, so a flipped bit anywhere is detected on load).
 
 Files are written to a temporary name and renamed, so a checkpoint is never half-written.
 """
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 
 from shared_model.config import ConfigError, PerspectiveConfig
 from shared_model.config_loading import config_from_dict
+from shared_model.data import PreparedCorpus, corpus_name
 
 FORMAT = 1
 
@@ -63,6 +66,11 @@ class Checkpoint:
     @property
     def data_position(self) -> int:
         return int(self.meta["data_position"])
+
+    @property
+    def tokenizer_sha256(self) -> str | None:
+        """sha256 of the tokenizer the weights were trained with (None: not recorded)."""
+        return self.meta.get("tokenizer_sha256")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -124,6 +132,7 @@ def save_checkpoint(
     data_position: int = 0,
     tokens: int = 0,
     extra: dict[str, Any] | None = None,
+    tokenizer_sha256: str | None = None,
 ) -> str:
     """Write a checkpoint atomically and return its content id (sha256 of the file).
 
@@ -137,6 +146,8 @@ def save_checkpoint(
         data_position: next batch position of the data loader.
         tokens: training tokens seen in this stage.
         extra: JSON-serialisable extra metadata (e.g. losses).
+        tokenizer_sha256: sha256 of the ``tokenizer.json`` whose token ids the model was
+            trained on (``PreparedCorpus.tokenizer_sha256``); None when unknown.
     """
     path = Path(path)
     # Clone: safetensors refuses shared/non-contiguous storage (views, tied weights).
@@ -159,6 +170,7 @@ def save_checkpoint(
         "param_groups": groups,
         "rng": rng_scalars,
         "extra": extra or {},
+        "tokenizer_sha256": tokenizer_sha256,
         "tensor_sha256": _tensor_digest(tensors),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +224,44 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
             raise CheckpointError(f"checkpoint {path} has unexpected tensor {name!r}")
         groups[prefix][rest if prefix != "rng" else name] = t
     return Checkpoint(cfg, meta, groups["model"], groups["optim"], groups["rng"])
+
+
+def check_tokenizer(
+    recorded: str | None, tokenizer_sha256: str | None, *, checkpoint: str | Path, against: str
+) -> None:
+    """Raise :class:`CheckpointError` if a checkpoint was trained with another tokenizer.
+
+    A model's token ids mean the words of the tokenizer it was trained with; fed another
+    corpus's ids (same vocabulary size, other words) it trains or scores on garbage
+    without any error. Either digest unknown (a checkpoint written before digests were
+    recorded, datasets without a prepared corpus) passes: there is nothing to compare.
+
+    Args:
+        recorded: the checkpoint's ``tokenizer_sha256`` (:attr:`Checkpoint.tokenizer_sha256`).
+        tokenizer_sha256: sha256 of the ``tokenizer.json`` about to be used with it.
+        checkpoint: the checkpoint's path, for the message.
+        against: what that tokenizer belongs to, for the message (e.g. ``corpus stdlib``).
+    """
+    if recorded is None or tokenizer_sha256 is None or recorded == tokenizer_sha256:
+        return
+    raise CheckpointError(
+        f"checkpoint {checkpoint} was trained with tokenizer {recorded[:12]}, but {against} "
+        f"tokenizes with {tokenizer_sha256[:12]}: the model's token ids would mean other "
+        "text. Use the corpus the checkpoint was trained on (the same --data and "
+        "--max-bytes), or a checkpoint trained on this one"
+    )
+
+
+def check_corpus_tokenizer(
+    ckpt: Checkpoint, data: PreparedCorpus, *, checkpoint: str | Path
+) -> None:
+    """:func:`check_tokenizer` of a loaded checkpoint against a prepared corpus."""
+    check_tokenizer(
+        ckpt.tokenizer_sha256,
+        data.tokenizer_sha256,
+        checkpoint=checkpoint,
+        against=corpus_name(data),
+    )
 
 
 def check_compatible(ckpt: Checkpoint, model: nn.Module) -> None:

@@ -265,6 +265,7 @@ def run_convert(
             "converted_from": str(source) if isinstance(source, (str, Path)) else "in-memory",
             "teacher_ppl": teacher_ppl,
         },
+        tokenizer_sha256=data.tokenizer_sha256,
     )
     result = {
         "teacher_ppl": teacher_ppl,

@@ -20,7 +20,11 @@ import torch
 from torch import Tensor
 
 from coordinator.central import manifold as mf
-from coordinator.central.checkpoint import load_checkpoint, save_checkpoint
+from coordinator.central.checkpoint import (
+    check_corpus_tokenizer,
+    load_checkpoint,
+    save_checkpoint,
+)
 from coordinator.central.trainer import EVAL_SEED, evaluate
 from shared_model.config import PerspectiveConfig
 from shared_model.model import PerspectiveModel
@@ -184,6 +188,7 @@ def run_manifold(
         from shared_model.data import prepare_corpus
 
         data = prepare_corpus("stdlib", cfg.model.vocab_size)
+    check_corpus_tokenizer(ckpt, data, checkpoint=checkpoint)
     train_ds, val_ds = data.dataset("train"), data.dataset("val")
     t = cfg.train
     t0 = time.perf_counter()
@@ -218,7 +223,13 @@ def run_manifold(
     }
     ckpt_path = out_dir / "stage5.safetensors"
     sha = save_checkpoint(
-        ckpt_path, model, cfg, stage=5, step=p.steps, extra={"manifold": asdict(p)}
+        ckpt_path,
+        model,
+        cfg,
+        stage=5,
+        step=p.steps,
+        extra={"manifold": asdict(p)},
+        tokenizer_sha256=data.tokenizer_sha256,
     )
     from coordinator.central.trd import write_trd_set
 

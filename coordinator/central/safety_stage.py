@@ -121,6 +121,7 @@ def run_spp(
         device: torch device (default CPU).
         **params: fields of :class:`SppParams`.
     """
+    from coordinator.central.checkpoint import check_corpus_tokenizer
     from coordinator.central.evaluation.loading import load_model
 
     p = SppParams(**params)
@@ -133,6 +134,7 @@ def run_spp(
         from shared_model.data import prepare_corpus
 
         data = prepare_corpus("stdlib", cfg.model.vocab_size)
+    check_corpus_tokenizer(ckpt, data, checkpoint=checkpoint)
     spp, report = build_spp(model, data.tokenizer(), p)
     spp.save(out_dir / "spp.safetensors")
     result = {"stage": 6, "params": asdict(p), "checkpoint": str(checkpoint), **report}

@@ -25,6 +25,7 @@ from coordinator.central.checkpoint import (
     Checkpoint,
     CheckpointError,
     check_compatible,
+    check_tokenizer,
     load_checkpoint,
 )
 from shared_model.config import PerspectiveConfig
@@ -49,6 +50,9 @@ class StageSetup:
     teacher: PerspectiveModel | None
     resume: Checkpoint | None
     teacher_path: str | None = None
+    #: the tokenizer the stage trains with (the corpus's, else the init checkpoint's):
+    #: what its checkpoints record.
+    tokenizer_sha256: str | None = None
 
 
 def _load_model(cfg: PerspectiveConfig, ckpt: Checkpoint, moe: bool) -> PerspectiveModel:
@@ -80,15 +84,39 @@ def _check_init(stage: int, init: Checkpoint | None, cfg: PerspectiveConfig) -> 
         )
 
 
-def setup_stage(cfg: PerspectiveConfig, stage: int, init: str | None) -> StageSetup:
+def setup_stage(
+    cfg: PerspectiveConfig,
+    stage: int,
+    init: str | None,
+    *,
+    tokenizer_sha256: str | None = None,
+    corpus: str = "the corpus",
+) -> StageSetup:
     """Build the model (and teacher) for ``stage`` from an optional checkpoint path.
+
+    Args:
+        cfg: the run's config.
+        stage: 1-4.
+        init: checkpoint to start from (None: stage 1 from scratch).
+        tokenizer_sha256: the training corpus's tokenizer (None: unknown); the init
+            checkpoint and a stage-4 teacher must have been trained with it.
+        corpus: what that tokenizer belongs to, for the error message.
 
     Raises:
         StageError: wrong stage or init checkpoint of the wrong stage.
-        CheckpointError: unreadable checkpoint or a model-config mismatch.
+        CheckpointError: unreadable checkpoint, a model-config or tokenizer mismatch.
     """
     ckpt = load_checkpoint(init) if init is not None else None
     _check_init(stage, ckpt, cfg)
+    if ckpt is not None:
+        check_tokenizer(ckpt.tokenizer_sha256, tokenizer_sha256, checkpoint=init, against=corpus)
+        tokenizer_sha256 = tokenizer_sha256 or ckpt.tokenizer_sha256
+    setup = _build_stage(cfg, stage, init, ckpt, tokenizer_sha256, corpus)
+    setup.tokenizer_sha256 = tokenizer_sha256
+    return setup
+
+
+def _build_stage(cfg, stage, init, ckpt, tokenizer_sha256, corpus) -> StageSetup:
     if stage == 1:
         if ckpt is None:
             return StageSetup(PerspectiveModel(cfg, moe=False), None, None)
@@ -103,7 +131,17 @@ def setup_stage(cfg: PerspectiveConfig, stage: int, init: str | None) -> StageSe
     teacher_path = init if resume is None else ckpt.meta["extra"].get("teacher")
     if teacher_path is None:
         raise CheckpointError("stage-4 checkpoint does not name its teacher checkpoint")
-    teacher = model if resume is None else _load_model(cfg, load_checkpoint(teacher_path), True)
+    if resume is None:
+        teacher = model
+    else:
+        teacher_ckpt = load_checkpoint(teacher_path)
+        check_tokenizer(
+            teacher_ckpt.tokenizer_sha256,
+            tokenizer_sha256,
+            checkpoint=teacher_path,
+            against=corpus,
+        )
+        teacher = _load_model(cfg, teacher_ckpt, True)
     teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
     return StageSetup(model, teacher, resume, str(teacher_path))
 

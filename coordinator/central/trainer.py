@@ -27,7 +27,7 @@ import torch
 from coordinator.central.checkpoint import restore, save_checkpoint
 from coordinator.central.stages import StageError, compute_loss, setup_stage
 from shared_model.config import PerspectiveConfig
-from shared_model.data import DocumentDataset, PreparedCorpus, prepare_corpus
+from shared_model.data import DocumentDataset, PreparedCorpus, corpus_name, prepare_corpus
 from shared_model.schedule import build_optimizer, set_scheduled_lr, ternary_fraction_at
 
 EVAL_SEED = 1_000_003  # validation batches never depend on the training seed
@@ -91,15 +91,18 @@ def evaluate(
     return total / max(batches, 1)
 
 
-def _datasets(cfg, data, train_data, val_data) -> tuple[DocumentDataset, DocumentDataset]:
+def _datasets(
+    cfg, data, train_data, val_data
+) -> tuple[DocumentDataset, DocumentDataset, PreparedCorpus | None]:
+    """(train, val, the corpus they come from: None when both datasets were given alone)."""
     if train_data is not None and val_data is not None:
-        return train_data, val_data
+        return train_data, val_data, data
     data = data or prepare_corpus("stdlib", cfg.model.vocab_size)
     if data.vocab_size != cfg.model.vocab_size:
         raise StageError(
             f"corpus vocab {data.vocab_size} != model.vocab_size {cfg.model.vocab_size}"
         )
-    return train_data or data.dataset("train"), val_data or data.dataset("val")
+    return train_data or data.dataset("train"), val_data or data.dataset("val"), data
 
 
 def _progress(enabled: bool):
@@ -135,6 +138,7 @@ class _Run:
         self.model = setup.model.to(device).train()
         self.teacher = setup.teacher.to(device) if setup.teacher is not None else None
         self.extra = {"teacher": setup.teacher_path} if setup.teacher_path else {}
+        self.tokenizer_sha256 = setup.tokenizer_sha256
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step, self.position, self.tokens = 0, 0, 0
         self.history: list[dict[str, float]] = []
@@ -178,6 +182,7 @@ class _Run:
             data_position=self.position,
             tokens=self.tokens,
             extra={**self.extra, "history": self.history},
+            tokenizer_sha256=self.tokenizer_sha256,
         )
 
 
@@ -215,23 +220,38 @@ def train_stage(
     Raises:
         StageError, CheckpointError, DataError: unusable arguments or inputs.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else default_device()
-    train_ds, val_ds = _datasets(cfg, data, train_data, val_data)
-    setup = setup_stage(cfg, stage, str(init) if init is not None else None)
+    train_ds, val_ds, data = _datasets(cfg, data, train_data, val_data)
+    init = str(init) if init is not None else None
+    setup = setup_stage(
+        cfg,
+        stage,
+        init,
+        tokenizer_sha256=data.tokenizer_sha256 if data is not None else None,
+        corpus=corpus_name(data),
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to fit
     if stage == 2:
-        return _finish_stage2(cfg, setup.model, out_dir, val_ds, device)
+        return _finish_stage2(cfg, setup, out_dir, val_ds, device)
     run = _Run(cfg, stage, out_dir, cfg.train.steps, setup, device)
     last = cfg.train.steps if until_step is None else min(until_step, cfg.train.steps)
     return _loop(run, train_ds, val_ds, last, minutes, progress, on_eval)
 
 
-def _finish_stage2(cfg, model, out_dir: Path, val_ds, device) -> TrainResult:
-    model = model.to(device)
+def _finish_stage2(cfg, setup, out_dir: Path, val_ds, device) -> TrainResult:
+    model = setup.model.to(device)
     val = evaluate(model, val_ds, cfg.train.eval_batches, cfg.train.batch_size, cfg.train.seq_len)
     path = out_dir / "stage2.safetensors"
-    sha = save_checkpoint(path, model, cfg, stage=2, step=0, extra={"val_loss": val})
+    sha = save_checkpoint(
+        path,
+        model,
+        cfg,
+        stage=2,
+        step=0,
+        extra={"val_loss": val},
+        tokenizer_sha256=setup.tokenizer_sha256,
+    )
     result = TrainResult(2, 0, float("nan"), val, 0, 0.0, 0.0, str(path), sha)
     _write_summary(out_dir, result)
     return result

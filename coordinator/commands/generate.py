@@ -32,7 +32,12 @@ def generate(
     """Continue PROMPT with a trained model (dense or MoE, FP or ternary-trained)."""
     import torch
 
-    from coordinator.central.checkpoint import CheckpointError, load_checkpoint, restore
+    from coordinator.central.checkpoint import (
+        CheckpointError,
+        check_tokenizer,
+        load_checkpoint,
+        restore,
+    )
     from coordinator.central.generate import generate as run_generate
     from shared_model import tokenizer as tk
     from shared_model.model import ModelError, PerspectiveModel
@@ -45,7 +50,8 @@ def generate(
         restore(ckpt, model, rng=False)
         model.eval()
         tokenizer = tokenizer or _beside(checkpoint)
-        tok = _tokenizer(tokenizer, data_dir, ckpt.cfg.model.vocab_size)
+        tok, digest, source = _tokenizer(tokenizer, data_dir, ckpt.cfg.model.vocab_size)
+        check_tokenizer(ckpt.tokenizer_sha256, digest, checkpoint=checkpoint, against=source)
         ids = tok.encode(prompt, add_special_tokens=False).ids
         if not ids:
             _fail("the prompt encodes to no tokens; give some text")
@@ -70,13 +76,17 @@ def _beside(checkpoint: Path) -> Path | None:
 
 
 def _tokenizer(path: Path | None, data_dir: Path | None, vocab_size: int):
+    """(tokenizer, the sha256 of its ``tokenizer.json``, where it comes from)."""
     from shared_model import tokenizer as tk
 
     if path is not None:
-        return tk.load_tokenizer(path, vocab_size)
-    from shared_model.data import prepare_corpus
+        from coordinator.central.checkpoint import sha256_file
 
-    return prepare_corpus("stdlib", vocab_size, data_dir=data_dir).tokenizer()
+        return tk.load_tokenizer(path, vocab_size), sha256_file(path), f"tokenizer {path}"
+    from shared_model.data import corpus_name, prepare_corpus
+
+    corpus = prepare_corpus("stdlib", vocab_size, data_dir=data_dir)
+    return corpus.tokenizer(), corpus.tokenizer_sha256, corpus_name(corpus)
 
 
 def register(app: typer.Typer) -> None:

@@ -176,6 +176,7 @@ def run_eval(
         ppl_batches: validation batches (default ``cfg.train.eval_batches``).
         gen_tokens: tokens generated for the throughput test.
     """
+    from coordinator.central.checkpoint import check_corpus_tokenizer
     from coordinator.central.evaluation.loading import load_model
     from coordinator.central.trainer import default_device
 
@@ -189,6 +190,7 @@ def run_eval(
         from shared_model.data import prepare_corpus
 
         data = prepare_corpus("stdlib", cfg.model.vocab_size)
+    check_corpus_tokenizer(ckpt, data, checkpoint=checkpoint)
     tok = data.tokenizer()
     lm = PerspectiveLM(model, tok, eot_id=data.eot_id)
     report: dict[str, Any] = {

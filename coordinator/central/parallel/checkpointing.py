@@ -164,6 +164,7 @@ def dcp_to_safetensors(path: str | Path, out: str | Path) -> str:
         data_position=int(meta["data_position"]),
         tokens=int(meta["tokens"]),
         extra=meta.get("extra", {}),
+        tokenizer_sha256=meta.get("tokenizer_sha256"),
     )
 
 
@@ -179,6 +180,7 @@ def safetensors_to_dcp(src: str | Path, path: str | Path) -> Path:
         "data_position": ckpt.data_position,
         "tokens": int(ckpt.meta.get("tokens", 0)),
         "extra": ckpt.meta.get("extra", {}),
+        "tokenizer_sha256": ckpt.tokenizer_sha256,
         "world_size": 1,
     }
     return save_dcp(path, model, optimizer, meta, no_dist=True)

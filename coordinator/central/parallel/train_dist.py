@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from coordinator.central.checkpoint import CheckpointError, sha256_file
+from coordinator.central.checkpoint import CheckpointError, check_tokenizer, sha256_file
 from coordinator.central.parallel import checkpointing as ckp
 from coordinator.central.parallel.distributed import (
     DistEnv,
@@ -54,7 +54,7 @@ from coordinator.central.trainer import (
     train_stage,
 )
 from shared_model.config import PerspectiveConfig
-from shared_model.data import DocumentDataset, PreparedCorpus
+from shared_model.data import DocumentDataset, PreparedCorpus, corpus_name
 from shared_model.losses import RankSum
 from shared_model.model import PerspectiveModel
 from shared_model.schedule import build_optimizer, set_scheduled_lr, ternary_fraction_at
@@ -82,6 +82,7 @@ class _DistRun:
         self.ranks = RankSum(partial(all_reduce_sum, differentiable=True), env.world_size)
         self.teacher = setup.teacher.to(env.device) if setup.teacher is not None else None
         self.teacher_path = setup.teacher_path
+        self.tokenizer_sha256 = setup.tokenizer_sha256
         model = setup.model.to(env.device).train()
         if model.moe:
             apply_expert_parallel(model)
@@ -143,6 +144,7 @@ class _DistRun:
             "data_position": self.position,
             "tokens": self.tokens,
             "extra": extra,
+            "tokenizer_sha256": self.tokenizer_sha256,
             "world_size": self.env.world_size,
         }
 
@@ -171,8 +173,9 @@ def latest_dcp(out_dir: str | Path, stage: int) -> Path | None:
     return found[-1] if found else None
 
 
-def _resolve_init(cfg, stage: int, init, out_dir: Path, env: DistEnv):
+def _resolve_init(cfg, stage: int, init, out_dir: Path, env: DistEnv, data: PreparedCorpus):
     """(setup, DCP dir to resume or None) for ``init`` (safetensors file or DCP dir)."""
+    tokenizer = {"tokenizer_sha256": data.tokenizer_sha256, "corpus": corpus_name(data)}
     if init is not None and Path(init).is_dir():
         meta = ckp.read_meta(init)
         if int(meta["stage"]) != stage or meta["config"]["model"] != cfg.to_dict()["model"]:
@@ -180,11 +183,17 @@ def _resolve_init(cfg, stage: int, init, out_dir: Path, env: DistEnv):
                 f"{init} is a stage-{meta['stage']} DCP checkpoint of another model config; "
                 f"give a stage-{stage} checkpoint of this model (or a safetensors one)"
             )
+        recorded = meta.get("tokenizer_sha256")
+        check_tokenizer(
+            recorded, tokenizer["tokenizer_sha256"], checkpoint=init, against=tokenizer["corpus"]
+        )
         if stage == 4:  # the weights are overwritten by the resume; the teacher is not
             teacher = meta.get("extra", {}).get("teacher")
-            return setup_stage(cfg, 4, teacher), Path(init)
-        return StageSetup(PerspectiveModel(cfg, moe=stage >= 3), None, None), Path(init)
-    setup = setup_stage(cfg, stage, str(init) if init is not None else None)
+            return setup_stage(cfg, 4, teacher, **tokenizer), Path(init)
+        setup = StageSetup(PerspectiveModel(cfg, moe=stage >= 3), None, None)
+        setup.tokenizer_sha256 = data.tokenizer_sha256 or recorded
+        return setup, Path(init)
+    setup = setup_stage(cfg, stage, str(init) if init is not None else None, **tokenizer)
     if setup.resume is None:
         return setup, None
     # Same-stage safetensors checkpoint: convert once (rank 0) and resume from the DCP copy.
@@ -232,7 +241,7 @@ def train_stage_distributed(
             f"train.batch_size {cfg.train.batch_size} is not divisible by the world size "
             f"{env.world_size}: choose a batch size that is a multiple of the rank count"
         )
-    train_ds, val_ds = _datasets(cfg, data, None, None)
+    train_ds, val_ds, data = _datasets(cfg, data, None, None)
     if stage == 2:  # no training: one rank writes the stage-2 checkpoint
         if env.is_main:
             train_stage(cfg, 2, out_dir, init=init, data=data, device=env.device)
@@ -241,7 +250,7 @@ def train_stage_distributed(
     # Same seed on every rank: identical initial weights before FSDP shards them, and the
     # same initial weights as the single-process CLI (which also seeds with train.seed).
     torch.manual_seed(cfg.train.seed)
-    setup, resume = _resolve_init(cfg, stage, init, out_dir, env)
+    setup, resume = _resolve_init(cfg, stage, init, out_dir, env, data)
     opts = {
         "activation_checkpointing": activation_checkpointing,
         "mixed_precision": mixed_precision,
