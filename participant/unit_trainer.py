@@ -42,6 +42,7 @@ from shared_model.data import DocumentDataset
 from shared_model.federated.replica import Replica
 from shared_model.federated.updates import encode_bundle, send_with_feedback
 from shared_model.model import PerspectiveModel
+from shared_model.moe import expert_param_names
 from shared_model.schedule import build_optimizer, set_lr
 from shared_model.stage_loss import Distillation, stage_loss
 from shared_model.ternary import THRESHOLD_FACTOR
@@ -264,7 +265,8 @@ class UnitTrainer:
         report("sync", 0, unit.steps, 0)
         self._join(req.network_id)
         base, applied = self._sync(req, columns, io)
-        model, teacher = self._prepare_models(req, columns, io)
+        restarted = self._start_columns(columns, set(unit.fresh_columns))
+        model, teacher = self._prepare_models(req, columns, io, restarted)
         t_sync = time.perf_counter() - t0
         batches = self._batches(unit, columns, req.batch_size, req.seq_len)
         train_loss, tokens = self._train(model, teacher, unit, batches, report)
@@ -302,13 +304,13 @@ class UnitTrainer:
             applied += self.replica.sync(ckpt, chain, columns, io.fetch)
         if self.replica.version != base:
             raise UnitError(f"synced to version {self.replica.version}, unit needs {base}")
-        self._start_columns(columns, set(req.unit.fresh_columns))
         return base, applied
 
-    def _start_columns(self, columns: list[int], fresh: set[int]) -> None:
+    def _start_columns(self, columns: list[int], fresh: set[int]) -> list[int]:
         """Local copies of ``columns`` to train: ours, carried over from our last unit on
         them, except where we hold none or the unit says another node trained the column
-        since (``WorkUnit.fresh_columns``): those start from the published weights."""
+        since (``WorkUnit.fresh_columns``): those start from the published weights.
+        Returns the columns whose copy of ours was dropped for the published one."""
         dropped = sorted(c for c in fresh.intersection(columns) if c in self.local.columns)
         if dropped:
             log.info("columns %s were trained by another node since: starting them from "
@@ -318,6 +320,7 @@ class UnitTrainer:
                 if c not in self.local.columns or c in fresh:
                     published = self.replica.columns[c]
                     self.local.columns[c] = {k: v.clone() for k, v in published.items()}
+        return dropped
 
     def _synced_ahead(self, req, base: int, columns: list[int], io: BlobIO) -> bool:
         """Whether the replica holds ``base`` and the unit's columns (and teacher) already:
@@ -372,13 +375,15 @@ class UnitTrainer:
             c in self.teacher_replica.columns for c in columns
         )
 
-    def _prepare_models(self, req, columns: list[int], io: BlobIO):
+    def _prepare_models(self, req, columns: list[int], io: BlobIO, restarted: list[int]):
         model = self.model
         if model is None or sorted(model_columns(model)) != columns:
             model = PerspectiveModel(self.cfg, moe=True, columns=columns).to(self.device)
             # Expert groups apart: the coordinator's unit says how their lr is scaled.
             optimizer = build_optimizer(model, self.cfg.optim, split_experts=True)
             self.model, self.optimizer = model, optimizer
+        else:
+            self._forget_moments(restarted)
         self._start_shared = self._eager_start(req.eager_scale, req.max_staleness)
         with torch.no_grad():
             model.load_state_dict(self._start_shared or self.replica.shared, strict=False)
@@ -396,6 +401,17 @@ class UnitTrainer:
         fraction = req.unit.ternary_fraction if teacher is not None else None
         model.set_ternary_fraction(fraction if fraction and fraction > 0 else None)
         return model, teacher
+
+    def _forget_moments(self, columns: list[int]) -> None:
+        """Drop the optimiser state of ``columns``, restarted from the published weights:
+        their moments follow our own copy's abandoned trajectory (the first step after a
+        hand-over would carry on in its direction); AdamW starts them afresh, its bias
+        correction included."""
+        assert self.model is not None and self.optimizer is not None
+        params = dict(self.model.named_parameters())
+        for c in columns:
+            for name in expert_param_names(self.cfg, c):
+                self.optimizer.state.pop(params[name], None)
 
     def _eager_start(self, scale: float, max_age: int) -> State | None:
         """Eager updates: the synced shared layers minus ``scale`` × each of our shared

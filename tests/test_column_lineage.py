@@ -29,12 +29,16 @@ A, B = 11, 22
 
 def _train(node: UnitTrainer, loop, req, column: int) -> tuple[dict, object]:
     """Train ``req`` on ``node``; returns ``column``'s local copy as the training started
-    (read when the trainer reports its first step) and the result."""
+    (read when the trainer reports its first step, with the optimiser steps its weights'
+    AdamW state has taken then under ``"adam_steps"``) and the result."""
     start: dict = {}
 
     def progress(phase: str, step: int, steps: int, tokens: int) -> None:
         if phase == "train" and step == 0:
             start.update({k: v.clone() for k, v in node.local.columns[column].items()})
+            params = dict(node.model.named_parameters())
+            states = [node.optimizer.state.get(params[k], {}) for k in start]
+            start["adam_steps"] = {int(st["step"]) if st else 0 for st in states}
 
     trained = node.train(req, local_io(loop.state.store, req.unit.unit_id), progress)
     return start, trained
@@ -61,6 +65,7 @@ def test_a_node_starts_a_column_another_node_trained_since_from_the_published_we
         second = lease_unit(loop, A)
         assert list(second.unit.columns) == columns and not second.unit.fresh_columns
         start, _ = _train(node_a, loop, second, column)
+        assert start.pop("adam_steps") == {first.unit.steps}  # its moments carry on too
         assert _same(start, trained.capture.columns[column])
         assert not _same(start, loop.state.columns.published(column))
 
@@ -72,11 +77,16 @@ def test_a_node_starts_a_column_another_node_trained_since_from_the_published_we
         _, by_b = _train(node_b, loop, copy, column)
         assert loop.receive(B, by_b.encode()).accepted
 
-        # A's next unit on them starts from the published weights, B's training in them.
+        # A's next unit on them starts from the published weights, B's training in them,
+        # and forgets its AdamW moments of its own abandoned copy (the same model and
+        # optimiser object: the shared layers' state carries on).
         third = lease_unit(loop, A)
         assert list(third.unit.columns) == columns
         assert list(third.unit.fresh_columns) == columns
+        shared = next(p for n, p in node_a.model.named_parameters() if ".experts." not in n)
         start, trained = _train(node_a, loop, third, column)
+        assert start.pop("adam_steps") == {0}
+        assert int(node_a.optimizer.state[shared]["step"]) == 3 * first.unit.steps
         assert _same(start, loop.state.columns.published_at(column, trained.base))
         assert loop.receive(A, trained.encode()).accepted
     finally:
