@@ -49,6 +49,7 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,7 +70,7 @@ from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.db import leases as db_leases
 from coordinator.db.models import Participant, Result
 from coordinator.federation_settings import FederationSettings, load_federation_settings
-from coordinator.intake import unit_step_sizes
+from coordinator.intake import column_bounds_kind, unit_fresh_columns, unit_step_sizes
 from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.federated.updates import encode_bundle, read_bundle
@@ -120,7 +121,8 @@ class AttackDriver(ReplayDriver):
                 steps = unit_step_sizes(loop.intake.bounds, unit)
             # colluders share one memory: the first one's shared update goes out from all
             memory = self.memory.setdefault("all" if attack == "collude" else nid, {})
-            poison(result, attack, self.coordinator.state, loop.intake.bounds, steps, memory)
+            poison(result, attack, self.coordinator.state, loop.intake.bounds, steps, memory,
+                   fresh=unit_fresh_columns(unit))  # fmt: skip
         return replace(reply, payload=msg.SerializeToString())
 
 
@@ -131,12 +133,14 @@ def poison(
     bounds: UpdateBounds,
     steps: tuple[float, float] = (1.0, 1.0),
     memory=None,
+    fresh: Collection[int] = (),
 ) -> None:
     """Rewrite every update of ``result`` with ``attack``, uploaded to ``state``'s store
     under the result's own lease (so only the defences can stop it); ``steps``: the unit's
     step sizes for its columns and its shared update (``unit_step_sizes``: the bounds
     allow more for a bigger one); ``memory``: the attacker's own record of its earlier
-    updates (``stale``, ``replay``)."""
+    updates (``stale``, ``replay``); ``fresh``: the unit's columns started from the published
+    weights (the bounds measure them against their own history: ``column_bounds_kind``)."""
     memory = {} if memory is None else memory
     parts = [(d.delta, "column", d.column) for d in result.column_deltas]
     parts.append((result.shared_update.blob, "shared", -1))
@@ -152,17 +156,20 @@ def poison(
                 ref.CopyFrom(previous)
             continue
         step = steps[0] if kind == "column" else steps[1]
-        ref.CopyFrom(_rewrite(ref, kind, column, reference, result, attack, state, bounds, step,
-                              memory))  # fmt: skip
+        bar = column_bounds_kind(None, column in fresh) if kind == "column" else kind
+        ref.CopyFrom(_rewrite(ref, kind, column, reference, result, attack, state, bounds,
+                              (bar, step), memory))  # fmt: skip
 
 
 def _rewrite(ref, kind: str, column: int, reference: State, result, attack, state, bounds,
-             step: float, memory: dict):  # fmt: skip
+             bar: tuple[str, float], memory: dict):  # fmt: skip
+    """``ref``'s update rewritten by ``attack``; ``bar``: the bounds' history kind of the
+    update and its unit's step size, what a ``*_bound`` attack stays under."""
     expected = {k: tuple(v.shape) for k, v in reference.items()}
     bundle, tensors = read_bundle(state.store.get(ref.content_id), kind=kind, expected=expected)
     if attack == "collude" and kind == "shared":  # one update from every colluder
         key = ("collude", result.base_version)
-        first = memory.setdefault(key, _flip_to_bound(kind, tensors, reference, bounds, step))
+        first = memory.setdefault(key, _flip_to_bound(bar[0], tensors, reference, bounds, bar[1]))
         uses = memory[("uses", key)] = memory.get(("uses", key), 0) + 1
         # 1 + 1e-4 per use: new bytes each time (an identical blob would be a replay)
         bad = {k: v * (1 + 1e-4 * uses) for k, v in first.items()}
@@ -174,7 +181,7 @@ def _rewrite(ref, kind: str, column: int, reference: State, result, attack, stat
         bad = {k: v * (1 + 1e-4) for k, v in memory.get(("update", kind, column), tensors).items()}
         memory[("update", kind, column)] = tensors
     else:
-        bad = transform(attack, kind, tensors, reference, bounds, step)
+        bad = transform(attack, kind, tensors, reference, bounds, bar)
     codec = "sparse" if _is_sparse(bundle) else "ternary"
     data, _ = encode_bundle(bad, codec, kind=kind, column=column, base_version=result.base_version)
     cid = state.store.put_bytes(data)
@@ -189,15 +196,16 @@ def _is_sparse(bundle) -> bool:
 
 
 def transform(
-    attack: str, kind: str, update: State, reference: State, bounds, step: float = 1.0
+    attack: str, kind: str, update: State, reference: State, bounds, bar: tuple[str, float]
 ) -> State:
-    """The attacker's version of an honest update (``step``: its unit's step size)."""
+    """The attacker's version of an honest ``kind`` update (``bar``: the bounds' history
+    kind it is measured against and its unit's step size)."""
     if attack == "sign_flip":
         return {k: -u for k, u in update.items()}
     if attack == "x1000":
         return {k: 1000.0 * u for k, u in update.items()}
     if attack == "sign_flip_bound":
-        return _flip_to_bound(kind, update, reference, bounds, step)
+        return _flip_to_bound(bar[0], update, reference, bounds, bar[1])
     if attack == "noise":
         return {k: torch.randn_like(u) * (u.norm() / u.numel() ** 0.5) for k, u in update.items()}
     if attack == "column_poison":

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -387,7 +387,7 @@ class PayloadCheck:
         decoded = decode_result(
             self.state, self.ids, unit.base_version, db_leases.result_columns(unit), self.bounds,
             step_sizes=unit_step_sizes(self.bounds, unit) if self.bounds else (1.0, 1.0),
-            column_codec=unit_column_codec(unit),
+            column_codec=unit_column_codec(unit), fresh_columns=unit_fresh_columns(unit),
         )  # fmt: skip
         if self.validator is not None and decoded.columns:
             fraction = (unit.params or {}).get("ternary_fraction")  # stage 4: as trained
@@ -429,6 +429,7 @@ def decode_result(
     bounds: UpdateBounds | None,
     step_sizes: tuple[float, float] = (1.0, 1.0),
     column_codec: str | None = None,
+    fresh_columns: Collection[int] = (),
 ) -> DecodedResult:
     """Fetch and decode a result's blobs from the coordinator's store, validating everything.
 
@@ -436,7 +437,9 @@ def decode_result(
     results accepted before a restart), relative to the unit's step sizes for its columns
     and its shared update (:func:`unit_step_sizes`). ``column_codec`` is the codec the unit
     named for its columns (:func:`unit_column_codec`): column tensors coded otherwise are
-    refused, and trit-flip updates (``trits``) are measured against their own history.
+    refused, and trit-flip updates (``trits``) are measured against their own history, as
+    are the columns the unit started from the published weights (``fresh_columns``,
+    :func:`column_bounds_kind`).
 
     Raises:
         Rejected: with the reason code to store.
@@ -459,10 +462,11 @@ def decode_result(
     expected = {k: tuple(v.shape) for k, v in state.shared.master.items()}
     out.shared = _decode(state, ids.get("shared", ""), "shared", expected)
     if bounds is not None:
-        # Trit flips move a weight by its whole scale: not comparable with FP updates.
-        kind = "ternary column" if column_codec == "trits" else "column"
         columns, shared = step_sizes
-        parts = [(kind, d, references[c], columns) for c, d in out.columns.items()]
+        parts = [
+            (column_bounds_kind(column_codec, c in fresh_columns), d, references[c], columns)
+            for c, d in out.columns.items()
+        ]
         parts.append(("shared", out.shared, state.shared.published, shared))
         for kind, update, reference, step_size in parts:
             try:
@@ -487,6 +491,29 @@ def fp_columns_outlived(state: CoordinatorState, column_codec: str | None) -> bo
     if state.publisher.teacher is None:  # not stage 4 (a stage-3 loop forgets the teacher)
         return False
     return column_codec not in (None, "trits") and state.publisher.column_codec == "trits"
+
+
+def column_bounds_kind(column_codec: str | None, fresh: bool) -> str:
+    """The update bounds' history a column update is measured against
+    (:func:`~coordinator.aggregation.bounds.history_key`).
+
+    Trit flips move a weight by its whole scale: not comparable with FP updates. A column
+    started from the published weights (``WorkUnit.fresh_columns``) sends one unit's
+    training; a column its owner carried on sends its copy's whole distance from the
+    published one (its unsent codec residual, and the master's lag behind its copy when
+    results came stale), a few times more. Where columns change hands often (more nodes
+    than columns) the fresh ones are most of the history, and measured against them the
+    carried-on copies of the same weights were refused as 4-6 x the median.
+    """
+    if column_codec == "trits":
+        return "ternary column"
+    return "fresh column" if fresh else "column"
+
+
+def unit_fresh_columns(unit: WorkUnit) -> frozenset[int]:
+    """The columns ``unit`` starts from the published weights (``WorkUnit.fresh_columns``,
+    :func:`~coordinator.db.leases.claim_columns`)."""
+    return frozenset(int(c) for c in (unit.params or {}).get("fresh_columns", []))
 
 
 def unit_column_codec(unit: WorkUnit) -> str | None:

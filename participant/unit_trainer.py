@@ -124,6 +124,10 @@ class _Local:
     columns: dict[int, State] = field(default_factory=dict)
     residual: State = field(default_factory=dict)
     network: str = ""
+    #: per column, the local copy last sent and what its delta's coding left out of it
+    #: (``copy - published - decoded``): kept if the column restarts from the published
+    #: weights before it trains again (:meth:`UnitTrainer._start_columns`); not saved.
+    unsent: dict[int, tuple[State, State]] = field(default_factory=dict)
 
 
 class UnitTrainer:
@@ -309,17 +313,23 @@ class UnitTrainer:
     def _start_columns(self, columns: list[int], fresh: set[int]) -> list[int]:
         """Local copies of ``columns`` to train: ours, carried over from our last unit on
         them, except where we hold none or the unit says another node trained the column
-        since (``WorkUnit.fresh_columns``): those start from the published weights.
+        since (``WorkUnit.fresh_columns``): those start from the published weights, plus
+        what our last delta of the column did not carry (its coding left it out; the rest
+        of our copy is in the published weights, or another node's training replaced it).
         Returns the columns whose copy of ours was dropped for the published one."""
         dropped = sorted(c for c in fresh.intersection(columns) if c in self.local.columns)
         if dropped:
             log.info("columns %s were trained by another node since: starting them from "
-                     "the published weights", dropped)  # fmt: skip
+                     "the published weights and what our last delta left out", dropped)  # fmt: skip
         with self._local_lock:
             for c in columns:
                 if c not in self.local.columns or c in fresh:
-                    published = self.replica.columns[c]
-                    self.local.columns[c] = {k: v.clone() for k, v in published.items()}
+                    start = {k: v.clone() for k, v in self.replica.columns[c].items()}
+                    sent, unsent = self.local.unsent.pop(c, (None, {}))
+                    if sent is not None and sent is self.local.columns.get(c):
+                        for k, v in unsent.items():  # nothing trained since that delta
+                            start[k] += v
+                    self.local.columns[c] = start
         return dropped
 
     def _synced_ahead(self, req, base: int, columns: list[int], io: BlobIO) -> bool:
@@ -544,10 +554,13 @@ class UnitTrainer:
             delta = {k: trained[k] - published[k] for k in trained}
             codec = req.column_codec or "ternary"
             # trits (stage 4): ternarize(local) as flips from the published trits
-            blob, _ = encode_bundle(
+            blob, decoded = encode_bundle(
                 delta, codec, kind="column", column=c, base_version=base, base=published,
                 digests=False,
             )  # fmt: skip
+            if codec != "trits":  # an FP latent is not what its trits leave out
+                with self._local_lock:
+                    local.unsent[c] = (trained, {k: delta[k] - decoded[k] for k in delta})
             result.column_deltas.add(column=c, delta=io.upload(blob))
         sent = send_with_feedback(
             capture.shared_progress(),

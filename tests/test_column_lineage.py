@@ -20,6 +20,7 @@ from coordinator.db.leases import claim_columns
 from coordinator.db.models import Participant, WorkUnit
 from coordinator.flower.driver import Reply
 from participant.unit_trainer import UnitTrainer
+from shared_model.federated.updates import read_bundle
 from tests.test_federation_intake import local_io
 from tests.test_in_unit_sync import _same
 from tests.test_network_change import lease_unit, network_loop
@@ -89,6 +90,57 @@ def test_a_node_starts_a_column_another_node_trained_since_from_the_published_we
         assert int(node_a.optimizer.state[shared]["step"]) == 3 * first.unit.steps
         assert _same(start, loop.state.columns.published_at(column, trained.base))
         assert loop.receive(A, trained.encode()).accepted
+
+        # The one after carries on again. The update bounds measured the three fresh
+        # starts (one unit's training each) against their own history and the carried-on
+        # copy (its whole distance from the published column) against its own.
+        fourth = lease_unit(loop, A)
+        assert list(fourth.unit.columns) == columns and not fourth.unit.fresh_columns
+        _, trained = _train(node_a, loop, fourth, column)
+        assert loop.receive(A, trained.encode()).accepted
+        counts = {k: len(v) for k, v in loop.intake.bounds.history().items()}
+        weight = "layers.0.ffn.experts.*.w1.weight"
+        assert counts[f"fresh column:{weight}"] == 3 * len(columns)
+        assert counts[f"column:{weight}"] == len(columns)
+    finally:
+        coord.shutdown()
+
+
+def test_a_node_restarting_a_column_keeps_what_its_last_delta_left_out(tiny_moe_seed, tmp_path):
+    """The column codec sends part of ``local - published`` (the sparse codec, top-k); the
+    rest stays in the node's copy. A restart from the published weights keeps that rest,
+    when the node trained the column no further since: published + (copy - base - sent)."""
+    cfg, corpus, _ = tiny_moe_seed
+    coord, loop = network_loop(tiny_moe_seed, tmp_path / "coordinator")
+    try:
+        node_a = UnitTrainer(cfg, corpus.dataset("train"), tmp_path / "a")
+        node_b = UnitTrainer(cfg, corpus.dataset("train"), tmp_path / "b")
+        first = lease_unit(loop, A)
+        column = first.unit.columns[0]
+        _, trained = _train(node_a, loop, first, column)
+        result = trained.encode()
+        assert loop.receive(A, result).accepted
+        ref = next(d.delta for d in result.column_deltas if d.column == column)
+        copy_a = trained.capture.columns[column]
+        shapes = {k: tuple(v.shape) for k, v in copy_a.items()}
+        _, sent = read_bundle(loop.state.store.get(ref.content_id), kind="column", expected=shapes)
+        base = loop.state.columns.published_at(column, trained.base)
+        left_out = {k: copy_a[k] - base[k] - sent[k] for k in copy_a}
+        assert all(float(v.abs().max()) > 0 for v in left_out.values())  # the codec drops some
+
+        # A's next unit fails before it trains; B takes the columns and trains them.
+        second = lease_unit(loop, A)
+        loop._message_units["m-err"] = [second.unit.unit_id]
+        loop._handle_reply(Reply("m-err", A, "train.unit", None, 2, "handler raised", 0.0))
+        _, by_b = _train(node_b, loop, lease_unit(loop, B), column)
+        assert loop.receive(B, by_b.encode()).accepted
+
+        third = lease_unit(loop, A)
+        assert column in third.unit.fresh_columns
+        start, trained = _train(node_a, loop, third, column)
+        start.pop("adam_steps")
+        published = loop.state.columns.published_at(column, trained.base)
+        assert _same(start, {k: published[k] + left_out[k] for k in published})
     finally:
         coord.shutdown()
 

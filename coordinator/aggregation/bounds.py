@@ -18,7 +18,9 @@ against the tensor ``W`` it applies to, as the ratio ``r = ‖u‖ / ‖W‖``, 
    (the robust statistics of recent honest updates; used once
    :data:`MIN_HISTORY` are known, and not for a tensor whose median update is 0, e.g. one
    the participants' trainer never changes). The same weight of every column shares one history
-   (``experts.<n>.`` is one key), so a column's only owner cannot set its own bar.
+   (``experts.<n>.`` is one key), so a column's only owner cannot set its own bar; trit
+   flips, columns started from the published weights and columns carried on by their owner
+   are three kinds of update with a history each (``coordinator.intake.column_bounds_kind``).
 
 The history holds the accepted updates and those refused by rule 2 alone (within rule 1):
 honest updates that outgrow a stale bar (the schedule changes what honest is, and error
