@@ -234,6 +234,17 @@ _KINDS: dict[str, tuple[type, ...]] = {
 }
 
 
+def _quoted_number(value: Any) -> str:
+    """A hint for a number YAML read as a string (``inf``, ``'0.5'``), else ''."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return " (YAML reads this as a string: write numbers unquoted, and infinity as .inf)"
+
+
 def _coerce(name: str, annotation: str, value: Any) -> Any:
     """Check ``value`` against the field's annotation (``int``, ``float | None``, ...)."""
     kind, _, optional = annotation.partition(" | ")
@@ -243,7 +254,9 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, accepted):
         what = {"int": "an integer", "float": "a number", "str": "a string", "Path": "a path"}
         none = " or null" if optional else ""
-        raise FederationSettingsError(f"{name} = {value!r} is invalid: allowed {what[kind]}{none}")
+        raise FederationSettingsError(
+            f"{name} = {value!r} is invalid: allowed {what[kind]}{none}{_quoted_number(value)}"
+        )
     if kind == "float":
         return float(value)
     return Path(value) if kind == "Path" else value

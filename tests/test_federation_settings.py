@@ -104,6 +104,7 @@ def test_command_defaults():
         ("max_staleness: -1\n", "max_staleness = -1 is invalid: allowed a value >= 0"),
         ("outer_momentum: 1.5\n", "outer_momentum = 1.5 is invalid: allowed 0 <= value < 1"),
         ("checkpoint_every: ten\n", "checkpoint_every = 'ten' is invalid: allowed an integer"),
+        ("update_norm_tolerance: inf\n", "write numbers unquoted, and infinity as .inf"),
         ("column_codec: zip\n", "allowed ternary or sparse"),
         ("buffer_size: 2\ntrim: 1\n", "trim = 1 is invalid"),
         ("- a list\n", "must be a mapping"),
