@@ -178,6 +178,8 @@ def _run_torchrun(ctx: StageContext, stage: int) -> Path:
         "--stage", str(stage), "--out", str(ctx.work_dir), "--config", str(config),
         "--data", str(ctx.data.manifest["source"]), "--data-dir", str(ctx.data.root.parent),
     ]  # fmt: skip
+    if ctx.data.manifest.get("max_bytes") is not None:  # the same corpus, not the whole source
+        cmd += ["--max-bytes", str(ctx.data.manifest["max_bytes"])]
     if resume is not None:
         cmd += ["--init", str(resume)]
     if ctx.minutes is not None:

@@ -357,6 +357,7 @@ def prepare_corpus(
     manifest = _write_shards(tmp / "shards", docs, split, tok, vocab_size, shard_tokens)
     manifest.update(
         source=str(source),
+        max_bytes=max_bytes,  # with source, what prepares this corpus again (torchrun ranks)
         fingerprint=fingerprint,
         settings=settings,
         tokenizer_sha256=hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest(),

@@ -138,6 +138,25 @@ def test_stage3_two_ranks_expert_parallel_match_one(tmp_path, cfg, data_dir):
     _weights_close(str(tmp_path / "d" / "stage3.safetensors"), ref_result.checkpoint)
 
 
+@pytest.mark.slow
+@pytest.mark.serial  # torchrun: a TCPStore and gloo ranks on 127.0.0.1
+def test_stage_run_on_two_ranks_trains_on_the_corpus_it_was_given(tmp_path, data_dir):
+    """``perspective stage run 1 --nproc 2 --max-bytes N``: the ranks prepare the same
+    corpus (the first N bytes of the source), not the whole source with another tokenizer."""
+    overrides = [x for item in OVERRIDES for x in ("--set", item)]
+    cmd = [sys.executable, "-m", "shared_model.cli", "stage", "run", "1", "--nproc", "2",
+           "--data", "stdlib", "--data-dir", str(data_dir), "--max-bytes", str(MAX_BYTES),
+           "--out", str(tmp_path), *overrides]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    path = next(
+        line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("path ")
+    )
+    corpus = prepare_corpus("stdlib", 512, data_dir, max_bytes=MAX_BYTES)
+    assert load_checkpoint(path).tokenizer_sha256 == corpus.tokenizer_sha256
+
+
 def test_safetensors_dcp_round_trip(tmp_path, cfg, data_dir):
     """safetensors -> DCP -> safetensors keeps weights, optimiser state and counters."""
     _, result = _reference(
