@@ -156,9 +156,9 @@ def poison(
                 ref.CopyFrom(previous)
             continue
         step = steps[0] if kind == "column" else steps[1]
-        bar = column_bounds_kind(None, column in fresh) if kind == "column" else kind
+        bar_kind = column_bounds_kind(None, column in fresh) if kind == "column" else kind
         ref.CopyFrom(_rewrite(ref, kind, column, reference, result, attack, state, bounds,
-                              (bar, step), memory))  # fmt: skip
+                              (bar_kind, step), memory))  # fmt: skip
 
 
 def _rewrite(ref, kind: str, column: int, reference: State, result, attack, state, bounds,

@@ -299,10 +299,8 @@ class PreparedCorpus:
         return ds if doc_ids is None else ds.subset(doc_ids)
 
 
-def corpus_name(data: PreparedCorpus | None) -> str:
-    """``corpus <source>`` for messages (``the datasets given`` without a prepared corpus)."""
-    if data is None:
-        return "the datasets given"
+def corpus_name(data: PreparedCorpus) -> str:
+    """``corpus <source>``, for messages."""
     return f"corpus {data.manifest.get('source') or data.root}"
 
 

@@ -103,15 +103,10 @@ def test_a_checkpoint_that_records_no_tokenizer_is_accepted(corpora, tmp_path):
     save_checkpoint(old, PerspectiveModel(cfg, moe=True), cfg, stage=2, step=0)
     assert load_checkpoint(old).tokenizer_sha256 is None
     b = corpora["prepared"]["b"]
-    setup = setup_stage(cfg, 3, str(old), tokenizer_sha256=b.tokenizer_sha256)
+    setup = setup_stage(cfg, 3, str(old), corpus=b)
     assert setup.tokenizer_sha256 == b.tokenizer_sha256
     with pytest.raises(CheckpointError, match=MISMATCH):
-        setup_stage(
-            cfg,
-            3,
-            str(corpora["tmp"] / "s2" / "stage2.safetensors"),
-            tokenizer_sha256=b.tokenizer_sha256,
-        )
+        setup_stage(cfg, 3, str(corpora["tmp"] / "s2" / "stage2.safetensors"), corpus=b)
 
 
 def test_a_distributed_checkpoint_round_trip_keeps_the_tokenizer(corpora, tmp_path):

@@ -29,6 +29,7 @@ from coordinator.central.checkpoint import (
     load_checkpoint,
 )
 from shared_model.config import PerspectiveConfig
+from shared_model.data import PreparedCorpus, corpus_name
 from shared_model.losses import RankSum
 from shared_model.model import PerspectiveModel
 from shared_model.stage_loss import Distillation, stage_loss
@@ -89,8 +90,7 @@ def setup_stage(
     stage: int,
     init: str | None,
     *,
-    tokenizer_sha256: str | None = None,
-    corpus: str = "the corpus",
+    corpus: PreparedCorpus | None = None,
 ) -> StageSetup:
     """Build the model (and teacher) for ``stage`` from an optional checkpoint path.
 
@@ -98,9 +98,8 @@ def setup_stage(
         cfg: the run's config.
         stage: 1-4.
         init: checkpoint to start from (None: stage 1 from scratch).
-        tokenizer_sha256: the training corpus's tokenizer (None: unknown); the init
-            checkpoint and a stage-4 teacher must have been trained with it.
-        corpus: what that tokenizer belongs to, for the error message.
+        corpus: the training corpus (None: datasets without one, tokenizer unknown); the
+            init checkpoint and a stage-4 teacher must have been trained with its tokenizer.
 
     Raises:
         StageError: wrong stage or init checkpoint of the wrong stage.
@@ -108,15 +107,17 @@ def setup_stage(
     """
     ckpt = load_checkpoint(init) if init is not None else None
     _check_init(stage, ckpt, cfg)
+    tokenizer_sha256 = corpus.tokenizer_sha256 if corpus is not None else None
+    against = corpus_name(corpus) if corpus is not None else "the datasets given"
     if ckpt is not None:
-        check_tokenizer(ckpt.tokenizer_sha256, tokenizer_sha256, checkpoint=init, against=corpus)
+        check_tokenizer(ckpt.tokenizer_sha256, tokenizer_sha256, checkpoint=init, against=against)
         tokenizer_sha256 = tokenizer_sha256 or ckpt.tokenizer_sha256
-    setup = _build_stage(cfg, stage, init, ckpt, tokenizer_sha256, corpus)
+    setup = _build_stage(cfg, stage, init, ckpt, tokenizer_sha256, against)
     setup.tokenizer_sha256 = tokenizer_sha256
     return setup
 
 
-def _build_stage(cfg, stage, init, ckpt, tokenizer_sha256, corpus) -> StageSetup:
+def _build_stage(cfg, stage, init, ckpt, tokenizer_sha256, against) -> StageSetup:
     if stage == 1:
         if ckpt is None:
             return StageSetup(PerspectiveModel(cfg, moe=False), None, None)
@@ -139,7 +140,7 @@ def _build_stage(cfg, stage, init, ckpt, tokenizer_sha256, corpus) -> StageSetup
             teacher_ckpt.tokenizer_sha256,
             tokenizer_sha256,
             checkpoint=teacher_path,
-            against=corpus,
+            against=against,
         )
         teacher = _load_model(cfg, teacher_ckpt, True)
     teacher = copy.deepcopy(teacher).eval().requires_grad_(False)

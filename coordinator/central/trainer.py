@@ -27,7 +27,7 @@ import torch
 from coordinator.central.checkpoint import restore, save_checkpoint
 from coordinator.central.stages import StageError, compute_loss, setup_stage
 from shared_model.config import PerspectiveConfig
-from shared_model.data import DocumentDataset, PreparedCorpus, corpus_name, prepare_corpus
+from shared_model.data import DocumentDataset, PreparedCorpus, prepare_corpus
 from shared_model.schedule import build_optimizer, set_scheduled_lr, ternary_fraction_at
 
 EVAL_SEED = 1_000_003  # validation batches never depend on the training seed
@@ -223,13 +223,7 @@ def train_stage(
     device = torch.device(device) if device is not None else default_device()
     train_ds, val_ds, data = _datasets(cfg, data, train_data, val_data)
     init = str(init) if init is not None else None
-    setup = setup_stage(
-        cfg,
-        stage,
-        init,
-        tokenizer_sha256=data.tokenizer_sha256 if data is not None else None,
-        corpus=corpus_name(data),
-    )
+    setup = setup_stage(cfg, stage, init, corpus=data)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to fit
     if stage == 2:

@@ -175,7 +175,6 @@ def latest_dcp(out_dir: str | Path, stage: int) -> Path | None:
 
 def _resolve_init(cfg, stage: int, init, out_dir: Path, env: DistEnv, data: PreparedCorpus):
     """(setup, DCP dir to resume or None) for ``init`` (safetensors file or DCP dir)."""
-    tokenizer = {"tokenizer_sha256": data.tokenizer_sha256, "corpus": corpus_name(data)}
     if init is not None and Path(init).is_dir():
         meta = ckp.read_meta(init)
         if int(meta["stage"]) != stage or meta["config"]["model"] != cfg.to_dict()["model"]:
@@ -184,16 +183,14 @@ def _resolve_init(cfg, stage: int, init, out_dir: Path, env: DistEnv, data: Prep
                 f"give a stage-{stage} checkpoint of this model (or a safetensors one)"
             )
         recorded = meta.get("tokenizer_sha256")
-        check_tokenizer(
-            recorded, tokenizer["tokenizer_sha256"], checkpoint=init, against=tokenizer["corpus"]
-        )
+        check_tokenizer(recorded, data.tokenizer_sha256, checkpoint=init, against=corpus_name(data))
         if stage == 4:  # the weights are overwritten by the resume; the teacher is not
             teacher = meta.get("extra", {}).get("teacher")
-            return setup_stage(cfg, 4, teacher, **tokenizer), Path(init)
+            return setup_stage(cfg, 4, teacher, corpus=data), Path(init)
         setup = StageSetup(PerspectiveModel(cfg, moe=stage >= 3), None, None)
         setup.tokenizer_sha256 = data.tokenizer_sha256 or recorded
         return setup, Path(init)
-    setup = setup_stage(cfg, stage, str(init) if init is not None else None, **tokenizer)
+    setup = setup_stage(cfg, stage, str(init) if init is not None else None, corpus=data)
     if setup.resume is None:
         return setup, None
     # Same-stage safetensors checkpoint: convert once (rank 0) and resume from the DCP copy.
