@@ -154,6 +154,10 @@ def test_traffic_per_sync(full_plan):
     )
     assert t.syncs == pytest.approx(2e11 / 128 / (h * 512 * 4096))
     assert full_plan.stage(1).traffic is None
+    # A node fetches the shared layers and 4 of 128 columns: 157 GB in FP32 is 1.2 bits per
+    # parameter of the whole model (issue 15's join target is 3; tiny, 8 columns: 14-18).
+    assert t.join_bits_per_param == pytest.approx(8 * t.initial_download / c.moe_total)
+    assert 1.1 < t.join_bits_per_param < 1.3
 
 
 def test_coordinator_host_at_1000_and_100000_participants(full_plan):
@@ -248,6 +252,7 @@ def test_cli_json(cli):
     assert [s["stage"]["number"] for s in data["stages"]] == [1, 3, 4, 5]
     seed = {s["key"]: s for s in data["seed"]}
     assert round_sig(seed["stage1_flops"]["computed"], 2) == 4.1e22
+    assert 1.1 < data["stages"][1]["traffic"]["join_bits_per_param"] < 1.3
     hosts = data["stages"][1]["coordinator_host"]
     assert [h["participants"] for h in hosts] == [1_000, 100_000]
     assert all(h["ram"] > 40e12 and h["disk"] > 0 for h in hosts)

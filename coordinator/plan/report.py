@@ -166,6 +166,7 @@ def traffic_section(plan: Plan) -> Section:
             "stage",
             "columns",
             "join download",
+            "join bits/param",
             "per sync up",
             "per sync down",
             "syncs",
@@ -183,6 +184,7 @@ def traffic_section(plan: Plan) -> Section:
                 str(s.stage.number),
                 str(t.columns),
                 fmt_gb(t.initial_download),
+                f"{t.join_bits_per_param:.2f}",
                 fmt_gb(t.per_sync_up),
                 fmt_gb(t.per_sync_down),
                 f"{t.syncs:,.1f}",
@@ -195,7 +197,8 @@ def traffic_section(plan: Plan) -> Section:
         f"bits/param: joined column {cb.column_bits:g} (FP32 checkpoint; stage 4's ternary "
         f"experts join as trits, ~1.7: --column-bits), column delta "
         f"{cb.delta_bits:g}, shared pseudo-gradient {cb.shared_bits:g}, shared join "
-        f"{cb.shared_initial_bits:g}"
+        f"{cb.shared_initial_bits:g}; join bits/param: the join download per parameter of the "
+        f"whole model"
     )
     return sec
 

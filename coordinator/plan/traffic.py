@@ -51,6 +51,9 @@ class TrafficEstimate:
         syncs: shared syncs in the stage (its share of the stage's tokens / sync_tokens).
         initial_download: bytes to join (columns at ``column_bits``, shared layers at
             ``shared_initial_bits``).
+        join_bits_per_param: ``initial_download`` in bits per parameter of the whole
+            model, the unit ``federation_bench.py`` and the demo report a join in (a node
+            fetches the shared layers and its own columns only).
         per_sync_up: bytes uploaded per sync.
         per_sync_down: bytes downloaded per sync.
         compute_s_per_sync: seconds of training between syncs on its GPU.
@@ -61,6 +64,7 @@ class TrafficEstimate:
     sync_tokens: float
     syncs: float
     initial_download: float
+    join_bits_per_param: float
     per_sync_up: float
     per_sync_down: float
     compute_s_per_sync: float
@@ -117,6 +121,7 @@ def estimate_traffic(
         sync_tokens=float(sync_tokens),
         syncs=stage_tokens / participants / sync_tokens,
         initial_download=initial,
+        join_bits_per_param=8 * initial / counts.moe_total,
         per_sync_up=up,
         per_sync_down=up,
         compute_s_per_sync=sync_tokens * flops_per_token / flops_per_second,
