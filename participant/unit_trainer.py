@@ -53,6 +53,11 @@ log = logging.getLogger(__name__)
 State = dict[str, torch.Tensor]
 #: ``progress(phase, step, total_steps, tokens)``: phase is "sync", "train" or "upload".
 ProgressFn = Callable[[str, int, int, int], None]
+#: The dtype of what a node keeps beside its replica to correct where a unit starts: its
+#: shared pseudo-gradients in transit (eager updates) and what a column's last delta left
+#: out (:attr:`_Local.unsent`). Corrections, not replicas: bf16 halves what each of those
+#: copies costs (on ``full`` 27 GB of shared layers a result in transit, in FP32).
+CORRECTION_DTYPE = torch.bfloat16
 
 
 class UnitError(RuntimeError):
@@ -113,7 +118,7 @@ class _InTransit:
 
     unit_id: str
     base: int  # the version its unit trained from: only later versions can apply it
-    pseudo: State
+    pseudo: State  # in CORRECTION_DTYPE
 
 
 @dataclass
@@ -125,8 +130,9 @@ class _Local:
     residual: State = field(default_factory=dict)
     network: str = ""
     #: per column, the local copy last sent and what its delta's coding left out of it
-    #: (``copy - published - decoded``): kept if the column restarts from the published
-    #: weights before it trains again (:meth:`UnitTrainer._start_columns`); not saved.
+    #: (``copy - published - decoded``, in ``CORRECTION_DTYPE``): kept if the column
+    #: restarts from the published weights before it trains again
+    #: (:meth:`UnitTrainer._start_columns`); not saved.
     unsent: dict[int, tuple[State, State]] = field(default_factory=dict)
 
 
@@ -281,6 +287,7 @@ class UnitTrainer:
         trained = TrainedUnit(self, req, io, base, self._capture(model, columns))
         if req.eager_scale > 0:
             progress = trained.capture.shared_progress()
+            progress = {k: v.to(CORRECTION_DTYPE) for k, v in progress.items()}
             self._in_transit.append(_InTransit(unit.unit_id, base, progress))
         self.tokens_per_s = tokens / max(t_train, 1e-9)
         result = trained.result
@@ -328,7 +335,7 @@ class UnitTrainer:
                     sent, unsent = self.local.unsent.pop(c, (None, {}))
                     if sent is not None and sent is self.local.columns.get(c):
                         for k, v in unsent.items():  # nothing trained since that delta
-                            start[k] += v
+                            start[k] += v.to(start[k].dtype)
                     self.local.columns[c] = start
         return dropped
 
@@ -445,7 +452,7 @@ class UnitTrainer:
             return None
         start = dict(self.replica.shared)
         for t in self._in_transit:
-            start = {k: v - scale * t.pseudo[k] for k, v in start.items()}
+            start = {k: v - scale * t.pseudo[k].to(v.dtype) for k, v in start.items()}
         return start
 
     def _teacher_model(self, columns: list[int]) -> PerspectiveModel:
@@ -560,7 +567,8 @@ class UnitTrainer:
             )  # fmt: skip
             if codec != "trits":  # an FP latent is not what its trits leave out
                 with self._local_lock:
-                    local.unsent[c] = (trained, {k: delta[k] - decoded[k] for k in delta})
+                    left_out = {k: (delta[k] - decoded[k]).to(CORRECTION_DTYPE) for k in delta}
+                    local.unsent[c] = (trained, left_out)
             result.column_deltas.add(column=c, delta=io.upload(blob))
         sent = send_with_feedback(
             capture.shared_progress(),

@@ -22,7 +22,7 @@ from coordinator.blob_uploads import UploadLedger
 from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.db.stats import result_staleness
 from coordinator.federation_settings import FederationSettings, FederationSettingsError
-from participant.unit_trainer import BlobIO, UnitTrainer
+from participant.unit_trainer import CORRECTION_DTYPE, BlobIO, UnitTrainer
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 from tests.test_network_change import lease_unit
 
@@ -73,9 +73,11 @@ def _run(trainer, loop, req):
 
 
 def _progress(trained) -> dict[str, torch.Tensor]:
-    """What the unit's shared layers moved: its start minus its end."""
+    """What the unit's shared layers moved: its start minus its end, as the node keeps it
+    while the result travels (in bf16: a correction, not a replica)."""
     c = trained.capture
-    return {k: start - c.shared[k] for k, start in c.published_shared.items()}
+    moved = {k: start - c.shared[k] for k, start in c.published_shared.items()}
+    return {k: v.to(CORRECTION_DTYPE).float() for k, v in moved.items()}
 
 
 def _close(a: dict, b: dict) -> bool:
