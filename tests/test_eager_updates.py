@@ -22,6 +22,8 @@ from coordinator.blob_uploads import UploadLedger
 from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.db.stats import result_staleness
 from coordinator.federation_settings import FederationSettings, FederationSettingsError
+from coordinator.plan.params import count_params
+from coordinator.plan.participant_host import estimate_participant_host
 from participant.unit_trainer import CORRECTION_DTYPE, BlobIO, UnitTrainer
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 from tests.test_network_change import lease_unit
@@ -166,3 +168,28 @@ def test_the_staleness_grace_reaches_the_state_serve_and_demo_build(tiny_moe_see
 def test_eager_updates_setting_is_checked():
     with pytest.raises(FederationSettingsError, match="eager_updates"):
         FederationSettings(eager_updates=-1)
+
+
+def _nbytes(*states: dict) -> int:
+    return sum(t.numel() * t.element_size() for state in states for t in state.values())
+
+
+def test_the_planner_counts_what_a_node_keeps_between_units(loop, trainer, tiny_moe_seed):
+    """``perspective plan``'s participant host RAM is what the trainer really holds: the
+    replica, its local copies, the shared residual and the bf16 corrections."""
+    _run(trainer, loop, _lease(loop))
+    _run(trainer, loop, _lease(loop))  # two results in transit, neither applied yet
+    local, in_transit = trainer.local, trainer._in_transit
+    assert len(in_transit) == 2 and local.unsent
+    plan = estimate_participant_host(
+        count_params(tiny_moe_seed[0]),
+        stage=3,
+        columns=len(trainer.replica.columns),
+        results_in_transit=len(in_transit),
+    )
+    assert plan.replica == _nbytes(trainer.replica.shared, *trainer.replica.columns.values())
+    assert plan.local_columns == _nbytes(*local.columns.values())
+    assert plan.residual == _nbytes(local.residual)
+    unsent = [left_out for _, left_out in local.unsent.values()]
+    assert plan.corrections == _nbytes(*unsent, *(t.pseudo for t in in_transit))
+    assert plan.teacher == 0

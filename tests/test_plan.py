@@ -160,6 +160,20 @@ def test_traffic_per_sync(full_plan):
     assert 1.1 < t.join_bits_per_param < 1.3
 
 
+def test_participant_host_ram(full_plan):
+    """A full-size volunteer with 4 columns, as built: FP32 replica, local copies and
+    residual, bf16 corrections, and stage 4's teacher (the code's side of these figures:
+    test_eager_updates.py::test_the_planner_counts_what_a_node_keeps_between_units)."""
+    c = count_params(FULL)
+    shared, held = c.shared + c.routers, 4 * c.column
+    s3, s4 = full_plan.stage(3).participant_host, full_plan.stage(4).participant_host
+    assert s3.replica == 4 * (shared + held) and s3.local_columns == 4 * held
+    assert s3.residual == 4 * shared and s3.corrections == 2 * (held + 2 * shared)
+    assert s3.teacher == 0 and s4.teacher == s4.replica
+    assert 400e9 < s3.total < 410e9 and s4.total == s3.total + s4.teacher
+    assert full_plan.stage(1).participant_host is None
+
+
 def test_coordinator_host_at_1000_and_100000_participants(full_plan):
     """The full model's coordinator, as built: what one process would hold and move."""
     c, cb = count_params(FULL), CodecBits()
@@ -253,6 +267,7 @@ def test_cli_json(cli):
     seed = {s["key"]: s for s in data["seed"]}
     assert round_sig(seed["stage1_flops"]["computed"], 2) == 4.1e22
     assert 1.1 < data["stages"][1]["traffic"]["join_bits_per_param"] < 1.3
+    assert 400e9 < data["stages"][1]["participant_host"]["total"] < 410e9
     hosts = data["stages"][1]["coordinator_host"]
     assert [h["participants"] for h in hosts] == [1_000, 100_000]
     assert all(h["ram"] > 40e12 and h["disk"] > 0 for h in hosts)
@@ -262,6 +277,7 @@ def test_cli_markdown_small(cli):
     r = cli("--preset", "small", "--format", "markdown", "--tokens", "3=1e9")
     assert r.exit_code == 0, r.output
     assert "### Compute per stage" in r.output and "Seed figures" not in r.output
+    assert "### Participant host RAM per federated stage" in r.output
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from coordinator.plan.coordinator_host import HostEstimate, HostSettings, estima
 from coordinator.plan.hardware import GPUS, GpuSpec, PlanError, require_positive
 from coordinator.plan.memory import MemoryEstimate, MemoryLayout, estimate_memory
 from coordinator.plan.params import ParamCounts, count_params
+from coordinator.plan.participant_host import ParticipantHostEstimate, estimate_participant_host
 from coordinator.plan.traffic import CodecBits, TrafficEstimate, estimate_traffic
 from shared_model.config import PerspectiveConfig
 
@@ -153,6 +154,7 @@ class StagePlan:
     memory: MemoryEstimate
     traffic: TrafficEstimate | None
     hosts: list[HostEstimate] = field(default_factory=list)
+    participant_host: ParticipantHostEstimate | None = None
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,9 @@ def _plan_stage(
                       stage_gpu_hours=gpu_hours, settings=st.host)
         for n in st.host.fleets
     ]  # fmt: skip
+    participant = None if traffic is None else estimate_participant_host(
+        counts, stage=stage.number, columns=traffic.columns
+    )  # fmt: skip
     dense = stage.mode == "dense"
     trained = {"all": counts.dense_total if dense else counts.moe_active, "router": counts.routers}
     return StagePlan(
@@ -274,6 +279,7 @@ def _plan_stage(
         memory=estimate_memory(cfg, counts, stage.number, st.gpu, st.layout, st.gpus),
         traffic=traffic,
         hosts=hosts,
+        participant_host=participant,
     )
 
 

@@ -203,6 +203,33 @@ def traffic_section(plan: Plan) -> Section:
     return sec
 
 
+def participant_host_section(plan: Plan) -> Section:
+    """A participant's host RAM per federated stage, beside its device's model and optimiser."""
+    sec = Section(
+        "Participant host RAM per federated stage (as built, beside the model on its GPU)",
+        ["stage", "columns", "replica", "local copies", "residual", "corrections (bf16)",
+         "teacher", "total"],
+    )  # fmt: skip
+    for s in plan.stages:
+        p = s.participant_host
+        if p is None:
+            continue
+        sec.rows.append(
+            [str(s.stage.number), str(p.columns)]
+            + [fmt_gb(v) for v in (p.replica, p.local_columns, p.residual, p.corrections)]
+            + [fmt_gb(p.teacher) if p.teacher else "-", fmt_gb(p.total)]
+        )
+    sec.notes.append(
+        "replica: published shared layers and held columns (FP32, digest-checked); local "
+        "copies: the node's own trained columns (FP32); residual: the shared error feedback "
+        "(FP32); corrections: each column's unsent remainder and 2 shared pseudo-gradients "
+        "in transit (eager updates); teacher: stage 4's boundary shared layers and columns. "
+        "While a result is encoded beside the next unit, about one more copy of the shared "
+        "layers and the unit's columns"
+    )
+    return sec
+
+
 def host_section(plan: Plan) -> Section:
     """The coordinator's own RAM, disk and bandwidth per federated stage and fleet size."""
     sec = Section(
@@ -304,6 +331,8 @@ def build_sections(
     secs = [params_section(plan, param_cmp), stages_section(plan), memory_section(plan)]
     if any(s.traffic for s in plan.stages):
         secs.append(traffic_section(plan))
+    if any(s.participant_host for s in plan.stages):
+        secs.append(participant_host_section(plan))
     if any(s.hosts for s in plan.stages):
         secs.append(host_section(plan))
     if fits:
@@ -347,7 +376,8 @@ def print_tables(sections: list[Section], console: Any = None) -> None:
 
 def stage_dict(s: StagePlan) -> dict[str, Any]:
     """One stage's figures as plain JSON-able data."""
-    out = {k: v for k, v in asdict(s).items() if k not in ("memory", "traffic")}
+    skip = ("memory", "traffic", "participant_host")
+    out = {k: v for k, v in asdict(s).items() if k not in skip}
     out["memory"] = {
         "components": s.memory.components,
         "total": s.memory.total,
@@ -362,6 +392,11 @@ def stage_dict(s: StagePlan) -> dict[str, Any]:
             **asdict(s.traffic),
             "per_sync": s.traffic.per_sync,
             "per_stage": s.traffic.per_stage,
+        }
+    if s.participant_host is not None:
+        out["participant_host"] = {
+            **asdict(s.participant_host),
+            "total": s.participant_host.total,
         }
     if s.hosts:
         out["coordinator_host"] = [{**asdict(h), "ram": h.ram, "disk": h.disk} for h in s.hosts]
