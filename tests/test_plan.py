@@ -160,6 +160,17 @@ def test_traffic_per_sync(full_plan):
     assert 1.1 < t.join_bits_per_param < 1.3
 
 
+def test_column_bits_plan_stage_4_joins_only():
+    """Stage 3's columns are FP latents: a node joins them in FP32 whatever --column-bits
+    says; stage 4's experts join as trits once they are all ternary."""
+    c = count_params(FULL)
+    plan = build_plan(FULL, PlanSettings(codec=CodecBits(column_bits=1.74)))
+    s3, s4 = plan.stage(3).traffic, plan.stage(4).traffic
+    assert s3.initial_download == pytest.approx((4 * c.column * 32 + c.shared * 32) / 8)
+    assert s4.initial_download == pytest.approx((4 * c.column * 1.74 + c.shared * 32) / 8)
+    assert 0.25 < s4.join_bits_per_param < 0.27
+
+
 def test_participant_host_ram(full_plan):
     """A full-size volunteer with 4 columns, as built: FP32 replica, local copies and
     residual, bf16 corrections, and stage 4's teacher (the code's side of these figures:

@@ -245,6 +245,7 @@ def _plan_stage(
         traffic = estimate_traffic(
             counts,
             st.codec,
+            stage=stage.number,
             columns=st.layout.experts_per_rank,
             stage_tokens=tokens,
             participants=st.volunteers,

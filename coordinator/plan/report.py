@@ -8,6 +8,7 @@ from typing import Any
 from coordinator.plan.compute import Plan, StagePlan
 from coordinator.plan.memory import GB, FitOption
 from coordinator.plan.seed import Comparison, stage1_rate_check
+from coordinator.plan.traffic import STAGE3_COLUMN_BITS
 
 
 @dataclass
@@ -194,11 +195,11 @@ def traffic_section(plan: Plan) -> Section:
             ]
         )
     sec.notes.append(
-        f"bits/param: joined column {cb.column_bits:g} (FP32 checkpoint; stage 4's ternary "
-        f"experts join as trits, ~1.7: --column-bits), column delta "
-        f"{cb.delta_bits:g}, shared pseudo-gradient {cb.shared_bits:g}, shared join "
-        f"{cb.shared_initial_bits:g}; join bits/param: the join download per parameter of the "
-        f"whole model"
+        f"bits/param: joined column {STAGE3_COLUMN_BITS:g} in stage 3 (FP32 latents), "
+        f"{cb.column_bits:g} in stage 4 (FP32 until its experts are all ternary, then trits, "
+        f"~1.7: --column-bits), column delta {cb.delta_bits:g}, shared pseudo-gradient "
+        f"{cb.shared_bits:g}, shared join {cb.shared_initial_bits:g}; join bits/param: the "
+        f"join download per parameter of the whole model"
     )
     return sec
 

@@ -9,11 +9,12 @@ framing; 1.58 at TWN's 0.7), and downloads
 about the same: the versions published since the one it holds (their shared part and its
 columns' deltas). Joining downloads its columns and the shared layers as an FP32 checkpoint
 (``column_bits`` = ``shared_initial_bits`` = 32): the replica must be bit-identical to the
-published state for the version chain's digests to hold. Once stage 4's experts are ternary
-its checkpoints carry them as trits, losslessly (1.74 bits per column parameter on ``tiny``,
-``shared_model/federated/checkpoint_parts.py``): plan such a join with ``column_bits`` ≈ 1.7
-(the stage-4 teacher, FP, is fetched only by a node whose replica never held the stage's
-boundary version). Stage 4's all-ternary tail sends
+published state for the version chain's digests to hold. Stage 3's columns are FP latents,
+so its join is FP32 whatever ``column_bits`` says (``STAGE3_COLUMN_BITS``). Once stage 4's
+experts are ternary its checkpoints carry them as trits, losslessly (1.74 bits per column
+parameter on ``tiny``, ``shared_model/federated/checkpoint_parts.py``): plan such a stage-4
+join with ``column_bits`` ≈ 1.7 (the stage-4 teacher, FP, is fetched only by a node whose
+replica never held the stage's boundary version). Stage 4's all-ternary tail sends
 columns as trit flips (0.27-0.37 bits per column parameter measured, after a one-time switch
 of about 1.3); ``delta_bits`` stands for both.
 """
@@ -25,12 +26,15 @@ from dataclasses import dataclass
 from coordinator.plan.hardware import require_positive
 from coordinator.plan.params import ParamCounts
 
+#: Bits per parameter of a column a node joins stage 3 with: FP latents, FP32 as built.
+STAGE3_COLUMN_BITS = 32.0
+
 
 @dataclass(frozen=True)
 class CodecBits:
     """Bits per parameter the codec achieves for each kind of payload."""
 
-    column_bits: float = 32.0
+    column_bits: float = 32.0  # stage 4's joins (stage 3's: STAGE3_COLUMN_BITS)
     delta_bits: float = 0.38
     shared_bits: float = 1.4
     shared_initial_bits: float = 32.0
@@ -85,6 +89,7 @@ def estimate_traffic(
     counts: ParamCounts,
     codec: CodecBits,
     *,
+    stage: int,
     columns: int,
     stage_tokens: float,
     participants: int,
@@ -98,6 +103,7 @@ def estimate_traffic(
     Args:
         counts: parameter counts of the model.
         codec: bits per parameter of each payload.
+        stage: 3 or 4 (a stage-3 join carries FP32 columns, ``STAGE3_COLUMN_BITS``).
         columns: expert columns the participant holds.
         stage_tokens: tokens of the whole stage (shared evenly by the participants).
         participants: number of volunteers.
@@ -112,9 +118,9 @@ def estimate_traffic(
         require_positive(name, value)
     require_positive("volunteer_mbps", link_mbps)
     up = (columns * counts.column * codec.delta_bits + counts.shared * codec.shared_bits) / 8
-    initial = (
-        columns * counts.column * codec.column_bits + counts.shared * codec.shared_initial_bits
-    ) / 8
+    column_bits = STAGE3_COLUMN_BITS if stage == 3 else codec.column_bits
+    initial = columns * counts.column * column_bits + counts.shared * codec.shared_initial_bits
+    initial /= 8
     link_bytes_per_s = link_mbps * 1e6 / 8
     return TrafficEstimate(
         columns=columns,
