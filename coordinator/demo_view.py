@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,19 @@ from coordinator.db.stats import (
 from coordinator.traffic import per_sync_bits
 from shared_model.config import PerspectiveConfig
 
+#: The view's width when stdout is not a terminal (``make demo | tee demo.log``, CI) and
+#: ``COLUMNS`` does not say: rich's default of 80 folds the summary's nine columns into
+#: slivers one word wide.
+LOG_WIDTH = 160
+
+
+def view_width() -> int | None:
+    """The console width: the terminal's (``None``: rich measures it), ``COLUMNS``, or
+    :data:`LOG_WIDTH` for a log."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return None
+    return LOG_WIDTH
+
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
@@ -30,7 +45,7 @@ class DemoView:
 
     def __init__(self, cfg: PerspectiveConfig, n_participants: int) -> None:
         self.cfg, self.n = cfg, n_participants
-        self.console = Console()
+        self.console = Console(width=view_width())
         self.live: Live | None = None
         self.loop = None
         self.stage = 0
