@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -32,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.central.checkpoint import sha256_file
@@ -143,12 +141,6 @@ def _train_runner(stage: int) -> Callable[[StageContext], Path]:
 
         from coordinator.central.trainer import train_stage
 
-        # Seed every generator the checkpoint records, so a job is a pure function of
-        # its inputs (same weights as the CLI, and the same RNG state whether it ran
-        # uninterrupted or was killed and resumed).
-        torch.manual_seed(ctx.cfg.train.seed)
-        np.random.seed(ctx.cfg.train.seed)
-        random.seed(ctx.cfg.train.seed)
         result = train_stage(
             ctx.cfg,
             stage,

@@ -136,3 +136,28 @@ def test_bad_requests_raise_before_any_job(tmp_path, data_dir):
     assert list(registered_stages())[:4] == ["1", "2", "3", "4"]
     with transaction(factory) as session:
         assert list_stage_jobs(session).total == 0
+
+
+@pytest.mark.slow
+def test_the_cli_and_a_stage_job_write_the_same_checkpoint(tmp_path, config_file, data_dir):
+    """``perspective train`` and ``perspective stage run`` seed every generator the
+    checkpoint records: each in its own process, they write the same weights, optimiser
+    state and RNG states (numpy's and python's were unseeded in the CLI, so its
+    checkpoint differed from every other run's)."""
+    job = subprocess.run(
+        _cli(tmp_path / "job", config_file, data_dir), env=_env(), capture_output=True, text=True
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    from_job = load_checkpoint(
+        tmp_path / "job" / "checkpoints" / f"{_output(job.stdout)}.safetensors"
+    )
+    train = [
+        sys.executable, "-m", "shared_model.cli", "train", "--stage", "1", "--config",
+        str(config_file), "--out", str(tmp_path / "cli"), "--data-dir", str(data_dir),
+        "--max-bytes", str(MAX_BYTES),
+    ]  # fmt: skip
+    cli = subprocess.run(train, env=_env(), capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    from_cli = load_checkpoint(tmp_path / "cli" / "stage1.safetensors")
+    assert from_cli.meta["tensor_sha256"] == from_job.meta["tensor_sha256"]
+    assert from_cli.meta["rng"] == from_job.meta["rng"]

@@ -125,6 +125,17 @@ def test_resume_is_bit_identical(tmp_path, cfg, data, pipeline, stage):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_is_a_function_of_its_inputs(tmp_path, cfg, data, pipeline):
+    """Stage 1 again, after other runs moved every global generator: the same weights,
+    optimiser and recorded RNG states as the pipeline's (``train_stage`` seeds them itself;
+    a benchmark calling it twice in one process got two different models)."""
+    torch.rand(7), __import__("random").random(), __import__("numpy").random.rand()
+    again = load_checkpoint(train_stage(cfg, 1, tmp_path, data=data).checkpoint)
+    first = load_checkpoint(pipeline[1][1].checkpoint)
+    assert again.meta["tensor_sha256"] == first.meta["tensor_sha256"]
+    assert again.meta["rng"] == first.meta["rng"]
+
+
 def test_time_budget_stops_cleanly(tmp_path, cfg, data):
     r = train_stage(cfg, 1, tmp_path, data=data, minutes=0.0)
     assert r.stopped_early and r.steps == 0

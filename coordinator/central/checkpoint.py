@@ -332,6 +332,19 @@ def _restore_optimizer(
                 optimizer.state[p] = state
 
 
+def seed_generators(seed: int) -> None:
+    """Seed every generator a checkpoint records (torch, numpy, python ``random``), so a
+    run is a pure function of its inputs: the same weights and recorded states from
+    ``perspective train``, a stage job, a benchmark or a torchrun rank, and the same
+    whether a run went through or was killed and resumed. The batches come from explicit
+    generators (``DocumentDataset.batch``); the initial weights from torch's global one,
+    which callers other than the CLI left unseeded, and the recorded numpy and python
+    states differed in every process."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def restore_rng(ckpt: Checkpoint) -> None:
     """Restore torch (CPU, CUDA), numpy and python RNG states saved in ``ckpt``."""
     torch.set_rng_state(ckpt.rng_tensors["rng.torch"])

@@ -8,7 +8,8 @@ at the end (``<out_dir>/stage<k>.safetensors``) and returns a :class:`TrainResul
 
 Batch ``i`` of a run is ``dataset.batch(i, B, T + 1, seed)`` and the checkpoint records
 the step, the data position and every RNG state, so resuming from a same-stage checkpoint
-continues bit-identically on CPU.
+continues bit-identically on CPU. A run seeds every generator itself (``train.seed``): on
+CPU it is a function of its inputs, whoever calls it and whatever ran before it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,19 @@ from typing import Any
 
 import torch
 
-from coordinator.central.checkpoint import restore, save_checkpoint
+# At import, not in the run: ``rich.style`` draws from python's ``random`` when first
+# imported, which made a run's recorded RNG state depend on whether it was the process's
+# first (``train_stage`` seeds the generators before it builds the model).
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from coordinator.central.checkpoint import restore, save_checkpoint, seed_generators
 from coordinator.central.stages import StageError, compute_loss, setup_stage
 from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset, PreparedCorpus, prepare_corpus
@@ -106,15 +119,6 @@ def _datasets(
 
 
 def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     return Progress(
         TextColumn("[bold]stage {task.fields[stage]}"),
         BarColumn(),
@@ -223,6 +227,9 @@ def train_stage(
     device = torch.device(device) if device is not None else default_device()
     train_ds, val_ds, data = _datasets(cfg, data, train_data, val_data)
     init = str(init) if init is not None else None
+    # A run is a pure function of its inputs, whoever calls it: the model's initial weights
+    # come from the global generator (a resumed run restores the recorded states later).
+    seed_generators(cfg.train.seed)
     setup = setup_stage(cfg, stage, init, corpus=data)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to fit

@@ -41,15 +41,12 @@ def train(
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: auto)."),
 ) -> None:
     """Train one centralised stage and write <out>/stage<k>.safetensors and stage<k>.json."""
-    import torch
-
     from coordinator.central.checkpoint import CheckpointError
     from coordinator.central.stages import StageError
     from coordinator.central.trainer import train_stage
     from shared_model.data import DataError, prepare_corpus
 
     cfg = _load(preset, config, overrides)
-    torch.manual_seed(cfg.train.seed)
     try:
         corpus = prepare_corpus(data, cfg.model.vocab_size, data_dir, max_bytes=max_bytes)
         result = train_stage(

@@ -34,7 +34,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from coordinator.central.checkpoint import CheckpointError, check_tokenizer, sha256_file
+from coordinator.central.checkpoint import (
+    CheckpointError,
+    check_tokenizer,
+    seed_generators,
+    sha256_file,
+)
 from coordinator.central.parallel import checkpointing as ckp
 from coordinator.central.parallel.distributed import (
     DistEnv,
@@ -245,8 +250,8 @@ def train_stage_distributed(
         barrier()
         return TrainResult(**json.loads((out_dir / "stage2.json").read_text()))
     # Same seed on every rank: identical initial weights before FSDP shards them, and the
-    # same initial weights as the single-process CLI (which also seeds with train.seed).
-    torch.manual_seed(cfg.train.seed)
+    # same initial weights as the single-process trainer (which also seeds with train.seed).
+    seed_generators(cfg.train.seed)
     setup, resume = _resolve_init(cfg, stage, init, out_dir, env, data)
     opts = {
         "activation_checkpointing": activation_checkpointing,
