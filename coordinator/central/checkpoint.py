@@ -337,9 +337,7 @@ def seed_generators(seed: int) -> None:
     run is a pure function of its inputs: the same weights and recorded states from
     ``perspective train``, a stage job, a benchmark or a torchrun rank, and the same
     whether a run went through or was killed and resumed. The batches come from explicit
-    generators (``DocumentDataset.batch``); the initial weights from torch's global one,
-    which callers other than the CLI left unseeded, and the recorded numpy and python
-    states differed in every process."""
+    generators (``DocumentDataset.batch``), a new model's weights from torch's global one."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from coordinator.plan.coordinator_host import FP32
 from coordinator.plan.params import ParamCounts
 
-FP32 = 4
 BF16 = 2
 
 
