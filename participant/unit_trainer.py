@@ -566,8 +566,8 @@ class UnitTrainer:
                 digests=False,
             )  # fmt: skip
             if codec != "trits":  # an FP latent is not what its trits leave out
-                with self._local_lock:
-                    left_out = {k: (delta[k] - decoded[k]).to(CORRECTION_DTYPE) for k in delta}
+                left_out = {k: (delta[k] - decoded[k]).to(CORRECTION_DTYPE) for k in delta}
+                with self._local_lock:  # the trainer thread's next unit may read it
                     local.unsent[c] = (trained, left_out)
             result.column_deltas.add(column=c, delta=io.upload(blob))
         sent = send_with_feedback(

@@ -26,6 +26,8 @@ from coordinator.plan.coordinator_host import FP32
 from coordinator.plan.params import ParamCounts
 
 BF16 = 2
+#: A node's results on their way at once with eager updates (1-2 measured).
+RESULTS_IN_TRANSIT = 2
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class ParticipantHostEstimate:
 
     Attributes:
         columns: columns the participant holds.
+        results_in_transit: its results on their way, each a shared pseudo-gradient kept.
         replica: published shared layers and held columns (FP32).
         local_columns: the node's own copies of its held columns (FP32).
         residual: the shared error-feedback residual (FP32).
@@ -42,6 +45,7 @@ class ParticipantHostEstimate:
     """
 
     columns: int
+    results_in_transit: int
     replica: float
     local_columns: float
     residual: float
@@ -55,14 +59,19 @@ class ParticipantHostEstimate:
 
 
 def estimate_participant_host(
-    counts: ParamCounts, *, stage: int, columns: int, results_in_transit: int = 2
+    counts: ParamCounts,
+    *,
+    stage: int,
+    columns: int,
+    results_in_transit: int = RESULTS_IN_TRANSIT,
 ) -> ParticipantHostEstimate:
     """The host RAM of a participant holding ``columns`` columns in stage ``stage`` (3 or 4)
-    with ``results_in_transit`` of its results on their way (eager updates; 1-2 measured)."""
+    with ``results_in_transit`` of its results on their way (eager updates)."""
     shared = counts.shared + counts.routers  # what the replica's shared part holds
     held = columns * counts.column
     return ParticipantHostEstimate(
         columns=columns,
+        results_in_transit=results_in_transit,
         replica=FP32 * (shared + held),
         local_columns=FP32 * held,
         residual=FP32 * shared,

@@ -211,10 +211,12 @@ def participant_host_section(plan: Plan) -> Section:
         ["stage", "columns", "replica", "local copies", "residual", "corrections (bf16)",
          "teacher", "total"],
     )  # fmt: skip
+    in_transit = 0
     for s in plan.stages:
         p = s.participant_host
         if p is None:
             continue
+        in_transit = p.results_in_transit
         sec.rows.append(
             [str(s.stage.number), str(p.columns)]
             + [fmt_gb(v) for v in (p.replica, p.local_columns, p.residual, p.corrections)]
@@ -223,10 +225,10 @@ def participant_host_section(plan: Plan) -> Section:
     sec.notes.append(
         "replica: published shared layers and held columns (FP32, digest-checked); local "
         "copies: the node's own trained columns (FP32); residual: the shared error feedback "
-        "(FP32); corrections: each column's unsent remainder and 2 shared pseudo-gradients "
-        "in transit (eager updates); teacher: stage 4's boundary shared layers and columns. "
-        "While a result is encoded beside the next unit, about one more copy of the shared "
-        "layers and the unit's columns"
+        f"(FP32); corrections: each column's unsent remainder and {in_transit} shared "
+        "pseudo-gradients in transit (eager updates); teacher: stage 4's boundary shared "
+        "layers and columns. While a result is encoded beside the next unit, about one more "
+        "copy of the shared layers and the unit's columns"
     )
     return sec
 
