@@ -28,6 +28,12 @@ wall time, traffic per kind (up / down deltas / checkpoint reloads / joins / tea
 in bytes and bits per parameter per sync, utilisation; mean ± sd over seeds; a top-level
 ``summary`` (``ratio_vs_central_token`` on the uniform set, ``ratio_balanced`` on the
 per-document one). Usage: ``python benchmarks/federation_bench.py --preset tiny --tokens 900000``.
+
+``--stage 4`` runs ternary distillation instead, from a stage-3 seed (the committed
+``results/federation_bench_stage4_seed.safetensors``: the stage-2 seed after central
+token-level stage 3 on 900k tokens), which is every arm's frozen teacher; arms
+``central_token``, ``central_big``, ``federated`` and ``federated_1``, each scored with its
+experts ternary, as stage 4 hands the model on.
 """
 
 from __future__ import annotations
@@ -81,12 +87,23 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--participants", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=900_000, help="stage-3 token budget")
+    p.add_argument("--tokens", type=int, default=900_000, help="the stage's token budget")
+    p.add_argument(
+        "--stage",
+        type=int,
+        default=3,
+        choices=[3, 4],
+        help="the federated stage every arm trains: 3 (MoE) or 4 (ternary distillation, "
+        "from a stage-3 seed; a stage-2 --seed-checkpoint gets central stage 3 first)",
+    )
     p.add_argument("--seed-steps", type=int, default=300, help="central stage-1 steps")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument(
-        "--seed-checkpoint", type=Path, default=None, help="reuse this stage-2 checkpoint"
+        "--seed-checkpoint",
+        type=Path,
+        default=None,
+        help="reuse this checkpoint (stage 2; with --stage 4 stage 2 or 3)",
     )
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms")
     p.add_argument("--mode", default="replay", choices=["replay", "flower"])
@@ -252,11 +269,38 @@ def load_model(cfg, path: str) -> PerspectiveModel:
     return model
 
 
-def central_token(cfg, corpus, ckpt: str, work: Path, tokens: int, batch: int) -> PerspectiveModel:
+def central_token(
+    cfg, corpus, ckpt: str, work: Path, tokens: int, batch: int, stage: int = 3
+) -> PerspectiveModel:
+    """The central trainer on ``tokens`` of ``stage`` (stage 4: the init is the teacher)."""
     steps = max(1, tokens // (batch * cfg.train.seq_len))
     cfg = replace(cfg, train=replace(cfg.train, batch_size=batch, steps=steps, eval_every=steps))
-    r = train_stage(cfg, 3, work, init=ckpt, data=corpus)
-    return load_model(cfg, r.checkpoint)
+    r = train_stage(cfg, stage, work, init=ckpt, data=corpus)
+    return as_exported(load_model(cfg, r.checkpoint), stage)
+
+
+def as_exported(model: PerspectiveModel, stage: int) -> PerspectiveModel:
+    """The model as its stage hands it on: after stage 4 the experts are ternary (the
+    schedule's last fraction, 1), so every stage-4 arm is scored that way."""
+    if stage == 4:
+        model.set_ternary_fraction(model.cfg.ternary.schedule[-1])
+    return model
+
+
+def stage3_seed(cfg, corpus, ckpt: str, work: Path, tokens: int) -> str:
+    """The seed of a stage-4 run: ``ckpt`` itself if it is a stage-3 checkpoint; from a
+    stage-2 one, central token-level stage 3 over ``tokens`` first (its checkpoint is
+    printed, to be passed as ``--seed-checkpoint`` next time)."""
+    stage = load_checkpoint(ckpt).meta["stage"]
+    if stage == 3:
+        return ckpt
+    if stage != 2:
+        raise SystemExit(f"--stage 4 needs a stage-2 or stage-3 seed checkpoint; {ckpt} is {stage}")
+    steps = max(1, tokens // (cfg.train.batch_size * cfg.train.seq_len))
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps, eval_every=steps))
+    out = train_stage(cfg, 3, work / "stage3-seed", init=ckpt, data=corpus).checkpoint
+    print(f"stage-3 seed: {out}", flush=True)
+    return out
 
 
 def central_column(
@@ -288,7 +332,7 @@ def central_column(
 
 def fed_settings(args, participants: int, codec: str | None, tokens_per_unit: int):
     values = {
-        "stage": 3,
+        "stage": args.stage,
         "buffer_size": args.buffer_size or participants,
         "eval_every": 1_000_000,  # scored at the end on the fixed set instead
         "units_hint": max(1, args.tokens // tokens_per_unit),
@@ -343,13 +387,13 @@ def federated(cfg, corpus, ckpt: str, work: Path, args, participants: int, codec
             results=totals.accepted,
             rejected=totals.rejected,
             reject_reasons=_reject_reasons(coord),
-            staleness=_staleness(coord),
+            staleness=_staleness(coord, args.stage),
             calibration=defence_calibration(loop),
             seconds=time.perf_counter() - t0,
         )
-        unit_columns = out.pop("unit_columns", None) or _unit_columns(coord)
+        unit_columns = out.pop("unit_columns", None) or _unit_columns(coord, args.stage)
         out.update(per_sync_bits(cfg, out["traffic"], unit_columns, participants))
-        return loop.state.published_model(), coord.assignment, out
+        return as_exported(loop.state.published_model(), args.stage), coord.assignment, out
     finally:
         coord.shutdown()
 
@@ -401,14 +445,14 @@ def _reject_reasons(coord) -> dict[str, int]:
         return reject_counts(s)
 
 
-def _staleness(coord) -> dict:
+def _staleness(coord, stage: int) -> dict:
     with coord.session_factory() as s:
-        return result_staleness(s, stage="stage3")
+        return result_staleness(s, stage=f"stage{stage}")
 
 
-def _unit_columns(coord) -> list[int]:
+def _unit_columns(coord, stage: int) -> list[int]:
     with coord.session_factory() as s:
-        return accepted_unit_columns(s, stage="stage3")
+        return accepted_unit_columns(s, stage=f"stage{stage}")
 
 
 def _over_flower(cfg, coord, work: Path, args, participants: int, settings) -> dict:
@@ -430,7 +474,7 @@ def _over_flower(cfg, coord, work: Path, args, participants: int, settings) -> d
         wall = time.perf_counter() - t0
         driver.close()
     with coord.session_factory() as s:
-        utilisation = utilisation_by_participant(s, stage="stage3", wall_s=wall)
+        utilisation = utilisation_by_participant(s, stage=f"stage{args.stage}", wall_s=wall)
     traffic = coord.traffic()  # the blob service's split: joins are its "checkpoint" bytes
     traffic["join"] = traffic.pop("checkpoint", 0)
     return {
@@ -461,10 +505,12 @@ def run_seed(
         t0 = time.perf_counter()
         extra: dict = {}
         where = work / f"seed{seed}" / arm
+        if arm.startswith("central_column") and args.stage == 4:
+            raise SystemExit(f"arm {arm} trains stage 3 only (no teacher, no ternary schedule)")
         if arm == "central_token":
-            model = central_token(cfg, corpus, ckpt, where, args.tokens, b)
+            model = central_token(cfg, corpus, ckpt, where, args.tokens, b, args.stage)
         elif arm == "central_big":
-            model = central_token(cfg, corpus, ckpt, where, args.tokens, b * n)
+            model = central_token(cfg, corpus, ckpt, where, args.tokens, b * n, args.stage)
         elif arm == "central_column":
             model = central_column(cfg, corpus, ckpt, args.tokens, assignment)
         elif arm == "central_column_big":
@@ -602,6 +648,8 @@ def main() -> None:
     corpus = prepare_corpus("stdlib", cfg.model.vocab_size)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedbench-"))
     ckpt = str(args.seed_checkpoint or seed_checkpoint(cfg, corpus, work, args.seed_steps))
+    if args.stage == 4:
+        ckpt = stage3_seed(cfg, corpus, ckpt, work, args.tokens)
     windows = eval_windows(corpus.dataset("val"), cfg.train.seq_len, args.eval_tokens)
     balanced = eval_windows(
         corpus.dataset("val"), cfg.train.seq_len, args.eval_tokens, per_document=True
@@ -611,6 +659,7 @@ def main() -> None:
         "preset": args.preset,
         "participants": args.participants,
         "tokens": args.tokens,
+        "stage": args.stage,
         "eval_tokens": int(windows[0][:, 1:].numel()),
         "settings": {k: str(v) for k, v in vars(args).items()},
         # the preset's optimiser after --set: what every arm trained with
@@ -625,7 +674,8 @@ def main() -> None:
         (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
 
     for seed in seeds:
-        run_seed(cfg, corpus, ckpt, work, args, seed, windows, partial(write, seed), balanced)
+        on_arm = partial(write, seed)
+        on_arm(run_seed(cfg, corpus, ckpt, work, args, seed, windows, on_arm, balanced))
     plot(report, RESULTS / f"{args.name}.png")
     print(json.dumps(report["summary"], indent=1))
 

@@ -208,7 +208,8 @@ class ReplayDriver:
         """Content id → traffic kind for the blobs this request may make the node fetch.
 
         A checkpoint part is a ``join`` when the node never held that part (its first
-        sync, or a column it takes on), else a ``checkpoint`` reload.
+        sync, or a column it takes on), else a ``checkpoint`` reload; a teacher part that is
+        also such a part (a stage-4 join at the teacher's version) counts as that.
         """
         kinds = {cid: "data" for cid in req.unit.shard_ids}
         replica = node.trainer.replica
@@ -221,8 +222,9 @@ class ReplayDriver:
         if req.teacher.content_id:
             manifest = self._checkpoint(req.teacher)
             for ref in (manifest.shared, *manifest.columns.values()):
-                kinds[ref.content_id] = "teacher"
-            kinds[req.teacher.content_id] = "delta"  # the manifest
+                # a node that joins at the teacher's version fetches those parts as its join
+                kinds.setdefault(ref.content_id, "teacher")
+            kinds.setdefault(req.teacher.content_id, "delta")  # the manifest
         return kinds
 
     def _checkpoint(self, ref: tensor_pb2.BlobRef) -> control_pb2.CheckpointManifest:
