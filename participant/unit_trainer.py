@@ -8,7 +8,7 @@ every token of a document goes through the document's column). Per unit it
 2. resets the shared layers to the published ones (DiLoCo: inner steps start from the
    global weights) and keeps its own exact copy of each column ("keep-local");
 3. trains ``unit.steps`` inner AdamW steps on the unit's documents (stage 4: progressive
-   ternary STE on the experts and KD from the frozen FP teacher);
+   ternary STE on the experts and KD from the frozen teacher, kept in bf16);
 4. uploads, over the blob service, ``compress(local - published)`` per column and the
    shared pseudo-gradient ``compress(published - local + residual)`` whose compression
    error stays in an error-feedback residual kept on disk across units.
@@ -44,7 +44,7 @@ from shared_model.federated.updates import encode_bundle, send_with_feedback
 from shared_model.model import PerspectiveModel
 from shared_model.moe import expert_param_names
 from shared_model.schedule import build_optimizer, set_lr
-from shared_model.stage_loss import Distillation, stage_loss
+from shared_model.stage_loss import TEACHER_DTYPE, Distillation, freeze_teacher, stage_loss
 from shared_model.ternary import THRESHOLD_FACTOR
 from shared_model.wire.perspective.v1 import blobs_pb2, control_pb2, federation_pb2, tensor_pb2
 
@@ -157,6 +157,7 @@ class UnitTrainer:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.replica = Replica()
+        # stage 4's teacher: the boundary's shared layers and our columns, frozen, in bf16
         self.teacher_replica = Replica()
         self.local = self._load_local()
         self._local_lock = threading.Lock()
@@ -370,8 +371,8 @@ class UnitTrainer:
 
         The teacher is the published state at the stage boundary: a replica that holds it,
         or reaches it on the way to the unit's base, copies it (digest-checked against the
-        teacher checkpoint's parts) instead of downloading the FP32 checkpoint. Returns the
-        versions applied on the way.
+        teacher checkpoint's parts) in bf16 instead of downloading the FP32 checkpoint.
+        Returns the versions applied on the way.
         """
         manifest = control_pb2.CheckpointManifest.FromString(io.fetch(req.teacher))
         if self._holds_teacher(manifest, columns):
@@ -382,7 +383,7 @@ class UnitTrainer:
         if reaches != manifest.version or (held is not None and held > manifest.version):
             return 0
         applied = self.replica.sync(ckpt, prefix, columns, io.fetch)
-        copy = self.replica.copy_if_checkpoint(manifest, columns)
+        copy = self.replica.copy_if_checkpoint(manifest, columns, TEACHER_DTYPE)
         if copy is not None:
             self.teacher_replica, self._teacher = copy, None
         return applied
@@ -412,8 +413,9 @@ class UnitTrainer:
                 raise UnitError("a stage-4 unit needs a teacher checkpoint")
             manifest = control_pb2.CheckpointManifest.FromString(io.fetch(req.teacher))
             if not self._holds_teacher(manifest, columns):
-                self.teacher_replica.load_checkpoint(manifest, columns, io.fetch)
-                self._teacher = None
+                loaded = Replica()
+                loaded.load_checkpoint(manifest, columns, io.fetch)
+                self.teacher_replica, self._teacher = loaded.cast(TEACHER_DTYPE), None
             teacher = self._teacher_model(columns)
         fraction = req.unit.ternary_fraction if teacher is not None else None
         model.set_ternary_fraction(fraction if fraction and fraction > 0 else None)
@@ -456,17 +458,16 @@ class UnitTrainer:
         return start
 
     def _teacher_model(self, columns: list[int]) -> PerspectiveModel:
-        """Stage 4's frozen teacher over ``columns``, built from the teacher replica once and
-        kept while the teacher and the columns stay the same (it never trains)."""
+        """Stage 4's frozen teacher over ``columns`` (bf16, as the teacher replica), built
+        once and kept while the teacher and the columns stay the same (it never trains)."""
         key = (self.teacher_replica.version, tuple(columns))
         if self._teacher is not None and self._teacher[0] == key:
             return self._teacher[1]
-        teacher = PerspectiveModel(self.cfg, moe=True, columns=columns).to(self.device)
-        teacher.eval()
+        teacher = freeze_teacher(PerspectiveModel(self.cfg, moe=True, columns=columns))
+        teacher.to(self.device)
         teacher.load_state_dict(self.teacher_replica.shared, strict=False)
         for c in columns:
             teacher.load_expert_state(c, self.teacher_replica.columns[c])
-        teacher.requires_grad_(False)
         self._teacher = (key, teacher)
         return teacher
 

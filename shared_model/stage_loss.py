@@ -10,8 +10,9 @@ optimise the same objective, so all three call :func:`stage_loss`:
   so the coordinator applies the diversity term on the expert masters instead
   (:func:`shared_model.losses.diversity_loss` there too);
 * with a :class:`Distillation` (stage 4): :func:`~shared_model.losses.kd_loss` against the
-  frozen full-precision teacher. Progressive ternary is the model's own state: the caller
-  sets it with ``set_ternary_fraction`` before the step.
+  frozen full-precision teacher, held and run in :data:`TEACHER_DTYPE`
+  (:func:`freeze_teacher`). Progressive ternary is the model's own state: the caller sets
+  it with ``set_ternary_fraction`` before the step.
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ from shared_model.moe import EXPERT_WEIGHTS
 
 if TYPE_CHECKING:
     from shared_model.model import PerspectiveModel
+
+
+#: Stage 4's frozen teacher, in every trainer: bf16 weights and forward (its logits go to
+#: :func:`~shared_model.losses.kd_loss` in FP32). Half the memory of FP32, which is what
+#: ``perspective plan`` has always planned for it; the students it taught scored within
+#: ±0.006 of an FP32 teacher's (docs/federated-training.md §5.1 "The teacher in bf16").
+TEACHER_DTYPE = torch.bfloat16
+
+
+def freeze_teacher(model: PerspectiveModel) -> PerspectiveModel:
+    """``model``, in place, as stage 4's teacher: :data:`TEACHER_DTYPE`, eval mode, no
+    gradients. Returns it."""
+    return model.to(dtype=TEACHER_DTYPE).eval().requires_grad_(False)
 
 
 @dataclass(frozen=True)

@@ -173,14 +173,14 @@ def test_column_bits_plan_stage_4_joins_only():
 
 def test_participant_host_ram(full_plan):
     """A full-size volunteer with 4 columns, as built: FP32 replica, local copies and
-    residual, bf16 corrections, and stage 4's teacher (the code's side of these figures:
+    residual, bf16 corrections, and stage 4's bf16 teacher (the code's side of these figures:
     test_eager_updates.py::test_the_planner_counts_what_a_node_keeps_between_units)."""
     c = count_params(FULL)
     shared, held = c.shared + c.routers, 4 * c.column
     s3, s4 = full_plan.stage(3).participant_host, full_plan.stage(4).participant_host
     assert s3.replica == 4 * (shared + held) and s3.local_columns == 4 * held
     assert s3.residual == 4 * shared and s3.corrections == 2 * (held + 2 * shared)
-    assert s3.teacher == 0 and s4.teacher == s4.replica
+    assert s3.teacher == 0 and s4.teacher == s4.replica / 2  # bf16: TEACHER_DTYPE
     assert 400e9 < s3.total < 410e9 and s4.total == s3.total + s4.teacher
     assert full_plan.stage(1).participant_host is None
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 import torch
 
 from coordinator.db import participants as db_participants
+from coordinator.plan.params import count_params
+from coordinator.plan.participant_host import estimate_participant_host
 from participant.unit_trainer import UnitTrainer
+from shared_model.stage_loss import TEACHER_DTYPE
 from shared_model.wire.perspective.v1 import federation_pb2
 from tests.test_federation_intake import NODE, corpus, local_io, make_loop  # noqa: F401
 
@@ -53,3 +56,35 @@ def test_stage4_unit_trains_through_the_ternary_fraction_it_is_sent(tmp_path, co
     full = _column_deltas(loop, train, req, tmp_path / "c")
     assert full.keys() == quarter.keys()
     assert all(full[c] != quarter[c] for c in full), "the ternary fraction changed nothing"
+
+
+def test_a_stage4_unit_distils_from_the_boundary_in_bf16_as_the_planner_counts(
+    tmp_path,
+    corpus,  # noqa: F811
+):
+    """The teacher a participant builds is the boundary's published weights rounded to
+    ``TEACHER_DTYPE`` (bf16), in its replica and in the model it runs; ``perspective plan``'s
+    participant host RAM counts those bytes."""
+    loop, train = make_loop(tmp_path, corpus)
+    req = _stage4_request(loop, 0.5)
+    trainer = UnitTrainer(loop.state.cfg, train, tmp_path / "node")
+    trainer.run(req, local_io(loop.state.store, req.unit.unit_id))
+    teacher, held = trainer.teacher_replica, sorted(trainer.replica.columns)
+    published = loop.state.published_model().state_dict()
+    assert teacher.version == req.unit.base_version and sorted(teacher.columns) == held
+    for name, value in teacher.shared.items():
+        assert value.dtype == TEACHER_DTYPE
+        assert torch.equal(value, published[name].to(TEACHER_DTYPE)), name
+    for c in held:  # a column's expert tensors, as the model names them
+        own = loop.state.published_model().expert_state(c)
+        assert all(torch.equal(v, own[k].to(TEACHER_DTYPE)) for k, v in teacher.columns[c].items())
+    model = trainer._teacher[1]
+    assert {p.dtype for p in model.parameters()} == {TEACHER_DTYPE}
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    plan = estimate_participant_host(count_params(loop.state.cfg), stage=4, columns=len(held))
+    nbytes = sum(
+        t.numel() * t.element_size()
+        for state in (teacher.shared, *teacher.columns.values())
+        for t in state.values()
+    )
+    assert plan.teacher == nbytes

@@ -7,8 +7,9 @@
   α = ``moe.balance_alpha``, β = ``moe.diversity_beta``.
 * stage 4, ternary distillation: MoE model whose expert weights go through progressive
   ternary STE (``ternary.schedule`` spread over the steps); loss =
-  ``kd_loss(student, teacher, targets, ternary.kd_weight)`` against a frozen
-  full-precision teacher (the stage-3 model the stage starts from).
+  ``kd_loss(student, teacher, targets, ternary.kd_weight)`` against a frozen teacher:
+  the stage-3 model the stage starts from, without ternary, held in bf16
+  (:func:`shared_model.stage_loss.freeze_teacher`).
 
 The losses themselves are :func:`shared_model.stage_loss.stage_loss`, the one function
 the federated participants use too; :func:`compute_loss` picks its terms per stage.
@@ -32,7 +33,7 @@ from shared_model.config import PerspectiveConfig
 from shared_model.data import PreparedCorpus, corpus_name
 from shared_model.losses import RankSum
 from shared_model.model import PerspectiveModel
-from shared_model.stage_loss import Distillation, stage_loss
+from shared_model.stage_loss import Distillation, freeze_teacher, stage_loss
 
 STAGES = (1, 2, 3, 4)
 # Which stage's checkpoints each stage may start from (same stage = resume).
@@ -143,7 +144,7 @@ def _build_stage(cfg, stage, init, ckpt, tokenizer_sha256, against) -> StageSetu
             against=against,
         )
         teacher = _load_model(cfg, teacher_ckpt, True)
-    teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+    teacher = freeze_teacher(copy.deepcopy(teacher))
     return StageSetup(model, teacher, resume, str(teacher_path))
 
 

@@ -11,8 +11,8 @@ What a node keeps between units, beside the model and optimiser on its device
 * **corrections**, in ``CORRECTION_DTYPE`` (bf16): what each held column's last delta left
   out (``_Local.unsent``) and the shared pseudo-gradient of each of its results still in
   transit (eager updates, ``results_in_transit``);
-* **teacher** (stage 4): the stage boundary's shared layers and held columns, FP32
-  (``UnitTrainer.teacher_replica``).
+* **teacher** (stage 4): the stage boundary's shared layers and held columns, bf16
+  (``UnitTrainer.teacher_replica``, ``TEACHER_DTYPE``).
 
 Not counted: what one unit's end holds while its result is encoded beside the next unit
 (about one more copy of the shared layers and of the unit's columns).
@@ -41,7 +41,7 @@ class ParticipantHostEstimate:
         local_columns: the node's own copies of its held columns (FP32).
         residual: the shared error-feedback residual (FP32).
         corrections: unsent column remainders and shared pseudo-gradients in transit (bf16).
-        teacher: stage 4's teacher replica (FP32); 0 in stage 3.
+        teacher: stage 4's teacher replica (bf16); 0 in stage 3.
     """
 
     columns: int
@@ -76,5 +76,5 @@ def estimate_participant_host(
         local_columns=FP32 * held,
         residual=FP32 * shared,
         corrections=BF16 * (held + results_in_transit * shared),
-        teacher=FP32 * (shared + held) if stage == 4 else 0.0,
+        teacher=BF16 * (shared + held) if stage == 4 else 0.0,
     )
