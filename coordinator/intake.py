@@ -274,6 +274,26 @@ def record_result(
         The :class:`~coordinator.db.results.RecordOutcome` to report to the participant.
     """
     now = now or utcnow()
+    found = _lease_and_holder(session, unit_id=unit_id, node_id=node_id)
+    if isinstance(found, db_results.RecordOutcome):
+        return found
+    unit, participant = found
+    existing = db_results.find_result(session, unit_id=unit_id)
+    if existing is not None:
+        return db_results.outcome_of(existing, duplicate=True)
+    problem = _result_problem(unit, payload, check_payload, now=now, newest=newest, stage=stage)
+    expired = unit.state == UnitState.EXPIRED
+    outcome = db_results.store_result(
+        session, unit=unit, participant=participant, payload=payload, problem=problem, now=now
+    )
+    if outcome.accepted and expired:  # a late answer, judged and accepted: no redo needed
+        db_leases.withdraw_copy(session, unit=unit)
+    return outcome
+
+
+def _lease_and_holder(session: Session, *, unit_id: str, node_id: int):
+    """Checks 1-2: the lease answered and its holder, ``(unit, participant)``; or the
+    refusal already stored (no such lease, another node's, a revoked node's)."""
     unit = None
     if len(unit_id) <= reply_fields.UNIT_ID_CHARS:  # no unit of ours has a longer id
         unit = db_leases.find_unit(session, unit_id=unit_id)
@@ -303,9 +323,21 @@ def record_result(
             detail=f"node {node_id} is revoked",
             participant_id=participant.id,
         )
-    existing = db_results.find_result(session, unit_id=unit_id)
-    if existing is not None:
-        return db_results.outcome_of(existing, duplicate=True)
+    return unit, participant
+
+
+def _result_problem(
+    unit: WorkUnit,
+    payload: db_results.ResultPayload,
+    check_payload: Callable[[WorkUnit], None] | None,
+    *,
+    now: dt.datetime,
+    newest: int | None,
+    stage: str | None,
+) -> tuple[RejectReason, str] | None:
+    """Checks 4-5 on a lease its holder answers for the first time: ``(reason, detail)``
+    of the first that fails, or ``None``. A unit that passes the lease checks takes the
+    base it says it trained from (before the payload checks, which read it)."""
     problem = db_leases.lease_problem(
         unit, base_version=payload.base_version, now=now, newest=newest
     )
@@ -325,13 +357,7 @@ def record_result(
             check_payload(unit)
         except Rejected as exc:
             problem = (RejectReason(exc.reason), exc.detail)
-    expired = unit.state == UnitState.EXPIRED
-    outcome = db_results.store_result(
-        session, unit=unit, participant=participant, payload=payload, problem=problem, now=now
-    )
-    if outcome.accepted and expired:  # a late answer, judged and accepted: no redo needed
-        db_leases.withdraw_copy(session, unit=unit)
-    return outcome
+    return problem
 
 
 @dataclass
