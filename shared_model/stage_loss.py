@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
 #: Stage 4's frozen teacher, in every trainer: bf16 weights and forward (its logits go to
 #: :func:`~shared_model.losses.kd_loss` in FP32). Half the memory of FP32, which is what
-#: ``perspective plan`` has always planned for it; the students it taught scored within
-#: ±0.006 of an FP32 teacher's (docs/federated-training.md §5.1 "The teacher in bf16").
+#: ``perspective plan`` has always planned for it. Its students scored as an FP32
+#: teacher's per document (±0.001; docs/federated-training.md §5.1 "Stage 4 in the bench").
 TEACHER_DTYPE = torch.bfloat16
 
 

@@ -146,7 +146,7 @@ def estimate_memory(
 
     Stage 1 shards the dense model over ``gpus`` (FSDP). Stages 3 and 4 are a volunteer's
     GPU: the shared layers trained (sharded over ``participant_gpus``) and
-    ``experts_per_rank`` trained columns; stage 4 adds the frozen FP teacher's shared
+    ``experts_per_rank`` trained columns; stage 4 adds the frozen bf16 teacher's shared
     layers and the same columns. Stage 5 holds every expert frozen, spread over ``gpus``
     by expert parallelism, shared layers frozen and FSDP-sharded, routers trained.
     """
@@ -164,7 +164,7 @@ def estimate_memory(
         comps["experts (trained)"] = cols * layers * counts.ffn * tb
         if stage == 4:
             teacher = counts.shared / group + cols * layers * counts.ffn
-            comps["FP teacher (frozen)"] = teacher * FROZEN_BYTES
+            comps["teacher (frozen, bf16)"] = teacher * FROZEN_BYTES
     elif stage == 5:
         cols = math.ceil(counts.n_experts / gpus)
         comps["shared (frozen)"] = _shared_part(counts, FROZEN_BYTES, gpus)

@@ -227,7 +227,7 @@ def participant_host_section(plan: Plan) -> Section:
         "copies: the node's own trained columns (FP32); residual: the shared error feedback "
         f"(FP32); corrections: each column's unsent remainder and {in_transit} shared "
         "pseudo-gradients in transit (eager updates); teacher: stage 4's boundary shared "
-        "layers and columns. While a result is encoded beside the next unit, about one more "
+        "layers and columns (bf16). While a result is encoded beside the next unit, about one more "
         "copy of the shared layers and the unit's columns"
     )
     return sec
