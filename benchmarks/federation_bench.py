@@ -609,7 +609,8 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylim(low * 0.97, None)
     ax.set_ylabel("validation loss (same set, mean ± sd)")
     seeds = report["summary"]["seeds"]
-    ax.set_title(f"{report['preset']}, {report['tokens']:,} tokens, {seeds} seeds")
+    stage = report.get("stage", 3)  # reports before --stage: stage 3
+    ax.set_title(f"{report['preset']}, stage {stage}, {report['tokens']:,} tokens, {seeds} seeds")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
