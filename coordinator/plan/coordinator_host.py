@@ -26,10 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from coordinator.plan.hardware import PlanError, require_positive
-from coordinator.plan.params import ParamCounts
+from coordinator.plan.params import FP32, ParamCounts
 from coordinator.plan.traffic import CodecBits, TrafficEstimate
-
-FP32 = 4
 
 
 @dataclass(frozen=True)

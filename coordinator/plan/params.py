@@ -23,6 +23,10 @@ from dataclasses import asdict, dataclass
 
 from shared_model.config import PerspectiveConfig
 
+#: Bytes per parameter held or sent in FP32 and in bf16.
+FP32 = 4
+BF16 = 2
+
 
 @dataclass(frozen=True)
 class ParamCounts:

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from coordinator.plan.coordinator_host import FP32
-from coordinator.plan.params import ParamCounts
+from coordinator.plan.params import BF16, FP32, ParamCounts
 
-BF16 = 2
 #: A node's results on their way at once with eager updates (1-2 measured).
 RESULTS_IN_TRANSIT = 2
 

@@ -201,6 +201,12 @@ def traffic_section(plan: Plan) -> Section:
         f"{cb.shared_bits:g}, shared join {cb.shared_initial_bits:g}; join bits/param: the "
         f"join download per parameter of the whole model"
     )
+    late = [s.traffic for s in plan.stages if s.traffic is not None and s.traffic.teacher_download]
+    for t in late:  # stage 4 only
+        sec.notes.append(
+            f"a node joining stage 4 after its boundary also fetches the teacher (its shared "
+            f"layers and columns, FP32): {fmt_gb(t.teacher_download)} more"
+        )
     return sec
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from coordinator.plan.hardware import require_positive
-from coordinator.plan.params import ParamCounts
+from coordinator.plan.params import FP32, ParamCounts
 
 #: Bits per parameter of a column a node joins stage 3 with: FP latents, FP32 as built.
 STAGE3_COLUMN_BITS = 32.0
@@ -58,6 +58,10 @@ class TrafficEstimate:
         join_bits_per_param: ``initial_download`` in bits per parameter of the whole
             model, the unit ``federation_bench.py`` and the demo report a join in (a node
             fetches the shared layers and its own columns only).
+        teacher_download: stage 4: bytes a node that joins after the stage's boundary
+            fetches besides its join, the teacher's shared layers and its columns (FP32
+            parts; it keeps them in bf16). A node that held the boundary rebuilds the
+            teacher from its replica and fetches nothing. 0 in stage 3.
         per_sync_up: bytes uploaded per sync.
         per_sync_down: bytes downloaded per sync.
         compute_s_per_sync: seconds of training between syncs on its GPU.
@@ -69,6 +73,7 @@ class TrafficEstimate:
     syncs: float
     initial_download: float
     join_bits_per_param: float
+    teacher_download: float
     per_sync_up: float
     per_sync_down: float
     compute_s_per_sync: float
@@ -128,6 +133,7 @@ def estimate_traffic(
         syncs=stage_tokens / participants / sync_tokens,
         initial_download=initial,
         join_bits_per_param=8 * initial / counts.moe_total,
+        teacher_download=FP32 * (columns * counts.column + counts.shared) if stage == 4 else 0.0,
         per_sync_up=up,
         per_sync_down=up,
         compute_s_per_sync=sync_tokens * flops_per_token / flops_per_second,
