@@ -35,7 +35,7 @@ from coordinator.aggregation.diversity import apply_diversity
 from coordinator.federation_settings import FederationSettings
 from shared_model.blobs import BlobStore
 from shared_model.config import PerspectiveConfig
-from shared_model.federated.checkpoint_parts import column_part, fp32_part
+from shared_model.federated.checkpoint_parts import column_part, fp_part
 from shared_model.federated.updates import send_with_feedback
 from shared_model.model import PerspectiveModel, expert_param_names
 from shared_model.ternary import THRESHOLD_FACTOR, is_ternary
@@ -127,9 +127,11 @@ class Publisher:
         """Stage 4's frozen teacher: a full checkpoint of the published weights the first
         time it is asked for (the stage's boundary), then that one. It is saved with the
         state, so a coordinator restarted in stage 4 keeps distilling from the boundary,
-        not from its partly trained (by then ternary) student."""
+        not from its partly trained (by then ternary) student. Its parts are bf16
+        (``bf16_parts``): the participants keep and run the teacher so, and a node that
+        joins later downloads half of FP32."""
         if self.teacher is None:
-            self.teacher = self._write_checkpoint()
+            self.teacher = self._write_checkpoint(bf16=True)
         return self.teacher
 
     def chain_for(
@@ -193,12 +195,15 @@ class Publisher:
                 for part in (ref, manifest.shared, *manifest.columns.values()):
                     self.kinds.setdefault(part.content_id, kind)
 
-    def _write_checkpoint(self, version: int | None = None) -> tensor_pb2.BlobRef:
+    def _write_checkpoint(
+        self, version: int | None = None, *, bf16: bool = False
+    ) -> tensor_pb2.BlobRef:
         version = self.version if version is None else version
-        manifest = control_pb2.CheckpointManifest(version=version)
-        manifest.shared.CopyFrom(self._put(fp32_part(self.shared.published), "checkpoint"))
+        manifest = control_pb2.CheckpointManifest(version=version, bf16_parts=bf16)
+        shared = fp_part(self.shared.published, bf16=bf16)
+        manifest.shared.CopyFrom(self._put(shared, "checkpoint"))
         for column in sorted(self.columns.masters):
-            part, ternary = column_part(self.columns.published(column))
+            part, ternary = column_part(self.columns.published(column), bf16=bf16)
             manifest.columns[column].CopyFrom(self._put(part, "checkpoint"))
             if ternary:  # stage 4's experts: trits, not FP32 (checkpoint_parts)
                 manifest.ternary_columns.append(column)

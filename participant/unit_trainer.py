@@ -414,7 +414,7 @@ class UnitTrainer:
             manifest = control_pb2.CheckpointManifest.FromString(io.fetch(req.teacher))
             if not self._holds_teacher(manifest, columns):
                 loaded = Replica()
-                loaded.load_checkpoint(manifest, columns, io.fetch)
+                loaded.load_checkpoint(manifest, columns, io.fetch, frozen=True)
                 self.teacher_replica, self._teacher = loaded.cast(TEACHER_DTYPE), None
             teacher = self._teacher_model(columns)
         fraction = req.unit.ternary_fraction if teacher is not None else None

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save
 
 from shared_model.codec import CodecError, decode_ternary
 from shared_model.federated.checkpoint_parts import (
     MAX_EXACT_FRACTION,
+    bf16_part,
     column_part,
     fp32_part,
     read_part,
@@ -125,6 +129,43 @@ def test_a_replica_loads_a_ternary_checkpoint_and_names_a_damaged_part():
     blobs[manifest.columns[2].content_id] = fp32_part(column)  # not what the manifest says
     with pytest.raises(SyncError, match="checkpoint 7, column 2: not a ternary checkpoint part"):
         Replica().load_checkpoint(manifest, [2], lambda ref: blobs[ref.content_id])
+
+
+def test_a_bf16_part_is_safetensors_of_the_values_rounded_to_nearest():
+    """Stage 4's teacher parts (``bf16_parts``): byte for byte the safetensors of each
+    tensor in bf16; read back only as what the manifest says."""
+    state = {"b": torch.randn(3, 5), "a": torch.tensor([1.0, 1 + 2**-9, -(2**-130), 3e38])}
+    data = bf16_part(state)
+    rounded = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    assert data == save(rounded)  # safetensors' own layout: header, then a then b
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    assert {header[k]["dtype"] for k in state} == {"BF16"}
+    back = read_part(data, ternary=False, bf16=True)
+    assert all(torch.equal(_bits16(back[k]), _bits16(rounded[k])) for k in state)
+    assert column_part(state, bf16=True) == (data, False)
+    ternary = _published_column()  # trits stay trits: lossless either way
+    assert column_part(ternary, bf16=True) == column_part(ternary)
+    with pytest.raises(UpdateError, match="are not torch.float32"):
+        read_part(data, ternary=False)
+    with pytest.raises(UpdateError, match="are not torch.bfloat16"):
+        read_part(fp32_part(state), ternary=False, bf16=True)
+
+
+def test_a_replica_that_follows_the_versions_refuses_a_bf16_checkpoint():
+    """Only a frozen copy (the teacher) may start from a bf16 checkpoint: the version
+    chain's FP32 digests could never hold on it."""
+    blob = bf16_part({"s": torch.randn(4, 4)})
+    manifest = control_pb2.CheckpointManifest(version=3, bf16_parts=True)
+    manifest.shared.CopyFrom(tensor_pb2.BlobRef(content_id="s", size=len(blob)))
+    with pytest.raises(SyncError, match="checkpoint 3 is bf16"):
+        Replica().load_checkpoint(manifest, [], lambda ref: blob)
+    teacher = Replica()
+    teacher.load_checkpoint(manifest, [], lambda ref: blob, frozen=True)
+    assert teacher.version == 3 and teacher.shared["s"].dtype == torch.bfloat16
+
+
+def _bits16(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16)
 
 
 _PART = column_part(_published_column())[0]

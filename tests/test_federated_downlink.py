@@ -231,9 +231,7 @@ def test_stage4_columns_travel_as_trit_flips_that_replay_to_the_published_digest
     driver = _prepared(coord, ckpt, tmp_path)
     _run(coord, driver, 3, units=4)
     boundary = coord.state.version
-    start = control_pb2.CheckpointManifest.FromString(
-        coord.store.get(coord.state.publisher.teacher_checkpoint().content_id)
-    )
+    start_ref, to_boundary = coord.state.publisher.chain_for(boundary)
     _run(coord, driver, 4, units=12)
     assert coord.loop.totals().accepted == 12 and coord.loop.totals().rejected == 0
     # Up: units at fraction 1 (and only they) asked for trits and sent trit flips.
@@ -252,7 +250,10 @@ def test_stage4_columns_travel_as_trit_flips_that_replay_to_the_published_digest
     # Down: the version chain, replayed from the boundary with every tensor checked.
     fetch = lambda ref: coord.store.get(ref.content_id)  # noqa: E731
     replica, columns = Replica(), sorted(coord.state.columns.masters)
-    replica.load_checkpoint(start, columns, fetch)
+    start = control_pb2.CheckpointManifest.FromString(fetch(start_ref))
+    chain = [control_pb2.VersionManifest.FromString(fetch(r)) for r in to_boundary]
+    replica.sync(start, chain, columns, fetch)
+    assert replica.version == boundary
     trit_versions = []
     for manifest in _versions_after(coord, boundary):
         before = {c: {k: v.clone() for k, v in s.items()} for c, s in replica.columns.items()}
@@ -385,7 +386,7 @@ def test_a_node_joining_in_stage_4_downloads_the_experts_as_trits_and_follows_th
     every = {"checkpoint_every": 1}  # every version has a checkpoint
     driver = _prepared(coord, ckpt, tmp_path, **every)
     _run(coord, driver, 3, units=4, **every)
-    boundary = coord.state.publisher.teacher_checkpoint()
+    boundary = coord.state.publisher.checkpoints[coord.state.version]  # the version's own
     _run(coord, driver, 4, units=12, **every)
     publisher, columns = coord.state.publisher, sorted(coord.state.columns.masters)
     read = partial(_checkpoint_manifest, coord)
@@ -448,7 +449,14 @@ def test_a_node_that_comes_online_in_stage_4_joins_from_trits_and_its_results_co
     column_fp32 = 4 * sum(v.numel() for v in coord.state.columns.published(columns[0]).values())
     column_bytes = node.bytes["join"] - shared_fp32
     assert 0 < column_bytes < len(columns) * column_fp32 / 8, (column_bytes, columns)
-    assert node.bytes["teacher"] > 0 and node.bytes.get("checkpoint", 0) == 0
+    # Its replica never held the boundary, so it fetched the teacher: bf16 parts, about
+    # half of the FP32 the join's shared part is, and kept them in bf16.
+    teacher = read(publisher.teacher)
+    assert teacher.bf16_parts and node.bytes.get("checkpoint", 0) == 0
+    parts = [teacher.shared, *(teacher.columns[c] for c in columns)]
+    assert node.bytes["teacher"] == sum(p.size for p in parts)
+    assert teacher.shared.size < 0.51 * shared_fp32
+    assert {t.dtype for t in node.trainer.teacher_replica.shared.values()} == {torch.bfloat16}
 
 
 def test_a_coordinator_restarted_in_stage_4_keeps_distilling_from_the_boundary(

@@ -205,7 +205,7 @@ def traffic_section(plan: Plan) -> Section:
     for t in late:  # stage 4 only
         sec.notes.append(
             f"a node joining stage 4 after its boundary also fetches the teacher (its shared "
-            f"layers and columns, FP32): {fmt_gb(t.teacher_download)} more"
+            f"layers and columns, bf16): {fmt_gb(t.teacher_download)} more"
         )
     return sec
 

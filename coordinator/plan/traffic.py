@@ -14,7 +14,8 @@ so its join is FP32 whatever ``column_bits`` says (``STAGE3_COLUMN_BITS``). Once
 experts are ternary its checkpoints carry them as trits, losslessly (1.74 bits per column
 parameter on ``tiny``, ``shared_model/federated/checkpoint_parts.py``): plan such a stage-4
 join with ``column_bits`` ≈ 1.7 (the stage-4 teacher, FP, is fetched only by a node whose
-replica never held the stage's boundary version). Stage 4's all-ternary tail sends
+replica never held the stage's boundary version, in bf16: ``teacher_download``). Stage
+4's all-ternary tail sends
 columns as trit flips (0.27-0.37 bits per column parameter measured, after a one-time switch
 of about 1.3); ``delta_bits`` stands for both.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from coordinator.plan.hardware import require_positive
-from coordinator.plan.params import FP32, ParamCounts
+from coordinator.plan.params import BF16, ParamCounts
 
 #: Bits per parameter of a column a node joins stage 3 with: FP latents, FP32 as built.
 STAGE3_COLUMN_BITS = 32.0
@@ -59,9 +60,9 @@ class TrafficEstimate:
             model, the unit ``federation_bench.py`` and the demo report a join in (a node
             fetches the shared layers and its own columns only).
         teacher_download: stage 4: bytes a node that joins after the stage's boundary
-            fetches besides its join, the teacher's shared layers and its columns (FP32
-            parts; it keeps them in bf16). A node that held the boundary rebuilds the
-            teacher from its replica and fetches nothing. 0 in stage 3.
+            fetches besides its join, the teacher's shared layers and its columns (bf16
+            parts, ``CheckpointManifest.bf16_parts``). A node that held the boundary
+            rebuilds the teacher from its replica and fetches nothing. 0 in stage 3.
         per_sync_up: bytes uploaded per sync.
         per_sync_down: bytes downloaded per sync.
         compute_s_per_sync: seconds of training between syncs on its GPU.
@@ -133,7 +134,7 @@ def estimate_traffic(
         syncs=stage_tokens / participants / sync_tokens,
         initial_download=initial,
         join_bits_per_param=8 * initial / counts.moe_total,
-        teacher_download=FP32 * (columns * counts.column + counts.shared) if stage == 4 else 0.0,
+        teacher_download=BF16 * (columns * counts.column + counts.shared) if stage == 4 else 0.0,
         per_sync_up=up,
         per_sync_down=up,
         compute_s_per_sync=sync_tokens * flops_per_token / flops_per_second,

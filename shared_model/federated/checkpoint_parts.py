@@ -5,7 +5,9 @@ per part: the shared layers and each expert column. A part is FP32 safetensors, 
 column whose tensors are all ternary (stage 4's published experts): that one travels as a
 ``TensorBundle`` of kind ``"checkpoint"``, each tensor as its trits and scale in the
 codec's ternary container (about 1.6 bits per parameter instead of 32), and the manifest
-lists the column in ``ternary_columns``.
+lists the column in ``ternary_columns``. Stage 4's teacher checkpoint
+(``CheckpointManifest.bf16_parts``) has bf16 safetensors instead of FP32 ones: the
+participants keep and run the teacher in bf16 (``shared_model.stage_loss.TEACHER_DTYPE``).
 
 Lossless, so a replica loaded from it is bit-identical to the published state and the
 version chain's digests keep holding: the published value of a ternary tensor is
@@ -43,16 +45,31 @@ _KIND = "checkpoint"
 
 def fp32_part(state: State) -> bytes:
     """A part as FP32 safetensors (the shared layers; FP columns)."""
-    return st_save({k: v.detach().to(torch.float32).contiguous() for k, v in state.items()})
+    return _st_part(state, torch.float32)
 
 
-def column_part(state: State) -> tuple[bytes, bool]:
-    """A column's part and whether it is the ternary kind (:func:`fp32_part` otherwise)."""
+def bf16_part(state: State) -> bytes:
+    """A part as bf16 safetensors (stage 4's teacher: its shared layers and FP columns),
+    each value rounded to nearest."""
+    return _st_part(state, torch.bfloat16)
+
+
+def fp_part(state: State, *, bf16: bool) -> bytes:
+    """:func:`bf16_part` or :func:`fp32_part`."""
+    return bf16_part(state) if bf16 else fp32_part(state)
+
+
+def _st_part(state: State, dtype: torch.dtype) -> bytes:
+    return st_save({k: v.detach().to(dtype).contiguous() for k, v in state.items()})
+
+
+def column_part(state: State, *, bf16: bool = False) -> tuple[bytes, bool]:
+    """A column's part and whether it is the ternary kind (:func:`fp_part` otherwise)."""
     forms = {}
     for name in sorted(state):
         form = _ternary_form(state[name])
         if form is None:
-            return fp32_part(state), False
+            return fp_part(state, bf16=bf16), False
         forms[name] = form
     bundle = control_pb2.TensorBundle(kind=_KIND, column=-1, base_version=0)
     for name, (trits, scale, exact) in forms.items():
@@ -66,18 +83,24 @@ def column_part(state: State) -> tuple[bytes, bool]:
     return bundle.SerializeToString(), True
 
 
-def read_part(data: bytes, *, ternary: bool) -> State:
-    """The tensors of a part written by :func:`fp32_part` or (``ternary``) :func:`column_part`.
+def read_part(data: bytes, *, ternary: bool, bf16: bool = False) -> State:
+    """The tensors of a part written by :func:`fp_part` (``bf16`` says which) or
+    (``ternary``) :func:`column_part`.
 
     Raises:
-        UpdateError: not a part of that kind, a malformed tensor, or a rebuilt tensor that
-            does not match its digest.
+        UpdateError: not a part of that kind (safetensors of another dtype included), a
+            malformed tensor, or a rebuilt tensor that does not match its digest.
     """
     if not ternary:
         try:
-            return st_load(data)
+            state = st_load(data)
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise UpdateError(f"not a safetensors checkpoint part: {exc}") from exc
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        wrong = sorted(k for k, v in state.items() if v.dtype != dtype)
+        if wrong:
+            raise UpdateError(f"part tensor(s) {wrong[:3]} are not {dtype}")
+        return state
     bundle = control_pb2.TensorBundle()
     try:
         bundle.ParseFromString(data)

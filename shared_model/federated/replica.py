@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from shared_model.codec import CodecError
-from shared_model.federated.checkpoint_parts import column_part, fp32_part, read_part
+from shared_model.federated.checkpoint_parts import column_part, fp_part, read_part
 from shared_model.federated.updates import UpdateError, read_bundle, tensor_digest
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 
@@ -65,9 +65,20 @@ class Replica:
         return unit_id not in self.units and not skipped
 
     def load_checkpoint(
-        self, manifest: control_pb2.CheckpointManifest, columns: list[int], fetch: Fetch
+        self,
+        manifest: control_pb2.CheckpointManifest,
+        columns: list[int],
+        fetch: Fetch,
+        *,
+        frozen: bool = False,
     ) -> None:
-        """Replace the replica by the checkpoint's shared part and ``columns``."""
+        """Replace the replica by the checkpoint's shared part and ``columns``.
+
+        ``frozen``: a copy no chain will advance (stage 4's teacher), which may be a bf16
+        checkpoint (``bf16_parts``); a replica that follows the versions must be FP32.
+        """
+        if manifest.bf16_parts and not frozen:
+            raise SyncError(f"checkpoint {manifest.version} is bf16: not a replica's start")
         missing = [c for c in columns if c not in manifest.columns]
         if missing:
             raise SyncError(f"checkpoint {manifest.version} has no column(s) {missing}")
@@ -155,8 +166,13 @@ class Replica:
         if any(c not in manifest.columns for c in columns):
             return None
         # A part of the other kind (trits against FP32) has other bytes: no check of its own.
-        parts = [(fp32_part(self.shared), manifest.shared)]
-        parts += [(column_part(self.columns[c])[0], manifest.columns[c]) for c in columns]
+        # A bf16 manifest (stage 4's teacher) holds our tensors rounded to bf16, the same
+        # bytes exactly when ours are the published ones.
+        bf16 = manifest.bf16_parts
+        parts = [(fp_part(self.shared, bf16=bf16), manifest.shared)]
+        parts += [
+            (column_part(self.columns[c], bf16=bf16)[0], manifest.columns[c]) for c in columns
+        ]
         for data, ref in parts:
             if hashlib.sha256(data).hexdigest() != ref.content_id:
                 return None
@@ -204,6 +220,6 @@ def _read(manifest: control_pb2.CheckpointManifest, column: int | None, fetch: F
         ref, ternary = manifest.columns[column], column in manifest.ternary_columns
         what = f"column {column}"
     try:
-        return read_part(fetch(ref), ternary=ternary)
+        return read_part(fetch(ref), ternary=ternary, bf16=manifest.bf16_parts)
     except (UpdateError, CodecError) as exc:
         raise SyncError(f"checkpoint {manifest.version}, {what}: {exc}") from exc

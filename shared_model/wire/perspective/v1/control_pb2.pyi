@@ -58,7 +58,7 @@ class VersionManifest(_message.Message):
     def __init__(self, version: _Optional[int] = ..., parent: _Optional[int] = ..., shared: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., columns: _Optional[_Mapping[int, _tensor_pb2.BlobRef]] = ..., created_unix: _Optional[int] = ..., units: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CheckpointManifest(_message.Message):
-    __slots__ = ("version", "shared", "columns", "ternary_columns")
+    __slots__ = ("version", "shared", "columns", "ternary_columns", "bf16_parts")
     class ColumnsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -70,11 +70,13 @@ class CheckpointManifest(_message.Message):
     SHARED_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
     TERNARY_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    BF16_PARTS_FIELD_NUMBER: _ClassVar[int]
     version: int
     shared: _tensor_pb2.BlobRef
     columns: _containers.MessageMap[int, _tensor_pb2.BlobRef]
     ternary_columns: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, version: _Optional[int] = ..., shared: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., columns: _Optional[_Mapping[int, _tensor_pb2.BlobRef]] = ..., ternary_columns: _Optional[_Iterable[int]] = ...) -> None: ...
+    bf16_parts: bool
+    def __init__(self, version: _Optional[int] = ..., shared: _Optional[_Union[_tensor_pb2.BlobRef, _Mapping]] = ..., columns: _Optional[_Mapping[int, _tensor_pb2.BlobRef]] = ..., ternary_columns: _Optional[_Iterable[int]] = ..., bf16_parts: _Optional[bool] = ...) -> None: ...
 
 class NodeCapability(_message.Message):
     __slots__ = ("max_columns", "max_params", "threads", "device", "tokens_per_s", "ram_bytes")
