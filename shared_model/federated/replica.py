@@ -153,11 +153,11 @@ class Replica:
         columns: list[int],
         dtype: torch.dtype = torch.float32,
     ) -> Replica | None:
-        """A copy of this replica's shared part and ``columns`` (:meth:`cast` to ``dtype``)
-        if they are, byte for byte, the parts of checkpoint ``manifest`` (each part's
-        content id is the sha256 of its bytes, which the coordinator wrote from the same
-        published tensors with the same :mod:`~shared_model.federated.checkpoint_parts`
-        functions); else ``None``. Stage 4's teacher is the published state at the stage
+        """This replica's shared part and ``columns`` (:meth:`cast` to ``dtype``) if they
+        are, byte for byte, the parts of checkpoint ``manifest`` (each part's content id is
+        the sha256 of its bytes, which the coordinator wrote from the same published
+        tensors with the same :mod:`~shared_model.federated.checkpoint_parts` functions);
+        else ``None``. Stage 4's teacher is the published state at the stage
         boundary, so a participant that synced through that version builds it without
         downloading it.
         """
@@ -179,16 +179,16 @@ class Replica:
         return self.cast(dtype, columns)
 
     def cast(self, dtype: torch.dtype, columns: list[int] | None = None) -> Replica:
-        """A copy of our version, shared part and ``columns`` (default: all we hold) in
-        ``dtype``, new tensors even in our own. In another dtype than FP32 it is a frozen
-        copy that no chain can advance (stage 4's teacher, in bf16)."""
+        """A replica of our version, shared part and ``columns`` (default: all we hold) in
+        ``dtype``. A tensor already in ``dtype`` is shared, not copied: no replica writes
+        into a tensor (:meth:`apply` builds new ones, which :meth:`view` relies on too). In
+        another dtype than FP32 it is a frozen copy that no chain can advance (stage 4's
+        teacher, in bf16)."""
         copy = Replica()
         copy.version = self.version
         kept = list(self.columns) if columns is None else columns
-        copy.shared = {k: v.to(dtype, copy=True) for k, v in self.shared.items()}
-        copy.columns = {
-            c: {k: v.to(dtype, copy=True) for k, v in self.columns[c].items()} for c in kept
-        }
+        copy.shared = {k: v.to(dtype) for k, v in self.shared.items()}
+        copy.columns = {c: {k: v.to(dtype) for k, v in self.columns[c].items()} for c in kept}
         return copy
 
 
