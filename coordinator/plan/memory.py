@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 
 from coordinator.plan.hardware import GpuSpec, PlanError
-from coordinator.plan.params import ParamCounts
+from coordinator.plan.params import BF16, ParamCounts
 from shared_model.config import PerspectiveConfig
 
 GB = 1e9
@@ -83,8 +83,6 @@ class MemoryLayout:
         """Bytes per trained parameter: weight + grad + AdamW m, v (+ fp32 master)."""
         return 2 + 2 + 2 * self.optimizer_bits / 8 + (4 if self.master_fp32 else 0)
 
-
-FROZEN_BYTES = 2.0
 
 
 @dataclass(frozen=True)
@@ -164,11 +162,11 @@ def estimate_memory(
         comps["experts (trained)"] = cols * layers * counts.ffn * tb
         if stage == 4:
             teacher = counts.shared / group + cols * layers * counts.ffn
-            comps["teacher (frozen, bf16)"] = teacher * FROZEN_BYTES
+            comps["teacher (frozen, bf16)"] = teacher * BF16
     elif stage == 5:
         cols = math.ceil(counts.n_experts / gpus)
-        comps["shared (frozen)"] = _shared_part(counts, FROZEN_BYTES, gpus)
-        comps["experts (frozen)"] = cols * layers * counts.ffn * FROZEN_BYTES
+        comps["shared (frozen)"] = _shared_part(counts, BF16, gpus)
+        comps["experts (frozen)"] = cols * layers * counts.ffn * BF16
         comps["routers (trained)"] = counts.routers * tb
     else:
         raise PlanError(f"stage {stage} has no training memory: allowed 1, 3, 4, 5")
