@@ -44,7 +44,7 @@ from coordinator.federation_settings import FederationSettings, LoopStats
 from coordinator.leasing import UnitFactory, leases_needed
 from coordinator.metrics import METRICS
 from coordinator.publishing import CoordinatorState
-from coordinator.reputation import Reputation
+from coordinator.reputation import Quarantine, Reputation
 from coordinator.result_inbox import ResultInbox, Submitted
 from coordinator.routing.assignment import ColumnAssignment
 from coordinator.routing.rescoring import Rescoring
@@ -61,9 +61,6 @@ NODE_COOLDOWN_S = 90.0
 #: A node busy with all the units it may hold is touched (marked seen) this often, not at
 #: every step: liveness counts in minutes (``serve --offline-after``).
 TOUCH_EVERY_S = 5.0
-#: Quarantine never takes the last node of a network of at least this many online nodes
-#: whose others are all quarantined (see ``FederationLoop._is_quarantined``).
-QUARANTINE_QUORUM = 3
 #: Longest wait for the end-of-stage round that delivers the last acks.
 ACK_ROUND_S = 15.0
 #: The end of a stage waits this long beyond the asked nodes' training left (sync, upload
@@ -116,9 +113,7 @@ class FederationLoop:
             log=self._log,
             stage=f"stage{settings.stage}",
         )
-        self.reputation = Reputation.from_settings(settings)
-        self._quarantined: set[int] = set()  # node ids quarantined at their last check
-        self._suspended = False  # quarantine suspended once: the whole network failed it
+        self.quarantine = Quarantine(Reputation.from_settings(settings), self._log)
         self._step_tokens = state.cfg.train.batch_size * state.cfg.train.seq_len
         # Only what the result log does not hold; counts come from it (see ``totals``).
         self._bytes_down = 0  # control messages pushed + downloads nodes reported
@@ -292,40 +287,14 @@ class FederationLoop:
         self._log(f"participant.{kind}_node", f"node {node_id}: {exc}; no units")
 
     def _is_quarantined(self, node_id: int) -> bool:
-        """Whether the node's results keep failing the defences (:mod:`coordinator.reputation`);
-        logged when it enters and leaves quarantine.
-
-        Never the whole network: when the last of ``QUARANTINE_QUORUM`` or more online
-        nodes would join the others in quarantine, the defences are more likely miscalibrated
-        than every participant hostile (the ``small`` demo once quarantined all 3 honest
-        nodes for an hour). That node keeps getting units (its results still face every
-        check, so nothing hostile gets in) and the operator is told, once.
-        """
-        if self.reputation.after <= 0:
+        """Whether the node's results keep failing the defences (:mod:`coordinator.reputation`)."""
+        rule = self.quarantine.rule
+        if rule.after <= 0:
             return False
         with self.factory() as s:
             row = db_participants.find_participant(s, node_id=node_id)
-            why = None if row is None else self.reputation.quarantined(s, participant_id=row.id)
-        others = self._online - {node_id}
-        if (
-            why is not None
-            and len(self._online) >= QUARANTINE_QUORUM
-            and others <= self._quarantined
-        ):
-            if not self._suspended:
-                self._log(
-                    "defence.quarantine_suspended",
-                    f"node {node_id}: {why}; every other online node is quarantined too: the "
-                    "update bounds or the column check are more likely wrong than every "
-                    "participant hostile (see docs/federated-training.md §3.3)",
-                )
-            self._suspended = True
-            why = None
-        if (why is not None) != (node_id in self._quarantined):
-            self._quarantined.symmetric_difference_update({node_id})
-            what = f"node {node_id}: {why}" if why else f"node {node_id}: on probation"
-            self._log("participant.quarantined" if why else "participant.released", what)
-        return why is not None
+            why = None if row is None else rule.quarantined(s, participant_id=row.id)
+        return self.quarantine.holds(node_id, why, online=self._online)
 
     def _lease_for(self, node_id: int, busy: set[int] | None = None) -> None:
         """Touch the node (online), lease it what it lacks of ``max_in_flight`` units, and

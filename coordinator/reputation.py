@@ -13,6 +13,7 @@ probation: one more strike within the window quarantines it again at once.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -59,3 +60,49 @@ class Reputation:
             f"{len(strikes)} of its last {len(rows)} results refused ({', '.join(reasons)}); "
             f"no units until {until.isoformat(timespec='seconds')}"
         )
+
+
+#: Quarantine never takes the last node of a network of at least this many online nodes
+#: whose others are all quarantined (see :meth:`Quarantine.holds`).
+QUARANTINE_QUORUM = 3
+
+
+class Quarantine:
+    """The nodes the federation loop leases nothing: the :class:`Reputation` rule applied
+    to the online network, with the transitions logged through ``log(kind, message)``."""
+
+    def __init__(self, rule: Reputation, log: Callable[[str, str], None]) -> None:
+        self.rule, self._log = rule, log
+        self.nodes: set[int] = set()  # node ids quarantined at their last check
+        self.suspended = False  # suspended once: the whole network failed the defences
+
+    def holds(self, node_id: int, why: str | None, *, online: set[int]) -> bool:
+        """Whether ``node_id`` is quarantined now, given ``why`` the rule quarantines it
+        (:meth:`Reputation.quarantined`, ``None``: it does not) and ``online``, the node
+        ids the SuperLink lists; logged when it enters and leaves.
+
+        Never the whole network: when the last of ``QUARANTINE_QUORUM`` or more online
+        nodes would join the others in quarantine, the defences are more likely
+        miscalibrated than every participant hostile (the ``small`` demo once quarantined
+        all 3 honest nodes for an hour). That node keeps getting units (its results still
+        face every check, so nothing hostile gets in) and the operator is told, once.
+        """
+        if (
+            why is not None
+            and len(online) >= QUARANTINE_QUORUM
+            and online - {node_id} <= self.nodes
+        ):
+            if not self.suspended:
+                self._log(
+                    "defence.quarantine_suspended",
+                    f"node {node_id}: {why}; every other online node is quarantined too: the "
+                    "update bounds or the column check are more likely wrong than every "
+                    "participant hostile (see docs/federated-training.md §3.3)",
+                )
+            self.suspended = True
+            why = None
+        if (why is not None) != (node_id in self.nodes):
+            self.nodes.symmetric_difference_update({node_id})
+            what = f"node {node_id}: {why}" if why else f"node {node_id}: on probation"
+            self._log("participant.quarantined" if why else "participant.released", what)
+        return why is not None
