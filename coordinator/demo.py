@@ -136,7 +136,10 @@ def run_demo(
     seed_minutes = 0.2 * minutes
     view.say(f"stage 1 (dense seed, central) for {seed_minutes:.1f} min ...")
     r1 = train_stage(cfg, 1, work / "central", minutes=seed_minutes, data=corpus)
-    view.say(f"stage 1: val loss {r1.val_loss:.3f}; stage 2: cloning FFNs into experts")
+    view.say(
+        f"stage 1: val loss {r1.val_loss:.3f} (its own check, other sequences than the table's);"
+        " stage 2: cloning FFNs into experts"
+    )
     r2 = train_stage(cfg, 2, work / "central", init=r1.checkpoint, data=corpus)
     network = LocalNetwork(
         work / "network",
@@ -161,8 +164,11 @@ def run_demo(
             loop = coord.federated_stage(
                 None, StageBudget(minutes=fed_minutes), replace(settings, stage=stage)
             )
-            if stage == 3:  # the seed, scored on the same validation set as every version
-                view.seed_val_loss = loop.evaluate()
+            # Where the stage starts, on the same validation set as every version: stage 3's
+            # is the seed's; stage 4's shows what its first ternary phase costs the model.
+            start_loss = loop.evaluate()
+            if stage == 3:
+                view.seed_val_loss = start_loss
             traffic = coord.traffic()
             view.start_stage(stage, loop)
             # Our Flower run stopped (`flwr stop`) or the SuperLink hiccuped: a new run.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -77,6 +78,9 @@ def test_demo_trains_both_federated_stages_and_exits_cleanly(tmp_path) -> None:
     # only the whole run is held to it ...
     seed = summary["seed_val_loss"]
     assert s4["final_val_loss"] < seed, (seed, s3, s4)
+    # ... and the summary says which set, and keeps stage 1's own check apart from it.
+    assert "stage1_val_loss" not in summary and summary["stage1_own_check"]["tokens"] > 0
+    assert re.search(r"\(\d[\d,]* tokens", summary["validation"]), summary["validation"]
     _traffic_split(s3, s4)
     # ... and stage 4 continued from stage 3's versions.
     assert s4["versions_end"] > s3["versions_end"] > 0

@@ -84,7 +84,6 @@ class MemoryLayout:
         return 2 + 2 + 2 * self.optimizer_bits / 8 + (4 if self.master_fp32 else 0)
 
 
-
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes per GPU by component for one stage, and whether it fits.
