@@ -149,18 +149,12 @@ def export_version(
 
 def _model(cfg, replica):
     """The full MoE model of the replica's published tensors (every weight accounted for)."""
-    from shared_model.model import PerspectiveModel, is_expert_param
+    from shared_model.model import ModelError, PerspectiveModel
 
-    model = PerspectiveModel(cfg, moe=True)
-    missing, unexpected = model.load_state_dict(replica.shared, strict=False)
-    missing = [k for k in missing if not is_expert_param(k)[0]]
-    if missing or unexpected:
-        raise ExportError(
-            f"the published shared part does not fit the model: {missing or unexpected}"
-        )
-    for column, state in replica.columns.items():
-        model.load_expert_state(column, state)
-    return model
+    try:
+        return PerspectiveModel.from_weights(cfg, replica.shared, replica.columns)
+    except ModelError as exc:
+        raise ExportError(f"the published weights do not fit the model: {exc}") from exc
 
 
 def _data_args(network: dict, cfg) -> str:

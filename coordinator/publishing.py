@@ -314,11 +314,8 @@ class CoordinatorState:
 
     def published_model(self) -> PerspectiveModel:
         """A full MoE model holding the current published weights (for evaluation)."""
-        model = PerspectiveModel(self.cfg, moe=True)
-        model.load_state_dict(self.shared.published, strict=False)
-        for column in self.columns.masters:
-            model.load_expert_state(column, self.columns.published(column))
-        return model.eval()
+        columns = {c: self.columns.published(c) for c in self.columns.masters}
+        return PerspectiveModel.from_weights(self.cfg, self.shared.published, columns).eval()
 
     # --- durability ------------------------------------------------------------------------
 

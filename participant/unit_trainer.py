@@ -394,19 +394,18 @@ class UnitTrainer:
         )
 
     def _prepare_models(self, req, columns: list[int], io: BlobIO, restarted: list[int]):
+        self._start_shared = self._eager_start(req.eager_scale, req.max_staleness)
+        shared = self._start_shared or self.replica.shared
+        held = {c: self.local.columns[c] for c in columns}
         model = self.model
         if model is None or sorted(model_columns(model)) != columns:
-            model = PerspectiveModel(self.cfg, moe=True, columns=columns).to(self.device)
+            model = PerspectiveModel.from_weights(self.cfg, shared, held, device=self.device)
             # Expert groups apart: the coordinator's unit says how their lr is scaled.
             optimizer = build_optimizer(model, self.cfg.optim, split_experts=True)
             self.model, self.optimizer = model, optimizer
         else:
             self._forget_moments(restarted)
-        self._start_shared = self._eager_start(req.eager_scale, req.max_staleness)
-        with torch.no_grad():
-            model.load_state_dict(self._start_shared or self.replica.shared, strict=False)
-            for c in columns:
-                model.load_expert_state(c, self.local.columns[c])
+            model.load_weights(shared, held)
         teacher = None
         if req.unit.stage == federation_pb2.STAGE_TERNARY_DISTILLATION:
             if not req.HasField("teacher"):
@@ -463,11 +462,11 @@ class UnitTrainer:
         key = (self.teacher_replica.version, tuple(columns))
         if self._teacher is not None and self._teacher[0] == key:
             return self._teacher[1]
-        teacher = freeze_teacher(PerspectiveModel(self.cfg, moe=True, columns=columns))
-        teacher.to(self.device)
-        teacher.load_state_dict(self.teacher_replica.shared, strict=False)
-        for c in columns:
-            teacher.load_expert_state(c, self.teacher_replica.columns[c])
+        held = {c: self.teacher_replica.columns[c] for c in columns}
+        teacher = PerspectiveModel.from_weights(
+            self.cfg, self.teacher_replica.shared, held, device=self.device, dtype=TEACHER_DTYPE
+        )
+        freeze_teacher(teacher)
         self._teacher = (key, teacher)
         return teacher
 

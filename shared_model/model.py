@@ -291,6 +291,59 @@ class PerspectiveModel(nn.Module):
         for name, value in state.items():
             own[name].copy_(value)
 
+    @classmethod
+    def from_weights(
+        cls,
+        cfg: PerspectiveConfig,
+        shared: dict[str, Tensor],
+        columns: dict[int, dict[str, Tensor]],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> PerspectiveModel:
+        """A MoE model over ``columns`` holding exactly these weights (see
+        :meth:`load_weights`), allocated once, on ``device`` (default CPU) in ``dtype``
+        (default FP32).
+
+        Built on the meta device: no weight is drawn at random only to be overwritten, and
+        none is held twice on the way (the FP32 CPU model a GPU node used to build first
+        was the teacher's whole size again, 157 GB for a `full` node's four columns).
+        """
+        held = sorted(columns)
+        with torch.device("meta"):  # every column: the full model, as if none were named
+            model = cls(
+                cfg, moe=True, columns=None if held == [*range(cfg.moe.n_experts)] else held
+            )
+        if dtype is not None:
+            model.to(dtype=dtype)
+        model.to_empty(device=device or "cpu")
+        for module in model.modules():
+            if isinstance(module, PDR):
+                module.reset_projections()  # fixed buffers, not weights: drawn from the seed
+        model.load_weights(shared, columns)
+        return model
+
+    @torch.no_grad()
+    def load_weights(self, shared: dict[str, Tensor], columns: dict[int, dict[str, Tensor]]):
+        """Copy ``shared`` (every weight but the experts', as :meth:`shared_state` gives)
+        and each column's expert state (:meth:`expert_state`) into this model.
+
+        Columns the model holds and ``columns`` does not name keep their weights.
+
+        Raises:
+            ModelError: a shared weight missing or unexpected, or a column's state does not
+                fit.
+        """
+        missing, unexpected = self.load_state_dict(shared, strict=False)
+        missing = [k for k in missing if not is_expert_param(k)[0]]
+        if missing or unexpected:
+            raise ModelError(
+                f"the shared weights do not fit the model: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+        for column, state in columns.items():
+            self.load_expert_state(column, state)
+
     def to_moe(self, noise_std: float | None = None, generator=None) -> PerspectiveModel:
         """Stage 2: a new MoE model whose experts are clones of this dense model's banks."""
         moe = PerspectiveModel(self.cfg, moe=True).to(next(self.parameters()).device)

@@ -209,6 +209,35 @@ def test_expert_names_and_state(cfg):
         model.load_expert_state(1, bad)
 
 
+def test_a_model_built_from_weights_is_the_model_they_came_from_with_no_random_draw(cfg):
+    torch.manual_seed(3)
+    source = PerspectiveModel(cfg, moe=True).eval()
+    columns = {c: source.expert_state(c) for c in (1, 5)}
+    rng = torch.get_rng_state()
+    built = PerspectiveModel.from_weights(cfg, source.shared_state(), columns).eval()
+    assert torch.equal(torch.get_rng_state(), rng)  # nothing initialised only to be overwritten
+    expected = set(source.shared_state()) | {k for state in columns.values() for k in state}
+    assert set(built.state_dict()) == expected
+    own = dict(source.named_buffers())  # PDR's fixed projections, not weights: redrawn
+    assert all(torch.equal(b, own[n]) for n, b in built.named_buffers())
+    idx, cols = _idx(cfg), torch.tensor([5, 1])
+    assert torch.equal(built(idx, columns=cols).logits, source(idx, columns=cols).logits)
+    # all the columns: the full model, as PerspectiveModel(cfg, moe=True) builds it
+    every = {c: source.expert_state(c) for c in range(cfg.moe.n_experts)}
+    full = PerspectiveModel.from_weights(cfg, source.shared_state(), every).eval()
+    assert full.state_dict().keys() == source.state_dict().keys()
+    assert torch.equal(full(idx).logits, source(idx).logits)
+    # in bf16 (stage 4's teacher): each weight rounded once, as .to(bfloat16) rounds it
+    half = PerspectiveModel.from_weights(cfg, source.shared_state(), columns, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    rounded = {k: v.to(torch.bfloat16) for k, v in source.state_dict().items()}
+    assert all(torch.equal(v, rounded[k]) for k, v in half.state_dict().items())
+    shared = source.shared_state()
+    shared.pop("layers.0.ffn.router.weight")
+    with pytest.raises(ModelError, match="missing .*layers.0.ffn.router.weight"):
+        PerspectiveModel.from_weights(cfg, shared, columns)
+
+
 def test_ternary_fraction_affects_experts_only(cfg):
     torch.manual_seed(4)
     model = PerspectiveModel(cfg, moe=True)

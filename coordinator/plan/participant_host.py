@@ -15,7 +15,9 @@ What a node keeps between units, beside the model and optimiser on its device
   (``UnitTrainer.teacher_replica``, ``TEACHER_DTYPE``).
 
 Not counted: what one unit's end holds while its result is encoded beside the next unit
-(about one more copy of the shared layers and of the unit's columns).
+(about one more copy of the shared layers and of the unit's columns). Building the model
+and the teacher takes no RAM on a GPU node: ``PerspectiveModel.from_weights`` allocates
+them on the device from these tensors (it used to build each in FP32 in RAM first).
 """
 
 from __future__ import annotations
