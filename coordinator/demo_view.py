@@ -167,9 +167,9 @@ class DemoView:
             f"sequences ({self.eval_tokens:,} tokens: FederationSettings.eval_batches "
             "batches); the seed row is the stage-1 model (cloned into experts, the same "
             "function) on the same sequences",
-            # Stage 1's trainer checks itself on fewer, other sequences of the same
-            # documents (on `small` 2,048 tokens, which put it 0.6 below the seed on the
-            # stages' set): not comparable with the stages' losses, so kept apart.
+            # Stage 1's trainer checks itself on other sequences of the same documents,
+            # token-level and without the stages' per-column draw: not comparable with the
+            # stages' losses, so kept apart.
             "stage1_own_check": {
                 "val_loss": stage1.val_loss,
                 "tokens": self.cfg.train.eval_batches * self._batch_tokens,
