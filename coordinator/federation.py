@@ -43,6 +43,7 @@ from coordinator.db.types import utcnow
 from coordinator.federation_settings import FederationSettings, LoopStats
 from coordinator.leasing import UnitFactory, leases_needed
 from coordinator.metrics import METRICS
+from coordinator.node_status import NodeStatus
 from coordinator.publishing import CoordinatorState
 from coordinator.reputation import Quarantine, Reputation
 from coordinator.result_inbox import ResultInbox, Submitted
@@ -57,10 +58,6 @@ log = logging.getLogger(__name__)
 # Flower error codes meaning the destination node is gone (3: message unavailable because
 # the node was removed, 5: node unavailable after missed heartbeats).
 NODE_GONE_CODES = (3, 5)
-NODE_COOLDOWN_S = 90.0
-#: A node busy with all the units it may hold is touched (marked seen) this often, not at
-#: every step: liveness counts in minutes (``serve --offline-after``).
-TOUCH_EVERY_S = 5.0
 #: Longest wait for the end-of-stage round that delivers the last acks.
 ACK_ROUND_S = 15.0
 #: The end of a stage waits this long beyond the asked nodes' training left (sync, upload
@@ -125,11 +122,8 @@ class FederationLoop:
         self._message_units: dict[str, list[str]] = {}
         self.acks = AckQueue()  # decided results, acked with the next message to the node
         # Nodes Flower reported gone get no leases for a while (the SuperLink keeps
-        # listing a dead node until its heartbeat times out, ~60 s).
-        self._cooldown: dict[int, float] = {}
-        self._held_since: dict[int, float] = {}  # node id -> monotonic start of its last hold
-        self._online: set[int] = set()  # node ids the SuperLink listed at the last step
-        self._touched: dict[int, float] = {}  # node id -> monotonic time of its last touch
+        # listing a dead node until its heartbeat times out, ~60 s); and the like.
+        self.nodes = NodeStatus()
         self._budget_leased = False  # no new unit fits the token budget any more
         self.on_checkpoint: Callable[[], None] | None = None  # after each state save (blob GC)
         self.hold_leases = False  # paused stage (coordinator.stage_control): in flight only
@@ -137,9 +131,6 @@ class FederationLoop:
         # participant row and no units (key sync unregisters it; issue 16).
         self.enrolled_only = False
         # Results participants submit through the blob service (coordinator.result_inbox).
-        # Such a node answers a unit as soon as it is queued, so no pending message says
-        # it is busy: ``_full`` remembers when it last had all the units it may hold (no
-        # lease attempt, a DB transaction, at every step until its next result).
         self.inbox = inbox
         self.ended = False  # collect() ran: the stage takes no more submitted results
         self._submitters: set[int] = set()  # nodes whose last reply said they submit
@@ -149,9 +140,7 @@ class FederationLoop:
         # max_in_flight units at first contact gave them all one column: on a `small`
         # demo the first 9 units of stage 3 trained 3 of the 16 columns.
         self._capable: set[int] = set()
-        self._full: dict[int, float] = {}  # submitting node -> monotonic time found full
         self._submitted: deque[Submitted] = deque()  # drained, not taken in yet (in order)
-        self._held: set[int] = set()  # held back after an expiry, until they answer
         self.units_per_message: Counter[int] = Counter()  # batch size -> messages pushed
         # Units handed to a node in the reply to its Submit (coordinator.unit_handoff): the
         # nodes whose handled result has a Submit waiting for them, and batch size -> count.
@@ -188,9 +177,7 @@ class FederationLoop:
         self._expire_leases(utcnow())
         now = time.monotonic()
         nodes = self.driver.node_ids()
-        for node_id in set(nodes) - self._online:
-            self._cooldown.pop(node_id, None)  # (re)activated since the last step: try it now
-        self._online = set(nodes)
+        self.nodes.listed(nodes)
         # One look at what is in flight per step, not per node (a fleet of N nodes made
         # this N² work, and a DB transaction per node every 0.2 s: a 2.5 s step at 700
         # nodes; benchmarks/fleet_soak.py).
@@ -201,18 +188,18 @@ class FederationLoop:
             units_out[n] += len(self._message_units.get(mid, ()))
         due_touch = []  # busy nodes due a liveness touch: one transaction for all of them
         for node_id in nodes:
-            if self._cooldown.get(node_id, 0.0) > now:
+            if self.nodes.cooling(node_id, now):
                 continue
             # All it may hold is out. (Not "all there is to lease": an expired lease's unit
             # is re-issued after the budget is fully leased, and must find a taker.)
-            full = now - self._full.get(node_id, -math.inf) < TOUCH_EVERY_S
+            full = self.nodes.full(node_id, now)
             if units_out[node_id] >= self.settings.max_in_flight or full:
-                if now - self._touched.get(node_id, -math.inf) >= TOUCH_EVERY_S:
+                if self.nodes.touch_due(node_id, now):
                     due_touch.append(node_id)
                 continue
             if self._is_quarantined(node_id):
                 continue
-            self._touched[node_id] = now
+            self.nodes.touched(node_id, now)
             try:
                 self._lease_for(node_id, busy)
             except (ParticipantRevoked, ParticipantUnknown) as exc:
@@ -268,7 +255,7 @@ class FederationLoop:
         refused = []
         with self.factory.begin() as s:
             for node_id in node_ids:
-                self._touched[node_id] = now
+                self.nodes.touched(node_id, now)
                 try:
                     db_participants.touch_participant(
                         s, node_id=node_id, create=not self.enrolled_only
@@ -281,8 +268,7 @@ class FederationLoop:
     def _no_units(self, node_id: int, exc: Exception, now: float) -> None:
         """A revoked or unknown node: still connected until the key sync unregisters it and
         its heartbeat expires; no work meanwhile (its results would be refused anyway)."""
-        self._held_since[node_id] = now
-        self._cooldown[node_id] = now + NODE_COOLDOWN_S
+        self.nodes.cool_down(node_id, now)
         kind = "revoked" if isinstance(exc, ParticipantRevoked) else "unknown"
         self._log(f"participant.{kind}_node", f"node {node_id}: {exc}; no units")
 
@@ -294,7 +280,7 @@ class FederationLoop:
         with self.factory() as s:
             row = db_participants.find_participant(s, node_id=node_id)
             why = None if row is None else rule.quarantined(s, participant_id=row.id)
-        return self.quarantine.holds(node_id, why, online=self._online)
+        return self.quarantine.holds(node_id, why, online=self.nodes.online)
 
     def _lease_for(self, node_id: int, busy: set[int] | None = None) -> None:
         """Touch the node (online), lease it what it lacks of ``max_in_flight`` units, and
@@ -326,7 +312,7 @@ class FederationLoop:
         # is fully leased while some are (no next unit's reply will bring their results).
         in_flight = needed == 0 or (self._budget_leased and needed < self.settings.max_in_flight)
         if in_flight and not pushed and submits:
-            self._full[node_id] = time.monotonic()  # its results come by themselves
+            self.nodes.found_full(node_id, time.monotonic())  # its results come by themselves
             return
         if busy is None:
             busy = set(self.driver.pending.values())
@@ -498,7 +484,7 @@ class FederationLoop:
         last hold began: a node killed right after submitting has its result drained after
         Flower's error for it (or after its leases expired), and must not be leased more
         for that."""
-        if at > self._held_since.get(node_id, -math.inf):
+        if self.nodes.after_hold(node_id, at):
             self._answered(node_id)
         with METRICS.timed(METRICS.intake):
             self.acks.add(node_id, self.receive(node_id, result))
@@ -511,9 +497,7 @@ class FederationLoop:
     def _answered(self, node_id: int) -> None:
         """A node replied or submitted a result: it is alive, and lifts any hold on it; a
         submitting node has a slot free (lease at the next step)."""
-        self._cooldown.pop(node_id, None)
-        self._held.discard(node_id)
-        self._full.pop(node_id, None)
+        self.nodes.answered(node_id)
 
     def _reply_fields(self, node_id: int, body) -> None:
         """Store the capability and traffic a reply reports, if they are sane."""
@@ -536,8 +520,7 @@ class FederationLoop:
         Flower says so also when a live node merely left our messages unpulled past their
         TTL (slow to start, swamped): it is asked to answer a ``collect``, so that it need
         not sit out the whole cooldown."""
-        self._held_since[node_id] = time.monotonic()
-        self._cooldown[node_id] = self._held_since[node_id] + NODE_COOLDOWN_S
+        self.nodes.cool_down(node_id, time.monotonic())
         with self.factory.begin() as s:
             row = db_participants.find_participant(s, node_id=node_id)
             if row is not None and row.state == "online":
@@ -550,7 +533,7 @@ class FederationLoop:
         """A node held back with no message of ours to answer gets a ``collect``: a live one
         answers it once its queue is done (any reply lifts the hold); a dead one's expires
         (and Flower's error holds it back again, until Flower stops listing it)."""
-        if self.driver is None or node_id not in self._online:
+        if self.driver is None or node_id not in self.nodes.online:
             return
         if node_id not in set(self.driver.pending.values()):
             self._ask_for_results(node_id)
@@ -750,7 +733,7 @@ class FederationLoop:
         steps of each unit they hold."""
         now, holding = utcnow(), {}
         with self.factory() as s:
-            for node_id in self._online:
+            for node_id in self.nodes.online:
                 row = db_participants.find_participant(s, node_id=node_id)
                 steps = (
                     []
@@ -801,7 +784,7 @@ class FederationLoop:
         if self.driver is not None:
             self._expire_leases(utcnow() + dt.timedelta(days=365), hold_back=False)
         self.driver = driver
-        self._cooldown.clear()
+        self.nodes.forget_cooldowns()
 
     def recover(self) -> int:
         """Replay the result log after the loaded state checkpoint; returns results replayed.
@@ -866,18 +849,14 @@ class FederationLoop:
         freed until Flower drops a dead node (up to a minute). A node with no message of
         ours to answer is sent a ``collect``, which a live one answers once its queue is
         done; a dead one's expires, and Flower's error marks it gone."""
-        now = time.monotonic()
         # Logged once until the node answers, also when Flower's error put it in cooldown
         # first (a node that submits has no message of ours pending: that error often
         # comes before its leases expire).
-        if node_id not in self._held:
-            self._held.add(node_id)
+        if self.nodes.hold_back(node_id, time.monotonic()):
             self._log(
                 "participant.held_back",
                 f"node {node_id}: a lease expired; no units until it answers",
             )
-        self._held_since[node_id] = now
-        self._cooldown[node_id] = max(self._cooldown.get(node_id, 0.0), now + NODE_COOLDOWN_S)
         self._ask_if_silent(node_id)
 
     def _log(self, kind: str, message: str, unit_id: str | None = None) -> None:

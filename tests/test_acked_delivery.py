@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import time
 from dataclasses import replace
 
 import pytest
@@ -165,11 +166,11 @@ def test_a_result_submitted_before_a_hold_began_does_not_lift_it(tmp_path, corpu
     loop.inbox.put(NODE, before)
     getattr(loop, hold)(NODE)
     loop._take_replies(0.0)
-    assert NODE in loop._cooldown  # still held back: no lease for it
+    assert loop.nodes.cooling(NODE, time.monotonic())  # still held back: no lease for it
     assert [a.unit_id for a in acks_for(loop, NODE)] == [before.unit_id]  # judged all the same
     loop.inbox.put(NODE, after)
     loop._take_replies(0.0)
-    assert NODE not in loop._cooldown
+    assert not loop.nodes.cooling(NODE, time.monotonic())
 
 
 def _dead_address() -> str:

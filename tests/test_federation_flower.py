@@ -456,7 +456,7 @@ def _no_new_leases_once_lost(coord, node_id, killed_at: dt.datetime) -> None:
     Flower reported its message undeliverable), the loop leased it nothing more for the
     hold-back period (Flower lists a dead node for up to a minute), and said why it held
     the node back."""
-    from coordinator.federation import NODE_COOLDOWN_S
+    from coordinator.node_status import NODE_COOLDOWN_S
 
     signed = _stored(node_id)
     with _db(coord) as db:

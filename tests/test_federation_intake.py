@@ -332,7 +332,7 @@ def test_the_end_of_a_stage_waits_for_the_training_each_node_has_left(tmp_path, 
     report(loop, slow, 640.0)  # 128 tokens a step: 5 steps a second, units of 10 steps
     loop.lease_request(slow)
     loop.lease_request(slow)
-    loop._online = {slow, idle}  # as the SuperLink lists them
+    loop.nodes.listed([slow, idle])  # as the SuperLink lists them
     held = loop._steps_held()
     assert held == {slow: [10, 10]}
     asked = {**held, idle: []}

@@ -19,9 +19,9 @@ import psutil
 import pytest
 
 from coordinator.coordinator_process import Coordinator, StageBudget
-from coordinator.federation import NODE_COOLDOWN_S
 from coordinator.federation_settings import FederationSettings
 from coordinator.local_network import LocalNetwork
+from coordinator.node_status import NODE_COOLDOWN_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -19,8 +19,8 @@ from benchmarks.fleet_soak import FleetDriver
 from coordinator.central.checkpoint import save_checkpoint
 from coordinator.coordinator_process import Coordinator, StageBudget
 from coordinator.db import participants as db_participants
-from coordinator.federation import TOUCH_EVERY_S
 from coordinator.federation_settings import FederationSettings
+from coordinator.node_status import TOUCH_EVERY_S
 from shared_model.config_loading import load_config
 from shared_model.data import prepare_corpus
 from shared_model.model import PerspectiveModel
