@@ -15,7 +15,7 @@ from coordinator.db import participants as db_participants
 from coordinator.plan.params import count_params
 from coordinator.plan.participant_host import estimate_participant_host
 from participant.unit_trainer import UnitTrainer
-from shared_model.stage_loss import TEACHER_DTYPE
+from shared_model.stage_loss import TEACHER_DTYPE, teacher_run_dtype
 from shared_model.wire.perspective.v1 import federation_pb2
 from tests.test_federation_intake import NODE, corpus, local_io, make_loop  # noqa: F401
 
@@ -63,8 +63,8 @@ def test_a_stage4_unit_distils_from_the_boundary_in_bf16_as_the_planner_counts(
     corpus,  # noqa: F811
 ):
     """The teacher a participant builds is the boundary's published weights rounded to
-    ``TEACHER_DTYPE`` (bf16), in its replica and in the model it runs; ``perspective plan``'s
-    participant host RAM counts those bytes."""
+    ``TEACHER_DTYPE`` (bf16), in its replica and in the model it runs (on a CPU in FP32,
+    the same values); ``perspective plan``'s participant host RAM counts those bytes."""
     loop, train = make_loop(tmp_path, corpus)
     req = _stage4_request(loop, 0.5)
     trainer = UnitTrainer(loop.state.cfg, train, tmp_path / "node")
@@ -78,8 +78,10 @@ def test_a_stage4_unit_distils_from_the_boundary_in_bf16_as_the_planner_counts(
     for c in held:  # a column's expert tensors, as the model names them
         own = loop.state.published_model().expert_state(c)
         assert all(torch.equal(v, own[k].to(TEACHER_DTYPE)) for k, v in teacher.columns[c].items())
-    model = trainer._teacher[1]
-    assert {p.dtype for p in model.parameters()} == {TEACHER_DTYPE}
+    model = trainer._teacher[1]  # those weights, run in FP32 on a CPU (bf16 is slow there)
+    assert {p.dtype for p in model.parameters()} == {teacher_run_dtype("cpu")} == {torch.float32}
+    weights = {**teacher.shared, **{k: v for c in held for k, v in teacher.columns[c].items()}}
+    assert all(torch.equal(v, weights[k].float()) for k, v in model.state_dict().items()), "exact"
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     plan = estimate_participant_host(count_params(loop.state.cfg), stage=4, columns=len(held))
     nbytes = sum(

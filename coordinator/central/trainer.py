@@ -42,6 +42,7 @@ from coordinator.central.stages import StageError, compute_loss, setup_stage
 from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset, PreparedCorpus, prepare_corpus
 from shared_model.schedule import build_optimizer, set_scheduled_lr, ternary_fraction_at
+from shared_model.stage_loss import freeze_teacher
 
 EVAL_SEED = 1_000_003  # validation batches never depend on the training seed
 
@@ -140,7 +141,7 @@ class _Run:
         self.cfg, self.stage, self.out_dir = cfg, stage, Path(out_dir)
         self.total_steps, self.device = total_steps, device
         self.model = setup.model.to(device).train()
-        self.teacher = setup.teacher.to(device) if setup.teacher is not None else None
+        self.teacher = None if setup.teacher is None else freeze_teacher(setup.teacher, device)
         self.extra = {"teacher": setup.teacher_path} if setup.teacher_path else {}
         self.tokenizer_sha256 = setup.tokenizer_sha256
         self.optimizer = build_optimizer(self.model, cfg.optim)

@@ -63,6 +63,7 @@ from shared_model.data import DocumentDataset, PreparedCorpus, corpus_name
 from shared_model.losses import RankSum
 from shared_model.model import PerspectiveModel
 from shared_model.schedule import build_optimizer, set_scheduled_lr, ternary_fraction_at
+from shared_model.stage_loss import freeze_teacher
 
 
 @torch.no_grad()
@@ -85,7 +86,7 @@ class _DistRun:
         self.cfg, self.stage, self.env = cfg, stage, env
         # Global router statistics and expert unit-vector sums (see the module doc).
         self.ranks = RankSum(partial(all_reduce_sum, differentiable=True), env.world_size)
-        self.teacher = setup.teacher.to(env.device) if setup.teacher is not None else None
+        self.teacher = None if setup.teacher is None else freeze_teacher(setup.teacher, env.device)
         self.teacher_path = setup.teacher_path
         self.tokenizer_sha256 = setup.tokenizer_sha256
         model = setup.model.to(env.device).train()
