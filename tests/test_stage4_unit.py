@@ -80,6 +80,7 @@ def test_a_stage4_unit_distils_from_the_boundary_in_bf16_as_the_planner_counts(
         assert all(torch.equal(v, own[k].to(TEACHER_DTYPE)) for k, v in teacher.columns[c].items())
     model = trainer._teacher[1]  # those weights, run in FP32 on a CPU (bf16 is slow there)
     assert {p.dtype for p in model.parameters()} == {teacher_run_dtype("cpu")} == {torch.float32}
+    assert teacher_run_dtype("cuda:0") == TEACHER_DTYPE  # a GPU runs it in bf16
     weights = {**teacher.shared, **{k: v for c in held for k, v in teacher.columns[c].items()}}
     assert all(torch.equal(v, weights[k].float()) for k, v in model.state_dict().items()), "exact"
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
