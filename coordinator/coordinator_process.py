@@ -356,8 +356,31 @@ class Coordinator:
             self._pin_teacher(teacher)
         else:
             self.state.publisher.teacher = None
+        units = self._unit_factory(settings, budget, teacher)
+        settings = replace(settings, state_path=self._state_path(settings))
+        self.loop = FederationLoop(
+            self.state,
+            settings,
+            self.session_factory,
+            driver,
+            units,
+            self.val,
+            self.assignment,
+            budget.progress,
+            inbox=self.inbox,
+            handoff=self.handoff,
+        )
+        self.loop.on_checkpoint = lambda: self.collect_blobs(settings, teacher)
+        return self.loop
+
+    def _unit_factory(
+        self, settings: FederationSettings, budget: StageBudget, teacher
+    ) -> UnitFactory:
+        """The stage's units: sized, scheduled and addressed as ``settings`` and ``budget``
+        say (``teacher``: stage 4's checkpoint reference, else ``None``)."""
+        stage = settings.stage
         step_tokens = self.cfg.train.batch_size * self.cfg.train.seq_len
-        units = UnitFactory(
+        return UnitFactory(
             cfg=self.cfg,
             stage=stage,
             steps_per_unit=settings.steps_per_unit,
@@ -382,21 +405,6 @@ class Coordinator:
             ),
             step_budget=math.ceil(budget.tokens / step_tokens) if budget.tokens else None,
         )
-        settings = replace(settings, state_path=self._state_path(settings))
-        self.loop = FederationLoop(
-            self.state,
-            settings,
-            self.session_factory,
-            driver,
-            units,
-            self.val,
-            self.assignment,
-            budget.progress,
-            inbox=self.inbox,
-            handoff=self.handoff,
-        )
-        self.loop.on_checkpoint = lambda: self.collect_blobs(settings, teacher)
-        return self.loop
 
     def _network_id(self) -> str:
         with self.session_factory() as s:
