@@ -98,17 +98,7 @@ def touch_participant(
         ParticipantUnknown: ``create`` is false and no participant owns the node.
     """
     now = now or utcnow()
-    row = find_participant(session, node_id=node_id)
-    if row is None and public_key is not None:
-        row = session.scalar(select(Participant).where(Participant.public_key == public_key))
-        if row is not None and row.node_id is not None and row.node_id != node_id:
-            # The same key re-registered with the SuperLink: Flower gave it a new id.
-            log_event(
-                session,
-                kind="participant.node_changed",
-                message=f"{row.name}: node id {row.node_id} -> {node_id}",
-                participant_id=row.id,
-            )
+    row = _node_owner(session, node_id=node_id, public_key=public_key)
     if row is None and not create:
         raise ParticipantUnknown(f"Flower node {node_id} belongs to no enrolled participant")
     if row is None:
@@ -137,6 +127,24 @@ def touch_participant(
     row.state = ParticipantState.ONLINE
     row.last_seen = now
     session.flush()
+    return row
+
+
+def _node_owner(session: Session, *, node_id: int, public_key: str | None) -> Participant | None:
+    """The participant that owns Flower node ``node_id``: by node id, else by ``public_key``
+    (logged when that key's participant had another node id: it re-registered)."""
+    row = find_participant(session, node_id=node_id)
+    if row is not None or public_key is None:
+        return row
+    row = session.scalar(select(Participant).where(Participant.public_key == public_key))
+    if row is not None and row.node_id is not None and row.node_id != node_id:
+        # The same key re-registered with the SuperLink: Flower gave it a new id.
+        log_event(
+            session,
+            kind="participant.node_changed",
+            message=f"{row.name}: node id {row.node_id} -> {node_id}",
+            participant_id=row.id,
+        )
     return row
 
 
