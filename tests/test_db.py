@@ -34,6 +34,7 @@ from coordinator.db import (
     sqlite_url,
     utcnow,
 )
+from coordinator.db.errors import ParticipantUnknown
 from coordinator.db.events import list_events, log_event
 from coordinator.db.leases import create_lease
 from coordinator.db.participants import Capability, revoke_participant, touch_participant
@@ -302,6 +303,13 @@ def test_enrolment_token_is_one_time_and_binds_node(factory):
             enrol_participant(s, token=plain, name="mallory")
         bound = touch_participant(s, node_id=777, public_key="PK-A")
         assert bound.id == part.id and bound.state == "online"
+        # The same key re-registered with the SuperLink under a new node id: same participant.
+        again = touch_participant(s, node_id=778, public_key="PK-A")
+        assert again.id == part.id and again.node_id == 778
+        changed = [e for e in s.scalars(select(Event)) if e.kind == "participant.node_changed"]
+        assert [e.message for e in changed] == ["alice: node id 777 -> 778"]
+        with pytest.raises(ParticipantUnknown):  # an enrolled network knows no other node
+            touch_participant(s, node_id=779, public_key="PK-B", create=False)
 
 
 def test_events_paginate(factory):
