@@ -44,13 +44,7 @@ from shared_model.federated.updates import encode_bundle, send_with_feedback
 from shared_model.model import PerspectiveModel
 from shared_model.moe import expert_param_names
 from shared_model.schedule import build_optimizer, set_lr
-from shared_model.stage_loss import (
-    TEACHER_DTYPE,
-    Distillation,
-    freeze_teacher,
-    stage_loss,
-    teacher_run_dtype,
-)
+from shared_model.stage_loss import TEACHER_DTYPE, Distillation, freeze_teacher, stage_loss
 from shared_model.ternary import THRESHOLD_FACTOR
 from shared_model.wire.perspective.v1 import blobs_pb2, control_pb2, federation_pb2, tensor_pb2
 
@@ -470,13 +464,9 @@ class UnitTrainer:
             return self._teacher[1]
         held = {c: self.teacher_replica.columns[c] for c in columns}
         teacher = PerspectiveModel.from_weights(
-            self.cfg,
-            self.teacher_replica.shared,
-            held,
-            device=self.device,
-            dtype=teacher_run_dtype(self.device),  # bf16 weights, FP32 on a CPU (exact)
+            self.cfg, self.teacher_replica.shared, held, device=self.device, dtype=TEACHER_DTYPE
         )
-        freeze_teacher(teacher, self.device)
+        freeze_teacher(teacher, self.device)  # runs in FP32 on a CPU (teacher_run_dtype)
         self._teacher = (key, teacher)
         return teacher
 

@@ -309,11 +309,8 @@ class PerspectiveModel(nn.Module):
         none is held twice on the way (the FP32 CPU model a GPU node used to build first
         was the teacher's whole size again, 157 GB for a `full` node's four columns).
         """
-        held = sorted(columns)
-        with torch.device("meta"):  # every column: the full model, as if none were named
-            model = cls(
-                cfg, moe=True, columns=None if held == [*range(cfg.moe.n_experts)] else held
-            )
+        with torch.device("meta"):
+            model = cls(cfg, moe=True, columns=sorted(columns))
         if dtype is not None:
             model.to(dtype=dtype)
         model.to_empty(device=device or "cpu")
