@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from coordinator.central.checkpoint import (
@@ -49,6 +50,7 @@ class StageSetup:
     """Model(s) for a stage, and the checkpoint to resume from (same-stage init)."""
 
     model: PerspectiveModel
+    #: stage 4's teacher, frozen on the stage's device (apart from ``model``)
     teacher: PerspectiveModel | None
     resume: Checkpoint | None
     teacher_path: str | None = None
@@ -92,6 +94,7 @@ def setup_stage(
     init: str | None,
     *,
     corpus: PreparedCorpus | None = None,
+    device: torch.device | str = "cpu",
 ) -> StageSetup:
     """Build the model (and teacher) for ``stage`` from an optional checkpoint path.
 
@@ -101,6 +104,8 @@ def setup_stage(
         init: checkpoint to start from (None: stage 1 from scratch).
         corpus: the training corpus (None: datasets without one, tokenizer unknown); the
             init checkpoint and a stage-4 teacher must have been trained with its tokenizer.
+        device: where the stage trains: a stage-4 teacher is frozen there, in the dtype
+            it runs in on that device (:func:`shared_model.stage_loss.teacher_run_dtype`).
 
     Raises:
         StageError: wrong stage or init checkpoint of the wrong stage.
@@ -113,12 +118,12 @@ def setup_stage(
     if ckpt is not None:
         check_tokenizer(ckpt.tokenizer_sha256, tokenizer_sha256, checkpoint=init, against=against)
         tokenizer_sha256 = tokenizer_sha256 or ckpt.tokenizer_sha256
-    setup = _build_stage(cfg, stage, init, ckpt, tokenizer_sha256, against)
+    setup = _build_stage(cfg, stage, init, ckpt, tokenizer_sha256, against, device)
     setup.tokenizer_sha256 = tokenizer_sha256
     return setup
 
 
-def _build_stage(cfg, stage, init, ckpt, tokenizer_sha256, against) -> StageSetup:
+def _build_stage(cfg, stage, init, ckpt, tokenizer_sha256, against, device) -> StageSetup:
     if stage == 1:
         if ckpt is None:
             return StageSetup(PerspectiveModel(cfg, moe=False), None, None)
@@ -134,7 +139,7 @@ def _build_stage(cfg, stage, init, ckpt, tokenizer_sha256, against) -> StageSetu
     if teacher_path is None:
         raise CheckpointError("stage-4 checkpoint does not name its teacher checkpoint")
     if resume is None:
-        teacher = model
+        teacher = copy.deepcopy(model)  # the stage's start; the model itself trains on
     else:
         teacher_ckpt = load_checkpoint(teacher_path)
         check_tokenizer(
@@ -144,8 +149,7 @@ def _build_stage(cfg, stage, init, ckpt, tokenizer_sha256, against) -> StageSetu
             against=against,
         )
         teacher = _load_model(cfg, teacher_ckpt, True)
-    teacher = freeze_teacher(copy.deepcopy(teacher))
-    return StageSetup(model, teacher, resume, str(teacher_path))
+    return StageSetup(model, freeze_teacher(teacher, device), resume, str(teacher_path))
 
 
 def compute_loss(

@@ -42,7 +42,6 @@ from coordinator.central.stages import StageError, compute_loss, setup_stage
 from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset, PreparedCorpus, prepare_corpus
 from shared_model.schedule import build_optimizer, set_scheduled_lr, ternary_fraction_at
-from shared_model.stage_loss import freeze_teacher
 
 EVAL_SEED = 1_000_003  # validation batches never depend on the training seed
 
@@ -141,7 +140,7 @@ class _Run:
         self.cfg, self.stage, self.out_dir = cfg, stage, Path(out_dir)
         self.total_steps, self.device = total_steps, device
         self.model = setup.model.to(device).train()
-        self.teacher = None if setup.teacher is None else freeze_teacher(setup.teacher, device)
+        self.teacher = setup.teacher
         self.extra = {"teacher": setup.teacher_path} if setup.teacher_path else {}
         self.tokenizer_sha256 = setup.tokenizer_sha256
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -231,7 +230,7 @@ def train_stage(
     # A run is a pure function of its inputs, whoever calls it: the model's initial weights
     # come from the global generator (a resumed run restores the recorded states later).
     seed_generators(cfg.train.seed)
-    setup = setup_stage(cfg, stage, init, corpus=data)
+    setup = setup_stage(cfg, stage, init, corpus=data, device=device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to fit
     if stage == 2:

@@ -63,7 +63,6 @@ from shared_model.data import DocumentDataset, PreparedCorpus, corpus_name
 from shared_model.losses import RankSum
 from shared_model.model import PerspectiveModel
 from shared_model.schedule import build_optimizer, set_scheduled_lr, ternary_fraction_at
-from shared_model.stage_loss import freeze_teacher
 
 
 @torch.no_grad()
@@ -86,7 +85,7 @@ class _DistRun:
         self.cfg, self.stage, self.env = cfg, stage, env
         # Global router statistics and expert unit-vector sums (see the module doc).
         self.ranks = RankSum(partial(all_reduce_sum, differentiable=True), env.world_size)
-        self.teacher = None if setup.teacher is None else freeze_teacher(setup.teacher, env.device)
+        self.teacher = setup.teacher
         self.teacher_path = setup.teacher_path
         self.tokenizer_sha256 = setup.tokenizer_sha256
         model = setup.model.to(env.device).train()
@@ -192,11 +191,13 @@ def _resolve_init(cfg, stage: int, init, out_dir: Path, env: DistEnv, data: Prep
         check_tokenizer(recorded, data.tokenizer_sha256, checkpoint=init, against=corpus_name(data))
         if stage == 4:  # the weights are overwritten by the resume; the teacher is not
             teacher = meta.get("extra", {}).get("teacher")
-            return setup_stage(cfg, 4, teacher, corpus=data), Path(init)
+            return setup_stage(cfg, 4, teacher, corpus=data, device=env.device), Path(init)
         setup = StageSetup(PerspectiveModel(cfg, moe=stage >= 3), None, None)
         setup.tokenizer_sha256 = data.tokenizer_sha256 or recorded
         return setup, Path(init)
-    setup = setup_stage(cfg, stage, str(init) if init is not None else None, corpus=data)
+    setup = setup_stage(
+        cfg, stage, str(init) if init is not None else None, corpus=data, device=env.device
+    )
     if setup.resume is None:
         return setup, None
     # Same-stage safetensors checkpoint: convert once (rank 0) and resume from the DCP copy.
