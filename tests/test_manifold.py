@@ -184,8 +184,9 @@ def test_trd_rejects_corruption_and_wrong_base(stage5, cfg):
         apply_trd(wrong, data)
 
 
-def test_stage5_refuses_a_dense_checkpoint(cfg, corpus, tmp_path):
+def test_stage5_refuses_a_dense_checkpoint_and_writes_nothing(cfg, corpus, tmp_path):
     path = tmp_path / "stage1.safetensors"
     save_checkpoint(path, PerspectiveModel(cfg), cfg, stage=1, step=0)
-    with pytest.raises(mf.ManifoldError):
+    with pytest.raises(mf.ManifoldError, match="stage-3 or stage-4"):
         run_manifold(cfg, path, tmp_path / "o", data=corpus, steps=1)
+    assert not (tmp_path / "o").exists()

@@ -26,7 +26,9 @@ from coordinator.central.checkpoint import (
     save_checkpoint,
 )
 from coordinator.central.trainer import EVAL_SEED, evaluate
+from coordinator.central.trd import write_trd_set
 from shared_model.config import PerspectiveConfig
+from shared_model.data import prepare_corpus
 from shared_model.model import PerspectiveModel
 
 
@@ -170,8 +172,51 @@ def run_manifold(
         before/after, checkpoint path and sha256, ``.trd`` summary.
     """
     p = ManifoldParams(**params)
+    dev = torch.device(device or "cpu")
+    model, data = _load_moe_model(cfg, checkpoint, data, dev)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to fit
+    torch.manual_seed(p.seed)
+    train_ds, val_ds = data.dataset("train"), data.dataset("val")
+    t = cfg.train
+    t0 = time.perf_counter()
+    val_before = evaluate(model, val_ds, t.eval_batches, t.batch_size, t.seq_len)
+    inputs = collect_router_inputs(model, val_ds, p.init_batches, t.batch_size, t.seq_len)
+    loads_before = _loads(model, inputs, manifold=False)
+    layout, temps, geometry = _install_manifold_routers(model, inputs, p, dev)
+    loads_init = _loads(model, inputs, manifold=True)
+    history = _train_routers(model, train_ds, geometry, p, dev)
+    model.eval()
+    loads_after = _loads(model, inputs, manifold=True)
+    val_after = evaluate(model, val_ds, t.eval_batches, t.batch_size, t.seq_len)
+    final_pos = {
+        i: model.layers[i].ffn.router.positions.detach().cpu() % 1.0 for i in layout["positions"]
+    }
+    written = _write_stage5(model, cfg, final_pos, out_dir, p, data.tokenizer_sha256)
+    result = {
+        "stage": 5,
+        "params": asdict(p),
+        **written,
+        "val_loss_before": val_before,
+        "val_loss_after": val_after,
+        "stress": {str(i): s for i, s in layout["stress"].items()},
+        "column_stress": layout["column_stress"],
+        "column_positions": layout["column_positions"].tolist(),
+        "positions": {str(i): v.tolist() for i, v in final_pos.items()},
+        "temperature": {str(i): v for i, v in temps.items()},
+        "loads_before": {str(i): v for i, v in loads_before.items()},
+        "loads_init": {str(i): v for i, v in loads_init.items()},
+        "loads_after": {str(i): v for i, v in loads_after.items()},
+        "history": history,
+        "elapsed_s": time.perf_counter() - t0,
+    }
+    _write_json(out_dir / "stage5.json", result)
+    return result
+
+
+def _load_moe_model(cfg: PerspectiveConfig, checkpoint, data, dev) -> tuple[PerspectiveModel, Any]:
+    """The stage-3/4 checkpoint's model on ``dev`` in eval mode, and the corpus (default
+    stdlib), its tokenizer checked against the checkpoint's."""
     ckpt = load_checkpoint(checkpoint)
     if ckpt.stage not in (3, 4):
         raise mf.ManifoldError(
@@ -179,22 +224,18 @@ def run_manifold(
         )
     if ckpt.cfg.model != cfg.model or ckpt.cfg.moe.n_experts != cfg.moe.n_experts:
         raise mf.ManifoldError("checkpoint model config differs from the config given")
-    torch.manual_seed(p.seed)
-    dev = torch.device(device or "cpu")
-    model = PerspectiveModel(cfg, moe=True)
-    model.load_state_dict(ckpt.model_state)
-    model.to(dev).eval()
     if data is None:
-        from shared_model.data import prepare_corpus
-
         data = prepare_corpus("stdlib", cfg.model.vocab_size)
     check_corpus_tokenizer(ckpt, data, checkpoint=checkpoint)
-    train_ds, val_ds = data.dataset("train"), data.dataset("val")
-    t = cfg.train
-    t0 = time.perf_counter()
-    val_before = evaluate(model, val_ds, t.eval_batches, t.batch_size, t.seq_len)
-    inputs = collect_router_inputs(model, val_ds, p.init_batches, t.batch_size, t.seq_len)
-    loads_before = _loads(model, inputs, manifold=False)
+    model = PerspectiveModel(cfg, moe=True)
+    model.load_state_dict(ckpt.model_state)
+    return model.to(dev).eval(), data
+
+
+def _install_manifold_routers(model, inputs: dict[int, Tensor], p: ManifoldParams, dev):
+    """Lay the experts out on the torus and replace each PDR layer's router by a manifold
+    router fitted to the old one's choices on ``inputs``. Returns ``(layout, temperatures,
+    geometry)``: the geometry is what the stage's smooth and fold losses keep."""
     old_index = {i: model.layers[i].ffn.router(h).argmax(-1) for i, h in inputs.items()}
     layout = layout_experts(model, p.margin, p.seed)
     temps = {
@@ -213,14 +254,11 @@ def run_manifold(
             "tets": tets.to(dev),
             "vol0": mf.signed_volumes(pos, tets).to(dev),
         }
-    loads_init = _loads(model, inputs, manifold=True)
-    history = _train_routers(model, train_ds, geometry, p, dev)
-    model.eval()
-    loads_after = _loads(model, inputs, manifold=True)
-    val_after = evaluate(model, val_ds, t.eval_batches, t.batch_size, t.seq_len)
-    final_pos = {
-        i: model.layers[i].ffn.router.positions.detach().cpu() % 1.0 for i in layout["positions"]
-    }
+    return layout, temps, geometry
+
+
+def _write_stage5(model, cfg, positions, out_dir: Path, p: ManifoldParams, tokenizer_sha256):
+    """``stage5.safetensors`` and the ``.trd`` neighbour deltas; their part of the result."""
     ckpt_path = out_dir / "stage5.safetensors"
     sha = save_checkpoint(
         ckpt_path,
@@ -229,38 +267,20 @@ def run_manifold(
         stage=5,
         step=p.steps,
         extra={"manifold": asdict(p)},
-        tokenizer_sha256=data.tokenizer_sha256,
+        tokenizer_sha256=tokenizer_sha256,
     )
-    from coordinator.central.trd import write_trd_set
-
     index = write_trd_set(
-        model, final_pos, out_dir / "trd", p.neighbours, cfg.ternary.threshold_factor
+        model, positions, out_dir / "trd", p.neighbours, cfg.ternary.threshold_factor
     )
-    result = {
-        "stage": 5,
-        "params": asdict(p),
+    return {
         "checkpoint": str(ckpt_path),
         "checkpoint_sha256": sha,
-        "val_loss_before": val_before,
-        "val_loss_after": val_after,
-        "stress": {str(i): s for i, s in layout["stress"].items()},
-        "column_stress": layout["column_stress"],
-        "column_positions": layout["column_positions"].tolist(),
-        "positions": {str(i): v.tolist() for i, v in final_pos.items()},
-        "temperature": {str(i): v for i, v in temps.items()},
-        "loads_before": {str(i): v for i, v in loads_before.items()},
-        "loads_init": {str(i): v for i, v in loads_init.items()},
-        "loads_after": {str(i): v for i, v in loads_after.items()},
-        "history": history,
         "trd": {
             "dir": str(out_dir / "trd"),
             "files": len(index["files"]),
             "mean_bits_per_param": index["mean_bits_per_param"],
         },
-        "elapsed_s": time.perf_counter() - t0,
     }
-    _write_json(out_dir / "stage5.json", result)
-    return result
 
 
 def _train_routers(model, dataset, geometry, p: ManifoldParams, dev) -> list[dict[str, float]]:
