@@ -125,3 +125,19 @@ def test_tiny_mixtral_converts_end_to_end(corpus, tmp_path):
 def test_missing_source_is_reported(corpus, tmp_path):
     with pytest.raises(ConvertError, match="not a directory"):
         run_convert(tmp_path / "nope", tmp_path / "o", data=corpus)
+
+
+def test_convert_cli_refuses_a_bad_setting_before_loading_the_source(tmp_path):
+    """``perspective convert`` checks its settings first: a negative step count is named,
+    with exit code 2, before the (possibly large) source is read, and nothing is written."""
+    from typer.testing import CliRunner
+
+    from shared_model.cli import build_app
+
+    app = build_app(["convert"])
+    args = ["convert", "--from", str(tmp_path / "absent"), "--out", str(tmp_path / "o")]
+    bad = CliRunner().invoke(app, [*args, "--kd-steps", "-1"])
+    assert bad.exit_code == 2 and "kd_steps = -1: must be 0 or more" in bad.output
+    missing = CliRunner().invoke(app, args)  # valid settings: now the source is read
+    assert missing.exit_code == 2 and "not a directory" in missing.output
+    assert not (tmp_path / "o").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -170,90 +171,70 @@ def kd_finetune(student, teacher, dataset, steps: int, lr: float, cfg, device) -
     return losses
 
 
-def run_convert(
-    source,
-    out_dir: str | Path,
-    *,
-    data,
-    n_experts: int | None = None,
-    gqa_every: int = 4,
-    seq_len: int = 64,
-    batch_size: int = 4,
-    distill_batches: int = 4,
-    distill_steps: int = 100,
-    distill_lr: float = 3e-3,
-    kd_steps: int = 20,
-    kd_lr: float = 3e-4,
-    ppl_batches: int = 4,
-    grow_noise: float = 0.01,
-    seed: int = 0,
-    device: str | None = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ConvertParams:
+    """Settings of a conversion: the student's shape, the batch geometry and the lengths
+    of the regression and KD phases (``perspective convert`` names the common ones)."""
+
+    #: final expert count (the source's count × a power of two; None: unchanged)
+    n_experts: int | None = None
+    gqa_every: int = 4
+    seq_len: int = 64
+    batch_size: int = 4
+    distill_batches: int = 4
+    distill_steps: int = 100
+    distill_lr: float = 3e-3
+    kd_steps: int = 20
+    kd_lr: float = 3e-4
+    ppl_batches: int = 4
+    grow_noise: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("gqa_every", "seq_len", "batch_size", "distill_batches", "ppl_batches")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConvertError(f"{name} = {getattr(self, name)}: must be at least 1")
+        for name in ("distill_steps", "kd_steps"):
+            if getattr(self, name) < 0:
+                raise ConvertError(f"{name} = {getattr(self, name)}: must be 0 or more")
+        for name in ("distill_lr", "kd_lr", "grow_noise"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ConvertError(f"{name} = {getattr(self, name)!r}: must be finite and >= 0")
+        if self.n_experts is not None and self.n_experts < 1:
+            raise ConvertError(f"n_experts = {self.n_experts}: must be at least 1")
+
+
+def run_convert(source, out_dir: str | Path, *, data, device: str | None = None, **params):
     """Convert a Mixtral (directory or ``MixtralForCausalLM``) and report every step.
 
     Args:
         source: Hugging Face directory or an in-memory ``MixtralForCausalLM``.
         out_dir: output directory (``converted.safetensors``, ``convert.json``).
         data: prepared corpus tokenised with the source's vocabulary size.
-        n_experts: final expert count (source count × a power of two; default unchanged).
-        Other arguments: batch geometry and the lengths of the regression / KD phases.
+        device: torch device (default CPU).
+        **params: fields of :class:`ConvertParams`.
 
     Returns:
         ``{"teacher_ppl", "steps": [{name, experts, ternary_fraction, ppl, ppl_ratio, ...}],
         "checkpoint", ...}``.
+
+    Raises:
+        ConvertError: a bad setting, an unusable source, or a corpus of another vocabulary.
     """
-    torch.manual_seed(seed)
+    p = ConvertParams(**params)
+    torch.manual_seed(p.seed)
     dev = torch.device(device or "cpu")
     teacher = (load_mixtral(source) if isinstance(source, (str, Path)) else source).to(dev).eval()
     teacher.requires_grad_(False)
-    cfg = config_from_mixtral(teacher.config, n_experts, gqa_every, seq_len)
-    cfg = _with_batch(cfg, batch_size)
+    cfg = config_from_mixtral(teacher.config, p.n_experts, p.gqa_every, p.seq_len)
+    cfg = replace(cfg, train=replace(cfg.train, batch_size=p.batch_size))
     if data.vocab_size != cfg.model.vocab_size:
         raise ConvertError(f"corpus vocab {data.vocab_size} != source vocab {cfg.model.vocab_size}")
-    train_ds, val_ds = data.dataset("train"), data.dataset("val")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ppl = lambda fn: perplexity(fn, val_ds, ppl_batches, batch_size, cfg.train.seq_len, dev)  # noqa: E731
-    teacher_ppl = ppl(lambda x: _teacher_logits(teacher, x))
-    steps: list[dict[str, Any]] = []
-
-    def record(name, model, t0, extra=None):
-        losses = kd_finetune(model, teacher, train_ds, kd_steps, kd_lr, model.cfg, dev)
-        p = ppl(lambda x: model(x).logits)
-        steps.append(
-            {
-                "step": name,
-                "experts": model.cfg.moe.n_experts,
-                "ternary_fraction": _fraction(model),
-                "ppl": p,
-                "ppl_ratio": p / teacher_ppl,
-                "kd_loss_first": losses[0] if losses else None,
-                "kd_loss_last": losses[-1] if losses else None,
-                "seconds": time.perf_counter() - t0,
-                **(extra or {}),
-            }
-        )
-
-    t0 = time.perf_counter()
-    e0 = teacher.config.num_local_experts
-    student = PerspectiveModel(with_experts(cfg, e0), moe=True).to(dev)
-    map_weights(teacher, student)
-    acts = capture(teacher, train_ds, distill_batches, batch_size, cfg.train.seq_len, dev)
-    fit = distill_init(student, teacher, acts, distill_steps, distill_lr)
-    before_kd = ppl(lambda x: student(x).logits)
-    record("map+pdr", student, t0, {"ppl_before_kd": before_kd, "regression_r2": fit})
-    gen = torch.Generator().manual_seed(seed)
-    while student.cfg.moe.n_experts < cfg.moe.n_experts:
-        t0 = time.perf_counter()
-        student = grow_experts(
-            student, with_experts(cfg, 2 * student.cfg.moe.n_experts), grow_noise, gen
-        )
-        record(f"grow{student.cfg.moe.n_experts}", student, t0)
-    for frac in cfg.ternary.schedule:
-        t0 = time.perf_counter()
-        student.set_ternary_fraction(float(frac))
-        record(f"ternary{int(round(frac * 100))}", student, t0)
-    bake_ternary(student, cfg.ternary.threshold_factor)
+    run = _ConvertRun(teacher, data, p, cfg.train.seq_len, dev)
+    student = _convert_steps(run, cfg)
     path = out_dir / "converted.safetensors"
     sha = save_checkpoint(
         path,
@@ -263,14 +244,14 @@ def run_convert(
         step=0,
         extra={
             "converted_from": str(source) if isinstance(source, (str, Path)) else "in-memory",
-            "teacher_ppl": teacher_ppl,
+            "teacher_ppl": run.teacher_ppl,
         },
         tokenizer_sha256=data.tokenizer_sha256,
     )
     result = {
-        "teacher_ppl": teacher_ppl,
+        "teacher_ppl": run.teacher_ppl,
         "config": cfg.to_dict(),
-        "steps": steps,
+        "steps": run.steps,
         "checkpoint": str(path),
         "checkpoint_sha256": sha,
     }
@@ -278,6 +259,70 @@ def run_convert(
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out_dir / "convert.json")
     return result
+
+
+def _convert_steps(run: _ConvertRun, cfg) -> PerspectiveModel:
+    """Map + PDR, grow, ternary (the module's steps), each recorded; the baked student."""
+    p, t0 = run.params, time.perf_counter()
+    e0 = run.teacher.config.num_local_experts
+    student = PerspectiveModel(with_experts(cfg, e0), moe=True).to(run.dev)
+    map_weights(run.teacher, student)
+    acts = capture(
+        run.teacher, run.train, p.distill_batches, p.batch_size, cfg.train.seq_len, run.dev
+    )
+    fit = distill_init(student, run.teacher, acts, p.distill_steps, p.distill_lr)
+    before_kd = run.ppl(lambda x: student(x).logits)
+    run.record("map+pdr", student, t0, {"ppl_before_kd": before_kd, "regression_r2": fit})
+    gen = torch.Generator().manual_seed(p.seed)
+    while student.cfg.moe.n_experts < cfg.moe.n_experts:
+        t0 = time.perf_counter()
+        grown = with_experts(cfg, 2 * student.cfg.moe.n_experts)
+        student = grow_experts(student, grown, p.grow_noise, gen)
+        run.record(f"grow{student.cfg.moe.n_experts}", student, t0)
+    for frac in cfg.ternary.schedule:
+        t0 = time.perf_counter()
+        student.set_ternary_fraction(float(frac))
+        run.record(f"ternary{int(round(frac * 100))}", student, t0)
+    bake_ternary(student, cfg.ternary.threshold_factor)
+    return student
+
+
+class _ConvertRun:
+    """The original model, the corpus and the steps recorded so far of one conversion."""
+
+    def __init__(self, teacher, data, params: ConvertParams, seq_len: int, dev) -> None:
+        #: the student's sequence length: the params' one, capped by the source's positions
+        self.seq_len = seq_len
+        self.teacher, self.params, self.dev = teacher, params, dev
+        self.train, self.val = data.dataset("train"), data.dataset("val")
+        self.steps: list[dict[str, Any]] = []
+        self.teacher_ppl = self.ppl(lambda x: _teacher_logits(teacher, x))
+
+    def ppl(self, fn) -> float:
+        """Perplexity of ``fn(x) -> logits`` on the run's fixed validation batches."""
+        p = self.params
+        return perplexity(fn, self.val, p.ppl_batches, p.batch_size, self.seq_len, self.dev)
+
+    def record(self, name: str, model, t0: float, extra: dict[str, Any] | None = None) -> None:
+        """KD fine-tune ``model`` against the original, then record its perplexity."""
+        p = self.params
+        losses = kd_finetune(
+            model, self.teacher, self.train, p.kd_steps, p.kd_lr, model.cfg, self.dev
+        )
+        ppl = self.ppl(lambda x: model(x).logits)
+        self.steps.append(
+            {
+                "step": name,
+                "experts": model.cfg.moe.n_experts,
+                "ternary_fraction": _fraction(model),
+                "ppl": ppl,
+                "ppl_ratio": ppl / self.teacher_ppl,
+                "kd_loss_first": losses[0] if losses else None,
+                "kd_loss_last": losses[-1] if losses else None,
+                "seconds": time.perf_counter() - t0,
+                **(extra or {}),
+            }
+        )
 
 
 @torch.no_grad()
@@ -297,9 +342,3 @@ def _fraction(model) -> float | None:
         if hasattr(module, "ternary_fraction") and module.ternary_fraction is not None:
             return float(module.ternary_fraction)
     return None
-
-
-def _with_batch(cfg, batch_size: int):
-    from dataclasses import replace
-
-    return replace(cfg, train=replace(cfg.train, batch_size=batch_size))

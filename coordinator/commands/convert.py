@@ -28,25 +28,24 @@ def convert(
     device: str | None = typer.Option(None, "--device", help="cpu or cuda."),
 ) -> None:
     """Convert, fine-tune after every step, print perplexity relative to the original."""
-    from coordinator.central.convert import load_mixtral, run_convert
+    from dataclasses import asdict
+
+    from coordinator.central.convert import ConvertParams, load_mixtral, run_convert
     from coordinator.central.convert_map import ConvertError
     from shared_model.data import DataError, prepare_corpus
 
     try:
-        teacher = load_mixtral(source)
-        corpus = prepare_corpus(data, teacher.config.vocab_size, data_dir, max_bytes=max_bytes)
-        res = run_convert(
-            teacher,
-            out,
-            data=corpus,
+        params = ConvertParams(  # checked before the source is loaded
             n_experts=experts,
             gqa_every=gqa_every,
             seq_len=seq_len,
             batch_size=batch_size,
             distill_steps=distill_steps,
             kd_steps=kd_steps,
-            device=device,
         )
+        teacher = load_mixtral(source)
+        corpus = prepare_corpus(data, teacher.config.vocab_size, data_dir, max_bytes=max_bytes)
+        res = run_convert(teacher, out, data=corpus, device=device, **asdict(params))
     except (ConvertError, DataError) as exc:
         _fail(str(exc))
     typer.echo(f"original perplexity {res['teacher_ppl']:.3f}")
