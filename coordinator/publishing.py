@@ -35,7 +35,7 @@ from coordinator.aggregation.diversity import apply_diversity
 from coordinator.federation_settings import FederationSettings
 from shared_model.blobs import BlobStore
 from shared_model.config import PerspectiveConfig
-from shared_model.federated.checkpoint_parts import column_part, fp_part
+from shared_model.federated.checkpoint_parts import column_part, safetensors_part
 from shared_model.federated.updates import send_with_feedback
 from shared_model.model import PerspectiveModel, expert_param_names
 from shared_model.ternary import THRESHOLD_FACTOR, is_ternary
@@ -200,7 +200,7 @@ class Publisher:
     ) -> tensor_pb2.BlobRef:
         version = self.version if version is None else version
         manifest = control_pb2.CheckpointManifest(version=version, bf16_parts=bf16)
-        shared = fp_part(self.shared.published, bf16=bf16)
+        shared = safetensors_part(self.shared.published, bf16=bf16)
         manifest.shared.CopyFrom(self._put(shared, "checkpoint"))
         for column in sorted(self.columns.masters):
             part, ternary = column_part(self.columns.published(column), bf16=bf16)

@@ -14,10 +14,9 @@ from safetensors.torch import save
 from shared_model.codec import CodecError, decode_ternary
 from shared_model.federated.checkpoint_parts import (
     MAX_EXACT_FRACTION,
-    bf16_part,
     column_part,
-    fp32_part,
     read_part,
+    safetensors_part,
 )
 from shared_model.federated.replica import Replica, SyncError
 from shared_model.federated.updates import UpdateError, tensor_digest
@@ -50,7 +49,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def test_a_ternary_column_round_trips_bit_exactly_through_trits_and_exact_entries():
     state = _published_column()
     data, ternary = column_part(state)
-    assert ternary and len(data) < len(fp32_part(state)) / 4  # small tensors: digests weigh
+    assert ternary and len(data) < len(safetensors_part(state)) / 4  # small tensors: digests weigh
     back = read_part(data, ternary=True)
     assert sorted(back) == sorted(state)
     for name, t in state.items():
@@ -81,7 +80,7 @@ def test_the_part_layout_is_a_checkpoint_bundle_of_trits_with_exact_pairs():
 
 def test_fp_columns_and_too_many_off_grid_entries_stay_fp32():
     fp = {"w": torch.randn(32, 32)}
-    assert column_part(fp) == (fp32_part(fp), False)
+    assert column_part(fp) == (safetensors_part(fp), False)
     mostly = _ternary((64, 64), 2)
     off = int(MAX_EXACT_FRACTION * mostly.numel()) + 1
     mostly.view(-1)[:off] = torch.linspace(0.001, 0.002, off)
@@ -119,14 +118,14 @@ def test_a_replica_loads_a_ternary_checkpoint_and_names_a_damaged_part():
         return ref
 
     manifest = control_pb2.CheckpointManifest(version=7, ternary_columns=[2])
-    manifest.shared.CopyFrom(put(fp32_part(shared)))
+    manifest.shared.CopyFrom(put(safetensors_part(shared)))
     manifest.columns[2].CopyFrom(put(column_part(column)[0]))
     replica = Replica()
     replica.load_checkpoint(manifest, [2], lambda ref: blobs[ref.content_id])
     assert replica.version == 7 and torch.equal(
         _bits(replica.columns[2]["w1"]), _bits(column["w1"])
     )
-    blobs[manifest.columns[2].content_id] = fp32_part(column)  # not what the manifest says
+    blobs[manifest.columns[2].content_id] = safetensors_part(column)  # not what the manifest says
     with pytest.raises(SyncError, match="checkpoint 7, column 2: not a ternary checkpoint part"):
         Replica().load_checkpoint(manifest, [2], lambda ref: blobs[ref.content_id])
 
@@ -135,7 +134,7 @@ def test_a_bf16_part_is_safetensors_of_the_values_rounded_to_nearest():
     """Stage 4's teacher parts (``bf16_parts``): byte for byte the safetensors of each
     tensor in bf16; read back only as what the manifest says."""
     state = {"b": torch.randn(3, 5), "a": torch.tensor([1.0, 1 + 2**-9, -(2**-130), 3e38])}
-    data = bf16_part(state)
+    data = safetensors_part(state, bf16=True)
     rounded = {k: v.to(torch.bfloat16) for k, v in state.items()}
     assert data == save(rounded)  # safetensors' own layout: header, then a then b
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
@@ -148,13 +147,13 @@ def test_a_bf16_part_is_safetensors_of_the_values_rounded_to_nearest():
     with pytest.raises(UpdateError, match="are not torch.float32"):
         read_part(data, ternary=False)
     with pytest.raises(UpdateError, match="are not torch.bfloat16"):
-        read_part(fp32_part(state), ternary=False, bf16=True)
+        read_part(safetensors_part(state), ternary=False, bf16=True)
 
 
 def test_a_replica_that_follows_the_versions_refuses_a_bf16_checkpoint():
     """Only a frozen copy (the teacher) may start from a bf16 checkpoint: the version
     chain's FP32 digests could never hold on it."""
-    blob = bf16_part({"s": torch.randn(4, 4)})
+    blob = safetensors_part({"s": torch.randn(4, 4)}, bf16=True)
     manifest = control_pb2.CheckpointManifest(version=3, bf16_parts=True)
     manifest.shared.CopyFrom(tensor_pb2.BlobRef(content_id="s", size=len(blob)))
     with pytest.raises(SyncError, match="checkpoint 3 is bf16"):

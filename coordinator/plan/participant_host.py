@@ -12,7 +12,10 @@ What a node keeps between units, beside the model and optimiser on its device
   out (``_Local.unsent``) and the shared pseudo-gradient of each of its results still in
   transit (eager updates, ``results_in_transit``);
 * **teacher** (stage 4): the stage boundary's shared layers and held columns, bf16
-  (``UnitTrainer.teacher_replica``, ``TEACHER_DTYPE``).
+  (``UnitTrainer.teacher_replica``, ``TEACHER_DTYPE``). The teacher *model* built from it
+  is the device's: bf16 on a GPU, but FP32 on a CPU-only node
+  (``shared_model.stage_loss.teacher_run_dtype``), so such a node holds the teacher's
+  weights three times over in bf16 terms (this replica and an FP32 model).
 
 Not counted: what one unit's end holds while its result is encoded beside the next unit
 (about one more copy of the shared layers and of the unit's columns). Building the model

@@ -43,33 +43,21 @@ _PROBE = 4096
 _KIND = "checkpoint"
 
 
-def fp32_part(state: State) -> bytes:
-    """A part as FP32 safetensors (the shared layers; FP columns)."""
-    return _st_part(state, torch.float32)
-
-
-def bf16_part(state: State) -> bytes:
-    """A part as bf16 safetensors (stage 4's teacher: its shared layers and FP columns),
-    each value rounded to nearest."""
-    return _st_part(state, torch.bfloat16)
-
-
-def fp_part(state: State, *, bf16: bool) -> bytes:
-    """:func:`bf16_part` or :func:`fp32_part`."""
-    return bf16_part(state) if bf16 else fp32_part(state)
-
-
-def _st_part(state: State, dtype: torch.dtype) -> bytes:
+def safetensors_part(state: State, *, bf16: bool = False) -> bytes:
+    """A part as safetensors: FP32 (the shared layers; FP columns), or with ``bf16`` each
+    value rounded to nearest bf16 (stage 4's teacher: ``CheckpointManifest.bf16_parts``)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
     return st_save({k: v.detach().to(dtype).contiguous() for k, v in state.items()})
 
 
 def column_part(state: State, *, bf16: bool = False) -> tuple[bytes, bool]:
-    """A column's part and whether it is the ternary kind (:func:`fp_part` otherwise)."""
+    """A column's part and whether it is the ternary kind (:func:`safetensors_part`
+    otherwise)."""
     forms = {}
     for name in sorted(state):
         form = _ternary_form(state[name])
         if form is None:
-            return fp_part(state, bf16=bf16), False
+            return safetensors_part(state, bf16=bf16), False
         forms[name] = form
     bundle = control_pb2.TensorBundle(kind=_KIND, column=-1, base_version=0)
     for name, (trits, scale, exact) in forms.items():
@@ -84,7 +72,7 @@ def column_part(state: State, *, bf16: bool = False) -> tuple[bytes, bool]:
 
 
 def read_part(data: bytes, *, ternary: bool, bf16: bool = False) -> State:
-    """The tensors of a part written by :func:`fp_part` (``bf16`` says which) or
+    """The tensors of a part written by :func:`safetensors_part` (``bf16`` says which) or
     (``ternary``) :func:`column_part`.
 
     Raises:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from shared_model.codec import CodecError
-from shared_model.federated.checkpoint_parts import column_part, fp_part, read_part
+from shared_model.federated.checkpoint_parts import column_part, read_part, safetensors_part
 from shared_model.federated.updates import UpdateError, read_bundle, tensor_digest
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
 
@@ -169,7 +169,7 @@ class Replica:
         # A bf16 manifest (stage 4's teacher) holds our tensors rounded to bf16, the same
         # bytes exactly when ours are the published ones.
         bf16 = manifest.bf16_parts
-        parts = [(fp_part(self.shared, bf16=bf16), manifest.shared)]
+        parts = [(safetensors_part(self.shared, bf16=bf16), manifest.shared)]
         parts += [
             (column_part(self.columns[c], bf16=bf16)[0], manifest.columns[c]) for c in columns
         ]
