@@ -218,8 +218,16 @@ class UnitFactory:
             # Redone from the current version: the same columns, documents and steps.
             queued.base_version = state.version
             return _claimed(session, queued)
+        unit = self._new_unit(session, participant, state.version, steps)
+        return _claimed(session, unit) if unit is not None else None
+
+    def _new_unit(
+        self, session: Session, participant: Participant, version: int, steps: int | None
+    ) -> WorkUnit | None:
+        """A new lease for ``participant`` at the stage's schedule position (``None`` once
+        the step budget is fully leased); a part of ``steps`` with in-unit shared syncs."""
         # The schedules are indexed by the inner steps leased before this unit (from the
-        # database, so a restart continues them; a re-queued copy above keeps its params).
+        # database, so a restart continues them; a re-queued copy keeps its own: lease).
         created, position = leases.stage_schedule_position(session, stage=f"stage{self.stage}")
         steps = steps or self.steps_per_unit
         parts = 1
@@ -235,18 +243,17 @@ class UnitFactory:
         params = self._params(position, seed, session)
         if parts > 1:
             self._part_params(session, participant.id, parts, position, steps, params)
-        unit = leases.create_lease(
+        return leases.create_lease(
             session,
             participant_id=participant.id,
             stage=f"stage{self.stage}",
-            base_version=state.version,
+            base_version=version,
             columns=columns,
             docs=self._documents(columns, seed),
             steps=steps,
             params=params,
             lease_seconds=self.lease_seconds,
         )
-        return _claimed(session, unit)
 
     def _part_params(
         self,
@@ -324,29 +331,7 @@ class UnitFactory:
         ``participants`` table in the unit's own transaction.
         """
         params = unit.params or {}
-        work = federation_pb2.WorkUnit(
-            unit_id=unit.unit_id,
-            base_version=unit.base_version,
-            columns=list(unit.columns),
-            documents=unit_documents.refs(unit.docs),
-            shard_ids=[s.content_id for s in self.shards],
-            steps=unit.steps,
-            lr=float(params.get("lr", self.cfg.optim.lr)),
-            expert_lr_scale=self.cfg.optim.expert_lr_scale,
-            stage=STAGES[self.stage],
-            ternary_fraction=float(params.get("ternary_fraction", 0.0)),
-            kd_weight=float(params.get("kd_weight", 0.0)),
-            shared_sync_every=unit.steps,
-            hold_columns=bool(params.get("hold_columns", False)),
-            fresh_columns=[int(c) for c in params.get("fresh_columns", ())],
-            train_shared=True,
-            deadline_unix=int(unit.deadline.timestamp()),
-            seed=int(params.get("seed", 0)),
-            score_documents=bool(params.get("score", False)),  # routing/rescoring.py
-            # A unit queued behind another would otherwise train from a base one or more
-            # versions old (measured on tiny: +0.09 validation loss at full weight).
-            start_from_newest=True,
-        )
+        work = self._work_unit(unit, params)
         quota = self._upload_quota(len(unit.columns))
         work.upload_quota_bytes = quota
         work.capability_token = issue_token(
@@ -379,6 +364,32 @@ class UnitFactory:
         if self.teacher is not None:
             req.teacher.CopyFrom(self.teacher)
         return req
+
+    def _work_unit(self, unit, params: dict) -> federation_pb2.WorkUnit:
+        """The ``WorkUnit`` message of a leased unit: what it trains, from where, how."""
+        return federation_pb2.WorkUnit(
+            unit_id=unit.unit_id,
+            base_version=unit.base_version,
+            columns=list(unit.columns),
+            documents=unit_documents.refs(unit.docs),
+            shard_ids=[s.content_id for s in self.shards],
+            steps=unit.steps,
+            lr=float(params.get("lr", self.cfg.optim.lr)),
+            expert_lr_scale=self.cfg.optim.expert_lr_scale,
+            stage=STAGES[self.stage],
+            ternary_fraction=float(params.get("ternary_fraction", 0.0)),
+            kd_weight=float(params.get("kd_weight", 0.0)),
+            shared_sync_every=unit.steps,
+            hold_columns=bool(params.get("hold_columns", False)),
+            fresh_columns=[int(c) for c in params.get("fresh_columns", ())],
+            train_shared=True,
+            deadline_unix=int(unit.deadline.timestamp()),
+            seed=int(params.get("seed", 0)),
+            score_documents=bool(params.get("score", False)),  # routing/rescoring.py
+            # A unit queued behind another would otherwise train from a base one or more
+            # versions old (measured on tiny: +0.09 validation loss at full weight).
+            start_from_newest=True,
+        )
 
     @staticmethod
     def _credit(unit) -> int:
