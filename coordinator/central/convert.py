@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,13 @@ import torch.nn.functional as F
 
 from coordinator.central.checkpoint import save_checkpoint
 from coordinator.central.convert_map import (
-    ConvertError,
     config_from_mixtral,
     grow_experts,
     map_weights,
     moe_block,
     with_experts,
 )
+from coordinator.central.convert_params import ConvertError, ConvertParams
 from coordinator.central.trainer import EVAL_SEED
 from shared_model.losses import kd_loss
 from shared_model.model import PerspectiveModel
@@ -169,40 +169,6 @@ def kd_finetune(student, teacher, dataset, steps: int, lr: float, cfg, device) -
         losses.append(float(loss))
     student.eval()
     return losses
-
-
-@dataclass(frozen=True)
-class ConvertParams:
-    """Settings of a conversion: the student's shape, the batch geometry and the lengths
-    of the regression and KD phases (``perspective convert`` names the common ones)."""
-
-    #: final expert count (the source's count × a power of two; None: unchanged)
-    n_experts: int | None = None
-    gqa_every: int = 4
-    seq_len: int = 64
-    batch_size: int = 4
-    distill_batches: int = 4
-    distill_steps: int = 100
-    distill_lr: float = 3e-3
-    kd_steps: int = 20
-    kd_lr: float = 3e-4
-    ppl_batches: int = 4
-    grow_noise: float = 0.01
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        positive = ("gqa_every", "seq_len", "batch_size", "distill_batches", "ppl_batches")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConvertError(f"{name} = {getattr(self, name)}: must be at least 1")
-        for name in ("distill_steps", "kd_steps"):
-            if getattr(self, name) < 0:
-                raise ConvertError(f"{name} = {getattr(self, name)}: must be 0 or more")
-        for name in ("distill_lr", "kd_lr", "grow_noise"):
-            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
-                raise ConvertError(f"{name} = {getattr(self, name)!r}: must be finite and >= 0")
-        if self.n_experts is not None and self.n_experts < 1:
-            raise ConvertError(f"n_experts = {self.n_experts}: must be at least 1")
 
 
 def run_convert(source, out_dir: str | Path, *, data, device: str | None = None, **params):

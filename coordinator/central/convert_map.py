@@ -7,12 +7,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from coordinator.central.convert_params import ConvertError
 from shared_model.config import PerspectiveConfig
 from shared_model.config_loading import load_config
-
-
-class ConvertError(ValueError):
-    """The source checkpoint or a conversion setting cannot be used."""
 
 
 def _rope_theta(hf_cfg) -> float:

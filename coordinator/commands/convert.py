@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
+
+from coordinator.central.convert_params import ConvertError, ConvertParams
+
+_DEFAULTS = ConvertParams()
 
 
 def _fail(message: str) -> None:
@@ -16,22 +21,29 @@ def _fail(message: str) -> None:
 def convert(
     source: Path = typer.Option(..., "--from", help="Hugging Face Mixtral checkpoint directory."),
     out: Path = typer.Option(..., "--out", help="Output directory."),
-    experts: int | None = typer.Option(None, "--experts", help="Final expert count (x2 steps)."),
-    gqa_every: int = typer.Option(4, "--gqa-every", help="Keep attention in every k-th layer."),
-    seq_len: int = typer.Option(64, "--seq-len", help="Sequence length for KD and perplexity."),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    distill_steps: int = typer.Option(100, "--distill-steps", help="PDR/FFN regression steps."),
-    kd_steps: int = typer.Option(20, "--kd-steps", help="KD fine-tune steps after each step."),
+    experts: int | None = typer.Option(
+        _DEFAULTS.n_experts, "--experts", help="Final expert count (x2 steps)."
+    ),
+    gqa_every: int = typer.Option(
+        _DEFAULTS.gqa_every, "--gqa-every", help="Keep attention in every k-th layer."
+    ),
+    seq_len: int = typer.Option(
+        _DEFAULTS.seq_len, "--seq-len", help="Sequence length for KD and perplexity."
+    ),
+    batch_size: int = typer.Option(_DEFAULTS.batch_size, "--batch-size"),
+    distill_steps: int = typer.Option(
+        _DEFAULTS.distill_steps, "--distill-steps", help="PDR/FFN regression steps."
+    ),
+    kd_steps: int = typer.Option(
+        _DEFAULTS.kd_steps, "--kd-steps", help="KD fine-tune steps after each step."
+    ),
     data: str = typer.Option("stdlib", "--data", help="stdlib, txt/jsonl dir or file, hf:NAME."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Prepared-corpus cache."),
     max_bytes: int | None = typer.Option(None, "--max-bytes", help="Use only this much text."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda."),
 ) -> None:
     """Convert, fine-tune after every step, print perplexity relative to the original."""
-    from dataclasses import asdict
-
-    from coordinator.central.convert import ConvertParams, load_mixtral, run_convert
-    from coordinator.central.convert_map import ConvertError
+    from coordinator.central.convert import load_mixtral, run_convert
     from shared_model.data import DataError, prepare_corpus
 
     try:
