@@ -8,7 +8,6 @@ federated stages, which it drives through a Flower driver. It is used by
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -34,6 +33,7 @@ from coordinator.unit_handoff import UnitHandoff
 from shared_model.blobs import BlobNotFound, BlobStore, GcReport, NotAccepting
 from shared_model.config import PerspectiveConfig
 from shared_model.data import PreparedCorpus
+from shared_model.files import write_json_atomic
 from shared_model.model import PerspectiveModel
 from shared_model.processes import write_secret_file
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
@@ -308,9 +308,7 @@ class Coordinator:
             },
         }
         path = self.work_dir / NETWORK_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(path)
+        write_json_atomic(path, record)
 
     def _state_path(self, settings: FederationSettings) -> Path:
         return settings.state_path or self.work_dir / "state.safetensors"

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import tempfile
 import threading
@@ -25,6 +24,7 @@ import typer
 from coordinator import federation_options as fo
 from coordinator.demo_view import DemoView
 from coordinator.federation_settings import FederationSettings
+from shared_model.files import write_json_atomic
 
 DEMO_TRAIN = {"small": ["train.batch_size=4", "train.seq_len=128"]}
 #: The demo's own federation defaults per preset (a file or a flag overrides them). A
@@ -106,16 +106,12 @@ def run_demo(
     on the corpus ``data`` (:func:`~coordinator.coordinator_process.stage_corpus`)."""
     import torch
 
-    from coordinator.central.trainer import train_stage
     from coordinator.coordinator_process import (
         Coordinator,
-        StageBudget,
         default_columns_per_participant,
         stage_corpus,
     )
-    from coordinator.flower.run import owner_id
     from coordinator.local_network import LocalNetwork
-    from coordinator.serve import run_attached
     from shared_model.config_loading import load_config
     from shared_model.data import DataError
     from shared_model.tokenizer import TokenizerError
@@ -134,13 +130,7 @@ def run_demo(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     seed_minutes = 0.2 * minutes
-    view.say(f"stage 1 (dense seed, central) for {seed_minutes:.1f} min ...")
-    r1 = train_stage(cfg, 1, work / "central", minutes=seed_minutes, data=corpus)
-    view.say(
-        f"stage 1: val loss {r1.val_loss:.3f} (its own check, other sequences than the table's);"
-        " stage 2: cloning FFNs into experts"
-    )
-    r2 = train_stage(cfg, 2, work / "central", init=r1.checkpoint, data=corpus)
+    r1, r2 = _seed_centrally(cfg, work, corpus, seed_minutes, view)
     network = LocalNetwork(
         work / "network",
         participants,
@@ -148,6 +138,7 @@ def run_demo(
         max_columns=default_columns_per_participant(cfg.moe.n_experts, participants),
     )
     coord = Coordinator(cfg, work / "coordinator", corpus)
+    summary = None
     try:
         view.say("starting SuperLink, coordinator and participants ...")
         network.start()
@@ -156,31 +147,53 @@ def run_demo(
         coord.start()
         view.say(f"dashboard: {coord.start_api()}/")
         coord.prepare(r2.checkpoint, settings)
-        owner = owner_id(coord.work_dir)
         fed_minutes = (minutes - seed_minutes) / 2
-        for stage in (3, 4):
-            if stop.is_set():
-                break
-            loop = coord.federated_stage(
-                None, StageBudget(minutes=fed_minutes), replace(settings, stage=stage)
-            )
-            # Where the stage starts, on the same validation set as every version: stage 3's
-            # is the seed's; stage 4's shows what its first ternary phase costs the model.
-            start_loss = loop.evaluate()
-            if stage == 3:
-                view.seed_val_loss = start_loss
-            traffic = coord.traffic()
-            view.start_stage(stage, loop)
-            # Our Flower run stopped (`flwr stop`) or the SuperLink hiccuped: a new run.
-            run_attached(loop, lambda: network.open_driver(owner), stop, tick=view.refresh)
-            view.end_stage(stage, loop, traffic=_since(coord.traffic(), traffic))
+        _federated_stages(coord, network, settings, fed_minutes, view, stop)
         summary = view.summary(r1, work)
-        (work / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_json_atomic(work / "summary.json", summary)
     finally:
         view.close()
         coord.shutdown()
         network.shutdown()
-    view.print_summary(summary if "summary" in locals() else None, work)
+    view.print_summary(summary, work)
+
+
+def _seed_centrally(cfg, work: Path, corpus, minutes: float, view: DemoView):
+    """Stage 1 for ``minutes`` and stage 2 (FFNs cloned into experts): their results."""
+    from coordinator.central.trainer import train_stage
+
+    view.say(f"stage 1 (dense seed, central) for {minutes:.1f} min ...")
+    r1 = train_stage(cfg, 1, work / "central", minutes=minutes, data=corpus)
+    view.say(
+        f"stage 1: val loss {r1.val_loss:.3f} (its own check, other sequences than the table's);"
+        " stage 2: cloning FFNs into experts"
+    )
+    return r1, train_stage(cfg, 2, work / "central", init=r1.checkpoint, data=corpus)
+
+
+def _federated_stages(coord, network, settings, minutes: float, view, stop) -> None:
+    """Stages 3 and 4 over the local network, ``minutes`` each, until ``stop`` is set."""
+    from coordinator.coordinator_process import StageBudget
+    from coordinator.flower.run import owner_id
+    from coordinator.serve import run_attached
+
+    owner = owner_id(coord.work_dir)
+    for stage in (3, 4):
+        if stop.is_set():
+            break
+        loop = coord.federated_stage(
+            None, StageBudget(minutes=minutes), replace(settings, stage=stage)
+        )
+        # Where the stage starts, on the same validation set as every version: stage 3's
+        # is the seed's; stage 4's shows what its first ternary phase costs the model.
+        start_loss = loop.evaluate()
+        if stage == 3:
+            view.seed_val_loss = start_loss
+        traffic = coord.traffic()
+        view.start_stage(stage, loop)
+        # Our Flower run stopped (`flwr stop`) or the SuperLink hiccuped: a new run.
+        run_attached(loop, lambda: network.open_driver(owner), stop, tick=view.refresh)
+        view.end_stage(stage, loop, traffic=_since(coord.traffic(), traffic))
 
 
 def register(app: typer.Typer) -> None:

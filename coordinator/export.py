@@ -22,6 +22,8 @@ from pathlib import Path
 
 import typer
 
+from shared_model.files import write_json_atomic
+
 CHECKPOINT_NAME = "model.safetensors"
 
 
@@ -143,7 +145,7 @@ def export_version(
                     extra={"federated": record},
                     tokenizer_sha256=network["corpus"].get("tokenizer_sha256"))  # fmt: skip
     tokenizer = _copy_tokenizer(network["corpus"], out)
-    (out / "export.json").write_text(json.dumps(record, indent=1))
+    write_json_atomic(out / "export.json", record)
     return Exported(target_version, stage, checkpoint, tokenizer, _data_args(network, cfg))
 
 

@@ -20,7 +20,8 @@ from typing import Annotated
 import typer
 
 from coordinator.security import make_tls
-from shared_model.identity import SecurityError, ca_fingerprint, write_atomic
+from shared_model.files import write_atomic
+from shared_model.identity import SecurityError, ca_fingerprint
 from shared_model.processes import write_secret_file
 
 # Names the coordinator's own components dial each other by: nginx verifies its upstreams

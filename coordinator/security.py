@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared_model.identity import SecurityError, public_key_pem, write_atomic
+from shared_model.files import write_atomic
+from shared_model.identity import SecurityError, public_key_pem
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

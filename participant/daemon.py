@@ -47,6 +47,7 @@ import psutil
 
 from participant.flower.supernode import SuperNodeProcess, worker_command
 from participant.limits import Limits
+from shared_model.files import write_json_atomic
 from shared_model.processes import FLOWER_QUIET_ENV, ManagedProcess, free_port, write_secret_file
 
 log = logging.getLogger(__name__)
@@ -402,10 +403,7 @@ class ParticipantDaemon:
             "limits": self.cfg.limits.__dict__,
             "updated_at": time.time(),
         }
-        path = self.state_dir / "status.json"
-        tmp = path.with_name("status.json.tmp")
-        tmp.write_text(json.dumps(status, indent=2), encoding="utf-8")
-        tmp.replace(path)
+        write_json_atomic(self.state_dir / "status.json", status, indent=2)
 
 
 def speaks_tls(address: str, timeout: float = 5.0) -> bool:

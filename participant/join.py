@@ -24,6 +24,7 @@ from typing import Any
 
 from participant.hardware import detect
 from participant.limits import Limits
+from shared_model.files import write_text_atomic
 from shared_model.identity import SecurityError, ca_fingerprint, make_node_key
 
 ENROL_PATH = "/api/v1/enrol"
@@ -69,13 +70,6 @@ class Enrolment:
             )
         data = json.loads(path.read_text(encoding="utf-8"))
         return cls(**data["enrolment"])
-
-
-def _write(path: Path, text: str, mode: int = 0o644) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.chmod(mode)
-    tmp.replace(path)
 
 
 def join(
@@ -168,7 +162,7 @@ def _enrol(coordinator_url, token, name, state, limits, device, api_ca, fleet_ad
     ca_path = None
     if out.get("ca_cert_pem"):
         ca_path = state / "ca.crt"
-        _write(ca_path, out["ca_cert_pem"])
+        write_text_atomic(ca_path, out["ca_cert_pem"])
     enrolment = Enrolment(
         participant_id=int(out["participant"]["id"]),
         name=name,
@@ -179,7 +173,7 @@ def _enrol(coordinator_url, token, name, state, limits, device, api_ca, fleet_ad
     )
     limits.save(state / "limits.json")
     doc = {"enrolment": asdict(enrolment), "hardware": report.as_dict()}
-    _write(state / "participant.json", json.dumps(doc, indent=2))
+    write_text_atomic(state / "participant.json", json.dumps(doc, indent=2))
     return enrolment
 
 
@@ -219,7 +213,7 @@ def fetch_pinned_ca(coordinator_url: str, fingerprint: str, dest: Path) -> Path:
             f"the coordinator's CA fingerprint is {got}, not the {fingerprint} you were given: "
             "do not enrol (wrong address, or someone in between); ask your operator"
         )
-    _write(dest, resp.text)
+    write_text_atomic(dest, resp.text)
     return dest
 
 

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from participant.hardware import DEVICES
+from shared_model.files import write_json_atomic
 
 
 class LimitsError(ValueError):
@@ -100,10 +101,7 @@ class Limits:
 
     def save(self, path: Path) -> None:
         """Write as JSON (temp file + rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
-        tmp.replace(path)
+        write_json_atomic(path, asdict(self), indent=2)
 
     @classmethod
     def load(cls, path: Path) -> Limits:

@@ -22,6 +22,7 @@ import logging
 import time
 from pathlib import Path
 
+from shared_model.files import write_atomic
 from shared_model.wire.perspective.v1 import federation_pb2
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,7 @@ class ResultOutbox:
 
     def put(self, result: federation_pb2.WorkResult) -> None:
         """Keep ``result`` until :meth:`acknowledged` (temp file + rename: never half-written)."""
-        path = self._path(result.unit_id)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(result.SerializeToString())
-        tmp.replace(path)
+        write_atomic(self._path(result.unit_id), result.SerializeToString())
 
     def acknowledged(self, ack: federation_pb2.WorkAck) -> bool:
         """Record the coordinator's decision on a result and forget the result.

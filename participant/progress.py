@@ -15,12 +15,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from shared_model.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 PROGRESS_FILE = "progress.json"
@@ -180,9 +181,7 @@ class ProgressWriter:
         self._roll_day()
         self._last_write = now
         self.data["updated_at"] = time.time()
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(self.data, indent=2), encoding="utf-8")
-            tmp.replace(self.path)
+            write_json_atomic(self.path, self.data, indent=2)
         except OSError as err:  # a full disk must not fail the unit in progress
             log.warning("cannot write %s: %s", self.path, err)

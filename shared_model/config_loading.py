@@ -14,6 +14,7 @@ import yaml
 
 from shared_model.config import PRESETS, ConfigError, PerspectiveConfig
 from shared_model.config_validation import validate
+from shared_model.files import write_text_atomic
 
 
 def _coerce(path: str, current: Any, value: Any) -> Any:
@@ -124,10 +125,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def save_config(cfg: PerspectiveConfig, path: str | Path) -> None:
     """Write ``cfg`` as YAML (atomically: temp file then rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump({"preset": cfg.name, **cfg.to_dict()}, sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump({"preset": cfg.name, **cfg.to_dict()}, sort_keys=False))
 
 
 def config_from_dict(data: dict[str, Any]) -> PerspectiveConfig:

@@ -22,6 +22,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from shared_model.files import write_atomic
+
 #: Kinds of signed report a participant's daemon may send.
 REPORT_KINDS = ("participant.refused", "participant.disconnected")
 #: A report whose timestamp is further than this from the receiver's clock is refused.
@@ -30,17 +32,6 @@ MAX_SKEW_S = 300.0
 
 class SecurityError(ValueError):
     """Bad key/certificate material or a refused registration (says how to fix it)."""
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> Path:
-    """Write ``data`` to ``path`` through a temp file and a rename, with ``mode``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(mode)
-    tmp.replace(path)
-    return path
 
 
 def ca_fingerprint(cert: Path | bytes) -> str:

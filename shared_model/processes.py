@@ -32,6 +32,8 @@ from pathlib import Path
 
 import psutil
 
+from shared_model.files import write_atomic
+
 #: Environment for every Flower process we start: no telemetry, no update check.
 FLOWER_QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
@@ -87,11 +89,7 @@ def write_secret_file(path: Path) -> Path:
     """
     path = Path(path)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(secrets.token_hex(32).encode())
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        write_atomic(path, secrets.token_hex(32).encode(), 0o600)
     return path
 
 

@@ -17,7 +17,6 @@ bytes, so a shard fetched from anywhere can be verified before use.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import zstandard
+
+from shared_model.files import write_atomic
 
 MAGIC = b"PSHARD1\x00"
 _HEADER = struct.Struct("<8sIIQ")
@@ -130,9 +131,7 @@ def write_shard(directory: str | Path, data: bytes) -> str:
     cid = sha256_bytes(data)
     path = Path(directory) / f"{cid}.shard"
     if not path.exists():
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        write_atomic(path, data)
     return cid
 
 

@@ -16,7 +16,6 @@ The result is a stage-4-format checkpoint (``converted.safetensors``) and ``conv
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import replace
@@ -36,6 +35,7 @@ from coordinator.central.convert_map import (
 )
 from coordinator.central.convert_params import ConvertError, ConvertParams
 from coordinator.central.trainer import EVAL_SEED
+from shared_model.files import write_json_atomic
 from shared_model.losses import kd_loss
 from shared_model.model import PerspectiveModel
 
@@ -221,9 +221,7 @@ def run_convert(source, out_dir: str | Path, *, data, device: str | None = None,
         "checkpoint": str(path),
         "checkpoint_sha256": sha,
     }
-    tmp = out_dir / "convert.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out_dir / "convert.json")
+    write_json_atomic(out_dir / "convert.json", result)
     return result
 
 

@@ -8,7 +8,6 @@ smooth + fold; ``stage5.safetensors``, ``.trd`` neighbour deltas and ``stage5.js
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from coordinator.central.trainer import EVAL_SEED, evaluate
 from coordinator.central.trd import write_trd_set
 from shared_model.config import PerspectiveConfig
 from shared_model.data import prepare_corpus
+from shared_model.files import write_json_atomic
 from shared_model.model import PerspectiveModel
 
 
@@ -307,9 +307,7 @@ def _train_routers(model, dataset, geometry, p: ManifoldParams, dev) -> list[dic
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_jsonable))
-    tmp.replace(path)
+    write_json_atomic(path, obj, default=_jsonable)
 
 
 def _jsonable(x: Any) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from coordinator.central.safety import (
     read_words,
     text_representations,
 )
+from shared_model.files import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -139,9 +139,7 @@ def run_spp(
     spp.save(out_dir / "spp.safetensors")
     result = {"stage": 6, "params": asdict(p), "checkpoint": str(checkpoint), **report}
     result["polytope"] = str(out_dir / "spp.safetensors")
-    tmp = out_dir / "spp.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out_dir / "spp.json")
+    write_json_atomic(out_dir / "spp.json", result)
     return result
 
 

@@ -15,7 +15,6 @@ CPU it is a function of its inputs, whoever calls it and whatever ran before it.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from coordinator.central.checkpoint import restore, save_checkpoint, seed_genera
 from coordinator.central.stages import StageError, compute_loss, setup_stage
 from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset, PreparedCorpus, prepare_corpus
+from shared_model.files import write_json_atomic
 from shared_model.schedule import build_optimizer, set_scheduled_lr, ternary_fraction_at
 
 EVAL_SEED = 1_000_003  # validation batches never depend on the training seed
@@ -319,6 +319,4 @@ def _loop(run: _Run, train_ds, val_ds, last: int, minutes, progress, on_eval) ->
 
 def _write_summary(out_dir: Path, result: TrainResult) -> None:
     path = out_dir / f"stage{result.stage}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=1))
-    tmp.replace(path)
+    write_json_atomic(path, result.to_dict())

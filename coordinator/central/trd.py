@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from shared_model.codec import CodecError, apply_delta, encode_delta, encode_ternary
+from shared_model.files import write_atomic
 from shared_model.moe import EXPERT_WEIGHTS
 from shared_model.ternary import ternary_round
 
@@ -117,12 +117,6 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def write_trd_set(
     model: torch.nn.Module,
     positions: dict[int, Tensor],
@@ -158,7 +152,7 @@ def write_trd_set(
             for f in nbrs[e].tolist():
                 data = encode_trd(layer, e, f, ex, experts[f])
                 rel = f"layer{layer}/e{e}-e{f}.trd"
-                _atomic_write(out_dir / rel, data)
+                write_atomic(out_dir / rel, data)
                 n_params = sum(t.size for t, _ in ex.values())
                 files.append(
                     {
@@ -181,7 +175,7 @@ def write_trd_set(
         "files": files,
         "mean_bits_per_param": float(np.mean([f["bits_per_param"] for f in files])),
     }
-    _atomic_write(out_dir / "index.json", json.dumps(index, indent=1).encode())
+    write_atomic(out_dir / "index.json", json.dumps(index, indent=1).encode())
     return index
 
 

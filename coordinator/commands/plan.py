@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from shared_model.files import write_text_atomic
+
 FORMATS = ("table", "json", "markdown", "errata")
 
 
@@ -125,9 +127,7 @@ def plan(
         if text is not None:
             typer.echo(text, nl=False)
         return
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(text if text is not None else "")
-    tmp.replace(output)
+    write_text_atomic(output, text if text is not None else "")
     typer.echo(f"wrote {output}")
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.flower.driver import FlowerDriver, acquire_serverapp_task
+from shared_model.files import write_text_atomic
 from shared_model.flower_runtime import FlowerTransportError
 
 FAB_ID = "perspective/perspective-control"
@@ -79,9 +80,8 @@ def owner_id(work_dir: Path) -> str:
     """This coordinator's owner id: random, made once, kept in ``work_dir/flower-owner``
     (a restart on the same work dir owns the runs it started before)."""
     path = Path(work_dir) / OWNER_FILE
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(16) + "\n")
+    if not path.is_file():  # whole or absent: a crash here must not leave an empty owner
+        write_text_atomic(path, secrets.token_hex(16) + "\n")
     return path.read_text().strip()
 
 

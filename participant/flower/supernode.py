@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from participant.flower.supernode_main import check_poll_interval
+from shared_model.files import write_text_atomic
 from shared_model.processes import (
     FLOWER_QUIET_ENV,
     ManagedProcess,
@@ -198,7 +199,7 @@ def run_local_participant(
         node.wait_until_ready(timeout=120)
         worker.start()
         # Tells whoever started us (LocalNetwork) that the Runtime API is up.
-        (base / "ready").write_text(node.runtime_address)
+        write_text_atomic(base / "ready", node.runtime_address)  # never read half-written
         # Either child dying ends the participant: the network's owner sees it exit.
         while not stop.wait(0.5) and node.is_alive() and worker.is_alive():
             pass

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import typer
 
+from shared_model.files import write_atomic
+
 codec_app = typer.Typer(
     help="Encode, decode and inspect ternary codec files.", no_args_is_help=True
 )
@@ -26,12 +28,6 @@ def register(app: typer.Typer) -> None:
 def _fail(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _split_ternary(name: str, arr):
@@ -71,7 +67,7 @@ def encode(
         blobs = [encode_ternary(arr, sc, name) for name, arr, sc in items]
     except (OSError, ValueError, CodecError) as exc:
         _fail(f"{src}: {exc}")
-    _write_atomic(out, b"".join(blobs))
+    write_atomic(out, b"".join(blobs))
     typer.echo(f"wrote {out} ({sum(map(len, blobs))} bytes, {len(blobs)} tensor(s))")
 
 

@@ -19,6 +19,7 @@ import torch
 from coordinator.central.evaluation.lm import PerspectiveLM
 from coordinator.central.evaluation.tasks import run_generation, run_multiple_choice
 from coordinator.central.safety import asset_path
+from shared_model.files import write_json_atomic, write_text_atomic
 
 NOT_DEFINED = {
     "mpd_ece": "not defined: the seed names MPD but does not define it (docs/seed-errata.md)",
@@ -211,15 +212,9 @@ def run_eval(
     report["not_defined"] = dict(NOT_DEFINED)
     report["targets"] = judge_targets(report)
     report["elapsed_s"] = time.perf_counter() - t0
-    _write(out_dir / "report.json", json.dumps(report, indent=1, default=str))
-    _write(out_dir / "report.md", render_markdown(report))
+    write_json_atomic(out_dir / "report.json", report, default=str)
+    write_text_atomic(out_dir / "report.md", render_markdown(report))
     return report
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _fmt(v: Any) -> str:
