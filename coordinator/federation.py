@@ -91,25 +91,7 @@ class FederationLoop:
         state.shared.reducer = robust_reducer(
             settings.aggregator, trim=settings.trim, clip_factor=settings.clip_factor
         )
-        validator = None
-        if settings.column_check_sequences > 0:
-            validator = ColumnValidator(
-                state,
-                val,
-                assignment,
-                sequences=settings.column_check_sequences,
-                window=settings.column_check_window,
-                tolerance=settings.column_loss_tolerance,
-            )
-        self.intake = intake.Intake(
-            state,
-            session_factory,
-            self.rescoring,
-            bounds=_restored_bounds(state, settings),
-            validator=validator,
-            log=self._log,
-            stage=f"stage{settings.stage}",
-        )
+        self.intake = self._build_intake()
         self.quarantine = Quarantine(Reputation.from_settings(settings), self._log)
         self._step_tokens = state.cfg.train.batch_size * state.cfg.train.seq_len
         # Only what the result log does not hold; counts come from it (see ``totals``).
@@ -152,6 +134,29 @@ class FederationLoop:
         self.recently_handed: deque[str] = deque(maxlen=1000)  # their unit ids (tests)
         if handoff is not None:
             handoff.open()
+
+    def _build_intake(self) -> intake.Intake:
+        """The stage's intake: update bounds restored with the state, and the column check
+        on held-out windows unless ``column_check_sequences`` is 0."""
+        settings, validator = self.settings, None
+        if settings.column_check_sequences > 0:
+            validator = ColumnValidator(
+                self.state,
+                self.val,
+                self.assignment,
+                sequences=settings.column_check_sequences,
+                window=settings.column_check_window,
+                tolerance=settings.column_loss_tolerance,
+            )
+        return intake.Intake(
+            self.state,
+            self.factory,
+            self.rescoring,
+            bounds=_restored_bounds(self.state, settings),
+            validator=validator,
+            log=self._log,
+            stage=f"stage{settings.stage}",
+        )
 
     # --- main loop ------------------------------------------------------------------------
 
