@@ -10,29 +10,34 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> Path:
-    """Write ``data`` to ``path`` (parents created) with permissions ``mode``; the path."""
+def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o666) -> Path:
+    """Write ``data`` to ``path`` (parents created); the path.
+
+    ``mode`` is the new file's permissions as ``open`` takes them: the process's umask
+    narrows them, as it does for any file the process makes (0o600 for a secret, which is
+    never readable by others, not even as its temp file).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str, mode: int = 0o644) -> Path:
+def write_text_atomic(path: str | os.PathLike[str], text: str, mode: int = 0o666) -> Path:
     """:func:`write_atomic` of ``text`` in UTF-8."""
     return write_atomic(path, text.encode("utf-8"), mode)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import threading
 
@@ -15,12 +16,23 @@ def _mode(path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_write_atomic_writes_the_bytes_with_the_mode_and_makes_the_parents(tmp_path):
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_write_atomic_writes_the_bytes_with_the_mode_and_makes_the_parents(tmp_path, umask_022):
+    """A file gets the mode asked for, narrowed by the umask as any new file is."""
     path = tmp_path / "a" / "b" / "key"
     assert write_atomic(path, b"\x00secret\xff", 0o600) == path
     assert path.read_bytes() == b"\x00secret\xff" and _mode(path) == 0o600
     write_text_atomic(path, "ünïcode\n")
     assert path.read_bytes() == "ünïcode\n".encode() and _mode(path) == 0o644
+    os.umask(0o077)
+    write_text_atomic(path, "private\n")
+    assert _mode(path) == 0o600
     assert sorted(p.name for p in path.parent.iterdir()) == ["key"]  # no temp file left
 
 
