@@ -210,7 +210,7 @@ def run_manifold(
         "history": history,
         "elapsed_s": time.perf_counter() - t0,
     }
-    _write_json(out_dir / "stage5.json", result)
+    write_json_atomic(out_dir / "stage5.json", result, default=_jsonable)
     return result
 
 
@@ -304,10 +304,6 @@ def _train_routers(model, dataset, geometry, p: ManifoldParams, dev) -> list[dic
         if step % max(1, p.steps // 10) == 0 or step == p.steps - 1:
             history.append({"step": step + 1, "loss": float(loss.detach()), **parts})
     return history
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    write_json_atomic(path, obj, default=_jsonable)
 
 
 def _jsonable(x: Any) -> Any:
