@@ -37,6 +37,7 @@ from shared_model.blobs import BlobStore
 from shared_model.config import PerspectiveConfig
 from shared_model.federated.checkpoint_parts import column_part, safetensors_part
 from shared_model.federated.updates import send_with_feedback
+from shared_model.files import atomic_path
 from shared_model.model import PerspectiveModel, expert_param_names
 from shared_model.ternary import THRESHOLD_FACTOR, is_ternary
 from shared_model.wire.perspective.v1 import control_pb2, tensor_pb2
@@ -333,14 +334,12 @@ class CoordinatorState:
             flat.update({f"column.master/{c}/{k}": v for k, v in state.items()})
             for v, pub in self.columns.history(c):
                 flat.update({f"column.published/{c}/{v}/{k}": t for k, t in pub.items()})
-        path = Path(path)
-        tmp = path.with_suffix(".tmp")
         contiguous = {k: v.detach().contiguous() for k, v in flat.items()}
         meta = self.publisher.metadata()
         if bounds is not None:
             meta[_BOUNDS_KEY] = json.dumps(bounds)
-        save_file(contiguous, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(contiguous, str(tmp), metadata=meta)
 
     def load(self, path: str | Path) -> None:
         """Restore what :meth:`save` wrote (the config must match)."""

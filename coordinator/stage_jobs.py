@@ -21,7 +21,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from coordinator.db.stage_jobs import (
 from coordinator.db.types import StageJobState
 from shared_model.config import PerspectiveConfig
 from shared_model.config_loading import save_config
+from shared_model.files import atomic_path
 
 S = StageJobState
 
@@ -270,10 +270,8 @@ def _store_output(path: Path, out_dir: Path) -> tuple[str, Path]:
     sha = sha256_file(path)
     target = out_dir / "checkpoints" / f"{sha}.safetensors"
     if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        shutil.copyfile(path, tmp)
-        tmp.replace(target)
+        with atomic_path(target) as tmp:
+            shutil.copyfile(path, tmp)
     return sha, target
 
 

@@ -41,6 +41,7 @@ from shared_model.config import PerspectiveConfig
 from shared_model.data import DocumentDataset
 from shared_model.federated.replica import Replica
 from shared_model.federated.updates import encode_bundle, send_with_feedback
+from shared_model.files import atomic_path
 from shared_model.model import PerspectiveModel
 from shared_model.moe import expert_param_names
 from shared_model.schedule import build_optimizer, set_lr
@@ -203,9 +204,8 @@ class UnitTrainer:
         flat = {f"residual/{k}": v.contiguous() for k, v in residual.items()}
         for col, state in columns.items():
             flat.update({f"column/{col}/{k}": v.contiguous() for k, v in state.items()})
-        tmp = self._local_path().with_suffix(".tmp")
-        save_file(flat, str(tmp), metadata={"network": local.network})
-        tmp.replace(self._local_path())
+        with atomic_path(self._local_path()) as tmp:
+            save_file(flat, str(tmp), metadata={"network": local.network})
 
     def _join(self, network: str) -> None:
         """Hold state of ``network`` only (``ControlRequest.network_id``).

@@ -69,3 +69,21 @@ def test_writers_of_one_path_at_once_each_leave_a_whole_file(tmp_path):
         t.join()
     assert path.read_bytes() in blobs
     assert [p.name for p in tmp_path.iterdir()] == ["shard"]
+
+
+def test_a_writer_that_fails_on_an_atomic_path_leaves_the_old_file_and_no_temp(tmp_path):
+    """``atomic_path`` for writers that write to a path themselves (safetensors, np.save):
+    the file appears whole when the block ends, and a failing writer changes nothing."""
+    from shared_model.files import atomic_path
+
+    path = tmp_path / "state.safetensors"
+    write_text_atomic(path, "old")
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("the writer died")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    with atomic_path(path, suffix=".tmp.npy") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.endswith(".tmp.npy")
+        tmp.write_text("new")
+        assert path.read_text() == "old"  # not before the block ends
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == [path.name]

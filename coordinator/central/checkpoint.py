@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from shared_model.config import ConfigError, PerspectiveConfig
 from shared_model.config_loading import config_from_dict
 from shared_model.data import PreparedCorpus, corpus_name
+from shared_model.files import atomic_path
 
 FORMAT = 1
 
@@ -173,12 +174,10 @@ def save_checkpoint(
         "tokenizer_sha256": tokenizer_sha256,
         "tensor_sha256": _tensor_digest(tensors),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"perspective": json.dumps(meta)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"perspective": json.dumps(meta)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
     return sha256_file(path)
 
 

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shared_model.files import atomic_path
+
 
 class SafetyError(ValueError):
     """Invalid SPP input or file."""
@@ -204,12 +206,11 @@ class SafetyPolytope:
 
         path = Path(path)
         meta = {"radius": self.radius, "eps": self.eps, "source": self.source, **self.meta}
-        tmp = path.with_name(f".{path.name}.tmp")
         tensors = {"directions": self.directions, "offsets": self.offsets, "anchors": self.anchors}
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()}, str(tmp), {"spp": json.dumps(meta)}
-        )
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(
+                {k: v.contiguous() for k, v in tensors.items()}, str(tmp), {"spp": json.dumps(meta)}
+            )
 
     @classmethod
     def load(cls, path: str | Path) -> SafetyPolytope:

@@ -8,12 +8,11 @@ An encoded ``.ptrn`` file is one or more concatenated containers, one per tensor
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import typer
 
-from shared_model.files import write_atomic
+from shared_model.files import atomic_path, write_atomic
 
 codec_app = typer.Typer(
     help="Encode, decode and inspect ternary codec files.", no_args_is_help=True
@@ -93,9 +92,8 @@ def decode(
     if out.suffix == ".npy":
         if len(tensors) != 1:
             _fail(f"{src} holds {len(tensors)} tensors; decode to .safetensors instead")
-        tmp = out.with_name(out.name + ".tmp.npy")
-        np.save(tmp, tensors[0][0])
-        os.replace(tmp, out)
+        with atomic_path(out, suffix=".tmp.npy") as tmp:  # np.save would append .npy
+            np.save(tmp, tensors[0][0])
         typer.echo(f"wrote {out} (scale {tensors[0][1]!r})")
     elif out.suffix == ".safetensors":
         from safetensors.numpy import save_file
@@ -104,9 +102,8 @@ def decode(
             n or f"tensor{i}": t.astype(np.float32) * np.float32(s)
             for i, (t, s, n) in enumerate(tensors)
         }
-        tmp = out.with_name(out.name + ".tmp")
-        save_file(dense, str(tmp))
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            save_file(dense, str(tmp))
         typer.echo(f"wrote {out} ({len(dense)} tensor(s))")
     else:
         _fail(f"{out}: expected a .npy or .safetensors output")
